@@ -1,0 +1,286 @@
+//! Where a board lives on disk, resolved exactly as hermes-agent 0.19.0 resolves it
+//! (`kanban_db.py`: `kanban_home`, `get_current_board`, `kanban_db_path`, `workspaces_root`,
+//! `worker_logs_dir`), so that hermes-mgr and `hermes kanban` always open the same file.
+
+use std::path::{Path, PathBuf};
+
+use super::BoardError;
+
+/// The board every install has; its database sits at `<root>/kanban.db` for back-compat.
+pub const DEFAULT_BOARD: &str = "default";
+
+/// Everything hermes-mgr needs to know about one board's files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoardPaths {
+    /// The Hermes root (`~/.hermes`, `$HERMES_HOME`, or `$HERMES_KANBAN_HOME`).
+    pub root: PathBuf,
+    /// The board slug (`default` unless chosen).
+    pub slug: String,
+    /// The SQLite file.
+    pub db: PathBuf,
+    /// Parent of the scratch workspaces (`<workspaces>/<task id>`).
+    pub workspaces: PathBuf,
+    /// Where upstream's workers append `<task id>.log`.
+    pub logs: PathBuf,
+}
+
+/// The inputs of path resolution. `from_env` reads the process environment; tests build
+/// one by hand so that they never depend on the caller's `$HOME`.
+#[derive(Debug, Clone, Default)]
+pub struct Resolver {
+    pub db_flag: Option<PathBuf>,
+    pub board_flag: Option<String>,
+    pub kanban_db: Option<String>,
+    pub kanban_home: Option<String>,
+    pub hermes_home: Option<String>,
+    pub kanban_board: Option<String>,
+    pub workspaces_root: Option<String>,
+    pub home: Option<String>,
+}
+
+fn env_nonempty(name: &str) -> Option<String> {
+    std::env::var(name).ok().map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
+}
+
+/// Upstream's slug rule: `^[a-z0-9][a-z0-9\-_]{0,63}$` after lower-casing.
+pub fn normalize_slug(raw: &str) -> Result<String, BoardError> {
+    let s = raw.trim().to_lowercase();
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.bytes().enumerate().all(|(i, b)| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || (i > 0 && (b == b'-' || b == b'_'))
+        });
+    if ok {
+        Ok(s)
+    } else {
+        Err(BoardError::BadSlug(raw.to_string()))
+    }
+}
+
+fn expand_user(p: &str, home: &Path) -> PathBuf {
+    if p == "~" {
+        home.to_path_buf()
+    } else if let Some(rest) = p.strip_prefix("~/") {
+        home.join(rest)
+    } else {
+        PathBuf::from(p)
+    }
+}
+
+impl Resolver {
+    /// The environment as `hermes kanban` would see it, plus the two command-line flags.
+    pub fn from_env(db_flag: Option<PathBuf>, board_flag: Option<String>) -> Resolver {
+        Resolver {
+            db_flag,
+            board_flag,
+            kanban_db: env_nonempty("HERMES_KANBAN_DB"),
+            kanban_home: env_nonempty("HERMES_KANBAN_HOME"),
+            hermes_home: std::env::var("HERMES_HOME").ok().filter(|v| !v.is_empty()),
+            kanban_board: env_nonempty("HERMES_KANBAN_BOARD"),
+            workspaces_root: env_nonempty("HERMES_KANBAN_WORKSPACES_ROOT"),
+            home: std::env::var("HOME").ok().filter(|v| !v.is_empty()),
+        }
+    }
+
+    fn home(&self) -> PathBuf {
+        self.home.as_deref().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"))
+    }
+
+    /// `kanban_home()`: `$HERMES_KANBAN_HOME`, else `get_default_hermes_root()`.
+    pub fn root(&self) -> PathBuf {
+        let home = self.home();
+        if let Some(k) = &self.kanban_home {
+            return expand_user(k, &home);
+        }
+        let native = home.join(".hermes");
+        let Some(env_home) = &self.hermes_home else { return native };
+        let env_path = PathBuf::from(env_home);
+        // A HERMES_HOME inside ~/.hermes (a profile) shares the native root.
+        let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        if canon(&env_path).starts_with(canon(&native)) {
+            return native;
+        }
+        // <root>/profiles/<name> → <root>
+        if let Some(parent) = env_path.parent() {
+            if parent.file_name().is_some_and(|n| n == "profiles") {
+                if let Some(root) = parent.parent() {
+                    return root.to_path_buf();
+                }
+            }
+        }
+        env_path
+    }
+
+    fn board_dir(root: &Path, slug: &str) -> PathBuf {
+        root.join("kanban").join("boards").join(slug)
+    }
+
+    fn board_exists(root: &Path, slug: &str) -> bool {
+        if slug == DEFAULT_BOARD {
+            return true;
+        }
+        let d = Self::board_dir(root, slug);
+        d.join("board.json").exists() || d.join("kanban.db").exists()
+    }
+
+    /// `get_current_board()`: `$HERMES_KANBAN_BOARD`, then `<root>/kanban/current`, each only
+    /// when that board exists, else `default`.
+    fn current_board(&self, root: &Path) -> String {
+        let candidates = [
+            self.kanban_board.clone(),
+            std::fs::read_to_string(root.join("kanban").join("current"))
+                .ok()
+                .map(|s| s.trim().to_string()),
+        ];
+        for c in candidates.into_iter().flatten() {
+            if let Ok(slug) = normalize_slug(&c) {
+                if Self::board_exists(root, &slug) {
+                    return slug;
+                }
+            }
+        }
+        DEFAULT_BOARD.to_string()
+    }
+
+    /// Resolve the board. An explicit `--board` must name a valid slug; it need not exist
+    /// yet (upstream creates it on first open).
+    pub fn resolve(&self) -> Result<BoardPaths, BoardError> {
+        let home = self.home();
+        let root = self.root();
+        let slug = match &self.board_flag {
+            Some(b) => normalize_slug(b)?,
+            None => self.current_board(&root),
+        };
+        let per_board = |leaf: &str| -> PathBuf {
+            if slug == DEFAULT_BOARD {
+                root.join("kanban").join(leaf)
+            } else {
+                Self::board_dir(&root, &slug).join(leaf)
+            }
+        };
+        let db = if let Some(p) = &self.db_flag {
+            p.clone()
+        } else if let Some(p) = &self.kanban_db {
+            expand_user(p, &home)
+        } else if slug == DEFAULT_BOARD {
+            root.join("kanban.db")
+        } else {
+            Self::board_dir(&root, &slug).join("kanban.db")
+        };
+        let workspaces = match &self.workspaces_root {
+            Some(p) => expand_user(p, &home),
+            None => per_board("workspaces"),
+        };
+        Ok(BoardPaths { logs: per_board("logs"), workspaces, db, slug, root })
+    }
+}
+
+impl BoardPaths {
+    /// All board files under one directory: used by tests and `--db` users who want a
+    /// self-contained board.
+    pub fn for_db(db: &Path) -> BoardPaths {
+        let dir = db.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        BoardPaths {
+            root: dir.clone(),
+            slug: DEFAULT_BOARD.to_string(),
+            db: db.to_path_buf(),
+            workspaces: dir.join("kanban").join("workspaces"),
+            logs: dir.join("kanban").join("logs"),
+        }
+    }
+
+    /// `<db>.<suffix>` — upstream's sibling lock files (`init.lock`, `dispatch.lock`).
+    pub fn sibling(&self, suffix: &str) -> PathBuf {
+        let mut s = self.db.clone().into_os_string();
+        s.push(".");
+        s.push(suffix);
+        PathBuf::from(s)
+    }
+
+    /// `<root>/kanban/.dispatcher.lock`, the gateway-wide dispatcher singleton.
+    pub fn dispatcher_lock(&self) -> PathBuf {
+        self.root.join("kanban").join(".dispatcher.lock")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(home: &str) -> Resolver {
+        Resolver { home: Some(home.into()), ..Default::default() }
+    }
+
+    #[test]
+    fn default_board_under_dot_hermes() {
+        let p = r("/h").resolve().unwrap();
+        assert_eq!(p.db, PathBuf::from("/h/.hermes/kanban.db"));
+        assert_eq!(p.workspaces, PathBuf::from("/h/.hermes/kanban/workspaces"));
+        assert_eq!(p.logs, PathBuf::from("/h/.hermes/kanban/logs"));
+    }
+
+    #[test]
+    fn hermes_home_outside_native_is_the_root() {
+        let p = Resolver { hermes_home: Some("/opt/data".into()), ..r("/h") }.resolve().unwrap();
+        assert_eq!(p.db, PathBuf::from("/opt/data/kanban.db"));
+    }
+
+    #[test]
+    fn profile_home_maps_to_its_root() {
+        let p = Resolver { hermes_home: Some("/opt/data/profiles/coder".into()), ..r("/h") }
+            .resolve()
+            .unwrap();
+        assert_eq!(p.root, PathBuf::from("/opt/data"));
+        let p = Resolver { hermes_home: Some("/h/.hermes/profiles/coder".into()), ..r("/h") }
+            .resolve()
+            .unwrap();
+        assert_eq!(p.root, PathBuf::from("/h/.hermes"));
+    }
+
+    #[test]
+    fn kanban_home_beats_hermes_home_and_db_env_beats_both() {
+        let base = Resolver {
+            kanban_home: Some("/k".into()),
+            hermes_home: Some("/opt/data".into()),
+            ..r("/h")
+        };
+        assert_eq!(base.resolve().unwrap().db, PathBuf::from("/k/kanban.db"));
+        let p = Resolver { kanban_db: Some("/x/y.db".into()), ..base.clone() }.resolve().unwrap();
+        assert_eq!(p.db, PathBuf::from("/x/y.db"));
+        let p = Resolver { db_flag: Some("/flag.db".into()), kanban_db: Some("/x/y.db".into()), ..base }
+            .resolve()
+            .unwrap();
+        assert_eq!(p.db, PathBuf::from("/flag.db"));
+    }
+
+    #[test]
+    fn named_board_lives_under_boards() {
+        let p = Resolver { board_flag: Some("Ops".into()), ..r("/h") }.resolve().unwrap();
+        assert_eq!(p.slug, "ops");
+        assert_eq!(p.db, PathBuf::from("/h/.hermes/kanban/boards/ops/kanban.db"));
+        assert_eq!(p.workspaces, PathBuf::from("/h/.hermes/kanban/boards/ops/workspaces"));
+    }
+
+    #[test]
+    fn env_board_only_when_it_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join(".hermes");
+        let res = Resolver {
+            kanban_board: Some("ops".into()),
+            home: Some(dir.path().to_string_lossy().into()),
+            ..Default::default()
+        };
+        assert_eq!(res.resolve().unwrap().slug, "default");
+        std::fs::create_dir_all(root.join("kanban/boards/ops")).unwrap();
+        std::fs::write(root.join("kanban/boards/ops/board.json"), "{}").unwrap();
+        assert_eq!(res.resolve().unwrap().slug, "ops");
+    }
+
+    #[test]
+    fn hostile_slugs_are_refused() {
+        for bad in ["../etc", "-x", "_x", "a/b", "", &"a".repeat(65), "a b"] {
+            assert!(normalize_slug(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(normalize_slug(" My-Board_2 ").unwrap(), "my-board_2");
+    }
+}

@@ -1,0 +1,256 @@
+//! The `hermes-mgr` command line: the only module that knows clap. It parses, calls the
+//! library, and renders; rendering is split from printing so it can be tested.
+
+mod render;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+
+use crate::board::{self, Board, NewTask, OpenMode, Resolver};
+
+/// Exit codes: 0 ok, 1 error, 2 usage (clap's own).
+pub const EXIT_ERROR: u8 = 1;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "hermes-mgr",
+    version,
+    about = "Run Hermes Agent's kanban workers in systemd scopes",
+    long_about = "hermes-mgr manages the tasks of a Hermes Agent kanban board (the same kanban.db that \
+                  `hermes kanban` uses) and runs each worker in its own transient systemd scope.",
+    after_help = "The board is found as `hermes kanban` finds it: --db, else $HERMES_KANBAN_DB, else the \
+                  board (--board, $HERMES_KANBAN_BOARD, <root>/kanban/current) under $HERMES_KANBAN_HOME, \
+                  $HERMES_HOME or ~/.hermes."
+)]
+pub struct Cli {
+    /// Use this kanban.db file.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub db: Option<PathBuf>,
+    /// Use this board (slug) under the Hermes root.
+    #[arg(long, global = true, value_name = "SLUG")]
+    pub board: Option<String>,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a task (ready, or todo while a parent is not done).
+    Add {
+        /// The task's title.
+        title: String,
+        /// Longer description for the worker.
+        #[arg(long)]
+        body: Option<String>,
+        /// The Hermes profile that works on it.
+        #[arg(long)]
+        assignee: Option<String>,
+        /// Higher runs first.
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        priority: i64,
+        /// A task that must be done first (repeatable).
+        #[arg(long = "parent", value_name = "ID")]
+        parents: Vec<String>,
+        /// Wall-clock limit per run: seconds, or 30s, 30m, 2h.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        max_runtime: Option<i64>,
+        /// Consecutive failures before the task is blocked (gave_up).
+        #[arg(long, value_name = "N")]
+        max_retries: Option<i64>,
+        /// Who created it (default: $USER).
+        #[arg(long)]
+        created_by: Option<String>,
+        /// Return the existing task instead of a duplicate when this key is taken.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+    /// List tasks, highest priority first.
+    List {
+        /// Only tasks in this status.
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(board::Status::KNOWN))]
+        status: Option<String>,
+        /// Only tasks of this assignee.
+        #[arg(long)]
+        assignee: Option<String>,
+    },
+    /// Show one task with its runs and events.
+    Show { id: String },
+    /// Block a task for a human (or, with --kind dependency, park it as todo).
+    Block {
+        id: String,
+        /// Why it is blocked.
+        reason: Option<String>,
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(board::BLOCK_KINDS))]
+        kind: Option<String>,
+    },
+    /// Unblock a blocked task (ready, or todo while a parent is open).
+    Unblock { id: String },
+    /// Release a claimed task back to ready (upstream's reclaim).
+    Requeue {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Mark a task done.
+    Complete {
+        id: String,
+        /// What the task produced.
+        #[arg(long)]
+        result: Option<String>,
+        /// A short summary (defaults to --result).
+        #[arg(long)]
+        summary: Option<String>,
+        /// Structured hand-off facts, as a JSON object.
+        #[arg(long, value_name = "JSON")]
+        metadata: Option<String>,
+    },
+}
+
+/// `300`, `30s`, `30m`, `2h` → seconds (upstream's `--max-runtime` forms).
+fn parse_duration(s: &str) -> Result<i64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('s') => (&s[..s.len() - 1], 1),
+        Some('m') => (&s[..s.len() - 1], 60),
+        Some('h') => (&s[..s.len() - 1], 3600),
+        _ => (s, 1),
+    };
+    let n: i64 = num.trim().parse().map_err(|_| format!("{s:?} is not a duration (use 300, 30s, 30m or 2h)"))?;
+    if n <= 0 {
+        return Err(format!("{s:?}: a duration must be positive"));
+    }
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too long"))
+}
+
+/// Parse arguments, run, and map the result to an exit code. Errors are printed with their
+/// whole context chain, because the outermost context says what was attempted and the
+/// innermost what failed.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hermes-mgr: error: {e:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+fn open(cli: &Cli, mode: OpenMode) -> anyhow::Result<Board> {
+    let paths = Resolver::from_env(cli.db.clone(), cli.board.clone()).resolve()?;
+    Board::open(&paths, mode).with_context(|| format!("cannot open board {}", paths.db.display()))
+}
+
+fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Explain why a transition did not apply, from the task's current status.
+fn refused(b: &Board, id: &str, verb: &str, allowed: &str) -> anyhow::Error {
+    match b.task(id) {
+        Ok(Some(t)) => anyhow::anyhow!("cannot {verb} task {id}: it is {}; only {allowed} tasks can be", t.status),
+        Ok(None) => board::BoardError::NoSuchTask(id.to_string()).into(),
+        Err(e) => e.into(),
+    }
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Add { title, body, assignee, priority, parents, max_runtime, max_retries, created_by, idempotency_key } => {
+            let b = open(&cli, OpenMode::CreateIfMissing)?;
+            let new = NewTask {
+                title: title.clone(),
+                body: body.clone(),
+                assignee: assignee.clone(),
+                priority: *priority,
+                parents: parents.clone(),
+                max_runtime_seconds: *max_runtime,
+                max_retries: *max_retries,
+                created_by: created_by.clone().or_else(|| std::env::var("USER").ok()),
+                tenant: None,
+                idempotency_key: idempotency_key.clone(),
+            };
+            let id = b.create(&new).context("cannot create the task")?;
+            let task = b.require_task(&id)?;
+            if cli.json {
+                print_json(&render::task_json(&task, &b.parents(&id)?))
+            } else {
+                println!("Created {id} ({})", task.status);
+                Ok(())
+            }
+        }
+        Command::List { status, assignee } => {
+            let b = open(&cli, OpenMode::MustExist)?;
+            let tasks = b.list(status.as_deref(), assignee.as_deref())?;
+            if cli.json {
+                print_json(&tasks)
+            } else {
+                print!("{}", render::task_table(&tasks));
+                Ok(())
+            }
+        }
+        Command::Show { id } => {
+            let b = open(&cli, OpenMode::MustExist)?;
+            let task = b.require_task(id)?;
+            let (parents, children, runs, events) = (b.parents(id)?, b.children(id)?, b.runs(id)?, b.events(id)?);
+            if cli.json {
+                print_json(&json!({"task": task, "parents": parents, "children": children, "runs": runs, "events": events}))
+            } else {
+                print!("{}", render::show(&task, &parents, &children, &runs, &events, board::now()));
+                Ok(())
+            }
+        }
+        Command::Block { id, reason, kind } => {
+            let b = open(&cli, OpenMode::MustExist)?;
+            let to = b.block(id, reason.as_deref(), kind.as_deref(), None)?;
+            let Some(to) = to else { return Err(refused(&b, id, "block", "running or ready")) };
+            report(&cli, id, &to, "Blocked")
+        }
+        Command::Unblock { id } => {
+            let b = open(&cli, OpenMode::MustExist)?;
+            let Some(to) = b.unblock(id)? else { return Err(refused(&b, id, "unblock", "blocked or scheduled")) };
+            report(&cli, id, &to, "Unblocked")
+        }
+        Command::Requeue { id, reason } => {
+            let b = open(&cli, OpenMode::MustExist)?;
+            if !b.requeue(id, reason.as_deref())? {
+                return Err(refused(&b, id, "requeue", "running (claimed)"));
+            }
+            report(&cli, id, "ready", "Requeued")
+        }
+        Command::Complete { id, result, summary, metadata } => {
+            let meta: Option<Value> = match metadata {
+                Some(m) => {
+                    let v: Value = serde_json::from_str(m).context("--metadata is not valid JSON")?;
+                    if !v.is_object() {
+                        bail!("--metadata must be a JSON object, like '{{\"changed_files\": [\"a.rs\"]}}'");
+                    }
+                    Some(v)
+                }
+                None => None,
+            };
+            let b = open(&cli, OpenMode::MustExist)?;
+            if !b.complete(id, result.as_deref(), summary.as_deref(), meta.as_ref(), None)? {
+                return Err(refused(&b, id, "complete", "running, ready or blocked"));
+            }
+            report(&cli, id, "done", "Completed")
+        }
+    }
+}
+
+fn report(cli: &Cli, id: &str, status: &str, verb: &str) -> anyhow::Result<()> {
+    if cli.json {
+        print_json(&json!({"id": id, "status": status}))
+    } else {
+        println!("{verb} {id} ({status})");
+        Ok(())
+    }
+}

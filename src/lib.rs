@@ -1,0 +1,9 @@
+//! hermes-mgr: a Linux-native worker manager for Hermes Agent's kanban board.
+//!
+//! The daemon, the CLI and the tests share this library. See `ARCHITECTURE.md` for the
+//! module map and the invariants.
+
+pub mod board;
+pub mod cli;
+pub mod liveness;
+pub mod systemd;

@@ -1,0 +1,55 @@
+//! Facts about processes from the kernel, never guesses: which cgroup a PID is in, and
+//! whether it is a zombie. Later liveness verdicts build on these.
+
+use std::io;
+
+/// The cgroup v2 path of `pid` (the `0::` line of `/proc/<pid>/cgroup`), e.g.
+/// `/hermes.slice/hermes-workers.slice/hermes-worker-kanban-t_1-run-1.scope`. `None` when
+/// the process is gone. On a hybrid host the v1 lines are ignored.
+pub fn cgroup_of(pid: u32) -> io::Result<Option<String>> {
+    let proc = match procfs::process::Process::new(pid as i32) {
+        Ok(p) => p,
+        Err(procfs::ProcError::NotFound(_)) => return Ok(None),
+        Err(e) => return Err(io::Error::other(e)),
+    };
+    match proc.cgroups() {
+        Ok(cg) => Ok(cg.into_iter().find(|c| c.hierarchy == 0).map(|c| c.pathname)),
+        Err(procfs::ProcError::NotFound(_)) => Ok(None),
+        Err(e) => Err(io::Error::other(e)),
+    }
+}
+
+/// The cgroup path systemd gives a unit in `slice`: each dash-separated prefix of a slice
+/// name is a parent slice (`hermes-workers.slice` lives in `hermes.slice`).
+pub fn unit_cgroup(slice: &str, unit: &str) -> String {
+    let mut path = String::new();
+    if let Some(stem) = slice.strip_suffix(".slice").filter(|s| !s.is_empty() && *s != "-") {
+        let parts: Vec<&str> = stem.split('-').collect();
+        for i in 1..=parts.len() {
+            path.push('/');
+            path.push_str(&parts[..i].join("-"));
+            path.push_str(".slice");
+        }
+    }
+    path.push('/');
+    path.push_str(unit);
+    path
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nested_slices_follow_the_dashes() {
+        assert_eq!(unit_cgroup("hermes-workers.slice", "x.scope"), "/hermes.slice/hermes-workers.slice/x.scope");
+        assert_eq!(unit_cgroup("system.slice", "x.scope"), "/system.slice/x.scope");
+        assert_eq!(unit_cgroup("-.slice", "x.scope"), "/x.scope");
+    }
+
+    #[test]
+    fn our_own_cgroup_is_readable_and_a_dead_pid_has_none() {
+        assert!(cgroup_of(std::process::id()).unwrap().is_some());
+        assert_eq!(cgroup_of(u32::MAX / 2).unwrap(), None);
+    }
+}

@@ -1,0 +1,242 @@
+//! systemd's manager over D-Bus: the only module that knows zbus.
+//!
+//! zbus 6 (async; it has no blocking API any more) on the caller's Tokio runtime. The daemon
+//! is an event loop over unit signals anyway, and the CLI drives the same calls with
+//! `zbus::block_on`, so one async API serves both.
+
+pub mod unit_name;
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use zbus::{Connection, OwnedObjectPath, Variant};
+
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Manager",
+    default_service = "org.freedesktop.systemd1",
+    default_path = "/org/freedesktop/systemd1"
+)]
+pub trait Manager {
+    fn subscribe(&self) -> zbus::Result<()>;
+
+    fn start_transient_unit(
+        &self,
+        name: &str,
+        mode: &str,
+        properties: Vec<(&str, Variant<'_>)>,
+        aux: Vec<(&str, Vec<(&str, Variant<'_>)>)>,
+    ) -> zbus::Result<OwnedObjectPath>;
+
+    fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+
+    fn kill_unit(&self, name: &str, whom: &str, signal: i32) -> zbus::Result<()>;
+
+    fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
+
+    fn get_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+
+    #[allow(clippy::type_complexity)]
+    fn list_units_by_patterns(
+        &self,
+        states: Vec<&str>,
+        patterns: Vec<&str>,
+    ) -> zbus::Result<Vec<(String, String, String, String, String, String, OwnedObjectPath, u32, String, OwnedObjectPath)>>;
+
+    #[zbus(signal)]
+    fn job_removed(&self, id: u32, job: OwnedObjectPath, unit: String, result: String) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    fn unit_removed(&self, unit: String, path: OwnedObjectPath) -> zbus::Result<()>;
+
+    #[zbus(property)]
+    fn version(&self) -> zbus::Result<String>;
+}
+
+#[zbus::proxy(interface = "org.freedesktop.systemd1.Unit", default_service = "org.freedesktop.systemd1")]
+pub trait Unit {
+    #[zbus(property)]
+    fn active_state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn sub_state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn description(&self) -> zbus::Result<String>;
+}
+
+/// What went wrong talking to systemd, by the D-Bus error names that change what the
+/// caller should do.
+#[derive(Debug, thiserror::Error)]
+pub enum SystemdError {
+    #[error("{op} {unit}: no such unit")]
+    NoSuchUnit { op: &'static str, unit: String },
+    #[error("{op} {unit}: a unit of that name already exists")]
+    UnitExists { op: &'static str, unit: String },
+    #[error("{op} {unit}: access denied by systemd ({msg}); run as root or grant org.freedesktop.systemd1.manage-units")]
+    AccessDenied { op: &'static str, unit: String, msg: String },
+    #[error("{op} {unit}: systemd rejected property: {msg}")]
+    PropertyRejected { op: &'static str, unit: String, msg: String },
+    #[error("{op} {unit}: job finished with result {result:?}")]
+    JobFailed { op: &'static str, unit: String, result: String },
+    #[error("{op} {unit}: no answer from systemd within {timeout:?}")]
+    Timeout { op: &'static str, unit: String, timeout: Duration },
+    #[error("cannot reach systemd on the system bus: {0}; is systemd PID 1 and dbus running?")]
+    Unreachable(zbus::Error),
+    #[error("{op} {unit}: {name}: {msg}")]
+    Other { op: &'static str, unit: String, name: String, msg: String },
+}
+
+impl SystemdError {
+    fn from_zbus(op: &'static str, unit: &str, e: zbus::Error) -> SystemdError {
+        let unit = unit.to_string();
+        match e {
+            zbus::Error::MethodError(name, detail, _) => {
+                let msg = detail.unwrap_or_default();
+                match name.as_str() {
+                    "org.freedesktop.systemd1.NoSuchUnit" => SystemdError::NoSuchUnit { op, unit },
+                    "org.freedesktop.systemd1.UnitExists" => SystemdError::UnitExists { op, unit },
+                    "org.freedesktop.DBus.Error.AccessDenied" | "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired" => {
+                        SystemdError::AccessDenied { op, unit, msg }
+                    }
+                    "org.freedesktop.DBus.Error.PropertyReadOnly" | "org.freedesktop.DBus.Error.UnknownProperty" => {
+                        SystemdError::PropertyRejected { op, unit, msg }
+                    }
+                    // 252 reports a name in use this way ("Unit X was already loaded or has a
+                    // fragment file") rather than with UnitExists.
+                    "org.freedesktop.DBus.Error.InvalidArgs" if msg.contains("already loaded") || msg.contains("already exists") => {
+                        SystemdError::UnitExists { op, unit }
+                    }
+                    other => SystemdError::Other { op, unit, name: other.to_string(), msg },
+                }
+            }
+            other @ (zbus::Error::InputOutput(_) | zbus::Error::Address(_) | zbus::Error::Handshake(_)) => {
+                SystemdError::Unreachable(other)
+            }
+            other => SystemdError::Other { op, unit, name: "zbus".into(), msg: other.to_string() },
+        }
+    }
+}
+
+pub type Result<T, E = SystemdError> = std::result::Result<T, E>;
+
+/// A property of a transient unit, as sent on the bus (`(sv)`).
+pub type Property = (&'static str, Variant<'static>);
+
+/// A connection to PID 1's manager on the system bus.
+#[derive(Clone)]
+pub struct Systemd {
+    conn: Connection,
+    manager: ManagerProxy<'static>,
+}
+
+impl Systemd {
+    /// Connect to the system bus and `Subscribe()`, without which systemd emits most unit
+    /// signals to nobody.
+    pub async fn connect() -> Result<Systemd> {
+        let conn = Connection::system().await.map_err(SystemdError::Unreachable)?;
+        let manager = ManagerProxy::new(&conn).await.map_err(SystemdError::Unreachable)?;
+        manager.subscribe().await.map_err(|e| SystemdError::from_zbus("Subscribe", "", e))?;
+        Ok(Systemd { conn, manager })
+    }
+
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    pub async fn version(&self) -> Result<String> {
+        self.manager.version().await.map_err(|e| SystemdError::from_zbus("Version", "", e))
+    }
+
+    /// `StartTransientUnit(name, "fail", props)` and wait for its job to finish. The
+    /// `JobRemoved` match is installed before the call (the job can finish before the reply
+    /// is read), and the reply only means "queued": a scope's PIDs move when the job runs.
+    pub async fn start_transient(&self, name: &str, props: Vec<Property>, timeout: Duration) -> Result<()> {
+        let op = "StartTransientUnit";
+        let mut removed = self.manager.receive_job_removed().await.map_err(|e| SystemdError::from_zbus(op, name, e))?;
+        let props: Vec<(&str, Variant<'_>)> = props.into_iter().collect();
+        let job = self
+            .manager
+            .start_transient_unit(name, "fail", props, Vec::new())
+            .await
+            .map_err(|e| SystemdError::from_zbus(op, name, e))?;
+        let wait = async {
+            while let Some(sig) = removed.next().await {
+                let Ok(args) = sig.args() else { continue };
+                if args.job == job {
+                    return Some(args.result);
+                }
+            }
+            None
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(Some(r)) if r == "done" => Ok(()),
+            Ok(Some(result)) => Err(SystemdError::JobFailed { op, unit: name.into(), result }),
+            Ok(None) => Err(SystemdError::Unreachable(zbus::Error::Failure("signal stream ended".into()))),
+            Err(_) => Err(SystemdError::Timeout { op, unit: name.into(), timeout }),
+        }
+    }
+
+    /// `StopUnit(name, "replace")`, returning once the stop job has finished (for a scope:
+    /// every process is gone, or SIGKILL was sent and `TimeoutStopSec` ran out again).
+    pub async fn stop_and_wait(&self, name: &str, timeout: Duration) -> Result<String> {
+        let op = "StopUnit";
+        let mut removed = self.manager.receive_job_removed().await.map_err(|e| SystemdError::from_zbus(op, name, e))?;
+        let job = self.manager.stop_unit(name, "replace").await.map_err(|e| SystemdError::from_zbus(op, name, e))?;
+        let wait = async {
+            while let Some(sig) = removed.next().await {
+                let Ok(args) = sig.args() else { continue };
+                if args.job == job {
+                    return Some(args.result);
+                }
+            }
+            None
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(Some(r)) => Ok(r),
+            Ok(None) => Err(SystemdError::Unreachable(zbus::Error::Failure("signal stream ended".into()))),
+            Err(_) => Err(SystemdError::Timeout { op, unit: name.into(), timeout }),
+        }
+    }
+
+    pub async fn kill(&self, name: &str, signal: i32) -> Result<()> {
+        self.manager.kill_unit(name, "all", signal).await.map_err(|e| SystemdError::from_zbus("KillUnit", name, e))
+    }
+
+    pub async fn reset_failed(&self, name: &str) -> Result<()> {
+        self.manager.reset_failed_unit(name).await.map_err(|e| SystemdError::from_zbus("ResetFailedUnit", name, e))
+    }
+
+    /// `ActiveState` of a loaded unit; `None` when systemd has no such unit (never
+    /// started, or collected after it ended).
+    pub async fn active_state(&self, name: &str) -> Result<Option<String>> {
+        let path = match self.manager.get_unit(name).await {
+            Ok(p) => p,
+            Err(e) => {
+                return match SystemdError::from_zbus("GetUnit", name, e) {
+                    SystemdError::NoSuchUnit { .. } => Ok(None),
+                    other => Err(other),
+                }
+            }
+        };
+        let unit = UnitProxy::builder(&self.conn)
+            .path(path)
+            .build()
+            .await
+            .map_err(|e| SystemdError::from_zbus("GetUnit", name, e))?;
+        match unit.active_state().await {
+            Ok(s) => Ok(Some(s)),
+            Err(e) => match SystemdError::from_zbus("ActiveState", name, e) {
+                SystemdError::NoSuchUnit { .. } => Ok(None),
+                other => Err(other),
+            },
+        }
+    }
+
+    /// Names of loaded units matching `pattern` (e.g. `unit_name::WORKER_SCOPE_GLOB`).
+    pub async fn list_units(&self, pattern: &str) -> Result<Vec<(String, String)>> {
+        let units = self
+            .manager
+            .list_units_by_patterns(Vec::new(), vec![pattern])
+            .await
+            .map_err(|e| SystemdError::from_zbus("ListUnitsByPatterns", pattern, e))?;
+        Ok(units.into_iter().map(|u| (u.0, u.3)).collect())
+    }
+}

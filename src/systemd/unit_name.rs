@@ -1,0 +1,95 @@
+//! Unit names built from task data. A task id comes from whoever wrote the board, so it is
+//! untrusted: it must not be able to name another unit, escape the `hermes-worker-` prefix,
+//! or exceed systemd's length limit.
+
+/// systemd's `UNIT_NAME_MAX` (256 with the NUL).
+const UNIT_NAME_MAX: usize = 255;
+
+/// Escape `s` for use inside a unit name. Only `[A-Za-z0-9_]` pass through; every other
+/// byte — `-` included, so that the `-run-` separator cannot be forged — becomes `\xNN`,
+/// the form `systemd-escape` uses and `systemctl` accepts.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'_' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
+/// FNV-1a, 64 bit: a stable short digest for ids too long to spell out.
+fn fnv1a(s: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// `hermes-worker-kanban-<task>-run-<run>.scope`, upstream's naming (HEAD's
+/// `_restart_safe_worker_argv`). An id whose escaped form would push the name past
+/// systemd's limit is cut and suffixed with a digest of the whole id, so the name stays
+/// unique per task and deterministic (re-adoption finds the unit again by name).
+pub fn worker_scope(task: &str, run: i64) -> String {
+    let tail = format!("-run-{run}.scope");
+    let head = "hermes-worker-kanban-";
+    let mut esc = escape(task);
+    let room = UNIT_NAME_MAX - head.len() - tail.len();
+    if esc.len() > room {
+        let digest = format!("_{:016x}", fnv1a(task));
+        let mut cut = room - digest.len();
+        // Never split an `\xNN` sequence.
+        while cut > 0 && esc[..cut].rfind('\\').is_some_and(|i| i + 4 > cut) {
+            cut -= 1;
+        }
+        esc.truncate(cut);
+        esc.push_str(&digest);
+    }
+    format!("{head}{esc}{tail}")
+}
+
+/// The glob that matches every worker scope, for `ListUnitsByPatterns`.
+pub const WORKER_SCOPE_GLOB: &str = "hermes-worker-kanban-*.scope";
+
+/// systemd's own validity rule for unit names (`unit_name_is_valid`), used to check ours.
+pub fn is_valid(name: &str) -> bool {
+    let Some((prefix, suffix)) = name.rsplit_once('.') else { return false };
+    !prefix.is_empty()
+        && !suffix.is_empty()
+        && name.len() <= UNIT_NAME_MAX
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b":-_.\\@".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_ids_read_naturally() {
+        assert_eq!(worker_scope("t_5e0db6b2", 1), "hermes-worker-kanban-t_5e0db6b2-run-1.scope");
+    }
+
+    #[test]
+    fn hostile_ids_stay_valid_and_inside_the_prefix() {
+        let long = "é".repeat(300);
+        for id in ["../../etc/passwd", "a-run-9.scope x", "t\n_\"'$(reboot)", "", "x.service", long.as_str()] {
+            let n = worker_scope(id, 7);
+            assert!(is_valid(&n), "{n:?} invalid for {id:?}");
+            assert!(n.starts_with("hermes-worker-kanban-") && n.ends_with("-run-7.scope"), "{n}");
+            assert_eq!(n.matches("-run-").count(), 1, "{n}: separator forged by {id:?}");
+            assert!(!n.contains('/') && !n.contains('\n'), "{n}");
+        }
+    }
+
+    #[test]
+    fn long_ids_get_distinct_names() {
+        let a = "a".repeat(300);
+        let b = format!("{}b", "a".repeat(299));
+        assert_ne!(worker_scope(&a, 1), worker_scope(&b, 1));
+        assert!(worker_scope(&a, 1).len() <= 255);
+    }
+}

@@ -1,0 +1,38 @@
+#!/bin/bash
+# Installs what the test suite needs, idempotently, on Debian 12 (run as root):
+#   - systemd, dbus, util-linux (unshare/nsenter): the real-systemd sandbox (tests/sdharness)
+#   - python3-venv: a venv for the real Hermes CLI
+#   - hermes-agent==0.19.0 from PyPI in target/hermes-venv (built with /usr/bin/python3, so
+#     that non-root workers can run it too)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+HERMES_AGENT_VERSION=0.19.0
+VENV=${HERMES_MGR_TEST_VENV:-$PWD/target/hermes-venv}
+
+need_apt=()
+for pair in unshare:util-linux nsenter:util-linux dbus-daemon:dbus busctl:systemd journalctl:systemd; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair#*:}")
+done
+[ -x /lib/systemd/systemd ] || need_apt+=(systemd)
+[ -x /usr/bin/python3 ] || need_apt+=(python3)
+/usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: installing ${need_apt[*]}"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need_apt[@]}"
+fi
+command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust >= 1.89 (rustup)" >&2; exit 1; }
+
+marker="$VENV/.hermes-agent-$HERMES_AGENT_VERSION"
+if [ ! -e "$marker" ] || [ ! -x "$VENV/bin/hermes" ]; then
+  echo "setup: installing hermes-agent==$HERMES_AGENT_VERSION into $VENV"
+  rm -rf "$VENV"
+  mkdir -p "$(dirname "$VENV")"
+  /usr/bin/python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "hermes-agent==$HERMES_AGENT_VERSION"
+  touch "$marker"
+fi
+# Tests run the venv as other users (nobody) too: the path to it must be traversable.
+d=$VENV; while [ "$d" != / ]; do chmod o+x "$d" 2>/dev/null || true; d=$(dirname "$d"); done
+echo "setup: ok ($("$VENV/bin/hermes" --version 2>/dev/null | head -1))"
