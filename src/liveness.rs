@@ -13,7 +13,10 @@ pub fn cgroup_of(pid: u32) -> io::Result<Option<String>> {
         Err(e) => return Err(io::Error::other(e)),
     };
     match proc.cgroups() {
-        Ok(cg) => Ok(cg.into_iter().find(|c| c.hierarchy == 0).map(|c| c.pathname)),
+        Ok(cg) => Ok(cg
+            .into_iter()
+            .find(|c| c.hierarchy == 0)
+            .map(|c| c.pathname)),
         Err(procfs::ProcError::NotFound(_)) => Ok(None),
         Err(e) => Err(io::Error::other(e)),
     }
@@ -23,7 +26,10 @@ pub fn cgroup_of(pid: u32) -> io::Result<Option<String>> {
 /// name is a parent slice (`hermes-workers.slice` lives in `hermes.slice`).
 pub fn unit_cgroup(slice: &str, unit: &str) -> String {
     let mut path = String::new();
-    if let Some(stem) = slice.strip_suffix(".slice").filter(|s| !s.is_empty() && *s != "-") {
+    if let Some(stem) = slice
+        .strip_suffix(".slice")
+        .filter(|s| !s.is_empty() && *s != "-")
+    {
         let parts: Vec<&str> = stem.split('-').collect();
         for i in 1..=parts.len() {
             path.push('/');
@@ -42,8 +48,14 @@ mod tests {
 
     #[test]
     fn nested_slices_follow_the_dashes() {
-        assert_eq!(unit_cgroup("hermes-workers.slice", "x.scope"), "/hermes.slice/hermes-workers.slice/x.scope");
-        assert_eq!(unit_cgroup("system.slice", "x.scope"), "/system.slice/x.scope");
+        assert_eq!(
+            unit_cgroup("hermes-workers.slice", "x.scope"),
+            "/hermes.slice/hermes-workers.slice/x.scope"
+        );
+        assert_eq!(
+            unit_cgroup("system.slice", "x.scope"),
+            "/system.slice/x.scope"
+        );
         assert_eq!(unit_cgroup("-.slice", "x.scope"), "/x.scope");
     }
 

@@ -48,7 +48,9 @@ pub enum BoardError {
     Locked { path: PathBuf, detail: String },
     #[error("{path}: this board was made by a Hermes older than 0.19.0 (missing task columns: {missing}); open it once with `hermes kanban list` to migrate it")]
     OldSchema { path: PathBuf, missing: String },
-    #[error("{path}: the board does not exist; create it with `hermes kanban init` or `hermes-mgr add`")]
+    #[error(
+        "{path}: the board does not exist; create it with `hermes kanban init` or `hermes-mgr add`"
+    )]
     Missing { path: PathBuf },
     #[error("invalid board slug {0:?}: use 1-64 lowercase letters, digits, '-' or '_', not starting with '-' or '_'")]
     BadSlug(String),
@@ -57,15 +59,26 @@ pub enum BoardError {
     #[error("{0}")]
     Invalid(String),
     #[error("{path}: {op}: {source}")]
-    Sqlite { path: PathBuf, op: &'static str, source: rusqlite::Error },
+    Sqlite {
+        path: PathBuf,
+        op: &'static str,
+        source: rusqlite::Error,
+    },
     #[error("{path}: {op}: {source}")]
-    Io { path: PathBuf, op: &'static str, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T, E = BoardError> = std::result::Result<T, E>;
 
 pub fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// `"<hostname>:<pid>"` — upstream's `_claimer_id()`; its host-local checks compare the
@@ -84,7 +97,10 @@ fn new_task_id() -> std::io::Result<String> {
     use std::io::Read;
     let mut b = [0u8; 4];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
-    Ok(format!("t_{:02x}{:02x}{:02x}{:02x}", b[0], b[1], b[2], b[3]))
+    Ok(format!(
+        "t_{:02x}{:02x}{:02x}{:02x}",
+        b[0], b[1], b[2], b[3]
+    ))
 }
 
 fn cut(s: &str) -> String {
@@ -138,18 +154,31 @@ fn check_header(path: &Path) -> Result<()> {
     let mut f = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => return Err(BoardError::Io { path: path.into(), op: "open", source }),
+        Err(source) => {
+            return Err(BoardError::Io {
+                path: path.into(),
+                op: "open",
+                source,
+            })
+        }
     };
     let mut head = Vec::with_capacity(16);
     f.by_ref()
         .take(16)
         .read_to_end(&mut head)
-        .map_err(|source| BoardError::Io { path: path.into(), op: "read header", source })?;
+        .map_err(|source| BoardError::Io {
+            path: path.into(),
+            op: "read header",
+            source,
+        })?;
     // An empty file is an empty database to SQLite, and to upstream.
     if head.is_empty() || head == b"SQLite format 3\0" {
         return Ok(());
     }
-    Err(BoardError::NotSqlite { path: path.into(), header: String::from_utf8_lossy(&head).into_owned() })
+    Err(BoardError::NotSqlite {
+        path: path.into(),
+        header: String::from_utf8_lossy(&head).into_owned(),
+    })
 }
 
 fn classify(path: &Path, op: &'static str, e: rusqlite::Error) -> BoardError {
@@ -157,12 +186,26 @@ fn classify(path: &Path, op: &'static str, e: rusqlite::Error) -> BoardError {
     if let rusqlite::Error::SqliteFailure(f, msg) = &e {
         let detail = msg.clone().unwrap_or_else(|| f.to_string());
         match f.code {
-            DatabaseCorrupt | NotADatabase => return BoardError::Corrupt { path: path.into(), detail },
-            DatabaseBusy | DatabaseLocked => return BoardError::Locked { path: path.into(), detail },
+            DatabaseCorrupt | NotADatabase => {
+                return BoardError::Corrupt {
+                    path: path.into(),
+                    detail,
+                }
+            }
+            DatabaseBusy | DatabaseLocked => {
+                return BoardError::Locked {
+                    path: path.into(),
+                    detail,
+                }
+            }
             _ => {}
         }
     }
-    BoardError::Sqlite { path: path.into(), op, source: e }
+    BoardError::Sqlite {
+        path: path.into(),
+        op,
+        source: e,
+    }
 }
 
 impl Board {
@@ -177,27 +220,45 @@ impl Board {
             return Err(BoardError::Missing { path: db.clone() });
         }
         if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
-            ownership::create_dir_all(dir)
-                .map_err(|source| BoardError::Io { path: dir.into(), op: "create board directory", source })?;
+            ownership::create_dir_all(dir).map_err(|source| BoardError::Io {
+                path: dir.into(),
+                op: "create board directory",
+                source,
+            })?;
         }
         check_header(db)?;
-        let owner = Owner::of_board(db)
-            .map_err(|source| BoardError::Io { path: db.clone(), op: "stat", source })?;
+        let owner = Owner::of_board(db).map_err(|source| BoardError::Io {
+            path: db.clone(),
+            op: "stat",
+            source,
+        })?;
 
-        let init_lock = ownership::FileLock::acquire(&paths.sibling("init.lock"), &owner, Duration::from_secs(10))
-            .map_err(|source| BoardError::Io { path: paths.sibling("init.lock"), op: "take init lock", source })?;
+        let init_lock = ownership::FileLock::acquire(
+            &paths.sibling("init.lock"),
+            &owner,
+            Duration::from_secs(10),
+        )
+        .map_err(|source| BoardError::Io {
+            path: paths.sibling("init.lock"),
+            op: "take init lock",
+            source,
+        })?;
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX
             | OpenFlags::SQLITE_OPEN_URI;
         let conn = Connection::open_with_flags(db, flags).map_err(|e| classify(db, "open", e))?;
-        conn.busy_timeout(busy_timeout()).map_err(|e| classify(db, "busy_timeout", e))?;
+        conn.busy_timeout(busy_timeout())
+            .map_err(|e| classify(db, "busy_timeout", e))?;
         if exists {
             let verdict: String = conn
                 .query_row("PRAGMA integrity_check", [], |r| r.get(0))
                 .map_err(|e| classify(db, "integrity_check", e))?;
             if verdict != "ok" {
-                return Err(BoardError::Corrupt { path: db.clone(), detail: verdict });
+                return Err(BoardError::Corrupt {
+                    path: db.clone(),
+                    detail: verdict,
+                });
             }
         }
         let journal: String = conn
@@ -214,19 +275,37 @@ impl Board {
         )
         .map_err(|e| classify(db, "pragmas", e))?;
         let has_tasks: bool = conn
-            .query_row("SELECT 1 FROM sqlite_master WHERE type='table' AND name='tasks'", [], |_| Ok(true))
+            .query_row(
+                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='tasks'",
+                [],
+                |_| Ok(true),
+            )
             .optional()
             .map_err(|e| classify(db, "read schema", e))?
             .unwrap_or(false);
         if !has_tasks {
-            conn.execute_batch(schema::DDL).map_err(|e| classify(db, "create schema", e))?;
+            conn.execute_batch(schema::DDL)
+                .map_err(|e| classify(db, "create schema", e))?;
         }
         drop(init_lock);
         // A board created (or WAL files re-created) by root belongs to the board's owner.
-        for f in [db.clone(), paths.sibling("init.lock"), wal_path(db, "-wal"), wal_path(db, "-shm")] {
-            owner.adopt(&f).map_err(|source| BoardError::Io { path: f.clone(), op: "chown", source })?;
+        for f in [
+            db.clone(),
+            paths.sibling("init.lock"),
+            wal_path(db, "-wal"),
+            wal_path(db, "-shm"),
+        ] {
+            owner.adopt(&f).map_err(|source| BoardError::Io {
+                path: f.clone(),
+                op: "chown",
+                source,
+            })?;
         }
-        let board = Board { conn, paths: paths.clone(), owner };
+        let board = Board {
+            conn,
+            paths: paths.clone(),
+            owner,
+        };
         board.check_columns()?;
         Ok(board)
     }
@@ -241,12 +320,18 @@ impl Board {
 
     fn check_columns(&self) -> Result<()> {
         let cols = self.columns("tasks")?;
-        let missing: Vec<&str> =
-            schema::REQUIRED_TASK_COLUMNS.iter().copied().filter(|c| !cols.iter().any(|x| x == c)).collect();
+        let missing: Vec<&str> = schema::REQUIRED_TASK_COLUMNS
+            .iter()
+            .copied()
+            .filter(|c| !cols.iter().any(|x| x == c))
+            .collect();
         if missing.is_empty() {
             Ok(())
         } else {
-            Err(BoardError::OldSchema { path: self.paths.db.clone(), missing: missing.join(", ") })
+            Err(BoardError::OldSchema {
+                path: self.paths.db.clone(),
+                missing: missing.join(", "),
+            })
         }
     }
 
@@ -269,13 +354,17 @@ impl Board {
 
     /// `PRAGMA integrity_check`, for tests and `doctor`.
     pub fn integrity_check(&self) -> Result<String> {
-        self.conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).map_err(|e| self.err("integrity_check", e))
+        self.conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .map_err(|e| self.err("integrity_check", e))
     }
 
     /// Run `f` inside `BEGIN IMMEDIATE … COMMIT`: the write lock is taken up front, so a
     /// compare-and-swap read inside `f` cannot go stale before its write. Rolled back on error.
     fn write<T>(&self, op: &'static str, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| self.err(op, e))?;
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(|e| self.err(op, e))?;
         match f(&self.conn) {
             Ok(v) => {
                 if let Err(e) = self.conn.execute_batch("COMMIT") {
@@ -301,7 +390,8 @@ impl Board {
     }
 
     pub fn require_task(&self, id: &str) -> Result<Task> {
-        self.task(id)?.ok_or_else(|| BoardError::NoSuchTask(id.to_string()))
+        self.task(id)?
+            .ok_or_else(|| BoardError::NoSuchTask(id.to_string()))
     }
 
     /// Tasks in upstream's dispatch order (priority high first, then oldest first).
@@ -321,15 +411,24 @@ impl Board {
     }
 
     pub fn parents(&self, id: &str) -> Result<Vec<String>> {
-        self.strings("SELECT parent_id FROM task_links WHERE child_id = ?1 ORDER BY parent_id", id)
+        self.strings(
+            "SELECT parent_id FROM task_links WHERE child_id = ?1 ORDER BY parent_id",
+            id,
+        )
     }
 
     pub fn children(&self, id: &str) -> Result<Vec<String>> {
-        self.strings("SELECT child_id FROM task_links WHERE parent_id = ?1 ORDER BY child_id", id)
+        self.strings(
+            "SELECT child_id FROM task_links WHERE parent_id = ?1 ORDER BY child_id",
+            id,
+        )
     }
 
     fn strings(&self, sql: &str, id: &str) -> Result<Vec<String>> {
-        let mut st = self.conn.prepare(sql).map_err(|e| self.err("read links", e))?;
+        let mut st = self
+            .conn
+            .prepare(sql)
+            .map_err(|e| self.err("read links", e))?;
         let v = st
             .query_map([id], |r| r.get(0))
             .and_then(|r| r.collect::<rusqlite::Result<Vec<String>>>())
@@ -351,7 +450,11 @@ impl Board {
 
     pub fn run(&self, run_id: i64) -> Result<Option<Run>> {
         self.conn
-            .query_row("SELECT * FROM task_runs WHERE id = ?1", [run_id], Run::from_row)
+            .query_row(
+                "SELECT * FROM task_runs WHERE id = ?1",
+                [run_id],
+                Run::from_row,
+            )
             .optional()
             .map_err(|e| self.err("read run", e))
     }
@@ -378,15 +481,23 @@ impl Board {
         if title.is_empty() {
             return Err(BoardError::Invalid("a task needs a non-empty title".into()));
         }
-        let assignee = t.assignee.as_deref().map(|a| a.trim().to_lowercase()).filter(|a| !a.is_empty());
+        let assignee = t
+            .assignee
+            .as_deref()
+            .map(|a| a.trim().to_lowercase())
+            .filter(|a| !a.is_empty());
         if let Some(r) = t.max_retries {
             if r < 1 {
-                return Err(BoardError::Invalid(format!("--max-retries must be at least 1, got {r}")));
+                return Err(BoardError::Invalid(format!(
+                    "--max-retries must be at least 1, got {r}"
+                )));
             }
         }
         if let Some(r) = t.max_runtime_seconds {
             if r < 1 {
-                return Err(BoardError::Invalid(format!("--max-runtime must be at least 1 second, got {r}")));
+                return Err(BoardError::Invalid(format!(
+                    "--max-runtime must be at least 1 second, got {r}"
+                )));
             }
         }
         let mut parents: Vec<&str> = Vec::new();
@@ -412,7 +523,11 @@ impl Board {
         }
         // Two attempts, as upstream: a fresh id colliding twice means something else is wrong.
         for attempt in 0..2 {
-            let id = new_task_id().map_err(|source| BoardError::Io { path: "/dev/urandom".into(), op: "read", source })?;
+            let id = new_task_id().map_err(|source| BoardError::Io {
+                path: "/dev/urandom".into(),
+                op: "read",
+                source,
+            })?;
             let res = self.write("create task", |c| {
                 let mut status = "ready";
                 for p in &parents {
@@ -448,15 +563,18 @@ impl Board {
                 Ok(id.clone())
             });
             match res {
-                Err(BoardError::Sqlite { source: rusqlite::Error::SqliteFailure(f, _), .. })
-                    if f.code == rusqlite::ErrorCode::ConstraintViolation && attempt == 0 =>
-                {
+                Err(BoardError::Sqlite {
+                    source: rusqlite::Error::SqliteFailure(f, _),
+                    ..
+                }) if f.code == rusqlite::ErrorCode::ConstraintViolation && attempt == 0 => {
                     continue
                 }
                 other => return other,
             }
         }
-        Err(BoardError::Invalid("could not allocate a unique task id".into()))
+        Err(BoardError::Invalid(
+            "could not allocate a unique task id".into(),
+        ))
     }
 
     /// `claim_task`: `ready → running` with `claim_lock = lock`, a `running` run row,
@@ -602,19 +720,24 @@ impl Board {
                 return Ok(false);
             }
             let meta = metadata.filter(|m| !m.is_null());
-            let mut run_id = close_current_run(c, id, "done", "completed", summary, None, meta, now)
-                .map_err(|e| self.err("close run", e))?;
+            let mut run_id =
+                close_current_run(c, id, "done", "completed", summary, None, meta, now)
+                    .map_err(|e| self.err("close run", e))?;
             if run_id.is_none() && (summary.is_some() || meta.is_some() || result.is_some()) {
                 run_id = Some(
-                    synthesize_run(c, id, "completed", summary, None, meta, now).map_err(|e| self.err("close run", e))?,
+                    synthesize_run(c, id, "completed", summary, None, meta, now)
+                        .map_err(|e| self.err("close run", e))?,
                 );
             }
-            let first_line = summary.and_then(|s| s.trim().lines().next()).map(|l| l.chars().take(400).collect::<String>());
+            let first_line = summary
+                .and_then(|s| s.trim().lines().next())
+                .map(|l| l.chars().take(400).collect::<String>());
             let payload = json!({
                 "result_len": result.map(|r| r.chars().count()).unwrap_or(0),
                 "summary": first_line.filter(|s| !s.is_empty()),
             });
-            append_event(c, id, "completed", &payload, run_id).map_err(|e| self.err("append event", e))?;
+            append_event(c, id, "completed", &payload, run_id)
+                .map_err(|e| self.err("append event", e))?;
             Ok(true)
         })?;
         if done {
@@ -627,10 +750,19 @@ impl Board {
     /// `dependency` goes to `todo` (parent gating frees it), a re-block for the same cause
     /// `BLOCK_RECURRENCE_LIMIT` times goes to `triage`. Returns the status the task landed
     /// in, or `None` when it was not blockable.
-    pub fn block(&self, id: &str, reason: Option<&str>, kind: Option<&str>, expected_run: Option<i64>) -> Result<Option<String>> {
+    pub fn block(
+        &self,
+        id: &str,
+        reason: Option<&str>,
+        kind: Option<&str>,
+        expected_run: Option<i64>,
+    ) -> Result<Option<String>> {
         if let Some(k) = kind {
             if !BLOCK_KINDS.contains(&k) {
-                return Err(BoardError::Invalid(format!("block kind must be one of {}, got {k:?}", BLOCK_KINDS.join(", "))));
+                return Err(BoardError::Invalid(format!(
+                    "block kind must be one of {}, got {k:?}",
+                    BLOCK_KINDS.join(", ")
+                )));
             }
         }
         let now = now();
@@ -822,7 +954,13 @@ impl Board {
     /// worker's fault, and trip the breaker (`blocked` + `gave_up`) at the limit
     /// (`max_retries`, else `failure_limit`). Nothing happens — `Ok(None)` — unless the task
     /// is still `running` on that very run, so a late or duplicate report is harmless.
-    pub fn end_run(&self, id: &str, run_id: i64, end: &RunEnd, failure_limit: i64) -> Result<Option<EndResult>> {
+    pub fn end_run(
+        &self,
+        id: &str,
+        run_id: i64,
+        end: &RunEnd,
+        failure_limit: i64,
+    ) -> Result<Option<EndResult>> {
         let now = now();
         self.write("end run", |c| {
             let row: Option<(i64, Option<i64>, Option<String>)> = c
@@ -935,8 +1073,11 @@ impl Board {
 
     /// Create a directory beside the board (workspaces, logs) owned by the board's owner.
     pub fn make_dir(&self, dir: &Path) -> Result<()> {
-        ownership::create_dir_all_owned(dir, &self.owner)
-            .map_err(|source| BoardError::Io { path: dir.into(), op: "create directory", source })
+        ownership::create_dir_all_owned(dir, &self.owner).map_err(|source| BoardError::Io {
+            path: dir.into(),
+            op: "create directory",
+            source,
+        })
     }
 
     /// Raw connection for tests that must inspect or damage the file as a third party would.
@@ -970,7 +1111,10 @@ fn set_chunk_size(conn: &Connection, bytes: i32) -> rusqlite::Result<()> {
     if rc == rusqlite::ffi::SQLITE_OK {
         Ok(())
     } else {
-        Err(rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rc), Some("SQLITE_FCNTL_CHUNK_SIZE".into())))
+        Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rc),
+            Some("SQLITE_FCNTL_CHUNK_SIZE".into()),
+        ))
     }
 }
 
@@ -988,7 +1132,13 @@ fn merge(into: &mut Value, from: &Value) {
     }
 }
 
-fn append_event(c: &Connection, task: &str, kind: &str, payload: &Value, run_id: Option<i64>) -> rusqlite::Result<()> {
+fn append_event(
+    c: &Connection,
+    task: &str,
+    kind: &str,
+    payload: &Value,
+    run_id: Option<i64>,
+) -> rusqlite::Result<()> {
     c.execute(
         "INSERT INTO task_events (task_id, run_id, kind, payload, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
         params![task, run_id, kind, payload_text(payload), now()],
@@ -1028,8 +1178,14 @@ fn close_current_run(
     metadata: Option<&Value>,
     now: i64,
 ) -> rusqlite::Result<Option<i64>> {
-    let run: Option<i64> =
-        c.query_row("SELECT current_run_id FROM tasks WHERE id=?1", [task], |r| r.get(0)).optional()?.flatten();
+    let run: Option<i64> = c
+        .query_row(
+            "SELECT current_run_id FROM tasks WHERE id=?1",
+            [task],
+            |r| r.get(0),
+        )
+        .optional()?
+        .flatten();
     let Some(run) = run else { return Ok(None) };
     close_run(c, run, status, outcome, summary, error, metadata, now)?;
     c.execute("UPDATE tasks SET current_run_id=NULL WHERE id=?1", [task])?;
@@ -1060,14 +1216,19 @@ fn protocol_violation_streak(c: &Connection, task: &str) -> rusqlite::Result<i64
     let mut st = c.prepare(
         "SELECT outcome, metadata FROM task_runs WHERE task_id=?1 AND ended_at IS NOT NULL ORDER BY id DESC LIMIT 50",
     )?;
-    let rows: Vec<(Option<String>, Option<String>)> = st.query_map([task], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?;
+    let rows: Vec<(Option<String>, Option<String>)> = st
+        .query_map([task], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
     let mut streak = 0;
     for (outcome, meta) in rows {
         match outcome.as_deref() {
             Some("rate_limited") => continue,
             Some("crashed") => {
-                let v: Option<Map<String, Value>> = meta.and_then(|m| serde_json::from_str(&m).ok());
-                if v.and_then(|m| m.get("protocol_violation").and_then(Value::as_bool)).unwrap_or(false) {
+                let v: Option<Map<String, Value>> =
+                    meta.and_then(|m| serde_json::from_str(&m).ok());
+                if v.and_then(|m| m.get("protocol_violation").and_then(Value::as_bool))
+                    .unwrap_or(false)
+                {
                     streak += 1;
                     continue;
                 }

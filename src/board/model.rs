@@ -21,8 +21,17 @@ pub enum Status {
 }
 
 impl Status {
-    pub const KNOWN: &'static [&'static str] =
-        &["triage", "todo", "scheduled", "ready", "running", "blocked", "review", "done", "archived"];
+    pub const KNOWN: &'static [&'static str] = &[
+        "triage",
+        "todo",
+        "scheduled",
+        "ready",
+        "running",
+        "blocked",
+        "review",
+        "done",
+        "archived",
+    ];
 
     pub fn parse(s: &str) -> Status {
         match s {
@@ -71,7 +80,10 @@ impl Serialize for Status {
 pub const BLOCK_KINDS: &[&str] = &["dependency", "needs_input", "capability", "transient"];
 
 /// Read a column by name; absent columns and NULLs are `None`.
-pub(crate) fn col<T: rusqlite::types::FromSql>(row: &Row<'_>, name: &str) -> rusqlite::Result<Option<T>> {
+pub(crate) fn col<T: rusqlite::types::FromSql>(
+    row: &Row<'_>,
+    name: &str,
+) -> rusqlite::Result<Option<T>> {
     match row.as_ref().column_index(name) {
         Ok(i) => row.get(i),
         Err(rusqlite::Error::InvalidColumnName(_)) => Ok(None),

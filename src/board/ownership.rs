@@ -25,12 +25,20 @@ impl Owner {
         let mut p = Some(db);
         while let Some(cur) = p {
             match std::fs::metadata(cur) {
-                Ok(m) => return Ok(Owner { uid: m.uid(), gid: m.gid() }),
+                Ok(m) => {
+                    return Ok(Owner {
+                        uid: m.uid(),
+                        gid: m.gid(),
+                    })
+                }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => p = cur.parent(),
                 Err(e) => return Err(e),
             }
         }
-        Ok(Owner { uid: nix::unistd::geteuid().as_raw(), gid: nix::unistd::getegid().as_raw() })
+        Ok(Owner {
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
+        })
     }
 
     /// Give `path` to this owner if we are root and it is someone else's. Missing files are
@@ -84,7 +92,12 @@ pub struct FileLock {
 }
 
 fn open_lock(path: &Path, owner: &Owner) -> io::Result<File> {
-    let f = OpenOptions::new().create(true).truncate(false).read(true).write(true).open(path)?;
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)?;
     owner.adopt(path)?;
     Ok(f)
 }

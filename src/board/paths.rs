@@ -39,7 +39,10 @@ pub struct Resolver {
 }
 
 fn env_nonempty(name: &str) -> Option<String> {
-    std::env::var(name).ok().map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
+    std::env::var(name)
+        .ok()
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
 }
 
 /// Upstream's slug rule: `^[a-z0-9][a-z0-9\-_]{0,63}$` after lower-casing.
@@ -83,7 +86,10 @@ impl Resolver {
     }
 
     fn home(&self) -> PathBuf {
-        self.home.as_deref().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"))
+        self.home
+            .as_deref()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/root"))
     }
 
     /// `kanban_home()`: `$HERMES_KANBAN_HOME`, else `get_default_hermes_root()`.
@@ -93,7 +99,9 @@ impl Resolver {
             return expand_user(k, &home);
         }
         let native = home.join(".hermes");
-        let Some(env_home) = &self.hermes_home else { return native };
+        let Some(env_home) = &self.hermes_home else {
+            return native;
+        };
         let env_path = PathBuf::from(env_home);
         // A HERMES_HOME inside ~/.hermes (a profile) shares the native root.
         let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
@@ -171,7 +179,13 @@ impl Resolver {
             Some(p) => expand_user(p, &home),
             None => per_board("workspaces"),
         };
-        Ok(BoardPaths { logs: per_board("logs"), workspaces, db, slug, root })
+        Ok(BoardPaths {
+            logs: per_board("logs"),
+            workspaces,
+            db,
+            slug,
+            root,
+        })
     }
 }
 
@@ -179,7 +193,10 @@ impl BoardPaths {
     /// All board files under one directory: used by tests and `--db` users who want a
     /// self-contained board.
     pub fn for_db(db: &Path) -> BoardPaths {
-        let dir = db.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        let dir = db
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
         BoardPaths {
             root: dir.clone(),
             slug: DEFAULT_BOARD.to_string(),
@@ -208,7 +225,10 @@ mod tests {
     use super::*;
 
     fn r(home: &str) -> Resolver {
-        Resolver { home: Some(home.into()), ..Default::default() }
+        Resolver {
+            home: Some(home.into()),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -221,19 +241,30 @@ mod tests {
 
     #[test]
     fn hermes_home_outside_native_is_the_root() {
-        let p = Resolver { hermes_home: Some("/opt/data".into()), ..r("/h") }.resolve().unwrap();
+        let p = Resolver {
+            hermes_home: Some("/opt/data".into()),
+            ..r("/h")
+        }
+        .resolve()
+        .unwrap();
         assert_eq!(p.db, PathBuf::from("/opt/data/kanban.db"));
     }
 
     #[test]
     fn profile_home_maps_to_its_root() {
-        let p = Resolver { hermes_home: Some("/opt/data/profiles/coder".into()), ..r("/h") }
-            .resolve()
-            .unwrap();
+        let p = Resolver {
+            hermes_home: Some("/opt/data/profiles/coder".into()),
+            ..r("/h")
+        }
+        .resolve()
+        .unwrap();
         assert_eq!(p.root, PathBuf::from("/opt/data"));
-        let p = Resolver { hermes_home: Some("/h/.hermes/profiles/coder".into()), ..r("/h") }
-            .resolve()
-            .unwrap();
+        let p = Resolver {
+            hermes_home: Some("/h/.hermes/profiles/coder".into()),
+            ..r("/h")
+        }
+        .resolve()
+        .unwrap();
         assert_eq!(p.root, PathBuf::from("/h/.hermes"));
     }
 
@@ -245,20 +276,40 @@ mod tests {
             ..r("/h")
         };
         assert_eq!(base.resolve().unwrap().db, PathBuf::from("/k/kanban.db"));
-        let p = Resolver { kanban_db: Some("/x/y.db".into()), ..base.clone() }.resolve().unwrap();
+        let p = Resolver {
+            kanban_db: Some("/x/y.db".into()),
+            ..base.clone()
+        }
+        .resolve()
+        .unwrap();
         assert_eq!(p.db, PathBuf::from("/x/y.db"));
-        let p = Resolver { db_flag: Some("/flag.db".into()), kanban_db: Some("/x/y.db".into()), ..base }
-            .resolve()
-            .unwrap();
+        let p = Resolver {
+            db_flag: Some("/flag.db".into()),
+            kanban_db: Some("/x/y.db".into()),
+            ..base
+        }
+        .resolve()
+        .unwrap();
         assert_eq!(p.db, PathBuf::from("/flag.db"));
     }
 
     #[test]
     fn named_board_lives_under_boards() {
-        let p = Resolver { board_flag: Some("Ops".into()), ..r("/h") }.resolve().unwrap();
+        let p = Resolver {
+            board_flag: Some("Ops".into()),
+            ..r("/h")
+        }
+        .resolve()
+        .unwrap();
         assert_eq!(p.slug, "ops");
-        assert_eq!(p.db, PathBuf::from("/h/.hermes/kanban/boards/ops/kanban.db"));
-        assert_eq!(p.workspaces, PathBuf::from("/h/.hermes/kanban/boards/ops/workspaces"));
+        assert_eq!(
+            p.db,
+            PathBuf::from("/h/.hermes/kanban/boards/ops/kanban.db")
+        );
+        assert_eq!(
+            p.workspaces,
+            PathBuf::from("/h/.hermes/kanban/boards/ops/workspaces")
+        );
     }
 
     #[test]

@@ -122,11 +122,15 @@ fn parse_duration(s: &str) -> Result<i64, String> {
         Some('h') => (&s[..s.len() - 1], 3600),
         _ => (s, 1),
     };
-    let n: i64 = num.trim().parse().map_err(|_| format!("{s:?} is not a duration (use 300, 30s, 30m or 2h)"))?;
+    let n: i64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (use 300, 30s, 30m or 2h)"))?;
     if n <= 0 {
         return Err(format!("{s:?}: a duration must be positive"));
     }
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too long"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too long"))
 }
 
 /// Parse arguments, run, and map the result to an exit code. Errors are printed with their
@@ -156,7 +160,10 @@ fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
 /// Explain why a transition did not apply, from the task's current status.
 fn refused(b: &Board, id: &str, verb: &str, allowed: &str) -> anyhow::Error {
     match b.task(id) {
-        Ok(Some(t)) => anyhow::anyhow!("cannot {verb} task {id}: it is {}; only {allowed} tasks can be", t.status),
+        Ok(Some(t)) => anyhow::anyhow!(
+            "cannot {verb} task {id}: it is {}; only {allowed} tasks can be",
+            t.status
+        ),
         Ok(None) => board::BoardError::NoSuchTask(id.to_string()).into(),
         Err(e) => e.into(),
     }
@@ -164,7 +171,17 @@ fn refused(b: &Board, id: &str, verb: &str, allowed: &str) -> anyhow::Error {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
-        Command::Add { title, body, assignee, priority, parents, max_runtime, max_retries, created_by, idempotency_key } => {
+        Command::Add {
+            title,
+            body,
+            assignee,
+            priority,
+            parents,
+            max_runtime,
+            max_retries,
+            created_by,
+            idempotency_key,
+        } => {
             let b = open(&cli, OpenMode::CreateIfMissing)?;
             let new = NewTask {
                 title: title.clone(),
@@ -200,23 +217,33 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Show { id } => {
             let b = open(&cli, OpenMode::MustExist)?;
             let task = b.require_task(id)?;
-            let (parents, children, runs, events) = (b.parents(id)?, b.children(id)?, b.runs(id)?, b.events(id)?);
+            let (parents, children, runs, events) =
+                (b.parents(id)?, b.children(id)?, b.runs(id)?, b.events(id)?);
             if cli.json {
-                print_json(&json!({"task": task, "parents": parents, "children": children, "runs": runs, "events": events}))
+                print_json(
+                    &json!({"task": task, "parents": parents, "children": children, "runs": runs, "events": events}),
+                )
             } else {
-                print!("{}", render::show(&task, &parents, &children, &runs, &events, board::now()));
+                print!(
+                    "{}",
+                    render::show(&task, &parents, &children, &runs, &events, board::now())
+                );
                 Ok(())
             }
         }
         Command::Block { id, reason, kind } => {
             let b = open(&cli, OpenMode::MustExist)?;
             let to = b.block(id, reason.as_deref(), kind.as_deref(), None)?;
-            let Some(to) = to else { return Err(refused(&b, id, "block", "running or ready")) };
+            let Some(to) = to else {
+                return Err(refused(&b, id, "block", "running or ready"));
+            };
             report(&cli, id, &to, "Blocked")
         }
         Command::Unblock { id } => {
             let b = open(&cli, OpenMode::MustExist)?;
-            let Some(to) = b.unblock(id)? else { return Err(refused(&b, id, "unblock", "blocked or scheduled")) };
+            let Some(to) = b.unblock(id)? else {
+                return Err(refused(&b, id, "unblock", "blocked or scheduled"));
+            };
             report(&cli, id, &to, "Unblocked")
         }
         Command::Requeue { id, reason } => {
@@ -226,10 +253,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             report(&cli, id, "ready", "Requeued")
         }
-        Command::Complete { id, result, summary, metadata } => {
+        Command::Complete {
+            id,
+            result,
+            summary,
+            metadata,
+        } => {
             let meta: Option<Value> = match metadata {
                 Some(m) => {
-                    let v: Value = serde_json::from_str(m).context("--metadata is not valid JSON")?;
+                    let v: Value =
+                        serde_json::from_str(m).context("--metadata is not valid JSON")?;
                     if !v.is_object() {
                         bail!("--metadata must be a JSON object, like '{{\"changed_files\": [\"a.rs\"]}}'");
                     }
@@ -238,7 +271,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 None => None,
             };
             let b = open(&cli, OpenMode::MustExist)?;
-            if !b.complete(id, result.as_deref(), summary.as_deref(), meta.as_ref(), None)? {
+            if !b.complete(
+                id,
+                result.as_deref(),
+                summary.as_deref(),
+                meta.as_ref(),
+                None,
+            )? {
                 return Err(refused(&b, id, "complete", "running, ready or blocked"));
             }
             report(&cli, id, "done", "Completed")

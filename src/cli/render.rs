@@ -7,7 +7,15 @@ use crate::board::{Event, Run, Task};
 /// Task data is written by anyone who can write the board: show control characters
 /// (newlines, escape sequences that could repaint the terminal) as escapes, never raw.
 pub fn clean(s: &str) -> String {
-    s.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect()
+    s.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
 }
 
 fn icon(status: &str) -> &'static str {
@@ -38,7 +46,11 @@ pub fn task_table(tasks: &[Task]) -> String {
     }
     let mut out = String::new();
     for t in tasks {
-        let assignee = t.assignee.as_deref().map(clean).unwrap_or_else(|| "(unassigned)".into());
+        let assignee = t
+            .assignee
+            .as_deref()
+            .map(clean)
+            .unwrap_or_else(|| "(unassigned)".into());
         out.push_str(&format!(
             "{} {}  {:8}  {:>4}  {:20}  {}\n",
             icon(t.status.as_str()),
@@ -56,25 +68,67 @@ fn ts(epoch: Option<i64>) -> String {
     epoch.map(|e| e.to_string()).unwrap_or_else(|| "-".into())
 }
 
-pub fn show(t: &Task, parents: &[String], children: &[String], runs: &[Run], events: &[Event], now: i64) -> String {
+pub fn show(
+    t: &Task,
+    parents: &[String],
+    children: &[String],
+    runs: &[Run],
+    events: &[Event],
+    now: i64,
+) -> String {
     let mut o = String::new();
     o.push_str(&format!("{}  {}\n", clean(&t.id), clean(&t.title)));
     o.push_str(&format!("  status:     {}\n", clean(t.status.as_str())));
-    o.push_str(&format!("  assignee:   {}\n", t.assignee.as_deref().map(clean).unwrap_or_else(|| "-".into())));
+    o.push_str(&format!(
+        "  assignee:   {}\n",
+        t.assignee
+            .as_deref()
+            .map(clean)
+            .unwrap_or_else(|| "-".into())
+    ));
     o.push_str(&format!("  priority:   {}\n", t.priority));
-    o.push_str(&format!("  failures:   {}{}\n", t.consecutive_failures, t.max_retries.map(|m| format!(" (max {m})")).unwrap_or_default()));
+    o.push_str(&format!(
+        "  failures:   {}{}\n",
+        t.consecutive_failures,
+        t.max_retries
+            .map(|m| format!(" (max {m})"))
+            .unwrap_or_default()
+    ));
     if let Some(e) = &t.last_failure_error {
         o.push_str(&format!("  last error: {}\n", clean(e)));
     }
     if let Some(l) = &t.claim_lock {
-        o.push_str(&format!("  claim:      {} (expires in {}s)\n", clean(l), t.claim_expires.map(|x| x - now).unwrap_or(0)));
+        o.push_str(&format!(
+            "  claim:      {} (expires in {}s)\n",
+            clean(l),
+            t.claim_expires.map(|x| x - now).unwrap_or(0)
+        ));
     }
-    o.push_str(&format!("  created:    {}  started: {}  completed: {}\n", t.created_at, ts(t.started_at), ts(t.completed_at)));
+    o.push_str(&format!(
+        "  created:    {}  started: {}  completed: {}\n",
+        t.created_at,
+        ts(t.started_at),
+        ts(t.completed_at)
+    ));
     if !parents.is_empty() {
-        o.push_str(&format!("  parents:    {}\n", parents.iter().map(|p| clean(p)).collect::<Vec<_>>().join(", ")));
+        o.push_str(&format!(
+            "  parents:    {}\n",
+            parents
+                .iter()
+                .map(|p| clean(p))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
     }
     if !children.is_empty() {
-        o.push_str(&format!("  children:   {}\n", children.iter().map(|p| clean(p)).collect::<Vec<_>>().join(", ")));
+        o.push_str(&format!(
+            "  children:   {}\n",
+            children
+                .iter()
+                .map(|p| clean(p))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
     }
     if let Some(b) = &t.body {
         o.push_str("\nBody:\n");
@@ -88,17 +142,37 @@ pub fn show(t: &Task, parents: &[String], children: &[String], runs: &[Run], eve
         o.push_str(&format!(
             "  #{:<4} {:12} {:>6}s  {}{}\n",
             r.id,
-            clean(r.outcome.as_deref().unwrap_or(if r.ended_at.is_none() { "(running)" } else { &r.status })),
+            clean(r.outcome.as_deref().unwrap_or(if r.ended_at.is_none() {
+                "(running)"
+            } else {
+                &r.status
+            })),
             dur,
-            r.profile.as_deref().map(clean).unwrap_or_else(|| "-".into()),
-            r.error.as_deref().map(|e| format!("  {}", clean(e))).unwrap_or_default()
+            r.profile
+                .as_deref()
+                .map(clean)
+                .unwrap_or_else(|| "-".into()),
+            r.error
+                .as_deref()
+                .map(|e| format!("  {}", clean(e)))
+                .unwrap_or_default()
         ));
     }
     o.push_str(&format!("\nEvents ({}):\n", events.len()));
     for e in events {
         let run = e.run_id.map(|r| format!("[run {r}] ")).unwrap_or_default();
-        let payload = e.payload.as_ref().map(|p| format!(" {}", clean(&p.to_string()))).unwrap_or_default();
-        o.push_str(&format!("  [{}] {}{}{}\n", e.created_at, run, clean(&e.kind), payload));
+        let payload = e
+            .payload
+            .as_ref()
+            .map(|p| format!(" {}", clean(&p.to_string())))
+            .unwrap_or_default();
+        o.push_str(&format!(
+            "  [{}] {}{}{}\n",
+            e.created_at,
+            run,
+            clean(&e.kind),
+            payload
+        ));
     }
     o
 }

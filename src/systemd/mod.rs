@@ -40,10 +40,29 @@ pub trait Manager {
         &self,
         states: Vec<&str>,
         patterns: Vec<&str>,
-    ) -> zbus::Result<Vec<(String, String, String, String, String, String, OwnedObjectPath, u32, String, OwnedObjectPath)>>;
+    ) -> zbus::Result<
+        Vec<(
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+            OwnedObjectPath,
+            u32,
+            String,
+            OwnedObjectPath,
+        )>,
+    >;
 
     #[zbus(signal)]
-    fn job_removed(&self, id: u32, job: OwnedObjectPath, unit: String, result: String) -> zbus::Result<()>;
+    fn job_removed(
+        &self,
+        id: u32,
+        job: OwnedObjectPath,
+        unit: String,
+        result: String,
+    ) -> zbus::Result<()>;
 
     #[zbus(signal)]
     fn unit_removed(&self, unit: String, path: OwnedObjectPath) -> zbus::Result<()>;
@@ -52,7 +71,10 @@ pub trait Manager {
     fn version(&self) -> zbus::Result<String>;
 }
 
-#[zbus::proxy(interface = "org.freedesktop.systemd1.Unit", default_service = "org.freedesktop.systemd1")]
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Unit",
+    default_service = "org.freedesktop.systemd1"
+)]
 pub trait Unit {
     #[zbus(property)]
     fn active_state(&self) -> zbus::Result<String>;
@@ -71,17 +93,38 @@ pub enum SystemdError {
     #[error("{op} {unit}: a unit of that name already exists")]
     UnitExists { op: &'static str, unit: String },
     #[error("{op} {unit}: access denied by systemd ({msg}); run as root or grant org.freedesktop.systemd1.manage-units")]
-    AccessDenied { op: &'static str, unit: String, msg: String },
+    AccessDenied {
+        op: &'static str,
+        unit: String,
+        msg: String,
+    },
     #[error("{op} {unit}: systemd rejected property: {msg}")]
-    PropertyRejected { op: &'static str, unit: String, msg: String },
+    PropertyRejected {
+        op: &'static str,
+        unit: String,
+        msg: String,
+    },
     #[error("{op} {unit}: job finished with result {result:?}")]
-    JobFailed { op: &'static str, unit: String, result: String },
+    JobFailed {
+        op: &'static str,
+        unit: String,
+        result: String,
+    },
     #[error("{op} {unit}: no answer from systemd within {timeout:?}")]
-    Timeout { op: &'static str, unit: String, timeout: Duration },
+    Timeout {
+        op: &'static str,
+        unit: String,
+        timeout: Duration,
+    },
     #[error("cannot reach systemd on the system bus: {0}; is systemd PID 1 and dbus running?")]
     Unreachable(zbus::Error),
     #[error("{op} {unit}: {name}: {msg}")]
-    Other { op: &'static str, unit: String, name: String, msg: String },
+    Other {
+        op: &'static str,
+        unit: String,
+        name: String,
+        msg: String,
+    },
 }
 
 impl SystemdError {
@@ -93,24 +136,38 @@ impl SystemdError {
                 match name.as_str() {
                     "org.freedesktop.systemd1.NoSuchUnit" => SystemdError::NoSuchUnit { op, unit },
                     "org.freedesktop.systemd1.UnitExists" => SystemdError::UnitExists { op, unit },
-                    "org.freedesktop.DBus.Error.AccessDenied" | "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired" => {
+                    "org.freedesktop.DBus.Error.AccessDenied"
+                    | "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired" => {
                         SystemdError::AccessDenied { op, unit, msg }
                     }
-                    "org.freedesktop.DBus.Error.PropertyReadOnly" | "org.freedesktop.DBus.Error.UnknownProperty" => {
+                    "org.freedesktop.DBus.Error.PropertyReadOnly"
+                    | "org.freedesktop.DBus.Error.UnknownProperty" => {
                         SystemdError::PropertyRejected { op, unit, msg }
                     }
                     // 252 reports a name in use this way ("Unit X was already loaded or has a
                     // fragment file") rather than with UnitExists.
-                    "org.freedesktop.DBus.Error.InvalidArgs" if msg.contains("already loaded") || msg.contains("already exists") => {
+                    "org.freedesktop.DBus.Error.InvalidArgs"
+                        if msg.contains("already loaded") || msg.contains("already exists") =>
+                    {
                         SystemdError::UnitExists { op, unit }
                     }
-                    other => SystemdError::Other { op, unit, name: other.to_string(), msg },
+                    other => SystemdError::Other {
+                        op,
+                        unit,
+                        name: other.to_string(),
+                        msg,
+                    },
                 }
             }
-            other @ (zbus::Error::InputOutput(_) | zbus::Error::Address(_) | zbus::Error::Handshake(_)) => {
-                SystemdError::Unreachable(other)
-            }
-            other => SystemdError::Other { op, unit, name: "zbus".into(), msg: other.to_string() },
+            other @ (zbus::Error::InputOutput(_)
+            | zbus::Error::Address(_)
+            | zbus::Error::Handshake(_)) => SystemdError::Unreachable(other),
+            other => SystemdError::Other {
+                op,
+                unit,
+                name: "zbus".into(),
+                msg: other.to_string(),
+            },
         }
     }
 }
@@ -131,9 +188,16 @@ impl Systemd {
     /// Connect to the system bus and `Subscribe()`, without which systemd emits most unit
     /// signals to nobody.
     pub async fn connect() -> Result<Systemd> {
-        let conn = Connection::system().await.map_err(SystemdError::Unreachable)?;
-        let manager = ManagerProxy::new(&conn).await.map_err(SystemdError::Unreachable)?;
-        manager.subscribe().await.map_err(|e| SystemdError::from_zbus("Subscribe", "", e))?;
+        let conn = Connection::system()
+            .await
+            .map_err(SystemdError::Unreachable)?;
+        let manager = ManagerProxy::new(&conn)
+            .await
+            .map_err(SystemdError::Unreachable)?;
+        manager
+            .subscribe()
+            .await
+            .map_err(|e| SystemdError::from_zbus("Subscribe", "", e))?;
         Ok(Systemd { conn, manager })
     }
 
@@ -142,15 +206,27 @@ impl Systemd {
     }
 
     pub async fn version(&self) -> Result<String> {
-        self.manager.version().await.map_err(|e| SystemdError::from_zbus("Version", "", e))
+        self.manager
+            .version()
+            .await
+            .map_err(|e| SystemdError::from_zbus("Version", "", e))
     }
 
     /// `StartTransientUnit(name, "fail", props)` and wait for its job to finish. The
     /// `JobRemoved` match is installed before the call (the job can finish before the reply
     /// is read), and the reply only means "queued": a scope's PIDs move when the job runs.
-    pub async fn start_transient(&self, name: &str, props: Vec<Property>, timeout: Duration) -> Result<()> {
+    pub async fn start_transient(
+        &self,
+        name: &str,
+        props: Vec<Property>,
+        timeout: Duration,
+    ) -> Result<()> {
         let op = "StartTransientUnit";
-        let mut removed = self.manager.receive_job_removed().await.map_err(|e| SystemdError::from_zbus(op, name, e))?;
+        let mut removed = self
+            .manager
+            .receive_job_removed()
+            .await
+            .map_err(|e| SystemdError::from_zbus(op, name, e))?;
         let props: Vec<(&str, Variant<'_>)> = props.into_iter().collect();
         let job = self
             .manager
@@ -168,9 +244,19 @@ impl Systemd {
         };
         match tokio::time::timeout(timeout, wait).await {
             Ok(Some(r)) if r == "done" => Ok(()),
-            Ok(Some(result)) => Err(SystemdError::JobFailed { op, unit: name.into(), result }),
-            Ok(None) => Err(SystemdError::Unreachable(zbus::Error::Failure("signal stream ended".into()))),
-            Err(_) => Err(SystemdError::Timeout { op, unit: name.into(), timeout }),
+            Ok(Some(result)) => Err(SystemdError::JobFailed {
+                op,
+                unit: name.into(),
+                result,
+            }),
+            Ok(None) => Err(SystemdError::Unreachable(zbus::Error::Failure(
+                "signal stream ended".into(),
+            ))),
+            Err(_) => Err(SystemdError::Timeout {
+                op,
+                unit: name.into(),
+                timeout,
+            }),
         }
     }
 
@@ -178,8 +264,16 @@ impl Systemd {
     /// every process is gone, or SIGKILL was sent and `TimeoutStopSec` ran out again).
     pub async fn stop_and_wait(&self, name: &str, timeout: Duration) -> Result<String> {
         let op = "StopUnit";
-        let mut removed = self.manager.receive_job_removed().await.map_err(|e| SystemdError::from_zbus(op, name, e))?;
-        let job = self.manager.stop_unit(name, "replace").await.map_err(|e| SystemdError::from_zbus(op, name, e))?;
+        let mut removed = self
+            .manager
+            .receive_job_removed()
+            .await
+            .map_err(|e| SystemdError::from_zbus(op, name, e))?;
+        let job = self
+            .manager
+            .stop_unit(name, "replace")
+            .await
+            .map_err(|e| SystemdError::from_zbus(op, name, e))?;
         let wait = async {
             while let Some(sig) = removed.next().await {
                 let Ok(args) = sig.args() else { continue };
@@ -191,17 +285,29 @@ impl Systemd {
         };
         match tokio::time::timeout(timeout, wait).await {
             Ok(Some(r)) => Ok(r),
-            Ok(None) => Err(SystemdError::Unreachable(zbus::Error::Failure("signal stream ended".into()))),
-            Err(_) => Err(SystemdError::Timeout { op, unit: name.into(), timeout }),
+            Ok(None) => Err(SystemdError::Unreachable(zbus::Error::Failure(
+                "signal stream ended".into(),
+            ))),
+            Err(_) => Err(SystemdError::Timeout {
+                op,
+                unit: name.into(),
+                timeout,
+            }),
         }
     }
 
     pub async fn kill(&self, name: &str, signal: i32) -> Result<()> {
-        self.manager.kill_unit(name, "all", signal).await.map_err(|e| SystemdError::from_zbus("KillUnit", name, e))
+        self.manager
+            .kill_unit(name, "all", signal)
+            .await
+            .map_err(|e| SystemdError::from_zbus("KillUnit", name, e))
     }
 
     pub async fn reset_failed(&self, name: &str) -> Result<()> {
-        self.manager.reset_failed_unit(name).await.map_err(|e| SystemdError::from_zbus("ResetFailedUnit", name, e))
+        self.manager
+            .reset_failed_unit(name)
+            .await
+            .map_err(|e| SystemdError::from_zbus("ResetFailedUnit", name, e))
     }
 
     /// `ActiveState` of a loaded unit; `None` when systemd has no such unit (never

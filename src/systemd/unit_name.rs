@@ -57,11 +57,15 @@ pub const WORKER_SCOPE_GLOB: &str = "hermes-worker-kanban-*.scope";
 
 /// systemd's own validity rule for unit names (`unit_name_is_valid`), used to check ours.
 pub fn is_valid(name: &str) -> bool {
-    let Some((prefix, suffix)) = name.rsplit_once('.') else { return false };
+    let Some((prefix, suffix)) = name.rsplit_once('.') else {
+        return false;
+    };
     !prefix.is_empty()
         && !suffix.is_empty()
         && name.len() <= UNIT_NAME_MAX
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b":-_.\\@".contains(&b))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b":-_.\\@".contains(&b))
 }
 
 #[cfg(test)]
@@ -70,17 +74,34 @@ mod tests {
 
     #[test]
     fn upstream_ids_read_naturally() {
-        assert_eq!(worker_scope("t_5e0db6b2", 1), "hermes-worker-kanban-t_5e0db6b2-run-1.scope");
+        assert_eq!(
+            worker_scope("t_5e0db6b2", 1),
+            "hermes-worker-kanban-t_5e0db6b2-run-1.scope"
+        );
     }
 
     #[test]
     fn hostile_ids_stay_valid_and_inside_the_prefix() {
         let long = "é".repeat(300);
-        for id in ["../../etc/passwd", "a-run-9.scope x", "t\n_\"'$(reboot)", "", "x.service", long.as_str()] {
+        for id in [
+            "../../etc/passwd",
+            "a-run-9.scope x",
+            "t\n_\"'$(reboot)",
+            "",
+            "x.service",
+            long.as_str(),
+        ] {
             let n = worker_scope(id, 7);
             assert!(is_valid(&n), "{n:?} invalid for {id:?}");
-            assert!(n.starts_with("hermes-worker-kanban-") && n.ends_with("-run-7.scope"), "{n}");
-            assert_eq!(n.matches("-run-").count(), 1, "{n}: separator forged by {id:?}");
+            assert!(
+                n.starts_with("hermes-worker-kanban-") && n.ends_with("-run-7.scope"),
+                "{n}"
+            );
+            assert_eq!(
+                n.matches("-run-").count(),
+                1,
+                "{n}: separator forged by {id:?}"
+            );
             assert!(!n.contains('/') && !n.contains('\n'), "{n}");
         }
     }

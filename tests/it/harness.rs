@@ -30,7 +30,9 @@ pub fn repo() -> PathBuf {
 }
 
 fn scripts_dir() -> PathBuf {
-    std::env::var_os("SDH_SCRIPTS").map(PathBuf::from).unwrap_or_else(|| repo().join("tests/sdharness"))
+    std::env::var_os("SDH_SCRIPTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("tests/sdharness"))
 }
 
 /// A running systemd instance: shared (`$SDH_PID`) or booted for this test and stopped on drop.
@@ -47,7 +49,11 @@ impl Instance {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         // Never under /tmp: state lives on the root file system (see the harness doc).
-        let state = PathBuf::from(format!("/var/tmp/hermes-mgr-sdh/t{}-{}", std::process::id(), n));
+        let state = PathBuf::from(format!(
+            "/var/tmp/hermes-mgr-sdh/t{}-{}",
+            std::process::id(),
+            n
+        ));
         let out = Command::new(scripts_dir().join("boot-systemd.sh"))
             .arg(&state)
             // If this test binary dies without running Drop, the instance is stopped anyway.
@@ -55,13 +61,20 @@ impl Instance {
             .output()
             .expect("run tests/sdharness/boot-systemd.sh");
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "systemd sandbox did not boot:\n{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "systemd sandbox did not boot:\n{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let pid = stdout
             .lines()
             .find_map(|l| l.strip_prefix("SDH_PID="))
             .and_then(|p| p.parse().ok())
             .expect("boot-systemd.sh printed no SDH_PID");
-        Instance { pid, state: Some(state) }
+        Instance {
+            pid,
+            state: Some(state),
+        }
     }
 
     /// Re-run test `name` of this test binary inside the instance, in a scope of its own.
@@ -83,16 +96,25 @@ impl Instance {
         let stdout = String::from_utf8_lossy(&out.stdout);
         print!("{stdout}");
         eprint!("{}", String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success(), "test {name} failed inside the systemd sandbox: {:?}", out.status);
+        assert!(
+            out.status.success(),
+            "test {name} failed inside the systemd sandbox: {:?}",
+            out.status
+        );
         // libtest exits 0 when the filter matched nothing: make sure it really ran.
-        assert!(stdout.contains("1 passed"), "test {name} did not run inside the sandbox");
+        assert!(
+            stdout.contains("1 passed"),
+            "test {name} did not run inside the sandbox"
+        );
     }
 }
 
 impl Drop for Instance {
     fn drop(&mut self) {
         if let Some(state) = &self.state {
-            let _ = Command::new(scripts_dir().join("stop-systemd.sh")).arg(state).output();
+            let _ = Command::new(scripts_dir().join("stop-systemd.sh"))
+                .arg(state)
+                .output();
             let _ = std::fs::remove_dir_all(state);
         }
     }
@@ -115,8 +137,10 @@ macro_rules! systemd_test {
             if $crate::harness::inside() {
                 $body
             } else {
-                $crate::harness::Instance::get()
-                    .run_test_inside(&$crate::harness::test_name(module_path!(), stringify!($name)));
+                $crate::harness::Instance::get().run_test_inside(&$crate::harness::test_name(
+                    module_path!(),
+                    stringify!($name),
+                ));
             }
         }
     };
@@ -140,12 +164,19 @@ impl Ran {
     }
 
     pub fn ok(self) -> Ran {
-        assert_eq!(self.code, Some(0), "command failed\nstdout: {}\nstderr: {}", self.stdout, self.stderr);
+        assert_eq!(
+            self.code,
+            Some(0),
+            "command failed\nstdout: {}\nstderr: {}",
+            self.stdout,
+            self.stderr
+        );
         self
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout))
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout))
     }
 }
 
@@ -155,11 +186,20 @@ pub fn mgr_bin() -> PathBuf {
 
 /// Run `hermes-mgr --db DB ARGS…`.
 pub fn mgr(db: &Path, args: &[&str]) -> Ran {
-    Ran::from(Command::new(mgr_bin()).arg("--db").arg(db).args(args).output().expect("run hermes-mgr"))
+    Ran::from(
+        Command::new(mgr_bin())
+            .arg("--db")
+            .arg(db)
+            .args(args)
+            .output()
+            .expect("run hermes-mgr"),
+    )
 }
 
 pub fn venv() -> PathBuf {
-    std::env::var_os("HERMES_MGR_TEST_VENV").map(PathBuf::from).unwrap_or_else(|| repo().join("target/hermes-venv"))
+    std::env::var_os("HERMES_MGR_TEST_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/hermes-venv"))
 }
 
 /// The real `hermes` CLI; fails the test (never skips) when the venv is missing.
@@ -202,7 +242,10 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut cond: impl FnMut() -> Opti
         if let Some(v) = cond() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -211,5 +254,8 @@ pub fn scratch() -> tempfile::TempDir {
     // Under /var/tmp: inside the sandbox that is the overlay (discarded with it); on the host
     // it keeps test files off the /tmp that the harness doc warns about.
     std::fs::create_dir_all("/var/tmp/hermes-mgr-tests").expect("create /var/tmp/hermes-mgr-tests");
-    tempfile::Builder::new().prefix("t").tempdir_in("/var/tmp/hermes-mgr-tests").expect("tempdir")
+    tempfile::Builder::new()
+        .prefix("t")
+        .tempdir_in("/var/tmp/hermes-mgr-tests")
+        .expect("tempdir")
 }

@@ -12,7 +12,10 @@ use zbus::Variant;
 use crate::systemd_test;
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime")
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
 }
 
 fn scope_props(pid: u32, desc: &str) -> Vec<Property> {
@@ -22,18 +25,26 @@ fn scope_props(pid: u32, desc: &str) -> Vec<Property> {
         ("Description", Variant::from(desc.to_string())),
         ("KillMode", Variant::from("control-group".to_string())),
         ("TimeoutStopUSec", Variant::from(5_000_000u64)),
-        ("CollectMode", Variant::from("inactive-or-failed".to_string())),
+        (
+            "CollectMode",
+            Variant::from("inactive-or-failed".to_string()),
+        ),
     ]
 }
 
 fn cgroup_of(pid: u32) -> String {
-    liveness::cgroup_of(pid).expect("read /proc/PID/cgroup").expect("process exists")
+    liveness::cgroup_of(pid)
+        .expect("read /proc/PID/cgroup")
+        .expect("process exists")
 }
 
 systemd_test!(a_held_child_is_in_its_scope_before_it_runs, {
     // The child blocks on its stdin (the "hold") and only then reports where it is.
     let mut child = Command::new("sh")
-        .args(["-c", "read go; grep '^0::' /proc/self/cgroup; exec sleep 600"])
+        .args([
+            "-c",
+            "read go; grep '^0::' /proc/self/cgroup; exec sleep 600",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -46,38 +57,88 @@ systemd_test!(a_held_child_is_in_its_scope_before_it_runs, {
     let rt = rt();
     let sd = rt.block_on(Systemd::connect()).expect("connect to systemd");
     println!("systemd {}", rt.block_on(sd.version()).unwrap());
-    rt.block_on(sd.start_transient(&unit, scope_props(pid, "hermes-mgr test scope"), Duration::from_secs(10)))
-        .expect("StartTransientUnit");
+    rt.block_on(sd.start_transient(
+        &unit,
+        scope_props(pid, "hermes-mgr test scope"),
+        Duration::from_secs(10),
+    ))
+    .expect("StartTransientUnit");
     // The job is done: the held child is already in the scope, before it ran a thing.
     assert_eq!(cgroup_of(pid), want);
     let procs = std::fs::read_to_string(format!("/sys/fs/cgroup{want}/cgroup.procs")).unwrap();
-    assert!(procs.lines().any(|l| l == pid.to_string()), "cgroup.procs: {procs}");
-    assert_eq!(rt.block_on(sd.active_state(&unit)).unwrap().as_deref(), Some("active"));
+    assert!(
+        procs.lines().any(|l| l == pid.to_string()),
+        "cgroup.procs: {procs}"
+    );
+    assert_eq!(
+        rt.block_on(sd.active_state(&unit)).unwrap().as_deref(),
+        Some("active")
+    );
 
     child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), format!("0::{want}"), "the released child saw itself elsewhere");
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(
+        line.trim(),
+        format!("0::{want}"),
+        "the released child saw itself elsewhere"
+    );
 
-    let result = rt.block_on(sd.stop_and_wait(&unit, Duration::from_secs(20))).expect("StopUnit");
+    let result = rt
+        .block_on(sd.stop_and_wait(&unit, Duration::from_secs(20)))
+        .expect("StopUnit");
     assert_eq!(result, "done");
     let status = child.wait().unwrap();
     assert_eq!(status.signal(), Some(libc::SIGTERM), "{status:?}");
-    assert_eq!(rt.block_on(sd.active_state(&unit)).unwrap(), None, "collected after stop");
+    assert_eq!(
+        rt.block_on(sd.active_state(&unit)).unwrap(),
+        None,
+        "collected after stop"
+    );
 });
 
-systemd_test!(a_second_scope_of_the_same_name_is_refused_with_a_typed_error, {
-    let mut a = Command::new("sleep").arg("600").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-    let mut b = Command::new("sleep").arg("600").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-    let unit = unit_name::worker_scope(&format!("t_dup{}", a.id()), 1);
-    let rt = rt();
-    let sd = rt.block_on(Systemd::connect()).unwrap();
-    rt.block_on(sd.start_transient(&unit, scope_props(a.id(), "first"), Duration::from_secs(10))).unwrap();
-    let err = rt.block_on(sd.start_transient(&unit, scope_props(b.id(), "second"), Duration::from_secs(10))).unwrap_err();
-    assert!(matches!(err, SystemdError::UnitExists { .. }), "{err:?}");
-    assert!(!cgroup_of(b.id()).contains(&unit), "the refused process was moved anyway");
-    rt.block_on(sd.stop_and_wait(&unit, Duration::from_secs(20))).unwrap();
-    assert_eq!(a.wait().unwrap().signal(), Some(libc::SIGTERM));
-    b.kill().unwrap();
-    b.wait().unwrap();
-});
+systemd_test!(
+    a_second_scope_of_the_same_name_is_refused_with_a_typed_error,
+    {
+        let mut a = Command::new("sleep")
+            .arg("600")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut b = Command::new("sleep")
+            .arg("600")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let unit = unit_name::worker_scope(&format!("t_dup{}", a.id()), 1);
+        let rt = rt();
+        let sd = rt.block_on(Systemd::connect()).unwrap();
+        rt.block_on(sd.start_transient(
+            &unit,
+            scope_props(a.id(), "first"),
+            Duration::from_secs(10),
+        ))
+        .unwrap();
+        let err = rt
+            .block_on(sd.start_transient(
+                &unit,
+                scope_props(b.id(), "second"),
+                Duration::from_secs(10),
+            ))
+            .unwrap_err();
+        assert!(matches!(err, SystemdError::UnitExists { .. }), "{err:?}");
+        assert!(
+            !cgroup_of(b.id()).contains(&unit),
+            "the refused process was moved anyway"
+        );
+        rt.block_on(sd.stop_and_wait(&unit, Duration::from_secs(20)))
+            .unwrap();
+        assert_eq!(a.wait().unwrap().signal(), Some(libc::SIGTERM));
+        b.kill().unwrap();
+        b.wait().unwrap();
+    }
+);
