@@ -5,5 +5,8 @@
 
 pub mod board;
 pub mod cli;
+pub mod config;
+pub mod dispatch;
 pub mod liveness;
+pub mod spawn;
 pub mod systemd;

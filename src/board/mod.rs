@@ -691,6 +691,20 @@ impl Board {
         })
     }
 
+    /// Persist the workspace a run uses, as upstream's `resolve_workspace` does at spawn.
+    pub fn set_workspace(&self, id: &str, run_id: i64, path: &Path) -> Result<bool> {
+        let p = path.to_string_lossy();
+        self.write("set workspace", |c| {
+            let n = c
+                .execute(
+                    "UPDATE tasks SET workspace_path=?1 WHERE id=?2 AND current_run_id=?3 AND status='running'",
+                    params![p, id, run_id],
+                )
+                .map_err(|e| self.err("set workspace", e))?;
+            Ok(n == 1)
+        })
+    }
+
     /// `complete_task`: `running|ready|blocked → done`, the open run closed `completed` (or a
     /// zero-length run synthesized when there was none and there is something to record), a
     /// `completed` event, the failure counter reset, and children promoted. With

@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 
 use crate::board::{self, Board, NewTask, OpenMode, Resolver};
+use crate::config::Config;
 
 /// Exit codes: 0 ok, 1 error, 2 usage (clap's own).
 pub const EXIT_ERROR: u8 = 1;
@@ -36,6 +37,9 @@ pub struct Cli {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Configuration file [default: /etc/hermes-mgr/config.toml].
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -111,6 +115,25 @@ pub enum Command {
         #[arg(long, value_name = "JSON")]
         metadata: Option<String>,
     },
+    /// Claim ready tasks and start each worker in its own systemd scope.
+    Dispatch {
+        /// One pass, like `hermes kanban dispatch` (the daemon is `hermes-mgr dispatcher`).
+        #[arg(long, required = true)]
+        once: bool,
+        /// Start at most N workers (never more than max_spawn live ones).
+        #[arg(long, value_name = "N")]
+        max: Option<usize>,
+    },
+    /// Stop a task's worker (SIGTERM, then SIGKILL after the timeout) and requeue the task.
+    Stop {
+        id: String,
+        /// Seconds between SIGTERM and SIGKILL [default: stop_timeout_seconds].
+        #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+        timeout: Option<u64>,
+    },
+    /// Internal: the first process of a worker scope (started by hermes-mgr itself).
+    #[command(hide = true)]
+    Supervise,
 }
 
 /// `300`, `30s`, `30m`, `2h` → seconds (upstream's `--max-runtime` forms).
@@ -138,6 +161,10 @@ fn parse_duration(s: &str) -> Result<i64, String> {
 /// innermost what failed.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Supervise = cli.command {
+        // Single-threaded on purpose: it forks the worker (see spawn::supervise).
+        return ExitCode::from(crate::spawn::supervise::main());
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -169,8 +196,43 @@ fn refused(b: &Board, id: &str, verb: &str, allowed: &str) -> anyhow::Error {
     }
 }
 
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().context("start the async runtime")
+}
+
+async fn systemd() -> anyhow::Result<crate::systemd::Systemd> {
+    crate::systemd::Systemd::connect().await.context("hermes-mgr needs systemd as PID 1 and the system bus")
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
+        Command::Supervise => bail!("supervise is started by hermes-mgr itself"),
+        Command::Dispatch { once: _, max } => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            let b = open(&cli, OpenMode::MustExist)?;
+            let (report, _started) = runtime()?.block_on(async {
+                let sd = systemd().await?;
+                crate::dispatch::once(&b, &sd, &cfg, *max).await
+            })?;
+            if cli.json {
+                return print_json(&report);
+            }
+            print!("{}", render::pass(&report));
+            Ok(())
+        }
+        Command::Stop { id, timeout } => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            let b = open(&cli, OpenMode::MustExist)?;
+            let report = runtime()?.block_on(async {
+                let sd = systemd().await?;
+                crate::dispatch::stop::stop(&b, &sd, &cfg, id, *timeout).await
+            })?;
+            if cli.json {
+                return print_json(&report);
+            }
+            println!("{}", render::stopped(&report));
+            Ok(())
+        }
         Command::Add {
             title,
             body,

@@ -33,6 +33,8 @@ pub trait Manager {
 
     fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
 
+    fn set_unit_properties(&self, name: &str, runtime: bool, properties: Vec<(&str, Variant<'_>)>) -> zbus::Result<()>;
+
     fn get_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
 
     #[allow(clippy::type_complexity)]
@@ -301,6 +303,15 @@ impl Systemd {
             .kill_unit(name, "all", signal)
             .await
             .map_err(|e| SystemdError::from_zbus("KillUnit", name, e))
+    }
+
+    /// Change `TimeoutStopSec` of a running unit (runtime only, like `systemctl set-property --runtime`).
+    pub async fn set_stop_timeout(&self, name: &str, timeout: Duration) -> Result<()> {
+        let usec = u64::try_from(timeout.as_micros()).unwrap_or(u64::MAX);
+        self.manager
+            .set_unit_properties(name, true, vec![("TimeoutStopUSec", Variant::from(usec))])
+            .await
+            .map_err(|e| SystemdError::from_zbus("SetUnitProperties", name, e))
     }
 
     pub async fn reset_failed(&self, name: &str) -> Result<()> {

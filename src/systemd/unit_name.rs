@@ -52,6 +52,31 @@ pub fn worker_scope(task: &str, run: i64) -> String {
     format!("{head}{esc}{tail}")
 }
 
+/// A single, bounded file-name component for `task`: the id itself when it is plain
+/// (`t_5e0db6b2`), else its escaped form, cut and digested like a unit name. A hostile id
+/// (`../../etc`) can name neither a parent directory nor a path of several components.
+pub fn file_component(task: &str) -> String {
+    const MAX: usize = 200;
+    let plain = !task.is_empty() && task.len() <= MAX && task.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if plain {
+        return task.to_string();
+    }
+    if task.is_empty() {
+        return "_".into();
+    }
+    let mut esc = escape(task);
+    if esc.len() > MAX {
+        let digest = format!("_{:016x}", fnv1a(task));
+        let mut cut = MAX - digest.len();
+        while cut > 0 && esc[..cut].rfind('\\').is_some_and(|i| i + 4 > cut) {
+            cut -= 1;
+        }
+        esc.truncate(cut);
+        esc.push_str(&digest);
+    }
+    esc
+}
+
 /// The glob that matches every worker scope, for `ListUnitsByPatterns`.
 pub const WORKER_SCOPE_GLOB: &str = "hermes-worker-kanban-*.scope";
 
@@ -103,6 +128,15 @@ mod tests {
                 "{n}: separator forged by {id:?}"
             );
             assert!(!n.contains('/') && !n.contains('\n'), "{n}");
+        }
+    }
+
+    #[test]
+    fn file_components_never_leave_their_directory() {
+        assert_eq!(file_component("t_5e0db6b2"), "t_5e0db6b2");
+        for id in ["..", ".", "../../etc", "a/b", "", &"x/".repeat(300)] {
+            let c = file_component(id);
+            assert!(!c.contains('/') && c != "." && c != ".." && !c.is_empty() && c.len() <= 200, "{id:?} -> {c:?}");
         }
     }
 

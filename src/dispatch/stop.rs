@@ -1,0 +1,95 @@
+//! Stop a task's worker: `StopUnit` on its scope — SIGTERM to every process in it, SIGKILL
+//! to what is left after `TimeoutStopSec` — wait until the scope is gone, and say how the
+//! worker ended, from facts: the supervisor's record of the worker's exit, and whether the
+//! stop took systemd's SIGKILL timer to finish.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::Serialize;
+
+use crate::board::{Board, RunEnd};
+use crate::config::Config;
+use crate::spawn::spec::RunStatus;
+use crate::systemd::{unit_name, Systemd};
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HowItEnded {
+    /// The worker ended on SIGTERM (its handler, or the default action) within the timeout.
+    ExitedAfterSigterm,
+    /// Something in the scope outlived `TimeoutStopSec` and systemd sent SIGKILL.
+    KilledAfterTimeout,
+    /// The worker had ended before the stop; nothing was running.
+    AlreadyEnded,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StopReport {
+    pub task_id: String,
+    pub run_id: i64,
+    pub unit: String,
+    pub how: HowItEnded,
+    /// The worker's own exit, as its supervisor recorded it (absent when it was SIGKILLed
+    /// together with its supervisor).
+    pub worker_exit: Option<String>,
+    pub elapsed_ms: u128,
+    pub timeout_seconds: u64,
+    /// What became of the task on the board.
+    pub task_status: String,
+}
+
+/// Stop the current run of `task_id`, then book it as `stopped` (requeued, not counted)
+/// unless the worker recorded its own verdict first.
+pub async fn stop(board: &Board, sd: &Systemd, cfg: &Config, task_id: &str, timeout: Option<u64>) -> anyhow::Result<StopReport> {
+    let task = board.require_task(task_id)?;
+    let Some(run_id) = task.current_run_id else {
+        bail!("task {task_id} has no current run (it is {}); there is no worker to stop", task.status);
+    };
+    let unit = unit_name::worker_scope(task_id, run_id);
+    let timeout = timeout.unwrap_or(cfg.stop_timeout_seconds);
+    let before = sd.active_state(&unit).await.with_context(|| format!("task {task_id}: look up {unit}"))?;
+    let t0 = Instant::now();
+    let how = if before.as_deref().is_some_and(|s| s == "active" || s == "activating" || s == "deactivating") {
+        sd.set_stop_timeout(&unit, Duration::from_secs(timeout))
+            .await
+            .with_context(|| format!("task {task_id}: set TimeoutStopSec on {unit}"))?;
+        // SIGTERM, the timeout, SIGKILL, the same timeout again: then systemd gives up.
+        let wait = Duration::from_secs(timeout.saturating_mul(2) + 10);
+        sd.stop_and_wait(&unit, wait).await.with_context(|| format!("task {task_id}: stop {unit}"))?;
+        if t0.elapsed() >= Duration::from_secs(timeout) {
+            HowItEnded::KilledAfterTimeout
+        } else {
+            HowItEnded::ExitedAfterSigterm
+        }
+    } else {
+        HowItEnded::AlreadyEnded
+    };
+    let elapsed_ms = t0.elapsed().as_millis();
+    let status = RunStatus::read(&cfg.state_dir, &unit).with_context(|| format!("read the exit status of {unit}"))?;
+    let end = match (&how, &status) {
+        (HowItEnded::AlreadyEnded, Some(st)) => super::classify(st),
+        (HowItEnded::AlreadyEnded, None) => RunEnd::Lost { error: format!("{unit} is gone and left no exit status") },
+        _ => RunEnd::Stopped {
+            error: format!(
+                "stopped by operator: {}",
+                match &how {
+                    HowItEnded::KilledAfterTimeout => format!("SIGKILL after TimeoutStopSec={timeout}s"),
+                    _ => format!("ended on SIGTERM after {elapsed_ms} ms"),
+                }
+            ),
+        },
+    };
+    board.end_run(task_id, run_id, &end, cfg.failure_limit)?;
+    let task_status = board.require_task(task_id)?.status.to_string();
+    Ok(StopReport {
+        task_id: task_id.to_string(),
+        run_id,
+        unit,
+        how,
+        worker_exit: status.map(|s| s.describe()),
+        elapsed_ms,
+        timeout_seconds: timeout,
+        task_status,
+    })
+}

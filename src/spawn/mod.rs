@@ -1,0 +1,397 @@
+//! Start one claimed task's worker in its own transient scope, race-free.
+//!
+//! fork a held supervisor → `StartTransientUnit(scope, PIDs=[supervisor])` → job `done` →
+//! confirm from `/proc/<pid>/cgroup` → release ("G") → the supervisor, now in the scope,
+//! connects the journal, drops privileges and execs the worker. No worker process ever runs
+//! outside its scope: until released, the only process is our own supervisor, blocked in
+//! `read(2)`. Any failure kills and reaps it and leaves no scope behind.
+
+pub mod spec;
+pub mod supervise;
+
+use std::ffi::CString;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use zbus::Variant;
+
+use crate::board::{Board, BoardPaths, Claim};
+use crate::config::Config;
+use crate::liveness;
+use crate::systemd::{unit_name, Property, Systemd, SystemdError};
+use spec::{Report, WorkerSpec};
+
+/// Variables a worker must not inherit from the dispatcher: they belong to the
+/// dispatcher's own service (notify socket, watchdog, socket activation, journal stream).
+pub const SCRUBBED_ENV: &[&str] = &[
+    "NOTIFY_SOCKET",
+    "WATCHDOG_PID",
+    "WATCHDOG_USEC",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "INVOCATION_ID",
+    "JOURNAL_STREAM",
+    "HERMES_TUI",
+    "MANAGERPID",
+    "SYSTEMD_EXEC_PID",
+];
+
+/// Upstream's `KANBAN_TERMINAL_TIMEOUT_GRACE_SECONDS`.
+const TERMINAL_TIMEOUT_GRACE: i64 = 30;
+
+/// A worker that is running in its scope.
+#[derive(Debug)]
+pub struct Started {
+    pub task: String,
+    pub run_id: i64,
+    pub unit: String,
+    pub worker_pid: u32,
+    pub workspace: PathBuf,
+    /// The supervisor, our direct child: the daemon reaps it; a one-shot CLI lets it go.
+    pub supervisor: tokio::process::Child,
+}
+
+/// Upstream's profile rule (`normalize_profile_name` + `validate_profile_name`).
+pub fn profile_name(assignee: &str) -> Option<String> {
+    let p = assignee.trim();
+    let p = if p.eq_ignore_ascii_case("default") { "default".to_string() } else { p.to_lowercase() };
+    let ok = !p.is_empty()
+        && p.len() <= 64
+        && p.bytes().enumerate().all(|(i, b)| b.is_ascii_lowercase() || b.is_ascii_digit() || (i > 0 && (b == b'-' || b == b'_')));
+    ok.then_some(p)
+}
+
+/// `HERMES_HOME` of a profile: the root for `default`, `<root>/profiles/<name>` otherwise.
+pub fn profile_home(root: &Path, profile: &str) -> PathBuf {
+    if profile == "default" {
+        root.to_path_buf()
+    } else {
+        root.join("profiles").join(profile)
+    }
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf()))
+}
+
+/// Resolve the worker binary as `execvp` would, but now, so that a missing binary is a
+/// clear spawn failure before any scope exists.
+pub fn resolve_binary(bin: &str) -> Result<PathBuf, String> {
+    let is_exec = |p: &Path| std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false);
+    if bin.contains('/') {
+        let p = PathBuf::from(bin);
+        return if is_exec(&p) {
+            Ok(absolute(&p))
+        } else {
+            Err(format!("worker binary {bin} does not exist or is not executable (set hermes_bin in the config or $HERMES_BIN)"))
+        };
+    }
+    let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into());
+    path.split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| Path::new(d).join(bin))
+        .find(|p| is_exec(p))
+        .ok_or_else(|| format!("worker binary {bin:?} not found on PATH={path} (set hermes_bin in the config or $HERMES_BIN)"))
+}
+
+/// Everything is looked up and checked here, before a scope or a process exists.
+pub fn prepare(board: &Board, cfg: &Config, claim: &Claim, unit: &str) -> Result<WorkerSpec, String> {
+    let paths: &BoardPaths = board.paths();
+    let task = &claim.task;
+    let user = nix::unistd::User::from_name(&cfg.worker_user)
+        .map_err(|e| format!("look up worker user {:?}: {e}", cfg.worker_user))?
+        .ok_or_else(|| format!("worker user {:?} does not exist; create it (useradd --system {0}) or set worker_user", cfg.worker_user))?;
+    if user.uid.is_root() {
+        return Err(format!("worker user {:?} is root; workers never run as root", cfg.worker_user));
+    }
+    let cname = CString::new(user.name.as_str()).map_err(|_| "worker user name contains NUL".to_string())?;
+    let groups = nix::unistd::getgrouplist(&cname, user.gid).map_err(|e| format!("groups of {}: {e}", user.name))?;
+    let bin = resolve_binary(&cfg.hermes_bin)?;
+    let assignee = task.assignee.clone().or_else(|| cfg.default_assignee.clone()).ok_or("task has no assignee")?;
+    let profile = profile_name(&assignee).ok_or_else(|| format!("assignee {assignee:?} is not a valid profile name"))?;
+
+    let workspaces = absolute(&paths.workspaces);
+    let workspace = match task.workspace_kind.as_str() {
+        "scratch" => {
+            // Upstream uses the raw id; a hostile id must not name another directory.
+            let dir = workspaces.join(unit_name::file_component(&task.id));
+            board.make_dir(&workspaces).map_err(|e| e.to_string())?;
+            match std::fs::create_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(format!("create workspace {}: {e}", dir.display())),
+            }
+            let meta = std::fs::symlink_metadata(&dir).map_err(|e| format!("workspace {}: {e}", dir.display()))?;
+            if !meta.is_dir() {
+                return Err(format!("workspace {} is not a directory", dir.display()));
+            }
+            std::os::unix::fs::chown(&dir, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
+                .map_err(|e| format!("give workspace {} to {}: {e}", dir.display(), user.name))?;
+            dir
+        }
+        "dir" => {
+            let p = task.workspace_path.as_deref().ok_or("workspace kind dir without a workspace_path")?;
+            let p = PathBuf::from(p);
+            if !p.is_absolute() {
+                return Err(format!("workspace {} is not an absolute path", p.display()));
+            }
+            if !p.is_dir() {
+                return Err(format!("workspace {} is not a directory", p.display()));
+            }
+            p
+        }
+        other => return Err(format!("workspace kind {other:?} is not supported by hermes-mgr yet (scratch and dir are)")),
+    };
+
+    let tmpdir = cfg.tmp_root.join(format!("hermes-{unit}"));
+    let mut env: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| !SCRUBBED_ENV.contains(&k.as_str()))
+        .filter(|(k, _)| !matches!(k.as_str(), "HOME" | "USER" | "LOGNAME" | "SHELL" | "TMPDIR" | "TMUX_TMPDIR"))
+        .filter(|(k, _)| !k.starts_with("HERMES_KANBAN_") && k != "HERMES_HOME" && k != "HERMES_PROFILE")
+        .collect();
+    let mut set = |k: &str, v: String| {
+        env.retain(|(x, _)| x != k);
+        env.push((k.to_string(), v));
+    };
+    set("HOME", user.dir.to_string_lossy().into_owned());
+    set("USER", user.name.clone());
+    set("LOGNAME", user.name.clone());
+    set("SHELL", user.shell.to_string_lossy().into_owned());
+    set("TMPDIR", tmpdir.to_string_lossy().into_owned());
+    set("TMUX_TMPDIR", tmpdir.to_string_lossy().into_owned());
+    set("HERMES_HOME", profile_home(&absolute(&paths.root), &profile).to_string_lossy().into_owned());
+    set("HERMES_PROFILE", profile.clone());
+    set("HERMES_KANBAN_TASK", task.id.clone());
+    set("HERMES_KANBAN_RUN_ID", claim.run_id.to_string());
+    set("HERMES_KANBAN_CLAIM_LOCK", claim.lock.clone());
+    set("HERMES_KANBAN_WORKSPACE", workspace.to_string_lossy().into_owned());
+    set("TERMINAL_CWD", workspace.to_string_lossy().into_owned());
+    set("HERMES_KANBAN_DB", absolute(&paths.db).to_string_lossy().into_owned());
+    set("HERMES_KANBAN_WORKSPACES_ROOT", workspaces.to_string_lossy().into_owned());
+    set("HERMES_KANBAN_BOARD", paths.slug.clone());
+    if let Some(t) = &task.tenant {
+        set("HERMES_TENANT", t.clone());
+    }
+    if let Some(b) = &task.branch_name {
+        set("HERMES_KANBAN_BRANCH", b.clone());
+    }
+    if task.goal_mode {
+        set("HERMES_KANBAN_GOAL_MODE", "1".into());
+    }
+    if let Some(rt) = task.max_runtime_seconds.filter(|r| *r > 0) {
+        let want = (rt - TERMINAL_TIMEOUT_GRACE).max(1);
+        for k in ["TERMINAL_TIMEOUT", "TERMINAL_MAX_FOREGROUND_TIMEOUT"] {
+            let have = std::env::var(k).ok().and_then(|v| v.trim().parse::<i64>().ok()).unwrap_or(0);
+            if have < want {
+                set(k, want.to_string());
+            }
+        }
+    }
+
+    // Upstream's argv (`_default_spawn`); each value is its own argument, never a shell word.
+    let mut argv = vec![bin.to_string_lossy().into_owned(), "-p".into(), profile, "--cli".into(), "--accept-hooks".into()];
+    if let Some(serde_json::Value::Array(skills)) = &task.skills {
+        for s in skills.iter().filter_map(|s| s.as_str()).filter(|s| !s.is_empty()) {
+            argv.extend(["--skills".to_string(), s.to_string()]);
+        }
+    }
+    if let Some(m) = &task.model_override {
+        argv.extend(["-m".to_string(), m.clone()]);
+    }
+    argv.extend(["chat".to_string(), "-q".to_string(), format!("work kanban task {}", task.id)]);
+    if task.goal_mode {
+        argv.push("-Q".into());
+    }
+
+    Ok(WorkerSpec {
+        task: task.id.clone(),
+        run_id: claim.run_id,
+        unit: unit.to_string(),
+        argv,
+        env,
+        cwd: workspace,
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+        groups: groups.into_iter().map(|g| g.as_raw()).collect(),
+        tmpdir,
+        status_file: spec::status_path(&cfg.state_dir, unit),
+        identifier: "hermes-worker".into(),
+    })
+}
+
+/// `Description=`: names task, run and title; task data is untrusted, so control
+/// characters are blanked and the length bounded.
+pub fn description(task: &str, run: i64, title: &str) -> String {
+    let clean = |s: &str, n: usize| s.chars().map(|c| if c.is_control() { ' ' } else { c }).take(n).collect::<String>();
+    format!("Hermes kanban worker: task {} run {run}: {}", clean(task, 80), clean(title, 160))
+}
+
+/// The scope's properties (design §3.2), in layers as systemd-run builds them.
+pub fn scope_properties(cfg: &Config, desc: String, max_runtime: Option<i64>) -> Vec<Property> {
+    let mut p: Vec<Property> = vec![
+        ("Description", Variant::from(desc)),
+        ("Slice", Variant::from(cfg.slice.clone())),
+        ("CollectMode", Variant::from("inactive-or-failed".to_string())),
+        // On a scope only control-group delivers SIGTERM to the processes: `mixed` means an
+        // immediate SIGKILL and `process` kills nothing (systemd.scope(5), scope.c).
+        ("KillMode", Variant::from("control-group".to_string())),
+        ("KillSignal", Variant::from(libc::SIGTERM)),
+        ("SendSIGKILL", Variant::from(true)),
+        ("TimeoutStopUSec", Variant::from(cfg.stop_timeout_seconds.saturating_mul(1_000_000))),
+    ];
+    if let Some(rt) = max_runtime.filter(|r| *r > 0) {
+        p.push(("RuntimeMaxUSec", Variant::from((rt as u64).saturating_mul(1_000_000))));
+    }
+    if let Some(m) = cfg.memory_max_bytes {
+        p.push(("MemoryAccounting", Variant::from(true)));
+        p.push(("MemoryMax", Variant::from(m)));
+    }
+    if let Some(t) = cfg.tasks_max {
+        p.push(("TasksAccounting", Variant::from(true)));
+        p.push(("TasksMax", Variant::from(t)));
+    }
+    if let Some(q) = cfg.cpu_quota_percent {
+        // CPUQuota=N% is sent as CPUQuotaPerSecUSec = N * 10 000 µs.
+        p.push(("CPUAccounting", Variant::from(true)));
+        p.push(("CPUQuotaPerSecUSec", Variant::from(q.saturating_mul(10_000))));
+    }
+    p
+}
+
+/// 0 = not probed, 1 = systemd takes `PIDFDs`, 2 = it does not (before v255).
+static PIDFDS: AtomicU8 = AtomicU8::new(0);
+
+fn pidfd_open(pid: u32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Create the scope around `pid`: `PIDFDs` (immune to PID reuse) where systemd accepts it,
+/// `PIDs` otherwise, remembering which; the retry is what systemd-run does (#29547).
+async fn start_scope(
+    sd: &Systemd,
+    unit: &str,
+    props: impl Fn() -> Vec<Property>,
+    pid: u32,
+    timeout: Duration,
+) -> Result<(), SystemdError> {
+    loop {
+        let mut all = props();
+        let use_fd = PIDFDS.load(Ordering::Relaxed) != 2;
+        if use_fd {
+            match pidfd_open(pid) {
+                Ok(fd) => all.push(("PIDFDs", Variant::from(vec![zbus::Fd::from(fd)]))),
+                Err(_) => {
+                    PIDFDS.store(2, Ordering::Relaxed);
+                    continue;
+                }
+            }
+        } else {
+            all.push(("PIDs", Variant::from(vec![pid])));
+        }
+        match sd.start_transient(unit, all, timeout).await {
+            Err(SystemdError::PropertyRejected { ref msg, .. }) if use_fd && msg.contains("PIDFDs") => {
+                PIDFDS.store(2, Ordering::Relaxed);
+            }
+            Ok(()) => {
+                if use_fd {
+                    PIDFDS.store(1, Ordering::Relaxed);
+                }
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Kill and reap a supervisor that must not go on, and make sure no scope is left.
+async fn abort(sd: &Systemd, unit: &str, child: &mut tokio::process::Child) {
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    // The scope may exist (a start job that timed out, then ran): stop it and forget a
+    // failed state so the name is free.
+    let _ = sd.stop_and_wait(unit, Duration::from_secs(10)).await;
+    let _ = sd.reset_failed(unit).await;
+}
+
+/// Start the worker of `claim` in its scope. `Err` carries the reason for the run's
+/// `spawn_failed` record; nothing is left running then.
+pub async fn start_worker(board: &Board, sd: &Systemd, cfg: &Config, claim: &Claim) -> Result<Started, String> {
+    let task = &claim.task;
+    let unit = unit_name::worker_scope(&task.id, claim.run_id);
+    let spec = prepare(board, cfg, claim, &unit)?;
+    board.set_workspace(&task.id, claim.run_id, &spec.cwd).map_err(|e| e.to_string())?;
+    let runs_dir = cfg.state_dir.join("runs");
+    std::fs::create_dir_all(&runs_dir).map_err(|e| format!("create {}: {e}", runs_dir.display()))?;
+    let spec_line = serde_json::to_string(&spec).map_err(|e| e.to_string())? + "\n";
+
+    let mut child = tokio::process::Command::new("/proc/self/exe")
+        .arg("supervise")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("start the supervisor: {e}"))?;
+    let pid = child.id().ok_or("the supervisor exited at once")?;
+    let (Some(mut stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        abort(sd, &unit, &mut child).await;
+        return Err("supervisor pipes missing".into());
+    };
+    if let Err(e) = stdin.write_all(spec_line.as_bytes()).await {
+        abort(sd, &unit, &mut child).await;
+        return Err(format!("hand the spec to the supervisor: {e}"));
+    }
+    let props = || scope_properties(cfg, description(&task.id, claim.run_id, &task.title), task.max_runtime_seconds);
+    let timeout = Duration::from_secs(cfg.start_timeout_seconds);
+    if let Err(e) = start_scope(sd, &unit, props, pid, timeout).await {
+        abort(sd, &unit, &mut child).await;
+        return Err(format!("create scope {unit}: {e}"));
+    }
+    // Read back what systemd did (crun does the same): the held process must be in the scope.
+    let want = liveness::unit_cgroup(&cfg.slice, &unit);
+    match liveness::cgroup_of(pid) {
+        Ok(Some(cg)) if cg == want => {}
+        other => {
+            abort(sd, &unit, &mut child).await;
+            return Err(format!("supervisor {pid} is in {other:?}, not in {want}"));
+        }
+    }
+    if let Err(e) = stdin.write_all(b"G").await {
+        abort(sd, &unit, &mut child).await;
+        return Err(format!("release the supervisor: {e}"));
+    }
+    drop(stdin);
+    let mut line = String::new();
+    let read = tokio::time::timeout(timeout, BufReader::new(stdout).read_line(&mut line)).await;
+    let report = match read {
+        Ok(Ok(n)) if n > 0 => serde_json::from_str::<Report>(&line).map_err(|e| format!("supervisor report {line:?}: {e}")),
+        Ok(Ok(_)) => Err("the supervisor ended without starting the worker".to_string()),
+        Ok(Err(e)) => Err(format!("read the supervisor's report: {e}")),
+        Err(_) => Err(format!("no word from the supervisor within {timeout:?}")),
+    };
+    match report {
+        Ok(Report::Started { pid: worker_pid }) => {
+            board.set_worker_pid(&task.id, claim.run_id, worker_pid as i64).map_err(|e| e.to_string())?;
+            Ok(Started { task: task.id.clone(), run_id: claim.run_id, unit, worker_pid, workspace: spec.cwd, supervisor: child })
+        }
+        Ok(Report::Failed { reason }) => {
+            abort(sd, &unit, &mut child).await;
+            Err(reason)
+        }
+        Err(reason) => {
+            abort(sd, &unit, &mut child).await;
+            Err(reason)
+        }
+    }
+}

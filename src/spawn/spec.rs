@@ -1,0 +1,82 @@
+//! What the dispatcher hands a run's supervisor, and what the supervisor leaves behind.
+//! Both cross a process boundary as JSON, so both are plain data.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Everything the supervisor needs to start one worker; built by the dispatcher, which
+/// did every lookup (user, groups, binary, workspace) before any scope existed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WorkerSpec {
+    pub task: String,
+    pub run_id: i64,
+    pub unit: String,
+    /// `argv[0]` is the absolute path that is executed.
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    /// The run's private `TMPDIR`, created by the supervisor and removed when the worker ends.
+    pub tmpdir: PathBuf,
+    /// Where the supervisor writes the worker's exit status (`RunStatus`).
+    pub status_file: PathBuf,
+    /// `SYSLOG_IDENTIFIER` of the worker's output in the journal.
+    pub identifier: String,
+}
+
+/// How a worker ended, written by its supervisor the moment it was reaped, so the exit
+/// status survives the death or restart of whoever launched it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RunStatus {
+    pub task: String,
+    pub run_id: i64,
+    pub unit: String,
+    pub worker_pid: u32,
+    pub started_at: i64,
+    pub ended_at: i64,
+    /// Set when the worker exited.
+    pub exit_code: Option<i32>,
+    /// Set when the worker was killed by a signal.
+    pub signal: Option<i32>,
+    /// The supervisor had received SIGTERM (a stop of the scope) before the worker ended.
+    pub sigterm_received: bool,
+}
+
+/// What the supervisor reports on its stdout once the worker was started, or not.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Report {
+    Started { pid: u32 },
+    Failed { reason: String },
+}
+
+/// `<state_dir>/runs/<unit>.json`.
+pub fn status_path(state_dir: &Path, unit: &str) -> PathBuf {
+    state_dir.join("runs").join(format!("{unit}.json"))
+}
+
+impl RunStatus {
+    /// The status a supervisor left for `unit`, if any.
+    pub fn read(state_dir: &Path, unit: &str) -> std::io::Result<Option<RunStatus>> {
+        match std::fs::read(status_path(state_dir, unit)) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(std::io::Error::other),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match (self.exit_code, self.signal) {
+            (Some(c), _) => format!("exit code {c}"),
+            (None, Some(s)) => format!("killed by signal {s} ({})", signal_name(s)),
+            (None, None) => "ended".into(),
+        }
+    }
+}
+
+pub fn signal_name(sig: i32) -> &'static str {
+    nix::sys::signal::Signal::try_from(sig).map(|s| s.as_str()).unwrap_or("unknown")
+}
