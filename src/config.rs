@@ -72,14 +72,24 @@ impl Config {
             None => (PathBuf::from(DEFAULT_PATH), false),
         };
         let mut cfg = match std::fs::read_to_string(&path) {
-            Ok(text) => toml::from_str(&text).with_context(|| format!("{}: invalid configuration", path.display()))?,
+            Ok(text) => toml::from_str(&text)
+                .with_context(|| format!("{}: invalid configuration", path.display()))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Config::default(),
-            Err(e) => return Err(e).with_context(|| format!("cannot read configuration {}", path.display())),
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("cannot read configuration {}", path.display()))
+            }
         };
-        if let Some(bin) = std::env::var("HERMES_BIN").ok().filter(|b| !b.trim().is_empty()) {
+        if let Some(bin) = std::env::var("HERMES_BIN")
+            .ok()
+            .filter(|b| !b.trim().is_empty())
+        {
             cfg.hermes_bin = bin;
         }
-        if let Some(ttl) = std::env::var("HERMES_KANBAN_CLAIM_TTL_SECONDS").ok().and_then(|v| v.trim().parse().ok()) {
+        if let Some(ttl) = std::env::var("HERMES_KANBAN_CLAIM_TTL_SECONDS")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+        {
             cfg.claim_ttl_seconds = ttl;
         }
         cfg.validate()?;
@@ -88,12 +98,28 @@ impl Config {
 
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(!self.worker_user.is_empty(), "worker_user must name a user");
-        anyhow::ensure!(self.worker_user != "root", "worker_user = \"root\": workers never run as root; create a user (e.g. `hermes`)");
-        anyhow::ensure!(self.slice.ends_with(".slice"), "slice {:?} must end in .slice", self.slice);
-        anyhow::ensure!(self.claim_ttl_seconds > 0, "claim_ttl_seconds must be positive");
+        anyhow::ensure!(
+            self.worker_user != "root",
+            "worker_user = \"root\": workers never run as root; create a user (e.g. `hermes`)"
+        );
+        anyhow::ensure!(
+            self.slice.ends_with(".slice"),
+            "slice {:?} must end in .slice",
+            self.slice
+        );
+        anyhow::ensure!(
+            self.claim_ttl_seconds > 0,
+            "claim_ttl_seconds must be positive"
+        );
         anyhow::ensure!(self.failure_limit > 0, "failure_limit must be positive");
-        anyhow::ensure!(self.stop_timeout_seconds > 0, "stop_timeout_seconds must be positive");
-        anyhow::ensure!(self.start_timeout_seconds > 0, "start_timeout_seconds must be positive");
+        anyhow::ensure!(
+            self.stop_timeout_seconds > 0,
+            "stop_timeout_seconds must be positive"
+        );
+        anyhow::ensure!(
+            self.start_timeout_seconds > 0,
+            "start_timeout_seconds must be positive"
+        );
         Ok(())
     }
 }
@@ -112,9 +138,15 @@ mod tests {
                max_spawn = 3"#,
         )
         .unwrap();
-        assert_eq!((c.max_spawn, c.memory_max_bytes, c.stop_timeout_seconds), (3, Some(1 << 30), 30));
+        assert_eq!(
+            (c.max_spawn, c.memory_max_bytes, c.stop_timeout_seconds),
+            (3, Some(1 << 30), 30)
+        );
         assert!(toml::from_str::<Config>("max_spwan = 3").is_err());
-        let root = Config { worker_user: "root".into(), ..Config::default() };
+        let root = Config {
+            worker_user: "root".into(),
+            ..Config::default()
+        };
         assert!(root.validate().is_err());
     }
 }

@@ -197,11 +197,16 @@ fn refused(b: &Board, id: &str, verb: &str, allowed: &str) -> anyhow::Error {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().context("start the async runtime")
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")
 }
 
 async fn systemd() -> anyhow::Result<crate::systemd::Systemd> {
-    crate::systemd::Systemd::connect().await.context("hermes-mgr needs systemd as PID 1 and the system bus")
+    crate::systemd::Systemd::connect()
+        .await
+        .context("hermes-mgr needs systemd as PID 1 and the system bus")
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {

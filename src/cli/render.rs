@@ -184,20 +184,44 @@ pub fn pass(r: &crate::dispatch::PassReport) -> String {
         return o;
     }
     for s in &r.spawned {
-        o.push_str(&format!("Spawned {} run {} in {} (pid {})\n", clean(&s.task_id), s.run_id, s.unit, s.pid));
+        o.push_str(&format!(
+            "Spawned {} run {} in {} (pid {})\n",
+            clean(&s.task_id),
+            s.run_id,
+            s.unit,
+            s.pid
+        ));
     }
     for f in &r.spawn_failed {
-        let gave_up = if f.gave_up { " — gave up, task blocked" } else { "" };
-        o.push_str(&format!("Spawn failed {} run {}: {}{gave_up}\n", clean(&f.task_id), f.run_id, clean(&f.error)));
+        let gave_up = if f.gave_up {
+            " — gave up, task blocked"
+        } else {
+            ""
+        };
+        o.push_str(&format!(
+            "Spawn failed {} run {}: {}{gave_up}\n",
+            clean(&f.task_id),
+            f.run_id,
+            clean(&f.error)
+        ));
     }
     for id in &r.skipped_unassigned {
-        o.push_str(&format!("Skipped {} (no assignee; set default_assignee)\n", clean(id)));
+        o.push_str(&format!(
+            "Skipped {} (no assignee; set default_assignee)\n",
+            clean(id)
+        ));
     }
     for id in &r.skipped_nonspawnable {
-        o.push_str(&format!("Skipped {} (assignee is not a profile on this host)\n", clean(id)));
+        o.push_str(&format!(
+            "Skipped {} (assignee is not a profile on this host)\n",
+            clean(id)
+        ));
     }
     if r.skipped_capped > 0 {
-        o.push_str(&format!("{} ready task(s) wait for a free slot (max_spawn)\n", r.skipped_capped));
+        o.push_str(&format!(
+            "{} ready task(s) wait for a free slot (max_spawn)\n",
+            r.skipped_capped
+        ));
     }
     if o.is_empty() {
         o.push_str("Nothing to dispatch.\n");
@@ -207,13 +231,26 @@ pub fn pass(r: &crate::dispatch::PassReport) -> String {
 
 pub fn stopped(r: &crate::dispatch::stop::StopReport) -> String {
     use crate::dispatch::stop::HowItEnded::*;
-    let worker = r.worker_exit.as_deref().map(|w| format!(" (worker: {w})")).unwrap_or_default();
+    let worker = r
+        .worker_exit
+        .as_deref()
+        .map(|w| format!(" (worker: {w})"))
+        .unwrap_or_default();
     let how = match r.how {
         ExitedAfterSigterm => format!("exited after SIGTERM in {} ms{worker}", r.elapsed_ms),
-        KilledAfterTimeout => format!("killed with SIGKILL after TimeoutStopSec={}s{worker}", r.timeout_seconds),
+        KilledAfterTimeout => format!(
+            "killed with SIGKILL after TimeoutStopSec={}s{worker}",
+            r.timeout_seconds
+        ),
         AlreadyEnded => format!("had already ended{worker}"),
     };
-    format!("{} run {} ({}): {how}; task is now {}", clean(&r.task_id), r.run_id, r.unit, r.task_status)
+    format!(
+        "{} run {} ({}): {how}; task is now {}",
+        clean(&r.task_id),
+        r.run_id,
+        r.unit,
+        r.task_status
+    )
 }
 
 #[cfg(test)]

@@ -6,8 +6,8 @@ pub mod stop;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::board::{claimer_id, Board, RunEnd};
 use crate::board::ownership::FileLock;
+use crate::board::{claimer_id, Board, RunEnd};
 use crate::config::Config;
 use crate::spawn::{self, spec::RunStatus, Started};
 use crate::systemd::Systemd;
@@ -19,19 +19,31 @@ pub const EXIT_RATE_LIMITED: i32 = 75;
 /// (complete/block) itself. Pure: facts in, upstream's outcome out.
 pub fn classify(st: &RunStatus) -> RunEnd {
     let pid = st.worker_pid;
-    let details = json!({"pid": pid, "exit_code": st.exit_code, "signal": st.signal, "unit": st.unit});
+    let details =
+        json!({"pid": pid, "exit_code": st.exit_code, "signal": st.signal, "unit": st.unit});
     match (st.exit_code, st.signal) {
         (Some(0), _) => RunEnd::ProtocolViolation {
             error: format!("pid {pid} exited 0 without kanban_complete or kanban_block"),
             details,
         },
         (Some(EXIT_RATE_LIMITED), _) => RunEnd::RateLimited {
-            error: format!("pid {pid} exited rate-limited (quota wall) — requeued without counting a failure"),
+            error: format!(
+                "pid {pid} exited rate-limited (quota wall) — requeued without counting a failure"
+            ),
             details,
         },
-        (Some(c), _) => RunEnd::Crashed { error: format!("pid {pid} exited with code {c}"), details },
-        (None, Some(s)) => RunEnd::Crashed { error: format!("pid {pid} killed by signal {s}"), details },
-        (None, None) => RunEnd::Crashed { error: format!("pid {pid} ended without an exit status"), details },
+        (Some(c), _) => RunEnd::Crashed {
+            error: format!("pid {pid} exited with code {c}"),
+            details,
+        },
+        (None, Some(s)) => RunEnd::Crashed {
+            error: format!("pid {pid} killed by signal {s}"),
+            details,
+        },
+        (None, None) => RunEnd::Crashed {
+            error: format!("pid {pid} ended without an exit status"),
+            details,
+        },
     }
 }
 
@@ -67,7 +79,12 @@ pub struct PassReport {
 /// One dispatch pass: promote what parent gating allows, then claim ready tasks in
 /// priority order up to the cap and start each in its scope. Holds upstream's per-board
 /// `kanban.db.dispatch.lock` for the pass; a pass that finds it taken does nothing.
-pub async fn once(board: &Board, sd: &Systemd, cfg: &Config, max: Option<usize>) -> anyhow::Result<(PassReport, Vec<Started>)> {
+pub async fn once(
+    board: &Board,
+    sd: &Systemd,
+    cfg: &Config,
+    max: Option<usize>,
+) -> anyhow::Result<(PassReport, Vec<Started>)> {
     let mut report = PassReport::default();
     let lock_path = board.paths().sibling("dispatch.lock");
     let Some(_lock) = FileLock::try_acquire(&lock_path, board.owner())? else {
@@ -85,17 +102,25 @@ pub async fn once(board: &Board, sd: &Systemd, cfg: &Config, max: Option<usize>)
             report.skipped_capped += 1;
             continue;
         }
-        let Some(assignee) = task.assignee.clone().or_else(|| cfg.default_assignee.clone()) else {
+        let Some(assignee) = task
+            .assignee
+            .clone()
+            .or_else(|| cfg.default_assignee.clone())
+        else {
             report.skipped_unassigned.push(task.id.clone());
             continue;
         };
         // Upstream skips assignees that are not profiles on this host.
-        let spawnable = spawn::profile_name(&assignee).is_some_and(|p| p == "default" || spawn::profile_home(&board.paths().root, &p).is_dir());
+        let spawnable = spawn::profile_name(&assignee).is_some_and(|p| {
+            p == "default" || spawn::profile_home(&board.paths().root, &p).is_dir()
+        });
         if !spawnable {
             report.skipped_nonspawnable.push(task.id.clone());
             continue;
         }
-        let Some(claim) = board.claim(&task.id, &lock, cfg.claim_ttl_seconds)? else { continue };
+        let Some(claim) = board.claim(&task.id, &lock, cfg.claim_ttl_seconds)? else {
+            continue;
+        };
         match spawn::start_worker(board, sd, cfg, &claim).await {
             Ok(s) => {
                 slots -= 1;
@@ -109,7 +134,14 @@ pub async fn once(board: &Board, sd: &Systemd, cfg: &Config, max: Option<usize>)
                 started.push(s);
             }
             Err(error) => {
-                let end = board.end_run(&task.id, claim.run_id, &RunEnd::SpawnFailed { error: error.clone() }, cfg.failure_limit)?;
+                let end = board.end_run(
+                    &task.id,
+                    claim.run_id,
+                    &RunEnd::SpawnFailed {
+                        error: error.clone(),
+                    },
+                    cfg.failure_limit,
+                )?;
                 report.spawn_failed.push(SpawnFailure {
                     task_id: task.id.clone(),
                     run_id: claim.run_id,
@@ -142,9 +174,19 @@ mod tests {
 
     #[test]
     fn exits_map_to_upstream_outcomes() {
-        assert!(matches!(classify(&st(Some(0), None)), RunEnd::ProtocolViolation { .. }));
-        assert!(matches!(classify(&st(Some(75), None)), RunEnd::RateLimited { .. }));
-        assert!(matches!(classify(&st(Some(1), None)), RunEnd::Crashed { ref error, .. } if error == "pid 9 exited with code 1"));
-        assert!(matches!(classify(&st(None, Some(9))), RunEnd::Crashed { ref error, .. } if error == "pid 9 killed by signal 9"));
+        assert!(matches!(
+            classify(&st(Some(0), None)),
+            RunEnd::ProtocolViolation { .. }
+        ));
+        assert!(matches!(
+            classify(&st(Some(75), None)),
+            RunEnd::RateLimited { .. }
+        ));
+        assert!(
+            matches!(classify(&st(Some(1), None)), RunEnd::Crashed { ref error, .. } if error == "pid 9 exited with code 1")
+        );
+        assert!(
+            matches!(classify(&st(None, Some(9))), RunEnd::Crashed { ref error, .. } if error == "pid 9 killed by signal 9")
+        );
     }
 }

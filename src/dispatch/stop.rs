@@ -1,7 +1,7 @@
-//! Stop a task's worker: `StopUnit` on its scope — SIGTERM to every process in it, SIGKILL
-//! to what is left after `TimeoutStopSec` — wait until the scope is gone, and say how the
-//! worker ended, from facts: the supervisor's record of the worker's exit, and whether the
-//! stop took systemd's SIGKILL timer to finish.
+//! Stop a task's worker: SIGTERM to every process of its scope (`KillUnit`), SIGKILL to
+//! what is left after the timeout, wait until systemd has removed the scope, and say how
+//! the worker ended, from facts: which signal emptied the scope, and the supervisor's
+//! record of the worker's own exit.
 
 use std::time::{Duration, Instant};
 
@@ -41,40 +41,72 @@ pub struct StopReport {
 
 /// Stop the current run of `task_id`, then book it as `stopped` (requeued, not counted)
 /// unless the worker recorded its own verdict first.
-pub async fn stop(board: &Board, sd: &Systemd, cfg: &Config, task_id: &str, timeout: Option<u64>) -> anyhow::Result<StopReport> {
+pub async fn stop(
+    board: &Board,
+    sd: &Systemd,
+    cfg: &Config,
+    task_id: &str,
+    timeout: Option<u64>,
+) -> anyhow::Result<StopReport> {
     let task = board.require_task(task_id)?;
     let Some(run_id) = task.current_run_id else {
-        bail!("task {task_id} has no current run (it is {}); there is no worker to stop", task.status);
+        bail!(
+            "task {task_id} has no current run (it is {}); there is no worker to stop",
+            task.status
+        );
     };
     let unit = unit_name::worker_scope(task_id, run_id);
     let timeout = timeout.unwrap_or(cfg.stop_timeout_seconds);
-    let before = sd.active_state(&unit).await.with_context(|| format!("task {task_id}: look up {unit}"))?;
+    let before = sd
+        .active_state(&unit)
+        .await
+        .with_context(|| format!("task {task_id}: look up {unit}"))?;
     let t0 = Instant::now();
-    let how = if before.as_deref().is_some_and(|s| s == "active" || s == "activating" || s == "deactivating") {
-        sd.set_stop_timeout(&unit, Duration::from_secs(timeout))
+    let how = if before
+        .as_deref()
+        .is_some_and(|s| s == "active" || s == "activating" || s == "deactivating")
+    {
+        // SIGTERM to every process of the scope; what is left after the timeout gets
+        // SIGKILL. Our own timer, so the report says exactly which of the two it took.
+        let term = sd
+            .kill_and_wait_gone(&unit, libc::SIGTERM, Duration::from_secs(timeout))
             .await
-            .with_context(|| format!("task {task_id}: set TimeoutStopSec on {unit}"))?;
-        // SIGTERM, the timeout, SIGKILL, the same timeout again: then systemd gives up.
-        let wait = Duration::from_secs(timeout.saturating_mul(2) + 10);
-        sd.stop_and_wait(&unit, wait).await.with_context(|| format!("task {task_id}: stop {unit}"))?;
-        if t0.elapsed() >= Duration::from_secs(timeout) {
-            HowItEnded::KilledAfterTimeout
-        } else {
+            .with_context(|| format!("task {task_id}: SIGTERM to {unit}"))?;
+        if term {
             HowItEnded::ExitedAfterSigterm
+        } else {
+            let gone = sd
+                .kill_and_wait_gone(&unit, libc::SIGKILL, Duration::from_secs(10))
+                .await
+                .with_context(|| format!("task {task_id}: SIGKILL to {unit}"))?;
+            if !gone {
+                // Unkillable (D state): leave it to the scope's own stop job and say so.
+                sd.stop_and_wait(
+                    &unit,
+                    Duration::from_secs(cfg.stop_timeout_seconds * 2 + 10),
+                )
+                .await
+                .with_context(|| format!("task {task_id}: {unit} survived SIGKILL; stopping it"))?;
+            }
+            HowItEnded::KilledAfterTimeout
         }
     } else {
         HowItEnded::AlreadyEnded
     };
     let elapsed_ms = t0.elapsed().as_millis();
-    let status = RunStatus::read(&cfg.state_dir, &unit).with_context(|| format!("read the exit status of {unit}"))?;
+    let status = RunStatus::read(&cfg.state_dir, task_id, run_id)
+        .with_context(|| format!("read the exit status of {unit}"))?;
     let end = match (&how, &status) {
         (HowItEnded::AlreadyEnded, Some(st)) => super::classify(st),
-        (HowItEnded::AlreadyEnded, None) => RunEnd::Lost { error: format!("{unit} is gone and left no exit status") },
+        (HowItEnded::AlreadyEnded, None) => RunEnd::Lost {
+            error: format!("{unit} is gone and left no exit status"),
+        },
         _ => RunEnd::Stopped {
             error: format!(
                 "stopped by operator: {}",
                 match &how {
-                    HowItEnded::KilledAfterTimeout => format!("SIGKILL after TimeoutStopSec={timeout}s"),
+                    HowItEnded::KilledAfterTimeout =>
+                        format!("SIGKILL after TimeoutStopSec={timeout}s"),
                     _ => format!("ended on SIGTERM after {elapsed_ms} ms"),
                 }
             ),

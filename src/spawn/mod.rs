@@ -59,10 +59,16 @@ pub struct Started {
 /// Upstream's profile rule (`normalize_profile_name` + `validate_profile_name`).
 pub fn profile_name(assignee: &str) -> Option<String> {
     let p = assignee.trim();
-    let p = if p.eq_ignore_ascii_case("default") { "default".to_string() } else { p.to_lowercase() };
+    let p = if p.eq_ignore_ascii_case("default") {
+        "default".to_string()
+    } else {
+        p.to_lowercase()
+    };
     let ok = !p.is_empty()
         && p.len() <= 64
-        && p.bytes().enumerate().all(|(i, b)| b.is_ascii_lowercase() || b.is_ascii_digit() || (i > 0 && (b == b'-' || b == b'_')));
+        && p.bytes().enumerate().all(|(i, b)| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || (i > 0 && (b == b'-' || b == b'_'))
+        });
     ok.then_some(p)
 }
 
@@ -76,13 +82,21 @@ pub fn profile_home(root: &Path, profile: &str) -> PathBuf {
 }
 
 fn absolute(p: &Path) -> PathBuf {
-    std::fs::canonicalize(p).unwrap_or_else(|_| std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf()))
+    std::fs::canonicalize(p).unwrap_or_else(|_| {
+        std::env::current_dir()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|_| p.to_path_buf())
+    })
 }
 
 /// Resolve the worker binary as `execvp` would, but now, so that a missing binary is a
 /// clear spawn failure before any scope exists.
 pub fn resolve_binary(bin: &str) -> Result<PathBuf, String> {
-    let is_exec = |p: &Path| std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false);
+    let is_exec = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
     if bin.contains('/') {
         let p = PathBuf::from(bin);
         return if is_exec(&p) {
@@ -100,20 +114,35 @@ pub fn resolve_binary(bin: &str) -> Result<PathBuf, String> {
 }
 
 /// Everything is looked up and checked here, before a scope or a process exists.
-pub fn prepare(board: &Board, cfg: &Config, claim: &Claim, unit: &str) -> Result<WorkerSpec, String> {
+pub fn prepare(
+    board: &Board,
+    cfg: &Config,
+    claim: &Claim,
+    unit: &str,
+) -> Result<WorkerSpec, String> {
     let paths: &BoardPaths = board.paths();
     let task = &claim.task;
     let user = nix::unistd::User::from_name(&cfg.worker_user)
         .map_err(|e| format!("look up worker user {:?}: {e}", cfg.worker_user))?
         .ok_or_else(|| format!("worker user {:?} does not exist; create it (useradd --system {0}) or set worker_user", cfg.worker_user))?;
     if user.uid.is_root() {
-        return Err(format!("worker user {:?} is root; workers never run as root", cfg.worker_user));
+        return Err(format!(
+            "worker user {:?} is root; workers never run as root",
+            cfg.worker_user
+        ));
     }
-    let cname = CString::new(user.name.as_str()).map_err(|_| "worker user name contains NUL".to_string())?;
-    let groups = nix::unistd::getgrouplist(&cname, user.gid).map_err(|e| format!("groups of {}: {e}", user.name))?;
+    let cname = CString::new(user.name.as_str())
+        .map_err(|_| "worker user name contains NUL".to_string())?;
+    let groups = nix::unistd::getgrouplist(&cname, user.gid)
+        .map_err(|e| format!("groups of {}: {e}", user.name))?;
     let bin = resolve_binary(&cfg.hermes_bin)?;
-    let assignee = task.assignee.clone().or_else(|| cfg.default_assignee.clone()).ok_or("task has no assignee")?;
-    let profile = profile_name(&assignee).ok_or_else(|| format!("assignee {assignee:?} is not a valid profile name"))?;
+    let assignee = task
+        .assignee
+        .clone()
+        .or_else(|| cfg.default_assignee.clone())
+        .ok_or("task has no assignee")?;
+    let profile = profile_name(&assignee)
+        .ok_or_else(|| format!("assignee {assignee:?} is not a valid profile name"))?;
 
     let workspaces = absolute(&paths.workspaces);
     let workspace = match task.workspace_kind.as_str() {
@@ -126,7 +155,8 @@ pub fn prepare(board: &Board, cfg: &Config, claim: &Claim, unit: &str) -> Result
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(format!("create workspace {}: {e}", dir.display())),
             }
-            let meta = std::fs::symlink_metadata(&dir).map_err(|e| format!("workspace {}: {e}", dir.display()))?;
+            let meta = std::fs::symlink_metadata(&dir)
+                .map_err(|e| format!("workspace {}: {e}", dir.display()))?;
             if !meta.is_dir() {
                 return Err(format!("workspace {} is not a directory", dir.display()));
             }
@@ -135,7 +165,10 @@ pub fn prepare(board: &Board, cfg: &Config, claim: &Claim, unit: &str) -> Result
             dir
         }
         "dir" => {
-            let p = task.workspace_path.as_deref().ok_or("workspace kind dir without a workspace_path")?;
+            let p = task
+                .workspace_path
+                .as_deref()
+                .ok_or("workspace kind dir without a workspace_path")?;
             let p = PathBuf::from(p);
             if !p.is_absolute() {
                 return Err(format!("workspace {} is not an absolute path", p.display()));
@@ -145,14 +178,29 @@ pub fn prepare(board: &Board, cfg: &Config, claim: &Claim, unit: &str) -> Result
             }
             p
         }
-        other => return Err(format!("workspace kind {other:?} is not supported by hermes-mgr yet (scratch and dir are)")),
+        other => {
+            return Err(format!(
+                "workspace kind {other:?} is not supported by hermes-mgr yet (scratch and dir are)"
+            ))
+        }
     };
 
-    let tmpdir = cfg.tmp_root.join(format!("hermes-{unit}"));
+    let tmpdir = cfg.tmp_root.join(format!(
+        "hermes-run-{}-{}",
+        unit_name::file_component(&task.id),
+        claim.run_id
+    ));
     let mut env: Vec<(String, String)> = std::env::vars()
         .filter(|(k, _)| !SCRUBBED_ENV.contains(&k.as_str()))
-        .filter(|(k, _)| !matches!(k.as_str(), "HOME" | "USER" | "LOGNAME" | "SHELL" | "TMPDIR" | "TMUX_TMPDIR"))
-        .filter(|(k, _)| !k.starts_with("HERMES_KANBAN_") && k != "HERMES_HOME" && k != "HERMES_PROFILE")
+        .filter(|(k, _)| {
+            !matches!(
+                k.as_str(),
+                "HOME" | "USER" | "LOGNAME" | "SHELL" | "TMPDIR" | "TMUX_TMPDIR"
+            )
+        })
+        .filter(|(k, _)| {
+            !k.starts_with("HERMES_KANBAN_") && k != "HERMES_HOME" && k != "HERMES_PROFILE"
+        })
         .collect();
     let mut set = |k: &str, v: String| {
         env.retain(|(x, _)| x != k);
@@ -164,15 +212,29 @@ pub fn prepare(board: &Board, cfg: &Config, claim: &Claim, unit: &str) -> Result
     set("SHELL", user.shell.to_string_lossy().into_owned());
     set("TMPDIR", tmpdir.to_string_lossy().into_owned());
     set("TMUX_TMPDIR", tmpdir.to_string_lossy().into_owned());
-    set("HERMES_HOME", profile_home(&absolute(&paths.root), &profile).to_string_lossy().into_owned());
+    set(
+        "HERMES_HOME",
+        profile_home(&absolute(&paths.root), &profile)
+            .to_string_lossy()
+            .into_owned(),
+    );
     set("HERMES_PROFILE", profile.clone());
     set("HERMES_KANBAN_TASK", task.id.clone());
     set("HERMES_KANBAN_RUN_ID", claim.run_id.to_string());
     set("HERMES_KANBAN_CLAIM_LOCK", claim.lock.clone());
-    set("HERMES_KANBAN_WORKSPACE", workspace.to_string_lossy().into_owned());
+    set(
+        "HERMES_KANBAN_WORKSPACE",
+        workspace.to_string_lossy().into_owned(),
+    );
     set("TERMINAL_CWD", workspace.to_string_lossy().into_owned());
-    set("HERMES_KANBAN_DB", absolute(&paths.db).to_string_lossy().into_owned());
-    set("HERMES_KANBAN_WORKSPACES_ROOT", workspaces.to_string_lossy().into_owned());
+    set(
+        "HERMES_KANBAN_DB",
+        absolute(&paths.db).to_string_lossy().into_owned(),
+    );
+    set(
+        "HERMES_KANBAN_WORKSPACES_ROOT",
+        workspaces.to_string_lossy().into_owned(),
+    );
     set("HERMES_KANBAN_BOARD", paths.slug.clone());
     if let Some(t) = &task.tenant {
         set("HERMES_TENANT", t.clone());
@@ -186,7 +248,10 @@ pub fn prepare(board: &Board, cfg: &Config, claim: &Claim, unit: &str) -> Result
     if let Some(rt) = task.max_runtime_seconds.filter(|r| *r > 0) {
         let want = (rt - TERMINAL_TIMEOUT_GRACE).max(1);
         for k in ["TERMINAL_TIMEOUT", "TERMINAL_MAX_FOREGROUND_TIMEOUT"] {
-            let have = std::env::var(k).ok().and_then(|v| v.trim().parse::<i64>().ok()).unwrap_or(0);
+            let have = std::env::var(k)
+                .ok()
+                .and_then(|v| v.trim().parse::<i64>().ok())
+                .unwrap_or(0);
             if have < want {
                 set(k, want.to_string());
             }
@@ -194,16 +259,30 @@ pub fn prepare(board: &Board, cfg: &Config, claim: &Claim, unit: &str) -> Result
     }
 
     // Upstream's argv (`_default_spawn`); each value is its own argument, never a shell word.
-    let mut argv = vec![bin.to_string_lossy().into_owned(), "-p".into(), profile, "--cli".into(), "--accept-hooks".into()];
+    let mut argv = vec![
+        bin.to_string_lossy().into_owned(),
+        "-p".into(),
+        profile,
+        "--cli".into(),
+        "--accept-hooks".into(),
+    ];
     if let Some(serde_json::Value::Array(skills)) = &task.skills {
-        for s in skills.iter().filter_map(|s| s.as_str()).filter(|s| !s.is_empty()) {
+        for s in skills
+            .iter()
+            .filter_map(|s| s.as_str())
+            .filter(|s| !s.is_empty())
+        {
             argv.extend(["--skills".to_string(), s.to_string()]);
         }
     }
     if let Some(m) = &task.model_override {
         argv.extend(["-m".to_string(), m.clone()]);
     }
-    argv.extend(["chat".to_string(), "-q".to_string(), format!("work kanban task {}", task.id)]);
+    argv.extend([
+        "chat".to_string(),
+        "-q".to_string(),
+        format!("work kanban task {}", task.id),
+    ]);
     if task.goal_mode {
         argv.push("-Q".into());
     }
@@ -219,7 +298,7 @@ pub fn prepare(board: &Board, cfg: &Config, claim: &Claim, unit: &str) -> Result
         gid: user.gid.as_raw(),
         groups: groups.into_iter().map(|g| g.as_raw()).collect(),
         tmpdir,
-        status_file: spec::status_path(&cfg.state_dir, unit),
+        status_file: spec::status_path(&cfg.state_dir, &task.id, claim.run_id),
         identifier: "hermes-worker".into(),
     })
 }
@@ -227,8 +306,17 @@ pub fn prepare(board: &Board, cfg: &Config, claim: &Claim, unit: &str) -> Result
 /// `Description=`: names task, run and title; task data is untrusted, so control
 /// characters are blanked and the length bounded.
 pub fn description(task: &str, run: i64, title: &str) -> String {
-    let clean = |s: &str, n: usize| s.chars().map(|c| if c.is_control() { ' ' } else { c }).take(n).collect::<String>();
-    format!("Hermes kanban worker: task {} run {run}: {}", clean(task, 80), clean(title, 160))
+    let clean = |s: &str, n: usize| {
+        s.chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .take(n)
+            .collect::<String>()
+    };
+    format!(
+        "Hermes kanban worker: task {} run {run}: {}",
+        clean(task, 80),
+        clean(title, 160)
+    )
 }
 
 /// The scope's properties (design §3.2), in layers as systemd-run builds them.
@@ -236,16 +324,25 @@ pub fn scope_properties(cfg: &Config, desc: String, max_runtime: Option<i64>) ->
     let mut p: Vec<Property> = vec![
         ("Description", Variant::from(desc)),
         ("Slice", Variant::from(cfg.slice.clone())),
-        ("CollectMode", Variant::from("inactive-or-failed".to_string())),
+        (
+            "CollectMode",
+            Variant::from("inactive-or-failed".to_string()),
+        ),
         // On a scope only control-group delivers SIGTERM to the processes: `mixed` means an
         // immediate SIGKILL and `process` kills nothing (systemd.scope(5), scope.c).
         ("KillMode", Variant::from("control-group".to_string())),
         ("KillSignal", Variant::from(libc::SIGTERM)),
         ("SendSIGKILL", Variant::from(true)),
-        ("TimeoutStopUSec", Variant::from(cfg.stop_timeout_seconds.saturating_mul(1_000_000))),
+        (
+            "TimeoutStopUSec",
+            Variant::from(cfg.stop_timeout_seconds.saturating_mul(1_000_000)),
+        ),
     ];
     if let Some(rt) = max_runtime.filter(|r| *r > 0) {
-        p.push(("RuntimeMaxUSec", Variant::from((rt as u64).saturating_mul(1_000_000))));
+        p.push((
+            "RuntimeMaxUSec",
+            Variant::from((rt as u64).saturating_mul(1_000_000)),
+        ));
     }
     if let Some(m) = cfg.memory_max_bytes {
         p.push(("MemoryAccounting", Variant::from(true)));
@@ -258,7 +355,10 @@ pub fn scope_properties(cfg: &Config, desc: String, max_runtime: Option<i64>) ->
     if let Some(q) = cfg.cpu_quota_percent {
         // CPUQuota=N% is sent as CPUQuotaPerSecUSec = N * 10 000 µs.
         p.push(("CPUAccounting", Variant::from(true)));
-        p.push(("CPUQuotaPerSecUSec", Variant::from(q.saturating_mul(10_000))));
+        p.push((
+            "CPUQuotaPerSecUSec",
+            Variant::from(q.saturating_mul(10_000)),
+        ));
     }
     p
 }
@@ -301,7 +401,9 @@ async fn start_scope(
             all.push(("PIDs", Variant::from(vec![pid])));
         }
         match sd.start_transient(unit, all, timeout).await {
-            Err(SystemdError::PropertyRejected { ref msg, .. }) if use_fd && msg.contains("PIDFDs") => {
+            Err(SystemdError::PropertyRejected { ref msg, .. })
+                if use_fd && msg.contains("PIDFDs") =>
+            {
                 PIDFDS.store(2, Ordering::Relaxed);
             }
             Ok(()) => {
@@ -315,28 +417,41 @@ async fn start_scope(
     }
 }
 
-/// Kill and reap a supervisor that must not go on, and make sure no scope is left.
-async fn abort(sd: &Systemd, unit: &str, child: &mut tokio::process::Child) {
+/// Kill and reap a supervisor that must not go on. `scope_is_ours`: a scope of this name
+/// may exist because of our own call (a start job that failed or timed out, then ran): stop
+/// it and forget its failed state so the name is free. A scope that already existed under
+/// this name (`UnitExists`) is someone else's and is left alone.
+async fn abort(sd: &Systemd, unit: &str, child: &mut tokio::process::Child, scope_is_ours: bool) {
     let _ = child.start_kill();
     let _ = child.wait().await;
-    // The scope may exist (a start job that timed out, then ran): stop it and forget a
-    // failed state so the name is free.
-    let _ = sd.stop_and_wait(unit, Duration::from_secs(10)).await;
-    let _ = sd.reset_failed(unit).await;
+    if scope_is_ours {
+        let _ = sd.stop_and_wait(unit, Duration::from_secs(10)).await;
+        let _ = sd.reset_failed(unit).await;
+    }
 }
 
 /// Start the worker of `claim` in its scope. `Err` carries the reason for the run's
 /// `spawn_failed` record; nothing is left running then.
-pub async fn start_worker(board: &Board, sd: &Systemd, cfg: &Config, claim: &Claim) -> Result<Started, String> {
+pub async fn start_worker(
+    board: &Board,
+    sd: &Systemd,
+    cfg: &Config,
+    claim: &Claim,
+) -> Result<Started, String> {
     let task = &claim.task;
     let unit = unit_name::worker_scope(&task.id, claim.run_id);
     let spec = prepare(board, cfg, claim, &unit)?;
-    board.set_workspace(&task.id, claim.run_id, &spec.cwd).map_err(|e| e.to_string())?;
+    board
+        .set_workspace(&task.id, claim.run_id, &spec.cwd)
+        .map_err(|e| e.to_string())?;
     let runs_dir = cfg.state_dir.join("runs");
-    std::fs::create_dir_all(&runs_dir).map_err(|e| format!("create {}: {e}", runs_dir.display()))?;
+    std::fs::create_dir_all(&runs_dir)
+        .map_err(|e| format!("create {}: {e}", runs_dir.display()))?;
     let spec_line = serde_json::to_string(&spec).map_err(|e| e.to_string())? + "\n";
 
+    // /proc/self/exe: the very binary that is running, even if upgraded on disk meanwhile.
     let mut child = tokio::process::Command::new("/proc/self/exe")
+        .arg0("hermes-mgr")
         .arg("supervise")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -345,17 +460,27 @@ pub async fn start_worker(board: &Board, sd: &Systemd, cfg: &Config, claim: &Cla
         .map_err(|e| format!("start the supervisor: {e}"))?;
     let pid = child.id().ok_or("the supervisor exited at once")?;
     let (Some(mut stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-        abort(sd, &unit, &mut child).await;
+        abort(sd, &unit, &mut child, false).await;
         return Err("supervisor pipes missing".into());
     };
     if let Err(e) = stdin.write_all(spec_line.as_bytes()).await {
-        abort(sd, &unit, &mut child).await;
+        abort(sd, &unit, &mut child, false).await;
         return Err(format!("hand the spec to the supervisor: {e}"));
     }
-    let props = || scope_properties(cfg, description(&task.id, claim.run_id, &task.title), task.max_runtime_seconds);
+    let props = || {
+        scope_properties(
+            cfg,
+            description(&task.id, claim.run_id, &task.title),
+            task.max_runtime_seconds,
+        )
+    };
     let timeout = Duration::from_secs(cfg.start_timeout_seconds);
     if let Err(e) = start_scope(sd, &unit, props, pid, timeout).await {
-        abort(sd, &unit, &mut child).await;
+        let ours = matches!(
+            e,
+            SystemdError::Timeout { .. } | SystemdError::JobFailed { .. }
+        );
+        abort(sd, &unit, &mut child, ours).await;
         return Err(format!("create scope {unit}: {e}"));
     }
     // Read back what systemd did (crun does the same): the held process must be in the scope.
@@ -363,34 +488,44 @@ pub async fn start_worker(board: &Board, sd: &Systemd, cfg: &Config, claim: &Cla
     match liveness::cgroup_of(pid) {
         Ok(Some(cg)) if cg == want => {}
         other => {
-            abort(sd, &unit, &mut child).await;
+            abort(sd, &unit, &mut child, true).await;
             return Err(format!("supervisor {pid} is in {other:?}, not in {want}"));
         }
     }
     if let Err(e) = stdin.write_all(b"G").await {
-        abort(sd, &unit, &mut child).await;
+        abort(sd, &unit, &mut child, true).await;
         return Err(format!("release the supervisor: {e}"));
     }
     drop(stdin);
     let mut line = String::new();
     let read = tokio::time::timeout(timeout, BufReader::new(stdout).read_line(&mut line)).await;
     let report = match read {
-        Ok(Ok(n)) if n > 0 => serde_json::from_str::<Report>(&line).map_err(|e| format!("supervisor report {line:?}: {e}")),
+        Ok(Ok(n)) if n > 0 => serde_json::from_str::<Report>(&line)
+            .map_err(|e| format!("supervisor report {line:?}: {e}")),
         Ok(Ok(_)) => Err("the supervisor ended without starting the worker".to_string()),
         Ok(Err(e)) => Err(format!("read the supervisor's report: {e}")),
         Err(_) => Err(format!("no word from the supervisor within {timeout:?}")),
     };
     match report {
         Ok(Report::Started { pid: worker_pid }) => {
-            board.set_worker_pid(&task.id, claim.run_id, worker_pid as i64).map_err(|e| e.to_string())?;
-            Ok(Started { task: task.id.clone(), run_id: claim.run_id, unit, worker_pid, workspace: spec.cwd, supervisor: child })
+            board
+                .set_worker_pid(&task.id, claim.run_id, worker_pid as i64)
+                .map_err(|e| e.to_string())?;
+            Ok(Started {
+                task: task.id.clone(),
+                run_id: claim.run_id,
+                unit,
+                worker_pid,
+                workspace: spec.cwd,
+                supervisor: child,
+            })
         }
         Ok(Report::Failed { reason }) => {
-            abort(sd, &unit, &mut child).await;
+            abort(sd, &unit, &mut child, true).await;
             Err(reason)
         }
         Err(reason) => {
-            abort(sd, &unit, &mut child).await;
+            abort(sd, &unit, &mut child, true).await;
             Err(reason)
         }
     }

@@ -53,16 +53,22 @@ pub enum Report {
     Failed { reason: String },
 }
 
-/// `<state_dir>/runs/<unit>.json`.
-pub fn status_path(state_dir: &Path, unit: &str) -> PathBuf {
-    state_dir.join("runs").join(format!("{unit}.json"))
+/// `<state_dir>/runs/<task>-run-<run>.json` (the task id as a bounded file name: a unit
+/// name can be 255 bytes, a file name no more).
+pub fn status_path(state_dir: &Path, task: &str, run_id: i64) -> PathBuf {
+    state_dir.join("runs").join(format!(
+        "{}-run-{run_id}.json",
+        crate::systemd::unit_name::file_component(task)
+    ))
 }
 
 impl RunStatus {
-    /// The status a supervisor left for `unit`, if any.
-    pub fn read(state_dir: &Path, unit: &str) -> std::io::Result<Option<RunStatus>> {
-        match std::fs::read(status_path(state_dir, unit)) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(std::io::Error::other),
+    /// The status a supervisor left for this run, if any.
+    pub fn read(state_dir: &Path, task: &str, run_id: i64) -> std::io::Result<Option<RunStatus>> {
+        match std::fs::read(status_path(state_dir, task, run_id)) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(std::io::Error::other),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
@@ -78,5 +84,7 @@ impl RunStatus {
 }
 
 pub fn signal_name(sig: i32) -> &'static str {
-    nix::sys::signal::Signal::try_from(sig).map(|s| s.as_str()).unwrap_or("unknown")
+    nix::sys::signal::Signal::try_from(sig)
+        .map(|s| s.as_str())
+        .unwrap_or("unknown")
 }

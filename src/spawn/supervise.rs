@@ -107,7 +107,12 @@ fn become_worker(p: &ChildPlan) -> (&'static str, nix::Error) {
     }
     // Leaving uid 0 emptied the permitted, effective and ambient sets; the inheritable set
     // survives a uid change, so clear it (and the others, to be explicit).
-    for set in [caps::CapSet::Inheritable, caps::CapSet::Ambient, caps::CapSet::Effective, caps::CapSet::Permitted] {
+    for set in [
+        caps::CapSet::Inheritable,
+        caps::CapSet::Ambient,
+        caps::CapSet::Effective,
+        caps::CapSet::Permitted,
+    ] {
         if caps::clear(None, set).is_err() {
             return ("clear capabilities", nix::Error::EPERM);
         }
@@ -125,7 +130,10 @@ fn write_status(spec: &WorkerSpec, status: &RunStatus) -> std::io::Result<()> {
     let dir = spec.status_file.parent().unwrap_or(Path::new("/"));
     std::fs::create_dir_all(dir)?;
     let tmp = spec.status_file.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(status).map_err(std::io::Error::other)?)?;
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec(status).map_err(std::io::Error::other)?,
+    )?;
     // rename: a reader sees no status or a whole one, never half of one.
     std::fs::rename(&tmp, &spec.status_file)
 }
@@ -152,13 +160,17 @@ pub fn main() -> u8 {
     let mut stdin = std::io::stdin().lock();
     let mut line = String::new();
     if stdin.read_line(&mut line).is_err() || line.is_empty() {
-        eprintln!("hermes-mgr supervise: no worker spec on stdin (this command is started by hermes-mgr)");
+        eprintln!(
+            "hermes-mgr supervise: no worker spec on stdin (this command is started by hermes-mgr)"
+        );
         return 2;
     }
     let spec: WorkerSpec = match serde_json::from_str(&line) {
         Ok(s) => s,
         Err(e) => {
-            report(&Report::Failed { reason: format!("bad worker spec: {e}") });
+            report(&Report::Failed {
+                reason: format!("bad worker spec: {e}"),
+            });
             return 2;
         }
     };
@@ -180,37 +192,59 @@ pub fn main() -> u8 {
 
 fn run(spec: &WorkerSpec) -> Result<u8, String> {
     // Our own diagnostics go to the unit's journal too, from here on.
-    let out = journal_stream(&spec.identifier, &spec.unit, 6).map_err(|e| format!("connect to journald ({JOURNAL_STDOUT}): {e}"))?;
-    let err = journal_stream(&spec.identifier, &spec.unit, 3).map_err(|e| format!("connect to journald ({JOURNAL_STDOUT}): {e}"))?;
+    let out = journal_stream(&spec.identifier, &spec.unit, 6)
+        .map_err(|e| format!("connect to journald ({JOURNAL_STDOUT}): {e}"))?;
+    let err = journal_stream(&spec.identifier, &spec.unit, 3)
+        .map_err(|e| format!("connect to journald ({JOURNAL_STDOUT}): {e}"))?;
     // SAFETY: dup2 on fds this process owns.
     let _ = unsafe { libc::dup2(err.as_raw_fd(), 2) };
-    nix::sys::prctl::set_child_subreaper(true).map_err(|e| format!("become child subreaper: {e}"))?;
+    nix::sys::prctl::set_child_subreaper(true)
+        .map_err(|e| format!("become child subreaper: {e}"))?;
     make_tmpdir(spec).map_err(|e| format!("create TMPDIR {}: {e}", spec.tmpdir.display()))?;
 
     // SIGTERM (a stop of the scope) must not end the supervisor before the worker, which
     // gets the same SIGTERM from systemd; SIGKILL still ends everything.
     let mut mask = SigSet::empty();
-    for s in [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+    ] {
         mask.add(s);
     }
-    mask.thread_block().map_err(|e| format!("block signals: {e}"))?;
+    mask.thread_block()
+        .map_err(|e| format!("block signals: {e}"))?;
     let sfd = SignalFd::new(&mask).map_err(|e| format!("signalfd: {e}"))?;
 
     let devnull = std::fs::File::open("/dev/null").map_err(|e| format!("open /dev/null: {e}"))?;
     let plan = ChildPlan {
         path: cstr(&spec.argv[0], "worker path")?,
-        argv: spec.argv.iter().map(|a| cstr(a, "an argument")).collect::<Result<_, _>>()?,
-        envp: spec.env.iter().map(|(k, v)| cstr(&format!("{k}={v}"), "the environment")).collect::<Result<_, _>>()?,
+        argv: spec
+            .argv
+            .iter()
+            .map(|a| cstr(a, "an argument"))
+            .collect::<Result<_, _>>()?,
+        envp: spec
+            .env
+            .iter()
+            .map(|(k, v)| cstr(&format!("{k}={v}"), "the environment"))
+            .collect::<Result<_, _>>()?,
         cwd: cstr(&spec.cwd.to_string_lossy(), "the workspace path")?,
         uid: nix::unistd::Uid::from_raw(spec.uid),
         gid: nix::unistd::Gid::from_raw(spec.gid),
-        groups: spec.groups.iter().map(|g| nix::unistd::Gid::from_raw(*g)).collect(),
+        groups: spec
+            .groups
+            .iter()
+            .map(|g| nix::unistd::Gid::from_raw(*g))
+            .collect(),
         stdin: devnull.into(),
         stdout: out.as_raw_fd(),
         stderr: err.as_raw_fd(),
     };
     // Exec failures travel back on a close-on-exec pipe: EOF means exec succeeded.
-    let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    let (err_r, err_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     let started_at = now();
     // SAFETY: this process is single-threaded (the supervisor never starts a thread), so
     // the child may run any code; it still only uses what `plan` allocated.
@@ -235,7 +269,9 @@ fn run(spec: &WorkerSpec) -> Result<u8, String> {
         let _ = std::fs::remove_dir_all(&spec.tmpdir);
         return Err(format!("cannot start {}: {failure}", spec.argv[0]));
     }
-    report(&Report::Started { pid: worker.as_raw() as u32 });
+    report(&Report::Started {
+        pid: worker.as_raw() as u32,
+    });
     drop(out);
     drop(err);
 
@@ -268,7 +304,11 @@ fn run(spec: &WorkerSpec) -> Result<u8, String> {
         sigterm_received: sigterm,
     };
     if let Err(e) = write_status(spec, &rs) {
-        eprintln!("hermes-mgr supervise: {}: cannot record the exit status in {}: {e}", spec.unit, spec.status_file.display());
+        eprintln!(
+            "hermes-mgr supervise: {}: cannot record the exit status in {}: {e}",
+            spec.unit,
+            spec.status_file.display()
+        );
     }
     let _ = std::fs::remove_dir_all(&spec.tmpdir);
     Ok(match (exit_code, signal) {
@@ -286,7 +326,9 @@ fn reap(worker: Pid) -> Option<WaitStatus> {
         match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::StillAlive) | Err(_) => return found,
             Ok(st) => {
-                if st.pid() == Some(worker) && matches!(st, WaitStatus::Exited(..) | WaitStatus::Signaled(..)) {
+                if st.pid() == Some(worker)
+                    && matches!(st, WaitStatus::Exited(..) | WaitStatus::Signaled(..))
+                {
                     found = Some(st);
                 }
             }

@@ -33,8 +33,6 @@ pub trait Manager {
 
     fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
 
-    fn set_unit_properties(&self, name: &str, runtime: bool, properties: Vec<(&str, Variant<'_>)>) -> zbus::Result<()>;
-
     fn get_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
 
     #[allow(clippy::type_complexity)]
@@ -131,44 +129,54 @@ pub enum SystemdError {
 
 impl SystemdError {
     fn from_zbus(op: &'static str, unit: &str, e: zbus::Error) -> SystemdError {
+        use zbus::DBusError;
         let unit = unit.to_string();
-        match e {
-            zbus::Error::MethodError(name, detail, _) => {
-                let msg = detail.unwrap_or_default();
-                match name.as_str() {
-                    "org.freedesktop.systemd1.NoSuchUnit" => SystemdError::NoSuchUnit { op, unit },
-                    "org.freedesktop.systemd1.UnitExists" => SystemdError::UnitExists { op, unit },
-                    "org.freedesktop.DBus.Error.AccessDenied"
-                    | "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired" => {
-                        SystemdError::AccessDenied { op, unit, msg }
-                    }
-                    "org.freedesktop.DBus.Error.PropertyReadOnly"
-                    | "org.freedesktop.DBus.Error.UnknownProperty" => {
-                        SystemdError::PropertyRejected { op, unit, msg }
-                    }
-                    // 252 reports a name in use this way ("Unit X was already loaded or has a
-                    // fragment file") rather than with UnitExists.
-                    "org.freedesktop.DBus.Error.InvalidArgs"
-                        if msg.contains("already loaded") || msg.contains("already exists") =>
-                    {
-                        SystemdError::UnitExists { op, unit }
-                    }
-                    other => SystemdError::Other {
-                        op,
-                        unit,
-                        name: other.to_string(),
-                        msg,
-                    },
+        // zbus reports the error names org.freedesktop.DBus defines as `FDO` and all others
+        // as `MethodError`: take the name and the message from either.
+        let (name, msg) = match &e {
+            zbus::Error::MethodError(name, detail, _) => (
+                name.as_str().to_string(),
+                detail.clone().unwrap_or_default(),
+            ),
+            zbus::Error::FDO(fe) => (
+                fe.name().as_str().to_string(),
+                fe.description().unwrap_or_default().to_string(),
+            ),
+            zbus::Error::InputOutput(_) | zbus::Error::Address(_) | zbus::Error::Handshake(_) => {
+                return SystemdError::Unreachable(e);
+            }
+            other => {
+                return SystemdError::Other {
+                    op,
+                    unit,
+                    name: "zbus".into(),
+                    msg: other.to_string(),
                 }
             }
-            other @ (zbus::Error::InputOutput(_)
-            | zbus::Error::Address(_)
-            | zbus::Error::Handshake(_)) => SystemdError::Unreachable(other),
-            other => SystemdError::Other {
+        };
+        match name.as_str() {
+            "org.freedesktop.systemd1.NoSuchUnit" => SystemdError::NoSuchUnit { op, unit },
+            "org.freedesktop.systemd1.UnitExists" => SystemdError::UnitExists { op, unit },
+            "org.freedesktop.DBus.Error.AccessDenied"
+            | "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired" => {
+                SystemdError::AccessDenied { op, unit, msg }
+            }
+            "org.freedesktop.DBus.Error.PropertyReadOnly"
+            | "org.freedesktop.DBus.Error.UnknownProperty" => {
+                SystemdError::PropertyRejected { op, unit, msg }
+            }
+            // 252 reports a name in use this way ("Unit X was already loaded or has a
+            // fragment file") rather than with UnitExists.
+            "org.freedesktop.DBus.Error.InvalidArgs"
+                if msg.contains("already loaded") || msg.contains("already exists") =>
+            {
+                SystemdError::UnitExists { op, unit }
+            }
+            _ => SystemdError::Other {
                 op,
                 unit,
-                name: "zbus".into(),
-                msg: other.to_string(),
+                name,
+                msg,
             },
         }
     }
@@ -305,13 +313,39 @@ impl Systemd {
             .map_err(|e| SystemdError::from_zbus("KillUnit", name, e))
     }
 
-    /// Change `TimeoutStopSec` of a running unit (runtime only, like `systemctl set-property --runtime`).
-    pub async fn set_stop_timeout(&self, name: &str, timeout: Duration) -> Result<()> {
-        let usec = u64::try_from(timeout.as_micros()).unwrap_or(u64::MAX);
-        self.manager
-            .set_unit_properties(name, true, vec![("TimeoutStopUSec", Variant::from(usec))])
+    /// `KillUnit(name, "all", signal)`, then wait until systemd has removed the unit (every
+    /// process gone; worker scopes are collected when inactive). `true` when it went within
+    /// `timeout` (or was gone already), `false` when it is still there.
+    pub async fn kill_and_wait_gone(
+        &self,
+        name: &str,
+        signal: i32,
+        timeout: Duration,
+    ) -> Result<bool> {
+        let op = "KillUnit";
+        // Watch before acting: the removal can come before the kill call returns.
+        let mut removed = self
+            .manager
+            .receive_unit_removed()
             .await
-            .map_err(|e| SystemdError::from_zbus("SetUnitProperties", name, e))
+            .map_err(|e| SystemdError::from_zbus(op, name, e))?;
+        match self.kill(name, signal).await {
+            Err(SystemdError::NoSuchUnit { .. }) => return Ok(true),
+            other => other?,
+        }
+        if self.active_state(name).await?.is_none() {
+            return Ok(true);
+        }
+        let wait = async {
+            while let Some(sig) = removed.next().await {
+                if sig.args().is_ok_and(|a| a.unit == name) {
+                    return true;
+                }
+            }
+            false
+        };
+        Ok(tokio::time::timeout(timeout, wait).await.unwrap_or(false)
+            || self.active_state(name).await?.is_none())
     }
 
     pub async fn reset_failed(&self, name: &str) -> Result<()> {

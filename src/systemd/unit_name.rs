@@ -57,7 +57,11 @@ pub fn worker_scope(task: &str, run: i64) -> String {
 /// (`../../etc`) can name neither a parent directory nor a path of several components.
 pub fn file_component(task: &str) -> String {
     const MAX: usize = 200;
-    let plain = !task.is_empty() && task.len() <= MAX && task.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    let plain = !task.is_empty()
+        && task.len() <= MAX
+        && task
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
     if plain {
         return task.to_string();
     }
@@ -136,7 +140,10 @@ mod tests {
         assert_eq!(file_component("t_5e0db6b2"), "t_5e0db6b2");
         for id in ["..", ".", "../../etc", "a/b", "", &"x/".repeat(300)] {
             let c = file_component(id);
-            assert!(!c.contains('/') && c != "." && c != ".." && !c.is_empty() && c.len() <= 200, "{id:?} -> {c:?}");
+            assert!(
+                !c.contains('/') && c != "." && c != ".." && !c.is_empty() && c.len() <= 200,
+                "{id:?} -> {c:?}"
+            );
         }
     }
 

@@ -180,6 +180,10 @@ impl Ran {
     }
 }
 
+pub fn run(mut cmd: Command) -> Ran {
+    Ran::from(cmd.output().expect("run command"))
+}
+
 pub fn mgr_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_hermes-mgr"))
 }

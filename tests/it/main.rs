@@ -6,3 +6,4 @@ mod board;
 mod cli;
 mod interop;
 mod scope;
+mod worker;
