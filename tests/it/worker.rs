@@ -712,7 +712,7 @@ systemd_test!(
         let rig = Rig::new("#!/bin/sh\nexec sleep 1000\n", "");
         let id = rig.add("collides");
         // Someone else's scope holds the name the next run will get (run ids start at 1).
-        let squatter = Command::new("systemd-run")
+        let mut squatter = Command::new("systemd-run")
             .args([
                 "--scope",
                 "--quiet",
