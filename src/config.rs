@@ -40,6 +40,17 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Parent of each run's private `TMPDIR` (removed when the run ends).
     pub tmp_root: PathBuf,
+    /// The daemon's safety-net pass, in seconds (events do the real work).
+    pub tick_seconds: u64,
+    /// A worker whose run was closed by someone else (its own complete/block, an operator's
+    /// reclaim) may take this long to exit before its scope is stopped.
+    pub verdict_grace_seconds: u64,
+    /// After a rate-limited exit (75), the task waits this long before it is dispatched again.
+    pub rate_limit_cooldown_seconds: i64,
+    /// How long the daemon waits for a locked board per attempt before retrying later.
+    pub busy_timeout_ms: u64,
+    /// On SIGTERM, stop every worker too (default: leave them running; the next start adopts them).
+    pub stop_workers_on_exit: bool,
 }
 
 impl Default for Config {
@@ -59,6 +70,11 @@ impl Default for Config {
             default_assignee: None,
             state_dir: "/run/hermes-mgr".into(),
             tmp_root: "/tmp".into(),
+            tick_seconds: 30,
+            verdict_grace_seconds: 30,
+            rate_limit_cooldown_seconds: 300,
+            busy_timeout_ms: 2000,
+            stop_workers_on_exit: false,
         }
     }
 }

@@ -6,7 +6,9 @@
 pub mod board;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod dispatch;
 pub mod liveness;
+pub mod logging;
 pub mod spawn;
 pub mod systemd;

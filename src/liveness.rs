@@ -22,6 +22,15 @@ pub fn cgroup_of(pid: u32) -> io::Result<Option<String>> {
     }
 }
 
+/// A process that exists and is not a zombie (a zombie has ended; only its parent has
+/// not collected it yet).
+pub fn is_alive(pid: u32) -> bool {
+    procfs::process::Process::new(pid as i32)
+        .and_then(|p| p.stat())
+        .map(|s| s.state != 'Z' && s.state != 'X')
+        .unwrap_or(false)
+}
+
 /// The cgroup path systemd gives a unit in `slice`: each dash-separated prefix of a slice
 /// name is a parent slice (`hermes-workers.slice` lives in `hermes.slice`).
 pub fn unit_cgroup(slice: &str, unit: &str) -> String {

@@ -131,6 +131,8 @@ pub enum Command {
         #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
         timeout: Option<u64>,
     },
+    /// Run the dispatcher daemon in the foreground (what hermes-dispatcher.service runs).
+    Dispatcher,
     /// Internal: the first process of a worker scope (started by hermes-mgr itself).
     #[command(hide = true)]
     Supervise,
@@ -164,6 +166,16 @@ pub fn main() -> ExitCode {
     if let Command::Supervise = cli.command {
         // Single-threaded on purpose: it forks the worker (see spawn::supervise).
         return ExitCode::from(crate::spawn::supervise::main());
+    }
+    if let Command::Dispatcher = cli.command {
+        let opts = crate::daemon::Options { config: cli.config.clone(), db: cli.db.clone(), board: cli.board.clone() };
+        return match crate::daemon::main(opts) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("hermes-mgr dispatcher: error: {e:#}");
+                ExitCode::from(EXIT_ERROR)
+            }
+        };
     }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -211,7 +223,7 @@ async fn systemd() -> anyhow::Result<crate::systemd::Systemd> {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
-        Command::Supervise => bail!("supervise is started by hermes-mgr itself"),
+        Command::Supervise | Command::Dispatcher => bail!("not reached: handled in main"),
         Command::Dispatch { once: _, max } => {
             let cfg = Config::load(cli.config.as_deref())?;
             let b = open(&cli, OpenMode::MustExist)?;

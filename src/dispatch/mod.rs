@@ -74,6 +74,8 @@ pub struct PassReport {
     pub skipped_unassigned: Vec<String>,
     pub skipped_nonspawnable: Vec<String>,
     pub skipped_capped: usize,
+    /// Ready tasks held back by upstream's rate-limit cooldown (their last run exited 75).
+    pub cooling_down: Vec<String>,
 }
 
 /// One dispatch pass: promote what parent gating allows, then claim ready tasks in

@@ -306,6 +306,23 @@ impl Systemd {
         }
     }
 
+    /// Queue `StopUnit(name, "replace")` without waiting for it.
+    pub async fn stop(&self, name: &str) -> Result<()> {
+        match self.manager.stop_unit(name, "replace").await {
+            Ok(_) => Ok(()),
+            Err(e) => match SystemdError::from_zbus("StopUnit", name, e) {
+                SystemdError::NoSuchUnit { .. } => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+
+    /// Names of units as systemd removes them; the stream ends when the bus connection does.
+    pub async fn unit_removed_stream(&self) -> Result<std::pin::Pin<Box<dyn futures_util::Stream<Item = String> + Send>>> {
+        let s = self.manager.receive_unit_removed().await.map_err(|e| SystemdError::from_zbus("UnitRemoved", "", e))?;
+        Ok(Box::pin(s.filter_map(|sig| async move { sig.args().ok().map(|a| a.unit) })))
+    }
+
     pub async fn kill(&self, name: &str, signal: i32) -> Result<()> {
         self.manager
             .kill_unit(name, "all", signal)

@@ -1,6 +1,7 @@
 //! One integration-test binary: `cargo test --test it`.
 
 mod harness;
+mod rig;
 
 mod board;
 mod cli;

@@ -1,147 +1,16 @@
 //! Workers in their scopes, against a real systemd (inside the sandbox): `dispatch --once`,
 //! the worker's process, journald, `stop`, spawn failures, hostile task data.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use hermes_mgr::board::{Board, BoardPaths, NewTask, OpenMode};
 use hermes_mgr::liveness;
 use serde_json::{json, Value};
 
-use crate::harness::{hermes_bin, wait_for, Ran};
+use crate::harness::{hermes_bin, wait_for};
+use crate::rig::{alive, sh, systemctl_show, Rig, EXTRA_GROUP, WORKER_USER};
 use crate::systemd_test;
-
-const WORKER_USER: &str = "hermesw";
-const EXTRA_GROUP: &str = "hermesx";
-
-/// A board owned by the worker user, a stub worker, and a config, inside the sandbox.
-struct Rig {
-    dir: PathBuf,
-    db: PathBuf,
-    config: PathBuf,
-    uid: u32,
-}
-
-fn sh(cmd: &str) -> String {
-    let o = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
-    assert!(
-        o.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-impl Rig {
-    /// `stub` is the worker program (a script with its #! line); `extra` more config lines.
-    fn new(stub: &str, extra: &str) -> Rig {
-        assert!(
-            crate::harness::inside(),
-            "worker tests run inside the systemd sandbox"
-        );
-        // Users made here live in the sandbox's overlay /etc only.
-        sh(&format!(
-            "getent group {EXTRA_GROUP} >/dev/null || groupadd --system {EXTRA_GROUP}; \
-             id -u {WORKER_USER} >/dev/null 2>&1 || useradd --system --user-group --no-create-home \
-               --home-dir /nonexistent --shell /usr/sbin/nologin -G {EXTRA_GROUP} {WORKER_USER}"
-        ));
-        let uid: u32 = sh(&format!("id -u {WORKER_USER}")).trim().parse().unwrap();
-        let gid: u32 = sh(&format!("id -g {WORKER_USER}")).trim().parse().unwrap();
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let dir = PathBuf::from(format!(
-            "/var/tmp/hermes-mgr-rig/{}-{}",
-            std::process::id(),
-            N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        for d in [Path::new("/var/tmp/hermes-mgr-rig"), &dir] {
-            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
-        std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).unwrap();
-        let stub_path = dir.join("worker");
-        std::fs::write(&stub_path, stub).unwrap();
-        std::fs::set_permissions(&stub_path, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let config = dir.join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "hermes_bin = {stub_path:?}\nworker_user = \"{WORKER_USER}\"\nstop_timeout_seconds = 5\nstate_dir = \"/run/hermes-mgr-test\"\n{extra}\n"
-            ),
-        )
-        .unwrap();
-        let db = dir.join("kanban.db");
-        Rig {
-            dir,
-            db,
-            config,
-            uid,
-        }
-    }
-
-    fn board(&self) -> Board {
-        Board::open(&BoardPaths::for_db(&self.db), OpenMode::CreateIfMissing).unwrap()
-    }
-
-    fn add(&self, title: &str) -> String {
-        self.board()
-            .create(&NewTask {
-                title: title.into(),
-                assignee: Some("default".into()),
-                ..Default::default()
-            })
-            .unwrap()
-    }
-
-    fn mgr_cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(crate::harness::mgr_bin());
-        c.arg("--db")
-            .arg(&self.db)
-            .arg("--config")
-            .arg(&self.config)
-            .args(args);
-        // The Hermes root (profiles, workspaces) of this board, as `hermes` would be told.
-        c.env("HERMES_KANBAN_HOME", &self.dir);
-        c
-    }
-
-    fn mgr(&self, args: &[&str]) -> Ran {
-        crate::harness::run(self.mgr_cmd(args))
-    }
-
-    fn dispatch(&self) -> Value {
-        self.mgr(&["dispatch", "--once", "--json"]).ok().json()
-    }
-
-    /// Wait for a file the stub writes into its workspace.
-    fn wait_file(&self, path: &Path) -> String {
-        wait_for(
-            &format!("{}", path.display()),
-            Duration::from_secs(20),
-            || {
-                std::fs::read_to_string(path)
-                    .ok()
-                    .filter(|s| s.ends_with("END\n"))
-            },
-        )
-    }
-}
-
-fn systemctl_show(unit: &str, props: &str) -> String {
-    let o = Command::new("systemctl")
-        .args(["show", unit, "-p", props])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn alive(pid: u32) -> bool {
-    procfs::process::Process::new(pid as i32)
-        .and_then(|p| p.stat())
-        .map(|s| s.state != 'Z' && s.state != 'X')
-        .unwrap_or(false)
-}
 
 fn status_field<'a>(status: &'a str, key: &str) -> &'a str {
     status
@@ -753,5 +622,6 @@ systemd_test!(
             .args(["stop", &unit])
             .status()
             .unwrap();
+        squatter.wait().unwrap();
     }
 );

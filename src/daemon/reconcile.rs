@@ -1,0 +1,115 @@
+//! Start-up (and reconnect) reconciliation: the board's `running` rows against the worker
+//! scopes systemd has. Every rule of recovery is here:
+//!
+//! 1. A running row whose scope lives → adopt it (no second worker, no requeue).
+//! 2. A running row whose scope is gone but whose supervisor left an exit record → the run
+//!    ended while we were away: book it with its real exit status.
+//! 3. A running row claimed on this host with neither scope nor record → lost (a reboot, a
+//!    vanished unit): requeued, not counted — unless its worker PID is alive outside any
+//!    scope of ours, which means someone else (Hermes' own dispatcher) runs it: left alone.
+//! 4. A running row claimed on another host → not ours.
+//! 5. A worker scope of one of this board's runs that is not the task's current run →
+//!    stopped. Scopes that match no run of this board (another board's) are left alone.
+
+use std::collections::{HashMap, HashSet};
+
+use tracing::{info, warn};
+
+use super::{unit_of, Daemon, Live};
+use crate::board::{claimer_id, RunEnd};
+use crate::liveness;
+use crate::spawn::spec::RunStatus;
+use crate::systemd::unit_name::WORKER_SCOPE_GLOB;
+
+fn is_live(state: &str) -> bool {
+    matches!(state, "active" | "activating" | "deactivating" | "reloading")
+}
+
+impl Daemon {
+    pub(super) async fn reconcile(&mut self) -> anyhow::Result<()> {
+        let units: HashMap<String, String> = self.sd.list_units(WORKER_SCOPE_GLOB).await?.into_iter().collect();
+        let me = claimer_id();
+        let host_prefix = format!("{}:", me.split(':').next().unwrap_or(""));
+        let mut current_units = HashSet::new();
+        let (mut adopted, mut ended, mut lost) = (0, 0, 0);
+        for t in self.board.list(Some("running"), None)? {
+            let Some(run) = t.current_run_id else { continue };
+            let unit = unit_of(&t.id, run);
+            let key = (t.id.clone(), run);
+            current_units.insert(unit.clone());
+            let record = RunStatus::read(&self.cfg.state_dir, &t.id, run).unwrap_or(None);
+            let live = Live {
+                unit: unit.clone(),
+                lock: t.claim_lock.clone().unwrap_or_default(),
+                max_runtime: t.max_runtime_seconds,
+                closed_since: None,
+            };
+            if units.get(&unit).is_some_and(|s| is_live(s)) {
+                if !self.live.contains_key(&key) {
+                    info!(hermes_kanban_task = %t.id, hermes_kanban_run_id = run, unit = %unit, object_systemd_unit = %unit, "adopted a running worker");
+                    adopted += 1;
+                }
+                self.live.insert(key.clone(), live);
+                if record.is_some() {
+                    self.book(&t.id, run).await;
+                }
+                continue;
+            }
+            if record.is_some() {
+                self.live.insert(key.clone(), live);
+                ended += 1;
+                self.book(&t.id, run).await;
+                continue;
+            }
+            let local = t.claim_lock.as_deref().is_none_or(|l| l.starts_with(&host_prefix));
+            if !local {
+                continue;
+            }
+            if let Some(pid) = t.worker_pid.filter(|p| *p > 0) {
+                let cg = liveness::cgroup_of(pid as u32).unwrap_or(None);
+                let in_ours = cg.as_deref().is_some_and(|c| c.contains("/hermes-worker-kanban-"));
+                if cg.is_some() && !in_ours && liveness::is_alive(pid as u32) {
+                    warn!(hermes_kanban_task = %t.id, hermes_kanban_run_id = run, pid,
+                          "running worker was not started by hermes-mgr (its PID lives outside any worker scope); leaving it alone");
+                    continue;
+                }
+            }
+            self.live.remove(&key);
+            let end = RunEnd::Lost { error: format!("{unit} is gone and left no exit status (reboot or lost unit); requeued") };
+            match self.board.end_run(&t.id, run, &end, self.cfg.failure_limit) {
+                Ok(Some(_)) => {
+                    lost += 1;
+                    info!(hermes_kanban_task = %t.id, hermes_kanban_run_id = run, unit = %unit, "run lost: requeued without counting a failure");
+                }
+                Ok(None) => {}
+                Err(e) => warn!(hermes_kanban_task = %t.id, hermes_kanban_run_id = run, "cannot requeue the lost run: {e}"),
+            }
+        }
+        // Runs we tracked whose rows are no longer running (ended while the bus was away).
+        let stale: Vec<_> = self.live.keys().filter(|k| !current_units.contains(&unit_of(&k.0, k.1))).cloned().collect();
+        for (task, run) in stale {
+            self.book(&task, run).await;
+            self.live.remove(&(task, run));
+        }
+        // Scopes of this board's runs that are not current: never two workers for one task.
+        for (unit, state) in &units {
+            if current_units.contains(unit) || !is_live(state) {
+                continue;
+            }
+            let Some(run) = unit.strip_suffix(".scope").and_then(|u| u.rsplit_once("-run-")).and_then(|(_, n)| n.parse::<i64>().ok()) else {
+                continue;
+            };
+            if let Ok(Some(r)) = self.board.run(run) {
+                if unit_of(&r.task_id, run) == *unit {
+                    warn!(hermes_kanban_task = %r.task_id, hermes_kanban_run_id = run, unit = %unit,
+                          "worker scope of a run that is not current; stopping it");
+                    if let Err(e) = self.sd.stop(unit).await {
+                        warn!(unit = %unit, "stop: {e}");
+                    }
+                }
+            }
+        }
+        info!(adopted, ended_while_away = ended, lost, live = self.live.len(), "reconciled with systemd");
+        Ok(())
+    }
+}
