@@ -12,16 +12,29 @@ use tracing_subscriber::EnvFilter;
 /// Install the subscriber. Journald when stderr is connected to it (`$JOURNAL_STREAM`, as
 /// under systemd) or when asked; stderr otherwise. Level from `$HERMES_MGR_LOG` (`info`).
 pub fn init(identifier: &str) {
-    let filter = EnvFilter::try_from_env("HERMES_MGR_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let to_journal = std::env::var_os("JOURNAL_STREAM").is_some() || std::env::var_os("HERMES_MGR_LOG_JOURNAL").is_some();
+    let filter =
+        EnvFilter::try_from_env("HERMES_MGR_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let to_journal = std::env::var_os("JOURNAL_STREAM").is_some()
+        || std::env::var_os("HERMES_MGR_LOG_JOURNAL").is_some();
     if to_journal {
         if let Ok(layer) = tracing_journald::layer() {
-            let layer = layer.with_field_prefix(None).with_syslog_identifier(identifier.to_string());
-            if tracing_subscriber::registry().with(filter).with(layer).try_init().is_ok() {
+            let layer = layer
+                .with_field_prefix(None)
+                .with_syslog_identifier(identifier.to_string());
+            if tracing_subscriber::registry()
+                .with(filter)
+                .with(layer)
+                .try_init()
+                .is_ok()
+            {
                 return;
             }
             return;
         }
     }
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
 }

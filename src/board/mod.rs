@@ -314,19 +314,27 @@ impl Board {
     /// CLI waits upstream's 120 s; the daemon waits briefly and retries from its loop, so
     /// that a locked board never stalls its watchdog.
     pub fn set_busy_timeout(&self, t: Duration) -> Result<()> {
-        self.conn.busy_timeout(t).map_err(|e| self.err("busy_timeout", e))
+        self.conn
+            .busy_timeout(t)
+            .map_err(|e| self.err("busy_timeout", e))
     }
 
     /// `PRAGMA data_version`: changes when *another* connection commits to the file, so
     /// our own writes never look like someone else's.
     pub fn data_version(&self) -> Result<i64> {
-        self.conn.query_row("PRAGMA data_version", [], |r| r.get(0)).map_err(|e| self.err("data_version", e))
+        self.conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))
+            .map_err(|e| self.err("data_version", e))
     }
 
     /// The newest run of a task.
     pub fn last_run(&self, id: &str) -> Result<Option<Run>> {
         self.conn
-            .query_row("SELECT * FROM task_runs WHERE task_id=?1 ORDER BY id DESC LIMIT 1", [id], Run::from_row)
+            .query_row(
+                "SELECT * FROM task_runs WHERE task_id=?1 ORDER BY id DESC LIMIT 1",
+                [id],
+                Run::from_row,
+            )
             .optional()
             .map_err(|e| self.err("read run", e))
     }

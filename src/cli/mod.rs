@@ -168,7 +168,11 @@ pub fn main() -> ExitCode {
         return ExitCode::from(crate::spawn::supervise::main());
     }
     if let Command::Dispatcher = cli.command {
-        let opts = crate::daemon::Options { config: cli.config.clone(), db: cli.db.clone(), board: cli.board.clone() };
+        let opts = crate::daemon::Options {
+            config: cli.config.clone(),
+            db: cli.db.clone(),
+            board: cli.board.clone(),
+        };
         return match crate::daemon::main(opts) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -227,6 +231,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dispatch { once: _, max } => {
             let cfg = Config::load(cli.config.as_deref())?;
             let b = open(&cli, OpenMode::MustExist)?;
+            // One dispatcher per board: a running daemon (ours or Hermes' gateway) already is one.
+            let life = b.paths().dispatcher_lock();
+            let _life = board::ownership::FileLock::try_acquire(&life, b.owner())
+                .with_context(|| format!("open {}", life.display()))?
+                .with_context(|| format!("another dispatcher holds {} (hermes-dispatcher.service or a Hermes gateway); it dispatches already", life.display()))?;
             let (report, _started) = runtime()?.block_on(async {
                 let sd = systemd().await?;
                 crate::dispatch::once(&b, &sd, &cfg, *max).await

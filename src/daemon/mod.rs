@@ -81,7 +81,10 @@ fn fatal(e: anyhow::Error) -> anyhow::Error {
 
 pub fn main(opts: Options) -> anyhow::Result<()> {
     crate::logging::init("hermes-dispatcher");
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("start the async runtime")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
     rt.block_on(run(opts)).map_err(fatal)
 }
 
@@ -103,12 +106,15 @@ async fn connect_systemd(notifier: &notify::Notifier) -> Systemd {
 async fn run(opts: Options) -> anyhow::Result<()> {
     let cfg = Config::load(opts.config.as_deref())?;
     let paths = Resolver::from_env(opts.db.clone(), opts.board.clone()).resolve()?;
-    let board = Board::open(&paths, OpenMode::CreateIfMissing).with_context(|| format!("cannot open board {}", paths.db.display()))?;
+    let board = Board::open(&paths, OpenMode::CreateIfMissing)
+        .with_context(|| format!("cannot open board {}", paths.db.display()))?;
     board.set_busy_timeout(Duration::from_millis(cfg.busy_timeout_ms))?;
     // One dispatcher per Hermes root, for life: the same lock Hermes' gateway takes.
     let life_path = paths.dispatcher_lock();
     board.make_dir(life_path.parent().unwrap_or(&paths.root))?;
-    let Some(_life) = FileLock::try_acquire(&life_path, board.owner()).with_context(|| format!("open {}", life_path.display()))? else {
+    let Some(_life) = FileLock::try_acquire(&life_path, board.owner())
+        .with_context(|| format!("open {}", life_path.display()))?
+    else {
         bail!(
             "another dispatcher holds {} — a Hermes gateway dispatching kanban (set kanban.dispatch_in_gateway: false) \
              or another hermes-mgr dispatcher; stop it first",
@@ -118,7 +124,8 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     let notifier = notify::Notifier::from_env();
     let sd = connect_systemd(&notifier).await;
     let runs_dir = cfg.state_dir.join("runs");
-    let watcher = watch::Watcher::new(&runs_dir, &paths.db).with_context(|| format!("watch {} and {}", runs_dir.display(), paths.db.display()))?;
+    let watcher = watch::Watcher::new(&runs_dir, &paths.db)
+        .with_context(|| format!("watch {} and {}", runs_dir.display(), paths.db.display()))?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let data_version = board.data_version()?;
     let mut d = Daemon {
@@ -191,7 +198,10 @@ async fn run(opts: Options) -> anyhow::Result<()> {
             let _ = d.sd.stop(&live.unit).await;
         }
     }
-    info!(workers = d.live.len(), "hermes-dispatcher exiting; workers keep running in their scopes");
+    info!(
+        workers = d.live.len(),
+        "hermes-dispatcher exiting; workers keep running in their scopes"
+    );
     Ok(())
 }
 
@@ -199,7 +209,10 @@ impl Daemon {
     fn reload(&mut self) {
         match Config::load(self.opts.config.as_deref()) {
             Ok(cfg) => {
-                if let Err(e) = self.board.set_busy_timeout(Duration::from_millis(cfg.busy_timeout_ms)) {
+                if let Err(e) = self
+                    .board
+                    .set_busy_timeout(Duration::from_millis(cfg.busy_timeout_ms))
+                {
                     warn!("{e}");
                 }
                 self.cfg = cfg;
@@ -228,11 +241,30 @@ impl Daemon {
     /// Track a worker that we started: its supervisor is our child, reap it and say so.
     fn track_started(&mut self, s: Started) {
         let key = (s.task.clone(), s.run_id);
-        let max_runtime = self.board.task(&s.task).ok().flatten().and_then(|t| t.max_runtime_seconds);
-        let lock = self.board.task(&s.task).ok().flatten().and_then(|t| t.claim_lock).unwrap_or_default();
+        let max_runtime = self
+            .board
+            .task(&s.task)
+            .ok()
+            .flatten()
+            .and_then(|t| t.max_runtime_seconds);
+        let lock = self
+            .board
+            .task(&s.task)
+            .ok()
+            .flatten()
+            .and_then(|t| t.claim_lock)
+            .unwrap_or_default();
         info!(hermes_kanban_task = %s.task, hermes_kanban_run_id = s.run_id, unit = %s.unit, object_systemd_unit = %s.unit,
               pid = s.worker_pid, "worker started");
-        self.live.insert(key.clone(), Live { unit: s.unit, lock, max_runtime, closed_since: None });
+        self.live.insert(
+            key.clone(),
+            Live {
+                unit: s.unit,
+                lock,
+                max_runtime,
+                closed_since: None,
+            },
+        );
         let tx = self.tx.clone();
         let mut child = s.supervisor;
         tokio::spawn(async move {
@@ -244,6 +276,10 @@ impl Daemon {
     /// One dispatch pass (claims and starts), then the status line.
     async fn pass(&mut self) {
         self.last_pass = Some(Instant::now());
+        // Read before the pass reads the board: a commit by someone else after this point
+        // changes data_version again, and its inotify event triggers the next pass. (Read
+        // after, it would swallow a task created while this pass ran.)
+        self.data_version = self.board.data_version().unwrap_or(self.data_version);
         match dispatch::once(&self.board, &self.sd, &self.cfg, None).await {
             Ok((report, started)) => {
                 for f in &report.spawn_failed {
@@ -255,7 +291,6 @@ impl Daemon {
             }
             Err(e) => warn!("dispatch pass failed, retrying on the next event: {e:#}"),
         }
-        self.data_version = self.board.data_version().unwrap_or(self.data_version);
         self.update_status();
     }
 
@@ -264,7 +299,11 @@ impl Daemon {
         for c in changes {
             match c {
                 watch::Change::RunRecord(path) => {
-                    let key = self.live.iter().find(|(k, _)| status_path(&self.cfg.state_dir, &k.0, k.1) == path).map(|(k, _)| k.clone());
+                    let key = self
+                        .live
+                        .iter()
+                        .find(|(k, _)| status_path(&self.cfg.state_dir, &k.0, k.1) == path)
+                        .map(|(k, _)| k.clone());
                     if let Some((task, run)) = key {
                         self.book(&task, run).await;
                     }
@@ -287,7 +326,11 @@ impl Daemon {
     }
 
     async fn on_unit_removed(&mut self, unit: &str) {
-        let key = self.live.iter().find(|(_, l)| l.unit == unit).map(|(k, _)| k.clone());
+        let key = self
+            .live
+            .iter()
+            .find(|(_, l)| l.unit == unit)
+            .map(|(k, _)| k.clone());
         if let Some((task, run)) = key {
             self.book(&task, run).await;
         }
@@ -297,7 +340,9 @@ impl Daemon {
     /// Facts: the board (a verdict the worker wrote itself wins), the supervisor's exit
     /// record, whether the scope still exists.
     async fn book(&mut self, task: &str, run: i64) {
-        let Some(live) = self.live.get(&(task.to_string(), run)).cloned() else { return };
+        let Some(live) = self.live.get(&(task.to_string(), run)).cloned() else {
+            return;
+        };
         let status = match RunStatus::read(&self.cfg.state_dir, task, run) {
             Ok(s) => s,
             Err(e) => {
@@ -316,7 +361,10 @@ impl Daemon {
         let end = match &status {
             Some(st) => outcome(st, live.max_runtime),
             None if scope.is_none() => RunEnd::Crashed {
-                error: format!("{} ended without an exit status (worker and supervisor were killed)", live.unit),
+                error: format!(
+                    "{} ended without an exit status (worker and supervisor were killed)",
+                    live.unit
+                ),
                 details: serde_json::json!({"unit": live.unit, "signal": 9}),
             },
             // Still running (a UnitRemoved for a name we reuse, a stray event): nothing to do.
@@ -325,11 +373,15 @@ impl Daemon {
         match self.board.end_run(task, run, &end, self.cfg.failure_limit) {
             Ok(result) => {
                 match &result {
-                    Some(r) => info!(hermes_kanban_task = %task, hermes_kanban_run_id = run, unit = %live.unit,
+                    Some(r) => {
+                        info!(hermes_kanban_task = %task, hermes_kanban_run_id = run, unit = %live.unit,
                                      object_systemd_unit = %live.unit, status = %r.status, failures = r.failures,
-                                     gave_up = r.gave_up, "run ended: {}", end_text(&end)),
-                    None => info!(hermes_kanban_task = %task, hermes_kanban_run_id = run, unit = %live.unit,
-                                  object_systemd_unit = %live.unit, "run ended; the worker had recorded its own verdict"),
+                                     gave_up = r.gave_up, "run ended: {}", end_text(&end))
+                    }
+                    None => {
+                        info!(hermes_kanban_task = %task, hermes_kanban_run_id = run, unit = %live.unit,
+                                  object_systemd_unit = %live.unit, "run ended; the worker had recorded its own verdict")
+                    }
                 }
                 self.pending.remove(&(task.to_string(), run));
                 self.live.remove(&(task.to_string(), run));
@@ -363,10 +415,15 @@ impl Daemon {
     /// live worker. The lock stays the one the worker was given.
     fn extend_claims(&mut self) {
         for ((task, run), live) in &self.live {
-            match self.board.extend_claim(task, &live.lock, self.cfg.claim_ttl_seconds) {
+            match self
+                .board
+                .extend_claim(task, &live.lock, self.cfg.claim_ttl_seconds)
+            {
                 Ok(true) => {}
                 Ok(false) => {} // closed by someone else: check_closed_runs deals with it
-                Err(e) => warn!(hermes_kanban_task = %task, hermes_kanban_run_id = run, "extend claim: {e}; retrying later"),
+                Err(e) => {
+                    warn!(hermes_kanban_task = %task, hermes_kanban_run_id = run, "extend claim: {e}; retrying later")
+                }
             }
         }
     }
@@ -379,9 +436,13 @@ impl Daemon {
         let grace = Duration::from_secs(self.cfg.verdict_grace_seconds);
         let keys: Vec<Key> = self.live.keys().cloned().collect();
         for key in keys {
-            let Ok(Some(t)) = self.board.task(&key.0) else { continue };
+            let Ok(Some(t)) = self.board.task(&key.0) else {
+                continue;
+            };
             let current = t.status.as_str() == "running" && t.current_run_id == Some(key.1);
-            let Some(live) = self.live.get_mut(&key) else { continue };
+            let Some(live) = self.live.get_mut(&key) else {
+                continue;
+            };
             if current {
                 live.closed_since = None;
                 continue;
@@ -407,11 +468,21 @@ fn outcome(st: &RunStatus, max_runtime: Option<i64>) -> RunEnd {
         // A stop from outside the worker: systemd's RuntimeMaxSec, an operator, a shutdown.
         if max_runtime.is_some_and(|m| st.ended_at - st.started_at >= m - 1) {
             return RunEnd::TimedOut {
-                error: format!("pid {} exceeded max_runtime_seconds={}", st.worker_pid, max_runtime.unwrap_or(0)),
+                error: format!(
+                    "pid {} exceeded max_runtime_seconds={}",
+                    st.worker_pid,
+                    max_runtime.unwrap_or(0)
+                ),
                 details,
             };
         }
-        return RunEnd::Stopped { error: format!("pid {} stopped from outside ({})", st.worker_pid, st.describe()) };
+        return RunEnd::Stopped {
+            error: format!(
+                "pid {} stopped from outside ({})",
+                st.worker_pid,
+                st.describe()
+            ),
+        };
     }
     dispatch::classify(st)
 }
@@ -422,7 +493,9 @@ fn end_text(e: &RunEnd) -> String {
         | RunEnd::ProtocolViolation { error, .. }
         | RunEnd::RateLimited { error, .. }
         | RunEnd::TimedOut { error, .. } => error.clone(),
-        RunEnd::SpawnFailed { error } | RunEnd::Lost { error } | RunEnd::Stopped { error } => error.clone(),
+        RunEnd::SpawnFailed { error } | RunEnd::Lost { error } | RunEnd::Stopped { error } => {
+            error.clone()
+        }
     }
 }
 

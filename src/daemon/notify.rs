@@ -13,7 +13,9 @@ impl Notifier {
         use std::os::linux::net::SocketAddrExt;
         let sock = std::env::var("NOTIFY_SOCKET").ok().and_then(|p| {
             let addr = match p.strip_prefix('@') {
-                Some(abs) => std::os::unix::net::SocketAddr::from_abstract_name(abs.as_bytes()).ok()?,
+                Some(abs) => {
+                    std::os::unix::net::SocketAddr::from_abstract_name(abs.as_bytes()).ok()?
+                }
                 None => std::os::unix::net::SocketAddr::from_pathname(&p).ok()?,
             };
             Some((UnixDatagram::unbound().ok()?, addr))
@@ -37,7 +39,10 @@ impl Notifier {
 
 /// `$WATCHDOG_USEC` for this process (`$WATCHDOG_PID` unset or ours): ping at half of it.
 pub fn watchdog_interval() -> Option<Duration> {
-    if let Some(pid) = std::env::var("WATCHDOG_PID").ok().and_then(|p| p.parse::<u32>().ok()) {
+    if let Some(pid) = std::env::var("WATCHDOG_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+    {
         if pid != std::process::id() {
             return None;
         }

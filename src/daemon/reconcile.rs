@@ -22,18 +22,28 @@ use crate::spawn::spec::RunStatus;
 use crate::systemd::unit_name::WORKER_SCOPE_GLOB;
 
 fn is_live(state: &str) -> bool {
-    matches!(state, "active" | "activating" | "deactivating" | "reloading")
+    matches!(
+        state,
+        "active" | "activating" | "deactivating" | "reloading"
+    )
 }
 
 impl Daemon {
     pub(super) async fn reconcile(&mut self) -> anyhow::Result<()> {
-        let units: HashMap<String, String> = self.sd.list_units(WORKER_SCOPE_GLOB).await?.into_iter().collect();
+        let units: HashMap<String, String> = self
+            .sd
+            .list_units(WORKER_SCOPE_GLOB)
+            .await?
+            .into_iter()
+            .collect();
         let me = claimer_id();
         let host_prefix = format!("{}:", me.split(':').next().unwrap_or(""));
         let mut current_units = HashSet::new();
         let (mut adopted, mut ended, mut lost) = (0, 0, 0);
         for t in self.board.list(Some("running"), None)? {
-            let Some(run) = t.current_run_id else { continue };
+            let Some(run) = t.current_run_id else {
+                continue;
+            };
             let unit = unit_of(&t.id, run);
             let key = (t.id.clone(), run);
             current_units.insert(unit.clone());
@@ -61,13 +71,18 @@ impl Daemon {
                 self.book(&t.id, run).await;
                 continue;
             }
-            let local = t.claim_lock.as_deref().is_none_or(|l| l.starts_with(&host_prefix));
+            let local = t
+                .claim_lock
+                .as_deref()
+                .is_none_or(|l| l.starts_with(&host_prefix));
             if !local {
                 continue;
             }
             if let Some(pid) = t.worker_pid.filter(|p| *p > 0) {
                 let cg = liveness::cgroup_of(pid as u32).unwrap_or(None);
-                let in_ours = cg.as_deref().is_some_and(|c| c.contains("/hermes-worker-kanban-"));
+                let in_ours = cg
+                    .as_deref()
+                    .is_some_and(|c| c.contains("/hermes-worker-kanban-"));
                 if cg.is_some() && !in_ours && liveness::is_alive(pid as u32) {
                     warn!(hermes_kanban_task = %t.id, hermes_kanban_run_id = run, pid,
                           "running worker was not started by hermes-mgr (its PID lives outside any worker scope); leaving it alone");
@@ -75,18 +90,29 @@ impl Daemon {
                 }
             }
             self.live.remove(&key);
-            let end = RunEnd::Lost { error: format!("{unit} is gone and left no exit status (reboot or lost unit); requeued") };
+            let end = RunEnd::Lost {
+                error: format!(
+                    "{unit} is gone and left no exit status (reboot or lost unit); requeued"
+                ),
+            };
             match self.board.end_run(&t.id, run, &end, self.cfg.failure_limit) {
                 Ok(Some(_)) => {
                     lost += 1;
                     info!(hermes_kanban_task = %t.id, hermes_kanban_run_id = run, unit = %unit, "run lost: requeued without counting a failure");
                 }
                 Ok(None) => {}
-                Err(e) => warn!(hermes_kanban_task = %t.id, hermes_kanban_run_id = run, "cannot requeue the lost run: {e}"),
+                Err(e) => {
+                    warn!(hermes_kanban_task = %t.id, hermes_kanban_run_id = run, "cannot requeue the lost run: {e}")
+                }
             }
         }
         // Runs we tracked whose rows are no longer running (ended while the bus was away).
-        let stale: Vec<_> = self.live.keys().filter(|k| !current_units.contains(&unit_of(&k.0, k.1))).cloned().collect();
+        let stale: Vec<_> = self
+            .live
+            .keys()
+            .filter(|k| !current_units.contains(&unit_of(&k.0, k.1)))
+            .cloned()
+            .collect();
         for (task, run) in stale {
             self.book(&task, run).await;
             self.live.remove(&(task, run));
@@ -96,7 +122,11 @@ impl Daemon {
             if current_units.contains(unit) || !is_live(state) {
                 continue;
             }
-            let Some(run) = unit.strip_suffix(".scope").and_then(|u| u.rsplit_once("-run-")).and_then(|(_, n)| n.parse::<i64>().ok()) else {
+            let Some(run) = unit
+                .strip_suffix(".scope")
+                .and_then(|u| u.rsplit_once("-run-"))
+                .and_then(|(_, n)| n.parse::<i64>().ok())
+            else {
                 continue;
             };
             if let Ok(Some(r)) = self.board.run(run) {
@@ -109,7 +139,13 @@ impl Daemon {
                 }
             }
         }
-        info!(adopted, ended_while_away = ended, lost, live = self.live.len(), "reconciled with systemd");
+        info!(
+            adopted,
+            ended_while_away = ended,
+            lost,
+            live = self.live.len(),
+            "reconciled with systemd"
+        );
         Ok(())
     }
 }

@@ -35,14 +35,28 @@ impl Watcher {
     pub fn new(runs_dir: &Path, db: &Path) -> std::io::Result<Watcher> {
         let ino = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
         std::fs::create_dir_all(runs_dir)?;
-        let runs = ino.add_watch(runs_dir, AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_CLOSE_WRITE)?;
-        let dir = db.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let board = ino.add_watch(dir, AddWatchFlags::IN_MODIFY | AddWatchFlags::IN_CLOSE_WRITE | AddWatchFlags::IN_MOVED_TO)?;
+        let runs = ino.add_watch(
+            runs_dir,
+            AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_CLOSE_WRITE,
+        )?;
+        let dir = db
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let board = ino.add_watch(
+            dir,
+            AddWatchFlags::IN_MODIFY | AddWatchFlags::IN_CLOSE_WRITE | AddWatchFlags::IN_MOVED_TO,
+        )?;
         let name = db.file_name().map(|n| n.to_os_string()).unwrap_or_default();
         // SAFETY: `Fd` owns the inotify fd for as long as the AsyncFd lives, and always
         // returns that same fd.
-        let fd = unsafe { AsyncFd::register(Fd(ino)) }.map_err(|e| std::io::Error::other(e.to_string()))?;
-        Ok(Watcher { fd, runs: (runs, runs_dir.to_path_buf()), board: (board, name) })
+        let fd = unsafe { AsyncFd::register(Fd(ino)) }
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(Watcher {
+            fd,
+            runs: (runs, runs_dir.to_path_buf()),
+            board: (board, name),
+        })
     }
 
     /// Wait for the next batch of changes.
@@ -61,7 +75,10 @@ impl Watcher {
                         } else if e.wd == self.board.0 {
                             let n = name.as_encoded_bytes();
                             let base = self.board.1.as_encoded_bytes();
-                            if n.starts_with(base) && (n.len() == base.len() || n[base.len()..].starts_with(b"-wal")) && !out.contains(&Change::Board) {
+                            if n.starts_with(base)
+                                && (n.len() == base.len() || n[base.len()..].starts_with(b"-wal"))
+                                && !out.contains(&Change::Board)
+                            {
                                 out.push(Change::Board);
                             }
                         }

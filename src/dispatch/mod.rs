@@ -104,6 +104,16 @@ pub async fn once(
             report.skipped_capped += 1;
             continue;
         }
+        // Upstream's respawn guard `rate_limit_cooldown`: a quota wall does not lift at once.
+        if let Some(last) = board.last_run(&task.id)? {
+            let recent = last
+                .ended_at
+                .is_some_and(|e| crate::board::now() - e < cfg.rate_limit_cooldown_seconds);
+            if last.outcome.as_deref() == Some("rate_limited") && recent {
+                report.cooling_down.push(task.id.clone());
+                continue;
+            }
+        }
         let Some(assignee) = task
             .assignee
             .clone()

@@ -318,9 +318,17 @@ impl Systemd {
     }
 
     /// Names of units as systemd removes them; the stream ends when the bus connection does.
-    pub async fn unit_removed_stream(&self) -> Result<std::pin::Pin<Box<dyn futures_util::Stream<Item = String> + Send>>> {
-        let s = self.manager.receive_unit_removed().await.map_err(|e| SystemdError::from_zbus("UnitRemoved", "", e))?;
-        Ok(Box::pin(s.filter_map(|sig| async move { sig.args().ok().map(|a| a.unit) })))
+    pub async fn unit_removed_stream(
+        &self,
+    ) -> Result<std::pin::Pin<Box<dyn futures_util::Stream<Item = String> + Send>>> {
+        let s = self
+            .manager
+            .receive_unit_removed()
+            .await
+            .map_err(|e| SystemdError::from_zbus("UnitRemoved", "", e))?;
+        Ok(Box::pin(s.filter_map(|sig| async move {
+            sig.args().ok().map(|a| a.unit)
+        })))
     }
 
     pub async fn kill(&self, name: &str, signal: i32) -> Result<()> {

@@ -5,6 +5,7 @@ mod rig;
 
 mod board;
 mod cli;
+mod daemon;
 mod interop;
 mod scope;
 mod worker;

@@ -140,4 +140,3 @@ pub fn alive(pid: u32) -> bool {
         .map(|s| s.state != 'Z' && s.state != 'X')
         .unwrap_or(false)
 }
-

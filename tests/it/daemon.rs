@@ -1,0 +1,480 @@
+//! `hermes-dispatcher.service` running as a real service in the sandbox's systemd.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use hermes_mgr::board::Task;
+use serde_json::json;
+
+use crate::harness::{hermes_bin, mgr_bin, wait_for};
+use crate::rig::{alive, sh, systemctl_show, Rig};
+use crate::systemd_test;
+
+const SERVICE: &str = "hermes-dispatcher.service";
+
+/// A worker the test drives: it announces itself (`ready-<run>` in its workspace) and then
+/// does what the test writes into its FIFO: `exit N`, `complete`, or `block`.
+fn driven_stub() -> String {
+    format!(
+        r#"#!/bin/sh
+rm -f cmd; mkfifo cmd
+echo "pid=$$" > "ready-$HERMES_KANBAN_RUN_ID.tmp"; echo END >> "ready-$HERMES_KANBAN_RUN_ID.tmp"
+mv "ready-$HERMES_KANBAN_RUN_ID.tmp" "ready-$HERMES_KANBAN_RUN_ID"
+read what arg < cmd
+echo "worker $HERMES_KANBAN_TASK run $HERMES_KANBAN_RUN_ID: $what $arg"
+case "$what" in
+  exit) exit "$arg" ;;
+  complete) exec {hermes} kanban complete "$HERMES_KANBAN_TASK" --summary "done by the stub" ;;
+  block) exec {hermes} kanban block "$HERMES_KANBAN_TASK" "stub needs a human" ;;
+esac
+exit 9
+"#,
+        hermes = hermes_bin().display()
+    )
+}
+
+struct Dispatcher {
+    rig: Rig,
+}
+
+impl Dispatcher {
+    fn new(extra_config: &str) -> Dispatcher {
+        let rig = Rig::new(&driven_stub(), extra_config);
+        Dispatcher { rig }
+    }
+
+    /// Install the service (pointing at this build) and start it; returns once READY.
+    fn install(&self) {
+        let unit = format!(
+            "[Unit]\nDescription=hermes-mgr dispatcher (test)\n\n[Service]\nType=notify\nNotifyAccess=main\n\
+             ExecStart={bin} dispatcher --db {db} --config {cfg}\nEnvironment=HERMES_KANBAN_HOME={dir}\n\
+             Environment=HERMES_MGR_LOG=debug\nWatchdogSec=3s\nRestart=no\nKillMode=mixed\nTimeoutStopSec=5s\n",
+            bin = mgr_bin().display(),
+            db = self.rig.db.display(),
+            cfg = self.rig.config.display(),
+            dir = self.rig.dir.display()
+        );
+        std::fs::create_dir_all("/run/systemd/system").unwrap();
+        std::fs::write(format!("/run/systemd/system/{SERVICE}"), unit).unwrap();
+        sh("systemctl daemon-reload");
+    }
+
+    fn start(&self) {
+        let o = Command::new("systemctl")
+            .args(["start", SERVICE])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "start failed: {}\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            journal(SERVICE)
+        );
+    }
+
+    fn task(&self, id: &str) -> Task {
+        self.rig.board().require_task(id).unwrap()
+    }
+
+    /// Wait until `id` runs run number > `after`, and return that run id.
+    fn wait_running(&self, id: &str, after: i64) -> i64 {
+        wait_for(
+            &format!("{id} running after run {after}"),
+            Duration::from_secs(20),
+            || {
+                let t = self.task(id);
+                (t.status.as_str() == "running")
+                    .then_some(t.current_run_id)
+                    .flatten()
+                    .filter(|r| *r > after)
+            },
+        )
+    }
+
+    /// Tell the worker of `id`'s run `run` what to do.
+    fn command(&self, id: &str, run: i64, what: &str) {
+        let ws = self.rig.dir.join("kanban/workspaces").join(id);
+        self.rig.wait_file(&ws.join(format!("ready-{run}")));
+        std::fs::write(ws.join("cmd"), format!("{what}\n")).unwrap();
+    }
+
+    fn wait_task(&self, what: &str, cond: impl Fn(&Task) -> bool, id: &str) -> Task {
+        wait_for(what, Duration::from_secs(30), || {
+            Some(self.task(id)).filter(|t| cond(t))
+        })
+    }
+}
+
+fn journal(unit: &str) -> String {
+    let o = Command::new("journalctl")
+        .args(["-u", unit, "--no-pager", "-n", "60", "-o", "cat"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn outcomes(d: &Dispatcher, id: &str) -> Vec<String> {
+    d.rig
+        .board()
+        .runs(id)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.outcome.unwrap_or_else(|| "(running)".into()))
+        .collect()
+}
+
+systemd_test!(
+    crashes_are_requeued_counted_and_trip_the_breaker_rate_limits_are_not,
+    {
+        let d = Dispatcher::new("tick_seconds = 3600");
+        d.install();
+        d.start();
+        let id = d.rig.add("crashes twice");
+        let r1 = d.wait_running(&id, 0);
+        d.command(&id, r1, "exit 1");
+        let r2 = d.wait_running(&id, r1);
+        let t = d.task(&id);
+        assert_eq!(
+            (t.consecutive_failures, t.last_failure_error.clone()),
+            (
+                1,
+                Some(format!(
+                    "pid {} exited with code 1",
+                    d.rig.board().run(r1).unwrap().unwrap().metadata.unwrap()["pid"]
+                ))
+            )
+        );
+        assert_eq!(outcomes(&d, &id), ["crashed", "(running)"]);
+        d.command(&id, r2, "exit 3");
+        let t = d.wait_task("the breaker", |t| t.status.as_str() == "blocked", &id);
+        assert_eq!(t.consecutive_failures, 2);
+        assert_eq!(outcomes(&d, &id), ["crashed", "crashed"]);
+        let kinds: Vec<String> = d
+            .rig
+            .board()
+            .events(&id)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect();
+        assert!(kinds.contains(&"gave_up".to_string()), "{kinds:?}");
+
+        let rl = d.rig.add("hits a quota wall");
+        let r = d.wait_running(&rl, 0);
+        d.command(&rl, r, "exit 75");
+        let t = d.wait_task("rate limited", |t| t.status.as_str() == "ready", &rl);
+        assert_eq!(
+            t.consecutive_failures, 0,
+            "a rate limit is not the worker's failure"
+        );
+        assert_eq!(outcomes(&d, &rl), ["rate_limited"]);
+        // `dispatch --once` beside a running daemon is refused: one dispatcher per board.
+        let once = d.rig.mgr(&["dispatch", "--once"]);
+        assert_eq!(once.code, Some(1));
+        assert!(
+            once.stderr.contains("another dispatcher holds"),
+            "{}",
+            once.stderr
+        );
+
+        let ok = d.rig.add("completes");
+        let r = d.wait_running(&ok, 0);
+        // That pass (the board changed) did not restart the rate-limited task: its cooldown holds.
+        assert_eq!(outcomes(&d, &rl), ["rate_limited"], "{}", journal(SERVICE));
+        assert_eq!(d.task(&rl).status.as_str(), "ready");
+        d.command(&ok, r, "complete");
+        d.wait_task("done", |t| t.status.as_str() == "done", &ok);
+        // The worker's verdict stands; its exit 0 afterwards is not a protocol violation.
+        wait_for("the run booked", Duration::from_secs(20), || {
+            d.rig
+                .board()
+                .runs(&ok)
+                .unwrap()
+                .first()
+                .and_then(|r| r.outcome.clone())
+                .filter(|o| o == "completed")
+        });
+        let silent = d.rig.add("exits 0 without a verdict");
+        let r = d.wait_running(&silent, 0);
+        d.command(&silent, r, "exit 0");
+        d.wait_task("requeued", |t| t.current_run_id != Some(r), &silent);
+        let run = d.rig.board().run(r).unwrap().unwrap();
+        assert_eq!(run.outcome.as_deref(), Some("crashed"));
+        assert_eq!(run.metadata.unwrap()["protocol_violation"], json!(true));
+        let status = systemctl_show(SERVICE, "StatusText");
+        assert!(
+            status.contains("running") && status.contains("ready") && status.contains("blocked"),
+            "{status}"
+        );
+        println!("{status}");
+    }
+);
+
+systemd_test!(
+    after_kill_9_a_restart_adopts_every_worker_and_books_those_that_ended_meanwhile,
+    {
+        let d = Dispatcher::new("tick_seconds = 3600\nmax_spawn = 10");
+        d.install();
+        d.start();
+        let ids: Vec<String> = (0..5).map(|i| d.rig.add(&format!("worker {i}"))).collect();
+        let runs: Vec<i64> = ids.iter().map(|id| d.wait_running(id, 0)).collect();
+        let pids: Vec<i64> = ids
+            .iter()
+            .map(|id| {
+                wait_for("worker pid", Duration::from_secs(20), || {
+                    d.task(id).worker_pid
+                })
+            })
+            .collect();
+        sh(&format!("systemctl kill --signal=KILL {SERVICE}"));
+        wait_for("the daemon dead", Duration::from_secs(10), || {
+            systemctl_show(SERVICE, "ActiveState")
+                .contains("=failed")
+                .then_some(())
+        });
+        // While nobody watches: one worker completes, one crashes.
+        d.command(&ids[0], runs[0], "complete");
+        d.command(&ids[1], runs[1], "exit 1");
+        for (id, run) in ids.iter().zip(&runs).take(2) {
+            wait_for("the exit record", Duration::from_secs(30), || {
+                hermes_mgr::spawn::spec::RunStatus::read(
+                    std::path::Path::new("/run/hermes-mgr-test"),
+                    id,
+                    *run,
+                )
+                .unwrap()
+            });
+        }
+        sh(&format!("systemctl reset-failed {SERVICE}"));
+        d.start();
+        let t0 = d.wait_task("completed booked", |t| t.status.as_str() == "done", &ids[0]);
+        assert_eq!(t0.status.as_str(), "done");
+        let t1 = d.wait_task("crash booked", |t| t.consecutive_failures == 1, &ids[1]);
+        assert_eq!(
+            d.rig
+                .board()
+                .run(runs[1])
+                .unwrap()
+                .unwrap()
+                .outcome
+                .as_deref(),
+            Some("crashed")
+        );
+        assert_eq!(
+            t1.last_failure_error,
+            Some(format!("pid {} exited with code 1", pids[1]))
+        );
+        for i in 2..5 {
+            let t = d.task(&ids[i]);
+            assert_eq!(
+                (t.status.as_str(), t.current_run_id, t.worker_pid),
+                ("running", Some(runs[i]), Some(pids[i])),
+                "worker {i} not adopted as it was"
+            );
+            assert_eq!(
+                d.rig.board().runs(&ids[i]).unwrap().len(),
+                1,
+                "worker {i} got a duplicate run"
+            );
+            assert!(alive(pids[i] as u32));
+        }
+        let log = journal(SERVICE);
+        assert!(log.contains("adopted a running worker"), "{log}");
+        // Adopted workers are still watched: a crash now is booked as any other.
+        d.command(&ids[2], runs[2], "exit 2");
+        d.wait_task(
+            "adopted crash booked",
+            |t| t.consecutive_failures == 1,
+            &ids[2],
+        );
+        assert_eq!(
+            d.rig.board().run(runs[2]).unwrap().unwrap().error,
+            Some(format!("pid {} exited with code 2", pids[2]))
+        );
+    }
+);
+
+systemd_test!(
+    running_rows_without_a_scope_are_requeued_as_lost_without_counting,
+    {
+        let d = Dispatcher::new("tick_seconds = 3600");
+        let b = d.rig.board();
+        let id = d.rig.add("claimed before a reboot");
+        // A claim like one made before a reboot: this host, no scope, no exit record.
+        let lock = hermes_mgr::board::claimer_id();
+        let claim = b.claim(&id, &lock, 900).unwrap().unwrap();
+        b.connection()
+            .execute("UPDATE tasks SET consecutive_failures=1 WHERE id=?1", [&id])
+            .unwrap();
+        drop(b);
+        d.install();
+        d.start();
+        let r2 = d.wait_running(&id, claim.run_id);
+        let lost = d.rig.board().run(claim.run_id).unwrap().unwrap();
+        assert_eq!(lost.outcome.as_deref(), Some("lost"));
+        assert_eq!(
+            d.task(&id).consecutive_failures,
+            1,
+            "a lost run counted as a failure"
+        );
+        assert!(r2 > claim.run_id);
+    }
+);
+
+systemd_test!(
+    a_second_dispatcher_is_refused_and_so_is_ours_while_hermes_holds_the_lock,
+    {
+        let d = Dispatcher::new("");
+        d.install();
+        d.start();
+        let second = d.rig.mgr(&["dispatcher"]);
+        assert_eq!(second.code, Some(1));
+        assert!(
+            second.stderr.contains("another dispatcher holds")
+                && second.stderr.contains(".dispatcher.lock"),
+            "{}",
+            second.stderr
+        );
+        sh(&format!("systemctl stop {SERVICE}"));
+        // Hermes' gateway holds <root>/kanban/.dispatcher.lock with flock for its life.
+        let lock = d.rig.dir.join("kanban/.dispatcher.lock");
+        let mut holder = Command::new("/usr/bin/python3")
+        .args(["-c", "import fcntl,sys; f=open(sys.argv[1],'a'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()"])
+        .arg(&lock)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(holder.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "held");
+        let ours = d.rig.mgr(&["dispatcher"]);
+        assert_eq!(ours.code, Some(1));
+        assert!(
+            ours.stderr.contains("kanban.dispatch_in_gateway"),
+            "{}",
+            ours.stderr
+        );
+        drop(holder.stdin.take());
+        holder.wait().unwrap();
+    }
+);
+
+systemd_test!(
+    a_task_created_by_hermes_gets_a_worker_from_the_event_not_the_tick,
+    {
+        // With the safety-net pass an hour away, only the board-change event can start it.
+        let d = Dispatcher::new("tick_seconds = 3600");
+        d.install();
+        d.start();
+        let home = d.rig.dir.join("home");
+        std::fs::create_dir_all(&home).unwrap();
+        let t0 = Instant::now();
+        let out = Command::new(hermes_bin())
+            .args([
+                "kanban",
+                "create",
+                "from hermes",
+                "--assignee",
+                "default",
+                "--json",
+            ])
+            .env("HERMES_KANBAN_DB", &d.rig.db)
+            .env("HOME", &home)
+            .env("HERMES_HOME", home.join(".hermes"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let created = t0.elapsed();
+        let id = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let run = d.wait_running(&id, 0);
+        let ws = d.rig.dir.join("kanban/workspaces").join(&id);
+        d.rig.wait_file(&ws.join(format!("ready-{run}")));
+        let spawned = d
+            .rig
+            .board()
+            .events(&id)
+            .unwrap()
+            .into_iter()
+            .find(|e| e.kind == "spawned")
+            .expect("spawned event");
+        let created_at = d.rig.board().require_task(&id).unwrap().created_at;
+        println!(
+        "hermes kanban create returned after {created:?}; worker spawned {} s (epoch seconds) after the task was created",
+        spawned.created_at - created_at
+    );
+        d.command(&id, run, "complete");
+    }
+);
+
+systemd_test!(
+    watchdog_pings_arrive_and_sigterm_leaves_workers_running_for_the_next_start,
+    {
+        let d = Dispatcher::new("tick_seconds = 3600");
+        d.install();
+        d.start();
+        let id = d.rig.add("outlives the daemon");
+        let run = d.wait_running(&id, 0);
+        let pid = wait_for("worker pid", Duration::from_secs(20), || {
+            d.task(&id).worker_pid
+        }) as u32;
+        // WatchdogSec=3s: the timestamp of the last ping moves on (and the service lives).
+        let ts = || systemctl_show(SERVICE, "WatchdogTimestampMonotonic");
+        let first = ts();
+        wait_for("a later watchdog ping", Duration::from_secs(10), || {
+            (ts() != first).then_some(())
+        });
+        let t0 = Instant::now();
+        sh(&format!("systemctl stop {SERVICE}"));
+        let took = t0.elapsed();
+        println!("systemctl stop {SERVICE} took {took:?} with a worker running");
+        assert!(
+            systemctl_show(SERVICE, "Result").contains("Result=success"),
+            "{}",
+            journal(SERVICE)
+        );
+        assert!(alive(pid), "the worker died with the daemon");
+        assert_eq!(d.task(&id).status.as_str(), "running");
+        d.start();
+        let log = journal(SERVICE);
+        assert!(log.contains("adopted a running worker"), "{log}");
+        assert_eq!(
+            d.rig.board().runs(&id).unwrap().len(),
+            1,
+            "a second worker was started"
+        );
+        d.command(&id, run, "complete");
+        d.wait_task("done", |t| t.status.as_str() == "done", &id);
+    }
+);
+
+systemd_test!(
+    a_corrupt_board_stops_the_daemon_with_a_clear_error_and_is_left_alone,
+    {
+        let d = Dispatcher::new("");
+        std::fs::write(&d.rig.db, b"definitely not sqlite").unwrap();
+        d.install();
+        let o = Command::new("systemctl")
+            .args(["start", SERVICE])
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        let log = journal(SERVICE);
+        assert!(
+            log.contains("not a SQLite database") && log.contains("left untouched"),
+            "{log}"
+        );
+        assert_eq!(std::fs::read(&d.rig.db).unwrap(), b"definitely not sqlite");
+    }
+);
