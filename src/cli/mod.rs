@@ -233,6 +233,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let b = open(&cli, OpenMode::MustExist)?;
             // One dispatcher per board: a running daemon (ours or Hermes' gateway) already is one.
             let life = b.paths().dispatcher_lock();
+            if let Some(dir) = life.parent() {
+                b.make_dir(dir)?;
+            }
             let _life = board::ownership::FileLock::try_acquire(&life, b.owner())
                 .with_context(|| format!("open {}", life.display()))?
                 .with_context(|| format!("another dispatcher holds {} (hermes-dispatcher.service or a Hermes gateway); it dispatches already", life.display()))?;

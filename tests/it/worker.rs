@@ -591,6 +591,7 @@ systemd_test!(
                 "1000",
             ])
             .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
         let unit = format!("hermes-worker-kanban-{id}-run-1.scope");
