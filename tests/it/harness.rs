@@ -91,15 +91,27 @@ impl Instance {
             .arg(&exe)
             .args([name, "--exact", "--nocapture", "--test-threads=1"])
             .env(INSIDE_ENV, "1");
-        let out = cmd.output().expect("spawn nsenter");
+        // Output into files, not pipes: a process the test leaked (and that the sandbox's
+        // teardown kills) must not keep this wait open, as it would a pipe until it exits.
+        let out_file = tempfile::tempfile().expect("temp file");
+        let err_file = tempfile::tempfile().expect("temp file");
+        cmd.stdout(out_file.try_clone().expect("dup"))
+            .stderr(err_file.try_clone().expect("dup"));
+        let status = cmd.status().expect("spawn nsenter");
+        let read = |mut f: std::fs::File| {
+            use std::io::{Read, Seek};
+            let mut s = String::new();
+            let _ = f.seek(std::io::SeekFrom::Start(0));
+            let _ = f.read_to_string(&mut s);
+            s
+        };
+        let stdout = read(out_file);
         // print!, not inherited fds, so that libtest captures it per test.
-        let stdout = String::from_utf8_lossy(&out.stdout);
         print!("{stdout}");
-        eprint!("{}", String::from_utf8_lossy(&out.stderr));
+        eprint!("{}", read(err_file));
         assert!(
-            out.status.success(),
-            "test {name} failed inside the systemd sandbox: {:?}",
-            out.status
+            status.success(),
+            "test {name} failed inside the systemd sandbox: {status:?}"
         );
         // libtest exits 0 when the filter matched nothing: make sure it really ran.
         assert!(
