@@ -244,9 +244,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 crate::dispatch::once(&b, &sd, &cfg, *max).await
             })?;
             if cli.json {
-                return print_json(&report);
+                print_json(&report)?;
+            } else {
+                print!("{}", render::pass(&report));
             }
-            print!("{}", render::pass(&report));
+            if let Some(u) = report.unbooked.first() {
+                bail!(
+                    "task {} run {} failed to start ({}) and the board would not record it ({}); run `hermes-mgr dispatch --once` again",
+                    u.task_id, u.run_id, u.error, u.why
+                );
+            }
             Ok(())
         }
         Command::Stop { id, timeout } => {

@@ -14,7 +14,7 @@ mod notify;
 mod reconcile;
 mod watch;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -65,8 +65,9 @@ struct Daemon {
     board: Board,
     sd: Systemd,
     live: HashMap<Key, Live>,
-    /// Runs whose booking failed (board locked): retried on the next timer.
-    pending: BTreeSet<Key>,
+    /// Runs whose booking failed (board locked): retried on the next timer. `Some` carries
+    /// an outcome already decided (a spawn failure), `None` means "decide from the facts".
+    pending: BTreeMap<Key, Option<RunEnd>>,
     notifier: notify::Notifier,
     data_version: i64,
     tx: mpsc::UnboundedSender<Event>,
@@ -134,7 +135,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         board,
         sd,
         live: HashMap::new(),
-        pending: BTreeSet::new(),
+        pending: BTreeMap::new(),
         notifier,
         data_version,
         tx,
@@ -186,6 +187,10 @@ async fn run(opts: Options) -> anyhow::Result<()> {
             _ = extend.tick() => d.extend_claims(),
             _ = retry.tick(), if !d.pending.is_empty() => d.retry_pending().await,
             _ = tick.tick() => {
+                // The safety net: whatever no event reported (e.g. a claim left behind).
+                if let Err(e) = d.reconcile().await {
+                    warn!("periodic reconcile: {e:#}");
+                }
                 d.check_closed_runs().await;
                 d.pass().await;
             }
@@ -288,6 +293,14 @@ impl Daemon {
                 for s in started {
                     self.track_started(s);
                 }
+                for u in report.unbooked {
+                    warn!(hermes_kanban_task = %u.task_id, hermes_kanban_run_id = u.run_id,
+                          "spawn failed ({}) and the board would not take the record ({}); retrying", u.error, u.why);
+                    self.pending.insert(
+                        (u.task_id, u.run_id),
+                        Some(RunEnd::SpawnFailed { error: u.error }),
+                    );
+                }
             }
             Err(e) => warn!("dispatch pass failed, retrying on the next event: {e:#}"),
         }
@@ -354,7 +367,7 @@ impl Daemon {
             Ok(s) => s,
             Err(e) => {
                 warn!(unit = %live.unit, "unit state unknown ({e}); retrying");
-                self.pending.insert((task.to_string(), run));
+                self.pending.insert((task.to_string(), run), None);
                 return;
             }
         };
@@ -396,18 +409,29 @@ impl Daemon {
             }
             Err(BoardError::Locked { .. }) => {
                 warn!(hermes_kanban_task = %task, hermes_kanban_run_id = run, "board locked; will retry booking the run");
-                self.pending.insert((task.to_string(), run));
+                self.pending.insert((task.to_string(), run), None);
             }
             Err(e) => {
                 warn!(hermes_kanban_task = %task, hermes_kanban_run_id = run, "cannot book the run: {e}; will retry");
-                self.pending.insert((task.to_string(), run));
+                self.pending.insert((task.to_string(), run), None);
             }
         }
     }
 
     async fn retry_pending(&mut self) {
-        for (task, run) in std::mem::take(&mut self.pending) {
-            self.book(&task, run).await;
+        for ((task, run), decided) in std::mem::take(&mut self.pending) {
+            match decided {
+                None => self.book(&task, run).await,
+                Some(end) => match self.board.end_run(&task, run, &end, self.cfg.failure_limit) {
+                    Ok(_) => {
+                        info!(hermes_kanban_task = %task, hermes_kanban_run_id = run, "recorded: {}", end_text(&end));
+                        self.pass().await;
+                    }
+                    Err(_) => {
+                        self.pending.insert((task, run), Some(end));
+                    }
+                },
+            }
         }
     }
 

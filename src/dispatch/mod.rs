@@ -76,6 +76,16 @@ pub struct PassReport {
     pub skipped_capped: usize,
     /// Ready tasks held back by upstream's rate-limit cooldown (their last run exited 75).
     pub cooling_down: Vec<String>,
+    /// Spawn failures that could not be recorded yet (board locked).
+    pub unbooked: Vec<Unbooked>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Unbooked {
+    pub task_id: String,
+    pub run_id: i64,
+    pub error: String,
+    pub why: String,
 }
 
 /// One dispatch pass: promote what parent gating allows, then claim ready tasks in
@@ -146,20 +156,29 @@ pub async fn once(
                 started.push(s);
             }
             Err(error) => {
-                let end = board.end_run(
-                    &task.id,
-                    claim.run_id,
-                    &RunEnd::SpawnFailed {
-                        error: error.clone(),
-                    },
-                    cfg.failure_limit,
-                )?;
-                report.spawn_failed.push(SpawnFailure {
-                    task_id: task.id.clone(),
-                    run_id: claim.run_id,
-                    gave_up: end.is_some_and(|e| e.gave_up),
-                    error,
-                });
+                let end = RunEnd::SpawnFailed {
+                    error: error.clone(),
+                };
+                match board.end_run(&task.id, claim.run_id, &end, cfg.failure_limit) {
+                    Ok(r) => report.spawn_failed.push(SpawnFailure {
+                        task_id: task.id.clone(),
+                        run_id: claim.run_id,
+                        gave_up: r.is_some_and(|e| e.gave_up),
+                        error,
+                    }),
+                    // Claimed, not started, and the board refuses the record (locked): the
+                    // caller must book it later, or the task would stay `running` forever.
+                    Err(e) => {
+                        report.unbooked.push(Unbooked {
+                            task_id: task.id.clone(),
+                            run_id: claim.run_id,
+                            error,
+                            why: e.to_string(),
+                        });
+                        // The board is not taking writes: no point claiming more now.
+                        break;
+                    }
+                }
             }
         }
     }

@@ -441,9 +441,10 @@ pub async fn start_worker(
     let task = &claim.task;
     let unit = unit_name::worker_scope(&task.id, claim.run_id);
     let spec = prepare(board, cfg, claim, &unit)?;
-    board
-        .set_workspace(&task.id, claim.run_id, &spec.cwd)
-        .map_err(|e| e.to_string())?;
+    // Informational (upstream records it at spawn); a locked board must not fail the spawn.
+    if let Err(e) = board.set_workspace(&task.id, claim.run_id, &spec.cwd) {
+        tracing::warn!(hermes_kanban_task = %task.id, hermes_kanban_run_id = claim.run_id, "workspace not recorded: {e}");
+    }
     let runs_dir = cfg.state_dir.join("runs");
     std::fs::create_dir_all(&runs_dir)
         .map_err(|e| format!("create {}: {e}", runs_dir.display()))?;
@@ -508,9 +509,12 @@ pub async fn start_worker(
     };
     match report {
         Ok(Report::Started { pid: worker_pid }) => {
-            board
-                .set_worker_pid(&task.id, claim.run_id, worker_pid as i64)
-                .map_err(|e| e.to_string())?;
+            // The worker runs now: a board that is locked at this instant must not make us
+            // kill it. The PID is informational for upstream; the `spawned` event is lost.
+            if let Err(e) = board.set_worker_pid(&task.id, claim.run_id, worker_pid as i64) {
+                tracing::warn!(hermes_kanban_task = %task.id, hermes_kanban_run_id = claim.run_id, unit = %unit,
+                               "worker started but its pid could not be recorded: {e}");
+            }
             Ok(Started {
                 task: task.id.clone(),
                 run_id: claim.run_id,

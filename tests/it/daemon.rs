@@ -107,7 +107,7 @@ impl Dispatcher {
 
 fn journal(unit: &str) -> String {
     let o = Command::new("journalctl")
-        .args(["-u", unit, "--no-pager", "-n", "60", "-o", "cat"])
+        .args(["-u", unit, "--no-pager", "-n", "400", "-o", "cat"])
         .output()
         .unwrap();
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -476,5 +476,89 @@ systemd_test!(
             "{log}"
         );
         assert_eq!(std::fs::read(&d.rig.db).unwrap(), b"definitely not sqlite");
+    }
+);
+
+systemd_test!(
+    a_restarted_dbus_daemon_is_survived_and_runs_are_still_booked,
+    {
+        let d = Dispatcher::new("tick_seconds = 3600");
+        d.install();
+        d.start();
+        let pid = systemctl_show(SERVICE, "MainPID");
+        let id = d.rig.add("crashes after the bus restarts");
+        let r1 = d.wait_running(&id, 0);
+        sh("systemctl restart dbus.service");
+        d.command(&id, r1, "exit 1");
+        let r2 = d.wait_running(&id, r1);
+        assert_eq!(
+            d.rig.board().run(r1).unwrap().unwrap().outcome.as_deref(),
+            Some("crashed")
+        );
+        // The daemon reconnected and watches its new worker over the new bus.
+        let log = wait_for("a reconnect", Duration::from_secs(20), || {
+            let j = journal(SERVICE);
+            j.contains("reconnecting").then_some(j)
+        });
+        assert!(log.contains("reconciled with systemd"), "{log}");
+        d.command(&id, r2, "complete");
+        d.wait_task("done", |t| t.status.as_str() == "done", &id);
+        assert_eq!(
+            systemctl_show(SERVICE, "MainPID"),
+            pid,
+            "the daemon restarted instead of reconnecting"
+        );
+    }
+);
+
+systemd_test!(
+    a_board_locked_for_a_minute_delays_the_booking_and_loses_nothing,
+    {
+        let d = Dispatcher::new("tick_seconds = 3600\nbusy_timeout_ms = 500");
+        d.install();
+        d.start();
+        let pid = systemctl_show(SERVICE, "MainPID");
+        let id = d.rig.add("crashes while the board is locked");
+        let r1 = d.wait_running(&id, 0);
+        let holder = rusqlite::Connection::open(&d.rig.db).unwrap();
+        holder.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        d.command(&id, r1, "exit 1");
+        // The exit is recorded by the supervisor; the board cannot take it for a minute.
+        wait_for("the exit record", Duration::from_secs(20), || {
+            hermes_mgr::spawn::spec::RunStatus::read(
+                std::path::Path::new("/run/hermes-mgr-test"),
+                &id,
+                r1,
+            )
+            .unwrap()
+        });
+        let locked_until = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < locked_until {
+            // The daemon stays alive and keeps its watchdog fed meanwhile.
+            assert!(
+                systemctl_show(SERVICE, "ActiveState").contains("=active"),
+                "{}",
+                journal(SERVICE)
+            );
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        holder.execute_batch("ROLLBACK").unwrap();
+        drop(holder);
+        let r2 = d.wait_running(&id, r1);
+        let run = d.rig.board().run(r1).unwrap().unwrap();
+        assert_eq!(
+            run.outcome.as_deref(),
+            Some("crashed"),
+            "{}",
+            journal(SERVICE)
+        );
+        assert_eq!(d.task(&id).consecutive_failures, 1);
+        assert_eq!(
+            systemctl_show(SERVICE, "MainPID"),
+            pid,
+            "the daemon was restarted"
+        );
+        assert!(journal(SERVICE).contains("board locked; will retry booking the run"));
+        d.command(&id, r2, "complete");
     }
 );
