@@ -3,115 +3,11 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use hermes_mgr::board::Task;
 use serde_json::json;
 
-use crate::harness::{hermes_bin, mgr_bin, wait_for};
-use crate::rig::{alive, sh, systemctl_show, Rig};
+use crate::harness::{hermes_bin, wait_for};
+use crate::rig::{alive, journal, sh, systemctl_show, Dispatcher, SERVICE};
 use crate::systemd_test;
-
-const SERVICE: &str = "hermes-dispatcher.service";
-
-/// A worker the test drives: it announces itself (`ready-<run>` in its workspace) and then
-/// does what the test writes into its FIFO: `exit N`, `complete`, or `block`.
-fn driven_stub() -> String {
-    format!(
-        r#"#!/bin/sh
-rm -f cmd; mkfifo cmd
-echo "pid=$$" > "ready-$HERMES_KANBAN_RUN_ID.tmp"; echo END >> "ready-$HERMES_KANBAN_RUN_ID.tmp"
-mv "ready-$HERMES_KANBAN_RUN_ID.tmp" "ready-$HERMES_KANBAN_RUN_ID"
-read what arg < cmd
-echo "worker $HERMES_KANBAN_TASK run $HERMES_KANBAN_RUN_ID: $what $arg"
-case "$what" in
-  exit) exit "$arg" ;;
-  complete) exec {hermes} kanban complete "$HERMES_KANBAN_TASK" --summary "done by the stub" ;;
-  block) exec {hermes} kanban block "$HERMES_KANBAN_TASK" "stub needs a human" ;;
-esac
-exit 9
-"#,
-        hermes = hermes_bin().display()
-    )
-}
-
-struct Dispatcher {
-    rig: Rig,
-}
-
-impl Dispatcher {
-    fn new(extra_config: &str) -> Dispatcher {
-        let rig = Rig::new(&driven_stub(), extra_config);
-        Dispatcher { rig }
-    }
-
-    /// Install the service (pointing at this build) and start it; returns once READY.
-    fn install(&self) {
-        let unit = format!(
-            "[Unit]\nDescription=hermes-mgr dispatcher (test)\n\n[Service]\nType=notify\nNotifyAccess=main\n\
-             ExecStart={bin} dispatcher --db {db} --config {cfg}\nEnvironment=HERMES_KANBAN_HOME={dir}\n\
-             Environment=HERMES_MGR_LOG=debug\nWatchdogSec=3s\nRestart=no\nKillMode=mixed\nTimeoutStopSec=5s\n",
-            bin = mgr_bin().display(),
-            db = self.rig.db.display(),
-            cfg = self.rig.config.display(),
-            dir = self.rig.dir.display()
-        );
-        std::fs::create_dir_all("/run/systemd/system").unwrap();
-        std::fs::write(format!("/run/systemd/system/{SERVICE}"), unit).unwrap();
-        sh("systemctl daemon-reload");
-    }
-
-    fn start(&self) {
-        let o = Command::new("systemctl")
-            .args(["start", SERVICE])
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "start failed: {}\n{}",
-            String::from_utf8_lossy(&o.stderr),
-            journal(SERVICE)
-        );
-    }
-
-    fn task(&self, id: &str) -> Task {
-        self.rig.board().require_task(id).unwrap()
-    }
-
-    /// Wait until `id` runs run number > `after`, and return that run id.
-    fn wait_running(&self, id: &str, after: i64) -> i64 {
-        wait_for(
-            &format!("{id} running after run {after}"),
-            Duration::from_secs(20),
-            || {
-                let t = self.task(id);
-                (t.status.as_str() == "running")
-                    .then_some(t.current_run_id)
-                    .flatten()
-                    .filter(|r| *r > after)
-            },
-        )
-    }
-
-    /// Tell the worker of `id`'s run `run` what to do.
-    fn command(&self, id: &str, run: i64, what: &str) {
-        let ws = self.rig.dir.join("kanban/workspaces").join(id);
-        self.rig.wait_file(&ws.join(format!("ready-{run}")));
-        std::fs::write(ws.join("cmd"), format!("{what}\n")).unwrap();
-    }
-
-    fn wait_task(&self, what: &str, cond: impl Fn(&Task) -> bool, id: &str) -> Task {
-        wait_for(what, Duration::from_secs(30), || {
-            Some(self.task(id)).filter(|t| cond(t))
-        })
-    }
-}
-
-fn journal(unit: &str) -> String {
-    let o = Command::new("journalctl")
-        .args(["-u", unit, "--no-pager", "-n", "400", "-o", "cat"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 fn outcomes(d: &Dispatcher, id: &str) -> Vec<String> {
     d.rig

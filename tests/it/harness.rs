@@ -79,6 +79,17 @@ impl Instance {
 
     /// Re-run test `name` of this test binary inside the instance, in a scope of its own.
     pub fn run_test_inside(&self, name: &str) {
+        let stdout = self.run_inside(&[name, "--exact", "--nocapture", "--test-threads=1"], name);
+        // libtest exits 0 when the filter matched nothing: make sure it really ran.
+        assert!(
+            stdout.contains("1 passed"),
+            "test {name} did not run inside the sandbox"
+        );
+    }
+
+    /// Run this very executable with `args` inside the instance, in a scope of its own;
+    /// returns its stdout, panics unless it succeeds.
+    pub fn run_inside(&self, args: &[&str], what: &str) -> String {
         let exe = std::env::current_exe().expect("current_exe");
         let cwd = std::env::current_dir().expect("current_dir");
         let mut cmd = Command::new("nsenter");
@@ -89,7 +100,7 @@ impl Instance {
             .arg(format!("--chdir={}", cwd.display()))
             .args(["systemd-run", "--scope", "--quiet", "--collect", "--"])
             .arg(&exe)
-            .args([name, "--exact", "--nocapture", "--test-threads=1"])
+            .args(args)
             .env(INSIDE_ENV, "1");
         // Output into files, not pipes: a process the test leaked (and that the sandbox's
         // teardown kills) must not keep this wait open, as it would a pipe until it exits.
@@ -111,13 +122,9 @@ impl Instance {
         eprint!("{}", read(err_file));
         assert!(
             status.success(),
-            "test {name} failed inside the systemd sandbox: {status:?}"
+            "{what} failed inside the systemd sandbox: {status:?}"
         );
-        // libtest exits 0 when the filter matched nothing: make sure it really ran.
-        assert!(
-            stdout.contains("1 passed"),
-            "test {name} did not run inside the sandbox"
-        );
+        stdout
     }
 }
 
