@@ -1020,6 +1020,7 @@ impl Board {
                 RunEnd::Crashed { error, details } => ("crashed", "crashed", error, details.clone(), true),
                 RunEnd::TimedOut { error, details } => ("timed_out", "timed_out", error, details.clone(), true),
                 RunEnd::SpawnFailed { error } => ("spawn_failed", "spawn_failed", error, json!({}), true),
+                RunEnd::Infrastructure { error } => ("spawn_failed", "spawn_failed", error, json!({"infrastructure": true}), false),
                 RunEnd::RateLimited { error, details } => ("rate_limited", "rate_limited", error, details.clone(), false),
                 RunEnd::ProtocolViolation { error, details } => {
                     let mut d = details.clone();

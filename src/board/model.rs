@@ -269,6 +269,9 @@ pub enum RunEnd {
     TimedOut { error: String, details: Value },
     /// The worker never started: counted.
     SpawnFailed { error: String },
+    /// The worker never started because systemd or D-Bus failed us: not the task's fault,
+    /// not counted (upstream HEAD's "infrastructure" spawn failure).
+    Infrastructure { error: String },
     /// The worker's scope vanished (reboot, lost unit): not the worker's fault, not counted.
     Lost { error: String },
     /// An operator stopped it: requeued, not counted.

@@ -89,11 +89,20 @@ pub fn main(opts: Options) -> anyhow::Result<()> {
     rt.block_on(run(opts)).map_err(fatal)
 }
 
-async fn connect_systemd(notifier: &notify::Notifier) -> Systemd {
+type Removals = std::pin::Pin<Box<dyn futures_util::Stream<Item = String> + Send>>;
+
+/// Connect, subscribe and watch `UnitRemoved`, retrying (and feeding the watchdog) until
+/// systemd answers: a restarted dbus-daemon or systemd must not end the daemon.
+async fn connect_systemd(notifier: &notify::Notifier) -> (Systemd, Removals) {
     let mut delay = Duration::from_millis(200);
     loop {
-        match Systemd::connect().await {
-            Ok(sd) => return sd,
+        let attempt = async {
+            let sd = Systemd::connect().await?;
+            let removed = sd.unit_removed_stream().await?;
+            Ok::<_, crate::systemd::SystemdError>((sd, removed))
+        };
+        match attempt.await {
+            Ok(ok) => return ok,
             Err(e) => {
                 warn!("cannot reach systemd ({e}), retrying in {delay:?}");
                 notifier.send("WATCHDOG=1");
@@ -123,7 +132,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         );
     };
     let notifier = notify::Notifier::from_env();
-    let sd = connect_systemd(&notifier).await;
+    let (sd, mut removed) = connect_systemd(&notifier).await;
     let runs_dir = cfg.state_dir.join("runs");
     let watcher = watch::Watcher::new(&runs_dir, &paths.db)
         .with_context(|| format!("watch {} and {}", runs_dir.display(), paths.db.display()))?;
@@ -149,7 +158,6 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
-    let mut removed = d.sd.unit_removed_stream().await?;
     let wd = notify::watchdog_interval();
     let mut watchdog = tokio::time::interval(wd.unwrap_or(Duration::from_secs(3600)));
     let mut tick = tokio::time::interval(Duration::from_secs(d.cfg.tick_seconds));
@@ -174,11 +182,11 @@ async fn run(opts: Options) -> anyhow::Result<()> {
                 Some(unit) => d.on_unit_removed(&unit).await,
                 None => {
                     warn!("lost the system bus; reconnecting");
-                    d.sd = connect_systemd(&d.notifier).await;
-                    removed = d.sd.unit_removed_stream().await?;
+                    (d.sd, removed) = connect_systemd(&d.notifier).await;
                     if let Err(e) = d.reconcile().await {
                         warn!("reconcile after reconnect: {e:#}");
                     }
+                    d.pass().await;
                 }
             },
             Some(ev) = rx.recv() => match ev {
@@ -298,7 +306,7 @@ impl Daemon {
                           "spawn failed ({}) and the board would not take the record ({}); retrying", u.error, u.why);
                     self.pending.insert(
                         (u.task_id, u.run_id),
-                        Some(RunEnd::SpawnFailed { error: u.error }),
+                        Some(dispatch::spawn_end(&u.error, u.infrastructure)),
                     );
                 }
             }
@@ -517,9 +525,10 @@ fn end_text(e: &RunEnd) -> String {
         | RunEnd::ProtocolViolation { error, .. }
         | RunEnd::RateLimited { error, .. }
         | RunEnd::TimedOut { error, .. } => error.clone(),
-        RunEnd::SpawnFailed { error } | RunEnd::Lost { error } | RunEnd::Stopped { error } => {
-            error.clone()
-        }
+        RunEnd::SpawnFailed { error }
+        | RunEnd::Infrastructure { error }
+        | RunEnd::Lost { error }
+        | RunEnd::Stopped { error } => error.clone(),
     }
 }
 

@@ -62,6 +62,21 @@ pub struct SpawnFailure {
     pub run_id: i64,
     pub error: String,
     pub gave_up: bool,
+    /// systemd or D-Bus failed, not the task: not counted against it.
+    pub infrastructure: bool,
+}
+
+/// The outcome of a spawn failure.
+pub fn spawn_end(error: &str, infrastructure: bool) -> RunEnd {
+    if infrastructure {
+        RunEnd::Infrastructure {
+            error: error.to_string(),
+        }
+    } else {
+        RunEnd::SpawnFailed {
+            error: error.to_string(),
+        }
+    }
 }
 
 /// The result of one pass, shaped like upstream's `hermes kanban dispatch --json`.
@@ -85,6 +100,7 @@ pub struct Unbooked {
     pub task_id: String,
     pub run_id: i64,
     pub error: String,
+    pub infrastructure: bool,
     pub why: String,
 }
 
@@ -155,16 +171,17 @@ pub async fn once(
                 });
                 started.push(s);
             }
-            Err(error) => {
-                let end = RunEnd::SpawnFailed {
-                    error: error.clone(),
-                };
+            Err(err) => {
+                let infrastructure = err.infrastructure;
+                let error = err.reason;
+                let end = spawn_end(&error, infrastructure);
                 match board.end_run(&task.id, claim.run_id, &end, cfg.failure_limit) {
                     Ok(r) => report.spawn_failed.push(SpawnFailure {
                         task_id: task.id.clone(),
                         run_id: claim.run_id,
                         gave_up: r.is_some_and(|e| e.gave_up),
                         error,
+                        infrastructure,
                     }),
                     // Claimed, not started, and the board refuses the record (locked): the
                     // caller must book it later, or the task would stay `running` forever.
@@ -173,11 +190,16 @@ pub async fn once(
                             task_id: task.id.clone(),
                             run_id: claim.run_id,
                             error,
+                            infrastructure,
                             why: e.to_string(),
                         });
                         // The board is not taking writes: no point claiming more now.
                         break;
                     }
+                }
+                if infrastructure {
+                    // systemd or the bus failed us: the next task would fail the same way.
+                    break;
                 }
             }
         }

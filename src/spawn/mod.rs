@@ -44,6 +44,39 @@ pub const SCRUBBED_ENV: &[&str] = &[
 /// Upstream's `KANBAN_TERMINAL_TIMEOUT_GRACE_SECONDS`.
 const TERMINAL_TIMEOUT_GRACE: i64 = 30;
 
+/// Why a worker did not start. `infrastructure`: systemd or D-Bus failed us (not counted
+/// against the task); otherwise the task or the configuration is at fault (counted, as
+/// upstream counts spawn failures, so a broken setup trips the breaker instead of looping).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpawnError {
+    pub reason: String,
+    pub infrastructure: bool,
+}
+
+impl From<String> for SpawnError {
+    fn from(reason: String) -> SpawnError {
+        SpawnError {
+            reason,
+            infrastructure: false,
+        }
+    }
+}
+
+impl From<&str> for SpawnError {
+    fn from(reason: &str) -> SpawnError {
+        SpawnError {
+            reason: reason.to_string(),
+            infrastructure: false,
+        }
+    }
+}
+
+impl std::fmt::Display for SpawnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
 /// A worker that is running in its scope.
 #[derive(Debug)]
 pub struct Started {
@@ -437,7 +470,7 @@ pub async fn start_worker(
     sd: &Systemd,
     cfg: &Config,
     claim: &Claim,
-) -> Result<Started, String> {
+) -> Result<Started, SpawnError> {
     let task = &claim.task;
     let unit = unit_name::worker_scope(&task.id, claim.run_id);
     let spec = prepare(board, cfg, claim, &unit)?;
@@ -466,7 +499,7 @@ pub async fn start_worker(
     };
     if let Err(e) = stdin.write_all(spec_line.as_bytes()).await {
         abort(sd, &unit, &mut child, false).await;
-        return Err(format!("hand the spec to the supervisor: {e}"));
+        return Err(format!("hand the spec to the supervisor: {e}").into());
     }
     let props = || {
         scope_properties(
@@ -482,7 +515,10 @@ pub async fn start_worker(
             SystemdError::Timeout { .. } | SystemdError::JobFailed { .. }
         );
         abort(sd, &unit, &mut child, ours).await;
-        return Err(format!("create scope {unit}: {e}"));
+        return Err(SpawnError {
+            reason: format!("create scope {unit}: {e}"),
+            infrastructure: true,
+        });
     }
     // Read back what systemd did (crun does the same): the held process must be in the scope.
     let want = liveness::unit_cgroup(&cfg.slice, &unit);
@@ -490,12 +526,12 @@ pub async fn start_worker(
         Ok(Some(cg)) if cg == want => {}
         other => {
             abort(sd, &unit, &mut child, true).await;
-            return Err(format!("supervisor {pid} is in {other:?}, not in {want}"));
+            return Err(format!("supervisor {pid} is in {other:?}, not in {want}").into());
         }
     }
     if let Err(e) = stdin.write_all(b"G").await {
         abort(sd, &unit, &mut child, true).await;
-        return Err(format!("release the supervisor: {e}"));
+        return Err(format!("release the supervisor: {e}").into());
     }
     drop(stdin);
     let mut line = String::new();
@@ -526,11 +562,11 @@ pub async fn start_worker(
         }
         Ok(Report::Failed { reason }) => {
             abort(sd, &unit, &mut child, true).await;
-            Err(reason)
+            Err(reason.into())
         }
         Err(reason) => {
             abort(sd, &unit, &mut child, true).await;
-            Err(reason)
+            Err(reason.into())
         }
     }
 }

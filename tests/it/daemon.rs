@@ -384,6 +384,10 @@ systemd_test!(
         let pid = systemctl_show(SERVICE, "MainPID");
         let id = d.rig.add("crashes after the bus restarts");
         let r1 = d.wait_running(&id, 0);
+        // Restart the bus once the worker runs (a spawn in flight would fail as
+        // infrastructure, which is a different story).
+        let ws = d.rig.dir.join("kanban/workspaces").join(&id);
+        d.rig.wait_file(&ws.join(format!("ready-{r1}")));
         sh("systemctl restart dbus.service");
         d.command(&id, r1, "exit 1");
         let r2 = d.wait_running(&id, r1);
@@ -456,5 +460,64 @@ systemd_test!(
         );
         assert!(journal(SERVICE).contains("board locked; will retry booking the run"));
         d.command(&id, r2, "complete");
+    }
+);
+
+systemd_test!(
+    logs_carry_task_fields_sighup_reloads_and_stop_workers_on_exit_is_honoured,
+    {
+        let d = Dispatcher::new("tick_seconds = 3600\nstop_workers_on_exit = true");
+        d.install();
+        d.start();
+        let id = d.rig.add("logged");
+        let run = d.wait_running(&id, 0);
+        let pid = wait_for("worker pid", Duration::from_secs(20), || {
+            d.task(&id).worker_pid
+        }) as u32;
+        // `journalctl HERMES_KANBAN_TASK=<id>` tells the task's story from the dispatcher's side.
+        let by_task = wait_for(
+            "a task-tagged journal line",
+            Duration::from_secs(20),
+            || {
+                let o = Command::new("journalctl")
+                    .args([
+                        &format!("HERMES_KANBAN_TASK={id}"),
+                        "-o",
+                        "json",
+                        "--no-pager",
+                    ])
+                    .output()
+                    .unwrap();
+                let text = String::from_utf8_lossy(&o.stdout).into_owned();
+                text.contains("worker started").then_some(text)
+            },
+        );
+        let line: serde_json::Value = serde_json::from_str(
+            by_task
+                .lines()
+                .find(|l| l.contains("worker started"))
+                .unwrap(),
+        )
+        .unwrap();
+        let unit = format!("hermes-worker-kanban-{id}-run-{run}.scope");
+        assert_eq!(line["HERMES_KANBAN_RUN_ID"], json!(run.to_string()));
+        assert_eq!(line["UNIT"], json!(unit));
+        assert_eq!(line["_SYSTEMD_UNIT"], json!(SERVICE));
+        // SIGHUP (systemctl reload is not configured in the test unit: send it directly).
+        sh(&format!(
+            "systemctl kill --signal=HUP --kill-whom=main {SERVICE}"
+        ));
+        wait_for("a reload", Duration::from_secs(10), || {
+            journal(SERVICE)
+                .contains("configuration reloaded")
+                .then_some(())
+        });
+        assert!(alive(pid));
+        sh(&format!("systemctl stop {SERVICE}"));
+        wait_for(
+            "the worker stopped with the daemon",
+            Duration::from_secs(20),
+            || (!alive(pid)).then_some(()),
+        );
     }
 );
