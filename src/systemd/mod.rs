@@ -222,25 +222,25 @@ impl Systemd {
             .map_err(|e| SystemdError::from_zbus("Version", "", e))
     }
 
-    /// `StartTransientUnit(name, "fail", props)` and wait for its job to finish. The
-    /// `JobRemoved` match is installed before the call (the job can finish before the reply
-    /// is read), and the reply only means "queued": a scope's PIDs move when the job runs.
-    pub async fn start_transient(
+    /// Run a method that queues a job, and wait for that job's `JobRemoved`; returns its
+    /// result (`done`, `failed`, `canceled`, …). The match is installed before the call,
+    /// because the job can finish before the reply is read (crun and systemd-run do the same).
+    async fn run_job<F>(
         &self,
+        op: &'static str,
         name: &str,
-        props: Vec<Property>,
+        call: F,
         timeout: Duration,
-    ) -> Result<()> {
-        let op = "StartTransientUnit";
+    ) -> Result<String>
+    where
+        F: std::future::Future<Output = zbus::Result<OwnedObjectPath>>,
+    {
         let mut removed = self
             .manager
             .receive_job_removed()
             .await
             .map_err(|e| SystemdError::from_zbus(op, name, e))?;
-        let props: Vec<(&str, Variant<'_>)> = props.into_iter().collect();
-        let job = self
-            .manager
-            .start_transient_unit(name, "fail", props, Vec::new())
+        let job = call
             .await
             .map_err(|e| SystemdError::from_zbus(op, name, e))?;
         let wait = async {
@@ -253,12 +253,7 @@ impl Systemd {
             None
         };
         match tokio::time::timeout(timeout, wait).await {
-            Ok(Some(r)) if r == "done" => Ok(()),
-            Ok(Some(result)) => Err(SystemdError::JobFailed {
-                op,
-                unit: name.into(),
-                result,
-            }),
+            Ok(Some(result)) => Ok(result),
             Ok(None) => Err(SystemdError::Unreachable(zbus::Error::Failure(
                 "signal stream ended".into(),
             ))),
@@ -270,40 +265,38 @@ impl Systemd {
         }
     }
 
+    /// `StartTransientUnit(name, "fail", props)` and wait for its job: the reply only means
+    /// "queued", and a scope's PIDs move when the job runs.
+    pub async fn start_transient(
+        &self,
+        name: &str,
+        props: Vec<Property>,
+        timeout: Duration,
+    ) -> Result<()> {
+        let op = "StartTransientUnit";
+        let call = self
+            .manager
+            .start_transient_unit(name, "fail", props, Vec::new());
+        match self.run_job(op, name, call, timeout).await? {
+            r if r == "done" => Ok(()),
+            result => Err(SystemdError::JobFailed {
+                op,
+                unit: name.into(),
+                result,
+            }),
+        }
+    }
+
     /// `StopUnit(name, "replace")`, returning once the stop job has finished (for a scope:
     /// every process is gone, or SIGKILL was sent and `TimeoutStopSec` ran out again).
     pub async fn stop_and_wait(&self, name: &str, timeout: Duration) -> Result<String> {
-        let op = "StopUnit";
-        let mut removed = self
-            .manager
-            .receive_job_removed()
-            .await
-            .map_err(|e| SystemdError::from_zbus(op, name, e))?;
-        let job = self
-            .manager
-            .stop_unit(name, "replace")
-            .await
-            .map_err(|e| SystemdError::from_zbus(op, name, e))?;
-        let wait = async {
-            while let Some(sig) = removed.next().await {
-                let Ok(args) = sig.args() else { continue };
-                if args.job == job {
-                    return Some(args.result);
-                }
-            }
-            None
-        };
-        match tokio::time::timeout(timeout, wait).await {
-            Ok(Some(r)) => Ok(r),
-            Ok(None) => Err(SystemdError::Unreachable(zbus::Error::Failure(
-                "signal stream ended".into(),
-            ))),
-            Err(_) => Err(SystemdError::Timeout {
-                op,
-                unit: name.into(),
-                timeout,
-            }),
-        }
+        self.run_job(
+            "StopUnit",
+            name,
+            self.manager.stop_unit(name, "replace"),
+            timeout,
+        )
+        .await
     }
 
     /// Queue `StopUnit(name, "replace")` without waiting for it.

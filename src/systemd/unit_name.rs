@@ -30,6 +30,22 @@ fn fnv1a(s: &str) -> u64 {
     h
 }
 
+/// `escape(task)` in at most `max` bytes: when longer, cut (never inside an `\xNN`) and
+/// suffixed with a digest of the whole id, so that distinct ids keep distinct names.
+fn escaped_within(task: &str, max: usize) -> String {
+    let mut esc = escape(task);
+    if esc.len() > max {
+        let digest = format!("_{:016x}", fnv1a(task));
+        let mut cut = max - digest.len();
+        while cut > 0 && esc[..cut].rfind('\\').is_some_and(|i| i + 4 > cut) {
+            cut -= 1;
+        }
+        esc.truncate(cut);
+        esc.push_str(&digest);
+    }
+    esc
+}
+
 /// `hermes-worker-kanban-<task>-run-<run>.scope`, upstream's naming (HEAD's
 /// `_restart_safe_worker_argv`). An id whose escaped form would push the name past
 /// systemd's limit is cut and suffixed with a digest of the whole id, so the name stays
@@ -37,18 +53,7 @@ fn fnv1a(s: &str) -> u64 {
 pub fn worker_scope(task: &str, run: i64) -> String {
     let tail = format!("-run-{run}.scope");
     let head = "hermes-worker-kanban-";
-    let mut esc = escape(task);
-    let room = UNIT_NAME_MAX - head.len() - tail.len();
-    if esc.len() > room {
-        let digest = format!("_{:016x}", fnv1a(task));
-        let mut cut = room - digest.len();
-        // Never split an `\xNN` sequence.
-        while cut > 0 && esc[..cut].rfind('\\').is_some_and(|i| i + 4 > cut) {
-            cut -= 1;
-        }
-        esc.truncate(cut);
-        esc.push_str(&digest);
-    }
+    let esc = escaped_within(task, UNIT_NAME_MAX - head.len() - tail.len());
     format!("{head}{esc}{tail}")
 }
 
@@ -68,17 +73,7 @@ pub fn file_component(task: &str) -> String {
     if task.is_empty() {
         return "_".into();
     }
-    let mut esc = escape(task);
-    if esc.len() > MAX {
-        let digest = format!("_{:016x}", fnv1a(task));
-        let mut cut = MAX - digest.len();
-        while cut > 0 && esc[..cut].rfind('\\').is_some_and(|i| i + 4 > cut) {
-            cut -= 1;
-        }
-        esc.truncate(cut);
-        esc.push_str(&digest);
-    }
-    esc
+    escaped_within(task, MAX)
 }
 
 /// The glob that matches every worker scope, for `ListUnitsByPatterns`.
