@@ -40,6 +40,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Parent of each run's private `TMPDIR` (removed when the run ends).
     pub tmp_root: PathBuf,
+    /// Also append worker output to upstream's `<root>/kanban/logs/<task>.log` (rotated at
+    /// 2 MiB, one `.log.1` kept), so `hermes kanban log` keeps working.
+    pub worker_log_file: bool,
     /// The daemon's safety-net pass, in seconds (events do the real work).
     pub tick_seconds: u64,
     /// A worker whose run was closed by someone else (its own complete/block, an operator's
@@ -70,6 +73,7 @@ impl Default for Config {
             default_assignee: None,
             state_dir: "/run/hermes-mgr".into(),
             tmp_root: "/tmp".into(),
+            worker_log_file: false,
             tick_seconds: 30,
             verdict_grace_seconds: 30,
             rate_limit_cooldown_seconds: 300,

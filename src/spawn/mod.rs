@@ -320,7 +320,20 @@ pub fn prepare(
         argv.push("-Q".into());
     }
 
+    let log_file = if cfg.worker_log_file {
+        board.make_dir(&paths.logs).map_err(|e| e.to_string())?;
+        let path =
+            absolute(&paths.logs).join(format!("{}.log", unit_name::file_component(&task.id)));
+        rotate_log(&path);
+        Some(path)
+    } else {
+        None
+    };
+    let owner = board.owner();
+
     Ok(WorkerSpec {
+        log_file,
+        log_owner: (owner.uid, owner.gid),
         task: task.id.clone(),
         run_id: claim.run_id,
         unit: unit.to_string(),
@@ -334,6 +347,16 @@ pub fn prepare(
         status_file: spec::status_path(&cfg.state_dir, &task.id, claim.run_id),
         identifier: "hermes-worker".into(),
     })
+}
+
+/// Upstream's rotation at spawn: a log over 2 MiB becomes `<task>.log.1` (one kept).
+fn rotate_log(path: &Path) {
+    const ROTATE_BYTES: u64 = 2 * 1024 * 1024;
+    if std::fs::metadata(path).is_ok_and(|m| m.len() > ROTATE_BYTES) {
+        let mut old = path.as_os_str().to_owned();
+        old.push(".1");
+        let _ = std::fs::rename(path, PathBuf::from(old));
+    }
 }
 
 /// `Description=`: names task, run and title; task data is untrusted, so control

@@ -25,6 +25,10 @@ pub struct WorkerSpec {
     pub status_file: PathBuf,
     /// `SYSLOG_IDENTIFIER` of the worker's output in the journal.
     pub identifier: String,
+    /// Also append the output here (upstream's `kanban/logs/<task>.log`), owned by
+    /// `log_owner` (uid, gid), so `hermes kanban log` keeps working.
+    pub log_file: Option<PathBuf>,
+    pub log_owner: (u32, u32),
 }
 
 /// How a worker ended, written by its supervisor the moment it was reaped, so the exit

@@ -215,9 +215,23 @@ fn run(spec: &WorkerSpec) -> Result<u8, String> {
     }
     mask.thread_block()
         .map_err(|e| format!("block signals: {e}"))?;
-    let sfd = SignalFd::new(&mask).map_err(|e| format!("signalfd: {e}"))?;
+    let sfd = SignalFd::with_flags(
+        &mask,
+        nix::sys::signalfd::SfdFlags::SFD_NONBLOCK | nix::sys::signalfd::SfdFlags::SFD_CLOEXEC,
+    )
+    .map_err(|e| format!("signalfd: {e}"))?;
 
     let devnull = std::fs::File::open("/dev/null").map_err(|e| format!("open /dev/null: {e}"))?;
+    // With a log file, the worker writes into pipes and we copy to the journal and the file;
+    // without one, it writes straight into its journal streams.
+    let tee = match &spec.log_file {
+        Some(path) => Some(Tee::open(path, spec.log_owner)?),
+        None => None,
+    };
+    let (child_out, child_err) = match &tee {
+        Some(t) => (t.out_w.as_raw_fd(), t.err_w.as_raw_fd()),
+        None => (out.as_raw_fd(), err.as_raw_fd()),
+    };
     let plan = ChildPlan {
         path: cstr(&spec.argv[0], "worker path")?,
         argv: spec
@@ -239,8 +253,8 @@ fn run(spec: &WorkerSpec) -> Result<u8, String> {
             .map(|g| nix::unistd::Gid::from_raw(*g))
             .collect(),
         stdin: devnull.into(),
-        stdout: out.as_raw_fd(),
-        stderr: err.as_raw_fd(),
+        stdout: child_out,
+        stderr: child_err,
     };
     // Exec failures travel back on a close-on-exec pipe: EOF means exec succeeded.
     let (err_r, err_w) =
@@ -272,16 +286,20 @@ fn run(spec: &WorkerSpec) -> Result<u8, String> {
     report(&Report::Started {
         pid: worker.as_raw() as u32,
     });
-    drop(out);
-    drop(err);
+    let mut relay = tee.map(|t| t.into_relay(out, err));
 
     let mut sigterm = false;
     let status = loop {
-        match sfd.read_signal() {
-            Ok(Some(info)) if info.ssi_signo == libc::SIGTERM as u32 => sigterm = true,
-            Ok(_) => {}
-            Err(nix::Error::EINTR) => continue,
-            Err(e) => return Err(format!("read signalfd: {e}")),
+        if wait_readable(&sfd, relay.as_ref())? {
+            match sfd.read_signal() {
+                Ok(Some(info)) if info.ssi_signo == libc::SIGTERM as u32 => sigterm = true,
+                Ok(_) => {}
+                Err(nix::Error::EINTR | nix::Error::EAGAIN) => {}
+                Err(e) => return Err(format!("read signalfd: {e}")),
+            }
+        }
+        if let Some(r) = relay.as_mut() {
+            r.pump();
         }
         if let Some(st) = reap(worker) {
             break st;
@@ -311,6 +329,17 @@ fn run(spec: &WorkerSpec) -> Result<u8, String> {
         );
     }
     let _ = std::fs::remove_dir_all(&spec.tmpdir);
+    // Copy what descendants still write until they close the pipes (a stop of the scope
+    // ends them); the exit status is already on record.
+    if let Some(mut r) = relay {
+        while !r.done() {
+            if wait_readable(&sfd, Some(&r))? {
+                let _ = sfd.read_signal();
+            }
+            r.pump();
+            let _ = reap(worker);
+        }
+    }
     Ok(match (exit_code, signal) {
         (Some(c), _) => c.clamp(0, 255) as u8,
         (None, Some(s)) => (128 + s).clamp(0, 255) as u8,
@@ -332,6 +361,121 @@ fn reap(worker: Pid) -> Option<WaitStatus> {
                     found = Some(st);
                 }
             }
+        }
+    }
+}
+
+/// The worker's output pipes and the log file, before the fork.
+struct Tee {
+    out_r: OwnedFd,
+    out_w: OwnedFd,
+    err_r: OwnedFd,
+    err_w: OwnedFd,
+    log: std::fs::File,
+}
+
+impl Tee {
+    fn open(path: &Path, owner: (u32, u32)) -> Result<Tee, String> {
+        let (out_r, out_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+        let (err_r, err_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| format!("open the worker log {}: {e}", path.display()))?;
+        // `hermes kanban log`, run as the board's owner, must be able to read it.
+        let _ = std::os::unix::fs::fchown(&log, Some(owner.0), Some(owner.1));
+        Ok(Tee {
+            out_r,
+            out_w,
+            err_r,
+            err_w,
+            log,
+        })
+    }
+
+    /// After the fork: keep only the read ends (EOF comes when the last writer is gone).
+    fn into_relay(self, journal_out: UnixStream, journal_err: UnixStream) -> Relay {
+        drop(self.out_w);
+        drop(self.err_w);
+        for fd in [&self.out_r, &self.err_r] {
+            // SAFETY: fcntl on fds we own.
+            unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        }
+        Relay {
+            streams: vec![
+                (Some(self.out_r), journal_out),
+                (Some(self.err_r), journal_err),
+            ],
+            log: self.log,
+        }
+    }
+}
+
+/// Copies the worker's stdout and stderr into its journal streams and the log file.
+struct Relay {
+    streams: Vec<(Option<OwnedFd>, UnixStream)>,
+    log: std::fs::File,
+}
+
+impl Relay {
+    fn done(&self) -> bool {
+        self.streams.iter().all(|(r, _)| r.is_none())
+    }
+
+    fn fds(&self) -> Vec<RawFd> {
+        self.streams
+            .iter()
+            .filter_map(|(r, _)| r.as_ref().map(|f| f.as_raw_fd()))
+            .collect()
+    }
+
+    /// Copy whatever is readable now, without blocking.
+    fn pump(&mut self) {
+        let mut buf = [0u8; 65536];
+        for (r, journal) in self.streams.iter_mut() {
+            while let Some(fd) = r.as_ref() {
+                match nix::unistd::read(fd, &mut buf) {
+                    Ok(0) => *r = None,
+                    Ok(n) => {
+                        let _ = journal.write_all(&buf[..n]);
+                        let _ = self.log.write_all(&buf[..n]);
+                    }
+                    Err(nix::Error::EINTR) => {}
+                    Err(nix::Error::EAGAIN) => break,
+                    Err(_) => *r = None,
+                }
+            }
+        }
+    }
+}
+
+/// poll(2) on the signalfd and the relay's pipes; true when the signalfd is readable.
+fn wait_readable(sfd: &SignalFd, relay: Option<&Relay>) -> Result<bool, String> {
+    use std::os::fd::AsFd;
+    let mut fds = vec![libc::pollfd {
+        fd: sfd.as_fd().as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    if let Some(r) = relay {
+        fds.extend(r.fds().into_iter().map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        }));
+    }
+    loop {
+        // SAFETY: `fds` is a valid array of pollfd for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n >= 0 {
+            return Ok(fds[0].revents != 0);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(format!("poll: {e}"));
         }
     }
 }

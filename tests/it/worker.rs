@@ -626,3 +626,61 @@ systemd_test!(
         squatter.wait().unwrap();
     }
 );
+
+systemd_test!(
+    with_worker_log_file_output_goes_to_the_journal_and_to_upstreams_log,
+    {
+        let stub = "#!/bin/sh\necho \"line to stdout $HERMES_KANBAN_TASK\"\necho \"line to stderr $HERMES_KANBAN_TASK\" >&2\nexec sleep 1000\n";
+        let rig = Rig::new(stub, "worker_log_file = true");
+        let id = rig.add("logs twice");
+        let out = rig.dispatch();
+        let unit = out["spawned"][0]["unit"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{out}"))
+            .to_string();
+        let log = rig.dir.join("kanban/logs").join(format!("{id}.log"));
+        let text = wait_for(
+            "both lines in the log file",
+            Duration::from_secs(20),
+            || {
+                std::fs::read_to_string(&log)
+                    .ok()
+                    .filter(|t| t.contains("line to stdout") && t.contains("line to stderr"))
+            },
+        );
+        assert!(text.contains(&id));
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            std::fs::metadata(&log).unwrap().uid(),
+            rig.uid,
+            "the log is not the board owner's"
+        );
+        let journal = wait_for("both lines in the journal", Duration::from_secs(20), || {
+            let o = Command::new("journalctl")
+                .args(["-u", &unit, "-o", "json", "--no-pager"])
+                .output()
+                .unwrap();
+            let t = String::from_utf8_lossy(&o.stdout).into_owned();
+            (t.contains("line to stdout") && t.contains("line to stderr")).then_some(t)
+        });
+        for line in journal.lines().filter(|l| l.contains("line to std")) {
+            let v: Value = serde_json::from_str(line).unwrap();
+            assert_eq!(v["_SYSTEMD_UNIT"], json!(unit));
+        }
+        // Upstream's own reader finds it.
+        let o = Command::new(hermes_bin())
+            .args(["kanban", "log", &id])
+            .env("HERMES_KANBAN_DB", &rig.db)
+            .env("HERMES_KANBAN_HOME", &rig.dir)
+            .env("HOME", &rig.dir)
+            .output()
+            .unwrap();
+        let shown = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            shown.contains("line to stdout") && shown.contains("line to stderr"),
+            "hermes kanban log: {shown}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        rig.mgr(&["stop", &id]).ok();
+    }
+);
