@@ -439,6 +439,43 @@ impl Board {
         Ok(rows)
     }
 
+    /// How many tasks are in each status (one indexed GROUP BY, fast on big boards).
+    pub fn counts(&self) -> Result<std::collections::BTreeMap<String, i64>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT status, count(*) FROM tasks GROUP BY status")
+            .map_err(|e| self.err("count tasks", e))?;
+        let v = st
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .and_then(|r| r.collect::<rusqlite::Result<_>>())
+            .map_err(|e| self.err("count tasks", e))?;
+        Ok(v)
+    }
+
+    /// Up to `limit` tasks in `status`, in dispatch order.
+    pub fn in_status(&self, status: &str, limit: usize) -> Result<Vec<Task>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT * FROM tasks WHERE status = ?1 ORDER BY priority DESC, created_at ASC, id ASC LIMIT ?2")
+            .map_err(|e| self.err("list tasks", e))?;
+        let v = st
+            .query_map(params![status, limit as i64], Task::from_row)
+            .and_then(|r| r.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(|e| self.err("list tasks", e))?;
+        Ok(v)
+    }
+
+    /// Number of runs of a task.
+    pub fn run_count(&self, id: &str) -> Result<i64> {
+        self.conn
+            .query_row(
+                "SELECT count(*) FROM task_runs WHERE task_id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err("count runs", e))
+    }
+
     pub fn parents(&self, id: &str) -> Result<Vec<String>> {
         self.strings(
             "SELECT parent_id FROM task_links WHERE child_id = ?1 ORDER BY parent_id",

@@ -135,6 +135,16 @@ impl FileLock {
         }
     }
 
+    /// Take a life lock: `None` when another process holds it for more than two seconds
+    /// (a brief holder — `status` probing it — is waited out).
+    pub fn acquire_or_held(path: &Path, owner: &Owner) -> io::Result<Option<FileLock>> {
+        match FileLock::acquire(path, owner, Duration::from_secs(2)) {
+            Ok(l) => Ok(Some(l)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Take the lock now or report `None` (the per-pass dispatch lock: a loser skips).
     pub fn try_acquire(path: &Path, owner: &Owner) -> io::Result<Option<FileLock>> {
         let f = open_lock(path, owner)?;

@@ -126,13 +126,43 @@ pub enum Command {
     },
     /// Stop a task's worker (SIGTERM, then SIGKILL after the timeout) and requeue the task.
     Stop {
-        id: String,
+        #[arg(required_unless_present = "all")]
+        id: Option<String>,
+        /// Stop every running task's worker.
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
         /// Seconds between SIGTERM and SIGKILL [default: stop_timeout_seconds].
         #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
         timeout: Option<u64>,
     },
     /// Run the dispatcher daemon in the foreground (what hermes-dispatcher.service runs).
     Dispatcher,
+    /// What runs, where, how healthy, and why the last one failed.
+    Status {
+        /// At most this many ready/blocked/triage/todo tasks each (running ones are all shown).
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Refresh every 2 seconds until interrupted.
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
+    },
+    /// The worker's output: the journal of its scope (or upstream's kanban/logs/<task>.log).
+    Logs {
+        id: String,
+        /// Follow new output.
+        #[arg(short, long)]
+        follow: bool,
+        /// This run instead of the current or latest one.
+        #[arg(long, value_name = "N")]
+        run: Option<i64>,
+    },
+    /// Check what the dispatcher needs; one line per check, non-zero exit when one fails.
+    Doctor,
+    /// Shell completions.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Internal: the first process of a worker scope (started by hermes-mgr itself).
     #[command(hide = true)]
     Supervise,
@@ -228,6 +258,56 @@ async fn systemd() -> anyhow::Result<crate::systemd::Systemd> {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Supervise | Command::Dispatcher => bail!("not reached: handled in main"),
+        Command::Status { limit, watch } => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            let b = open(&cli, OpenMode::MustExist)?;
+            loop {
+                let snap = crate::status::snapshot(&b, &cfg, *limit)?;
+                if cli.json {
+                    return print_json(&snap);
+                }
+                use std::io::IsTerminal;
+                let tty = std::io::stdout().is_terminal();
+                let text = render::status(&snap, tty && std::env::var_os("NO_COLOR").is_none());
+                if !*watch {
+                    print!("{text}");
+                    return Ok(());
+                }
+                // Repaint in place: home, clear below.
+                print!("\x1b[H\x1b[J{text}");
+                use std::io::Write;
+                std::io::stdout().flush()?;
+                std::thread::sleep(std::time::Duration::from_secs(2));
+            }
+        }
+        Command::Logs { id, follow, run } => {
+            let b = open(&cli, OpenMode::MustExist)?;
+            crate::cli::logs(&b, id, *run, *follow)
+        }
+        Command::Doctor => {
+            let cfg = Config::load(cli.config.as_deref());
+            let paths = Resolver::from_env(cli.db.clone(), cli.board.clone()).resolve()?;
+            let checks = runtime()?.block_on(crate::doctor::run(&paths, cfg));
+            if cli.json {
+                print_json(&checks)?;
+            } else {
+                print!("{}", render::doctor(&checks));
+            }
+            if checks.iter().any(|c| c.level == crate::doctor::Level::Fail) {
+                bail!("some checks failed; see the fix on each failing line");
+            }
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "hermes-mgr",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
         Command::Dispatch { once: _, max } => {
             let cfg = Config::load(cli.config.as_deref())?;
             let b = open(&cli, OpenMode::MustExist)?;
@@ -236,7 +316,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(dir) = life.parent() {
                 b.make_dir(dir)?;
             }
-            let _life = board::ownership::FileLock::try_acquire(&life, b.owner())
+            let _life = board::ownership::FileLock::acquire_or_held(&life, b.owner())
                 .with_context(|| format!("open {}", life.display()))?
                 .with_context(|| format!("another dispatcher holds {} (hermes-dispatcher.service or a Hermes gateway); it dispatches already", life.display()))?;
             let (report, _started) = runtime()?.block_on(async {
@@ -256,17 +336,38 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Stop { id, timeout } => {
+        Command::Stop { id, all, timeout } => {
             let cfg = Config::load(cli.config.as_deref())?;
             let b = open(&cli, OpenMode::MustExist)?;
-            let report = runtime()?.block_on(async {
+            let ids: Vec<String> = match (id, all) {
+                (Some(id), _) => vec![id.clone()],
+                (None, true) => b
+                    .list(Some("running"), None)?
+                    .into_iter()
+                    .map(|t| t.id)
+                    .collect(),
+                (None, false) => bail!("name a task, or --all"),
+            };
+            let reports = runtime()?.block_on(async {
                 let sd = systemd().await?;
-                crate::dispatch::stop::stop(&b, &sd, &cfg, id, *timeout).await
+                let mut out = Vec::new();
+                for id in &ids {
+                    out.push(crate::dispatch::stop::stop(&b, &sd, &cfg, id, *timeout).await?);
+                }
+                anyhow::Ok(out)
             })?;
             if cli.json {
-                return print_json(&report);
+                return match (id, reports.as_slice()) {
+                    (Some(_), [one]) => print_json(one),
+                    _ => print_json(&reports),
+                };
             }
-            println!("{}", render::stopped(&report));
+            if reports.is_empty() {
+                println!("No running task.");
+            }
+            for r in &reports {
+                println!("{}", render::stopped(r));
+            }
             Ok(())
         }
         Command::Add {
@@ -390,4 +491,50 @@ fn report(cli: &Cli, id: &str, status: &str, verb: &str) -> anyhow::Result<()> {
         println!("{verb} {id} ({status})");
         Ok(())
     }
+}
+
+/// `logs`: the journal of the run's scope; upstream's log file when the journal has none.
+fn logs(b: &Board, id: &str, run: Option<i64>, follow: bool) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let task = b.require_task(id)?;
+    let run = match run {
+        Some(r) => r,
+        None => match task.current_run_id.or(b.last_run(id)?.map(|r| r.id)) {
+            Some(r) => r,
+            None => bail!("task {id} has never run; there is no output yet"),
+        },
+    };
+    if !b.runs(id)?.iter().any(|r| r.id == run) {
+        bail!("task {id} has no run {run}; `hermes-mgr show {id}` lists its runs");
+    }
+    let unit = crate::systemd::unit_name::worker_scope(id, run);
+    let mut j = std::process::Command::new("journalctl");
+    j.args(["--no-pager", "-o", "cat", "-u", &unit]);
+    let has_journal = j
+        .output()
+        .map(|o| o.status.success() && !o.stdout.is_empty())
+        .unwrap_or(false);
+    let file = b.paths().logs.join(format!(
+        "{}.log",
+        crate::systemd::unit_name::file_component(id)
+    ));
+    if has_journal || !file.exists() {
+        if follow {
+            j.arg("--follow");
+        }
+        // exec: journalctl prints and follows; its exit status is ours.
+        let e = j.exec();
+        return Err(anyhow::Error::new(e).context("run journalctl"));
+    }
+    if follow {
+        let e = std::process::Command::new("tail")
+            .arg("-F")
+            .arg(&file)
+            .exec();
+        return Err(anyhow::Error::new(e).context("run tail"));
+    }
+    let text = std::fs::read(&file).with_context(|| format!("read {}", file.display()))?;
+    use std::io::Write;
+    std::io::stdout().write_all(&text)?;
+    Ok(())
 }

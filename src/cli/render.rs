@@ -177,6 +177,119 @@ pub fn show(
     o
 }
 
+fn dur(secs: i64) -> String {
+    match secs {
+        s if s < 0 => "-".into(),
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+fn bytes(b: Option<u64>) -> String {
+    match b {
+        None => "-".into(),
+        Some(b) if b < 1 << 20 => format!("{}K", b >> 10),
+        Some(b) if b < 1 << 30 => format!("{:.1}M", b as f64 / (1 << 20) as f64),
+        Some(b) => format!("{:.1}G", b as f64 / (1 << 30) as f64),
+    }
+}
+
+/// `hermes-mgr status`: a summary line, then one row per task worth seeing.
+pub fn status(s: &crate::status::Snapshot, colour: bool) -> String {
+    let paint = |code: &str, text: String| {
+        if colour {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text
+        }
+    };
+    let counts: Vec<String> = s
+        .counts
+        .iter()
+        .map(|(k, v)| format!("{} {v}", clean(k)))
+        .collect();
+    let mut o = format!(
+        "board {}  dispatcher: {}  {}\n",
+        clean(&s.board),
+        if s.dispatcher == "running" {
+            paint("32", s.dispatcher.to_string())
+        } else {
+            paint("33", s.dispatcher.to_string())
+        },
+        if counts.is_empty() {
+            "empty".to_string()
+        } else {
+            counts.join(" · ")
+        }
+    );
+    if s.tasks.is_empty() {
+        o.push_str("Nothing running, ready or blocked. Create a task with: hermes kanban create TITLE --assignee PROFILE\n");
+        return o;
+    }
+    o.push_str(&format!(
+        "{:<12} {:<8} {:>4} {:<12} {:>5} {:>5}  {}\n",
+        "ID", "STATUS", "PRI", "ASSIGNEE", "AGE", "TRIES", "WORKER / LAST ERROR"
+    ));
+    for t in &s.tasks {
+        let status = match t.status.as_str() {
+            "running" => paint("32", format!("{:<8}", t.status)),
+            "blocked" => paint("31", format!("{:<8}", t.status)),
+            _ => format!("{:<8}", clean(&t.status)),
+        };
+        let detail = match &t.run {
+            Some(r) => format!(
+                "{} pid {} {} mem {} peak {} cpu {} up {}",
+                r.unit,
+                r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                r.state.as_deref().unwrap_or("gone"),
+                bytes(r.memory_current),
+                bytes(r.memory_peak),
+                r.cpu_usec
+                    .map(|u| format!("{:.1}s", u as f64 / 1e6))
+                    .unwrap_or_else(|| "-".into()),
+                dur(r.uptime_seconds)
+            ),
+            None => t.last_error.as_deref().map(clean).unwrap_or_default(),
+        };
+        o.push_str(&format!(
+            "{:<12} {status} {:>4} {:<12} {:>5} {:>5}  {}\n",
+            clean(&t.id),
+            t.priority,
+            t.assignee
+                .as_deref()
+                .map(clean)
+                .unwrap_or_else(|| "-".into()),
+            dur(t.age_seconds),
+            t.attempts,
+            detail
+        ));
+    }
+    o
+}
+
+pub fn doctor(checks: &[crate::doctor::Check]) -> String {
+    use crate::doctor::Level::*;
+    checks
+        .iter()
+        .map(|c| {
+            let tag = match c.level {
+                Ok => "ok  ",
+                Warn => "warn",
+                Fail => "FAIL",
+            };
+            let fix = c
+                .fix
+                .as_deref()
+                .filter(|_| c.level != Ok)
+                .map(|f| format!(" — fix: {f}"))
+                .unwrap_or_default();
+            format!("{tag} {:<14} {}{fix}\n", c.name, clean(&c.detail))
+        })
+        .collect()
+}
+
 pub fn pass(r: &crate::dispatch::PassReport) -> String {
     let mut o = String::new();
     if r.skipped_locked {

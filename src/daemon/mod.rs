@@ -122,7 +122,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     // One dispatcher per Hermes root, for life: the same lock Hermes' gateway takes.
     let life_path = paths.dispatcher_lock();
     board.make_dir(life_path.parent().unwrap_or(&paths.root))?;
-    let Some(_life) = FileLock::try_acquire(&life_path, board.owner())
+    let Some(_life) = FileLock::acquire_or_held(&life_path, board.owner())
         .with_context(|| format!("open {}", life_path.display()))?
     else {
         bail!(

@@ -7,5 +7,6 @@ mod board;
 mod cli;
 mod daemon;
 mod interop;
+mod operator;
 mod scope;
 mod worker;

@@ -1,0 +1,249 @@
+//! `hermes-mgr doctor`: what the dispatcher needs, checked one by one, each failing line
+//! with the fix.
+
+use serde::Serialize;
+
+use crate::board::{Board, BoardPaths, OpenMode};
+use crate::config::Config;
+use crate::systemd::Systemd;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Ok,
+    Warn,
+    Fail,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub level: Level,
+    pub detail: String,
+    /// What to do, for warn and fail.
+    pub fix: Option<String>,
+}
+
+fn check(name: &'static str, level: Level, detail: impl Into<String>, fix: Option<&str>) -> Check {
+    Check {
+        name,
+        level,
+        detail: detail.into(),
+        fix: fix.map(str::to_string),
+    }
+}
+
+/// cgroup2's statfs magic (`CGROUP2_SUPER_MAGIC`).
+const CGROUP2_MAGIC: i64 = 0x6367_7270;
+
+pub async fn run(paths: &BoardPaths, cfg: anyhow::Result<Config>) -> Vec<Check> {
+    let mut out = Vec::new();
+    let cfg = match cfg {
+        Ok(c) => {
+            out.push(check("config", Level::Ok, "configuration valid", None));
+            c
+        }
+        Err(e) => {
+            out.push(check(
+                "config",
+                Level::Fail,
+                format!("{e:#}"),
+                Some("fix the file named above (see README.md, Configuration)"),
+            ));
+            Config::default()
+        }
+    };
+    match Systemd::connect().await {
+        Ok(sd) => {
+            out.push(check(
+                "system bus",
+                Level::Ok,
+                "systemd answers on the system bus",
+                None,
+            ));
+            match sd.version().await {
+                Ok(v) => {
+                    let major: u32 = v
+                        .split(|c: char| !c.is_ascii_digit())
+                        .next()
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(0);
+                    out.push(if major >= 252 {
+                        check("systemd", Level::Ok, format!("systemd {v}"), None)
+                    } else {
+                        check(
+                            "systemd",
+                            Level::Fail,
+                            format!("systemd {v}"),
+                            Some("hermes-mgr needs systemd 252 or newer"),
+                        )
+                    });
+                    out.push(if major >= 255 {
+                        check(
+                            "pidfds",
+                            Level::Ok,
+                            "scopes are created with PIDFDs (immune to PID reuse)",
+                            None,
+                        )
+                    } else {
+                        check(
+                            "pidfds",
+                            Level::Warn,
+                            "systemd < 255 takes no PIDFDs; scopes are created with PIDs",
+                            Some("none needed; systemd 255+ closes the PID-reuse window"),
+                        )
+                    });
+                }
+                Err(e) => out.push(check(
+                    "systemd",
+                    Level::Fail,
+                    e.to_string(),
+                    Some("is systemd PID 1?"),
+                )),
+            }
+        }
+        Err(e) => out.push(check(
+            "system bus",
+            Level::Fail,
+            e.to_string(),
+            Some(
+                "start dbus (systemctl start dbus.socket) and run on a host whose PID 1 is systemd",
+            ),
+        )),
+    }
+    out.push(if nix::unistd::geteuid().is_root() {
+        check(
+            "privileges",
+            Level::Ok,
+            "running as root: may create scopes and switch to the worker user",
+            None,
+        )
+    } else {
+        check(
+            "privileges",
+            Level::Warn,
+            "not root: creating scopes needs a polkit rule, switching users needs CAP_SETUID",
+            Some("run the dispatcher as root (hermes-dispatcher.service does)"),
+        )
+    });
+    match nix::sys::statfs::statfs("/sys/fs/cgroup") {
+        Ok(fs) if fs.filesystem_type().0 as i64 == CGROUP2_MAGIC => out.push(check(
+            "cgroup v2",
+            Level::Ok,
+            "unified hierarchy at /sys/fs/cgroup",
+            None,
+        )),
+        Ok(_) => out.push(check(
+            "cgroup v2",
+            Level::Fail,
+            "/sys/fs/cgroup is not cgroup2 (legacy or hybrid mode)",
+            Some("boot with systemd.unified_cgroup_hierarchy=1"),
+        )),
+        Err(e) => out.push(check(
+            "cgroup v2",
+            Level::Fail,
+            format!("statfs /sys/fs/cgroup: {e}"),
+            Some("mount cgroup2 at /sys/fs/cgroup"),
+        )),
+    }
+    let controllers =
+        std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").unwrap_or_default();
+    let missing: Vec<&str> = ["memory", "pids", "cpu"]
+        .into_iter()
+        .filter(|c| !controllers.split_whitespace().any(|x| x == *c))
+        .collect();
+    out.push(if missing.is_empty() {
+        check(
+            "controllers",
+            Level::Ok,
+            format!("available: {}", controllers.trim()),
+            None,
+        )
+    } else {
+        check(
+            "controllers",
+            Level::Warn,
+            format!(
+                "missing: {} — MemoryMax/TasksMax/CPUQuota are accepted but not enforced",
+                missing.join(", ")
+            ),
+            Some("enable the controllers for systemd (they are off inside containers)"),
+        )
+    });
+    let slice_file = [
+        "/etc/systemd/system",
+        "/usr/lib/systemd/system",
+        "/lib/systemd/system",
+        "/run/systemd/system",
+    ]
+    .iter()
+    .map(|d| std::path::Path::new(d).join(&cfg.slice))
+    .find(|p| p.exists());
+    out.push(match slice_file {
+        Some(p) => check(
+            "slice",
+            Level::Ok,
+            format!("{} ({})", cfg.slice, p.display()),
+            None,
+        ),
+        None => check(
+            "slice",
+            Level::Warn,
+            format!(
+                "{} has no unit file: systemd creates it on demand, without budgets",
+                cfg.slice
+            ),
+            Some("install units/hermes-workers.slice"),
+        ),
+    });
+    match Board::open(paths, OpenMode::MustExist) {
+        Ok(b) => {
+            out.push(match b.integrity_check() {
+                Ok(v) if v == "ok" => check("board", Level::Ok, format!("{}: integrity ok, schema of hermes-agent 0.19.0 or newer", paths.db.display()), None),
+                Ok(v) => check("board", Level::Fail, format!("{}: integrity_check says {v}", paths.db.display()), Some("restore the board from a backup")),
+                Err(e) => check("board", Level::Fail, e.to_string(), Some("see the message")),
+            });
+            out.push(if crate::liveness::flock_held(&paths.dispatcher_lock()) {
+                check("dispatcher", Level::Ok, format!("a dispatcher holds {}", paths.dispatcher_lock().display()), None)
+            } else {
+                check("dispatcher", Level::Warn, "no dispatcher runs for this board", Some("systemctl enable --now hermes-dispatcher"))
+            });
+        }
+        Err(e) => out.push(check("board", Level::Fail, e.to_string(), Some("point --db/--board/$HERMES_HOME at the board, or create it with hermes kanban init"))),
+    }
+    match nix::unistd::User::from_name(&cfg.worker_user) {
+        Ok(Some(u)) if !u.uid.is_root() => out.push(check(
+            "worker user",
+            Level::Ok,
+            format!("{} (uid {})", u.name, u.uid),
+            None,
+        )),
+        Ok(Some(_)) => out.push(check(
+            "worker user",
+            Level::Fail,
+            "worker_user is root",
+            Some("workers never run as root: create a user and set worker_user"),
+        )),
+        _ => out.push(check(
+            "worker user",
+            Level::Fail,
+            format!("user {:?} does not exist", cfg.worker_user),
+            Some("useradd --system --user-group hermes, or set worker_user"),
+        )),
+    }
+    match crate::spawn::resolve_binary(&cfg.hermes_bin) {
+        Ok(p) => out.push(check(
+            "worker binary",
+            Level::Ok,
+            p.display().to_string(),
+            None,
+        )),
+        Err(e) => out.push(check(
+            "worker binary",
+            Level::Fail,
+            e,
+            Some("install hermes-agent or set hermes_bin"),
+        )),
+    }
+    out
+}

@@ -1,0 +1,175 @@
+//! What `hermes-mgr status` shows: the board's tasks worth seeing, and for live runs the
+//! facts the kernel holds (process state, memory, CPU from the scope's cgroup). Gathered
+//! without D-Bus, so it answers even when systemd is busy.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::board::{self, Board, Run, Task};
+use crate::config::Config;
+use crate::liveness;
+use crate::systemd::unit_name;
+
+/// The `--json` document (stable: fields are only ever added).
+#[derive(Debug, Serialize)]
+pub struct Snapshot {
+    pub board: String,
+    /// `running` when a dispatcher (ours or Hermes' gateway) holds the board's dispatcher lock.
+    pub dispatcher: &'static str,
+    /// Every status on the board with its count (exact, whatever `limit` hides).
+    pub counts: std::collections::BTreeMap<String, i64>,
+    pub tasks: Vec<TaskRow>,
+    pub now: i64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TaskRow {
+    pub id: String,
+    pub title: String,
+    pub status: String,
+    pub assignee: Option<String>,
+    pub priority: i64,
+    pub age_seconds: i64,
+    pub attempts: i64,
+    pub consecutive_failures: i64,
+    pub last_error: Option<String>,
+    /// The live run (status `running`).
+    pub run: Option<LiveRun>,
+    /// The newest finished run.
+    pub last_run: Option<EndedRun>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LiveRun {
+    pub id: i64,
+    pub unit: String,
+    pub pid: Option<i64>,
+    /// `R`, `S`, `D`, `Z`, … from `/proc/<pid>/stat`; `null` when the process is gone.
+    pub state: Option<String>,
+    /// The scope has a cgroup (the worker's processes are there).
+    pub in_scope: bool,
+    pub memory_current: Option<u64>,
+    pub memory_peak: Option<u64>,
+    pub cpu_usec: Option<u64>,
+    pub uptime_seconds: i64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EndedRun {
+    pub id: i64,
+    pub outcome: Option<String>,
+    pub exit_code: Option<i64>,
+    pub signal: Option<i64>,
+    pub error: Option<String>,
+    pub ended_at: Option<i64>,
+    pub duration_seconds: Option<i64>,
+}
+
+fn read_u64(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+fn cpu_usec(dir: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(dir.join("cpu.stat")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn live_run(cfg: &Config, t: &Task, run_id: i64, run: Option<&Run>, now: i64) -> LiveRun {
+    let unit = unit_name::worker_scope(&t.id, run_id);
+    let dir = Path::new("/sys/fs/cgroup")
+        .join(liveness::unit_cgroup(&cfg.slice, &unit).trim_start_matches('/'));
+    let state = t
+        .worker_pid
+        .and_then(|p| procfs::process::Process::new(p as i32).ok())
+        .and_then(|p| p.stat().ok())
+        .map(|s| s.state.to_string());
+    LiveRun {
+        id: run_id,
+        pid: t.worker_pid,
+        state,
+        in_scope: dir.is_dir(),
+        memory_current: read_u64(&dir.join("memory.current")),
+        memory_peak: read_u64(&dir.join("memory.peak")),
+        cpu_usec: cpu_usec(&dir),
+        uptime_seconds: run.map(|r| now - r.started_at).unwrap_or(0),
+        unit,
+    }
+}
+
+fn ended_run(r: &Run) -> EndedRun {
+    let meta = |k: &str| {
+        r.metadata
+            .as_ref()
+            .and_then(|m| m.get(k))
+            .and_then(|v| v.as_i64())
+    };
+    EndedRun {
+        id: r.id,
+        outcome: r.outcome.clone(),
+        exit_code: meta("exit_code"),
+        signal: meta("signal"),
+        error: r.error.clone(),
+        ended_at: r.ended_at,
+        duration_seconds: r.ended_at.map(|e| e - r.started_at),
+    }
+}
+
+/// Tasks worth seeing: every running one, then ready, blocked, triage and todo ones (at
+/// most `limit` of each), each with its latest facts.
+pub fn snapshot(b: &Board, cfg: &Config, limit: usize) -> board::Result<Snapshot> {
+    let now = board::now();
+    let mut tasks = Vec::new();
+    for (status, cap) in [
+        ("running", usize::MAX),
+        ("ready", limit),
+        ("blocked", limit),
+        ("triage", limit),
+        ("todo", limit),
+    ] {
+        for t in b.in_status(status, cap.min(1_000_000))? {
+            let runs_last = b.last_run(&t.id)?;
+            let run = match (t.status.as_str(), t.current_run_id) {
+                ("running", Some(id)) => Some(live_run(
+                    cfg,
+                    &t,
+                    id,
+                    runs_last.as_ref().filter(|r| r.id == id),
+                    now,
+                )),
+                _ => None,
+            };
+            let last_run = runs_last
+                .as_ref()
+                .filter(|r| r.ended_at.is_some())
+                .map(ended_run);
+            tasks.push(TaskRow {
+                attempts: b.run_count(&t.id)?,
+                age_seconds: now - t.created_at,
+                status: t.status.to_string(),
+                last_error: t.last_failure_error.clone(),
+                consecutive_failures: t.consecutive_failures,
+                id: t.id,
+                title: t.title,
+                assignee: t.assignee,
+                priority: t.priority,
+                run,
+                last_run,
+            });
+        }
+    }
+    let dispatcher = if liveness::flock_held(&b.paths().dispatcher_lock()) {
+        "running"
+    } else {
+        "not running"
+    };
+    Ok(Snapshot {
+        board: b.paths().db.display().to_string(),
+        dispatcher,
+        counts: b.counts()?,
+        tasks,
+        now,
+    })
+}
