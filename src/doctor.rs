@@ -127,7 +127,7 @@ pub async fn run(paths: &BoardPaths, cfg: anyhow::Result<Config>) -> Vec<Check> 
         )
     });
     match nix::sys::statfs::statfs("/sys/fs/cgroup") {
-        Ok(fs) if fs.filesystem_type().0 as i64 == CGROUP2_MAGIC => out.push(check(
+        Ok(fs) if fs.filesystem_type().0 == CGROUP2_MAGIC => out.push(check(
             "cgroup v2",
             Level::Ok,
             "unified hierarchy at /sys/fs/cgroup",

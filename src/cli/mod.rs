@@ -427,6 +427,23 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     "{}",
                     render::show(&task, &parents, &children, &runs, &events, board::now())
                 );
+                // The tail of the current or latest run's output, from its scope's journal.
+                if let Some(run) = runs.last() {
+                    let unit = crate::systemd::unit_name::worker_scope(id, run.id);
+                    let journal = std::process::Command::new("journalctl")
+                        .args(["--no-pager", "-o", "cat", "-n", "10", "-u", &unit])
+                        .stderr(std::process::Stdio::null())
+                        .output();
+                    if let Ok(o) = journal {
+                        let tail = String::from_utf8_lossy(&o.stdout);
+                        if o.status.success() && !tail.trim().is_empty() {
+                            println!("\nOutput of run {} (journalctl -u {unit}):", run.id);
+                            for l in tail.lines() {
+                                println!("  {}", render::clean(l));
+                            }
+                        }
+                    }
+                }
                 Ok(())
             }
         }

@@ -139,19 +139,32 @@ pub fn show(
     o.push_str(&format!("\nRuns ({}):\n", runs.len()));
     for r in runs {
         let dur = r.ended_at.unwrap_or(now) - r.started_at;
+        let outcome = r.outcome.as_deref().unwrap_or(if r.ended_at.is_none() {
+            "(running)"
+        } else {
+            &r.status
+        });
+        let meta = |k: &str| {
+            r.metadata
+                .as_ref()
+                .and_then(|m| m.get(k))
+                .and_then(|v| v.as_i64())
+        };
+        let exit = match (meta("exit_code"), meta("signal")) {
+            (Some(c), _) => format!(" exit {c}"),
+            (None, Some(sig)) => format!(" signal {sig}"),
+            _ => String::new(),
+        };
         o.push_str(&format!(
-            "  #{:<4} {:12} {:>6}s  {}{}\n",
+            "  #{:<4} {:12} {:>6}s  {}{exit}  {}{}\n",
             r.id,
-            clean(r.outcome.as_deref().unwrap_or(if r.ended_at.is_none() {
-                "(running)"
-            } else {
-                &r.status
-            })),
+            clean(outcome),
             dur,
             r.profile
                 .as_deref()
                 .map(clean)
                 .unwrap_or_else(|| "-".into()),
+            crate::systemd::unit_name::worker_scope(&r.task_id, r.id),
             r.error
                 .as_deref()
                 .map(|e| format!("  {}", clean(e)))

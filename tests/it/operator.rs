@@ -78,6 +78,13 @@ systemd_test!(
             json!(format!("pid {pid} exited with code 3"))
         );
 
+        let show = d.rig.mgr(&["show", &id]).ok().stdout;
+        assert!(
+            show.contains("crashed")
+                && show.contains(" exit 3")
+                && show.contains(&format!("hermes-worker-kanban-{id}-run-{run}.scope")),
+            "{show}"
+        );
         let logs = wait_for("the worker's line", Duration::from_secs(20), || {
             let out = d.rig.mgr(&["logs", &id]);
             out.stdout.contains("exit 3").then_some(out.stdout)
