@@ -260,7 +260,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Supervise | Command::Dispatcher => bail!("not reached: handled in main"),
         Command::Status { limit, watch } => {
             let cfg = Config::load(cli.config.as_deref())?;
-            let b = open(&cli, OpenMode::MustExist)?;
+            let b = open(&cli, OpenMode::Inspect)?;
             loop {
                 let snap = crate::status::snapshot(&b, &cfg, *limit)?;
                 if cli.json {
@@ -281,7 +281,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Logs { id, follow, run } => {
-            let b = open(&cli, OpenMode::MustExist)?;
+            let b = open(&cli, OpenMode::Inspect)?;
             crate::cli::logs(&b, id, *run, *follow)
         }
         Command::Doctor => {
@@ -404,7 +404,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::List { status, assignee } => {
-            let b = open(&cli, OpenMode::MustExist)?;
+            let b = open(&cli, OpenMode::Inspect)?;
             let tasks = b.list(status.as_deref(), assignee.as_deref())?;
             if cli.json {
                 print_json(&tasks)
@@ -414,7 +414,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Show { id } => {
-            let b = open(&cli, OpenMode::MustExist)?;
+            let b = open(&cli, OpenMode::Inspect)?;
             let task = b.require_task(id)?;
             let (parents, children, runs, events) =
                 (b.parents(id)?, b.children(id)?, b.runs(id)?, b.events(id)?);
