@@ -264,3 +264,29 @@ fn a_locked_board_waits_then_fails_clearly_and_loses_nothing() {
         titles.contains(&"existing".to_string()) && titles.contains(&"patient writer".to_string())
     );
 }
+
+#[test]
+fn completions_are_generated_for_each_shell() {
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef hermes-mgr"),
+        ("fish", "complete -c hermes-mgr"),
+    ] {
+        let o = Command::new(mgr_bin())
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            text.contains(marker) && text.contains("dispatch"),
+            "{shell}: {}",
+            &text[..text.len().min(300)]
+        );
+    }
+    let bad = Command::new(mgr_bin())
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+}
