@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 pub const DEFAULT_PATH: &str = "/etc/hermes-mgr/config.toml";
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// The worker binary (`hermes`); `$HERMES_BIN` overrides it. Searched on `$PATH` when

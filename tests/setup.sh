@@ -11,7 +11,7 @@ HERMES_AGENT_VERSION=0.19.0
 VENV=${HERMES_MGR_TEST_VENV:-$PWD/target/hermes-venv}
 
 need_apt=()
-for pair in unshare:util-linux nsenter:util-linux dbus-daemon:dbus busctl:systemd journalctl:systemd; do
+for pair in unshare:util-linux nsenter:util-linux dbus-daemon:dbus busctl:systemd journalctl:systemd man:man-db; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair#*:}")
 done
 [ -x /lib/systemd/systemd ] || need_apt+=(systemd)

@@ -163,6 +163,9 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Internal: print the hermes-mgr(1) man page (roff), generated from these definitions.
+    #[command(hide = true)]
+    Manpage,
     /// Internal: the first process of a worker scope (started by hermes-mgr itself).
     #[command(hide = true)]
     Supervise,
@@ -296,6 +299,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             if checks.iter().any(|c| c.level == crate::doctor::Level::Fail) {
                 bail!("some checks failed; see the fix on each failing line");
             }
+            Ok(())
+        }
+        Command::Manpage => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
             Ok(())
         }
         Command::Completions { shell } => {

@@ -6,6 +6,7 @@ mod rig;
 mod board;
 mod cli;
 mod daemon;
+mod docs;
 mod interop;
 mod operator;
 mod scope;

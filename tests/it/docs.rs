@@ -1,0 +1,95 @@
+//! The documentation cannot drift from the code: man pages render cleanly and match the
+//! clap definitions, every config key is documented, every path ARCHITECTURE.md names exists.
+
+use std::process::Command;
+
+use crate::harness::{mgr_bin, repo};
+
+#[test]
+fn man_pages_render_without_warnings() {
+    for page in [
+        "man/hermes-mgr.1",
+        "man/hermes-dispatcher.8",
+        "man/hermes-mgr.toml.5",
+    ] {
+        let o = Command::new("man")
+            .args(["--warnings", "-l"])
+            .arg(repo().join(page))
+            .env("MANWIDTH", "80")
+            .output()
+            .expect("man");
+        assert!(
+            o.status.success(),
+            "{page}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            o.stderr.is_empty(),
+            "{page} warns: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(!o.stdout.is_empty());
+    }
+}
+
+#[test]
+fn the_committed_hermes_mgr_1_is_generated_from_the_cli() {
+    let o = Command::new(mgr_bin()).arg("manpage").output().unwrap();
+    let committed = std::fs::read(repo().join("man/hermes-mgr.1")).unwrap();
+    assert!(
+        o.stdout == committed,
+        "man/hermes-mgr.1 is stale: run `hermes-mgr manpage > man/hermes-mgr.1`"
+    );
+}
+
+#[test]
+fn every_config_key_is_documented() {
+    let cfg = toml::to_string(&hermes_mgr::config::Config {
+        memory_max_bytes: Some(1),
+        tasks_max: Some(1),
+        cpu_quota_percent: Some(1),
+        default_assignee: Some("x".into()),
+        ..Default::default()
+    })
+    .unwrap();
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let man5 = std::fs::read_to_string(repo().join("man/hermes-mgr.toml.5")).unwrap();
+    for key in cfg
+        .lines()
+        .filter_map(|l| l.split_once(" = ").map(|(k, _)| k.trim()))
+    {
+        assert!(
+            readme.contains(&format!("`{key}`")),
+            "README.md does not document {key}"
+        );
+        assert!(
+            man5.contains(key),
+            "hermes-mgr.toml(5) does not document {key}"
+        );
+    }
+}
+
+#[test]
+fn every_path_architecture_md_names_exists() {
+    let text = std::fs::read_to_string(repo().join("ARCHITECTURE.md")).unwrap();
+    let mut checked = 0;
+    for chunk in text.split('`').skip(1).step_by(2) {
+        let looks_like_path = (chunk.starts_with("src/")
+            || chunk.starts_with("tests/")
+            || chunk.starts_with("units/")
+            || chunk.starts_with("bench/"))
+            && !chunk.contains(' ')
+            && !chunk.contains('<');
+        if looks_like_path {
+            assert!(
+                repo().join(chunk.trim_end_matches('/')).exists(),
+                "ARCHITECTURE.md names {chunk}, which does not exist"
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 5,
+        "found only {checked} paths: the check itself broke"
+    );
+}
