@@ -13,7 +13,11 @@ command -v cargo >/dev/null || { echo "cargo not found: install Rust >= 1.89 (ru
 cargo build --release --locked
 install -m 0755 target/release/hermes-mgr /usr/bin/hermes-mgr
 install -m 0644 units/hermes-dispatcher.service units/hermes-workers.slice /etc/systemd/system/
-id -u hermes >/dev/null 2>&1 || useradd --system --user-group --home-dir "$HOME_DIR" --shell /usr/sbin/nologin hermes
+install -D -m 0644 units/hermes.sysusers /usr/lib/sysusers.d/hermes.conf
+install -D -m 0644 units/hermes-mgr.tmpfiles /usr/lib/tmpfiles.d/hermes-mgr.conf
+for page in man/*.[1-8]; do install -D -m 0644 "$page" "/usr/share/man/man${page##*.}/$(basename "$page")"; done
+systemd-sysusers hermes.conf
+systemd-tmpfiles --create hermes-mgr.conf
 install -d -o hermes -g hermes -m 0750 "$HOME_DIR"
 mkdir -p /etc/systemd/system/hermes-dispatcher.service.d /etc/hermes-mgr
 cat > /etc/systemd/system/hermes-dispatcher.service.d/10-hermes-home.conf <<CONF

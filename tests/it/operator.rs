@@ -158,3 +158,47 @@ systemd_test!(stop_all_stops_every_running_worker, {
         .unwrap()
         .is_empty());
 });
+
+systemd_test!(the_shipped_unit_is_hardened_and_its_workers_still_work, {
+    let d = Dispatcher::new("tick_seconds = 3600");
+    d.install();
+    d.start();
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--no-pager", SERVICE])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let verdict = text
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_default()
+        .to_string();
+    println!("{verdict}");
+    let score: f64 = verdict
+        .split(':')
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("a score");
+    assert!(score <= 5.0, "exposure {score} is worse than OK:\n{text}");
+    // Hardening is inherited by workers, and they still run and finish their task.
+    let id = d.rig.add("hardened");
+    let run = d.wait_running(&id, 0);
+    let ws = d.rig.dir.join("kanban/workspaces").join(&id);
+    d.rig.wait_file(&ws.join(format!("ready-{run}")));
+    let pid = d.task(&id).worker_pid.unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(
+        status.contains("NoNewPrivs:\t1") && status.contains("CapBnd:\t0000000000000000"),
+        "{status}"
+    );
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    assert!(
+        mountinfo
+            .lines()
+            .any(|l| l.split_whitespace().nth(4) == Some("/usr") && l.contains(" ro,")),
+        "/usr is writable for workers"
+    );
+    d.command(&id, run, "complete");
+    d.wait_task("done", |t| t.status.as_str() == "done", &id);
+});

@@ -174,19 +174,28 @@ impl Dispatcher {
         Dispatcher { rig }
     }
 
-    /// Install the service (pointing at this build) and start it; returns once READY.
+    /// Install the project's own unit (`units/hermes-dispatcher.service`, hardening and all)
+    /// with a drop-in pointing it at this build and this board.
     pub fn install(&self) {
-        let unit = format!(
-            "[Unit]\nDescription=hermes-mgr dispatcher (test)\n\n[Service]\nType=notify\nNotifyAccess=main\n\
-             ExecStart={bin} dispatcher --db {db} --config {cfg}\nEnvironment=HERMES_KANBAN_HOME={dir}\n\
-             Environment=HERMES_MGR_LOG=debug\nWatchdogSec=3s\nRestart=no\nKillMode=mixed\nTimeoutStopSec=5s\n",
+        std::fs::create_dir_all("/run/systemd/system/hermes-dispatcher.service.d").unwrap();
+        std::fs::copy(
+            crate::harness::repo().join("units/hermes-dispatcher.service"),
+            format!("/run/systemd/system/{SERVICE}"),
+        )
+        .unwrap();
+        let dropin = format!(
+            "[Service]\nExecStart=\nExecStart={bin} dispatcher --db {db} --config {cfg}\nEnvironment=HERMES_KANBAN_HOME={dir}\n\
+             Environment=HERMES_MGR_LOG=debug\nWatchdogSec=3s\nRestart=no\nTimeoutStopSec=5s\n",
             bin = mgr_bin().display(),
             db = self.rig.db.display(),
             cfg = self.rig.config.display(),
             dir = self.rig.dir.display()
         );
-        std::fs::create_dir_all("/run/systemd/system").unwrap();
-        std::fs::write(format!("/run/systemd/system/{SERVICE}"), unit).unwrap();
+        std::fs::write(
+            "/run/systemd/system/hermes-dispatcher.service.d/50-test.conf",
+            dropin,
+        )
+        .unwrap();
         sh("systemctl daemon-reload");
     }
 
