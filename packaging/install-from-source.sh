@@ -3,15 +3,20 @@
 # the binary, hermes-dispatcher.service, hermes-workers.slice, the `hermes` worker user,
 # then `systemctl enable --now hermes-dispatcher`. Idempotent. Packages (.deb/.rpm) will
 # replace this script.
-#   HERMES_HOME_DIR   the Hermes root the dispatcher serves (default: /var/lib/hermes)
+#   HERMES_HOME_DIR    the Hermes root the dispatcher serves (default: /var/lib/hermes)
+#   HERMES_MGR_BINARY  install this binary instead of building one (tests use it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
 [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ] || { echo "systemd is not PID 1 here; try tests/run-all.sh instead" >&2; exit 1; }
 HOME_DIR=${HERMES_HOME_DIR:-/var/lib/hermes}
-command -v cargo >/dev/null || { echo "cargo not found: install Rust >= 1.89 (rustup)" >&2; exit 1; }
-cargo build --release --locked
-install -m 0755 target/release/hermes-mgr /usr/bin/hermes-mgr
+BIN=${HERMES_MGR_BINARY:-}
+if [ -z "$BIN" ]; then
+  command -v cargo >/dev/null || { echo "cargo not found: install Rust >= 1.89 (rustup)" >&2; exit 1; }
+  cargo build --release --locked
+  BIN=target/release/hermes-mgr
+fi
+install -m 0755 "$BIN" /usr/bin/hermes-mgr
 install -m 0644 units/hermes-dispatcher.service units/hermes-workers.slice /etc/systemd/system/
 install -D -m 0644 units/hermes.sysusers /usr/lib/sysusers.d/hermes.conf
 install -D -m 0644 units/hermes-mgr.tmpfiles /usr/lib/tmpfiles.d/hermes-mgr.conf
@@ -26,6 +31,8 @@ Environment=HERMES_HOME=$HOME_DIR
 CONF
 [ -e /etc/hermes-mgr/config.toml ] || printf '# See README.md, "Configuration", for every key.\nworker_user = "hermes"\n' > /etc/hermes-mgr/config.toml
 systemctl daemon-reload
-systemctl enable --now hermes-dispatcher.service
+systemctl enable hermes-dispatcher.service
+# Start, or restart an older one (an upgrade): its workers keep running and are adopted.
+systemctl restart hermes-dispatcher.service
 systemctl --no-pager status hermes-dispatcher.service | head -5
 echo "Create a task: sudo -u hermes HERMES_HOME=$HOME_DIR hermes kanban create 'hello' --assignee default"

@@ -202,3 +202,124 @@ systemd_test!(the_shipped_unit_is_hardened_and_its_workers_still_work, {
     d.command(&id, run, "complete");
     d.wait_task("done", |t| t.status.as_str() == "done", &id);
 });
+
+systemd_test!(
+    the_install_script_sets_up_a_service_that_runs_real_hermes_tasks_and_upgrades_in_place,
+    {
+        let script = crate::harness::repo().join("packaging/install-from-source.sh");
+        let install = || {
+            let o = Command::new("bash")
+                .arg(&script)
+                .env("HERMES_MGR_BINARY", crate::harness::mgr_bin())
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "install: {}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+        };
+        install();
+        assert!(crate::rig::systemctl_show(SERVICE, "ActiveState").contains("=active"));
+        let hermes = crate::harness::hermes_bin();
+        // A worker that says hello, waits for the word, then completes its task with the real CLI.
+        let stub = format!(
+        "#!/bin/sh\necho \"hello from $HERMES_KANBAN_TASK\"\nrm -f go; mkfifo go; echo END > ready; read x < go\nexec {} kanban complete \"$HERMES_KANBAN_TASK\" --summary installed\n",
+        hermes.display()
+    );
+        std::fs::write("/var/lib/hermes/worker.sh", stub).unwrap();
+        crate::rig::sh(
+            "chmod 0755 /var/lib/hermes/worker.sh && chown hermes:hermes /var/lib/hermes/worker.sh",
+        );
+        std::fs::write(
+            "/etc/hermes-mgr/config.toml",
+            "worker_user = \"hermes\"\nhermes_bin = \"/var/lib/hermes/worker.sh\"\n",
+        )
+        .unwrap();
+        crate::rig::sh(&format!("systemctl reload {SERVICE}"));
+        let created = Command::new("runuser")
+            .args([
+                "-u",
+                "hermes",
+                "--",
+                "env",
+                "HOME=/var/lib/hermes",
+                "HERMES_HOME=/var/lib/hermes",
+            ])
+            .arg(&hermes)
+            .args([
+                "kanban",
+                "create",
+                "installed task",
+                "--assignee",
+                "default",
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            created.status.success(),
+            "{}",
+            String::from_utf8_lossy(&created.stderr)
+        );
+        let id = serde_json::from_slice::<serde_json::Value>(&created.stdout).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let ws = std::path::PathBuf::from("/var/lib/hermes/kanban/workspaces").join(&id);
+        wait_for("the worker", Duration::from_secs(30), || {
+            std::fs::read_to_string(ws.join("ready"))
+                .ok()
+                .filter(|s| s.contains("END"))
+        });
+        let board = hermes_mgr::board::Board::open(
+            &hermes_mgr::board::BoardPaths::for_db(std::path::Path::new(
+                "/var/lib/hermes/kanban.db",
+            )),
+            hermes_mgr::board::OpenMode::Inspect,
+        )
+        .unwrap();
+        let task = board.require_task(&id).unwrap();
+        let unit = format!(
+            "hermes-worker-kanban-{id}-run-{}.scope",
+            task.current_run_id.unwrap()
+        );
+        assert!(crate::rig::systemctl_show(&unit, "Slice").contains("Slice=hermes-workers.slice"));
+        let worker_pid = task.worker_pid.unwrap() as u32;
+        // Upgrade in place with the worker running: the daemon restarts, the worker survives.
+        let before = crate::rig::systemctl_show(SERVICE, "MainPID");
+        install();
+        assert_ne!(
+            crate::rig::systemctl_show(SERVICE, "MainPID"),
+            before,
+            "the daemon was not restarted"
+        );
+        assert!(
+            crate::rig::alive(worker_pid),
+            "the upgrade killed the worker"
+        );
+        std::fs::write(ws.join("go"), "\n").unwrap();
+        let done = wait_for("done", Duration::from_secs(30), || {
+            board
+                .require_task(&id)
+                .ok()
+                .filter(|t| t.status.as_str() == "done")
+        });
+        assert_eq!(
+            board.runs(&id).unwrap().len(),
+            1,
+            "a second worker was started"
+        );
+        assert_eq!(
+            board.runs(&id).unwrap()[0].summary.as_deref(),
+            Some("installed")
+        );
+        let _ = done;
+        let journal = Command::new("journalctl")
+            .args(["-u", &unit, "-o", "cat", "--no-pager"])
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&journal.stdout).contains(&format!("hello from {id}")));
+    }
+);
