@@ -18,10 +18,10 @@ if [ -z "$BIN" ]; then
 fi
 install -m 0755 "$BIN" /usr/bin/hermes-mgr
 install -m 0644 units/hermes-dispatcher.service units/hermes-workers.slice /etc/systemd/system/
-install -D -m 0644 units/hermes.sysusers /usr/lib/sysusers.d/hermes.conf
-install -D -m 0644 units/hermes-mgr.tmpfiles /usr/lib/tmpfiles.d/hermes-mgr.conf
+install -D -m 0644 units/hermes-mgr.sysusers /usr/lib/sysusers.d/hermes-mgr.conf
+install -D -m 0644 units/hermes-mgr.tmpfiles.conf /usr/lib/tmpfiles.d/hermes-mgr.conf
 for page in man/*.[1-8]; do install -D -m 0644 "$page" "/usr/share/man/man${page##*.}/$(basename "$page")"; done
-systemd-sysusers hermes.conf
+systemd-sysusers hermes-mgr.conf
 systemd-tmpfiles --create hermes-mgr.conf
 install -d -o hermes -g hermes -m 0750 "$HOME_DIR"
 mkdir -p /etc/systemd/system/hermes-dispatcher.service.d /etc/hermes-mgr

@@ -2,6 +2,7 @@
 # Installs what the test suite needs, idempotently, on Debian 12 (run as root):
 #   - systemd, dbus, util-linux (unshare/nsenter): the real-systemd sandbox (tests/sdharness)
 #   - python3-venv: a venv for the real Hermes CLI
+#   - man-db, lintian: the man page and package checks; cargo-deb (crates.io) builds the .deb
 #   - hermes-agent==0.19.0 from PyPI in target/hermes-venv (built with /usr/bin/python3, so
 #     that non-root workers can run it too)
 set -euo pipefail
@@ -11,7 +12,7 @@ HERMES_AGENT_VERSION=0.19.0
 VENV=${HERMES_MGR_TEST_VENV:-$PWD/target/hermes-venv}
 
 need_apt=()
-for pair in unshare:util-linux nsenter:util-linux dbus-daemon:dbus busctl:systemd journalctl:systemd man:man-db; do
+for pair in unshare:util-linux nsenter:util-linux dbus-daemon:dbus busctl:systemd journalctl:systemd man:man-db lintian:lintian dpkg-deb:dpkg; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair#*:}")
 done
 [ -x /lib/systemd/systemd ] || need_apt+=(systemd)
@@ -23,6 +24,11 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need_apt[@]}"
 fi
 command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust >= 1.89 (rustup)" >&2; exit 1; }
+# The package builder the packaging tests use (pinned: its maintainer-script output is tested).
+if ! cargo deb --version 2>/dev/null | grep -q "3.8.0"; then
+  echo "setup: installing cargo-deb 3.8.0"
+  cargo install --locked --quiet cargo-deb@3.8.0
+fi
 
 marker="$VENV/.hermes-agent-$HERMES_AGENT_VERSION"
 if [ ! -e "$marker" ] || [ ! -x "$VENV/bin/hermes" ]; then

@@ -9,5 +9,6 @@ mod daemon;
 mod docs;
 mod interop;
 mod operator;
+mod package;
 mod scope;
 mod worker;

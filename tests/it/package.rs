@@ -1,0 +1,219 @@
+//! The `.deb` (cargo-deb), installed with dpkg into the sandbox's systemd: install, a real
+//! Hermes task run to done, an upgrade in place with a worker running, removal.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::harness::{hermes_bin, repo, wait_for};
+use crate::rig::{alive, sh, systemctl_show, SERVICE};
+use crate::systemd_test;
+
+/// Build the package from this build's binary (the dev profile: no release build needed).
+pub fn build_deb() -> PathBuf {
+    let out = PathBuf::from(format!(
+        "/var/tmp/hermes-mgr-test-{}.deb",
+        std::process::id()
+    ));
+    let o = Command::new("cargo")
+        .args([
+            "deb",
+            "--no-build",
+            "--profile",
+            "dev",
+            "--fast",
+            "--locked",
+            "-o",
+        ])
+        .arg(&out)
+        .current_dir(repo())
+        .env("CARGO_NET_OFFLINE", "true")
+        .output()
+        .expect("cargo deb (tests/setup.sh installs cargo-deb)");
+    assert!(
+        o.status.success(),
+        "cargo deb: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
+fn dpkg(args: &[&str]) {
+    let o = Command::new("dpkg")
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "dpkg {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A worker that says hello, waits for the word, then completes with the real CLI.
+fn install_stub_worker() {
+    let stub = format!(
+        "#!/bin/sh\necho \"hello from $HERMES_KANBAN_TASK\"\nrm -f go; mkfifo go; echo END > ready; read x < go\nexec {} kanban complete \"$HERMES_KANBAN_TASK\" --summary packaged\n",
+        hermes_bin().display()
+    );
+    std::fs::write("/var/lib/hermes/worker.sh", stub).unwrap();
+    sh("chmod 0755 /var/lib/hermes/worker.sh && chown hermes:hermes /var/lib/hermes/worker.sh");
+    std::fs::write(
+        "/etc/hermes-mgr/config.toml",
+        "worker_user = \"hermes\"\nhermes_bin = \"/var/lib/hermes/worker.sh\"\n",
+    )
+    .unwrap();
+    sh(&format!("systemctl reload {SERVICE}"));
+}
+
+fn hermes_create(title: &str) -> String {
+    let o = Command::new("runuser")
+        .args([
+            "-u",
+            "hermes",
+            "--",
+            "env",
+            "HOME=/var/lib/hermes",
+            "HERMES_HOME=/var/lib/hermes",
+        ])
+        .arg(hermes_bin())
+        .args(["kanban", "create", title, "--assignee", "default", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "hermes kanban create: {e}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    });
+    v["id"].as_str().unwrap().to_string()
+}
+
+fn dispatcher_processes() -> usize {
+    procfs::process::all_processes()
+        .unwrap()
+        .filter_map(|p| p.ok())
+        .filter(|p| {
+            p.cmdline()
+                .is_ok_and(|c| c.len() >= 2 && c[0].ends_with("hermes-mgr") && c[1] == "dispatcher")
+        })
+        .count()
+}
+
+systemd_test!(
+    the_deb_installs_runs_a_real_task_upgrades_in_place_and_removes_cleanly,
+    {
+        let deb = build_deb();
+        // This machine image carries Docker's policy-rc.d ("exit 101": maintainer scripts may not
+        // start services). A real host has none; remove it in the sandbox (its overlay only).
+        let _ = std::fs::remove_file("/usr/sbin/policy-rc.d");
+        // The sandbox's systemd does not search /usr/lib/systemd/system (that keeps the real
+        // sysinit units away, see tests/sdharness), and a unit linked from there counts as
+        // "linked", not enableable: stand the package's own unit files up in /etc/systemd/system
+        // (the same files the package ships to /usr/lib/systemd/system).
+        for unit in [SERVICE, "hermes-workers.slice"] {
+            std::fs::copy(
+                repo().join("units").join(unit),
+                format!("/etc/systemd/system/{unit}"),
+            )
+            .unwrap();
+        }
+        sh("systemctl daemon-reload");
+        dpkg(&["-i", deb.to_str().unwrap()]);
+        let state = systemctl_show(SERVICE, "ActiveState");
+        assert!(
+            state.contains("ActiveState=active"),
+            "not started by the package: {state}\n{}",
+            crate::rig::journal(SERVICE)
+        );
+        assert!(systemctl_show(SERVICE, "UnitFileState").contains("=enabled"));
+        assert!(
+            sh("id -u hermes").trim().parse::<u32>().unwrap() > 0,
+            "sysusers made no hermes user"
+        );
+        assert!(
+            Path::new("/run/hermes-mgr/runs").is_dir(),
+            "tmpfiles not applied"
+        );
+        install_stub_worker();
+        let id = hermes_create("packaged task");
+        let ws = PathBuf::from("/var/lib/hermes/kanban/workspaces").join(&id);
+        wait_for("the worker", Duration::from_secs(30), || {
+            std::fs::read_to_string(ws.join("ready"))
+                .ok()
+                .filter(|s| s.contains("END"))
+        });
+        let board = hermes_mgr::board::Board::open(
+            &hermes_mgr::board::BoardPaths::for_db(Path::new("/var/lib/hermes/kanban.db")),
+            hermes_mgr::board::OpenMode::Inspect,
+        )
+        .unwrap();
+        let task = board.require_task(&id).unwrap();
+        let unit = format!(
+            "hermes-worker-kanban-{id}-run-{}.scope",
+            task.current_run_id.unwrap()
+        );
+        assert!(systemctl_show(&unit, "Slice").contains("Slice=hermes-workers.slice"));
+        let worker = task.worker_pid.unwrap() as u32;
+
+        // Installing the package over itself is an upgrade: the daemon restarts, the worker lives on.
+        let before = systemctl_show(SERVICE, "MainPID");
+        dpkg(&["-i", deb.to_str().unwrap()]);
+        assert_ne!(
+            systemctl_show(SERVICE, "MainPID"),
+            before,
+            "the upgrade did not restart the daemon"
+        );
+        assert!(alive(worker), "the upgrade killed the worker");
+        std::fs::write(ws.join("go"), "\n").unwrap();
+        wait_for("done", Duration::from_secs(30), || {
+            board
+                .require_task(&id)
+                .ok()
+                .filter(|t| t.status.as_str() == "done")
+        });
+        assert_eq!(
+            board.runs(&id).unwrap().len(),
+            1,
+            "a second worker was started"
+        );
+        let journal = Command::new("journalctl")
+            .args(["-u", &unit, "-o", "cat", "--no-pager"])
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&journal.stdout).contains(&format!("hello from {id}")));
+
+        dpkg(&["-r", "hermes-mgr"]);
+        assert!(!systemctl_show(SERVICE, "ActiveState").contains("=active"));
+        assert_eq!(
+            dispatcher_processes(),
+            0,
+            "a dispatcher process survived removal"
+        );
+        assert!(
+            Path::new("/var/lib/hermes/kanban.db").exists(),
+            "removal deleted the user's board"
+        );
+        let _ = std::fs::remove_file(&deb);
+    }
+);
+
+#[test]
+fn lintian_finds_no_error_in_the_deb() {
+    // Outside the sandbox: lintian only reads the file.
+    let deb = build_deb();
+    let o = Command::new("lintian")
+        .arg("--no-tag-display-limit")
+        .arg(&deb)
+        .output()
+        .expect("lintian (tests/setup.sh installs it)");
+    let report = String::from_utf8_lossy(&o.stdout);
+    println!("{report}");
+    let errors: Vec<&str> = report.lines().filter(|l| l.starts_with("E:")).collect();
+    assert!(errors.is_empty(), "lintian errors:\n{}", errors.join("\n"));
+    let _ = std::fs::remove_file(&deb);
+}
