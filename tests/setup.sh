@@ -2,7 +2,8 @@
 # Installs what the test suite needs, idempotently, on Debian 12 (run as root):
 #   - systemd, dbus, util-linux (unshare/nsenter): the real-systemd sandbox (tests/sdharness)
 #   - python3-venv: a venv for the real Hermes CLI
-#   - man-db, lintian: the man page and package checks; cargo-deb (crates.io) builds the .deb
+#   - man-db, lintian, rpm: the man page and package checks; cargo-deb and
+#     cargo-generate-rpm (crates.io) build the packages
 #   - hermes-agent==0.19.0 from PyPI in target/hermes-venv (built with /usr/bin/python3, so
 #     that non-root workers can run it too)
 set -euo pipefail
@@ -12,7 +13,7 @@ HERMES_AGENT_VERSION=0.19.0
 VENV=${HERMES_MGR_TEST_VENV:-$PWD/target/hermes-venv}
 
 need_apt=()
-for pair in unshare:util-linux nsenter:util-linux dbus-daemon:dbus busctl:systemd journalctl:systemd man:man-db lintian:lintian dpkg-deb:dpkg; do
+for pair in unshare:util-linux nsenter:util-linux dbus-daemon:dbus busctl:systemd journalctl:systemd man:man-db lintian:lintian dpkg-deb:dpkg rpm:rpm; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair#*:}")
 done
 [ -x /lib/systemd/systemd ] || need_apt+=(systemd)
@@ -28,6 +29,10 @@ command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust >= 1
 if ! cargo deb --version 2>/dev/null | grep -q "3.8.0"; then
   echo "setup: installing cargo-deb 3.8.0"
   cargo install --locked --quiet cargo-deb@3.8.0
+fi
+if ! cargo generate-rpm --version 2>/dev/null | grep -q "0.21.1"; then
+  echo "setup: installing cargo-generate-rpm 0.21.1"
+  cargo install --locked --quiet cargo-generate-rpm@0.21.1
 fi
 
 marker="$VENV/.hermes-agent-$HERMES_AGENT_VERSION"

@@ -217,3 +217,123 @@ fn lintian_finds_no_error_in_the_deb() {
     assert!(errors.is_empty(), "lintian errors:\n{}", errors.join("\n"));
     let _ = std::fs::remove_file(&deb);
 }
+
+#[test]
+fn the_rpm_has_the_files_the_dependencies_and_the_scriptlets() {
+    let rpm = PathBuf::from(format!(
+        "/var/tmp/hermes-mgr-test-{}.rpm",
+        std::process::id()
+    ));
+    let o = Command::new("cargo")
+        .args([
+            "generate-rpm",
+            "--profile",
+            "dev",
+            "--payload-compress",
+            "none",
+            "-o",
+        ])
+        .arg(&rpm)
+        .current_dir(repo())
+        .output()
+        .expect("cargo generate-rpm (tests/setup.sh installs it)");
+    assert!(
+        o.status.success(),
+        "cargo generate-rpm: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let q = |args: &[&str]| {
+        let o = Command::new("rpm")
+            .args(args)
+            .arg(&rpm)
+            .output()
+            .expect("rpm (tests/setup.sh installs it)");
+        assert!(
+            o.status.success(),
+            "rpm {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let files = q(&["-qlp"]);
+    for f in [
+        "/usr/bin/hermes-mgr",
+        "/usr/lib/systemd/system/hermes-dispatcher.service",
+        "/usr/lib/systemd/system/hermes-workers.slice",
+        "/usr/lib/sysusers.d/hermes-mgr.conf",
+        "/usr/lib/tmpfiles.d/hermes-mgr.conf",
+        "/usr/share/man/man1/hermes-mgr.1",
+        "/usr/share/man/man8/hermes-dispatcher.8",
+        "/usr/share/man/man5/hermes-mgr.toml.5",
+        "/etc/hermes-mgr/config.toml",
+    ] {
+        assert!(
+            files.lines().any(|l| l == f),
+            "{f} missing from the rpm:\n{files}"
+        );
+    }
+    assert_eq!(
+        q(&["-qp", "--configfiles"]).trim(),
+        "/etc/hermes-mgr/config.toml"
+    );
+    assert!(q(&["-qpR"]).lines().any(|l| l.trim() == "systemd >= 252"));
+    let scripts = q(&["-qp", "--scripts"]);
+    let part = |name: &str| -> String {
+        let start = scripts
+            .find(&format!("{name} scriptlet"))
+            .unwrap_or_else(|| panic!("no {name} scriptlet:\n{scripts}"));
+        let body = &scripts[start..];
+        let body = &body[body.find('\n').unwrap() + 1..];
+        body.split("scriptlet (using")
+            .next()
+            .unwrap()
+            .split("\npre")
+            .next()
+            .unwrap()
+            .split("\npost")
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert!(
+        part("preinstall").contains("systemd-sysusers"),
+        "the user is not created before install"
+    );
+    let post = part("postinstall");
+    assert!(
+        post.contains("systemd-tmpfiles --create")
+            && post.contains("enable --now")
+            && post.contains("try-restart"),
+        "{post}"
+    );
+    let preun = part("preuninstall");
+    assert!(
+        preun.contains("[ \"$1\" -eq 0 ]") && preun.contains("disable --now"),
+        "erase must stop, upgrade must not: {preun}"
+    );
+    let postun = part("postuninstall");
+    assert!(
+        !postun
+            .lines()
+            .any(|l| l.contains("rm ") && l.contains("/var/lib/hermes")),
+        "the user's Hermes root must never be deleted: {postun}"
+    );
+    for name in ["preinstall", "postinstall", "preuninstall", "postuninstall"] {
+        let mut sh = Command::new("sh")
+            .arg("-n")
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        sh.stdin
+            .take()
+            .unwrap()
+            .write_all(part(name).as_bytes())
+            .unwrap();
+        assert!(
+            sh.wait().unwrap().success(),
+            "{name} scriptlet does not parse"
+        );
+    }
+    let _ = std::fs::remove_file(&rpm);
+}
