@@ -985,6 +985,43 @@ impl Board {
         })
     }
 
+    /// An operator stops run `run_id`: `running → blocked` (sticky, like an explicit block:
+    /// the task does not start again until unblocked), the run closed `stopped`. Done before
+    /// the worker is signalled, so nothing — not a dispatcher seeing the worker exit — can
+    /// requeue the task in between. `false` when the task is not running on that run.
+    pub fn stop_run(&self, id: &str, run_id: i64, reason: &str) -> Result<bool> {
+        let now = now();
+        self.write("stop run", |c| {
+            let n = c
+                .execute(
+                    "UPDATE tasks SET status='blocked', claim_lock=NULL, claim_expires=NULL, worker_pid=NULL,
+                        current_run_id=NULL, block_kind=NULL
+                     WHERE id=?1 AND status='running' AND current_run_id=?2",
+                    params![id, run_id],
+                )
+                .map_err(|e| self.err("stop run", e))?;
+            if n != 1 {
+                return Ok(false);
+            }
+            close_run(c, run_id, "stopped", "stopped", None, Some(reason), None, now).map_err(|e| self.err("close run", e))?;
+            let payload = json!({"reason": reason, "kind": null, "stopped_by_operator": true});
+            append_event(c, id, "blocked", &payload, Some(run_id)).map_err(|e| self.err("append event", e))?;
+            Ok(true)
+        })
+    }
+
+    /// Replace a closed run's error text (the stop's final word on how the worker ended).
+    pub fn annotate_run(&self, run_id: i64, error: &str) -> Result<()> {
+        self.write("annotate run", |c| {
+            c.execute(
+                "UPDATE task_runs SET error=?1 WHERE id=?2",
+                params![error, run_id],
+            )
+            .map_err(|e| self.err("annotate run", e))?;
+            Ok(())
+        })
+    }
+
     /// `recompute_ready`: promote `todo` (and non-sticky, under-the-limit `blocked`) tasks
     /// whose parents are all done or archived. Returns how many were promoted.
     pub fn recompute_ready(&self, failure_limit: i64) -> Result<usize> {

@@ -124,7 +124,8 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         max: Option<usize>,
     },
-    /// Stop a task's worker (SIGTERM, then SIGKILL after the timeout) and requeue the task.
+    /// Stop a task's worker (SIGTERM, then SIGKILL after the timeout); the task is blocked
+    /// until `hermes-mgr unblock`.
     Stop {
         #[arg(required_unless_present = "all")]
         id: Option<String>,

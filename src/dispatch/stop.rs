@@ -39,8 +39,8 @@ pub struct StopReport {
     pub task_status: String,
 }
 
-/// Stop the current run of `task_id`, then book it as `stopped` (requeued, not counted)
-/// unless the worker recorded its own verdict first.
+/// Stop the current run of `task_id`: the run is closed `stopped` and the task blocked
+/// (not counted; `hermes-mgr unblock` runs it again), then its scope is emptied.
 pub async fn stop(
     board: &Board,
     sd: &Systemd,
@@ -61,6 +61,13 @@ pub async fn stop(
         .active_state(&unit)
         .await
         .with_context(|| format!("task {task_id}: look up {unit}"))?;
+    let live = before
+        .as_deref()
+        .is_some_and(|s| s == "active" || s == "activating" || s == "deactivating");
+    // Close the run on the board first (blocked, sticky): a dispatcher that sees the worker
+    // exit must find nothing left to requeue.
+    let marked =
+        live && board.stop_run(task_id, run_id, "stopped by operator (hermes-mgr stop)")?;
     let t0 = Instant::now();
     let how = if before
         .as_deref()
@@ -112,7 +119,12 @@ pub async fn stop(
             ),
         },
     };
-    board.end_run(task_id, run_id, &end, cfg.failure_limit)?;
+    match (&end, marked) {
+        (RunEnd::Stopped { error }, true) => board.annotate_run(run_id, error)?,
+        _ => {
+            board.end_run(task_id, run_id, &end, cfg.failure_limit)?;
+        }
+    }
     let task_status = board.require_task(task_id)?.status.to_string();
     Ok(StopReport {
         task_id: task_id.to_string(),

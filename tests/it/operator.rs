@@ -323,3 +323,33 @@ systemd_test!(
         assert!(String::from_utf8_lossy(&journal.stdout).contains(&format!("hello from {id}")));
     }
 );
+
+systemd_test!(
+    a_stopped_task_stays_stopped_beside_a_running_daemon_until_unblocked,
+    {
+        let d = Dispatcher::new("tick_seconds = 3600");
+        d.install();
+        d.start();
+        let id = d.rig.add("stop me");
+        let r1 = d.wait_running(&id, 0);
+        let ws = d.rig.dir.join("kanban/workspaces").join(&id);
+        d.rig.wait_file(&ws.join(format!("ready-{r1}")));
+        let stop = d.rig.mgr(&["stop", &id, "--json"]).ok().json();
+        assert_eq!(stop["task_status"], json!("blocked"), "{stop}");
+        // A board change makes the daemon pass: the stopped task is not started again.
+        let other = d.rig.add("another");
+        d.wait_running(&other, 0);
+        let t = d.task(&id);
+        assert_eq!(
+            (t.status.as_str(), d.rig.board().runs(&id).unwrap().len()),
+            ("blocked", 1)
+        );
+        assert_eq!(
+            d.rig.board().run(r1).unwrap().unwrap().outcome.as_deref(),
+            Some("stopped")
+        );
+        d.rig.mgr(&["unblock", &id]).ok();
+        let r2 = d.wait_running(&id, r1);
+        assert!(r2 > r1);
+    }
+);

@@ -337,3 +337,34 @@ fn the_rpm_has_the_files_the_dependencies_and_the_scriptlets() {
     }
     let _ = std::fs::remove_file(&rpm);
 }
+
+#[test]
+fn the_readme_demo_runs_end_to_end() {
+    // packaging/demo.sh boots its own sandbox; here with the dev-profile package.
+    let deb = build_deb();
+    let o = Command::new("bash")
+        .arg(repo().join("packaging/demo.sh"))
+        .env("DEB", &deb)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "demo failed:\n{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for want in [
+        "dispatcher: running",
+        "blocked 1 · done 1 · running 1",
+        "exited after SIGTERM",
+        "task is now blocked",
+        "gave_up",
+        "demo worker for",
+    ] {
+        assert!(
+            out.contains(want),
+            "{want:?} missing from the demo's output:\n{out}"
+        );
+    }
+    let _ = std::fs::remove_file(&deb);
+}

@@ -228,7 +228,7 @@ systemd_test!(
 
         let stop = rig.mgr(&["stop", &id, "--json"]).ok().json();
         assert_eq!(stop["how"], json!("exited_after_sigterm"), "{stop}");
-        assert_eq!(stop["task_status"], json!("ready"));
+        assert_eq!(stop["task_status"], json!("blocked"));
         assert!(
             !alive(pid) && !alive(child),
             "a process of the task survived"
@@ -341,7 +341,7 @@ systemd_test!(
         let t = stubborn.board().require_task(&id).unwrap();
         assert_eq!(
             (t.status.as_str(), t.consecutive_failures),
-            ("ready", 0),
+            ("blocked", 0),
             "an operator's stop is not the worker's failure"
         );
     }

@@ -1,0 +1,11 @@
+#!/bin/bash
+# Build the release binary and both packages:
+#   target/debian/hermes-mgr_<version>-1_amd64.deb   (cargo-deb)
+#   target/generate-rpm/hermes-mgr-<version>-1.x86_64.rpm   (cargo-generate-rpm)
+# Needs: cargo install --locked cargo-deb@3.8.0 cargo-generate-rpm@0.21.1
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --locked
+cargo deb --no-build --locked
+cargo generate-rpm
+ls -1 target/debian/*.deb target/generate-rpm/*.rpm
