@@ -7,6 +7,7 @@ mod board;
 mod cli;
 mod daemon;
 mod docs;
+mod faults;
 mod interop;
 mod operator;
 mod package;
