@@ -73,13 +73,169 @@ fn requeue_latency(n: usize) {
     );
 }
 
+fn ns_now() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+fn read_ns(path: &std::path::Path) -> u128 {
+    harness::wait_for("a timestamp", Duration::from_secs(30), || {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse::<u128>().ok())
+    })
+}
+
+fn summary(name: &str, mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    let p50 = percentile(&v, 0.5);
+    println!(
+        "{name}: n={} p50={:.2?} p99={:.2?} max={:.2?}",
+        v.len(),
+        p50,
+        percentile(&v, 0.99),
+        v[v.len() - 1]
+    );
+    p50
+}
+
+/// 2. From the start of the command to the worker's first instruction, in its scope:
+/// `hermes-mgr dispatch --once` (claim, scope, release, exec) against `systemd-run --scope`.
+fn spawn_latency(n: usize) {
+    let rig = rig::Rig::new(
+        "#!/bin/sh\ndate +%s%N > stamp\nexec sleep 3600\n",
+        "max_spawn = 1000",
+    );
+    let mut ours = Vec::new();
+    for i in 0..n {
+        let id = rig.add(&format!("spawn {i}"));
+        let t0 = ns_now();
+        rig.mgr(&["dispatch", "--once", "--max", "1"]).ok();
+        let ws = rig.dir.join("kanban/workspaces").join(&id);
+        ours.push(Duration::from_nanos(
+            (read_ns(&ws.join("stamp")) - t0) as u64,
+        ));
+        rig.mgr(&["stop", &id]).ok();
+    }
+    let dir = rig.dir.join("sdrun");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut theirs = Vec::new();
+    for i in 0..n {
+        let f = dir.join(format!("stamp-{i}"));
+        let t0 = ns_now();
+        let o = std::process::Command::new("systemd-run")
+            .args(["--scope", "--quiet", "--collect", "--", "/bin/sh", "-c"])
+            .arg(format!("date +%s%N > {}", f.display()))
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        theirs.push(Duration::from_nanos((read_ns(&f) - t0) as u64));
+    }
+    let a = summary(
+        "command start -> worker exec'd in its scope, hermes-mgr dispatch --once",
+        ours,
+    );
+    let b = summary(
+        "command start -> process exec'd in its scope, systemd-run --scope",
+        theirs,
+    );
+    println!(
+        "ratio of p50s (hermes-mgr / systemd-run): {:.2}",
+        a.as_secs_f64() / b.as_secs_f64()
+    );
+}
+
+/// 3. Trivial tasks from `ready` to `done` through the daemon: n tasks whose workers
+/// complete at once (`hermes-mgr complete`), all created before the daemon starts.
+fn throughput(n: usize) {
+    let d = rig::Dispatcher::new("tick_seconds = 3600\nmax_spawn = 16");
+    let stub = format!(
+        "#!/bin/sh\nexec {} --db \"$HERMES_KANBAN_DB\" complete \"$HERMES_KANBAN_TASK\" --summary ok\n",
+        harness::mgr_bin().display()
+    );
+    std::fs::write(d.rig.dir.join("worker"), stub).unwrap();
+    let b = d.rig.board();
+    for i in 0..n {
+        b.create(&hermes_mgr::board::NewTask {
+            title: format!("t{i}"),
+            assignee: Some("default".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    }
+    d.install();
+    let t0 = Instant::now();
+    d.start();
+    harness::wait_for("all done", Duration::from_secs(600), || {
+        (b.counts().unwrap().get("done").copied().unwrap_or(0) == n as i64).then_some(())
+    });
+    let took = t0.elapsed();
+    println!(
+        "throughput: {n} trivial tasks ready -> done in {took:.2?} = {:.1} tasks/s (max_spawn 16)",
+        n as f64 / took.as_secs_f64()
+    );
+}
+
+/// 4. The daemon with n live, sleeping workers: its RSS, and its CPU over 60 s idle.
+fn idle_cost(n: usize) {
+    let d = rig::Dispatcher::new("tick_seconds = 30\nmax_spawn = 1000");
+    std::fs::write(d.rig.dir.join("worker"), "#!/bin/sh\nexec sleep 3600\n").unwrap();
+    let b = d.rig.board();
+    for i in 0..n {
+        b.create(&hermes_mgr::board::NewTask {
+            title: format!("t{i}"),
+            assignee: Some("default".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    }
+    d.install();
+    d.start();
+    harness::wait_for("all running", Duration::from_secs(600), || {
+        let running = b.list(Some("running"), None).unwrap();
+        (running.len() == n && running.iter().all(|t| t.worker_pid.is_some())).then_some(())
+    });
+    let pid: i32 = rig::systemctl_show(rig::SERVICE, "MainPID")
+        .trim()
+        .trim_start_matches("MainPID=")
+        .parse()
+        .unwrap();
+    let p = procfs::process::Process::new(pid).unwrap();
+    let tps = procfs::ticks_per_second() as f64;
+    let cpu = |p: &procfs::process::Process| {
+        let s = p.stat().unwrap();
+        (s.utime + s.stime) as f64 / tps
+    };
+    std::thread::sleep(Duration::from_secs(5));
+    let (c0, t0) = (cpu(&p), Instant::now());
+    std::thread::sleep(Duration::from_secs(60));
+    let (busy, secs) = (cpu(&p) - c0, t0.elapsed().as_secs_f64());
+    let rss = p.status().unwrap().vmrss.unwrap_or(0);
+    println!(
+        "{n} live workers: daemon RSS {:.1} MiB, CPU {:.3} % over {secs:.0} s idle (tick 30 s)",
+        rss as f64 / 1024.0,
+        100.0 * busy / secs
+    );
+}
+
 fn main() {
     let n: usize = std::env::var("BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
+    let which = std::env::var("BENCH").unwrap_or_else(|_| "requeue".into());
     if harness::inside() {
-        requeue_latency(n);
+        for b in which.split(',') {
+            match b {
+                "requeue" => requeue_latency(n),
+                "spawn" => spawn_latency(n),
+                "throughput" => throughput(n),
+                "idle" => idle_cost(500),
+                other => panic!("unknown benchmark {other:?} (requeue, spawn, throughput, idle)"),
+            }
+        }
         return;
     }
     harness::Instance::get().run_inside(&[], "bench");
