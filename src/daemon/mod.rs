@@ -72,6 +72,8 @@ struct Daemon {
     data_version: i64,
     tx: mpsc::UnboundedSender<Event>,
     last_pass: Option<Instant>,
+    /// Half of `WatchdogSec`, and when we last said `WATCHDOG=1`.
+    watchdog: Option<(Duration, Instant)>,
 }
 
 /// Exit with a clear message: the daemon cannot work on this board at all.
@@ -149,6 +151,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         data_version,
         tx,
         last_pass: None,
+        watchdog: notify::watchdog_interval().map(|i| (i, Instant::now())),
     };
     info!(db = %paths.db.display(), "hermes-dispatcher starting");
     d.reconcile().await?;
@@ -173,7 +176,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = sighup.recv() => d.reload(),
-            _ = watchdog.tick(), if wd.is_some() => d.notifier.send("WATCHDOG=1"),
+            _ = watchdog.tick(), if wd.is_some() => d.keepalive(),
             changes = watcher.next() => match changes {
                 Ok(changes) => d.on_changes(changes).await,
                 Err(e) => warn!("inotify: {e}, ignoring"),
@@ -219,6 +222,19 @@ async fn run(opts: Options) -> anyhow::Result<()> {
 }
 
 impl Daemon {
+    /// `WATCHDOG=1` when half the interval has passed. Called by the loop's timer and from
+    /// inside long batches (many runs booked at once, a pass starting many workers, each
+    /// write possibly waiting on a busy board): the loop is making progress, and a batch
+    /// must not outlast `WatchdogSec` and get the daemon killed.
+    fn keepalive(&mut self) {
+        if let Some((every, last)) = &mut self.watchdog {
+            if last.elapsed() >= *every / 2 {
+                self.notifier.send("WATCHDOG=1");
+                *last = Instant::now();
+            }
+        }
+    }
+
     fn reload(&mut self) {
         match Config::load(self.opts.config.as_deref()) {
             Ok(cfg) => {
@@ -288,6 +304,7 @@ impl Daemon {
 
     /// One dispatch pass (claims and starts), then the status line.
     async fn pass(&mut self) {
+        self.keepalive();
         self.last_pass = Some(Instant::now());
         // Read before the pass reads the board: a commit by someone else after this point
         // changes data_version again, and its inotify event triggers the next pass. (Read
@@ -313,6 +330,7 @@ impl Daemon {
             Err(e) => warn!("dispatch pass failed, retrying on the next event: {e:#}"),
         }
         self.update_status();
+        self.keepalive();
     }
 
     async fn on_changes(&mut self, changes: Vec<watch::Change>) {
@@ -361,6 +379,7 @@ impl Daemon {
     /// Facts: the board (a verdict the worker wrote itself wins), the supervisor's exit
     /// record, whether the scope still exists.
     async fn book(&mut self, task: &str, run: i64) {
+        self.keepalive();
         let Some(live) = self.live.get(&(task.to_string(), run)).cloned() else {
             return;
         };

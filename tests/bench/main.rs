@@ -150,7 +150,9 @@ fn spawn_latency(n: usize) {
 /// 3. Trivial tasks from `ready` to `done` through the daemon: n tasks whose workers
 /// complete at once (`hermes-mgr complete`), all created before the daemon starts.
 fn throughput(n: usize) {
-    let _ = std::process::Command::new("systemctl").args(["stop", rig::SERVICE]).status();
+    let _ = std::process::Command::new("systemctl")
+        .args(["stop", rig::SERVICE])
+        .status();
     let d = rig::Dispatcher::new("tick_seconds = 3600\nmax_spawn = 16");
     let stub = format!(
         "#!/bin/sh\nexec {} --db \"$HERMES_KANBAN_DB\" complete \"$HERMES_KANBAN_TASK\" --summary ok\n",
@@ -182,7 +184,9 @@ fn throughput(n: usize) {
 /// 4. The daemon with n live, sleeping workers: its RSS, and its CPU over 60 s idle.
 fn idle_cost(n: usize) {
     // A dispatcher of an earlier benchmark may still serve its own board.
-    let _ = std::process::Command::new("systemctl").args(["stop", rig::SERVICE]).status();
+    let _ = std::process::Command::new("systemctl")
+        .args(["stop", rig::SERVICE])
+        .status();
     let d = rig::Dispatcher::new("tick_seconds = 30\nmax_spawn = 1000");
     std::fs::write(d.rig.dir.join("worker"), "#!/bin/sh\nexec sleep 3600\n").unwrap();
     let b = d.rig.board();
