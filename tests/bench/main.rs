@@ -153,7 +153,7 @@ fn throughput(n: usize) {
     let _ = std::process::Command::new("systemctl")
         .args(["stop", rig::SERVICE])
         .status();
-    let d = rig::Dispatcher::new("tick_seconds = 3600\nmax_spawn = 16");
+    let d = rig::Dispatcher::new("tick_seconds = 3600\nmax_spawn = 16\nbusy_timeout_ms = 300");
     let stub = format!(
         "#!/bin/sh\nexec {} --db \"$HERMES_KANBAN_DB\" complete \"$HERMES_KANBAN_TASK\" --summary ok\n",
         harness::mgr_bin().display()
@@ -187,7 +187,7 @@ fn idle_cost(n: usize) {
     let _ = std::process::Command::new("systemctl")
         .args(["stop", rig::SERVICE])
         .status();
-    let d = rig::Dispatcher::new("tick_seconds = 30\nmax_spawn = 1000");
+    let d = rig::Dispatcher::new("tick_seconds = 30\nmax_spawn = 1000\nbusy_timeout_ms = 300");
     std::fs::write(d.rig.dir.join("worker"), "#!/bin/sh\nexec sleep 3600\n").unwrap();
     let b = d.rig.board();
     for i in 0..n {
