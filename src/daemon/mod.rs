@@ -227,12 +227,7 @@ impl Daemon {
     /// write possibly waiting on a busy board): the loop is making progress, and a batch
     /// must not outlast `WatchdogSec` and get the daemon killed.
     fn keepalive(&mut self) {
-        if let Some((every, last)) = &mut self.watchdog {
-            if last.elapsed() >= *every / 2 {
-                self.notifier.send("WATCHDOG=1");
-                *last = Instant::now();
-            }
-        }
+        feed(&mut self.watchdog, &self.notifier);
     }
 
     fn reload(&mut self) {
@@ -310,7 +305,9 @@ impl Daemon {
         // changes data_version again, and its inotify event triggers the next pass. (Read
         // after, it would swallow a task created while this pass ran.)
         self.data_version = self.board.data_version().unwrap_or(self.data_version);
-        match dispatch::once(&self.board, &self.sd, &self.cfg, None).await {
+        let (wd, notifier) = (&mut self.watchdog, &self.notifier);
+        let mut progress = || feed(wd, notifier);
+        match dispatch::once(&self.board, &self.sd, &self.cfg, None, &mut progress).await {
             Ok((report, started)) => {
                 for f in &report.spawn_failed {
                     warn!(hermes_kanban_task = %f.task_id, hermes_kanban_run_id = f.run_id, gave_up = f.gave_up, "spawn failed: {}", f.error);
@@ -508,6 +505,16 @@ impl Daemon {
                     warn!(unit = %unit, "stop: {e}");
                 }
             }
+        }
+    }
+}
+
+/// `WATCHDOG=1` when half the ping interval has passed since the last one.
+fn feed(watchdog: &mut Option<(Duration, Instant)>, notifier: &notify::Notifier) {
+    if let Some((every, last)) = watchdog {
+        if last.elapsed() >= *every / 2 {
+            notifier.send("WATCHDOG=1");
+            *last = Instant::now();
         }
     }
 }

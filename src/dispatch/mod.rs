@@ -107,11 +107,13 @@ pub struct Unbooked {
 /// One dispatch pass: promote what parent gating allows, then claim ready tasks in
 /// priority order up to the cap and start each in its scope. Holds upstream's per-board
 /// `kanban.db.dispatch.lock` for the pass; a pass that finds it taken does nothing.
+/// `progress` is called after each worker started (the daemon feeds its watchdog there).
 pub async fn once(
     board: &Board,
     sd: &Systemd,
     cfg: &Config,
     max: Option<usize>,
+    progress: &mut dyn FnMut(),
 ) -> anyhow::Result<(PassReport, Vec<Started>)> {
     let mut report = PassReport::default();
     let lock_path = board.paths().sibling("dispatch.lock");
@@ -170,6 +172,8 @@ pub async fn once(
                     workspace: s.workspace.to_string_lossy().into_owned(),
                 });
                 started.push(s);
+                // Each start waits on systemd; the caller may have a watchdog to feed.
+                progress();
             }
             Err(err) => {
                 let infrastructure = err.infrastructure;
