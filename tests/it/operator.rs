@@ -222,51 +222,8 @@ systemd_test!(
         };
         install();
         assert!(crate::rig::systemctl_show(SERVICE, "ActiveState").contains("=active"));
-        let hermes = crate::harness::hermes_bin();
-        // A worker that says hello, waits for the word, then completes its task with the real CLI.
-        let stub = format!(
-        "#!/bin/sh\necho \"hello from $HERMES_KANBAN_TASK\"\nrm -f go; mkfifo go; echo END > ready; read x < go\nexec {} kanban complete \"$HERMES_KANBAN_TASK\" --summary installed\n",
-        hermes.display()
-    );
-        std::fs::write("/var/lib/hermes/worker.sh", stub).unwrap();
-        crate::rig::sh(
-            "chmod 0755 /var/lib/hermes/worker.sh && chown hermes:hermes /var/lib/hermes/worker.sh",
-        );
-        std::fs::write(
-            "/etc/hermes-mgr/config.toml",
-            "worker_user = \"hermes\"\nhermes_bin = \"/var/lib/hermes/worker.sh\"\n",
-        )
-        .unwrap();
-        crate::rig::sh(&format!("systemctl reload {SERVICE}"));
-        let created = Command::new("runuser")
-            .args([
-                "-u",
-                "hermes",
-                "--",
-                "env",
-                "HOME=/var/lib/hermes",
-                "HERMES_HOME=/var/lib/hermes",
-            ])
-            .arg(&hermes)
-            .args([
-                "kanban",
-                "create",
-                "installed task",
-                "--assignee",
-                "default",
-                "--json",
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            created.status.success(),
-            "{}",
-            String::from_utf8_lossy(&created.stderr)
-        );
-        let id = serde_json::from_slice::<serde_json::Value>(&created.stdout).unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        crate::package::install_stub_worker("installed");
+        let id = crate::package::hermes_create("installed task");
         let ws = std::path::PathBuf::from("/var/lib/hermes/kanban/workspaces").join(&id);
         wait_for("the worker", Duration::from_secs(30), || {
             std::fs::read_to_string(ws.join("ready"))

@@ -52,10 +52,11 @@ fn dpkg(args: &[&str]) {
     );
 }
 
-/// A worker that says hello, waits for the word, then completes with the real CLI.
-fn install_stub_worker() {
+/// A worker that says hello, waits for the word ("go" FIFO in its workspace), then
+/// completes its task with the real CLI and `summary`; configured for an installed service.
+pub fn install_stub_worker(summary: &str) {
     let stub = format!(
-        "#!/bin/sh\necho \"hello from $HERMES_KANBAN_TASK\"\nrm -f go; mkfifo go; echo END > ready; read x < go\nexec {} kanban complete \"$HERMES_KANBAN_TASK\" --summary packaged\n",
+        "#!/bin/sh\necho \"hello from $HERMES_KANBAN_TASK\"\nrm -f go; mkfifo go; echo END > ready; read x < go\nexec {} kanban complete \"$HERMES_KANBAN_TASK\" --summary {summary}\n",
         hermes_bin().display()
     );
     std::fs::write("/var/lib/hermes/worker.sh", stub).unwrap();
@@ -68,7 +69,8 @@ fn install_stub_worker() {
     sh(&format!("systemctl reload {SERVICE}"));
 }
 
-fn hermes_create(title: &str) -> String {
+/// `hermes kanban create TITLE` as the hermes user against /var/lib/hermes; the new id.
+pub fn hermes_create(title: &str) -> String {
     let o = Command::new("runuser")
         .args([
             "-u",
@@ -139,7 +141,7 @@ systemd_test!(
             Path::new("/run/hermes-mgr/runs").is_dir(),
             "tmpfiles not applied"
         );
-        install_stub_worker();
+        install_stub_worker("packaged");
         let id = hermes_create("packaged task");
         let ws = PathBuf::from("/var/lib/hermes/kanban/workspaces").join(&id);
         wait_for("the worker", Duration::from_secs(30), || {
