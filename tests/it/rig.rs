@@ -185,7 +185,7 @@ impl Dispatcher {
         .unwrap();
         let dropin = format!(
             "[Service]\nExecStart=\nExecStart={bin} dispatcher --db {db} --config {cfg}\nEnvironment=HERMES_KANBAN_HOME={dir}\n\
-             Environment=HERMES_MGR_LOG=debug\nWatchdogSec=3s\nRestart=no\nTimeoutStopSec=5s\n",
+             Environment=HERMES_MGR_LOG=debug\nWatchdogSec=10s\nRestart=no\nTimeoutStopSec=5s\n",
             bin = mgr_bin().display(),
             db = self.rig.db.display(),
             cfg = self.rig.config.display(),
