@@ -31,6 +31,26 @@ pub fn is_alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// Whether any process is left in the cgroup at `path` (relative to the cgroup2 root), from
+/// the kernel's own `populated` flag in `cgroup.events`. `None` when the cgroup does not
+/// exist or cannot be read: no verdict then.
+///
+/// systemd 252 can keep a scope `active` whose cgroup is empty: when the scope's only PID
+/// dies between `StartTransientUnit` and the attach, the kernel skips migrating the exiting
+/// task, the write to `cgroup.procs` still succeeds, the cgroup is never populated, and
+/// so never reports becoming empty. The unit state alone would wait for ever.
+pub fn cgroup_populated(path: &str) -> Option<bool> {
+    let events = std::fs::read_to_string(format!("/sys/fs/cgroup{path}/cgroup.events")).ok()?;
+    populated(&events)
+}
+
+fn populated(events: &str) -> Option<bool> {
+    events
+        .lines()
+        .find_map(|l| l.strip_prefix("populated "))
+        .map(|v| v.trim() != "0")
+}
+
 /// Whether some process holds an exclusive `flock(2)` on `path` (a dispatcher's life lock).
 /// Probed with a shared, non-blocking lock that is released at once; dispatchers wait a
 /// moment for their lock, so this probe never makes one refuse to start. (`/proc/locks`
@@ -97,6 +117,14 @@ mod tests {
         assert!(flock_held(&path));
         drop(f);
         assert!(!flock_held(&path));
+    }
+
+    #[test]
+    fn the_populated_flag_is_read_from_cgroup_events() {
+        assert_eq!(populated("populated 1\nfrozen 0\n"), Some(true));
+        assert_eq!(populated("populated 0\nfrozen 0\n"), Some(false));
+        assert_eq!(populated("frozen 0\n"), None);
+        assert_eq!(cgroup_populated("/no-such-cgroup.scope"), None);
     }
 
     #[test]

@@ -72,6 +72,8 @@ struct Daemon {
     data_version: i64,
     tx: mpsc::UnboundedSender<Event>,
     last_pass: Option<Instant>,
+    /// The first reconcile (start-up, the one `READY=1` waits for) is always logged.
+    reconciled_once: bool,
     /// Half of `WatchdogSec`, and when we last said `WATCHDOG=1`.
     watchdog: Option<(Duration, Instant)>,
 }
@@ -151,6 +153,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         data_version,
         tx,
         last_pass: None,
+        reconciled_once: false,
         watchdog: notify::watchdog_interval().map(|i| (i, Instant::now())),
     };
     info!(db = %paths.db.display(), "hermes-dispatcher starting");
@@ -186,6 +189,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
                 None => {
                     warn!("lost the system bus; reconnecting");
                     (d.sd, removed) = connect_systemd(&d.notifier).await;
+                    d.reconciled_once = false;
                     if let Err(e) = d.reconcile().await {
                         warn!("reconcile after reconnect: {e:#}");
                     }
@@ -388,6 +392,7 @@ impl Daemon {
             }
         };
         let scope = match self.sd.active_state(&live.unit).await {
+            Ok(Some(_)) if self.husk(&live.unit).await => None,
             Ok(s) => s,
             Err(e) => {
                 warn!(unit = %live.unit, "unit state unknown ({e}); retrying");

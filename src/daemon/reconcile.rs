@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{unit_of, Daemon, Live};
 use crate::board::{claimer_id, RunEnd};
@@ -54,7 +54,7 @@ impl Daemon {
                 max_runtime: t.max_runtime_seconds,
                 closed_since: None,
             };
-            if units.get(&unit).is_some_and(|s| is_live(s)) {
+            if units.get(&unit).is_some_and(|s| is_live(s)) && !self.husk(&unit).await {
                 if !self.live.contains_key(&key) {
                     info!(hermes_kanban_task = %t.id, hermes_kanban_run_id = run, unit = %unit, object_systemd_unit = %unit, "adopted a running worker");
                     adopted += 1;
@@ -139,13 +139,36 @@ impl Daemon {
                 }
             }
         }
-        info!(
-            adopted,
-            ended_while_away = ended,
-            lost,
-            live = self.live.len(),
-            "reconciled with systemd"
-        );
+        // The safety-net tick reconciles too: say so only when it found something.
+        if adopted + ended + lost > 0 || !self.reconciled_once {
+            info!(
+                adopted,
+                ended_while_away = ended,
+                lost,
+                live = self.live.len(),
+                "reconciled with systemd"
+            );
+        } else {
+            debug!(live = self.live.len(), "reconciled with systemd");
+        }
+        self.reconciled_once = true;
         Ok(())
+    }
+
+    /// A scope systemd calls live while the kernel says its cgroup is empty (see
+    /// `liveness::cgroup_populated`: the daemon died while starting that worker). It is
+    /// stopped so systemd lets go of the name, and counts as gone. Without a verdict from
+    /// the kernel (no such cgroup, unreadable) the unit state stands.
+    pub(super) async fn husk(&self, unit: &str) -> bool {
+        let cgroup = liveness::unit_cgroup(&self.cfg.slice, unit);
+        if liveness::cgroup_populated(&cgroup) != Some(false) {
+            return false;
+        }
+        warn!(unit = %unit, object_systemd_unit = %unit,
+              "systemd reports the scope live but its cgroup {cgroup} is empty; stopping it");
+        if let Err(e) = self.sd.stop(unit).await {
+            warn!(unit = %unit, "stop: {e}");
+        }
+        true
     }
 }

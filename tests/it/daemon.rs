@@ -218,6 +218,52 @@ systemd_test!(
 );
 
 systemd_test!(
+    an_empty_scope_left_by_a_dispatcher_killed_mid_spawn_is_stopped_and_its_run_requeued,
+    {
+        let d = Dispatcher::new("tick_seconds = 3600");
+        // Before the husk: a daemon-reload makes systemd re-check the cgroup and drop it.
+        d.install();
+        let b = d.rig.board();
+        let id = d.rig.add("its dispatcher died while starting it");
+        let claim = b
+            .claim(&id, &hermes_mgr::board::claimer_id(), 900)
+            .unwrap()
+            .unwrap();
+        drop(b);
+        // The run's scope as systemd leaves it when the supervisor died before the attach:
+        // active, with an empty cgroup (see scope::a_scope_whose_process_died_…).
+        let unit = hermes_mgr::systemd::unit_name::worker_scope(&id, claim.run_id);
+        let mut z = crate::rig::zombie();
+        let rt = crate::scope::rt();
+        let sd = rt
+            .block_on(hermes_mgr::systemd::Systemd::connect())
+            .unwrap();
+        rt.block_on(sd.start_transient(
+            &unit,
+            crate::scope::scope_props(z.id(), "husk"),
+            Duration::from_secs(10),
+        ))
+        .unwrap();
+        z.wait().unwrap();
+        assert_eq!(
+            rt.block_on(sd.active_state(&unit)).unwrap().as_deref(),
+            Some("active")
+        );
+        d.start();
+        let r2 = d.wait_running(&id, claim.run_id);
+        let first = d.rig.board().run(claim.run_id).unwrap().unwrap();
+        assert_eq!(first.outcome.as_deref(), Some("lost"), "{first:?}");
+        assert_eq!(d.task(&id).consecutive_failures, 0);
+        assert!(r2 > claim.run_id);
+        assert_eq!(
+            rt.block_on(sd.active_state(&unit)).unwrap(),
+            None,
+            "the empty scope is still there"
+        );
+    }
+);
+
+systemd_test!(
     a_second_dispatcher_is_refused_and_so_is_ours_while_hermes_holds_the_lock,
     {
         let d = Dispatcher::new("");
@@ -396,11 +442,15 @@ systemd_test!(
             Some("crashed")
         );
         // The daemon reconnected and watches its new worker over the new bus.
-        let log = wait_for("a reconnect", Duration::from_secs(20), || {
-            let j = journal(SERVICE);
-            j.contains("reconnecting").then_some(j)
-        });
-        assert!(log.contains("reconciled with systemd"), "{log}");
+        wait_for(
+            "a reconnect, then a reconcile",
+            Duration::from_secs(20),
+            || {
+                let j = journal(SERVICE);
+                let at = j.find("reconnecting")?;
+                j[at..].contains("reconciled with systemd").then_some(())
+            },
+        );
         d.command(&id, r2, "complete");
         d.wait_task("done", |t| t.status.as_str() == "done", &id);
         assert_eq!(

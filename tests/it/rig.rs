@@ -134,6 +134,20 @@ pub fn systemctl_show(unit: &str, props: &str) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// A child that has exited and is not reaped yet: a PID that exists but can never join a
+/// cgroup (the kernel skips exiting tasks when it migrates). Reap it with `wait()`.
+pub fn zombie() -> std::process::Child {
+    let child = Command::new("true").spawn().expect("spawn true");
+    let pid = child.id() as i32;
+    wait_for("a zombie", Duration::from_secs(10), || {
+        procfs::process::Process::new(pid)
+            .and_then(|p| p.stat())
+            .is_ok_and(|s| s.state == 'Z')
+            .then_some(())
+    });
+    child
+}
+
 pub fn alive(pid: u32) -> bool {
     procfs::process::Process::new(pid as i32)
         .and_then(|p| p.stat())

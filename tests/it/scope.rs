@@ -11,14 +11,14 @@ use zbus::Variant;
 
 use crate::systemd_test;
 
-fn rt() -> tokio::runtime::Runtime {
+pub fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime")
 }
 
-fn scope_props(pid: u32, desc: &str) -> Vec<Property> {
+pub fn scope_props(pid: u32, desc: &str) -> Vec<Property> {
     vec![
         ("PIDs", Variant::from(vec![pid])),
         ("Slice", Variant::from("hermes-workers.slice".to_string())),
@@ -74,6 +74,7 @@ systemd_test!(a_held_child_is_in_its_scope_before_it_runs, {
         rt.block_on(sd.active_state(&unit)).unwrap().as_deref(),
         Some("active")
     );
+    assert_eq!(liveness::cgroup_populated(&want), Some(true));
 
     child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
     let mut line = String::new();
@@ -140,5 +141,35 @@ systemd_test!(
         assert_eq!(a.wait().unwrap().signal(), Some(libc::SIGTERM));
         b.kill().unwrap();
         b.wait().unwrap();
+    }
+);
+
+systemd_test!(
+    a_scope_whose_process_died_before_the_attach_is_active_and_empty,
+    {
+        // What a dispatcher killed between spawning a worker's supervisor and the end of
+        // the start job leaves behind (found by the fault suite): the PID is gone by the
+        // time systemd attaches it. A zombie makes that moment reproducible.
+        let mut z = crate::rig::zombie();
+        let unit = unit_name::worker_scope(&format!("t_husk{}", z.id()), 1);
+        let cgroup = liveness::unit_cgroup("hermes-workers.slice", &unit);
+        let rt = rt();
+        let sd = rt.block_on(Systemd::connect()).unwrap();
+        rt.block_on(sd.start_transient(
+            &unit,
+            scope_props(z.id(), "husk"),
+            Duration::from_secs(10),
+        ))
+        .expect("systemd 252 accepts a zombie's PID");
+        // systemd keeps the scope active for ever: its cgroup was never populated, so it
+        // never reports becoming empty. Only the kernel's flag tells the truth.
+        let state = rt.block_on(sd.active_state(&unit)).unwrap();
+        println!("unit state: {state:?}");
+        assert_eq!(liveness::cgroup_populated(&cgroup), Some(false));
+        z.wait().unwrap();
+        // A stop ends it at once.
+        rt.block_on(sd.stop_and_wait(&unit, Duration::from_secs(10)))
+            .unwrap();
+        assert_eq!(rt.block_on(sd.active_state(&unit)).unwrap(), None);
     }
 );
