@@ -102,7 +102,7 @@ async fn connect_systemd(notifier: &notify::Notifier) -> (Systemd, Removals) {
     loop {
         let attempt = async {
             let sd = Systemd::connect().await?;
-            let removed = sd.unit_removed_stream().await?;
+            let removed = sd.unit_removed_stream();
             Ok::<_, crate::systemd::SystemdError>((sd, removed))
         };
         match attempt.await {

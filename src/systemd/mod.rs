@@ -1,15 +1,36 @@
 //! systemd's manager over D-Bus: the only module that knows zbus.
 //!
 //! zbus 6 (async; it has no blocking API any more) on the caller's Tokio runtime. The daemon
-//! is an event loop over unit signals anyway, and the CLI drives the same calls with
-//! `zbus::block_on`, so one async API serves both.
+//! is an event loop over unit signals anyway, and the CLI drives the same calls from a
+//! current-thread runtime, so one async API serves both.
+//!
+//! Signals are read by one task per connection (`pump`), never at the caller's await
+//! points. zbus's socket reader waits when any signal stream's queue is full, and while it
+//! waits it reads no method reply either: a dispatcher busy starting workers (not polling
+//! its `UnitRemoved` stream) while dozens of scopes came and went waited for ever on a
+//! `StartTransientUnit` reply (found by the throughput benchmark). Every method call also
+//! has a timeout, so no await on the bus is unbounded.
 
 pub mod unit_name;
 
+use std::collections::{HashMap, VecDeque};
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+use zbus::proxy::CacheProperties;
 use zbus::{Connection, OwnedObjectPath, Variant};
+
+/// No reply to a method call within this long: systemd answers in milliseconds, or is
+/// stuck. Below the dispatcher's `WatchdogSec` (30 s), so a stuck bus is reported, not
+/// mistaken for a hung daemon.
+const METHOD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Results of jobs nobody has asked about yet (another client's, or ours before its
+/// reply was read). Bounded: a job's result is claimed within a few messages of its reply.
+const FINISHED_JOBS_KEPT: usize = 4096;
 
 #[zbus::proxy(
     interface = "org.freedesktop.systemd1.Manager",
@@ -192,23 +213,126 @@ pub type Property = (&'static str, Variant<'static>);
 pub struct Systemd {
     conn: Connection,
     manager: ManagerProxy<'static>,
+    signals: Arc<Signals>,
+}
+
+/// What the signal pump learnt, shared with the callers waiting for it.
+#[derive(Default)]
+struct SignalState {
+    /// Job path → result, of jobs removed before anyone asked.
+    finished: HashMap<String, String>,
+    finished_order: VecDeque<String>,
+    /// Job path → the caller waiting for that job's end.
+    waiting: HashMap<String, oneshot::Sender<String>>,
+    /// Subscribers to `UnitRemoved` (the daemon's loop, a stop waiting for a unit to go).
+    removed: Vec<mpsc::UnboundedSender<String>>,
+    /// The connection is gone: no signal will come any more.
+    closed: bool,
+}
+
+struct Signals {
+    state: Arc<Mutex<SignalState>>,
+    pump: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Signals {
+    fn drop(&mut self) {
+        self.pump.abort();
+    }
+}
+
+fn lock(state: &Mutex<SignalState>) -> std::sync::MutexGuard<'_, SignalState> {
+    // The state stays consistent at every step, so a panic elsewhere does not spoil it.
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Read `JobRemoved` and `UnitRemoved` for the connection's life and hand them on; when
+/// the connection ends, wake every waiter with "closed".
+async fn pump(
+    mut jobs: JobRemovedStream,
+    mut units: UnitRemovedStream,
+    state: Arc<Mutex<SignalState>>,
+) {
+    loop {
+        tokio::select! {
+            sig = jobs.next() => {
+                let Some(sig) = sig else { break };
+                let Ok(args) = sig.args() else { continue };
+                let job = args.job.as_str().to_string();
+                let mut st = lock(&state);
+                match st.waiting.remove(&job) {
+                    Some(tx) => {
+                        let _ = tx.send(args.result);
+                    }
+                    None => {
+                        st.finished.insert(job.clone(), args.result);
+                        st.finished_order.push_back(job);
+                        while st.finished_order.len() > FINISHED_JOBS_KEPT {
+                            if let Some(old) = st.finished_order.pop_front() {
+                                st.finished.remove(&old);
+                            }
+                        }
+                    }
+                }
+            }
+            sig = units.next() => {
+                let Some(sig) = sig else { break };
+                let Ok(args) = sig.args() else { continue };
+                lock(&state).removed.retain(|tx| tx.send(args.unit.clone()).is_ok());
+            }
+        }
+    }
+    let mut st = lock(&state);
+    st.closed = true;
+    st.waiting.clear();
+    st.removed.clear();
 }
 
 impl Systemd {
     /// Connect to the system bus and `Subscribe()`, without which systemd emits most unit
-    /// signals to nobody.
+    /// signals to nobody. The signal matches are in place before this returns, so no job
+    /// started afterwards can end unseen.
     pub async fn connect() -> Result<Systemd> {
-        let conn = Connection::system()
+        let conn = zbus::connection::Builder::system()
+            .method_timeout(METHOD_TIMEOUT)
+            .max_queued(NonZeroUsize::new(1024).unwrap_or(NonZeroUsize::MIN))
+            .build()
             .await
             .map_err(SystemdError::Unreachable)?;
-        let manager = ManagerProxy::new(&conn)
+        let manager = ManagerProxy::builder(&conn)
+            .cache_properties(CacheProperties::No)
+            .build()
             .await
             .map_err(SystemdError::Unreachable)?;
+        let jobs = manager
+            .receive_job_removed()
+            .await
+            .map_err(|e| SystemdError::from_zbus("JobRemoved", "", e))?;
+        let units = manager
+            .receive_unit_removed()
+            .await
+            .map_err(|e| SystemdError::from_zbus("UnitRemoved", "", e))?;
         manager
             .subscribe()
             .await
             .map_err(|e| SystemdError::from_zbus("Subscribe", "", e))?;
-        Ok(Systemd { conn, manager })
+        let state = Arc::new(Mutex::new(SignalState::default()));
+        let pump = tokio::spawn(pump(jobs, units, state.clone()));
+        Ok(Systemd {
+            conn,
+            manager,
+            signals: Arc::new(Signals { state, pump }),
+        })
+    }
+
+    /// Unit names as systemd removes them, from now on; ends when the connection does.
+    fn subscribe_removed(&self) -> mpsc::UnboundedReceiver<String> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut st = lock(&self.signals.state);
+        if !st.closed {
+            st.removed.push(tx);
+        }
+        rx
     }
 
     pub fn connection(&self) -> &Connection {
@@ -223,8 +347,9 @@ impl Systemd {
     }
 
     /// Run a method that queues a job, and wait for that job's `JobRemoved`; returns its
-    /// result (`done`, `failed`, `canceled`, …). The match is installed before the call,
-    /// because the job can finish before the reply is read (crun and systemd-run do the same).
+    /// result (`done`, `failed`, `canceled`, …). The pump has watched since `connect`,
+    /// because the job can finish before the reply is read (crun and systemd-run also
+    /// subscribe first).
     async fn run_job<F>(
         &self,
         op: &'static str,
@@ -235,33 +360,34 @@ impl Systemd {
     where
         F: std::future::Future<Output = zbus::Result<OwnedObjectPath>>,
     {
-        let mut removed = self
-            .manager
-            .receive_job_removed()
-            .await
-            .map_err(|e| SystemdError::from_zbus(op, name, e))?;
         let job = call
             .await
             .map_err(|e| SystemdError::from_zbus(op, name, e))?;
-        let wait = async {
-            while let Some(sig) = removed.next().await {
-                let Ok(args) = sig.args() else { continue };
-                if args.job == job {
-                    return Some(args.result);
-                }
+        let job = job.as_str().to_string();
+        let ended = {
+            let mut st = lock(&self.signals.state);
+            if let Some(result) = st.finished.remove(&job) {
+                return Ok(result);
             }
-            None
+            let (tx, rx) = oneshot::channel();
+            if !st.closed {
+                st.waiting.insert(job.clone(), tx);
+            }
+            rx
         };
-        match tokio::time::timeout(timeout, wait).await {
-            Ok(Some(result)) => Ok(result),
-            Ok(None) => Err(SystemdError::Unreachable(zbus::Error::Failure(
-                "signal stream ended".into(),
+        match tokio::time::timeout(timeout, ended).await {
+            Ok(Ok(result)) => Ok(result),
+            Ok(Err(_)) => Err(SystemdError::Unreachable(zbus::Error::Failure(
+                "the bus connection ended while waiting for the job".into(),
             ))),
-            Err(_) => Err(SystemdError::Timeout {
-                op,
-                unit: name.into(),
-                timeout,
-            }),
+            Err(_) => {
+                lock(&self.signals.state).waiting.remove(&job);
+                Err(SystemdError::Timeout {
+                    op,
+                    unit: name.into(),
+                    timeout,
+                })
+            }
         }
     }
 
@@ -311,17 +437,13 @@ impl Systemd {
     }
 
     /// Names of units as systemd removes them; the stream ends when the bus connection does.
-    pub async fn unit_removed_stream(
+    pub fn unit_removed_stream(
         &self,
-    ) -> Result<std::pin::Pin<Box<dyn futures_util::Stream<Item = String> + Send>>> {
-        let s = self
-            .manager
-            .receive_unit_removed()
-            .await
-            .map_err(|e| SystemdError::from_zbus("UnitRemoved", "", e))?;
-        Ok(Box::pin(s.filter_map(|sig| async move {
-            sig.args().ok().map(|a| a.unit)
-        })))
+    ) -> std::pin::Pin<Box<dyn futures_util::Stream<Item = String> + Send>> {
+        let rx = self.subscribe_removed();
+        Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|unit| (unit, rx))
+        }))
     }
 
     pub async fn kill(&self, name: &str, signal: i32) -> Result<()> {
@@ -340,13 +462,8 @@ impl Systemd {
         signal: i32,
         timeout: Duration,
     ) -> Result<bool> {
-        let op = "KillUnit";
         // Watch before acting: the removal can come before the kill call returns.
-        let mut removed = self
-            .manager
-            .receive_unit_removed()
-            .await
-            .map_err(|e| SystemdError::from_zbus(op, name, e))?;
+        let mut removed = self.subscribe_removed();
         match self.kill(name, signal).await {
             Err(SystemdError::NoSuchUnit { .. }) => return Ok(true),
             other => other?,
@@ -355,8 +472,8 @@ impl Systemd {
             return Ok(true);
         }
         let wait = async {
-            while let Some(sig) = removed.next().await {
-                if sig.args().is_ok_and(|a| a.unit == name) {
+            while let Some(unit) = removed.recv().await {
+                if unit == name {
                     return true;
                 }
             }
@@ -386,6 +503,7 @@ impl Systemd {
             }
         };
         let unit = UnitProxy::builder(&self.conn)
+            .cache_properties(CacheProperties::No)
             .path(path)
             .build()
             .await

@@ -171,9 +171,47 @@ fn throughput(n: usize) {
     d.install();
     let t0 = Instant::now();
     d.start();
-    harness::wait_for("all done", Duration::from_secs(600), || {
-        (b.counts().unwrap().get("done").copied().unwrap_or(0) == n as i64).then_some(())
-    });
+    let t_end = t0 + Duration::from_secs(120);
+    let (mut last, mut since, mut dumped) = (0, Instant::now(), false);
+    loop {
+        let done = b.counts().unwrap().get("done").copied().unwrap_or(0);
+        if done == n as i64 {
+            break;
+        }
+        if done != last {
+            (last, since) = (done, Instant::now());
+        } else if since.elapsed() > Duration::from_secs(4) && !dumped {
+            dumped = true;
+            let pid = rig::systemctl_show(rig::SERVICE, "MainPID");
+            let pid = pid.trim().trim_start_matches("MainPID=");
+            let o = std::process::Command::new("gdb")
+                .args(["-p", pid, "-batch", "-ex", "thread apply all bt"])
+                .output()
+                .unwrap();
+            println!(
+                "stalled at {done}; daemon {pid}:\n{}",
+                String::from_utf8_lossy(&o.stdout)
+            );
+            let j = std::process::Command::new("journalctl")
+                .args(["--no-pager", "-n", "80", "-o", "short-monotonic"])
+                .output()
+                .unwrap();
+            println!("journal:\n{}", String::from_utf8_lossy(&j.stdout));
+            let fds = std::process::Command::new("ls")
+                .args(["-l", &format!("/proc/{pid}/fd")])
+                .output()
+                .unwrap();
+            println!("fds:\n{}", String::from_utf8_lossy(&fds.stdout));
+        }
+        assert!(
+            Instant::now() < t_end,
+            "not all done after 120 s: {:?}\n{}\n{}",
+            b.counts().unwrap(),
+            rig::systemctl_show(rig::SERVICE, "ActiveState,Result,NRestarts"),
+            rig::journal(rig::SERVICE)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let took = t0.elapsed();
     println!(
         "throughput: {n} trivial tasks ready -> done in {took:.2?} = {:.1} tasks/s (max_spawn 16)",

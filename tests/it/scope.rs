@@ -173,3 +173,31 @@ systemd_test!(
         assert_eq!(rt.block_on(sd.active_state(&unit)).unwrap(), None);
     }
 );
+
+systemd_test!(
+    signals_nobody_reads_yet_do_not_stall_the_connections_method_calls,
+    {
+        // The dispatcher's loop reads its UnitRemoved stream only between passes. zbus
+        // stops reading the socket while any signal queue is full, so before the signal
+        // pump, a busy pass waited for ever on a reply (found by the throughput benchmark).
+        let rt = rt();
+        let sd = rt.block_on(Systemd::connect()).unwrap();
+        let _unread = sd.unit_removed_stream();
+        for _ in 0..200 {
+            let ok = Command::new("systemd-run")
+                .args(["--scope", "--quiet", "--collect", "true"])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok);
+        }
+        // 200 scopes came and went: ≥ 400 signals for this connection, none read yet.
+        let answer = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(30), sd.list_units("*.scope")).await
+        });
+        assert!(
+            matches!(answer, Ok(Ok(_))),
+            "a method call after unread signals: {answer:?}"
+        );
+    }
+);
