@@ -191,6 +191,12 @@ impl Dispatcher {
     /// Install the project's own unit (`units/hermes-dispatcher.service`, hardening and all)
     /// with a drop-in pointing it at this build and this board.
     pub fn install(&self) {
+        // Our own debug lines; zbus's would cost milliseconds per call to journald.
+        self.install_logging("hermes_mgr=debug,info");
+    }
+
+    /// `install` with `HERMES_MGR_LOG=filter` (benchmarks: `info`, as in production).
+    pub fn install_logging(&self, filter: &str) {
         std::fs::create_dir_all("/run/systemd/system/hermes-dispatcher.service.d").unwrap();
         std::fs::copy(
             crate::harness::repo().join("units/hermes-dispatcher.service"),
@@ -199,7 +205,7 @@ impl Dispatcher {
         .unwrap();
         let dropin = format!(
             "[Service]\nExecStart=\nExecStart={bin} dispatcher --db {db} --config {cfg}\nEnvironment=HERMES_KANBAN_HOME={dir}\n\
-             Environment=HERMES_MGR_LOG=debug\nWatchdogSec=10s\nRestart=no\nTimeoutStopSec=5s\n",
+             Environment=HERMES_MGR_LOG={filter}\nWatchdogSec=10s\nRestart=no\nTimeoutStopSec=5s\n",
             bin = mgr_bin().display(),
             db = self.rig.db.display(),
             cfg = self.rig.config.display(),
