@@ -16,12 +16,23 @@ mod rig;
 
 use std::time::{Duration, Instant};
 
+/// The rows of the table printed at the end: (figure, result).
+static ROWS: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+
+fn row(figure: &str, result: String) {
+    println!("{figure}: {result}");
+    ROWS.lock().unwrap().push((figure.to_string(), result));
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i]
 }
 
 fn requeue_latency(n: usize) {
+    let _ = std::process::Command::new("systemctl")
+        .args(["stop", rig::SERVICE])
+        .status();
     let d = rig::Dispatcher::new("tick_seconds = 3600");
     d.install_logging("info");
     d.start();
@@ -63,13 +74,16 @@ fn requeue_latency(n: usize) {
     }
     samples.sort();
     let mean = samples.iter().sum::<Duration>() / samples.len() as u32;
-    println!(
-        "worker death -> task ready: n={} p50={:.2?} p99={:.2?} max={:.2?} mean={:.2?}",
-        samples.len(),
-        percentile(&samples, 0.5),
-        percentile(&samples, 0.99),
-        samples[samples.len() - 1],
-        mean
+    row(
+        "1. worker death -> task ready",
+        format!(
+            "n={} p50={:.2?} p99={:.2?} max={:.2?} mean={:.2?}",
+            samples.len(),
+            percentile(&samples, 0.5),
+            percentile(&samples, 0.99),
+            samples[samples.len() - 1],
+            mean
+        ),
     );
 }
 
@@ -91,12 +105,15 @@ fn read_ns(path: &std::path::Path) -> u128 {
 fn summary(name: &str, mut v: Vec<Duration>) -> Duration {
     v.sort();
     let p50 = percentile(&v, 0.5);
-    println!(
-        "{name}: n={} p50={:.2?} p99={:.2?} max={:.2?}",
-        v.len(),
-        p50,
-        percentile(&v, 0.99),
-        v[v.len() - 1]
+    row(
+        name,
+        format!(
+            "n={} p50={:.2?} p99={:.2?} max={:.2?}",
+            v.len(),
+            p50,
+            percentile(&v, 0.99),
+            v[v.len() - 1]
+        ),
     );
     p50
 }
@@ -167,20 +184,20 @@ fn spawn_latency(n: usize) {
         ));
     }
     let a = summary(
-        "claim -> worker's first command in its scope (hermes-dispatcher)",
+        "2. claim -> worker's first command in its scope (hermes-dispatcher)",
         from_claim,
     );
     summary(
-        "task created -> worker's first command in its scope (hermes-dispatcher)",
+        "2. task created -> worker's first command in its scope (hermes-dispatcher)",
         from_ready,
     );
     let b = summary(
-        "command start -> first command in its scope (systemd-run --scope)",
+        "2. command start -> first command in its scope (systemd-run --scope)",
         theirs,
     );
-    println!(
-        "ratio of p50s (hermes-dispatcher claim->exec / systemd-run): {:.2}",
-        a.as_secs_f64() / b.as_secs_f64()
+    row(
+        "2. ratio of p50s, hermes-dispatcher claim->exec / systemd-run",
+        format!("{:.2}", a.as_secs_f64() / b.as_secs_f64()),
     );
 }
 
@@ -250,9 +267,12 @@ fn throughput(n: usize) {
         std::thread::sleep(Duration::from_millis(5));
     }
     let took = t0.elapsed();
-    println!(
-        "throughput: {n} trivial tasks ready -> done in {took:.2?} = {:.1} tasks/s (max_spawn 16)",
-        n as f64 / took.as_secs_f64()
+    row(
+        "3. throughput, trivial tasks ready -> done",
+        format!(
+            "{:.1} tasks/s ({n} tasks in {took:.2?}, max_spawn 16)",
+            n as f64 / took.as_secs_f64()
+        ),
     );
 }
 
@@ -295,11 +315,124 @@ fn idle_cost(n: usize) {
     std::thread::sleep(Duration::from_secs(60));
     let (busy, secs) = (cpu(&p) - c0, t0.elapsed().as_secs_f64());
     let rss = p.status().unwrap().vmrss.unwrap_or(0);
-    println!(
-        "{n} live workers: daemon RSS {:.1} MiB, CPU {:.3} % over {secs:.0} s idle (tick 30 s)",
-        rss as f64 / 1024.0,
-        100.0 * busy / secs
+    row(
+        &format!("4. {n} live workers, the daemon idle"),
+        format!(
+            "RSS {:.1} MiB, CPU {:.3} % over {secs:.0} s (tick 30 s)",
+            rss as f64 / 1024.0,
+            100.0 * busy / secs
+        ),
     );
+}
+
+/// 6. Upstream hermes-agent 0.19.0's own dispatcher on the same workloads:
+/// `hermes kanban daemon --force --interval 1` (its fastest documented setting), workers
+/// from `$HERMES_BIN` (upstream's override), on a board made by the rig. Figure 3 as above;
+/// figure 1 with upstream's default crash grace (30 s from launch) and with
+/// `HERMES_KANBAN_CRASH_GRACE_SECONDS=0`, fewer runs (each takes up to a tick, or the grace).
+fn upstream(n: usize) {
+    let _ = std::process::Command::new("systemctl")
+        .args(["stop", rig::SERVICE])
+        .status();
+    let daemon = |r: &rig::Rig, grace: Option<&str>| {
+        let mut c = std::process::Command::new(harness::hermes_bin());
+        c.args(["kanban", "daemon", "--force", "--interval", "1"])
+            .env("HERMES_BIN", r.dir.join("worker"))
+            .env("HERMES_KANBAN_DB", &r.db)
+            .env("HERMES_KANBAN_HOME", &r.dir)
+            .env("HERMES_HOME", &r.dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if let Some(g) = grace {
+            c.env("HERMES_KANBAN_CRASH_GRACE_SECONDS", g);
+        }
+        c.spawn().unwrap()
+    };
+    // Figure 3.
+    let stub = format!(
+        "#!/bin/sh\nexec {} --db \"$HERMES_KANBAN_DB\" complete \"$HERMES_KANBAN_TASK\" --summary ok\n",
+        harness::mgr_bin().display()
+    );
+    let r = rig::Rig::new(&stub, "");
+    let b = r.board();
+    for i in 0..n {
+        b.create(&hermes_mgr::board::NewTask {
+            title: format!("t{i}"),
+            assignee: Some("default".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    }
+    let t0 = Instant::now();
+    let mut up = daemon(&r, None);
+    harness::wait_for("upstream: all done", Duration::from_secs(900), || {
+        (b.counts().unwrap().get("done").copied().unwrap_or(0) == n as i64).then_some(())
+    });
+    let took = t0.elapsed();
+    let _ = up.kill();
+    let _ = up.wait();
+    row(
+        "6. upstream 0.19.0 (daemon --interval 1): throughput, trivial tasks",
+        format!(
+            "{:.1} tasks/s ({n} tasks in {took:.2?})",
+            n as f64 / took.as_secs_f64()
+        ),
+    );
+    // Figure 1.
+    for (grace, runs) in [(None, 3), (Some("0"), 20)] {
+        let r = rig::Rig::new(&rig::driven_stub(), "");
+        let id = r.add("crash forever");
+        r.board()
+            .connection()
+            .execute("UPDATE tasks SET max_retries=100000 WHERE id=?1", [&id])
+            .unwrap();
+        let ro = rusqlite::Connection::open_with_flags(
+            &r.db,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        let mut up = daemon(&r, grace);
+        let current = || -> Option<i64> {
+            ro.query_row(
+                "SELECT current_run_id FROM tasks WHERE id=?1 AND status='running'",
+                [&id],
+                |row| row.get(0),
+            )
+            .ok()
+            .flatten()
+        };
+        let mut samples = Vec::new();
+        let mut after = 0;
+        for _ in 0..runs {
+            let run = harness::wait_for("upstream: a new run", Duration::from_secs(120), || {
+                current().filter(|r| *r > after)
+            });
+            let ws = r.dir.join("kanban/workspaces").join(&id);
+            r.wait_file(&ws.join(format!("ready-{run}")));
+            let t0 = Instant::now();
+            std::fs::write(ws.join("cmd"), "exit 1\n").unwrap();
+            harness::wait_for("upstream: the run closed", Duration::from_secs(120), || {
+                ro.query_row(
+                    "SELECT ended_at IS NOT NULL FROM task_runs WHERE id=?1",
+                    [run],
+                    |row| row.get::<_, bool>(0),
+                )
+                .unwrap_or(false)
+                .then_some(())
+            });
+            samples.push(t0.elapsed());
+            after = run;
+        }
+        let _ = up.kill();
+        let _ = up.wait();
+        summary(
+            &format!(
+                "6. upstream 0.19.0 (daemon --interval 1): worker death -> task ready, crash grace {}",
+                grace.map_or("30 s (default)".to_string(), |g| format!("{g} s"))
+            ),
+            samples,
+        );
+    }
 }
 
 fn main() {
@@ -307,7 +440,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
-    let which = std::env::var("BENCH").unwrap_or_else(|_| "requeue".into());
+    let which = std::env::var("BENCH").unwrap_or_else(|_| "requeue,spawn,throughput,idle".into());
     if harness::inside() {
         for b in which.split(',') {
             match b {
@@ -315,8 +448,15 @@ fn main() {
                 "spawn" => spawn_latency(n),
                 "throughput" => throughput(n),
                 "idle" => idle_cost(500),
-                other => panic!("unknown benchmark {other:?} (requeue, spawn, throughput, idle)"),
+                "upstream" => upstream(n),
+                other => panic!(
+                    "unknown benchmark {other:?} (requeue, spawn, throughput, idle, upstream)"
+                ),
             }
+        }
+        println!("\n| figure | result |\n|---|---|");
+        for (figure, result) in ROWS.lock().unwrap().iter() {
+            println!("| {figure} | {result} |");
         }
         return;
     }
