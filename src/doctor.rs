@@ -33,6 +33,18 @@ fn check(name: &'static str, level: Level, detail: impl Into<String>, fix: Optio
     }
 }
 
+/// Whether the cgroup2 mount at `/sys/fs/cgroup` has the `favordynmods` super option (from
+/// `/proc/self/mountinfo`); `None` when there is no such mount.
+fn favordynmods(mountinfo: &str) -> Option<bool> {
+    mountinfo.lines().find_map(|line| {
+        let (mount, fs) = line.split_once(" - ")?;
+        let mut fs = fs.split_whitespace();
+        let (fstype, _source, superopts) = (fs.next()?, fs.next()?, fs.next().unwrap_or(""));
+        (mount.split_whitespace().nth(4)? == "/sys/fs/cgroup" && fstype == "cgroup2")
+            .then(|| superopts.split(',').any(|o| o == "favordynmods"))
+    })
+}
+
 /// cgroup2's statfs magic (`CGROUP2_SUPER_MAGIC`).
 const CGROUP2_MAGIC: i64 = 0x6367_7270;
 
@@ -146,6 +158,23 @@ pub async fn run(paths: &BoardPaths, cfg: anyhow::Result<Config>) -> Vec<Check> 
             Some("mount cgroup2 at /sys/fs/cgroup"),
         )),
     }
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    match favordynmods(&mountinfo) {
+        Some(true) => out.push(check(
+            "cgroup migration",
+            Level::Ok,
+            "cgroup2 mounted with favordynmods",
+            None,
+        )),
+        Some(false) => out.push(check(
+            "cgroup migration",
+            Level::Warn,
+            "cgroup2 is mounted without favordynmods: each worker start waits for an RCU grace period \
+             while the kernel moves it into its scope (claim -> exec p50 17 ms instead of 6 ms in BENCHMARKS.md)",
+            Some("mount -o remount,favordynmods /sys/fs/cgroup, or boot with cgroup_favordynmods=true (forks and exits get slightly costlier)"),
+        )),
+        None => {}
+    }
     let controllers =
         std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").unwrap_or_default();
     let missing: Vec<&str> = ["memory", "pids", "cpu"]
@@ -246,4 +275,23 @@ pub async fn run(paths: &BoardPaths, cfg: anyhow::Result<Config>) -> Vec<Check> 
         )),
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::favordynmods;
+
+    #[test]
+    fn favordynmods_is_read_from_the_cgroup2_mount_only() {
+        let plain =
+            "71 70 0:38 / /sys/fs/cgroup rw,nosuid,relatime - cgroup2 cgroup2 rw,nsdelegate\n";
+        let favoured =
+            "71 70 0:38 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate,favordynmods\n";
+        let elsewhere =
+            "41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw,favordynmods\n";
+        assert_eq!(favordynmods(plain), Some(false));
+        assert_eq!(favordynmods(favoured), Some(true));
+        assert_eq!(favordynmods(elsewhere), None);
+        assert_eq!(favordynmods(""), None);
+    }
 }
