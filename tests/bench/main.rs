@@ -24,6 +24,18 @@ fn row(figure: &str, result: String) {
     ROWS.lock().unwrap().push((figure.to_string(), result));
 }
 
+/// `n` ready tasks for the default profile.
+fn seed(b: &hermes_mgr::board::Board, n: usize) {
+    for i in 0..n {
+        b.create(&hermes_mgr::board::NewTask {
+            title: format!("t{i}"),
+            assignee: Some("default".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    }
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i]
@@ -214,14 +226,7 @@ fn throughput(n: usize) {
     );
     std::fs::write(d.rig.dir.join("worker"), stub).unwrap();
     let b = d.rig.board();
-    for i in 0..n {
-        b.create(&hermes_mgr::board::NewTask {
-            title: format!("t{i}"),
-            assignee: Some("default".into()),
-            ..Default::default()
-        })
-        .unwrap();
-    }
+    seed(&b, n);
     d.install_logging("info");
     let t0 = Instant::now();
     d.start();
@@ -285,14 +290,7 @@ fn idle_cost(n: usize) {
     let d = rig::Dispatcher::new("tick_seconds = 30\nmax_spawn = 1000\nbusy_timeout_ms = 300");
     std::fs::write(d.rig.dir.join("worker"), "#!/bin/sh\nexec sleep 3600\n").unwrap();
     let b = d.rig.board();
-    for i in 0..n {
-        b.create(&hermes_mgr::board::NewTask {
-            title: format!("t{i}"),
-            assignee: Some("default".into()),
-            ..Default::default()
-        })
-        .unwrap();
-    }
+    seed(&b, n);
     d.install_logging("info");
     d.start();
     harness::wait_for("all running", Duration::from_secs(600), || {
@@ -395,14 +393,7 @@ fn upstream(n: usize) {
     );
     let r = rig::Rig::new(&stub, "");
     let b = r.board();
-    for i in 0..n {
-        b.create(&hermes_mgr::board::NewTask {
-            title: format!("t{i}"),
-            assignee: Some("default".into()),
-            ..Default::default()
-        })
-        .unwrap();
-    }
+    seed(&b, n);
     let t0 = Instant::now();
     let mut up = daemon(&r, None);
     while b.counts().unwrap().get("done").copied().unwrap_or(0) != n as i64 {

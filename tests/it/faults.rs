@@ -50,10 +50,9 @@ fn restart_daemon() {
     );
 }
 
-/// Every process left in a live worker scope, and where in the kernel it waits.
-fn scope_processes() -> String {
-    let mut out = String::new();
-    let units = Command::new("systemctl")
+/// `systemctl list-units` of the active worker scopes, one per line.
+fn active_worker_scopes() -> String {
+    Command::new("systemctl")
         .args([
             "list-units",
             "--plain",
@@ -63,7 +62,13 @@ fn scope_processes() -> String {
         ])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// Every process left in a live worker scope, and where in the kernel it waits.
+fn scope_processes() -> String {
+    let mut out = String::new();
+    let units = active_worker_scopes();
     for unit in units.lines().filter_map(|l| l.split_whitespace().next()) {
         let cg = crate::rig::systemctl_show(unit, "ControlGroup");
         let cg = cg.trim().trim_start_matches("ControlGroup=");
@@ -211,29 +216,16 @@ systemd_test!(
             std::thread::spawn(move || {
                 let mut samples = 0u64;
                 while !stop.load(Ordering::Relaxed) {
-                    let o = Command::new("systemctl")
-                        .args([
-                            "list-units",
-                            "--plain",
-                            "--no-legend",
-                            "--state=active",
-                            "hermes-worker-kanban-*",
-                        ])
-                        .output();
-                    if let Ok(o) = o {
-                        let mut seen = HashSet::new();
-                        for unit in String::from_utf8_lossy(&o.stdout)
-                            .lines()
-                            .filter_map(|l| l.split_whitespace().next())
-                        {
-                            let task = unit
-                                .trim_start_matches("hermes-worker-kanban-")
-                                .rsplit_once("-run-")
-                                .map(|(t, _)| t.to_string());
-                            if let Some(t) = task {
-                                if !seen.insert(t.clone()) {
-                                    doubles.lock().unwrap().push(unit.to_string());
-                                }
+                    let units = active_worker_scopes();
+                    let mut seen = HashSet::new();
+                    for unit in units.lines().filter_map(|l| l.split_whitespace().next()) {
+                        let task = unit
+                            .trim_start_matches("hermes-worker-kanban-")
+                            .rsplit_once("-run-")
+                            .map(|(t, _)| t.to_string());
+                        if let Some(t) = task {
+                            if !seen.insert(t.clone()) {
+                                doubles.lock().unwrap().push(unit.to_string());
                             }
                         }
                     }
