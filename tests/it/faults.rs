@@ -34,20 +34,11 @@ exit 9
     )
 }
 
-fn restart_daemon() {
+fn restart_daemon(d: &Dispatcher) {
     sh(&format!(
         "systemctl reset-failed {SERVICE} 2>/dev/null || true"
     ));
-    let o = Command::new("systemctl")
-        .args(["start", SERVICE])
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "restart: {}\n{}",
-        String::from_utf8_lossy(&o.stderr),
-        journal(SERVICE)
-    );
+    d.start();
 }
 
 /// `systemctl list-units` of the active worker scopes, one per line.
@@ -276,7 +267,7 @@ systemd_test!(
                     let s = crate::rig::systemctl_show(SERVICE, "ActiveState");
                     (!s.contains("=active") && !s.contains("=activating")).then_some(())
                 });
-                restart_daemon();
+                restart_daemon(&d);
             } else {
                 std::thread::sleep(Duration::from_millis(500));
             }
