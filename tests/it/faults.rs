@@ -41,25 +41,10 @@ fn restart_daemon(d: &Dispatcher) {
     d.start();
 }
 
-/// `systemctl list-units` of the active worker scopes, one per line.
-fn active_worker_scopes() -> String {
-    Command::new("systemctl")
-        .args([
-            "list-units",
-            "--plain",
-            "--no-legend",
-            "--state=active",
-            "hermes-worker-kanban-*",
-        ])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
-}
-
 /// Every process left in a live worker scope, and where in the kernel it waits.
 fn scope_processes() -> String {
     let mut out = String::new();
-    let units = active_worker_scopes();
+    let units = crate::rig::worker_units(false);
     for unit in units.lines().filter_map(|l| l.split_whitespace().next()) {
         let cg = crate::rig::systemctl_show(unit, "ControlGroup");
         let cg = cg.trim().trim_start_matches("ControlGroup=");
@@ -157,17 +142,7 @@ fn diagnosis(d: &Dispatcher) -> String {
         );
     }
     out += &crate::rig::systemctl_show(SERVICE, "ActiveState,SubState,Result,NRestarts,MainPID");
-    out += &Command::new("systemctl")
-        .args([
-            "list-units",
-            "--all",
-            "--plain",
-            "--no-legend",
-            "hermes-worker-kanban-*",
-        ])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
+    out += &crate::rig::worker_units(true);
     out += &scope_processes();
     let tail = journal(SERVICE);
     let lines: Vec<&str> = tail.lines().collect();
@@ -207,7 +182,7 @@ systemd_test!(
             std::thread::spawn(move || {
                 let mut samples = 0u64;
                 while !stop.load(Ordering::Relaxed) {
-                    let units = active_worker_scopes();
+                    let units = crate::rig::worker_units(false);
                     let mut seen = HashSet::new();
                     for unit in units.lines().filter_map(|l| l.split_whitespace().next()) {
                         let task = unit

@@ -126,6 +126,23 @@ impl Rig {
     }
 }
 
+/// `systemctl list-units` of the worker scopes, one per line: the active ones, or with
+/// `all` every loaded one (failed and inactive too).
+pub fn worker_units(all: bool) -> String {
+    let state = if all { "--all" } else { "--state=active" };
+    let o = Command::new("systemctl")
+        .args([
+            "list-units",
+            state,
+            "--plain",
+            "--no-legend",
+            "hermes-worker-kanban-*",
+        ])
+        .output()
+        .expect("systemctl list-units");
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
 pub fn systemctl_show(unit: &str, props: &str) -> String {
     let o = Command::new("systemctl")
         .args(["show", unit, "-p", props])

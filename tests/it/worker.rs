@@ -348,19 +348,6 @@ systemd_test!(
 );
 
 systemd_test!(spawn_failures_leave_no_scope_and_no_process, {
-    let units = || {
-        Command::new("systemctl")
-            .args([
-                "list-units",
-                "--all",
-                "--plain",
-                "--no-legend",
-                "hermes-worker-kanban-*",
-            ])
-            .output()
-            .unwrap()
-            .stdout
-    };
     // The binary is missing: caught before any scope exists.
     let rig = Rig::new("#!/bin/sh\nexit 0\n", "");
     std::fs::remove_file(rig.dir.join("worker")).unwrap();
@@ -413,9 +400,9 @@ systemd_test!(spawn_failures_leave_no_scope_and_no_process, {
     assert!(err.contains("/etc/passwd is not a directory"), "{err}");
 
     assert!(
-        units().is_empty(),
+        crate::rig::worker_units(true).is_empty(),
         "scopes left behind: {}",
-        String::from_utf8_lossy(&units())
+        crate::rig::worker_units(true)
     );
     let supervisors: Vec<i32> = procfs::process::all_processes()
         .unwrap()
