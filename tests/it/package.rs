@@ -95,6 +95,42 @@ pub fn hermes_create(title: &str) -> String {
     v["id"].as_str().unwrap().to_string()
 }
 
+/// An upgrade in place with a worker running: `upgrade` must restart the daemon and leave
+/// the worker alive; released (its `go` file), the worker completes the task in its one run,
+/// and the scope's journal has its output. Returns that run.
+pub fn upgrade_keeps_the_worker(
+    board: &hermes_mgr::board::Board,
+    id: &str,
+    unit: &str,
+    worker: u32,
+    upgrade: impl FnOnce(),
+) -> hermes_mgr::board::Run {
+    let before = systemctl_show(SERVICE, "MainPID");
+    upgrade();
+    assert_ne!(
+        systemctl_show(SERVICE, "MainPID"),
+        before,
+        "the upgrade did not restart the daemon"
+    );
+    assert!(alive(worker), "the upgrade killed the worker");
+    let ws = Path::new("/var/lib/hermes/kanban/workspaces").join(id);
+    std::fs::write(ws.join("go"), "\n").unwrap();
+    wait_for("done", Duration::from_secs(30), || {
+        board
+            .require_task(id)
+            .ok()
+            .filter(|t| t.status.as_str() == "done")
+    });
+    let mut runs = board.runs(id).unwrap();
+    assert_eq!(runs.len(), 1, "a second worker was started");
+    let journal = Command::new("journalctl")
+        .args(["-u", unit, "-o", "cat", "--no-pager"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&journal.stdout).contains(&format!("hello from {id}")));
+    runs.remove(0)
+}
+
 fn dispatcher_processes() -> usize {
     procfs::process::all_processes()
         .unwrap()
@@ -163,31 +199,9 @@ systemd_test!(
         let worker = task.worker_pid.unwrap() as u32;
 
         // Installing the package over itself is an upgrade: the daemon restarts, the worker lives on.
-        let before = systemctl_show(SERVICE, "MainPID");
-        dpkg(&["-i", deb.to_str().unwrap()]);
-        assert_ne!(
-            systemctl_show(SERVICE, "MainPID"),
-            before,
-            "the upgrade did not restart the daemon"
-        );
-        assert!(alive(worker), "the upgrade killed the worker");
-        std::fs::write(ws.join("go"), "\n").unwrap();
-        wait_for("done", Duration::from_secs(30), || {
-            board
-                .require_task(&id)
-                .ok()
-                .filter(|t| t.status.as_str() == "done")
+        upgrade_keeps_the_worker(&board, &id, &unit, worker, || {
+            dpkg(&["-i", deb.to_str().unwrap()])
         });
-        assert_eq!(
-            board.runs(&id).unwrap().len(),
-            1,
-            "a second worker was started"
-        );
-        let journal = Command::new("journalctl")
-            .args(["-u", &unit, "-o", "cat", "--no-pager"])
-            .output()
-            .unwrap();
-        assert!(String::from_utf8_lossy(&journal.stdout).contains(&format!("hello from {id}")));
 
         dpkg(&["-r", "hermes-mgr"]);
         assert!(!systemctl_show(SERVICE, "ActiveState").contains("=active"));
