@@ -54,6 +54,10 @@ pub struct Config {
     pub busy_timeout_ms: u64,
     /// On SIGTERM, stop every worker too (default: leave them running; the next start adopts them).
     pub stop_workers_on_exit: bool,
+    /// Variables of the dispatcher's environment that workers get, beside `PATH`, `LANG`,
+    /// `LANGUAGE`, `LC_*`, `TZ` and the Hermes contract (e.g. `["OPENROUTER_API_KEY"]`, set
+    /// for the service with `Environment=` or `EnvironmentFile=`). Nothing else passes.
+    pub pass_environment: Vec<String>,
 }
 
 impl Default for Config {
@@ -79,6 +83,7 @@ impl Default for Config {
             rate_limit_cooldown_seconds: 300,
             busy_timeout_ms: 2000,
             stop_workers_on_exit: false,
+            pass_environment: Vec::new(),
         }
     }
 }

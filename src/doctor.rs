@@ -232,7 +232,7 @@ pub async fn run(paths: &BoardPaths, cfg: anyhow::Result<Config>) -> Vec<Check> 
                 Ok(v) => check("board", Level::Fail, format!("{}: integrity_check says {v}", paths.db.display()), Some("restore the board from a backup")),
                 Err(e) => check("board", Level::Fail, e.to_string(), Some("see the message")),
             });
-            out.push(if crate::liveness::flock_held(&paths.dispatcher_lock()) {
+            out.push(if b.dispatcher_lock_held() {
                 check("dispatcher", Level::Ok, format!("a dispatcher holds {}", paths.dispatcher_lock().display()), None)
             } else {
                 check("dispatcher", Level::Warn, "no dispatcher runs for this board", Some("systemctl enable --now hermes-dispatcher"))

@@ -51,20 +51,6 @@ fn populated(events: &str) -> Option<bool> {
         .map(|v| v.trim() != "0")
 }
 
-/// Whether some process holds an exclusive `flock(2)` on `path` (a dispatcher's life lock).
-/// Probed with a shared, non-blocking lock that is released at once; dispatchers wait a
-/// moment for their lock, so this probe never makes one refuse to start. (`/proc/locks`
-/// would avoid the probe, but names the inode of the layer below on overlayfs.)
-pub fn flock_held(path: &std::path::Path) -> bool {
-    use std::os::fd::AsRawFd;
-    let Ok(f) = std::fs::File::open(path) else {
-        return false;
-    };
-    // SAFETY: flock on an fd we own; closing the file releases it.
-    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
-    rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
-}
-
 /// The cgroup path systemd gives a unit in `slice`: each dash-separated prefix of a slice
 /// name is a parent slice (`hermes-workers.slice` lives in `hermes.slice`).
 pub fn unit_cgroup(slice: &str, unit: &str) -> String {
@@ -100,23 +86,6 @@ mod tests {
             "/system.slice/x.scope"
         );
         assert_eq!(unit_cgroup("-.slice", "x.scope"), "/x.scope");
-    }
-
-    #[test]
-    fn a_held_flock_is_seen_without_taking_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("lock");
-        std::fs::write(&path, "").unwrap();
-        assert!(!flock_held(&path));
-        let f = std::fs::File::open(&path).unwrap();
-        // SAFETY: flock on an fd we own.
-        assert_eq!(
-            unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) },
-            0
-        );
-        assert!(flock_held(&path));
-        drop(f);
-        assert!(!flock_held(&path));
     }
 
     #[test]

@@ -160,7 +160,7 @@ pub fn snapshot(b: &Board, cfg: &Config, limit: usize) -> board::Result<Snapshot
             });
         }
     }
-    let dispatcher = if liveness::flock_held(&b.paths().dispatcher_lock()) {
+    let dispatcher = if b.dispatcher_lock_held() {
         "running"
     } else {
         "not running"

@@ -10,8 +10,8 @@
 //! (`ended_at IS NULL`) exists for the task; every transition writes a `task_events` row with
 //! upstream's kind and payload.
 
+pub mod lock;
 mod model;
-pub mod ownership;
 pub mod paths;
 mod schema;
 
@@ -22,7 +22,8 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde_json::{json, Map, Value};
 
 pub use model::{Claim, EndResult, Event, NewTask, Run, RunEnd, Status, Task, BLOCK_KINDS};
-pub use ownership::Owner;
+pub use crate::safe_fs::Owner;
+use crate::safe_fs;
 pub use paths::{BoardPaths, Resolver};
 
 /// Upstream's `DEFAULT_CLAIM_TTL_SECONDS`.
@@ -154,7 +155,7 @@ fn busy_timeout() -> Duration {
 /// Refuse a file that is not SQLite before SQLite (or our pragmas) can touch it.
 fn check_header(path: &Path) -> Result<()> {
     use std::io::Read;
-    let mut f = match std::fs::File::open(path) {
+    let mut f = match safe_fs::open_regular(path, safe_fs::Access::Read) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(source) => {
@@ -211,99 +212,135 @@ fn classify(path: &Path, op: &'static str, e: rusqlite::Error) -> BoardError {
     }
 }
 
+/// The SQLite file to open: the trusted directory resolved once (it is the
+/// administrator's), the rest of the path as given, so that `SQLITE_OPEN_NOFOLLOW` refuses
+/// a symlink inside the owner's tree but not one above it (`/home` → `/srv/home`).
+fn sqlite_path(paths: &BoardPaths) -> PathBuf {
+    match (
+        paths.db.strip_prefix(&paths.owner_dir),
+        std::fs::canonicalize(&paths.owner_dir),
+    ) {
+        (Ok(rest), Ok(dir)) => dir.join(rest),
+        _ => paths.db.clone(),
+    }
+}
+
+/// `Board::open`'s file work, run as the board's owner.
+fn open_conn(paths: &BoardPaths, mode: OpenMode, owner: &Owner) -> Result<Connection> {
+    let db = &paths.db;
+    let exists = match std::fs::symlink_metadata(db) {
+        Ok(m) if m.is_file() => true,
+        Ok(_) => {
+            return Err(BoardError::Invalid(format!(
+                "{}: not a regular file (a symlink, directory or device); hermes-mgr opens a board only as a plain file, and left it untouched",
+                db.display()
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(source) => {
+            return Err(BoardError::Io {
+                path: db.clone(),
+                op: "stat",
+                source,
+            })
+        }
+    };
+    if !exists && mode != OpenMode::CreateIfMissing {
+        return Err(BoardError::Missing { path: db.clone() });
+    }
+    if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| BoardError::Io {
+            path: dir.into(),
+            op: "create board directory",
+            source,
+        })?;
+    }
+    check_header(db)?;
+    let init_lock = lock::FileLock::acquire(
+        &paths.sibling("init.lock"),
+        owner,
+        Duration::from_secs(10),
+    )
+    .map_err(|source| BoardError::Io {
+        path: paths.sibling("init.lock"),
+        op: "take init lock",
+        source,
+    })?;
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | OpenFlags::SQLITE_OPEN_NOFOLLOW;
+    let conn = Connection::open_with_flags(sqlite_path(paths), flags)
+        .map_err(|e| classify(db, "open", e))?;
+    conn.busy_timeout(busy_timeout())
+        .map_err(|e| classify(db, "busy_timeout", e))?;
+    if exists && mode != OpenMode::Inspect {
+        let verdict: String = conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .map_err(|e| classify(db, "integrity_check", e))?;
+        if verdict != "ok" {
+            return Err(BoardError::Corrupt {
+                path: db.clone(),
+                detail: verdict,
+            });
+        }
+    }
+    // The first read opens `-wal` and `-shm`: here, as the owner, not later as root.
+    let journal: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .map_err(|e| classify(db, "journal_mode", e))?;
+    if !journal.eq_ignore_ascii_case("wal") && mode != OpenMode::Inspect {
+        conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get::<_, String>(0))
+            .map_err(|e| classify(db, "journal_mode=WAL", e))?;
+    }
+    set_chunk_size(&conn, CHUNK_BYTES).map_err(|e| classify(db, "chunk size", e))?;
+    conn.execute_batch(
+        "PRAGMA synchronous=FULL; PRAGMA wal_autocheckpoint=100; PRAGMA foreign_keys=ON;
+         PRAGMA secure_delete=ON; PRAGMA cell_size_check=ON;",
+    )
+    .map_err(|e| classify(db, "pragmas", e))?;
+    let has_tasks: bool = conn
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='tasks'",
+            [],
+            |_| Ok(true),
+        )
+        .optional()
+        .map_err(|e| classify(db, "read schema", e))?
+        .unwrap_or(false);
+    if !has_tasks && mode != OpenMode::Inspect {
+        conn.execute_batch(schema::DDL)
+            .map_err(|e| classify(db, "create schema", e))?;
+    }
+    drop(init_lock);
+    Ok(conn)
+}
+
 impl Board {
     /// Open the board at `paths.db` the way upstream's `connect()` does: header check and
     /// `PRAGMA integrity_check` before anything is written, then WAL (only if the file is not
     /// WAL already — re-issuing it was upstream's corruption bug #31158), `synchronous=FULL`,
     /// and the schema under upstream's cross-process `kanban.db.init.lock`.
+    ///
+    /// Everything here runs as the board's owner (`safe_fs::as_user`): the board's tree is
+    /// theirs and their workers', so root neither follows a link planted there nor creates
+    /// a file in it; what is created (the board, `-wal`, `-shm`, lock files) is theirs. The
+    /// file must be a regular file reached without a symlink below the trusted directory
+    /// (`SQLITE_OPEN_NOFOLLOW`), so a linked `kanban.db` cannot make root write another
+    /// database.
     pub fn open(paths: &BoardPaths, mode: OpenMode) -> Result<Board> {
-        let db = &paths.db;
-        let exists = db.exists();
-        if !exists && mode != OpenMode::CreateIfMissing {
-            return Err(BoardError::Missing { path: db.clone() });
-        }
-        if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
-            ownership::create_dir_all(dir).map_err(|source| BoardError::Io {
-                path: dir.into(),
-                op: "create board directory",
-                source,
-            })?;
-        }
-        check_header(db)?;
-        let owner = Owner::of_board(db).map_err(|source| BoardError::Io {
-            path: db.clone(),
+        let owner = Owner::of_tree(&paths.owner_dir).map_err(|source| BoardError::Io {
+            path: paths.owner_dir.clone(),
             op: "stat",
             source,
         })?;
-
-        let init_lock = ownership::FileLock::acquire(
-            &paths.sibling("init.lock"),
-            &owner,
-            Duration::from_secs(10),
-        )
-        .map_err(|source| BoardError::Io {
-            path: paths.sibling("init.lock"),
-            op: "take init lock",
-            source,
-        })?;
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX
-            | OpenFlags::SQLITE_OPEN_URI;
-        let conn = Connection::open_with_flags(db, flags).map_err(|e| classify(db, "open", e))?;
-        conn.busy_timeout(busy_timeout())
-            .map_err(|e| classify(db, "busy_timeout", e))?;
-        if exists && mode != OpenMode::Inspect {
-            let verdict: String = conn
-                .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-                .map_err(|e| classify(db, "integrity_check", e))?;
-            if verdict != "ok" {
-                return Err(BoardError::Corrupt {
-                    path: db.clone(),
-                    detail: verdict,
-                });
-            }
-        }
-        let journal: String = conn
-            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
-            .map_err(|e| classify(db, "journal_mode", e))?;
-        if !journal.eq_ignore_ascii_case("wal") && mode != OpenMode::Inspect {
-            conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get::<_, String>(0))
-                .map_err(|e| classify(db, "journal_mode=WAL", e))?;
-        }
-        set_chunk_size(&conn, CHUNK_BYTES).map_err(|e| classify(db, "chunk size", e))?;
-        conn.execute_batch(
-            "PRAGMA synchronous=FULL; PRAGMA wal_autocheckpoint=100; PRAGMA foreign_keys=ON;
-             PRAGMA secure_delete=ON; PRAGMA cell_size_check=ON;",
-        )
-        .map_err(|e| classify(db, "pragmas", e))?;
-        let has_tasks: bool = conn
-            .query_row(
-                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='tasks'",
-                [],
-                |_| Ok(true),
-            )
-            .optional()
-            .map_err(|e| classify(db, "read schema", e))?
-            .unwrap_or(false);
-        if !has_tasks && mode != OpenMode::Inspect {
-            conn.execute_batch(schema::DDL)
-                .map_err(|e| classify(db, "create schema", e))?;
-        }
-        drop(init_lock);
-        // A board created (or WAL files re-created) by root belongs to the board's owner.
-        for f in [
-            db.clone(),
-            paths.sibling("init.lock"),
-            wal_path(db, "-wal"),
-            wal_path(db, "-shm"),
-        ] {
-            owner.adopt(&f).map_err(|source| BoardError::Io {
-                path: f.clone(),
-                op: "chown",
+        let conn = safe_fs::as_user(&owner, || open_conn(paths, mode, &owner)).map_err(|source| {
+            BoardError::Io {
+                path: paths.db.clone(),
+                op: "open as the board's owner",
                 source,
-            })?;
-        }
+            }
+        })??;
         let board = Board {
             conn,
             paths: paths.clone(),
@@ -1194,11 +1231,18 @@ impl Board {
 
     /// Create a directory beside the board (workspaces, logs) owned by the board's owner.
     pub fn make_dir(&self, dir: &Path) -> Result<()> {
-        ownership::create_dir_all_owned(dir, &self.owner).map_err(|source| BoardError::Io {
-            path: dir.into(),
-            op: "create directory",
-            source,
-        })
+        safe_fs::as_user(&self.owner, || std::fs::create_dir_all(dir))
+            .and_then(|r| r)
+            .map_err(|source| BoardError::Io {
+                path: dir.into(),
+                op: "create directory",
+                source,
+            })
+    }
+
+    /// Whether a dispatcher holds this board's root-wide `.dispatcher.lock`.
+    pub fn dispatcher_lock_held(&self) -> bool {
+        lock::held(&self.paths.dispatcher_lock(), &self.owner)
     }
 
     /// Raw connection for tests that must inspect or damage the file as a third party would.
@@ -1237,12 +1281,6 @@ fn set_chunk_size(conn: &Connection, bytes: i32) -> rusqlite::Result<()> {
             Some("SQLITE_FCNTL_CHUNK_SIZE".into()),
         ))
     }
-}
-
-fn wal_path(db: &Path, suffix: &str) -> PathBuf {
-    let mut s = db.as_os_str().to_owned();
-    s.push(suffix);
-    PathBuf::from(s)
 }
 
 fn merge(into: &mut Value, from: &Value) {

@@ -22,6 +22,10 @@ pub struct BoardPaths {
     pub workspaces: PathBuf,
     /// Where upstream's workers append `<task id>.log`.
     pub logs: PathBuf,
+    /// The trusted directory whose owner does all file work on this board
+    /// (`safe_fs::Owner::of_tree`): the Hermes root, or the directory of a board file named
+    /// explicitly (`--db`, `$HERMES_KANBAN_DB`). Never a path found inside the tree.
+    pub owner_dir: PathBuf,
 }
 
 /// The inputs of path resolution. `from_env` reads the process environment; tests build
@@ -58,6 +62,17 @@ pub fn normalize_slug(raw: &str) -> Result<String, BoardError> {
     } else {
         Err(BoardError::BadSlug(raw.to_string()))
     }
+}
+
+/// `<root>/kanban/current`, read as the root's owner: a worker may have made it a symlink
+/// to a secret or a FIFO that would hang every verb. A slug is short; more is not read.
+fn read_current(root: &Path) -> Option<String> {
+    let owner = crate::safe_fs::Owner::of_tree(root).ok()?;
+    let path = root.join("kanban").join("current");
+    let bytes = crate::safe_fs::as_user(&owner, || crate::safe_fs::read_capped(&path, 256))
+        .ok()?
+        .ok()??;
+    Some(String::from_utf8_lossy(&bytes).trim().to_string())
 }
 
 fn expand_user(p: &str, home: &Path) -> PathBuf {
@@ -134,12 +149,7 @@ impl Resolver {
     /// `get_current_board()`: `$HERMES_KANBAN_BOARD`, then `<root>/kanban/current`, each only
     /// when that board exists, else `default`.
     fn current_board(&self, root: &Path) -> String {
-        let candidates = [
-            self.kanban_board.clone(),
-            std::fs::read_to_string(root.join("kanban").join("current"))
-                .ok()
-                .map(|s| s.trim().to_string()),
-        ];
+        let candidates = [self.kanban_board.clone(), read_current(root)];
         for c in candidates.into_iter().flatten() {
             if let Ok(slug) = normalize_slug(&c) {
                 if Self::board_exists(root, &slug) {
@@ -166,10 +176,13 @@ impl Resolver {
                 Self::board_dir(&root, &slug).join(leaf)
             }
         };
-        let db = if let Some(p) = &self.db_flag {
+        let explicit_db = if let Some(p) = &self.db_flag {
+            Some(p.clone())
+        } else {
+            self.kanban_db.as_ref().map(|p| expand_user(p, &home))
+        };
+        let db = if let Some(p) = &explicit_db {
             p.clone()
-        } else if let Some(p) = &self.kanban_db {
-            expand_user(p, &home)
         } else if slug == DEFAULT_BOARD {
             root.join("kanban.db")
         } else {
@@ -179,25 +192,36 @@ impl Resolver {
             Some(p) => expand_user(p, &home),
             None => per_board("workspaces"),
         };
+        let owner_dir = match &explicit_db {
+            Some(p) => parent_dir(p),
+            None => root.clone(),
+        };
         Ok(BoardPaths {
             logs: per_board("logs"),
             workspaces,
             db,
             slug,
             root,
+            owner_dir,
         })
     }
+}
+
+/// The directory of a file, `.` for a bare file name.
+fn parent_dir(p: &Path) -> PathBuf {
+    p.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
 }
 
 impl BoardPaths {
     /// All board files under one directory: used by tests and `--db` users who want a
     /// self-contained board.
     pub fn for_db(db: &Path) -> BoardPaths {
-        let dir = db
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
+        let dir = parent_dir(db);
         BoardPaths {
+            owner_dir: dir.clone(),
             root: dir.clone(),
             slug: DEFAULT_BOARD.to_string(),
             db: db.to_path_buf(),

@@ -215,6 +215,22 @@ pub fn main() -> ExitCode {
             }
         };
     }
+    if matches!(
+        cli.command,
+        Command::List { .. }
+            | Command::Show { .. }
+            | Command::Status { .. }
+            | Command::Logs { .. }
+            | Command::Doctor
+            | Command::Completions { .. }
+            | Command::Manpage
+    ) {
+        // Verbs that only print: a reader that goes away (`| head`) ends them quietly, as
+        // it ends any Unix tool. Verbs that change state keep Rust's ignored SIGPIPE: they
+        // must finish what they started.
+        // SAFETY: restoring the default disposition installs no handler.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -325,7 +341,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(dir) = life.parent() {
                 b.make_dir(dir)?;
             }
-            let _life = board::ownership::FileLock::acquire_or_held(&life, b.owner())
+            let _life = board::lock::FileLock::acquire_or_held(&life, b.owner())
                 .with_context(|| format!("open {}", life.display()))?
                 .with_context(|| format!("another dispatcher holds {} (hermes-dispatcher.service or a Hermes gateway); it dispatches already", life.display()))?;
             let (report, _started) = runtime()?.block_on(async {
@@ -520,8 +536,8 @@ fn report(cli: &Cli, id: &str, status: &str, verb: &str) -> anyhow::Result<()> {
 }
 
 /// `logs`: the journal of the run's scope; upstream's log file when the journal has none.
+/// Either way every line passes `render::clean_output`: it is the worker's text.
 fn logs(b: &Board, id: &str, run: Option<i64>, follow: bool) -> anyhow::Result<()> {
-    use std::os::unix::process::CommandExt;
     let task = b.require_task(id)?;
     let run = match run {
         Some(r) => r,
@@ -544,23 +560,58 @@ fn logs(b: &Board, id: &str, run: Option<i64>, follow: bool) -> anyhow::Result<(
         "{}.log",
         crate::systemd::unit_name::file_component(id)
     ));
-    if has_journal || !file.exists() {
-        if follow {
-            j.arg("--follow");
+    let mut out = std::io::stdout().lock();
+    if !has_journal {
+        // Upstream's log, read as the board's owner: it sits in the tree workers write.
+        let opened = crate::safe_fs::as_user(b.owner(), || {
+            crate::safe_fs::open_regular(&file, crate::safe_fs::Access::Read)
+        })?;
+        match opened {
+            Ok(f) => return relay(std::io::BufReader::new(f), &mut out, follow),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(anyhow::Error::new(e).context("the worker log")),
         }
-        // exec: journalctl prints and follows; its exit status is ours.
-        let e = j.exec();
-        return Err(anyhow::Error::new(e).context("run journalctl"));
     }
     if follow {
-        let e = std::process::Command::new("tail")
-            .arg("-F")
-            .arg(&file)
-            .exec();
-        return Err(anyhow::Error::new(e).context("run tail"));
+        j.arg("--follow");
     }
-    let text = std::fs::read(&file).with_context(|| format!("read {}", file.display()))?;
-    use std::io::Write;
-    std::io::stdout().write_all(&text)?;
-    Ok(())
+    let mut child = j
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("run journalctl")?;
+    let piped = child.stdout.take().context("journalctl's output")?;
+    let r = relay(std::io::BufReader::new(piped), &mut out, false);
+    let _ = child.kill();
+    let _ = child.wait();
+    r
+}
+
+/// Copy lines through `clean_output`; with `follow`, keep reading what is appended. A
+/// closed stdout (`| head`) ends it quietly.
+fn relay(
+    mut from: impl std::io::BufRead,
+    out: &mut impl std::io::Write,
+    follow: bool,
+) -> anyhow::Result<()> {
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = from.read_until(b'\n', &mut line)?;
+        if n == 0 {
+            if !follow {
+                break;
+            }
+            let _ = out.flush();
+            std::thread::sleep(std::time::Duration::from_millis(250));
+            continue;
+        }
+        match out.write_all(render::clean_output(&line).as_bytes()) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            r => r?,
+        }
+    }
+    match out.flush() {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
+    }
 }

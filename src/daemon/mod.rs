@@ -24,7 +24,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-use crate::board::ownership::FileLock;
+use crate::board::lock::FileLock;
 use crate::board::{Board, BoardError, OpenMode, Resolver, RunEnd};
 use crate::config::Config;
 use crate::dispatch;

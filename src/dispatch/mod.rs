@@ -6,7 +6,7 @@ pub mod stop;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::board::ownership::FileLock;
+use crate::board::lock::FileLock;
 use crate::board::{claimer_id, Board, RunEnd};
 use crate::config::Config;
 use crate::spawn::{self, spec::RunStatus, Started};

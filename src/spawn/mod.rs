@@ -25,22 +25,6 @@ use crate::liveness;
 use crate::systemd::{unit_name, Property, Systemd, SystemdError};
 use spec::{Report, WorkerSpec};
 
-/// Variables a worker must not inherit from the dispatcher: they belong to the
-/// dispatcher's own service (notify socket, watchdog, socket activation, journal stream).
-pub const SCRUBBED_ENV: &[&str] = &[
-    "NOTIFY_SOCKET",
-    "WATCHDOG_PID",
-    "WATCHDOG_USEC",
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-    "INVOCATION_ID",
-    "JOURNAL_STREAM",
-    "HERMES_TUI",
-    "MANAGERPID",
-    "SYSTEMD_EXEC_PID",
-];
-
 /// Upstream's `KANBAN_TERMINAL_TIMEOUT_GRACE_SECONDS`.
 const TERMINAL_TIMEOUT_GRACE: i64 = 30;
 
@@ -114,12 +98,17 @@ pub fn profile_home(root: &Path, profile: &str) -> PathBuf {
     }
 }
 
+/// `p` made absolute by its text alone: root resolves no symlink in a tree others write.
 fn absolute(p: &Path) -> PathBuf {
-    std::fs::canonicalize(p).unwrap_or_else(|_| {
-        std::env::current_dir()
-            .map(|d| d.join(p))
-            .unwrap_or_else(|_| p.to_path_buf())
-    })
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Variables of the dispatcher's own environment that reach workers (beside the contract's
+/// and `pass_environment`'s): the rest is the service's business, not the worker's.
+fn passed_through(name: &str, cfg: &Config) -> bool {
+    matches!(name, "PATH" | "LANG" | "LANGUAGE" | "TZ")
+        || name.starts_with("LC_")
+        || cfg.pass_environment.iter().any(|p| p == name)
 }
 
 /// Resolve the worker binary as `execvp` would, but now, so that a missing binary is a
@@ -178,25 +167,11 @@ pub fn prepare(
         .ok_or_else(|| format!("assignee {assignee:?} is not a valid profile name"))?;
 
     let workspaces = absolute(&paths.workspaces);
-    let workspace = match task.workspace_kind.as_str() {
-        "scratch" => {
-            // Upstream uses the raw id; a hostile id must not name another directory.
-            let dir = workspaces.join(unit_name::file_component(&task.id));
-            board.make_dir(&workspaces).map_err(|e| e.to_string())?;
-            match std::fs::create_dir(&dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(format!("create workspace {}: {e}", dir.display())),
-            }
-            let meta = std::fs::symlink_metadata(&dir)
-                .map_err(|e| format!("workspace {}: {e}", dir.display()))?;
-            if !meta.is_dir() {
-                return Err(format!("workspace {} is not a directory", dir.display()));
-            }
-            std::os::unix::fs::chown(&dir, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
-                .map_err(|e| format!("give workspace {} to {}: {e}", dir.display(), user.name))?;
-            dir
-        }
+    // The workspace is created (scratch) and entered by the worker's own process, after it
+    // dropped root: a path in the board's tree is never followed with root's powers.
+    let (workspace, make_workspace) = match task.workspace_kind.as_str() {
+        // Upstream uses the raw id; a hostile id must not name another directory.
+        "scratch" => (workspaces.join(unit_name::file_component(&task.id)), true),
         "dir" => {
             let p = task
                 .workspace_path
@@ -206,10 +181,7 @@ pub fn prepare(
             if !p.is_absolute() {
                 return Err(format!("workspace {} is not an absolute path", p.display()));
             }
-            if !p.is_dir() {
-                return Err(format!("workspace {} is not a directory", p.display()));
-            }
-            p
+            (p, false)
         }
         other => {
             return Err(format!(
@@ -218,22 +190,8 @@ pub fn prepare(
         }
     };
 
-    let tmpdir = cfg.tmp_root.join(format!(
-        "hermes-run-{}-{}",
-        unit_name::file_component(&task.id),
-        claim.run_id
-    ));
     let mut env: Vec<(String, String)> = std::env::vars()
-        .filter(|(k, _)| !SCRUBBED_ENV.contains(&k.as_str()))
-        .filter(|(k, _)| {
-            !matches!(
-                k.as_str(),
-                "HOME" | "USER" | "LOGNAME" | "SHELL" | "TMPDIR" | "TMUX_TMPDIR"
-            )
-        })
-        .filter(|(k, _)| {
-            !k.starts_with("HERMES_KANBAN_") && k != "HERMES_HOME" && k != "HERMES_PROFILE"
-        })
+        .filter(|(k, _)| passed_through(k, cfg))
         .collect();
     let mut set = |k: &str, v: String| {
         env.retain(|(x, _)| x != k);
@@ -243,8 +201,6 @@ pub fn prepare(
     set("USER", user.name.clone());
     set("LOGNAME", user.name.clone());
     set("SHELL", user.shell.to_string_lossy().into_owned());
-    set("TMPDIR", tmpdir.to_string_lossy().into_owned());
-    set("TMUX_TMPDIR", tmpdir.to_string_lossy().into_owned());
     set(
         "HERMES_HOME",
         profile_home(&absolute(&paths.root), &profile)
@@ -320,43 +276,28 @@ pub fn prepare(
         argv.push("-Q".into());
     }
 
-    let log_file = if cfg.worker_log_file {
-        board.make_dir(&paths.logs).map_err(|e| e.to_string())?;
-        let path =
-            absolute(&paths.logs).join(format!("{}.log", unit_name::file_component(&task.id)));
-        rotate_log(&path);
-        Some(path)
-    } else {
-        None
-    };
-    let owner = board.owner();
+    // Opened (and rotated) by the supervisor, as the board's owner.
+    let log_file = cfg.worker_log_file.then(|| {
+        absolute(&paths.logs).join(format!("{}.log", unit_name::file_component(&task.id)))
+    });
 
     Ok(WorkerSpec {
         log_file,
-        log_owner: (owner.uid, owner.gid),
+        log_owner: board.owner().clone(),
         task: task.id.clone(),
         run_id: claim.run_id,
         unit: unit.to_string(),
         argv,
         env,
         cwd: workspace,
+        make_cwd: make_workspace,
         uid: user.uid.as_raw(),
         gid: user.gid.as_raw(),
         groups: groups.into_iter().map(|g| g.as_raw()).collect(),
-        tmpdir,
+        tmp_root: absolute(&cfg.tmp_root),
         status_file: spec::status_path(&cfg.state_dir, &task.id, claim.run_id),
         identifier: "hermes-worker".into(),
     })
-}
-
-/// Upstream's rotation at spawn: a log over 2 MiB becomes `<task>.log.1` (one kept).
-fn rotate_log(path: &Path) {
-    const ROTATE_BYTES: u64 = 2 * 1024 * 1024;
-    if std::fs::metadata(path).is_ok_and(|m| m.len() > ROTATE_BYTES) {
-        let mut old = path.as_os_str().to_owned();
-        old.push(".1");
-        let _ = std::fs::rename(path, PathBuf::from(old));
-    }
 }
 
 /// `Description=`: names task, run and title; task data is untrusted, so control

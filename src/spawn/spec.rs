@@ -15,20 +15,25 @@ pub struct WorkerSpec {
     /// `argv[0]` is the absolute path that is executed.
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// The workspace: the worker's cwd, entered after the privilege drop.
     pub cwd: PathBuf,
+    /// Create the workspace (`mkdir -p`, as the worker) before entering it: a scratch one.
+    pub make_cwd: bool,
     pub uid: u32,
     pub gid: u32,
     pub groups: Vec<u32>,
-    /// The run's private `TMPDIR`, created by the supervisor and removed when the worker ends.
-    pub tmpdir: PathBuf,
+    /// Where the supervisor makes the run's private `TMPDIR` (a new, unguessable name each
+    /// time, mode 0700, the worker's), removed when the worker ends.
+    pub tmp_root: PathBuf,
     /// Where the supervisor writes the worker's exit status (`RunStatus`).
     pub status_file: PathBuf,
     /// `SYSLOG_IDENTIFIER` of the worker's output in the journal.
     pub identifier: String,
-    /// Also append the output here (upstream's `kanban/logs/<task>.log`), owned by
-    /// `log_owner` (uid, gid), so `hermes kanban log` keeps working.
+    /// Also append the output here (upstream's `kanban/logs/<task>.log`), so `hermes
+    /// kanban log` keeps working; opened and rotated with `log_owner`'s (the board owner's)
+    /// file system identity, never root's.
     pub log_file: Option<PathBuf>,
-    pub log_owner: (u32, u32),
+    pub log_owner: crate::safe_fs::Owner,
 }
 
 /// How a worker ended, written by its supervisor the moment it was reaped, so the exit

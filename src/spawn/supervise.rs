@@ -14,7 +14,7 @@ use std::ffi::CString;
 use std::io::{BufRead, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::SignalFd;
@@ -23,6 +23,7 @@ use nix::unistd::{ForkResult, Pid};
 
 use super::spec::{Report, RunStatus, WorkerSpec};
 use crate::board::now;
+use crate::safe_fs::{self, Access, Owner};
 
 /// journald's stream socket (`systemd.exec(5)`, `sd_journal_stream_fd(3)`).
 const JOURNAL_STDOUT: &str = "/run/systemd/journal/stdout";
@@ -55,74 +56,119 @@ fn cstr(s: &str, what: &str) -> Result<CString, String> {
 /// Everything the forked child needs, allocated before the fork.
 struct ChildPlan {
     path: CString,
-    argv: Vec<CString>,
-    envp: Vec<CString>,
+    /// Owners of the strings `argv_ptrs` and `envp_ptrs` point into.
+    _argv: Vec<CString>,
+    _envp: Vec<CString>,
     cwd: CString,
-    uid: nix::unistd::Uid,
-    gid: nix::unistd::Gid,
-    groups: Vec<nix::unistd::Gid>,
+    /// `cwd` and its ancestors, outermost first, to create (`mkdir -p`) as the worker.
+    mkdirs: Vec<CString>,
+    /// `argv` and `envp` as the NULL-terminated pointer arrays `execve(2)` takes, built
+    /// before the fork (they point into `argv` and `envp`, which live as long).
+    argv_ptrs: Vec<*const libc::c_char>,
+    envp_ptrs: Vec<*const libc::c_char>,
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    groups: Vec<libc::gid_t>,
     stdin: OwnedFd,
     stdout: RawFd,
     stderr: RawFd,
 }
 
-/// The child side, between fork and exec. Returns only on failure, with the step and errno.
-fn become_worker(p: &ChildPlan) -> (&'static str, nix::Error) {
-    use nix::unistd::{chdir, setgroups, setresgid, setresuid, setsid};
-    // Ignored or blocked signals survive exec: give the worker default dispositions (the
-    // Rust runtime ignores SIGPIPE, and this supervisor blocks SIGTERM and SIGCHLD).
-    let _ = SigSet::empty().thread_set_mask();
-    for sig in Signal::iterator() {
-        if sig != Signal::SIGKILL && sig != Signal::SIGSTOP {
-            // SAFETY: restoring SIG_DFL installs no handler.
-            let _ = unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl) };
+/// The steps of the child side, reported by number through the error pipe: the child
+/// writes 8 bytes (step, errno) and formats nothing.
+const STEPS: &[&str] = &[
+    "setsid",
+    "dup2",
+    "setgroups",
+    "setresgid",
+    "clear the capability bounding set",
+    "setresuid",
+    "clear capabilities",
+    "set no_new_privs",
+    "enter the workspace",
+    "exec",
+];
+const STEP_CHDIR: u32 = 8;
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+/// The child side, between fork and exec: raw system calls only (async-signal-safe, no
+/// allocation), on data `ChildPlan` prepared. Returns only on failure: (step, errno).
+fn become_worker(p: &ChildPlan) -> (u32, i32) {
+    // SAFETY (whole function): each call is a plain system call on this process, with
+    // pointers into `p`, which outlives the calls; nothing here allocates or locks.
+    unsafe {
+        // Ignored or blocked signals survive exec: give the worker default dispositions
+        // (the Rust runtime ignores SIGPIPE; this supervisor blocks SIGTERM and SIGCHLD).
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        for sig in 1..libc::SIGRTMAX() {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
         }
-    }
-    // A session of its own, as upstream starts workers (`start_new_session=True`).
-    if let Err(e) = setsid() {
-        return ("setsid", e);
-    }
-    for (fd, to) in [(p.stdin.as_raw_fd(), 0), (p.stdout, 1), (p.stderr, 2)] {
-        // SAFETY: dup2 on fds this process owns; it allocates nothing.
-        if unsafe { libc::dup2(fd, to) } < 0 {
-            return ("dup2", nix::Error::last());
+        // A session of its own, as upstream starts workers (`start_new_session=True`).
+        if libc::setsid() < 0 {
+            return (0, errno());
         }
-    }
-    if let Err(e) = chdir(p.cwd.as_c_str()) {
-        return ("chdir to the workspace", e);
-    }
-    if let Err(e) = setgroups(&p.groups) {
-        return ("setgroups", e);
-    }
-    if let Err(e) = setresgid(p.gid, p.gid, p.gid) {
-        return ("setresgid", e);
-    }
-    // Still root here: empty the bounding set so nothing exec'd later can regain a
-    // capability, then leave root for good.
-    if caps::clear(None, caps::CapSet::Bounding).is_err() {
-        return ("clear the capability bounding set", nix::Error::EPERM);
-    }
-    if let Err(e) = setresuid(p.uid, p.uid, p.uid) {
-        return ("setresuid", e);
-    }
-    // Leaving uid 0 emptied the permitted, effective and ambient sets; the inheritable set
-    // survives a uid change, so clear it (and the others, to be explicit).
-    for set in [
-        caps::CapSet::Inheritable,
-        caps::CapSet::Ambient,
-        caps::CapSet::Effective,
-        caps::CapSet::Permitted,
-    ] {
-        if caps::clear(None, set).is_err() {
-            return ("clear capabilities", nix::Error::EPERM);
+        for (fd, to) in [(p.stdin.as_raw_fd(), 0), (p.stdout, 1), (p.stderr, 2)] {
+            if libc::dup2(fd, to) < 0 {
+                return (1, errno());
+            }
         }
-    }
-    if let Err(e) = nix::sys::prctl::set_no_new_privs() {
-        return ("set no_new_privs", e);
-    }
-    match nix::unistd::execve(&p.path, &p.argv, &p.envp) {
-        Err(e) => ("exec", e),
-        Ok(never) => match never {},
+        if libc::setgroups(p.groups.len(), p.groups.as_ptr()) < 0 {
+            return (2, errno());
+        }
+        if libc::setresgid(p.gid, p.gid, p.gid) < 0 {
+            return (3, errno());
+        }
+        // Still root here: empty the bounding set so nothing exec'd later can regain a
+        // capability (EINVAL past the kernel's last capability ends the loop).
+        for cap in 0..64 {
+            if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 {
+                if errno() == libc::EINVAL {
+                    break;
+                }
+                return (4, errno());
+            }
+        }
+        // Then leave root for good.
+        if libc::setresuid(p.uid, p.uid, p.uid) < 0 {
+            return (5, errno());
+        }
+        // Leaving uid 0 emptied the permitted, effective and ambient sets; the inheritable
+        // set survives a uid change, so clear all of them (and the ambient set) explicitly.
+        #[repr(C)]
+        struct CapHeader {
+            version: u32,
+            pid: i32,
+        }
+        let header = CapHeader {
+            version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+            pid: 0,
+        };
+        let data = [0u32; 6]; // two __user_cap_data_struct {effective, permitted, inheritable}
+        if libc::syscall(libc::SYS_capset, &header, data.as_ptr()) < 0
+            || libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0
+        {
+            return (6, errno());
+        }
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
+            return (7, errno());
+        }
+        // The workspace is reached only now, as the worker: a link in the board's tree
+        // leads nowhere the worker could not go anyway, and one it may not enter fails.
+        for dir in &p.mkdirs {
+            libc::mkdir(dir.as_ptr(), 0o777);
+        }
+        if libc::chdir(p.cwd.as_ptr()) < 0 {
+            return (STEP_CHDIR, errno());
+        }
+        libc::execve(p.path.as_ptr(), p.argv_ptrs.as_ptr(), p.envp_ptrs.as_ptr());
+        (9, errno())
     }
 }
 
@@ -138,20 +184,44 @@ fn write_status(spec: &WorkerSpec, status: &RunStatus) -> std::io::Result<()> {
     std::fs::rename(&tmp, &spec.status_file)
 }
 
-fn make_tmpdir(spec: &WorkerSpec) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    match std::fs::DirBuilder::new().mode(0o700).create(&spec.tmpdir) {
-        Ok(()) => {}
-        // A leftover from an earlier supervisor of this very run: reuse only if it is a
-        // real directory (not a symlink planted by someone else).
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            if !std::fs::symlink_metadata(&spec.tmpdir)?.is_dir() {
-                return Err(e);
-            }
+/// The run's private `TMPDIR`: a new directory with an unguessable name in `tmp_root`,
+/// made by this process (`mkdir` fails on anything already there, so nobody can hand us
+/// theirs), mode 0700, then given to the worker through the descriptor just opened on it.
+/// In a sticky `/tmp` nobody but its owner can rename or remove the entry afterwards.
+fn make_tmpdir(spec: &WorkerSpec) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+    for _ in 0..16 {
+        let mut r = [0u8; 12];
+        // SAFETY: getrandom writes at most `r.len()` bytes into `r`.
+        let n = unsafe { libc::getrandom(r.as_mut_ptr().cast(), r.len(), 0) };
+        if n != r.len() as isize {
+            return Err(std::io::Error::last_os_error());
         }
-        Err(e) => return Err(e),
+        let name: String = r.iter().map(|b| format!("{b:02x}")).collect();
+        let dir = spec.tmp_root.join(format!("hermes-run.{name}"));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+        let fd = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(&dir)?;
+        let m = fd.metadata()?;
+        if !m.is_dir() || m.uid() != nix::unistd::geteuid().as_raw() {
+            return Err(std::io::Error::other(format!(
+                "{} was replaced while it was made",
+                dir.display()
+            )));
+        }
+        std::os::unix::fs::fchown(&fd, Some(spec.uid), Some(spec.gid))?;
+        return Ok(dir);
     }
-    std::os::unix::fs::chown(&spec.tmpdir, Some(spec.uid), Some(spec.gid))
+    Err(std::io::Error::other(format!(
+        "no free name for a run directory in {}",
+        spec.tmp_root.display()
+    )))
 }
 
 /// Entry point of `hermes-mgr supervise`. Returns the process exit code: the worker's own
@@ -200,7 +270,22 @@ fn run(spec: &WorkerSpec) -> Result<u8, String> {
     let _ = unsafe { libc::dup2(err.as_raw_fd(), 2) };
     nix::sys::prctl::set_child_subreaper(true)
         .map_err(|e| format!("become child subreaper: {e}"))?;
-    make_tmpdir(spec).map_err(|e| format!("create TMPDIR {}: {e}", spec.tmpdir.display()))?;
+    let tmpdir = make_tmpdir(spec)
+        .map_err(|e| format!("create TMPDIR in {}: {e}", spec.tmp_root.display()))?;
+    let result = supervise(spec, &tmpdir, out, err);
+    // The worker has ended (or never started): its TMPDIR goes. remove_dir_all opens each
+    // level without following links, so what the worker left there cannot redirect it.
+    let _ = std::fs::remove_dir_all(&tmpdir);
+    result
+}
+
+/// Start the worker, relay its output, wait for it and record how it ended.
+fn supervise(
+    spec: &WorkerSpec,
+    tmpdir: &Path,
+    out: UnixStream,
+    err: UnixStream,
+) -> Result<u8, String> {
 
     // SIGTERM (a stop of the scope) must not end the supervisor before the worker, which
     // gets the same SIGTERM from systemd; SIGKILL still ends everything.
@@ -224,34 +309,54 @@ fn run(spec: &WorkerSpec) -> Result<u8, String> {
     let devnull = std::fs::File::open("/dev/null").map_err(|e| format!("open /dev/null: {e}"))?;
     // With a log file, the worker writes into pipes and we copy to the journal and the file;
     // without one, it writes straight into its journal streams.
-    let tee = match &spec.log_file {
-        Some(path) => Some(Tee::open(path, spec.log_owner)?),
-        None => None,
-    };
+    // The log is a convenience: one that cannot be opened (a worker may have planted a
+    // FIFO or a link there) is reported and left out; the run goes on.
+    let tee = spec.log_file.as_ref().and_then(|path| {
+        Tee::open(path, &spec.log_owner)
+            .map_err(|e| eprintln!("hermes-mgr supervise: {}: worker log not kept: {e}", spec.unit))
+            .ok()
+    });
     let (child_out, child_err) = match &tee {
         Some(t) => (t.out_w.as_raw_fd(), t.err_w.as_raw_fd()),
         None => (out.as_raw_fd(), err.as_raw_fd()),
     };
+    let argv: Vec<CString> = spec
+        .argv
+        .iter()
+        .map(|a| cstr(a, "an argument"))
+        .collect::<Result<_, _>>()?;
+    let envp: Vec<CString> = spec
+        .env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .chain(["TMPDIR", "TMUX_TMPDIR"].map(|k| (k, tmpdir.to_string_lossy().into_owned())))
+        .map(|(k, v)| cstr(&format!("{k}={v}"), "the environment"))
+        .collect::<Result<_, _>>()?;
+    let pointers = |v: &[CString]| {
+        v.iter()
+            .map(|c| c.as_ptr())
+            .chain([std::ptr::null()])
+            .collect::<Vec<_>>()
+    };
     let plan = ChildPlan {
         path: cstr(&spec.argv[0], "worker path")?,
-        argv: spec
-            .argv
-            .iter()
-            .map(|a| cstr(a, "an argument"))
-            .collect::<Result<_, _>>()?,
-        envp: spec
-            .env
-            .iter()
-            .map(|(k, v)| cstr(&format!("{k}={v}"), "the environment"))
-            .collect::<Result<_, _>>()?,
+        argv_ptrs: pointers(&argv),
+        envp_ptrs: pointers(&envp),
+        _argv: argv,
+        _envp: envp,
         cwd: cstr(&spec.cwd.to_string_lossy(), "the workspace path")?,
-        uid: nix::unistd::Uid::from_raw(spec.uid),
-        gid: nix::unistd::Gid::from_raw(spec.gid),
-        groups: spec
-            .groups
-            .iter()
-            .map(|g| nix::unistd::Gid::from_raw(*g))
-            .collect(),
+        mkdirs: if spec.make_cwd {
+            let mut v: Vec<&Path> = spec.cwd.ancestors().collect();
+            v.reverse();
+            v.into_iter()
+                .map(|d| cstr(&d.to_string_lossy(), "the workspace path"))
+                .collect::<Result<_, _>>()?
+        } else {
+            Vec::new()
+        },
+        uid: spec.uid,
+        gid: spec.gid,
+        groups: spec.groups.clone(),
         stdin: devnull.into(),
         stdout: child_out,
         stderr: child_err,
@@ -260,14 +365,17 @@ fn run(spec: &WorkerSpec) -> Result<u8, String> {
     let (err_r, err_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     let started_at = now();
-    // SAFETY: this process is single-threaded (the supervisor never starts a thread), so
-    // the child may run any code; it still only uses what `plan` allocated.
+    // SAFETY: this process is single-threaded (the supervisor never starts a thread), and
+    // the child makes only raw system calls on what `plan` allocated before the fork.
     let worker = match unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))? {
         ForkResult::Child => {
             drop(err_r);
             let (step, e) = become_worker(&plan);
-            let msg = format!("{step}: {}", e.desc());
-            let _ = nix::unistd::write(&err_w, msg.as_bytes());
+            let mut msg = [0u8; 8];
+            msg[..4].copy_from_slice(&step.to_ne_bytes());
+            msg[4..].copy_from_slice(&e.to_ne_bytes());
+            // SAFETY: write(2) of a stack buffer to a pipe this process owns.
+            unsafe { libc::write(err_w.as_raw_fd(), msg.as_ptr().cast(), msg.len()) };
             // SAFETY: leave without running the parent's atexit handlers or destructors.
             unsafe { libc::_exit(127) }
         }
@@ -275,13 +383,25 @@ fn run(spec: &WorkerSpec) -> Result<u8, String> {
     };
     drop(err_w);
     drop(plan);
-    let mut failure = String::new();
-    let _ = std::fs::File::from(err_r).read_to_string(&mut failure);
-    if !failure.is_empty() {
+    let mut failure = Vec::new();
+    let _ = std::fs::File::from(err_r).read_to_end(&mut failure);
+    if failure.len() >= 8 {
         // The child never became the worker; reap it and say why.
         let _ = waitpid(worker, None);
-        let _ = std::fs::remove_dir_all(&spec.tmpdir);
-        return Err(format!("cannot start {}: {failure}", spec.argv[0]));
+        let step = u32::from_ne_bytes(failure[..4].try_into().unwrap_or_default());
+        let e = std::io::Error::from_raw_os_error(i32::from_ne_bytes(
+            failure[4..8].try_into().unwrap_or_default(),
+        ));
+        return Err(if step == STEP_CHDIR {
+            format!(
+                "cannot enter the workspace {} as uid {}: {e}",
+                spec.cwd.display(),
+                spec.uid
+            )
+        } else {
+            let what = STEPS.get(step as usize).copied().unwrap_or("?");
+            format!("cannot start {}: {what}: {e}", spec.argv[0])
+        });
     }
     report(&Report::Started {
         pid: worker.as_raw() as u32,
@@ -328,7 +448,6 @@ fn run(spec: &WorkerSpec) -> Result<u8, String> {
             spec.status_file.display()
         );
     }
-    let _ = std::fs::remove_dir_all(&spec.tmpdir);
     // Copy what descendants still write until they close the pipes (a stop of the scope
     // ends them); the exit status is already on record.
     if let Some(mut r) = relay {
@@ -365,6 +484,16 @@ fn reap(worker: Pid) -> Option<WaitStatus> {
     }
 }
 
+/// Upstream's rotation at spawn: a log over 2 MiB becomes `<task>.log.1` (one kept).
+fn rotate_log(path: &Path) {
+    const ROTATE_BYTES: u64 = 2 * 1024 * 1024;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file() && m.len() > ROTATE_BYTES) {
+        let mut old = path.as_os_str().to_owned();
+        old.push(".1");
+        let _ = std::fs::rename(path, PathBuf::from(old));
+    }
+}
+
 /// The worker's output pipes and the log file, before the fork.
 struct Tee {
     out_r: OwnedFd,
@@ -375,18 +504,22 @@ struct Tee {
 }
 
 impl Tee {
-    fn open(path: &Path, owner: (u32, u32)) -> Result<Tee, String> {
+    /// Rotate and open the log as the board's owner (`safe_fs`): the logs directory is in
+    /// the tree workers write, and what is created there is the owner's, as upstream's is.
+    fn open(path: &Path, owner: &Owner) -> Result<Tee, String> {
+        let log = safe_fs::as_user(owner, || -> std::io::Result<std::fs::File> {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            rotate_log(path);
+            safe_fs::open_regular(path, Access::AppendCreate)
+        })
+        .and_then(|r| r)
+        .map_err(|e| format!("open {}: {e}", path.display()))?;
         let (out_r, out_w) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
         let (err_r, err_w) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|e| format!("open the worker log {}: {e}", path.display()))?;
-        // `hermes kanban log`, run as the board's owner, must be able to read it.
-        let _ = std::os::unix::fs::fchown(&log, Some(owner.0), Some(owner.1));
         Ok(Tee {
             out_r,
             out_w,

@@ -3,6 +3,7 @@
 mod harness;
 mod rig;
 
+mod attack;
 mod board;
 mod cli;
 mod daemon;

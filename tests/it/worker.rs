@@ -397,7 +397,10 @@ systemd_test!(spawn_failures_leave_no_scope_and_no_process, {
     let err = out["spawn_failed"][0]["error"]
         .as_str()
         .unwrap_or_else(|| panic!("{out}"));
-    assert!(err.contains("/etc/passwd is not a directory"), "{err}");
+    assert!(
+        err.contains("cannot enter the workspace /etc/passwd") && err.contains("Not a directory"),
+        "{err}"
+    );
 
     assert!(
         crate::rig::worker_units(true).is_empty(),

@@ -1,0 +1,345 @@
+//! The attack suite: what a worker (or anyone who may write the board's tree) tries in
+//! order to reach root, read what only root may read, or hang the dispatcher. Each test
+//! stages the attack as the worker user would, in the systemd sandbox, through the same
+//! code paths the service uses (`dispatch --once` runs the daemon's spawn), and asserts that
+//! nothing crossed the boundary and nothing was lost or misbooked.
+//!
+//! Every attack here was reproduced against the code before the fix (issue 10).
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::harness::wait_for;
+use crate::rig::{sh, Rig, WORKER_USER};
+use crate::systemd_test;
+
+/// Run `script` as the worker user: what a worker's LLM-chosen shell command could do.
+fn as_worker(script: &str) {
+    sh(&format!(
+        "setpriv --reuid={WORKER_USER} --regid={WORKER_USER} --init-groups sh -c '{}'",
+        script.replace('\'', "'\\''")
+    ));
+}
+
+/// Owner, group and mode of a path (not following a final symlink).
+fn stat(p: &str) -> (u32, u32, u32) {
+    let m = std::fs::symlink_metadata(p).unwrap_or_else(|e| panic!("{p}: {e}"));
+    (m.uid(), m.gid(), m.mode() & 0o7777)
+}
+
+/// Give a task an id of the attacker's choosing (every column of the board is writable by
+/// the worker user; foreign keys are off on a plain connection, as in a worker's sqlite3).
+fn rename_task(db: &Path, from: &str, to: &str) {
+    let c = rusqlite::Connection::open(db).unwrap();
+    for table in ["tasks"] {
+        c.execute(&format!("UPDATE {table} SET id=?2 WHERE id=?1"), [from, to])
+            .unwrap();
+    }
+    c.execute(
+        "UPDATE task_events SET task_id=?2 WHERE task_id=?1",
+        [from, to],
+    )
+    .unwrap();
+}
+
+/// Run a command that must finish: a FIFO planted by a worker must never hang root.
+fn run_bounded(mut cmd: Command, limit: Duration) -> std::process::Output {
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let start = Instant::now();
+    let watchdog = std::thread::spawn(move || {
+        while start.elapsed() < limit {
+            std::thread::sleep(Duration::from_millis(50));
+            if !crate::rig::alive(pid) {
+                return false;
+            }
+        }
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        true
+    });
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        !watchdog.join().unwrap(),
+        "still running after {limit:?}: it hung"
+    );
+    out
+}
+
+systemd_test!(a_workspaces_link_to_slash_does_not_give_root_away, {
+    // The worker replaces kanban/workspaces with a link to / and names a task `root`: the
+    // old dispatcher followed it, accepted /root as the scratch workspace and chowned it.
+    let rig = Rig::new("#!/bin/sh\necho pwned > .bashrc\n", "");
+    sh("chown 0:0 /root && chmod 0700 /root");
+    let before = stat("/root");
+    let id = rig.add("innocent");
+    as_worker(&format!(
+        "mkdir -p {d}/kanban && rm -rf {d}/kanban/workspaces && ln -s / {d}/kanban/workspaces",
+        d = rig.dir.display()
+    ));
+    rename_task(&rig.db, &id, "root");
+    let out = rig.dispatch();
+    let failed = &out["spawn_failed"][0];
+    assert_eq!(failed["task_id"], json!("root"), "{out}");
+    let err = failed["error"].as_str().unwrap();
+    assert!(
+        err.contains("cannot enter the workspace") && err.contains("Permission denied"),
+        "{err}"
+    );
+    assert_eq!(stat("/root"), before, "/root changed hands");
+    assert!(
+        !std::fs::read_to_string("/root/.bashrc").is_ok_and(|s| s.contains("pwned")),
+        "the worker wrote /root/.bashrc"
+    );
+    // The same through a root `dispatch` of a link to a directory root owns by name.
+    let id = rig.add("second");
+    rename_task(&rig.db, &id, "etc");
+    let before = stat("/etc");
+    rig.dispatch();
+    assert_eq!(stat("/etc"), before, "/etc changed hands");
+});
+
+systemd_test!(a_dir_workspace_is_entered_as_the_worker_never_as_root, {
+    // The old supervisor entered the workspace before dropping root: a worker could then
+    // read files behind a 0700 directory it may not traverse.
+    let leak = PathBuf::from("/var/tmp/hermes-mgr-attack-leak");
+    let _ = std::fs::remove_file(&leak);
+    let rig = Rig::new(
+        &format!("#!/bin/sh\ncat secret.txt > {}\n", leak.display()),
+        "",
+    );
+    sh("mkdir -p /root/secretproj && echo topsecret > /root/secretproj/secret.txt \
+        && chown 0:0 /root && chmod 0700 /root && chmod 0755 /root/secretproj && chmod 0644 /root/secretproj/secret.txt");
+    let id = rig.add("read a secret");
+    rig.board()
+        .connection()
+        .execute(
+            "UPDATE tasks SET workspace_kind='dir', workspace_path='/root/secretproj' WHERE id=?1",
+            [&id],
+        )
+        .unwrap();
+    let out = rig.dispatch();
+    let err = out["spawn_failed"][0]["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        err.contains("cannot enter the workspace /root/secretproj") && err.contains("Permission denied"),
+        "{err}"
+    );
+    assert!(!leak.exists(), "the worker read /root/secretproj/secret.txt");
+    let run = &rig.board().runs(&id).unwrap()[0];
+    assert_eq!(run.outcome.as_deref(), Some("spawn_failed"));
+});
+
+/// Writes a marker into its workspace, says hello, exits.
+const HELLO: &str =
+    "#!/bin/sh\necho \"hello from $HERMES_KANBAN_TASK\"\nprintf 'ran\\nEND\\n' > marker\n";
+
+systemd_test!(a_planted_worker_log_is_neither_followed_nor_blocking, {
+    // worker_log_file = true: the old supervisor opened kanban/logs/<task>.log as root,
+    // following links (root's ~/.profile became the worker's), and a FIFO there hung it.
+    let rig = Rig::new(HELLO, "worker_log_file = true");
+    sh("printf 'original\\n' > /root/.profile && chown 0:0 /root/.profile && chmod 0644 /root/.profile");
+    let linked = rig.add("log through a link");
+    let fifo = rig.add("log into a fifo");
+    let logs = rig.dir.join("kanban/logs");
+    as_worker(&format!(
+        "mkdir -p {l} && ln -s /root/.profile {l}/{linked}.log && mkfifo {l}/{fifo}.log",
+        l = logs.display()
+    ));
+    let out = run_bounded(
+        rig.mgr_cmd(&["dispatch", "--once", "--json"]),
+        Duration::from_secs(60),
+    );
+    let out: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let spawned: Vec<&str> = out["spawned"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["task_id"].as_str().unwrap())
+        .collect();
+    assert!(
+        spawned.contains(&linked.as_str()) && spawned.contains(&fifo.as_str()),
+        "both workers run without their log file: {out}"
+    );
+    for id in [&linked, &fifo] {
+        rig.wait_file(&rig.dir.join("kanban/workspaces").join(id).join("marker"));
+    }
+    assert_eq!(
+        std::fs::read_to_string("/root/.profile").unwrap(),
+        "original\n"
+    );
+    assert_eq!(stat("/root/.profile").0, 0, "/root/.profile changed hands");
+    // The operator learns why the log file was not kept, in the run's journal.
+    let unit = out["spawned"][0]["unit"].as_str().unwrap().to_string();
+    wait_for(
+        "the supervisor's word on the log",
+        Duration::from_secs(20),
+        || crate::rig::journal(&unit).contains("worker log not kept").then_some(()),
+    );
+});
+
+systemd_test!(a_run_tmpdir_cannot_be_taken_over_by_another_local_user, {
+    // The old TMPDIR was /tmp/hermes-run-<task>-<run>: another user made it first (0777)
+    // and read or replaced the worker's files; made as a file, it failed every spawn.
+    let rig = Rig::new(
+        "#!/bin/sh\n{ echo \"tmp=$TMPDIR\"; stat -c 'mode=%a %U' \"$TMPDIR\"; echo --env; env; echo END; } > report.tmp && mv report.tmp report\n",
+        "pass_environment = [\"PASSED_ON\"]",
+    );
+    let id = rig.add("temp files");
+    sh(&format!(
+        "setpriv --reuid=nobody --regid=nogroup --clear-groups sh -c 'mkdir -m 0777 /tmp/hermes-run-{id}-1; : > /tmp/hermes-run-{id}-2'"
+    ));
+    let mut cmd = rig.mgr_cmd(&["dispatch", "--once", "--json"]);
+    cmd.env("SECRET_TOKEN", "hunter2")
+        .env("RUNTIME_DIRECTORY", "/run/hermes-mgr")
+        .env("PASSED_ON", "yes");
+    let out = crate::harness::run(cmd).ok().json();
+    assert_eq!(out["spawned"][0]["task_id"], json!(id), "{out}");
+    let report = rig.wait_file(&rig.dir.join("kanban/workspaces").join(&id).join("report"));
+    let tmp = report
+        .lines()
+        .find_map(|l| l.strip_prefix("tmp="))
+        .unwrap()
+        .to_string();
+    assert!(!tmp.contains(&id), "a guessable TMPDIR: {tmp}");
+    assert!(report.contains(&format!("mode=700 {WORKER_USER}")), "{report}");
+    // The dispatcher's environment stays its own; only what the config names passes.
+    let env = report.split("--env\n").nth(1).unwrap();
+    assert!(env.lines().any(|l| l == "PASSED_ON=yes"), "{env}");
+    for leaked in ["SECRET_TOKEN", "RUNTIME_DIRECTORY"] {
+        assert!(
+            !env.lines().any(|l| l.starts_with(&format!("{leaked}="))),
+            "{leaked} reached the worker"
+        );
+    }
+    wait_for("the run's TMPDIR removed", Duration::from_secs(20), || {
+        (!Path::new(&tmp).exists()).then_some(())
+    });
+    assert_eq!(
+        stat(&format!("/tmp/hermes-run-{id}-1")).2,
+        0o777,
+        "the other user's directory is theirs"
+    );
+});
+
+systemd_test!(planted_lock_files_and_fifos_neither_create_files_nor_hang_verbs, {
+    // Lock files were opened as root following links (the daemon created /run/nologin),
+    // and a FIFO as a lock file or as kanban/current hung `status` and every verb.
+    let rig = Rig::new("#!/bin/sh\nexit 0\n", "");
+    rig.add("a task");
+    let k = rig.dir.join("kanban");
+    let _ = std::fs::remove_file("/run/nologin");
+    as_worker(&format!(
+        "mkdir -p {k} && ln -s /run/nologin {k}/.dispatcher.lock",
+        k = k.display()
+    ));
+    let r = rig.mgr(&["dispatch", "--once"]);
+    assert_eq!(r.code, Some(1), "{}{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("symlink"), "{}", r.stderr);
+    assert!(
+        !Path::new("/run/nologin").exists(),
+        "root created /run/nologin"
+    );
+
+    as_worker(&format!(
+        "rm -f {k}/.dispatcher.lock {db}.init.lock && mkfifo {k}/.dispatcher.lock {k}/current {db}.init.lock",
+        k = k.display(),
+        db = rig.db.display()
+    ));
+    let out = run_bounded(rig.mgr_cmd(&["status", "--json"]), Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("init.lock") && stderr.contains("not a regular file"),
+        "{stderr}"
+    );
+    as_worker(&format!("rm {}.init.lock", rig.db.display()));
+    let out = run_bounded(rig.mgr_cmd(&["status", "--json"]), Duration::from_secs(30));
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["dispatcher"], json!("not running"));
+    let out = run_bounded(rig.mgr_cmd(&["dispatch", "--once"]), Duration::from_secs(30));
+    assert!(!out.status.success(), "a FIFO is no lock: {out:?}");
+});
+
+systemd_test!(root_cli_reads_no_secret_and_writes_no_other_database, {
+    let rig = Rig::new("#!/bin/sh\nexit 0\n", "");
+    let id = rig.add("has a run without a journal");
+    rig.board().claim(&id, "elsewhere:1", 900).unwrap().unwrap();
+    let logs = rig.dir.join("kanban/logs");
+    let log = logs.join(format!("{id}.log"));
+
+    // `logs` printed /etc/shadow through a linked log file.
+    as_worker(&format!(
+        "mkdir -p {l} && ln -s /etc/shadow {f}",
+        l = logs.display(),
+        f = log.display()
+    ));
+    let r = rig.mgr(&["logs", &id]);
+    assert_eq!(r.code, Some(1), "{}{}", r.stdout, r.stderr);
+    assert!(!r.stdout.contains("root:"), "{}", r.stdout);
+    assert!(r.stderr.contains("symlink"), "{}", r.stderr);
+
+    // Escape sequences a worker wrote reach the operator's terminal as text, not as codes.
+    as_worker(&format!(
+        "rm {f} && printf 'title \\033]0;owned\\007 and \\342\\200\\256reversed\\n' > {f}",
+        f = log.display()
+    ));
+    let r = rig.mgr(&["logs", &id]).ok();
+    assert!(r.stdout.contains("title "), "{}", r.stdout);
+    assert!(
+        !r.stdout.contains('\u{1b}') && !r.stdout.contains('\u{202e}'),
+        "{:?}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("\\u{1b}]0;owned\\u{7}"), "{:?}", r.stdout);
+
+    // A linked kanban.db made root's `add` convert another database to WAL and add
+    // Hermes' tables to it.
+    let other = PathBuf::from("/root/other.db");
+    let _ = std::fs::remove_file(&other);
+    rusqlite::Connection::open(&other)
+        .unwrap()
+        .execute_batch("CREATE TABLE secrets(x); INSERT INTO secrets VALUES ('s');")
+        .unwrap();
+    let linked = rig.dir.join("linked.db");
+    as_worker(&format!("ln -s {} {}", other.display(), linked.display()));
+    let r = crate::harness::mgr(&linked, &["add", "sneaky"]);
+    assert_eq!(r.code, Some(1), "{}{}", r.stdout, r.stderr);
+    let c = rusqlite::Connection::open(&other).unwrap();
+    let mode: String = c
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "delete", "the other database was switched to WAL");
+    let tables: i64 = c
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE name='tasks'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(tables, 0, "Hermes' tables were added to another database");
+
+    // A reader that goes away early ends `list` quietly (it panicked on EPIPE).
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{} --db {} list --json | head -c1",
+            crate::harness::mgr_bin().display(),
+            rig.db.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("panicked"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+});
