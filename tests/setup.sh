@@ -25,6 +25,10 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need_apt[@]}"
 fi
 command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust >= 1.89 (rustup)" >&2; exit 1; }
+# The lint gate of tests/run-all.sh.
+for c in rustfmt clippy; do
+  cargo "${c/rustfmt/fmt}" --version >/dev/null 2>&1 || rustup component add "$c"
+done
 # The package builder the packaging tests use (pinned: its maintainer-script output is tested).
 if ! cargo deb --version 2>/dev/null | grep -q "3.8.0"; then
   echo "setup: installing cargo-deb 3.8.0"

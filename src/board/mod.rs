@@ -21,9 +21,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde_json::{json, Map, Value};
 
-pub use model::{Claim, EndResult, Event, NewTask, Run, RunEnd, Status, Task, BLOCK_KINDS};
-pub use crate::safe_fs::Owner;
 use crate::safe_fs;
+pub use crate::safe_fs::Owner;
+pub use model::{Claim, EndResult, Event, NewTask, Run, RunEnd, Status, Task, BLOCK_KINDS};
 pub use paths::{BoardPaths, Resolver};
 
 /// Upstream's `DEFAULT_CLAIM_TTL_SECONDS`.
@@ -256,16 +256,13 @@ fn open_conn(paths: &BoardPaths, mode: OpenMode, owner: &Owner) -> Result<Connec
         })?;
     }
     check_header(db)?;
-    let init_lock = lock::FileLock::acquire(
-        &paths.sibling("init.lock"),
-        owner,
-        Duration::from_secs(10),
-    )
-    .map_err(|source| BoardError::Io {
-        path: paths.sibling("init.lock"),
-        op: "take init lock",
-        source,
-    })?;
+    let init_lock =
+        lock::FileLock::acquire(&paths.sibling("init.lock"), owner, Duration::from_secs(10))
+            .map_err(|source| BoardError::Io {
+                path: paths.sibling("init.lock"),
+                op: "take init lock",
+                source,
+            })?;
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX
@@ -334,13 +331,14 @@ impl Board {
             op: "stat",
             source,
         })?;
-        let conn = safe_fs::as_user(&owner, || open_conn(paths, mode, &owner)).map_err(|source| {
-            BoardError::Io {
-                path: paths.db.clone(),
-                op: "open as the board's owner",
-                source,
-            }
-        })??;
+        let conn =
+            safe_fs::as_user(&owner, || open_conn(paths, mode, &owner)).map_err(|source| {
+                BoardError::Io {
+                    path: paths.db.clone(),
+                    op: "open as the board's owner",
+                    source,
+                }
+            })??;
         let board = Board {
             conn,
             paths: paths.clone(),

@@ -38,11 +38,7 @@ pub fn clean_output(line: &[u8]) -> String {
         Some(b) => (b, "\n"),
         None => (text.as_ref(), ""),
     };
-    let mut out: String = body
-        .split('\t')
-        .map(clean)
-        .collect::<Vec<_>>()
-        .join("\t");
+    let mut out: String = body.split('\t').map(clean).collect::<Vec<_>>().join("\t");
     out.push_str(nl);
     out
 }

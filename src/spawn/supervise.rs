@@ -152,7 +152,13 @@ fn become_worker(p: &ChildPlan) -> (u32, i32) {
         };
         let data = [0u32; 6]; // two __user_cap_data_struct {effective, permitted, inheritable}
         if libc::syscall(libc::SYS_capset, &header, data.as_ptr()) < 0
-            || libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0
+            || libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            ) < 0
         {
             return (6, errno());
         }
@@ -286,7 +292,6 @@ fn supervise(
     out: UnixStream,
     err: UnixStream,
 ) -> Result<u8, String> {
-
     // SIGTERM (a stop of the scope) must not end the supervisor before the worker, which
     // gets the same SIGTERM from systemd; SIGKILL still ends everything.
     let mut mask = SigSet::empty();
@@ -313,7 +318,12 @@ fn supervise(
     // FIFO or a link there) is reported and left out; the run goes on.
     let tee = spec.log_file.as_ref().and_then(|path| {
         Tee::open(path, &spec.log_owner)
-            .map_err(|e| eprintln!("hermes-mgr supervise: {}: worker log not kept: {e}", spec.unit))
+            .map_err(|e| {
+                eprintln!(
+                    "hermes-mgr supervise: {}: worker log not kept: {e}",
+                    spec.unit
+                )
+            })
             .ok()
     });
     let (child_out, child_err) = match &tee {

@@ -35,10 +35,8 @@ fn stat(p: &str) -> (u32, u32, u32) {
 /// the worker user; foreign keys are off on a plain connection, as in a worker's sqlite3).
 fn rename_task(db: &Path, from: &str, to: &str) {
     let c = rusqlite::Connection::open(db).unwrap();
-    for table in ["tasks"] {
-        c.execute(&format!("UPDATE {table} SET id=?2 WHERE id=?1"), [from, to])
-            .unwrap();
-    }
+    c.execute("UPDATE tasks SET id=?2 WHERE id=?1", [from, to])
+        .unwrap();
     c.execute(
         "UPDATE task_events SET task_id=?2 WHERE task_id=?1",
         [from, to],
@@ -130,10 +128,14 @@ systemd_test!(a_dir_workspace_is_entered_as_the_worker_never_as_root, {
         .as_str()
         .unwrap_or_else(|| panic!("{out}"));
     assert!(
-        err.contains("cannot enter the workspace /root/secretproj") && err.contains("Permission denied"),
+        err.contains("cannot enter the workspace /root/secretproj")
+            && err.contains("Permission denied"),
         "{err}"
     );
-    assert!(!leak.exists(), "the worker read /root/secretproj/secret.txt");
+    assert!(
+        !leak.exists(),
+        "the worker read /root/secretproj/secret.txt"
+    );
     let run = &rig.board().runs(&id).unwrap()[0];
     assert_eq!(run.outcome.as_deref(), Some("spawn_failed"));
 });
@@ -182,7 +184,11 @@ systemd_test!(a_planted_worker_log_is_neither_followed_nor_blocking, {
     wait_for(
         "the supervisor's word on the log",
         Duration::from_secs(20),
-        || crate::rig::journal(&unit).contains("worker log not kept").then_some(()),
+        || {
+            crate::rig::journal(&unit)
+                .contains("worker log not kept")
+                .then_some(())
+        },
     );
 });
 
@@ -210,7 +216,10 @@ systemd_test!(a_run_tmpdir_cannot_be_taken_over_by_another_local_user, {
         .unwrap()
         .to_string();
     assert!(!tmp.contains(&id), "a guessable TMPDIR: {tmp}");
-    assert!(report.contains(&format!("mode=700 {WORKER_USER}")), "{report}");
+    assert!(
+        report.contains(&format!("mode=700 {WORKER_USER}")),
+        "{report}"
+    );
     // The dispatcher's environment stays its own; only what the config names passes.
     let env = report.split("--env\n").nth(1).unwrap();
     assert!(env.lines().any(|l| l == "PASSED_ON=yes"), "{env}");
@@ -230,44 +239,50 @@ systemd_test!(a_run_tmpdir_cannot_be_taken_over_by_another_local_user, {
     );
 });
 
-systemd_test!(planted_lock_files_and_fifos_neither_create_files_nor_hang_verbs, {
-    // Lock files were opened as root following links (the daemon created /run/nologin),
-    // and a FIFO as a lock file or as kanban/current hung `status` and every verb.
-    let rig = Rig::new("#!/bin/sh\nexit 0\n", "");
-    rig.add("a task");
-    let k = rig.dir.join("kanban");
-    let _ = std::fs::remove_file("/run/nologin");
-    as_worker(&format!(
-        "mkdir -p {k} && ln -s /run/nologin {k}/.dispatcher.lock",
-        k = k.display()
-    ));
-    let r = rig.mgr(&["dispatch", "--once"]);
-    assert_eq!(r.code, Some(1), "{}{}", r.stdout, r.stderr);
-    assert!(r.stderr.contains("symlink"), "{}", r.stderr);
-    assert!(
-        !Path::new("/run/nologin").exists(),
-        "root created /run/nologin"
-    );
+systemd_test!(
+    planted_lock_files_and_fifos_neither_create_files_nor_hang_verbs,
+    {
+        // Lock files were opened as root following links (the daemon created /run/nologin),
+        // and a FIFO as a lock file or as kanban/current hung `status` and every verb.
+        let rig = Rig::new("#!/bin/sh\nexit 0\n", "");
+        rig.add("a task");
+        let k = rig.dir.join("kanban");
+        let _ = std::fs::remove_file("/run/nologin");
+        as_worker(&format!(
+            "mkdir -p {k} && ln -s /run/nologin {k}/.dispatcher.lock",
+            k = k.display()
+        ));
+        let r = rig.mgr(&["dispatch", "--once"]);
+        assert_eq!(r.code, Some(1), "{}{}", r.stdout, r.stderr);
+        assert!(r.stderr.contains("symlink"), "{}", r.stderr);
+        assert!(
+            !Path::new("/run/nologin").exists(),
+            "root created /run/nologin"
+        );
 
-    as_worker(&format!(
+        as_worker(&format!(
         "rm -f {k}/.dispatcher.lock {db}.init.lock && mkfifo {k}/.dispatcher.lock {k}/current {db}.init.lock",
         k = k.display(),
         db = rig.db.display()
     ));
-    let out = run_bounded(rig.mgr_cmd(&["status", "--json"]), Duration::from_secs(30));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("init.lock") && stderr.contains("not a regular file"),
-        "{stderr}"
-    );
-    as_worker(&format!("rm {}.init.lock", rig.db.display()));
-    let out = run_bounded(rig.mgr_cmd(&["status", "--json"]), Duration::from_secs(30));
-    assert!(out.status.success(), "{out:?}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["dispatcher"], json!("not running"));
-    let out = run_bounded(rig.mgr_cmd(&["dispatch", "--once"]), Duration::from_secs(30));
-    assert!(!out.status.success(), "a FIFO is no lock: {out:?}");
-});
+        let out = run_bounded(rig.mgr_cmd(&["status", "--json"]), Duration::from_secs(30));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("init.lock") && stderr.contains("not a regular file"),
+            "{stderr}"
+        );
+        as_worker(&format!("rm {}.init.lock", rig.db.display()));
+        let out = run_bounded(rig.mgr_cmd(&["status", "--json"]), Duration::from_secs(30));
+        assert!(out.status.success(), "{out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["dispatcher"], json!("not running"));
+        let out = run_bounded(
+            rig.mgr_cmd(&["dispatch", "--once"]),
+            Duration::from_secs(30),
+        );
+        assert!(!out.status.success(), "a FIFO is no lock: {out:?}");
+    }
+);
 
 systemd_test!(root_cli_reads_no_secret_and_writes_no_other_database, {
     let rig = Rig::new("#!/bin/sh\nexit 0\n", "");
