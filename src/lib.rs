@@ -15,3 +15,4 @@ pub mod safe_fs;
 pub mod spawn;
 pub mod status;
 pub mod systemd;
+pub mod text;

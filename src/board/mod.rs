@@ -135,6 +135,8 @@ pub struct Board {
     conn: Connection,
     paths: BoardPaths,
     owner: Owner,
+    /// The select list for tasks read on the dispatch path (`hot_projection`).
+    hot: String,
 }
 
 impl std::fmt::Debug for Board {
@@ -339,12 +341,14 @@ impl Board {
                     source,
                 }
             })??;
-        let board = Board {
+        let mut board = Board {
             conn,
             paths: paths.clone(),
             owner,
+            hot: String::new(),
         };
         board.check_columns()?;
+        board.hot = hot_projection(&board.columns("tasks")?);
         Ok(board)
     }
 
@@ -490,11 +494,11 @@ impl Board {
         Ok(v)
     }
 
-    /// Up to `limit` tasks in `status`, in dispatch order.
+    /// Up to `limit` tasks in `status`, in dispatch order (`hot_projection`: for `status`).
     pub fn in_status(&self, status: &str, limit: usize) -> Result<Vec<Task>> {
         let mut st = self
             .conn
-            .prepare("SELECT * FROM tasks WHERE status = ?1 ORDER BY priority DESC, created_at ASC, id ASC LIMIT ?2")
+            .prepare(&format!("SELECT {} FROM tasks WHERE status = ?1 ORDER BY priority DESC, created_at ASC, id ASC LIMIT ?2", self.hot))
             .map_err(|e| self.err("list tasks", e))?;
         let v = st
             .query_map(params![status, limit as i64], Task::from_row)
@@ -1211,14 +1215,42 @@ impl Board {
         })
     }
 
-    /// Tasks that `dispatch` may claim, in upstream's order.
+    /// How many tasks have `status` (an index lookup; no row is read).
+    pub fn count(&self, status: &str) -> Result<i64> {
+        self.conn
+            .query_row(
+                "SELECT count(*) FROM tasks WHERE status=?1",
+                [status],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err("count tasks", e))
+    }
+
+    /// The running tasks, read for the dispatcher (`hot_projection`: no body or result).
+    pub fn running_tasks(&self) -> Result<Vec<Task>> {
+        let mut st = self
+            .conn
+            .prepare(&format!(
+                "SELECT {} FROM tasks WHERE status='running' ORDER BY id",
+                self.hot
+            ))
+            .map_err(|e| self.err("running tasks", e))?;
+        let v = st
+            .query_map([], Task::from_row)
+            .and_then(|r| r.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(|e| self.err("running tasks", e))?;
+        Ok(v)
+    }
+
+    /// Tasks that `dispatch` may claim, in upstream's order (`hot_projection`).
     pub fn ready_tasks(&self, limit: usize) -> Result<Vec<Task>> {
         let mut st = self
             .conn
-            .prepare(
-                "SELECT * FROM tasks WHERE status='ready' AND claim_lock IS NULL
+            .prepare(&format!(
+                "SELECT {} FROM tasks WHERE status='ready' AND claim_lock IS NULL
                  ORDER BY priority DESC, created_at ASC LIMIT ?1",
-            )
+                self.hot
+            ))
             .map_err(|e| self.err("ready tasks", e))?;
         let v = st
             .query_map([limit as i64], Task::from_row)
@@ -1248,6 +1280,27 @@ impl Board {
     pub fn connection(&self) -> &Connection {
         &self.conn
     }
+}
+
+/// Longest text or blob the dispatch path reads from any one column of a task.
+const HOT_COLUMN_MAX: usize = 64 * 1024;
+
+/// The select list the dispatcher reads tasks with: every column the board has, except the
+/// ones it never needs (`body`, `result`), each text or blob cut at `HOT_COLUMN_MAX`. Any
+/// column is writable by anyone who may write the board: three 64 MiB bodies must not cost
+/// the daemon 500 MB after every pass. Names are quoted (a column name is data too).
+fn hot_projection(columns: &[String]) -> String {
+    columns
+        .iter()
+        .filter(|c| !matches!(c.as_str(), "body" | "result"))
+        .map(|c| {
+            let q = format!("\"{}\"", c.replace('"', "\"\""));
+            format!(
+                "CASE WHEN typeof({q}) IN ('text','blob') THEN substr({q},1,{HOT_COLUMN_MAX}) ELSE {q} END AS {q}"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Grow the database file in steps of this many bytes, before pages are written to it.

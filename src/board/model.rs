@@ -64,9 +64,17 @@ impl Status {
     }
 }
 
+/// A status nobody knows was written by whoever wrote the board: it is shown escaped
+/// (ASCII only) and short, so it cannot repaint a terminal or forge a log line.
 impl std::fmt::Display for Status {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+        match self {
+            Status::Other(s) => {
+                let shown: String = s.chars().take(64).flat_map(char::escape_default).collect();
+                write!(f, "\"{shown}\"")
+            }
+            known => f.write_str(known.as_str()),
+        }
     }
 }
 

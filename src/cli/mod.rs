@@ -366,11 +366,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let b = open(&cli, OpenMode::MustExist)?;
             let ids: Vec<String> = match (id, all) {
                 (Some(id), _) => vec![id.clone()],
-                (None, true) => b
-                    .list(Some("running"), None)?
-                    .into_iter()
-                    .map(|t| t.id)
-                    .collect(),
+                (None, true) => b.running_tasks()?.into_iter().map(|t| t.id).collect(),
                 (None, false) => bail!("name a task, or --all"),
             };
             let reports = runtime()?.block_on(async {

@@ -4,44 +4,7 @@ use serde_json::{json, Value};
 
 use crate::board::{Event, Run, Task};
 
-/// Task data is written by anyone who can write the board: show control characters
-/// (newlines, escape sequences that could repaint the terminal) and the invisible ones that
-/// reorder or hide text (bidi overrides, zero-width) as escapes, never raw.
-pub fn clean(s: &str) -> String {
-    s.chars()
-        .flat_map(|c| {
-            if hidden(c) {
-                c.escape_default().collect::<Vec<_>>()
-            } else {
-                vec![c]
-            }
-        })
-        .collect()
-}
-
-/// A character that must not reach a terminal raw.
-fn hidden(c: char) -> bool {
-    c.is_control()
-        || matches!(c,
-            '\u{200b}'..='\u{200f}'      // zero-width space/joiners, LRM, RLM
-            | '\u{2028}'..='\u{202e}'    // line/paragraph separators, bidi embeddings and overrides
-            | '\u{2060}'..='\u{2064}'    // word joiner, invisible operators
-            | '\u{2066}'..='\u{2069}'    // bidi isolates
-            | '\u{061c}' | '\u{feff}' | '\u{180e}')
-}
-
-/// Worker output on its way to a terminal: each line as `clean` shows it (tabs kept),
-/// invalid UTF-8 replaced, so no escape sequence written by a worker reaches the operator.
-pub fn clean_output(line: &[u8]) -> String {
-    let text = String::from_utf8_lossy(line);
-    let (body, nl) = match text.strip_suffix('\n') {
-        Some(b) => (b, "\n"),
-        None => (text.as_ref(), ""),
-    };
-    let mut out: String = body.split('\t').map(clean).collect::<Vec<_>>().join("\t");
-    out.push_str(nl);
-    out
-}
+pub use crate::text::{clean, clean_output};
 
 fn icon(status: &str) -> &'static str {
     // Upstream's `hermes kanban list` icons, so both tools look alike.

@@ -251,7 +251,7 @@ impl Daemon {
     }
 
     fn status_text(&self) -> String {
-        let count = |s: &str| self.board.list(Some(s), None).map(|v| v.len()).unwrap_or(0);
+        let count = |s: &str| self.board.count(s).unwrap_or(0);
         format!(
             "{} running ({} in scopes), {} ready, {} blocked, {} todo",
             count("running"),
@@ -314,7 +314,7 @@ impl Daemon {
         match dispatch::once(&self.board, &self.sd, &self.cfg, None, &mut progress).await {
             Ok((report, started)) => {
                 for f in &report.spawn_failed {
-                    warn!(hermes_kanban_task = %f.task_id, hermes_kanban_run_id = f.run_id, gave_up = f.gave_up, "spawn failed: {}", f.error);
+                    warn!(hermes_kanban_task = %f.task_id, hermes_kanban_run_id = f.run_id, gave_up = f.gave_up, "spawn failed: {}", crate::text::clean(&f.error));
                 }
                 for s in started {
                     self.track_started(s);
@@ -453,7 +453,7 @@ impl Daemon {
                 None => self.book(&task, run).await,
                 Some(end) => match self.board.end_run(&task, run, &end, self.cfg.failure_limit) {
                     Ok(_) => {
-                        info!(hermes_kanban_task = %task, hermes_kanban_run_id = run, "recorded: {}", end_text(&end));
+                        info!(hermes_kanban_task = %task, hermes_kanban_run_id = run, "recorded: {}", crate::text::clean(&end_text(&end)));
                         self.pass().await;
                     }
                     Err(_) => {

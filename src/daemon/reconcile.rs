@@ -40,7 +40,7 @@ impl Daemon {
         let host_prefix = format!("{}:", me.split(':').next().unwrap_or(""));
         let mut current_units = HashSet::new();
         let (mut adopted, mut ended, mut lost) = (0, 0, 0);
-        for t in self.board.list(Some("running"), None)? {
+        for t in self.board.running_tasks()? {
             let Some(run) = t.current_run_id else {
                 continue;
             };

@@ -123,7 +123,7 @@ pub async fn once(
     };
     report.promoted = board.recompute_ready(cfg.failure_limit)?;
     let cap = max.unwrap_or(cfg.max_spawn).min(cfg.max_spawn);
-    let live = board.list(Some("running"), None)?.len();
+    let live = usize::try_from(board.count("running")?).unwrap_or(0);
     let mut slots = cap.saturating_sub(live);
     let lock = claimer_id();
     let mut started = Vec::new();

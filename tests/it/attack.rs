@@ -342,6 +342,23 @@ systemd_test!(root_cli_reads_no_secret_and_writes_no_other_database, {
         .unwrap();
     assert_eq!(tables, 0, "Hermes' tables were added to another database");
 
+    // A status written by an attacker is shown, not obeyed, in errors.
+    rig.board()
+        .connection()
+        .execute(
+            "UPDATE tasks SET status=?2 WHERE id=?1",
+            [id.as_str(), "x\u{1b}[2J\u{202e}"],
+        )
+        .unwrap();
+    let r = rig.mgr(&["unblock", &id]);
+    assert_eq!(r.code, Some(1), "{}{}", r.stdout, r.stderr);
+    assert!(
+        !r.stderr.contains('\u{1b}') && !r.stderr.contains('\u{202e}'),
+        "{:?}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("\\u{1b}[2J"), "{:?}", r.stderr);
+
     // A reader that goes away early ends `list` quietly (it panicked on EPIPE).
     let out = Command::new("sh")
         .arg("-c")
