@@ -11,6 +11,7 @@ pub mod dispatch;
 pub mod doctor;
 pub mod liveness;
 pub mod logging;
+pub mod outcome;
 pub mod safe_fs;
 pub mod spawn;
 pub mod status;

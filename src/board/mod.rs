@@ -21,23 +21,21 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde_json::{json, Map, Value};
 
+use crate::outcome;
+pub use crate::outcome::RunEnd;
 use crate::safe_fs;
 pub use crate::safe_fs::Owner;
-pub use model::{Claim, EndResult, Event, NewTask, Run, RunEnd, Status, Task, BLOCK_KINDS};
+pub use model::{Claim, EndResult, Event, NewTask, Run, Status, Task, BLOCK_KINDS};
 pub use paths::{BoardPaths, Resolver};
 
 /// Upstream's `DEFAULT_CLAIM_TTL_SECONDS`.
 pub const DEFAULT_CLAIM_TTL: i64 = 15 * 60;
 /// Upstream's `DEFAULT_FAILURE_LIMIT`: consecutive failures before the breaker trips.
 pub const DEFAULT_FAILURE_LIMIT: i64 = 2;
-/// Upstream's `_PROTOCOL_VIOLATION_FAILURE_LIMIT`.
-pub const PROTOCOL_VIOLATION_LIMIT: i64 = 3;
 /// Upstream's `BLOCK_RECURRENCE_LIMIT`: re-blocks for one cause before `triage`.
 pub const BLOCK_RECURRENCE_LIMIT: i64 = 2;
 /// Upstream's default busy timeout; `HERMES_KANBAN_BUSY_TIMEOUT_MS` overrides it.
 pub const DEFAULT_BUSY_TIMEOUT_MS: u64 = 120_000;
-/// Errors stored on rows are cut here, as upstream does.
-const ERROR_MAX: usize = 500;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BoardError {
@@ -102,10 +100,6 @@ fn new_task_id() -> std::io::Result<String> {
         "t_{:02x}{:02x}{:02x}{:02x}",
         b[0], b[1], b[2], b[3]
     ))
-}
-
-fn cut(s: &str) -> String {
-    s.chars().take(ERROR_MAX).collect()
 }
 
 fn payload_text(v: &Value) -> Option<String> {
@@ -228,7 +222,12 @@ fn sqlite_path(paths: &BoardPaths) -> PathBuf {
 }
 
 /// `Board::open`'s file work, run as the board's owner.
-fn open_conn(paths: &BoardPaths, mode: OpenMode, owner: &Owner) -> Result<Connection> {
+fn open_conn(
+    paths: &BoardPaths,
+    mode: OpenMode,
+    owner: &Owner,
+    busy: Duration,
+) -> Result<Connection> {
     let db = &paths.db;
     let exists = match std::fs::symlink_metadata(db) {
         Ok(m) if m.is_file() => true,
@@ -271,7 +270,7 @@ fn open_conn(paths: &BoardPaths, mode: OpenMode, owner: &Owner) -> Result<Connec
         | OpenFlags::SQLITE_OPEN_NOFOLLOW;
     let conn = Connection::open_with_flags(sqlite_path(paths), flags)
         .map_err(|e| classify(db, "open", e))?;
-    conn.busy_timeout(busy_timeout())
+    conn.busy_timeout(busy)
         .map_err(|e| classify(db, "busy_timeout", e))?;
     if exists && mode != OpenMode::Inspect {
         let verdict: String = conn
@@ -328,19 +327,24 @@ impl Board {
     /// (`SQLITE_OPEN_NOFOLLOW`), so a linked `kanban.db` cannot make root write another
     /// database.
     pub fn open(paths: &BoardPaths, mode: OpenMode) -> Result<Board> {
+        Board::open_waiting(paths, mode, busy_timeout())
+    }
+
+    /// `open`, waiting at most `busy` for a writer's lock (upstream's 120 s, or
+    /// `$HERMES_KANBAN_BUSY_TIMEOUT_MS`, is for people; the daemon must answer its watchdog).
+    pub fn open_waiting(paths: &BoardPaths, mode: OpenMode, busy: Duration) -> Result<Board> {
         let owner = Owner::of_tree(&paths.owner_dir).map_err(|source| BoardError::Io {
             path: paths.owner_dir.clone(),
             op: "stat",
             source,
         })?;
-        let conn =
-            safe_fs::as_user(&owner, || open_conn(paths, mode, &owner)).map_err(|source| {
-                BoardError::Io {
-                    path: paths.db.clone(),
-                    op: "open as the board's owner",
-                    source,
-                }
-            })??;
+        let conn = safe_fs::as_user(&owner, || open_conn(paths, mode, &owner, busy)).map_err(
+            |source| BoardError::Io {
+                path: paths.db.clone(),
+                op: "open as the board's owner",
+                source,
+            },
+        )??;
         let mut board = Board {
             conn,
             paths: paths.clone(),
@@ -1108,11 +1112,10 @@ impl Board {
         })
     }
 
-    /// Close run `run_id` of a `running` task that its worker did not end itself, and apply
-    /// upstream's policy: requeue to `ready`, count the failure where the outcome is the
-    /// worker's fault, and trip the breaker (`blocked` + `gave_up`) at the limit
-    /// (`max_retries`, else `failure_limit`). Nothing happens — `Ok(None)` — unless the task
-    /// is still `running` on that very run, so a late or duplicate report is harmless.
+    /// Close run `run_id` of a `running` task that its worker did not end itself: read the
+    /// task's counters and apply `outcome::booking` (the policy lives there) in one
+    /// transaction. Nothing happens — `Ok(None)` — unless the task is still `running` on
+    /// that very run, so a late or duplicate report is harmless.
     pub fn end_run(
         &self,
         id: &str,
@@ -1131,87 +1134,37 @@ impl Board {
                 )
                 .optional()
                 .map_err(|e| self.err("end run", e))?;
-            let Some((failures_before, max_retries, claim_lock)) = row else { return Ok(None) };
-            let (outcome, event, error, details, counted) = match end {
-                RunEnd::Crashed { error, details } => ("crashed", "crashed", error, details.clone(), true),
-                RunEnd::TimedOut { error, details } => ("timed_out", "timed_out", error, details.clone(), true),
-                RunEnd::SpawnFailed { error } => ("spawn_failed", "spawn_failed", error, json!({}), true),
-                RunEnd::Infrastructure { error } => ("spawn_failed", "spawn_failed", error, json!({"infrastructure": true}), false),
-                RunEnd::RateLimited { error, details } => ("rate_limited", "rate_limited", error, details.clone(), false),
-                RunEnd::ProtocolViolation { error, details } => {
-                    let mut d = details.clone();
-                    merge(&mut d, &json!({"protocol_violation": true}));
-                    ("crashed", "crashed", error, d, false)
-                }
-                RunEnd::Lost { error } => ("lost", "reclaimed", error, json!({"reason": "lost"}), false),
-                RunEnd::Stopped { error } => ("stopped", "reclaimed", error, json!({"reason": "stopped"}), false),
+            let Some((failures, max_retries, claimer)) = row else { return Ok(None) };
+            let violation_streak = if matches!(end, RunEnd::ProtocolViolation { .. }) {
+                protocol_violation_streak(c, id).map_err(|e| self.err("end run", e))?
+            } else {
+                0
             };
-            let error = cut(error);
-            let mut details = details;
-            merge(&mut details, &json!({"claimer": claim_lock}));
+            let counters = outcome::Counters { failures, max_retries, violation_streak, claimer };
+            let b = outcome::booking(end, &counters, failure_limit);
             c.execute(
-                "UPDATE tasks SET status='ready', claim_lock=NULL, claim_expires=NULL, worker_pid=NULL
+                "UPDATE tasks SET status=?3, claim_lock=NULL, claim_expires=NULL, worker_pid=NULL, current_run_id=NULL
                  WHERE id=?1 AND status='running' AND current_run_id=?2",
-                params![id, run_id],
+                params![id, run_id, b.status()],
             )
             .map_err(|e| self.err("end run", e))?;
-            let limit = max_retries.unwrap_or(failure_limit);
-            let limit_source = if max_retries.is_some() { "task" } else { "dispatcher" };
-            let mut failures = failures_before;
-            let mut trip = false;
-            if counted {
-                failures += 1;
-                trip = failures >= limit;
-            } else if matches!(end, RunEnd::ProtocolViolation { .. }) {
-                // Clean exits without a verdict have their own streak budget; reaching it
-                // counts and trips, as upstream's detect_crashed_workers does.
-                let streak = protocol_violation_streak(c, id).map_err(|e| self.err("end run", e))? + 1;
-                let vlimit = max_retries.unwrap_or(PROTOCOL_VIOLATION_LIMIT);
-                if streak >= vlimit {
-                    failures += 1;
-                    trip = true;
-                    merge(&mut details, &json!({"protocol_violations": streak, "protocol_violation_limit": vlimit}));
-                }
-            }
-            let run_outcome = if trip && matches!(end, RunEnd::SpawnFailed { .. }) { "gave_up" } else { outcome };
-            let mut meta = details.clone();
-            if counted || trip {
-                merge(&mut meta, &json!({"failures": failures}));
-            }
-            close_run(c, run_id, run_outcome, run_outcome, None, Some(&error), Some(&meta), now).map_err(|e| self.err("close run", e))?;
-            c.execute("UPDATE tasks SET current_run_id=NULL WHERE id=?1", [id]).map_err(|e| self.err("end run", e))?;
-            let stamp_error = counted || trip || matches!(end, RunEnd::RateLimited { .. } | RunEnd::ProtocolViolation { .. });
-            if stamp_error {
+            close_run(c, run_id, b.run_outcome, b.run_outcome, None, Some(&b.error), Some(&b.run_metadata), now)
+                .map_err(|e| self.err("close run", e))?;
+            if b.stamp_error {
                 c.execute(
                     "UPDATE tasks SET consecutive_failures=?1, last_failure_error=?2 WHERE id=?3",
-                    params![failures, error, id],
+                    params![b.failures, b.error, id],
                 )
                 .map_err(|e| self.err("end run", e))?;
             }
-            if !(trip && matches!(end, RunEnd::SpawnFailed { .. })) {
-                let mut payload = details.clone();
-                if event != "reclaimed" {
-                    merge(&mut payload, &json!({"error": error}));
-                }
-                if counted {
-                    merge(&mut payload, &json!({"failures": failures}));
-                }
-                append_event(c, id, event, &payload, Some(run_id)).map_err(|e| self.err("append event", e))?;
+            if let Some((kind, payload)) = &b.event {
+                append_event(c, id, kind, payload, Some(run_id)).map_err(|e| self.err("append event", e))?;
             }
-            let mut status = "ready".to_string();
-            if trip {
-                c.execute("UPDATE tasks SET status='blocked' WHERE id=?1 AND status='ready'", [id])
-                    .map_err(|e| self.err("end run", e))?;
-                let mut payload = json!({
-                    "failures": failures, "effective_limit": limit, "limit_source": limit_source,
-                    "error": error, "trigger_outcome": outcome,
-                });
-                merge(&mut payload, &details);
-                let gave_up_run = matches!(end, RunEnd::SpawnFailed { .. }).then_some(run_id);
-                append_event(c, id, "gave_up", &payload, gave_up_run).map_err(|e| self.err("append event", e))?;
-                status = "blocked".into();
+            if let Some(payload) = &b.gave_up {
+                append_event(c, id, "gave_up", payload, b.gave_up_on_run.then_some(run_id))
+                    .map_err(|e| self.err("append event", e))?;
             }
-            Ok(Some(EndResult { run_id: Some(run_id), status, failures, gave_up: trip }))
+            Ok(Some(EndResult { run_id: Some(run_id), status: b.status().to_string(), failures: b.failures, gave_up: b.gave_up.is_some() }))
         })
     }
 
@@ -1224,6 +1177,19 @@ impl Board {
                 |r| r.get(0),
             )
             .map_err(|e| self.err("count tasks", e))
+    }
+
+    /// Every running task's current run (`task id → run id`): one indexed read.
+    pub fn running_runs(&self) -> Result<std::collections::HashMap<String, i64>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id, current_run_id FROM tasks WHERE status='running' AND current_run_id IS NOT NULL")
+            .map_err(|e| self.err("running runs", e))?;
+        let v = st
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .and_then(|r| r.collect::<rusqlite::Result<_>>())
+            .map_err(|e| self.err("running runs", e))?;
+        Ok(v)
     }
 
     /// The running tasks, read for the dispatcher (`hot_projection`: no body or result).

@@ -263,29 +263,6 @@ pub struct Claim {
     pub expires: i64,
 }
 
-/// How a run that was not ended by the worker itself (complete/block) ended.
-/// Each maps onto upstream's outcome names and event kinds.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RunEnd {
-    /// Non-zero exit or death by signal: counted towards the breaker.
-    Crashed { error: String, details: Value },
-    /// Exit 0 without complete/block: upstream books it `crashed` + `protocol_violation`.
-    ProtocolViolation { error: String, details: Value },
-    /// Exit 75: requeued, not counted; stamps `last_failure_error` for the cooldown guard.
-    RateLimited { error: String, details: Value },
-    /// `max_runtime_seconds` exceeded: counted.
-    TimedOut { error: String, details: Value },
-    /// The worker never started: counted.
-    SpawnFailed { error: String },
-    /// The worker never started because systemd or D-Bus failed us: not the task's fault,
-    /// not counted (upstream HEAD's "infrastructure" spawn failure).
-    Infrastructure { error: String },
-    /// The worker's scope vanished (reboot, lost unit): not the worker's fault, not counted.
-    Lost { error: String },
-    /// An operator stopped it: requeued, not counted.
-    Stopped { error: String },
-}
-
 /// What became of a task after `end_run`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct EndResult {

@@ -346,7 +346,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("another dispatcher holds {} (hermes-dispatcher.service or a Hermes gateway); it dispatches already", life.display()))?;
             let (report, _started) = runtime()?.block_on(async {
                 let sd = systemd().await?;
-                crate::dispatch::once(&b, &sd, &cfg, *max, &mut || {}).await
+                crate::dispatch::once(&b, &sd, &cfg, *max, None).await
             })?;
             if cli.json {
                 print_json(&report)?;

@@ -25,10 +25,15 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::board::lock::FileLock;
-use crate::board::{Board, BoardError, OpenMode, Resolver, RunEnd};
+use crate::board::{Board, BoardError, OpenMode, Resolver};
 use crate::config::Config;
 use crate::dispatch;
+use crate::outcome::{self, Decision, RunEnd, Scope};
 use crate::spawn::spec::{status_path, RunStatus};
+
+/// At most this many workers are started per pass; a full batch leaves the board dirty and
+/// the loop comes back to it after the watchdog, signals and bookings that are due.
+const PASS_BATCH: usize = 64;
 use crate::spawn::Started;
 use crate::systemd::{unit_name, Systemd};
 
@@ -55,6 +60,9 @@ struct Live {
     max_runtime: Option<i64>,
     /// Since when the board says this run is over while its scope still lives.
     closed_since: Option<Instant>,
+    /// We saw this worker live (started or adopted it), rather than only finding its row
+    /// after a restart: a scope that then vanishes with no word was killed, not lost.
+    watched: bool,
 }
 
 type Key = (String, i64);
@@ -72,10 +80,19 @@ struct Daemon {
     data_version: i64,
     tx: mpsc::UnboundedSender<Event>,
     last_pass: Option<Instant>,
+    /// Something changed that a dispatch pass should see (a run was booked, someone else
+    /// wrote the board, a pass stopped at its batch size): the loop runs one pass after
+    /// handling what woke it, never more.
+    dirty: bool,
+    /// After a failed pass (a corrupt or unreadable board, systemd failing us): no pass
+    /// before this instant; the delay doubles up to a minute, a good pass resets it.
+    backoff: Option<(Instant, Duration)>,
+    /// When the earliest worker whose run was closed on the board runs out of grace.
+    grace_due: Option<Instant>,
+    /// Why the last pass failed on our side, for the status line; `None` once one succeeds.
+    failing: Option<String>,
     /// The first reconcile (start-up, the one `READY=1` waits for) is always logged.
     reconciled_once: bool,
-    /// Half of `WatchdogSec`, and when we last said `WATCHDOG=1`.
-    watchdog: Option<(Duration, Instant)>,
 }
 
 /// Exit with a clear message: the daemon cannot work on this board at all.
@@ -86,6 +103,7 @@ fn fatal(e: anyhow::Error) -> anyhow::Error {
 
 pub fn main(opts: Options) -> anyhow::Result<()> {
     crate::logging::init("hermes-dispatcher");
+    raise_nofile_limit();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -117,12 +135,45 @@ async fn connect_systemd(notifier: &notify::Notifier) -> (Systemd, Removals) {
     }
 }
 
+/// Open the board, waiting out another writer's lock in short steps (a worker may hold it):
+/// each attempt waits `busy_timeout_ms`, systemd hears that start-up goes on, and anything
+/// but a lock (a corrupt or foreign file) ends the daemon with the board's own message.
+async fn open_board(
+    paths: &crate::board::BoardPaths,
+    cfg: &Config,
+    notifier: &notify::Notifier,
+) -> anyhow::Result<Board> {
+    let busy = Duration::from_millis(cfg.busy_timeout_ms);
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match Board::open_waiting(paths, OpenMode::CreateIfMissing, busy) {
+            Ok(b) => return Ok(b),
+            Err(BoardError::Locked { detail, .. }) => {
+                warn!(
+                    "{} is locked by another writer ({detail}); waiting",
+                    paths.db.display()
+                );
+                notifier.send(&format!(
+                    "EXTEND_TIMEOUT_USEC={}",
+                    (busy + delay + Duration::from_secs(5)).as_micros()
+                ));
+                notifier.send("WATCHDOG=1");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("cannot open board {}", paths.db.display())))
+            }
+        }
+    }
+}
+
 async fn run(opts: Options) -> anyhow::Result<()> {
     let cfg = Config::load(opts.config.as_deref())?;
     let paths = Resolver::from_env(opts.db.clone(), opts.board.clone()).resolve()?;
-    let board = Board::open(&paths, OpenMode::CreateIfMissing)
-        .with_context(|| format!("cannot open board {}", paths.db.display()))?;
-    board.set_busy_timeout(Duration::from_millis(cfg.busy_timeout_ms))?;
+    let notifier = notify::Notifier::from_env();
+    let board = open_board(&paths, &cfg, &notifier).await?;
     // One dispatcher per Hermes root, for life: the same lock Hermes' gateway takes.
     let life_path = paths.dispatcher_lock();
     board.make_dir(life_path.parent().unwrap_or(&paths.root))?;
@@ -135,7 +186,6 @@ async fn run(opts: Options) -> anyhow::Result<()> {
             life_path.display()
         );
     };
-    let notifier = notify::Notifier::from_env();
     let (sd, mut removed) = connect_systemd(&notifier).await;
     let runs_dir = cfg.state_dir.join("runs");
     let watcher = watch::Watcher::new(&runs_dir, &paths.db)
@@ -153,33 +203,60 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         data_version,
         tx,
         last_pass: None,
+        dirty: true,
+        backoff: None,
+        grace_due: None,
+        failing: None,
         reconciled_once: false,
-        watchdog: notify::watchdog_interval().map(|i| (i, Instant::now())),
     };
     info!(db = %paths.db.display(), "hermes-dispatcher starting");
     d.reconcile().await?;
     d.notifier.send("READY=1");
-    d.pass().await;
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
     let wd = notify::watchdog_interval();
+    // Half of WatchdogSec (watchdog_interval halves it): fed by the loop alone, so a loop
+    // that stops turning is what gets the daemon restarted.
     let mut watchdog = tokio::time::interval(wd.unwrap_or(Duration::from_secs(3600)));
-    let mut tick = tokio::time::interval(Duration::from_secs(d.cfg.tick_seconds));
-    let extend_every = Duration::from_secs((d.cfg.claim_ttl_seconds as u64 / 3).clamp(1, 300));
-    let mut extend = tokio::time::interval(extend_every);
-    let mut retry = tokio::time::interval(Duration::from_secs(1));
-    for t in [&mut watchdog, &mut tick, &mut extend, &mut retry] {
+    // The start-up reconcile and pass just ran: each timer's first tick is one period away.
+    let every = |secs: u64| {
+        let p = Duration::from_secs(secs.max(1));
+        let mut t = tokio::time::interval_at(tokio::time::Instant::now() + p, p);
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    }
+        t
+    };
+    let mut tick = every(d.cfg.tick_seconds);
+    let extend_every = |cfg: &Config| (cfg.claim_ttl_seconds as u64 / 3).clamp(1, 300);
+    let mut extend = every(extend_every(&d.cfg));
+    let mut retry = every(1);
 
     loop {
+        // At most one pass per wake-up, after whatever woke the loop was handled.
+        if d.dirty && d.backoff.is_none_or(|(until, _)| Instant::now() >= until) {
+            d.pass().await;
+        }
+        let backoff_over = d
+            .backoff
+            .map(|(until, _)| tokio::time::Instant::from_std(until));
         tokio::select! {
+            biased;
+            _ = watchdog.tick(), if wd.is_some() => d.notifier.send("WATCHDOG=1"),
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
-            _ = sighup.recv() => d.reload(),
-            _ = watchdog.tick(), if wd.is_some() => d.keepalive(),
+            _ = sighup.recv() => {
+                let (old_tick, old_extend) = (d.cfg.tick_seconds, extend_every(&d.cfg));
+                d.reload();
+                // Timers whose period changed start over with the new one.
+                if d.cfg.tick_seconds != old_tick {
+                    tick = every(d.cfg.tick_seconds);
+                }
+                if extend_every(&d.cfg) != old_extend {
+                    extend = every(extend_every(&d.cfg));
+                }
+                d.dirty = true;
+            }
             changes = watcher.next() => match changes {
                 Ok(changes) => d.on_changes(changes).await,
                 Err(e) => warn!("inotify: {e}, ignoring"),
@@ -193,12 +270,15 @@ async fn run(opts: Options) -> anyhow::Result<()> {
                     if let Err(e) = d.reconcile().await {
                         warn!("reconcile after reconnect: {e:#}");
                     }
-                    d.pass().await;
+                    d.dirty = true;
                 }
             },
             Some(ev) = rx.recv() => match ev {
                 Event::SupervisorExited(task, run) => d.book(&task, run).await,
             },
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d.grace_due.unwrap_or_else(Instant::now))), if d.grace_due.is_some() => {
+                d.check_closed_runs().await;
+            }
             _ = extend.tick() => d.extend_claims(),
             _ = retry.tick(), if !d.pending.is_empty() => d.retry_pending().await,
             _ = tick.tick() => {
@@ -207,8 +287,11 @@ async fn run(opts: Options) -> anyhow::Result<()> {
                     warn!("periodic reconcile: {e:#}");
                 }
                 d.check_closed_runs().await;
-                d.pass().await;
+                d.dirty = true;
             }
+            // A pass cut short by its batch size, or a backoff that ran out, goes on.
+            _ = async {}, if d.dirty && backoff_over.is_none() => {}
+            _ = tokio::time::sleep_until(backoff_over.unwrap_or_else(tokio::time::Instant::now)), if d.dirty && backoff_over.is_some() => {}
         }
     }
     d.notifier.send("STOPPING=1");
@@ -226,14 +309,6 @@ async fn run(opts: Options) -> anyhow::Result<()> {
 }
 
 impl Daemon {
-    /// `WATCHDOG=1` when half the interval has passed. Called by the loop's timer and from
-    /// inside long batches (many runs booked at once, a pass starting many workers, each
-    /// write possibly waiting on a busy board): the loop is making progress, and a batch
-    /// must not outlast `WatchdogSec` and get the daemon killed.
-    fn keepalive(&mut self) {
-        feed(&mut self.watchdog, &self.notifier);
-    }
-
     fn reload(&mut self) {
         match Config::load(self.opts.config.as_deref()) {
             Ok(cfg) => {
@@ -252,14 +327,18 @@ impl Daemon {
 
     fn status_text(&self) -> String {
         let count = |s: &str| self.board.count(s).unwrap_or(0);
-        format!(
+        let line = format!(
             "{} running ({} in scopes), {} ready, {} blocked, {} todo",
             count("running"),
             self.live.len(),
             count("ready"),
             count("blocked"),
             count("todo")
-        )
+        );
+        match &self.failing {
+            Some(why) => format!("FAILING to start workers ({why}); {line}"),
+            None => line,
+        }
     }
 
     fn update_status(&self) {
@@ -291,6 +370,7 @@ impl Daemon {
                 lock,
                 max_runtime,
                 closed_since: None,
+                watched: true,
             },
         );
         let tx = self.tx.clone();
@@ -301,37 +381,78 @@ impl Daemon {
         });
     }
 
-    /// One dispatch pass (claims and starts), then the status line.
+    /// One dispatch pass (claims and starts, at most `PASS_BATCH` of them), then the
+    /// status line. Only the loop calls it, once per wake-up.
     async fn pass(&mut self) {
-        self.keepalive();
+        self.dirty = false;
         self.last_pass = Some(Instant::now());
         // Read before the pass reads the board: a commit by someone else after this point
         // changes data_version again, and its inotify event triggers the next pass. (Read
         // after, it would swallow a task created while this pass ran.)
         self.data_version = self.board.data_version().unwrap_or(self.data_version);
-        let (wd, notifier) = (&mut self.watchdog, &self.notifier);
-        let mut progress = || feed(wd, notifier);
-        match dispatch::once(&self.board, &self.sd, &self.cfg, None, &mut progress).await {
+        match dispatch::once(&self.board, &self.sd, &self.cfg, None, Some(PASS_BATCH)).await {
             Ok((report, started)) => {
+                let mut infra_failure = None;
                 for f in &report.spawn_failed {
-                    warn!(hermes_kanban_task = %f.task_id, hermes_kanban_run_id = f.run_id, gave_up = f.gave_up, "spawn failed: {}", crate::text::clean(&f.error));
+                    let error = crate::text::clean(&f.error);
+                    if f.infrastructure {
+                        // Ours, not the task's: said loudly, not counted, retried later.
+                        error!(hermes_kanban_task = %f.task_id, hermes_kanban_run_id = f.run_id,
+                               "the dispatcher cannot start workers: {error}; the task is requeued, not charged");
+                        infra_failure = Some(error);
+                    } else {
+                        warn!(hermes_kanban_task = %f.task_id, hermes_kanban_run_id = f.run_id, gave_up = f.gave_up, "spawn failed: {error}");
+                    }
                 }
+                // A task that got a new run while an older run's worker still lives (it was
+                // reclaimed under it): that older worker goes now, not after its grace.
+                let superseded = started.iter().any(|s| {
+                    self.live
+                        .keys()
+                        .any(|(task, run)| *task == s.task && *run != s.run_id)
+                });
                 for s in started {
                     self.track_started(s);
                 }
+                if superseded {
+                    self.check_closed_runs().await;
+                }
                 for u in report.unbooked {
                     warn!(hermes_kanban_task = %u.task_id, hermes_kanban_run_id = u.run_id,
-                          "spawn failed ({}) and the board would not take the record ({}); retrying", u.error, u.why);
+                          "spawn failed ({}) and the board would not take the record ({}); retrying", crate::text::clean(&u.error), u.why);
                     self.pending.insert(
                         (u.task_id, u.run_id),
-                        Some(dispatch::spawn_end(&u.error, u.infrastructure)),
+                        Some(crate::outcome::spawn_failure(u.fault, &u.error)),
                     );
                 }
+                match infra_failure {
+                    Some(why) => self.back_off(&why),
+                    None => {
+                        self.backoff = None;
+                        self.failing = None;
+                    }
+                }
+                // A full batch leaves work: the loop comes back after what else is due.
+                self.dirty |= report.batch_full;
             }
-            Err(e) => warn!("dispatch pass failed, retrying on the next event: {e:#}"),
+            Err(e) => {
+                warn!("dispatch pass failed: {e:#}");
+                self.back_off(&format!("{e:#}"));
+            }
         }
         self.update_status();
-        self.keepalive();
+    }
+
+    /// A pass failed on our side: wait before the next (doubling, at most a minute), and
+    /// say so in the service status until a pass succeeds.
+    fn back_off(&mut self, why: &str) {
+        let delay = self
+            .backoff
+            .map(|(_, d)| (d * 2).min(Duration::from_secs(60)))
+            .unwrap_or(Duration::from_secs(1));
+        self.backoff = Some((Instant::now() + delay, delay));
+        self.failing = Some(why.chars().take(200).collect());
+        self.dirty = true;
     }
 
     async fn on_changes(&mut self, changes: Vec<watch::Change>) {
@@ -357,7 +478,7 @@ impl Daemon {
                 Ok(v) if v != self.data_version => {
                     self.data_version = v;
                     self.check_closed_runs().await;
-                    self.pass().await;
+                    self.dirty = true;
                 }
                 Ok(_) => {}
                 Err(e) => warn!("read the board's data_version: {e}"),
@@ -376,15 +497,16 @@ impl Daemon {
         }
     }
 
-    /// A run's worker may have ended: decide its outcome from facts and record it.
-    /// Facts: the board (a verdict the worker wrote itself wins), the supervisor's exit
-    /// record, whether the scope still exists.
+    /// The one place that books a run: gather the facts (the supervisor's exit record, the
+    /// scope as systemd and the kernel see it), let `outcome::decide` say how the run
+    /// ended, and record that. A verdict the worker wrote itself wins: the board then
+    /// refuses the booking (`Ok(None)`). A fact we cannot read (the bus is down) is retried.
     async fn book(&mut self, task: &str, run: i64) {
-        self.keepalive();
-        let Some(live) = self.live.get(&(task.to_string(), run)).cloned() else {
+        let key = (task.to_string(), run);
+        let Some(live) = self.live.get(&key).cloned() else {
             return;
         };
-        let status = match RunStatus::read(&self.cfg.state_dir, task, run) {
+        let record = match RunStatus::read(&self.cfg.state_dir, task, run) {
             Ok(s) => s,
             Err(e) => {
                 warn!(hermes_kanban_task = %task, hermes_kanban_run_id = run, "cannot read the exit record: {e}");
@@ -392,25 +514,26 @@ impl Daemon {
             }
         };
         let scope = match self.sd.active_state(&live.unit).await {
-            Ok(Some(_)) if self.husk(&live.unit).await => None,
-            Ok(s) => s,
+            Ok(Some(_)) if self.husk(&live.unit).await => Scope::Empty,
+            Ok(Some(_)) => Scope::Live,
+            Ok(None) => Scope::Gone,
             Err(e) => {
                 warn!(unit = %live.unit, "unit state unknown ({e}); retrying");
-                self.pending.insert((task.to_string(), run), None);
+                self.pending.insert(key, None);
                 return;
             }
         };
-        let end = match &status {
-            Some(st) => outcome(st, live.max_runtime),
-            None if scope.is_none() => RunEnd::Crashed {
-                error: format!(
-                    "{} ended without an exit status (worker and supervisor were killed)",
-                    live.unit
-                ),
-                details: serde_json::json!({"unit": live.unit, "signal": 9}),
-            },
-            // Still running (a UnitRemoved for a name we reuse, a stray event): nothing to do.
-            None => return,
+        let facts = outcome::Facts {
+            unit: &live.unit,
+            record: record.as_ref(),
+            scope,
+            watched: live.watched,
+            operator_stop: None,
+            max_runtime: live.max_runtime,
+        };
+        // Still running (a UnitRemoved for a name we reuse, a stray event): nothing to do.
+        let Decision::Ended(end) = outcome::decide(&facts) else {
+            return;
         };
         match self.board.end_run(task, run, &end, self.cfg.failure_limit) {
             Ok(result) => {
@@ -418,31 +541,31 @@ impl Daemon {
                     Some(r) => {
                         info!(hermes_kanban_task = %task, hermes_kanban_run_id = run, unit = %live.unit,
                                      object_systemd_unit = %live.unit, status = %r.status, failures = r.failures,
-                                     gave_up = r.gave_up, "run ended: {}", end_text(&end))
+                                     gave_up = r.gave_up, "run ended: {}", crate::text::clean(end.error()))
                     }
                     None => {
                         info!(hermes_kanban_task = %task, hermes_kanban_run_id = run, unit = %live.unit,
                                   object_systemd_unit = %live.unit, "run ended; the worker had recorded its own verdict")
                     }
                 }
-                self.pending.remove(&(task.to_string(), run));
-                self.live.remove(&(task.to_string(), run));
+                self.pending.remove(&key);
+                self.live.remove(&key);
                 let _ = std::fs::remove_file(status_path(&self.cfg.state_dir, task, run));
                 // Leftovers of the worker (daemonized grandchildren) go with the run.
-                if scope.is_some() {
+                if scope == Scope::Live {
                     if let Err(e) = self.sd.stop(&live.unit).await {
                         warn!(unit = %live.unit, "stop leftovers: {e}");
                     }
                 }
-                self.pass().await;
+                self.dirty = true;
             }
             Err(BoardError::Locked { .. }) => {
                 warn!(hermes_kanban_task = %task, hermes_kanban_run_id = run, "board locked; will retry booking the run");
-                self.pending.insert((task.to_string(), run), None);
+                self.pending.insert(key, None);
             }
             Err(e) => {
                 warn!(hermes_kanban_task = %task, hermes_kanban_run_id = run, "cannot book the run: {e}; will retry");
-                self.pending.insert((task.to_string(), run), None);
+                self.pending.insert(key, None);
             }
         }
     }
@@ -453,8 +576,8 @@ impl Daemon {
                 None => self.book(&task, run).await,
                 Some(end) => match self.board.end_run(&task, run, &end, self.cfg.failure_limit) {
                     Ok(_) => {
-                        info!(hermes_kanban_task = %task, hermes_kanban_run_id = run, "recorded: {}", crate::text::clean(&end_text(&end)));
-                        self.pass().await;
+                        info!(hermes_kanban_task = %task, hermes_kanban_run_id = run, "recorded: {}", crate::text::clean(end.error()));
+                        self.dirty = true;
                     }
                     Err(_) => {
                         self.pending.insert((task, run), Some(end));
@@ -487,20 +610,26 @@ impl Daemon {
     /// after `verdict_grace_seconds`.
     async fn check_closed_runs(&mut self) {
         let grace = Duration::from_secs(self.cfg.verdict_grace_seconds);
+        // One indexed read for all tracked runs, not one row per worker.
+        let running = match self.board.running_runs() {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("read the running runs: {e}");
+                return;
+            }
+        };
+        self.grace_due = None;
         let keys: Vec<Key> = self.live.keys().cloned().collect();
         for key in keys {
-            let Ok(Some(t)) = self.board.task(&key.0) else {
-                continue;
-            };
-            let current = t.status.as_str() == "running" && t.current_run_id == Some(key.1);
+            let now_on = running.get(&key.0).copied();
             let Some(live) = self.live.get_mut(&key) else {
                 continue;
             };
-            if current {
+            if now_on == Some(key.1) {
                 live.closed_since = None;
                 continue;
             }
-            let superseded = t.status.as_str() == "running";
+            let superseded = now_on.is_some();
             let since = *live.closed_since.get_or_insert_with(Instant::now);
             if superseded || since.elapsed() >= grace {
                 let unit = live.unit.clone();
@@ -509,57 +638,27 @@ impl Daemon {
                 if let Err(e) = self.sd.stop(&unit).await {
                     warn!(unit = %unit, "stop: {e}");
                 }
+            } else {
+                // Come back when its grace is over, event or no event.
+                let due = since + grace;
+                self.grace_due = Some(self.grace_due.map_or(due, |d| d.min(due)));
             }
         }
     }
 }
 
-/// `WATCHDOG=1` when half the ping interval has passed since the last one.
-fn feed(watchdog: &mut Option<(Duration, Instant)>, notifier: &notify::Notifier) {
-    if let Some((every, last)) = watchdog {
-        if last.elapsed() >= *every / 2 {
-            notifier.send("WATCHDOG=1");
-            *last = Instant::now();
+/// The soft `RLIMIT_NOFILE` up to the hard one (systemd gives services 1024 soft, 524288
+/// hard): a thousand live workers must not run the dispatcher out of descriptors.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                warn!("cannot raise the open-file limit from {soft} to {hard}: {e}");
+            }
         }
-    }
-}
-
-/// The outcome of a run whose worker ended without recording a verdict.
-fn outcome(st: &RunStatus, max_runtime: Option<i64>) -> RunEnd {
-    let details = serde_json::json!({"pid": st.worker_pid, "exit_code": st.exit_code, "signal": st.signal, "unit": st.unit});
-    if st.sigterm_received {
-        // A stop from outside the worker: systemd's RuntimeMaxSec, an operator, a shutdown.
-        if max_runtime.is_some_and(|m| st.ended_at - st.started_at >= m - 1) {
-            return RunEnd::TimedOut {
-                error: format!(
-                    "pid {} exceeded max_runtime_seconds={}",
-                    st.worker_pid,
-                    max_runtime.unwrap_or(0)
-                ),
-                details,
-            };
-        }
-        return RunEnd::Stopped {
-            error: format!(
-                "pid {} stopped from outside ({})",
-                st.worker_pid,
-                st.describe()
-            ),
-        };
-    }
-    dispatch::classify(st)
-}
-
-fn end_text(e: &RunEnd) -> String {
-    match e {
-        RunEnd::Crashed { error, .. }
-        | RunEnd::ProtocolViolation { error, .. }
-        | RunEnd::RateLimited { error, .. }
-        | RunEnd::TimedOut { error, .. } => error.clone(),
-        RunEnd::SpawnFailed { error }
-        | RunEnd::Infrastructure { error }
-        | RunEnd::Lost { error }
-        | RunEnd::Stopped { error } => error.clone(),
+        Ok(_) => {}
+        Err(e) => warn!("cannot read the open-file limit: {e}"),
     }
 }
 

@@ -1,22 +1,27 @@
-//! Start-up (and reconnect) reconciliation: the board's `running` rows against the worker
-//! scopes systemd has. Every rule of recovery is here:
+//! Start-up (and reconnect, and safety-net) reconciliation: the board's `running` rows
+//! against the worker scopes systemd has. It decides which runs are ours to track; how a
+//! run ended is always `Daemon::book`'s (`outcome::decide`), and it never runs a pass. The
+//! rules:
 //!
 //! 1. A running row whose scope lives → adopt it (no second worker, no requeue).
 //! 2. A running row whose scope is gone but whose supervisor left an exit record → the run
 //!    ended while we were away: book it with its real exit status.
-//! 3. A running row claimed on this host with neither scope nor record → lost (a reboot, a
-//!    vanished unit): requeued, not counted — unless its worker PID is alive outside any
-//!    scope of ours, which means someone else (Hermes' own dispatcher) runs it: left alone.
+//! 3. A running row claimed on this host with neither scope nor record → booked as found
+//!    after the fact: lost (a reboot, a vanished unit), requeued, not counted — unless its
+//!    worker PID is alive outside any scope of ours, which means someone else (Hermes' own
+//!    dispatcher) runs it: left alone.
 //! 4. A running row claimed on another host → not ours.
 //! 5. A worker scope of one of this board's runs that is not the task's current run →
 //!    stopped. Scopes that match no run of this board (another board's) are left alone.
+//! 6. A run we track whose row is no longer running on it (it ended while the bus was
+//!    away) → booked; if its scope still lives it stays tracked (`check_closed_runs`).
 
 use std::collections::{HashMap, HashSet};
 
 use tracing::{debug, info, warn};
 
 use super::{unit_of, Daemon, Live};
-use crate::board::{claimer_id, RunEnd};
+use crate::board::claimer_id;
 use crate::liveness;
 use crate::spawn::spec::RunStatus;
 use crate::systemd::unit_name::WORKER_SCOPE_GLOB;
@@ -48,18 +53,26 @@ impl Daemon {
             let key = (t.id.clone(), run);
             current_units.insert(unit.clone());
             let record = RunStatus::read(&self.cfg.state_dir, &t.id, run).unwrap_or(None);
+            let tracked = self.live.get(&key).is_some_and(|l| l.watched);
             let live = Live {
                 unit: unit.clone(),
                 lock: t.claim_lock.clone().unwrap_or_default(),
                 max_runtime: t.max_runtime_seconds,
                 closed_since: None,
+                watched: tracked,
             };
             if units.get(&unit).is_some_and(|s| is_live(s)) && !self.husk(&unit).await {
                 if !self.live.contains_key(&key) {
                     info!(hermes_kanban_task = %t.id, hermes_kanban_run_id = run, unit = %unit, object_systemd_unit = %unit, "adopted a running worker");
                     adopted += 1;
                 }
-                self.live.insert(key.clone(), live);
+                self.live.insert(
+                    key.clone(),
+                    Live {
+                        watched: true,
+                        ..live
+                    },
+                );
                 if record.is_some() {
                     self.book(&t.id, run).await;
                 }
@@ -89,21 +102,12 @@ impl Daemon {
                     continue;
                 }
             }
-            self.live.remove(&key);
-            let end = RunEnd::Lost {
-                error: format!(
-                    "{unit} is gone and left no exit status (reboot or lost unit); requeued"
-                ),
-            };
-            match self.board.end_run(&t.id, run, &end, self.cfg.failure_limit) {
-                Ok(Some(_)) => {
-                    lost += 1;
-                    info!(hermes_kanban_task = %t.id, hermes_kanban_run_id = run, unit = %unit, "run lost: requeued without counting a failure");
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    warn!(hermes_kanban_task = %t.id, hermes_kanban_run_id = run, "cannot requeue the lost run: {e}")
-                }
+            // Neither scope nor record: book it from those facts (lost, unless we watched
+            // it live and it was killed with its supervisor).
+            self.live.insert(key.clone(), live);
+            self.book(&t.id, run).await;
+            if !self.live.contains_key(&key) {
+                lost += 1;
             }
         }
         // Runs we tracked whose rows are no longer running (ended while the bus was away).
@@ -114,8 +118,9 @@ impl Daemon {
             .cloned()
             .collect();
         for (task, run) in stale {
+            // Booked if it is over; a worker still running after its row was closed stays
+            // tracked until `check_closed_runs` stops it.
             self.book(&task, run).await;
-            self.live.remove(&(task, run));
         }
         // Scopes of this board's runs that are not current: never two workers for one task.
         for (unit, state) in &units {

@@ -1,51 +1,15 @@
-//! Dispatch decisions: one pass over the board (`dispatch --once`), stopping a task's
-//! worker, and turning a worker's exit into a run outcome.
+//! Dispatch: one pass over the board (`dispatch --once`), and stopping a task's worker.
 
 pub mod stop;
 
 use serde::Serialize;
-use serde_json::json;
 
 use crate::board::lock::FileLock;
-use crate::board::{claimer_id, Board, RunEnd};
+use crate::board::{claimer_id, Board};
 use crate::config::Config;
-use crate::spawn::{self, spec::RunStatus, Started};
+use crate::outcome::{self, Fault};
+use crate::spawn::{self, Started};
 use crate::systemd::Systemd;
-
-/// Exit code 75 (`EX_TEMPFAIL`): upstream's worker says "rate limited, try later".
-pub const EXIT_RATE_LIMITED: i32 = 75;
-
-/// What a worker's exit means for its run, when the worker did not record a verdict
-/// (complete/block) itself. Pure: facts in, upstream's outcome out.
-pub fn classify(st: &RunStatus) -> RunEnd {
-    let pid = st.worker_pid;
-    let details =
-        json!({"pid": pid, "exit_code": st.exit_code, "signal": st.signal, "unit": st.unit});
-    match (st.exit_code, st.signal) {
-        (Some(0), _) => RunEnd::ProtocolViolation {
-            error: format!("pid {pid} exited 0 without kanban_complete or kanban_block"),
-            details,
-        },
-        (Some(EXIT_RATE_LIMITED), _) => RunEnd::RateLimited {
-            error: format!(
-                "pid {pid} exited rate-limited (quota wall) — requeued without counting a failure"
-            ),
-            details,
-        },
-        (Some(c), _) => RunEnd::Crashed {
-            error: format!("pid {pid} exited with code {c}"),
-            details,
-        },
-        (None, Some(s)) => RunEnd::Crashed {
-            error: format!("pid {pid} killed by signal {s}"),
-            details,
-        },
-        (None, None) => RunEnd::Crashed {
-            error: format!("pid {pid} ended without an exit status"),
-            details,
-        },
-    }
-}
 
 #[derive(Debug, Default, Serialize)]
 pub struct SpawnedWorker {
@@ -66,19 +30,6 @@ pub struct SpawnFailure {
     pub infrastructure: bool,
 }
 
-/// The outcome of a spawn failure.
-pub fn spawn_end(error: &str, infrastructure: bool) -> RunEnd {
-    if infrastructure {
-        RunEnd::Infrastructure {
-            error: error.to_string(),
-        }
-    } else {
-        RunEnd::SpawnFailed {
-            error: error.to_string(),
-        }
-    }
-}
-
 /// The result of one pass, shaped like upstream's `hermes kanban dispatch --json`.
 #[derive(Debug, Default, Serialize)]
 pub struct PassReport {
@@ -93,6 +44,9 @@ pub struct PassReport {
     pub cooling_down: Vec<String>,
     /// Spawn failures that could not be recorded yet (board locked).
     pub unbooked: Vec<Unbooked>,
+    /// The pass stopped at its batch size with ready tasks left.
+    #[serde(skip)]
+    pub batch_full: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -100,20 +54,21 @@ pub struct Unbooked {
     pub task_id: String,
     pub run_id: i64,
     pub error: String,
-    pub infrastructure: bool,
+    pub fault: Fault,
     pub why: String,
 }
 
 /// One dispatch pass: promote what parent gating allows, then claim ready tasks in
 /// priority order up to the cap and start each in its scope. Holds upstream's per-board
 /// `kanban.db.dispatch.lock` for the pass; a pass that finds it taken does nothing.
-/// `progress` is called after each worker started (the daemon feeds its watchdog there).
+/// `batch` bounds the workers started in this pass (the daemon's loop keeps its turns
+/// short); `batch_full` in the report says it stopped there with work left.
 pub async fn once(
     board: &Board,
     sd: &Systemd,
     cfg: &Config,
     max: Option<usize>,
-    progress: &mut dyn FnMut(),
+    batch: Option<usize>,
 ) -> anyhow::Result<(PassReport, Vec<Started>)> {
     let mut report = PassReport::default();
     let lock_path = board.paths().sibling("dispatch.lock");
@@ -128,6 +83,10 @@ pub async fn once(
     let lock = claimer_id();
     let mut started = Vec::new();
     for task in board.ready_tasks(10_000)? {
+        if batch.is_some_and(|b| started.len() >= b) {
+            report.batch_full = true;
+            break;
+        }
         if slots == 0 {
             report.skipped_capped += 1;
             continue;
@@ -172,13 +131,11 @@ pub async fn once(
                     workspace: s.workspace.to_string_lossy().into_owned(),
                 });
                 started.push(s);
-                // Each start waits on systemd; the caller may have a watchdog to feed.
-                progress();
             }
             Err(err) => {
-                let infrastructure = err.infrastructure;
+                let infrastructure = err.fault == Fault::Infrastructure;
+                let end = outcome::spawn_failure(err.fault, &err.reason);
                 let error = err.reason;
-                let end = spawn_end(&error, infrastructure);
                 match board.end_run(&task.id, claim.run_id, &end, cfg.failure_limit) {
                     Ok(r) => report.spawn_failed.push(SpawnFailure {
                         task_id: task.id.clone(),
@@ -194,7 +151,7 @@ pub async fn once(
                             task_id: task.id.clone(),
                             run_id: claim.run_id,
                             error,
-                            infrastructure,
+                            fault: err.fault,
                             why: e.to_string(),
                         });
                         // The board is not taking writes: no point claiming more now.
@@ -209,41 +166,4 @@ pub async fn once(
         }
     }
     Ok((report, started))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn st(code: Option<i32>, sig: Option<i32>) -> RunStatus {
-        RunStatus {
-            task: "t".into(),
-            run_id: 1,
-            unit: "u".into(),
-            worker_pid: 9,
-            started_at: 0,
-            ended_at: 1,
-            exit_code: code,
-            signal: sig,
-            sigterm_received: false,
-        }
-    }
-
-    #[test]
-    fn exits_map_to_upstream_outcomes() {
-        assert!(matches!(
-            classify(&st(Some(0), None)),
-            RunEnd::ProtocolViolation { .. }
-        ));
-        assert!(matches!(
-            classify(&st(Some(75), None)),
-            RunEnd::RateLimited { .. }
-        ));
-        assert!(
-            matches!(classify(&st(Some(1), None)), RunEnd::Crashed { ref error, .. } if error == "pid 9 exited with code 1")
-        );
-        assert!(
-            matches!(classify(&st(None, Some(9))), RunEnd::Crashed { ref error, .. } if error == "pid 9 killed by signal 9")
-        );
-    }
 }

@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::board::{Board, RunEnd};
 use crate::config::Config;
+use crate::outcome;
 use crate::spawn::spec::RunStatus;
 use crate::systemd::{unit_name, Systemd};
 
@@ -103,26 +104,26 @@ pub async fn stop(
     let elapsed_ms = t0.elapsed().as_millis();
     let status = RunStatus::read(&cfg.state_dir, task_id, run_id)
         .with_context(|| format!("read the exit status of {unit}"))?;
-    let end = match (&how, &status) {
-        (HowItEnded::AlreadyEnded, Some(st)) => super::classify(st),
-        (HowItEnded::AlreadyEnded, None) => RunEnd::Lost {
-            error: format!("{unit} is gone and left no exit status"),
-        },
-        _ => RunEnd::Stopped {
-            error: format!(
-                "stopped by operator: {}",
-                match &how {
-                    HowItEnded::KilledAfterTimeout =>
-                        format!("SIGKILL after TimeoutStopSec={timeout}s"),
-                    _ => format!("ended on SIGTERM after {elapsed_ms} ms"),
-                }
-            ),
-        },
+    let operator_stop = match &how {
+        HowItEnded::AlreadyEnded => None,
+        HowItEnded::KilledAfterTimeout => Some(format!("SIGKILL after TimeoutStopSec={timeout}s")),
+        HowItEnded::ExitedAfterSigterm => Some(format!("ended on SIGTERM after {elapsed_ms} ms")),
     };
-    match (&end, marked) {
-        (RunEnd::Stopped { error }, true) => board.annotate_run(run_id, error)?,
-        _ => {
-            board.end_run(task_id, run_id, &end, cfg.failure_limit)?;
+    let facts = outcome::Facts {
+        unit: &unit,
+        record: status.as_ref(),
+        scope: outcome::Scope::Gone,
+        watched: false,
+        operator_stop: operator_stop.as_deref(),
+        max_runtime: task.max_runtime_seconds,
+    };
+    if let outcome::Decision::Ended(end) = outcome::decide(&facts) {
+        match (&end, marked) {
+            // The run was closed (blocked, sticky) before the signal: say how it went.
+            (RunEnd::Stopped { error }, true) => board.annotate_run(run_id, error)?,
+            _ => {
+                board.end_run(task_id, run_id, &end, cfg.failure_limit)?;
+            }
         }
     }
     let task_status = board.require_task(task_id)?.status.to_string();

@@ -22,35 +22,34 @@ use zbus::Variant;
 use crate::board::{Board, BoardPaths, Claim};
 use crate::config::Config;
 use crate::liveness;
+use crate::outcome::Fault;
 use crate::systemd::{unit_name, Property, Systemd, SystemdError};
 use spec::{Report, WorkerSpec};
 
 /// Upstream's `KANBAN_TERMINAL_TIMEOUT_GRACE_SECONDS`.
 const TERMINAL_TIMEOUT_GRACE: i64 = 30;
 
-/// Why a worker did not start. `infrastructure`: systemd or D-Bus failed us (not counted
-/// against the task); otherwise the task or the configuration is at fault (counted, as
-/// upstream counts spawn failures, so a broken setup trips the breaker instead of looping).
+/// Why a worker did not start, and whose side that is on: a `Fault::Task` failure is
+/// counted against the task (a broken task or setup trips the breaker instead of looping);
+/// a `Fault::Infrastructure` one never is. Every site says which; there is no default.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpawnError {
     pub reason: String,
-    pub infrastructure: bool,
+    pub fault: Fault,
 }
 
-impl From<String> for SpawnError {
-    fn from(reason: String) -> SpawnError {
+impl SpawnError {
+    fn task(reason: impl Into<String>) -> SpawnError {
         SpawnError {
-            reason,
-            infrastructure: false,
+            reason: reason.into(),
+            fault: Fault::Task,
         }
     }
-}
 
-impl From<&str> for SpawnError {
-    fn from(reason: &str) -> SpawnError {
+    fn infra(reason: impl Into<String>) -> SpawnError {
         SpawnError {
-            reason: reason.to_string(),
-            infrastructure: false,
+            reason: reason.into(),
+            fault: Fault::Infrastructure,
         }
     }
 }
@@ -437,15 +436,17 @@ pub async fn start_worker(
 ) -> Result<Started, SpawnError> {
     let task = &claim.task;
     let unit = unit_name::worker_scope(&task.id, claim.run_id);
-    let spec = prepare(board, cfg, claim, &unit)?;
+    // Everything prepare checks is the task's or its configuration's.
+    let spec = prepare(board, cfg, claim, &unit).map_err(SpawnError::task)?;
     // Informational (upstream records it at spawn); a locked board must not fail the spawn.
     if let Err(e) = board.set_workspace(&task.id, claim.run_id, &spec.cwd) {
         tracing::warn!(hermes_kanban_task = %task.id, hermes_kanban_run_id = claim.run_id, "workspace not recorded: {e}");
     }
     let runs_dir = cfg.state_dir.join("runs");
     std::fs::create_dir_all(&runs_dir)
-        .map_err(|e| format!("create {}: {e}", runs_dir.display()))?;
-    let spec_line = serde_json::to_string(&spec).map_err(|e| e.to_string())? + "\n";
+        .map_err(|e| SpawnError::infra(format!("create {}: {e}", runs_dir.display())))?;
+    let spec_line =
+        serde_json::to_string(&spec).map_err(|e| SpawnError::infra(e.to_string()))? + "\n";
 
     // /proc/self/exe: the very binary that is running, even if upgraded on disk meanwhile.
     let mut child = tokio::process::Command::new("/proc/self/exe")
@@ -455,15 +456,19 @@ pub async fn start_worker(
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .map_err(|e| format!("start the supervisor: {e}"))?;
-    let pid = child.id().ok_or("the supervisor exited at once")?;
+        .map_err(|e| SpawnError::infra(format!("start the supervisor: {e}")))?;
+    let pid = child
+        .id()
+        .ok_or_else(|| SpawnError::infra("the supervisor exited at once"))?;
     let (Some(mut stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
         abort(sd, &unit, &mut child, false).await;
-        return Err("supervisor pipes missing".into());
+        return Err(SpawnError::infra("supervisor pipes missing"));
     };
     if let Err(e) = stdin.write_all(spec_line.as_bytes()).await {
         abort(sd, &unit, &mut child, false).await;
-        return Err(format!("hand the spec to the supervisor: {e}").into());
+        return Err(SpawnError::infra(format!(
+            "hand the spec to the supervisor: {e}"
+        )));
     }
     let props = || {
         scope_properties(
@@ -479,10 +484,7 @@ pub async fn start_worker(
             SystemdError::Timeout { .. } | SystemdError::JobFailed { .. }
         );
         abort(sd, &unit, &mut child, ours).await;
-        return Err(SpawnError {
-            reason: format!("create scope {unit}: {e}"),
-            infrastructure: true,
-        });
+        return Err(SpawnError::infra(format!("create scope {unit}: {e}")));
     }
     // Read back what systemd did (crun does the same): the held process must be in the scope.
     let want = liveness::unit_cgroup(&cfg.slice, &unit);
@@ -490,12 +492,14 @@ pub async fn start_worker(
         Ok(Some(cg)) if cg == want => {}
         other => {
             abort(sd, &unit, &mut child, true).await;
-            return Err(format!("supervisor {pid} is in {other:?}, not in {want}").into());
+            return Err(SpawnError::infra(format!(
+                "supervisor {pid} is in {other:?}, not in {want}"
+            )));
         }
     }
     if let Err(e) = stdin.write_all(b"G").await {
         abort(sd, &unit, &mut child, true).await;
-        return Err(format!("release the supervisor: {e}").into());
+        return Err(SpawnError::infra(format!("release the supervisor: {e}")));
     }
     drop(stdin);
     let mut line = String::new();
@@ -524,13 +528,14 @@ pub async fn start_worker(
                 supervisor: child,
             })
         }
-        Ok(Report::Failed { reason }) => {
+        Ok(Report::Failed { reason, fault }) => {
             abort(sd, &unit, &mut child, true).await;
-            Err(reason.into())
+            Err(SpawnError { reason, fault })
         }
+        // A silent or garbled supervisor is ours to answer for, not the task's.
         Err(reason) => {
             abort(sd, &unit, &mut child, true).await;
-            Err(reason.into())
+            Err(SpawnError::infra(reason))
         }
     }
 }

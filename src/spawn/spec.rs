@@ -58,8 +58,14 @@ pub struct RunStatus {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Report {
-    Started { pid: u32 },
-    Failed { reason: String },
+    Started {
+        pid: u32,
+    },
+    Failed {
+        reason: String,
+        /// Whose side the failure is on (the workspace and the binary are the task's).
+        fault: crate::outcome::Fault,
+    },
 }
 
 /// `<state_dir>/runs/<task>-run-<run>.json` (the task id as a bounded file name: a unit

@@ -23,6 +23,7 @@ use nix::unistd::{ForkResult, Pid};
 
 use super::spec::{Report, RunStatus, WorkerSpec};
 use crate::board::now;
+use crate::outcome::Fault;
 use crate::safe_fs::{self, Access, Owner};
 
 /// journald's stream socket (`systemd.exec(5)`, `sd_journal_stream_fd(3)`).
@@ -49,8 +50,8 @@ fn journal_stream(identifier: &str, unit: &str, priority: u8) -> std::io::Result
     Ok(s)
 }
 
-fn cstr(s: &str, what: &str) -> Result<CString, String> {
-    CString::new(s).map_err(|_| format!("{what} contains a NUL byte"))
+fn cstr(s: &str, what: &str) -> Result<CString, Failure> {
+    CString::new(s).map_err(|_| task(format!("{what} contains a NUL byte")))
 }
 
 /// Everything the forked child needs, allocated before the fork.
@@ -89,6 +90,29 @@ const STEPS: &[&str] = &[
     "exec",
 ];
 const STEP_CHDIR: u32 = 8;
+const STEP_EXEC: u32 = 9;
+
+/// Why the worker did not start, and whose side that is on (`outcome::Fault`): only the
+/// workspace, the binary and the task's own data are the task's.
+#[derive(Debug)]
+struct Failure {
+    fault: Fault,
+    reason: String,
+}
+
+fn infra(reason: String) -> Failure {
+    Failure {
+        fault: Fault::Infrastructure,
+        reason,
+    }
+}
+
+fn task(reason: String) -> Failure {
+    Failure {
+        fault: Fault::Task,
+        reason,
+    }
+}
 
 fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
@@ -174,7 +198,7 @@ fn become_worker(p: &ChildPlan) -> (u32, i32) {
             return (STEP_CHDIR, errno());
         }
         libc::execve(p.path.as_ptr(), p.argv_ptrs.as_ptr(), p.envp_ptrs.as_ptr());
-        (9, errno())
+        (STEP_EXEC, errno())
     }
 }
 
@@ -246,6 +270,7 @@ pub fn main() -> u8 {
         Err(e) => {
             report(&Report::Failed {
                 reason: format!("bad worker spec: {e}"),
+                fault: Fault::Infrastructure,
             });
             return 2;
         }
@@ -258,26 +283,26 @@ pub fn main() -> u8 {
     drop(stdin);
     match run(&spec) {
         Ok(code) => code,
-        Err(reason) => {
+        Err(Failure { fault, reason }) => {
             eprintln!("hermes-mgr supervise: {}: {reason}", spec.unit);
-            report(&Report::Failed { reason });
+            report(&Report::Failed { reason, fault });
             127
         }
     }
 }
 
-fn run(spec: &WorkerSpec) -> Result<u8, String> {
+fn run(spec: &WorkerSpec) -> Result<u8, Failure> {
     // Our own diagnostics go to the unit's journal too, from here on.
     let out = journal_stream(&spec.identifier, &spec.unit, 6)
-        .map_err(|e| format!("connect to journald ({JOURNAL_STDOUT}): {e}"))?;
+        .map_err(|e| infra(format!("connect to journald ({JOURNAL_STDOUT}): {e}")))?;
     let err = journal_stream(&spec.identifier, &spec.unit, 3)
-        .map_err(|e| format!("connect to journald ({JOURNAL_STDOUT}): {e}"))?;
+        .map_err(|e| infra(format!("connect to journald ({JOURNAL_STDOUT}): {e}")))?;
     // SAFETY: dup2 on fds this process owns.
     let _ = unsafe { libc::dup2(err.as_raw_fd(), 2) };
     nix::sys::prctl::set_child_subreaper(true)
-        .map_err(|e| format!("become child subreaper: {e}"))?;
+        .map_err(|e| infra(format!("become child subreaper: {e}")))?;
     let tmpdir = make_tmpdir(spec)
-        .map_err(|e| format!("create TMPDIR in {}: {e}", spec.tmp_root.display()))?;
+        .map_err(|e| infra(format!("create TMPDIR in {}: {e}", spec.tmp_root.display())))?;
     let result = supervise(spec, &tmpdir, out, err);
     // The worker has ended (or never started): its TMPDIR goes. remove_dir_all opens each
     // level without following links, so what the worker left there cannot redirect it.
@@ -291,7 +316,7 @@ fn supervise(
     tmpdir: &Path,
     out: UnixStream,
     err: UnixStream,
-) -> Result<u8, String> {
+) -> Result<u8, Failure> {
     // SIGTERM (a stop of the scope) must not end the supervisor before the worker, which
     // gets the same SIGTERM from systemd; SIGKILL still ends everything.
     let mut mask = SigSet::empty();
@@ -304,14 +329,15 @@ fn supervise(
         mask.add(s);
     }
     mask.thread_block()
-        .map_err(|e| format!("block signals: {e}"))?;
+        .map_err(|e| infra(format!("block signals: {e}")))?;
     let sfd = SignalFd::with_flags(
         &mask,
         nix::sys::signalfd::SfdFlags::SFD_NONBLOCK | nix::sys::signalfd::SfdFlags::SFD_CLOEXEC,
     )
-    .map_err(|e| format!("signalfd: {e}"))?;
+    .map_err(|e| infra(format!("signalfd: {e}")))?;
 
-    let devnull = std::fs::File::open("/dev/null").map_err(|e| format!("open /dev/null: {e}"))?;
+    let devnull =
+        std::fs::File::open("/dev/null").map_err(|e| infra(format!("open /dev/null: {e}")))?;
     // With a log file, the worker writes into pipes and we copy to the journal and the file;
     // without one, it writes straight into its journal streams.
     // The log is a convenience: one that cannot be opened (a worker may have planted a
@@ -372,12 +398,12 @@ fn supervise(
         stderr: child_err,
     };
     // Exec failures travel back on a close-on-exec pipe: EOF means exec succeeded.
-    let (err_r, err_w) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| infra(format!("pipe: {e}")))?;
     let started_at = now();
     // SAFETY: this process is single-threaded (the supervisor never starts a thread), and
     // the child makes only raw system calls on what `plan` allocated before the fork.
-    let worker = match unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))? {
+    let worker = match unsafe { nix::unistd::fork() }.map_err(|e| infra(format!("fork: {e}")))? {
         ForkResult::Child => {
             drop(err_r);
             let (step, e) = become_worker(&plan);
@@ -402,15 +428,16 @@ fn supervise(
         let e = std::io::Error::from_raw_os_error(i32::from_ne_bytes(
             failure[4..8].try_into().unwrap_or_default(),
         ));
-        return Err(if step == STEP_CHDIR {
-            format!(
+        let what = STEPS.get(step as usize).copied().unwrap_or("?");
+        return Err(match step {
+            // The workspace and the binary are the task's and its configuration's.
+            STEP_CHDIR => task(format!(
                 "cannot enter the workspace {} as uid {}: {e}",
                 spec.cwd.display(),
                 spec.uid
-            )
-        } else {
-            let what = STEPS.get(step as usize).copied().unwrap_or("?");
-            format!("cannot start {}: {what}: {e}", spec.argv[0])
+            )),
+            STEP_EXEC => task(format!("cannot start {}: {what}: {e}", spec.argv[0])),
+            _ => infra(format!("cannot start {}: {what}: {e}", spec.argv[0])),
         });
     }
     report(&Report::Started {
@@ -425,7 +452,7 @@ fn supervise(
                 Ok(Some(info)) if info.ssi_signo == libc::SIGTERM as u32 => sigterm = true,
                 Ok(_) => {}
                 Err(nix::Error::EINTR | nix::Error::EAGAIN) => {}
-                Err(e) => return Err(format!("read signalfd: {e}")),
+                Err(e) => return Err(infra(format!("read signalfd: {e}"))),
             }
         }
         if let Some(r) = relay.as_mut() {
@@ -596,7 +623,7 @@ impl Relay {
 }
 
 /// poll(2) on the signalfd and the relay's pipes; true when the signalfd is readable.
-fn wait_readable(sfd: &SignalFd, relay: Option<&Relay>) -> Result<bool, String> {
+fn wait_readable(sfd: &SignalFd, relay: Option<&Relay>) -> Result<bool, Failure> {
     use std::os::fd::AsFd;
     let mut fds = vec![libc::pollfd {
         fd: sfd.as_fd().as_raw_fd(),
@@ -618,7 +645,7 @@ fn wait_readable(sfd: &SignalFd, relay: Option<&Relay>) -> Result<bool, String> 
         }
         let e = std::io::Error::last_os_error();
         if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(format!("poll: {e}"));
+            return Err(infra(format!("poll: {e}")));
         }
     }
 }

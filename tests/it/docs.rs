@@ -93,3 +93,57 @@ fn every_path_architecture_md_names_exists() {
         "found only {checked} paths: the check itself broke"
     );
 }
+
+/// The code map names every module under `src/` (with its files), and nothing else.
+#[test]
+fn architecture_md_maps_every_module_and_only_those() {
+    let text = std::fs::read_to_string(repo().join("ARCHITECTURE.md")).unwrap();
+    let map = text
+        .split("## Code map")
+        .nth(1)
+        .and_then(|t| t.split("\n## ").next())
+        .expect("ARCHITECTURE.md has a code map");
+    // Rows: | `board` (`mod`, `model`, …) | … ; `a`, `b`, `c` (`mod`, …) | … — module names
+    // are the backticked words of the first column, files the parenthesised ones after each.
+    let mut named = std::collections::BTreeSet::new();
+    for row in map.lines().filter(|l| l.starts_with("| `")) {
+        let first = row.split('|').nth(1).unwrap();
+        let mut module = String::new();
+        let mut depth = 0;
+        for (i, part) in first.split('`').enumerate() {
+            depth += part.matches('(').count() as i32 - part.matches(')').count() as i32;
+            if i % 2 == 1 {
+                if depth == 0 {
+                    module = part.to_string();
+                    named.insert(module.clone());
+                } else {
+                    named.insert(format!("{module}/{part}"));
+                }
+            }
+        }
+    }
+    let mut actual = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(repo().join("src")).unwrap() {
+        let p = entry.unwrap().path();
+        let name = p.file_stem().unwrap().to_string_lossy().into_owned();
+        if p.is_dir() {
+            if name == "bin" {
+                continue;
+            }
+            actual.insert(name.clone());
+            for f in std::fs::read_dir(&p).unwrap() {
+                let f = f.unwrap().path();
+                actual.insert(format!(
+                    "{name}/{}",
+                    f.file_stem().unwrap().to_string_lossy()
+                ));
+            }
+        } else if name != "lib" {
+            actual.insert(name);
+        }
+    }
+    assert_eq!(
+        named, actual,
+        "ARCHITECTURE.md's code map and src/ disagree (left: the map, right: src/)"
+    );
+}

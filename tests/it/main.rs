@@ -12,5 +12,6 @@ mod faults;
 mod interop;
 mod operator;
 mod package;
+mod pipeline;
 mod scope;
 mod worker;

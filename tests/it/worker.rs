@@ -555,7 +555,17 @@ systemd_test!(
             (Some(3), None, id.as_str(), run)
         );
         // What a dispatcher later makes of it: a counted crash.
-        let end = hermes_mgr::dispatch::classify(&st);
+        let facts = hermes_mgr::outcome::Facts {
+            unit: &st.unit,
+            record: Some(&st),
+            scope: hermes_mgr::outcome::Scope::Gone,
+            watched: false,
+            operator_stop: None,
+            max_runtime: None,
+        };
+        let hermes_mgr::outcome::Decision::Ended(end) = hermes_mgr::outcome::decide(&facts) else {
+            panic!("a run with an exit record is over")
+        };
         let r = rig.board().end_run(&id, run, &end, 2).unwrap().unwrap();
         assert_eq!((r.status.as_str(), r.failures), ("ready", 1));
         assert_eq!(

@@ -1,0 +1,655 @@
+//! How a run ended, and what that means for its task: the one place that decides.
+//!
+//! Two pure functions, facts in, decisions out. [`decide`] turns what is known about a run
+//! (the supervisor's exit record, the scope as systemd and the kernel see it, an operator's
+//! stop, the task's runtime limit) into a [`RunEnd`]; [`booking`] turns a `RunEnd` and the
+//! task's counters into exactly what is written: the run's outcome, the event, whether the
+//! failure counts, whether the breaker trips. The daemon gathers facts and books in one
+//! place (`daemon::book`), `stop` and `dispatch` hand their facts to the same functions,
+//! and `Board::end_run` only applies a [`Booking`] in SQL.
+
+use serde_json::{json, Map, Value};
+
+use crate::spawn::spec::RunStatus;
+
+/// Exit code 75 (`EX_TEMPFAIL`): upstream's worker says "rate limited, try later".
+pub const EXIT_RATE_LIMITED: i32 = 75;
+/// Upstream's `_PROTOCOL_VIOLATION_FAILURE_LIMIT`.
+pub const PROTOCOL_VIOLATION_LIMIT: i64 = 3;
+/// Errors stored on rows are cut here, as upstream does.
+const ERROR_MAX: usize = 500;
+
+/// How a run that was not ended by the worker itself (complete/block) ended.
+/// Each maps onto upstream's outcome names and event kinds (see [`booking`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunEnd {
+    /// Non-zero exit or death by signal: counted towards the breaker.
+    Crashed { error: String, details: Value },
+    /// Exit 0 without complete/block: upstream books it `crashed` + `protocol_violation`.
+    ProtocolViolation { error: String, details: Value },
+    /// Exit 75: requeued, not counted; stamps `last_failure_error` for the cooldown guard.
+    RateLimited { error: String, details: Value },
+    /// `max_runtime_seconds` exceeded: counted.
+    TimedOut { error: String, details: Value },
+    /// The worker never started because of the task or its configuration: counted.
+    SpawnFailed { error: String },
+    /// The worker never started because the dispatcher's side failed (systemd, D-Bus, fork,
+    /// descriptors, the runs directory, a silent supervisor): not the task's fault, not
+    /// counted (upstream HEAD's "infrastructure" spawn failure).
+    Infrastructure { error: String },
+    /// The worker's scope vanished with no word (reboot, lost unit, a supervisor that died
+    /// before the worker started): not the worker's fault, not counted.
+    Lost { error: String },
+    /// Stopped from outside (an operator, a shutdown): requeued, not counted.
+    Stopped { error: String },
+}
+
+impl RunEnd {
+    pub fn error(&self) -> &str {
+        match self {
+            RunEnd::Crashed { error, .. }
+            | RunEnd::ProtocolViolation { error, .. }
+            | RunEnd::RateLimited { error, .. }
+            | RunEnd::TimedOut { error, .. }
+            | RunEnd::SpawnFailed { error }
+            | RunEnd::Infrastructure { error }
+            | RunEnd::Lost { error }
+            | RunEnd::Stopped { error } => error,
+        }
+    }
+}
+
+/// Whose side a spawn failure is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fault {
+    /// The task or its configuration (a workspace the worker may not enter, a missing
+    /// binary, an assignee that is no profile): counted, so a broken task trips the breaker.
+    Task,
+    /// The dispatcher's side: never counted against the task.
+    Infrastructure,
+}
+
+/// A spawn failure's end.
+pub fn spawn_failure(fault: Fault, reason: &str) -> RunEnd {
+    match fault {
+        Fault::Task => RunEnd::SpawnFailed {
+            error: reason.to_string(),
+        },
+        Fault::Infrastructure => RunEnd::Infrastructure {
+            error: reason.to_string(),
+        },
+    }
+}
+
+/// The scope of a run as systemd and the kernel see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Loaded and live, with processes in its cgroup.
+    Live,
+    /// Gone (or failed/inactive).
+    Gone,
+    /// systemd calls it live but its cgroup is empty (`liveness::cgroup_populated`): its
+    /// supervisor died before the attach. Over.
+    Empty,
+}
+
+/// Everything known about one run when deciding how it ended.
+#[derive(Debug, Clone)]
+pub struct Facts<'a> {
+    pub unit: &'a str,
+    /// The supervisor's exit record, if it wrote one.
+    pub record: Option<&'a RunStatus>,
+    pub scope: Scope,
+    /// This dispatcher watched the run live (it did not only find it after a restart).
+    pub watched: bool,
+    /// An operator's `stop` signalled the live scope; how it ended ("ended on SIGTERM …").
+    pub operator_stop: Option<&'a str>,
+    pub max_runtime: Option<i64>,
+}
+
+/// What `decide` concluded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// The worker still runs: nothing to book.
+    Running,
+    Ended(RunEnd),
+}
+
+/// How the run ended, from facts alone (the rows of this function are its table test).
+pub fn decide(f: &Facts) -> Decision {
+    if let Some(how) = f.operator_stop {
+        return Decision::Ended(RunEnd::Stopped {
+            error: format!("stopped by operator: {how}"),
+        });
+    }
+    if let Some(st) = f.record {
+        return Decision::Ended(from_record(st, f.max_runtime));
+    }
+    Decision::Ended(match f.scope {
+        Scope::Live => return Decision::Running,
+        Scope::Empty => RunEnd::Lost {
+            error: format!(
+                "{} was live with no process left and no exit status (its supervisor died before the worker started); requeued",
+                f.unit
+            ),
+        },
+        Scope::Gone if f.watched => RunEnd::Crashed {
+            error: format!(
+                "{} ended without an exit status (worker and supervisor were killed)",
+                f.unit
+            ),
+            details: json!({"unit": f.unit, "signal": 9}),
+        },
+        Scope::Gone => RunEnd::Lost {
+            error: format!(
+                "{} is gone and left no exit status (reboot or lost unit); requeued",
+                f.unit
+            ),
+        },
+    })
+}
+
+/// The end a supervisor's exit record says.
+fn from_record(st: &RunStatus, max_runtime: Option<i64>) -> RunEnd {
+    let pid = st.worker_pid;
+    let details =
+        json!({"pid": pid, "exit_code": st.exit_code, "signal": st.signal, "unit": st.unit});
+    if st.sigterm_received {
+        // A stop from outside the worker: systemd's RuntimeMaxSec, a shutdown, a stop.
+        if let Some(m) = max_runtime.filter(|m| st.ended_at - st.started_at >= m - 1) {
+            return RunEnd::TimedOut {
+                error: format!("pid {pid} exceeded max_runtime_seconds={m}"),
+                details,
+            };
+        }
+        return RunEnd::Stopped {
+            error: format!("pid {pid} stopped from outside ({})", st.describe()),
+        };
+    }
+    match (st.exit_code, st.signal) {
+        (Some(0), _) => RunEnd::ProtocolViolation {
+            error: format!("pid {pid} exited 0 without kanban_complete or kanban_block"),
+            details,
+        },
+        (Some(EXIT_RATE_LIMITED), _) => RunEnd::RateLimited {
+            error: format!(
+                "pid {pid} exited rate-limited (quota wall) — requeued without counting a failure"
+            ),
+            details,
+        },
+        (Some(c), _) => RunEnd::Crashed {
+            error: format!("pid {pid} exited with code {c}"),
+            details,
+        },
+        (None, Some(s)) => RunEnd::Crashed {
+            error: format!("pid {pid} killed by signal {s}"),
+            details,
+        },
+        (None, None) => RunEnd::Crashed {
+            error: format!("pid {pid} ended without an exit status"),
+            details,
+        },
+    }
+}
+
+/// The task's counters, read in the booking's own transaction.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub failures: i64,
+    pub max_retries: Option<i64>,
+    /// Protocol violations in a row before this run (rate-limited runs skipped).
+    pub violation_streak: i64,
+    pub claimer: Option<String>,
+}
+
+/// Exactly what is written for an ended run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Booking {
+    /// The run row's status and outcome.
+    pub run_outcome: &'static str,
+    pub error: String,
+    pub run_metadata: Value,
+    /// The task's `consecutive_failures` afterwards; stamped with `last_failure_error` when
+    /// `stamp_error`.
+    pub failures: i64,
+    pub stamp_error: bool,
+    /// The run's own event (`crashed`, `reclaimed`, …) and its payload; none when the
+    /// `gave_up` event replaces it.
+    pub event: Option<(&'static str, Value)>,
+    /// The breaker tripped: the task ends `blocked` with this `gave_up` payload.
+    pub gave_up: Option<Value>,
+    /// The `gave_up` event carries the run id (a spawn failure that tripped).
+    pub gave_up_on_run: bool,
+    /// Counted against the task.
+    pub counted: bool,
+}
+
+impl Booking {
+    /// The task's status afterwards.
+    pub fn status(&self) -> &'static str {
+        if self.gave_up.is_some() {
+            "blocked"
+        } else {
+            "ready"
+        }
+    }
+}
+
+fn merge(into: &mut Value, from: &Value) {
+    if let (Value::Object(a), Value::Object(b)) = (into, from) {
+        for (k, v) in b {
+            a.insert(k.clone(), v.clone());
+        }
+    }
+}
+
+/// What `end` means for the task, as upstream books it: outcome and event names, counted
+/// or not, the protocol-violation streak's own budget, the breaker.
+pub fn booking(end: &RunEnd, c: &Counters, failure_limit: i64) -> Booking {
+    let (outcome, event, details, counted) = match end {
+        RunEnd::Crashed { details, .. } => ("crashed", "crashed", details.clone(), true),
+        RunEnd::TimedOut { details, .. } => ("timed_out", "timed_out", details.clone(), true),
+        RunEnd::SpawnFailed { .. } => ("spawn_failed", "spawn_failed", json!({}), true),
+        RunEnd::Infrastructure { .. } => (
+            "spawn_failed",
+            "spawn_failed",
+            json!({"infrastructure": true}),
+            false,
+        ),
+        RunEnd::RateLimited { details, .. } => {
+            ("rate_limited", "rate_limited", details.clone(), false)
+        }
+        RunEnd::ProtocolViolation { details, .. } => {
+            let mut d = details.clone();
+            merge(&mut d, &json!({"protocol_violation": true}));
+            ("crashed", "crashed", d, false)
+        }
+        RunEnd::Lost { .. } => ("lost", "reclaimed", json!({"reason": "lost"}), false),
+        RunEnd::Stopped { .. } => ("stopped", "reclaimed", json!({"reason": "stopped"}), false),
+    };
+    let error: String = end.error().chars().take(ERROR_MAX).collect();
+    let mut details = details;
+    merge(&mut details, &json!({"claimer": c.claimer}));
+    let limit = c.max_retries.unwrap_or(failure_limit);
+    let mut failures = c.failures;
+    let mut trip = false;
+    if counted {
+        failures += 1;
+        trip = failures >= limit;
+    } else if matches!(end, RunEnd::ProtocolViolation { .. }) {
+        // Clean exits without a verdict have their own streak budget; reaching it counts
+        // and trips, as upstream's detect_crashed_workers does.
+        let streak = c.violation_streak + 1;
+        let vlimit = c.max_retries.unwrap_or(PROTOCOL_VIOLATION_LIMIT);
+        if streak >= vlimit {
+            failures += 1;
+            trip = true;
+            merge(
+                &mut details,
+                &json!({"protocol_violations": streak, "protocol_violation_limit": vlimit}),
+            );
+        }
+    }
+    let spawn_tripped = trip && matches!(end, RunEnd::SpawnFailed { .. });
+    let mut run_metadata = details.clone();
+    if counted || trip {
+        merge(&mut run_metadata, &json!({"failures": failures}));
+    }
+    let event = (!spawn_tripped).then(|| {
+        let mut payload = details.clone();
+        if event != "reclaimed" {
+            merge(&mut payload, &json!({"error": error}));
+        }
+        if counted {
+            merge(&mut payload, &json!({"failures": failures}));
+        }
+        (event, payload)
+    });
+    let gave_up = trip.then(|| {
+        let mut payload = Value::Object(Map::new());
+        merge(
+            &mut payload,
+            &json!({
+                "failures": failures, "effective_limit": limit,
+                "limit_source": if c.max_retries.is_some() { "task" } else { "dispatcher" },
+                "error": error, "trigger_outcome": outcome,
+            }),
+        );
+        merge(&mut payload, &details);
+        payload
+    });
+    Booking {
+        run_outcome: if spawn_tripped { "gave_up" } else { outcome },
+        stamp_error: counted
+            || trip
+            || matches!(
+                end,
+                RunEnd::RateLimited { .. } | RunEnd::ProtocolViolation { .. }
+            ),
+        error,
+        run_metadata,
+        failures,
+        event,
+        gave_up,
+        gave_up_on_run: spawn_tripped,
+        counted,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(code: Option<i32>, sig: Option<i32>, sigterm: bool, secs: i64) -> RunStatus {
+        RunStatus {
+            task: "t".into(),
+            run_id: 1,
+            unit: "u.scope".into(),
+            worker_pid: 9,
+            started_at: 100,
+            ended_at: 100 + secs,
+            exit_code: code,
+            signal: sig,
+            sigterm_received: sigterm,
+        }
+    }
+
+    fn facts<'a>(record: Option<&'a RunStatus>, scope: Scope) -> Facts<'a> {
+        Facts {
+            unit: "u.scope",
+            record,
+            scope,
+            watched: true,
+            operator_stop: None,
+            max_runtime: None,
+        }
+    }
+
+    fn name(d: &Decision) -> String {
+        match d {
+            Decision::Running => "running".into(),
+            Decision::Ended(e) => format!("{}: {}", kind(e), e.error()),
+        }
+    }
+
+    fn kind(e: &RunEnd) -> &'static str {
+        match e {
+            RunEnd::Crashed { .. } => "crashed",
+            RunEnd::ProtocolViolation { .. } => "protocol_violation",
+            RunEnd::RateLimited { .. } => "rate_limited",
+            RunEnd::TimedOut { .. } => "timed_out",
+            RunEnd::SpawnFailed { .. } => "spawn_failed",
+            RunEnd::Infrastructure { .. } => "infrastructure",
+            RunEnd::Lost { .. } => "lost",
+            RunEnd::Stopped { .. } => "stopped",
+        }
+    }
+
+    #[test]
+    fn every_fact_pattern_decides_one_end() {
+        let exit0 = rec(Some(0), None, false, 5);
+        let exit1 = rec(Some(1), None, false, 5);
+        let exit75 = rec(Some(75), None, false, 5);
+        let killed = rec(None, Some(9), false, 5);
+        let neither = rec(None, None, false, 5);
+        let termed = rec(None, Some(15), true, 5);
+        let termed_late = rec(None, Some(15), true, 60);
+        let mut with_limit = facts(Some(&termed_late), Scope::Gone);
+        with_limit.max_runtime = Some(60);
+        let mut short_of_limit = facts(Some(&termed), Scope::Gone);
+        short_of_limit.max_runtime = Some(60);
+        let mut operator = facts(Some(&termed), Scope::Gone);
+        operator.operator_stop = Some("ended on SIGTERM after 12 ms");
+        let mut after_restart = facts(None, Scope::Gone);
+        after_restart.watched = false;
+        let rows: Vec<(Facts, &str)> = vec![
+            (facts(Some(&exit0), Scope::Gone), "protocol_violation: pid 9 exited 0 without kanban_complete or kanban_block"),
+            (facts(Some(&exit1), Scope::Live), "crashed: pid 9 exited with code 1"),
+            (facts(Some(&exit75), Scope::Gone), "rate_limited: pid 9 exited rate-limited (quota wall) — requeued without counting a failure"),
+            (facts(Some(&killed), Scope::Gone), "crashed: pid 9 killed by signal 9"),
+            (facts(Some(&neither), Scope::Gone), "crashed: pid 9 ended without an exit status"),
+            (with_limit, "timed_out: pid 9 exceeded max_runtime_seconds=60"),
+            (short_of_limit, "stopped: pid 9 stopped from outside (killed by signal 15 (SIGTERM))"),
+            (operator, "stopped: stopped by operator: ended on SIGTERM after 12 ms"),
+            (facts(None, Scope::Live), "running"),
+            (facts(None, Scope::Empty), "lost: u.scope was live with no process left and no exit status (its supervisor died before the worker started); requeued"),
+            (facts(None, Scope::Gone), "crashed: u.scope ended without an exit status (worker and supervisor were killed)"),
+            (after_restart, "lost: u.scope is gone and left no exit status (reboot or lost unit); requeued"),
+        ];
+        for (f, want) in rows {
+            assert_eq!(name(&decide(&f)), want, "{f:?}");
+        }
+    }
+
+    #[test]
+    fn spawn_failures_are_counted_only_when_the_task_is_at_fault() {
+        assert!(matches!(
+            spawn_failure(Fault::Task, "x"),
+            RunEnd::SpawnFailed { .. }
+        ));
+        assert!(matches!(
+            spawn_failure(Fault::Infrastructure, "x"),
+            RunEnd::Infrastructure { .. }
+        ));
+    }
+
+    /// (end, failures before, max_retries, streak before) → (run outcome, event, counted,
+    /// failures after, status, gave_up on the run, last error stamped).
+    #[test]
+    fn every_end_books_as_upstream_does() {
+        let e = |s: &str| s.to_string();
+        let d = || json!({"pid": 9});
+        type Row = (
+            RunEnd,
+            i64,
+            Option<i64>,
+            i64,
+            (
+                &'static str,
+                Option<&'static str>,
+                bool,
+                i64,
+                &'static str,
+                bool,
+                bool,
+            ),
+        );
+        let rows: Vec<Row> = vec![
+            (
+                RunEnd::Crashed {
+                    error: e("c"),
+                    details: d(),
+                },
+                0,
+                None,
+                0,
+                ("crashed", Some("crashed"), true, 1, "ready", false, true),
+            ),
+            (
+                RunEnd::Crashed {
+                    error: e("c"),
+                    details: d(),
+                },
+                1,
+                None,
+                0,
+                ("crashed", Some("crashed"), true, 2, "blocked", false, true),
+            ),
+            (
+                RunEnd::Crashed {
+                    error: e("c"),
+                    details: d(),
+                },
+                1,
+                Some(5),
+                0,
+                ("crashed", Some("crashed"), true, 2, "ready", false, true),
+            ),
+            (
+                RunEnd::TimedOut {
+                    error: e("t"),
+                    details: d(),
+                },
+                0,
+                None,
+                0,
+                (
+                    "timed_out",
+                    Some("timed_out"),
+                    true,
+                    1,
+                    "ready",
+                    false,
+                    true,
+                ),
+            ),
+            (
+                RunEnd::SpawnFailed { error: e("s") },
+                0,
+                None,
+                0,
+                (
+                    "spawn_failed",
+                    Some("spawn_failed"),
+                    true,
+                    1,
+                    "ready",
+                    false,
+                    true,
+                ),
+            ),
+            (
+                RunEnd::SpawnFailed { error: e("s") },
+                1,
+                None,
+                0,
+                ("gave_up", None, true, 2, "blocked", true, true),
+            ),
+            (
+                RunEnd::Infrastructure { error: e("i") },
+                1,
+                None,
+                0,
+                (
+                    "spawn_failed",
+                    Some("spawn_failed"),
+                    false,
+                    1,
+                    "ready",
+                    false,
+                    false,
+                ),
+            ),
+            (
+                RunEnd::RateLimited {
+                    error: e("r"),
+                    details: d(),
+                },
+                1,
+                None,
+                0,
+                (
+                    "rate_limited",
+                    Some("rate_limited"),
+                    false,
+                    1,
+                    "ready",
+                    false,
+                    true,
+                ),
+            ),
+            (
+                RunEnd::ProtocolViolation {
+                    error: e("p"),
+                    details: d(),
+                },
+                0,
+                None,
+                0,
+                ("crashed", Some("crashed"), false, 0, "ready", false, true),
+            ),
+            (
+                RunEnd::ProtocolViolation {
+                    error: e("p"),
+                    details: d(),
+                },
+                0,
+                None,
+                2,
+                ("crashed", Some("crashed"), false, 1, "blocked", false, true),
+            ),
+            (
+                RunEnd::Lost { error: e("l") },
+                1,
+                None,
+                0,
+                ("lost", Some("reclaimed"), false, 1, "ready", false, false),
+            ),
+            (
+                RunEnd::Stopped { error: e("x") },
+                1,
+                None,
+                0,
+                (
+                    "stopped",
+                    Some("reclaimed"),
+                    false,
+                    1,
+                    "ready",
+                    false,
+                    false,
+                ),
+            ),
+        ];
+        for (end, failures, max_retries, streak, want) in rows {
+            let c = Counters {
+                failures,
+                max_retries,
+                violation_streak: streak,
+                claimer: Some("h:1".into()),
+            };
+            let b = booking(&end, &c, 2);
+            let got = (
+                b.run_outcome,
+                b.event.as_ref().map(|(k, _)| *k),
+                b.counted,
+                b.failures,
+                b.status(),
+                b.gave_up_on_run,
+                b.stamp_error,
+            );
+            assert_eq!(got, want, "{end:?} after {failures} failures");
+            if let Some((_, payload)) = &b.event {
+                assert_eq!(payload["claimer"], json!("h:1"));
+            }
+        }
+    }
+
+    #[test]
+    fn long_errors_are_cut_and_the_gave_up_payload_says_why() {
+        let b = booking(
+            &RunEnd::Crashed {
+                error: "x".repeat(2000),
+                details: json!({}),
+            },
+            &Counters {
+                failures: 4,
+                max_retries: Some(5),
+                ..Counters::default()
+            },
+            2,
+        );
+        assert_eq!(b.error.len(), 500);
+        let g = b.gave_up.unwrap();
+        assert_eq!(
+            (
+                &g["failures"],
+                &g["effective_limit"],
+                &g["limit_source"],
+                &g["trigger_outcome"]
+            ),
+            (&json!(5), &json!(5), &json!("task"), &json!("crashed"))
+        );
+    }
+}
