@@ -275,251 +275,313 @@ async fn systemd() -> anyhow::Result<crate::systemd::Systemd> {
         .context("hermes-mgr needs systemd as PID 1 and the system bus")
 }
 
+/// One small function per verb; this only picks it.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Supervise | Command::Dispatcher => bail!("not reached: handled in main"),
-        Command::Status { limit, watch } => {
-            let cfg = Config::load(cli.config.as_deref())?;
-            let b = open(&cli, OpenMode::Inspect)?;
-            loop {
-                let snap = crate::status::snapshot(&b, &cfg, *limit)?;
-                if cli.json {
-                    return print_json(&snap);
-                }
-                use std::io::IsTerminal;
-                let tty = std::io::stdout().is_terminal();
-                let text = render::status(&snap, tty && std::env::var_os("NO_COLOR").is_none());
-                if !*watch {
-                    print!("{text}");
-                    return Ok(());
-                }
-                // Repaint in place: home, clear below.
-                print!("\x1b[H\x1b[J{text}");
-                use std::io::Write;
-                std::io::stdout().flush()?;
-                std::thread::sleep(std::time::Duration::from_secs(2));
-            }
-        }
-        Command::Logs { id, follow, run } => {
-            let b = open(&cli, OpenMode::Inspect)?;
-            crate::cli::logs(&b, id, *run, *follow)
-        }
-        Command::Doctor => {
-            let cfg = Config::load(cli.config.as_deref());
-            let paths = Resolver::from_env(cli.db.clone(), cli.board.clone()).resolve()?;
-            let checks = runtime()?.block_on(crate::doctor::run(&paths, cfg));
-            if cli.json {
-                print_json(&checks)?;
-            } else {
-                print!("{}", render::doctor(&checks));
-            }
-            if checks.iter().any(|c| c.level == crate::doctor::Level::Fail) {
-                bail!("some checks failed; see the fix on each failing line");
-            }
-            Ok(())
-        }
-        Command::Manpage => {
-            use clap::CommandFactory;
-            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
-            Ok(())
-        }
-        Command::Completions { shell } => {
-            use clap::CommandFactory;
-            clap_complete::generate(
-                *shell,
-                &mut Cli::command(),
-                "hermes-mgr",
-                &mut std::io::stdout(),
-            );
-            Ok(())
-        }
-        Command::Dispatch { once: _, max } => {
-            let cfg = Config::load(cli.config.as_deref())?;
-            let b = open(&cli, OpenMode::MustExist)?;
-            // One dispatcher per board: a running daemon (ours or Hermes' gateway) already is one.
-            let life = b.paths().dispatcher_lock();
-            if let Some(dir) = life.parent() {
-                b.make_dir(dir)?;
-            }
-            let _life = board::lock::FileLock::acquire_or_held(&life, b.owner())
-                .with_context(|| format!("open {}", life.display()))?
-                .with_context(|| format!("another dispatcher holds {} (hermes-dispatcher.service or a Hermes gateway); it dispatches already", life.display()))?;
-            let (report, _started) = runtime()?.block_on(async {
-                let sd = systemd().await?;
-                crate::dispatch::once(&b, &sd, &cfg, *max, None).await
-            })?;
-            if cli.json {
-                print_json(&report)?;
-            } else {
-                print!("{}", render::pass(&report));
-            }
-            if let Some(u) = report.unbooked.first() {
-                bail!(
-                    "task {} run {} failed to start ({}) and the board would not record it ({}); run `hermes-mgr dispatch --once` again",
-                    u.task_id, u.run_id, u.error, u.why
-                );
-            }
-            Ok(())
-        }
-        Command::Stop { id, all, timeout } => {
-            let cfg = Config::load(cli.config.as_deref())?;
-            let b = open(&cli, OpenMode::MustExist)?;
-            let ids: Vec<String> = match (id, all) {
-                (Some(id), _) => vec![id.clone()],
-                (None, true) => b.running_tasks()?.into_iter().map(|t| t.id).collect(),
-                (None, false) => bail!("name a task, or --all"),
-            };
-            let reports = runtime()?.block_on(async {
-                let sd = systemd().await?;
-                let mut out = Vec::new();
-                for id in &ids {
-                    out.push(crate::dispatch::stop::stop(&b, &sd, &cfg, id, *timeout).await?);
-                }
-                anyhow::Ok(out)
-            })?;
-            if cli.json {
-                return match (id, reports.as_slice()) {
-                    (Some(_), [one]) => print_json(one),
-                    _ => print_json(&reports),
-                };
-            }
-            if reports.is_empty() {
-                println!("No running task.");
-            }
-            for r in &reports {
-                println!("{}", render::stopped(r));
-            }
-            Ok(())
-        }
-        Command::Add {
-            title,
-            body,
-            assignee,
-            priority,
-            parents,
-            max_runtime,
-            max_retries,
-            created_by,
-            idempotency_key,
-        } => {
-            let b = open(&cli, OpenMode::CreateIfMissing)?;
-            let new = NewTask {
-                title: title.clone(),
-                body: body.clone(),
-                assignee: assignee.clone(),
-                priority: *priority,
-                parents: parents.clone(),
-                max_runtime_seconds: *max_runtime,
-                max_retries: *max_retries,
-                created_by: created_by.clone().or_else(|| std::env::var("USER").ok()),
-                tenant: None,
-                idempotency_key: idempotency_key.clone(),
-            };
-            let id = b.create(&new).context("cannot create the task")?;
-            let task = b.require_task(&id)?;
-            if cli.json {
-                print_json(&render::task_json(&task, &b.parents(&id)?))
-            } else {
-                println!("Created {id} ({})", task.status);
-                Ok(())
-            }
-        }
-        Command::List { status, assignee } => {
-            let b = open(&cli, OpenMode::Inspect)?;
-            let tasks = b.list(status.as_deref(), assignee.as_deref())?;
-            if cli.json {
-                print_json(&tasks)
-            } else {
-                print!("{}", render::task_table(&tasks));
-                Ok(())
-            }
-        }
-        Command::Show { id } => {
-            let b = open(&cli, OpenMode::Inspect)?;
-            let task = b.require_task(id)?;
-            let (parents, children, runs, events) =
-                (b.parents(id)?, b.children(id)?, b.runs(id)?, b.events(id)?);
-            if cli.json {
-                print_json(
-                    &json!({"task": task, "parents": parents, "children": children, "runs": runs, "events": events}),
-                )
-            } else {
-                print!(
-                    "{}",
-                    render::show(&task, &parents, &children, &runs, &events, board::now())
-                );
-                // The tail of the current or latest run's output, from its scope's journal.
-                if let Some(run) = runs.last() {
-                    let unit = crate::systemd::unit_name::worker_scope(id, run.id);
-                    let journal = std::process::Command::new("journalctl")
-                        .args(["--no-pager", "-o", "cat", "-n", "10", "-u", &unit])
-                        .stderr(std::process::Stdio::null())
-                        .output();
-                    if let Ok(o) = journal {
-                        let tail = String::from_utf8_lossy(&o.stdout);
-                        if o.status.success() && !tail.trim().is_empty() {
-                            println!("\nOutput of run {} (journalctl -u {unit}):", run.id);
-                            for l in tail.lines() {
-                                println!("  {}", render::clean(l));
-                            }
-                        }
-                    }
-                }
-                Ok(())
-            }
-        }
-        Command::Block { id, reason, kind } => {
-            let b = open(&cli, OpenMode::MustExist)?;
-            let to = b.block(id, reason.as_deref(), kind.as_deref(), None)?;
-            let Some(to) = to else {
-                return Err(refused(&b, id, "block", "running or ready"));
-            };
-            report(&cli, id, &to, "Blocked")
-        }
-        Command::Unblock { id } => {
-            let b = open(&cli, OpenMode::MustExist)?;
-            let Some(to) = b.unblock(id)? else {
-                return Err(refused(&b, id, "unblock", "blocked or scheduled"));
-            };
-            report(&cli, id, &to, "Unblocked")
-        }
-        Command::Requeue { id, reason } => {
-            let b = open(&cli, OpenMode::MustExist)?;
-            if !b.requeue(id, reason.as_deref())? {
-                return Err(refused(&b, id, "requeue", "running (claimed)"));
-            }
-            report(&cli, id, "ready", "Requeued")
-        }
+        Command::Status { limit, watch } => cmd_status(&cli, limit, watch),
+        Command::Logs { id, follow, run } => cmd_logs(&cli, id, follow, run),
+        Command::Doctor => cmd_doctor(&cli),
+        Command::Manpage => cmd_manpage(),
+        Command::Completions { shell } => cmd_completions(shell),
+        Command::Dispatch { once: _, max } => cmd_dispatch(&cli, max),
+        Command::Stop { id, all, timeout } => cmd_stop(&cli, id, all, timeout),
+        Command::Add { .. } => cmd_add(&cli),
+        Command::List { status, assignee } => cmd_list(&cli, status, assignee),
+        Command::Show { id } => cmd_show(&cli, id),
+        Command::Block { id, reason, kind } => cmd_block(&cli, id, reason, kind),
+        Command::Unblock { id } => cmd_unblock(&cli, id),
+        Command::Requeue { id, reason } => cmd_requeue(&cli, id, reason),
         Command::Complete {
             id,
             result,
             summary,
             metadata,
-        } => {
-            let meta: Option<Value> = match metadata {
-                Some(m) => {
-                    let v: Value =
-                        serde_json::from_str(m).context("--metadata is not valid JSON")?;
-                    if !v.is_object() {
-                        bail!("--metadata must be a JSON object, like '{{\"changed_files\": [\"a.rs\"]}}'");
-                    }
-                    Some(v)
-                }
-                None => None,
-            };
-            let b = open(&cli, OpenMode::MustExist)?;
-            if !b.complete(
-                id,
-                result.as_deref(),
-                summary.as_deref(),
-                meta.as_ref(),
-                None,
-            )? {
-                return Err(refused(&b, id, "complete", "running, ready or blocked"));
-            }
-            report(&cli, id, "done", "Completed")
-        }
+        } => cmd_complete(&cli, id, result, summary, metadata),
     }
+}
+
+/// `status`: what runs, where, how healthy (`--watch` repaints every 2 s).
+fn cmd_status(cli: &Cli, limit: &usize, watch: &bool) -> anyhow::Result<()> {
+    let cfg = Config::load(cli.config.as_deref())?;
+    let b = open(cli, OpenMode::Inspect)?;
+    loop {
+        let snap = crate::status::snapshot(&b, &cfg, *limit)?;
+        if cli.json {
+            return print_json(&snap);
+        }
+        use std::io::IsTerminal;
+        let tty = std::io::stdout().is_terminal();
+        let text = render::status(&snap, tty && std::env::var_os("NO_COLOR").is_none());
+        if !*watch {
+            print!("{text}");
+            return Ok(());
+        }
+        // Repaint in place: home, clear below.
+        print!("\x1b[H\x1b[J{text}");
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
+}
+
+/// `logs`: the worker's output.
+fn cmd_logs(cli: &Cli, id: &str, follow: &bool, run: &Option<i64>) -> anyhow::Result<()> {
+    let b = open(cli, OpenMode::Inspect)?;
+    logs(&b, id, *run, *follow)
+}
+
+/// `doctor`: one line per check; fails when one does.
+fn cmd_doctor(cli: &Cli) -> anyhow::Result<()> {
+    let cfg = Config::load(cli.config.as_deref());
+    let paths = Resolver::from_env(cli.db.clone(), cli.board.clone()).resolve()?;
+    let checks = runtime()?.block_on(crate::doctor::run(&paths, cfg));
+    if cli.json {
+        print_json(&checks)?;
+    } else {
+        print!("{}", render::doctor(&checks));
+    }
+    if checks.iter().any(|c| c.level == crate::doctor::Level::Fail) {
+        bail!("some checks failed; see the fix on each failing line");
+    }
+    Ok(())
+}
+
+/// `manpage`: hermes-mgr(1) from the CLI itself.
+fn cmd_manpage() -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+    Ok(())
+}
+
+/// `completions`: shell completions.
+fn cmd_completions(shell: &clap_complete::Shell) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    clap_complete::generate(
+        *shell,
+        &mut Cli::command(),
+        "hermes-mgr",
+        &mut std::io::stdout(),
+    );
+    Ok(())
+}
+
+/// `dispatch --once`: one pass, under the root-wide dispatcher lock.
+fn cmd_dispatch(cli: &Cli, max: &Option<usize>) -> anyhow::Result<()> {
+    let cfg = Config::load(cli.config.as_deref())?;
+    let b = open(cli, OpenMode::MustExist)?;
+    // One dispatcher per board: a running daemon (ours or Hermes' gateway) already is one.
+    let life = b.paths().dispatcher_lock();
+    if let Some(dir) = life.parent() {
+        b.make_dir(dir)?;
+    }
+    let _life = board::lock::FileLock::acquire_or_held(&life, b.owner())
+        .with_context(|| format!("open {}", life.display()))?
+        .with_context(|| format!("another dispatcher holds {} (hermes-dispatcher.service or a Hermes gateway); it dispatches already", life.display()))?;
+    let (report, _started) = runtime()?.block_on(async {
+        let sd = systemd().await?;
+        crate::dispatch::once(&b, &sd, &cfg, *max, None).await
+    })?;
+    if cli.json {
+        print_json(&report)?;
+    } else {
+        print!("{}", render::pass(&report));
+    }
+    if let Some(u) = report.unbooked.first() {
+        bail!(
+            "task {} run {} failed to start ({}) and the board would not record it ({}); run `hermes-mgr dispatch --once` again",
+            u.task_id, u.run_id, u.error, u.why
+        );
+    }
+    Ok(())
+}
+
+/// `stop`: end a task's worker, saying which signal it took.
+fn cmd_stop(
+    cli: &Cli,
+    id: &Option<String>,
+    all: &bool,
+    timeout: &Option<u64>,
+) -> anyhow::Result<()> {
+    let cfg = Config::load(cli.config.as_deref())?;
+    let b = open(cli, OpenMode::MustExist)?;
+    let ids: Vec<String> = match (id, all) {
+        (Some(id), _) => vec![id.clone()],
+        (None, true) => b.running_tasks()?.into_iter().map(|t| t.id).collect(),
+        (None, false) => bail!("name a task, or --all"),
+    };
+    let reports = runtime()?.block_on(async {
+        let sd = systemd().await?;
+        let mut out = Vec::new();
+        for id in &ids {
+            out.push(crate::dispatch::stop::stop(&b, &sd, &cfg, id, *timeout).await?);
+        }
+        anyhow::Ok(out)
+    })?;
+    if cli.json {
+        return match (id, reports.as_slice()) {
+            (Some(_), [one]) => print_json(one),
+            _ => print_json(&reports),
+        };
+    }
+    if reports.is_empty() {
+        println!("No running task.");
+    }
+    for r in &reports {
+        println!("{}", render::stopped(r));
+    }
+    Ok(())
+}
+
+/// `add`: create a task.
+fn cmd_add(cli: &Cli) -> anyhow::Result<()> {
+    let Command::Add {
+        title,
+        body,
+        assignee,
+        priority,
+        parents,
+        max_runtime,
+        max_retries,
+        created_by,
+        idempotency_key,
+    } = &cli.command
+    else {
+        bail!("not reached: add without its arguments");
+    };
+    let b = open(cli, OpenMode::CreateIfMissing)?;
+    let new = NewTask {
+        title: title.clone(),
+        body: body.clone(),
+        assignee: assignee.clone(),
+        priority: *priority,
+        parents: parents.clone(),
+        max_runtime_seconds: *max_runtime,
+        max_retries: *max_retries,
+        created_by: created_by.clone().or_else(|| std::env::var("USER").ok()),
+        tenant: None,
+        idempotency_key: idempotency_key.clone(),
+    };
+    let id = b.create(&new).context("cannot create the task")?;
+    let task = b.require_task(&id)?;
+    if cli.json {
+        print_json(&render::task_json(&task, &b.parents(&id)?))
+    } else {
+        println!("Created {id} ({})", task.status);
+        Ok(())
+    }
+}
+
+/// `list`: tasks, highest priority first.
+fn cmd_list(cli: &Cli, status: &Option<String>, assignee: &Option<String>) -> anyhow::Result<()> {
+    let b = open(cli, OpenMode::Inspect)?;
+    let tasks = b.list(status.as_deref(), assignee.as_deref())?;
+    if cli.json {
+        print_json(&tasks)
+    } else {
+        print!("{}", render::task_table(&tasks));
+        Ok(())
+    }
+}
+
+/// `show`: the task, its runs, its events and its output's tail.
+fn cmd_show(cli: &Cli, id: &str) -> anyhow::Result<()> {
+    let b = open(cli, OpenMode::Inspect)?;
+    let task = b.require_task(id)?;
+    let (parents, children, runs, events) =
+        (b.parents(id)?, b.children(id)?, b.runs(id)?, b.events(id)?);
+    if cli.json {
+        print_json(
+            &json!({"task": task, "parents": parents, "children": children, "runs": runs, "events": events}),
+        )
+    } else {
+        print!(
+            "{}",
+            render::show(&task, &parents, &children, &runs, &events, board::now())
+        );
+        // The tail of the current or latest run's output, from its scope's journal.
+        if let Some(run) = runs.last() {
+            let unit = crate::systemd::unit_name::worker_scope(id, run.id);
+            let journal = std::process::Command::new("journalctl")
+                .args(["--no-pager", "-o", "cat", "-n", "10", "-u", &unit])
+                .stderr(std::process::Stdio::null())
+                .output();
+            if let Ok(o) = journal {
+                let tail = String::from_utf8_lossy(&o.stdout);
+                if o.status.success() && !tail.trim().is_empty() {
+                    println!("\nOutput of run {} (journalctl -u {unit}):", run.id);
+                    for l in tail.lines() {
+                        println!("  {}", render::clean(l));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `block`.
+fn cmd_block(
+    cli: &Cli,
+    id: &str,
+    reason: &Option<String>,
+    kind: &Option<String>,
+) -> anyhow::Result<()> {
+    let b = open(cli, OpenMode::MustExist)?;
+    let to = b.block(id, reason.as_deref(), kind.as_deref(), None)?;
+    let Some(to) = to else {
+        return Err(refused(&b, id, "block", "running or ready"));
+    };
+    report(cli, id, &to, "Blocked")
+}
+
+/// `unblock`.
+fn cmd_unblock(cli: &Cli, id: &str) -> anyhow::Result<()> {
+    let b = open(cli, OpenMode::MustExist)?;
+    let Some(to) = b.unblock(id)? else {
+        return Err(refused(&b, id, "unblock", "blocked or scheduled"));
+    };
+    report(cli, id, &to, "Unblocked")
+}
+
+/// `requeue` (upstream's reclaim).
+fn cmd_requeue(cli: &Cli, id: &str, reason: &Option<String>) -> anyhow::Result<()> {
+    let b = open(cli, OpenMode::MustExist)?;
+    if !b.requeue(id, reason.as_deref())? {
+        return Err(refused(&b, id, "requeue", "running (claimed)"));
+    }
+    report(cli, id, "ready", "Requeued")
+}
+
+/// `complete`.
+fn cmd_complete(
+    cli: &Cli,
+    id: &str,
+    result: &Option<String>,
+    summary: &Option<String>,
+    metadata: &Option<String>,
+) -> anyhow::Result<()> {
+    let meta: Option<Value> = match metadata {
+        Some(m) => {
+            let v: Value = serde_json::from_str(m).context("--metadata is not valid JSON")?;
+            if !v.is_object() {
+                bail!("--metadata must be a JSON object, like '{{\"changed_files\": [\"a.rs\"]}}'");
+            }
+            Some(v)
+        }
+        None => None,
+    };
+    let b = open(cli, OpenMode::MustExist)?;
+    if !b.complete(
+        id,
+        result.as_deref(),
+        summary.as_deref(),
+        meta.as_ref(),
+        None,
+    )? {
+        return Err(refused(&b, id, "complete", "running, ready or blocked"));
+    }
+    report(cli, id, "done", "Completed")
 }
 
 fn report(cli: &Cli, id: &str, status: &str, verb: &str) -> anyhow::Result<()> {

@@ -123,6 +123,15 @@ pub async fn once(
         match spawn::start_worker(board, sd, cfg, &claim).await {
             Ok(s) => {
                 slots -= 1;
+                // The worker runs now: a board that is locked at this instant must not make
+                // us kill it. Both are informational for upstream (it records them at spawn).
+                if let Err(e) = board.set_workspace(&s.task, s.run_id, &s.workspace) {
+                    tracing::warn!(hermes_kanban_task = %s.task, hermes_kanban_run_id = s.run_id, "workspace not recorded: {e}");
+                }
+                if let Err(e) = board.set_worker_pid(&s.task, s.run_id, s.worker_pid as i64) {
+                    tracing::warn!(hermes_kanban_task = %s.task, hermes_kanban_run_id = s.run_id, unit = %s.unit,
+                                   "worker started but its pid could not be recorded: {e}");
+                }
                 report.spawned.push(SpawnedWorker {
                     task_id: s.task.clone(),
                     run_id: s.run_id,

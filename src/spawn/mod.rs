@@ -438,10 +438,6 @@ pub async fn start_worker(
     let unit = unit_name::worker_scope(&task.id, claim.run_id);
     // Everything prepare checks is the task's or its configuration's.
     let spec = prepare(board, cfg, claim, &unit).map_err(SpawnError::task)?;
-    // Informational (upstream records it at spawn); a locked board must not fail the spawn.
-    if let Err(e) = board.set_workspace(&task.id, claim.run_id, &spec.cwd) {
-        tracing::warn!(hermes_kanban_task = %task.id, hermes_kanban_run_id = claim.run_id, "workspace not recorded: {e}");
-    }
     let runs_dir = cfg.state_dir.join("runs");
     std::fs::create_dir_all(&runs_dir)
         .map_err(|e| SpawnError::infra(format!("create {}: {e}", runs_dir.display())))?;
@@ -512,22 +508,14 @@ pub async fn start_worker(
         Err(_) => Err(format!("no word from the supervisor within {timeout:?}")),
     };
     match report {
-        Ok(Report::Started { pid: worker_pid }) => {
-            // The worker runs now: a board that is locked at this instant must not make us
-            // kill it. The PID is informational for upstream; the `spawned` event is lost.
-            if let Err(e) = board.set_worker_pid(&task.id, claim.run_id, worker_pid as i64) {
-                tracing::warn!(hermes_kanban_task = %task.id, hermes_kanban_run_id = claim.run_id, unit = %unit,
-                               "worker started but its pid could not be recorded: {e}");
-            }
-            Ok(Started {
-                task: task.id.clone(),
-                run_id: claim.run_id,
-                unit,
-                worker_pid,
-                workspace: spec.cwd,
-                supervisor: child,
-            })
-        }
+        Ok(Report::Started { pid: worker_pid }) => Ok(Started {
+            task: task.id.clone(),
+            run_id: claim.run_id,
+            unit,
+            worker_pid,
+            workspace: spec.cwd,
+            supervisor: child,
+        }),
         Ok(Report::Failed { reason, fault }) => {
             abort(sd, &unit, &mut child, true).await;
             Err(SpawnError { reason, fault })

@@ -173,3 +173,34 @@ systemd_test!(a_worker_whose_run_was_superseded_is_stopped_at_once, {
     );
     worker_pid(&d, &other, o2);
 });
+
+systemd_test!(the_dispatchers_own_failure_is_never_charged_to_the_task, {
+    // The run's TMPDIR cannot be made (tmp_root is missing): the dispatcher's side failed,
+    // not the task. The old dispatcher counted it, and the task was blocked `gave_up` after
+    // two passes: work a user had to unblock by hand, lost to a fault of ours.
+    let rig = crate::rig::Rig::new(
+        "#!/bin/sh\nexit 0\n",
+        "tmp_root = \"/nonexistent/hermes-tmp\"",
+    );
+    let id = rig.add("innocent bystander");
+    for pass in 0..3 {
+        let out = rig.dispatch();
+        let f = &out["spawn_failed"][0];
+        assert_eq!(f["task_id"], serde_json::json!(id), "pass {pass}: {out}");
+        assert_eq!(f["infrastructure"], serde_json::json!(true), "{out}");
+        assert!(
+            f["error"]
+                .as_str()
+                .unwrap()
+                .contains("create TMPDIR in /nonexistent/hermes-tmp"),
+            "{out}"
+        );
+    }
+    let t = rig.board().require_task(&id).unwrap();
+    assert_eq!((t.status.as_str(), t.consecutive_failures), ("ready", 0));
+    let runs = rig.board().runs(&id).unwrap();
+    assert_eq!(runs.len(), 3);
+    assert!(runs
+        .iter()
+        .all(|r| r.outcome.as_deref() == Some("spawn_failed")));
+});

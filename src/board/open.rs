@@ -1,0 +1,349 @@
+//! Opening a board as upstream's `connect()` does, as its owner (`safe_fs`): header
+//! check, integrity check, WAL, pragmas, schema; and the other files beside it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+
+use super::*;
+
+pub(super) fn busy_timeout() -> Duration {
+    let ms = std::env::var("HERMES_KANBAN_BUSY_TIMEOUT_MS")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|v| *v > 0)
+        .unwrap_or(DEFAULT_BUSY_TIMEOUT_MS);
+    Duration::from_millis(ms)
+}
+
+/// Refuse a file that is not SQLite before SQLite (or our pragmas) can touch it.
+pub(super) fn check_header(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut f = match safe_fs::open_regular(path, safe_fs::Access::Read) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(BoardError::Io {
+                path: path.into(),
+                op: "open",
+                source,
+            })
+        }
+    };
+    let mut head = Vec::with_capacity(16);
+    f.by_ref()
+        .take(16)
+        .read_to_end(&mut head)
+        .map_err(|source| BoardError::Io {
+            path: path.into(),
+            op: "read header",
+            source,
+        })?;
+    // An empty file is an empty database to SQLite, and to upstream.
+    if head.is_empty() || head == b"SQLite format 3\0" {
+        return Ok(());
+    }
+    Err(BoardError::NotSqlite {
+        path: path.into(),
+        header: String::from_utf8_lossy(&head).into_owned(),
+    })
+}
+
+pub(super) fn classify(path: &Path, op: &'static str, e: rusqlite::Error) -> BoardError {
+    use rusqlite::ErrorCode::*;
+    if let rusqlite::Error::SqliteFailure(f, msg) = &e {
+        let detail = msg.clone().unwrap_or_else(|| f.to_string());
+        match f.code {
+            DatabaseCorrupt | NotADatabase => {
+                return BoardError::Corrupt {
+                    path: path.into(),
+                    detail,
+                }
+            }
+            DatabaseBusy | DatabaseLocked => {
+                return BoardError::Locked {
+                    path: path.into(),
+                    detail,
+                }
+            }
+            _ => {}
+        }
+    }
+    BoardError::Sqlite {
+        path: path.into(),
+        op,
+        source: e,
+    }
+}
+
+/// The SQLite file to open: the trusted directory resolved once (it is the
+/// administrator's), the rest of the path as given, so that `SQLITE_OPEN_NOFOLLOW` refuses
+/// a symlink inside the owner's tree but not one above it (`/home` → `/srv/home`).
+pub(super) fn sqlite_path(paths: &BoardPaths) -> PathBuf {
+    match (
+        paths.db.strip_prefix(&paths.owner_dir),
+        std::fs::canonicalize(&paths.owner_dir),
+    ) {
+        (Ok(rest), Ok(dir)) => dir.join(rest),
+        _ => paths.db.clone(),
+    }
+}
+
+/// `Board::open`'s file work, run as the board's owner.
+pub(super) fn open_conn(
+    paths: &BoardPaths,
+    mode: OpenMode,
+    owner: &Owner,
+    busy: Duration,
+) -> Result<Connection> {
+    let db = &paths.db;
+    let exists = match std::fs::symlink_metadata(db) {
+        Ok(m) if m.is_file() => true,
+        Ok(_) => {
+            return Err(BoardError::Invalid(format!(
+                "{}: not a regular file (a symlink, directory or device); hermes-mgr opens a board only as a plain file, and left it untouched",
+                db.display()
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(source) => {
+            return Err(BoardError::Io {
+                path: db.clone(),
+                op: "stat",
+                source,
+            })
+        }
+    };
+    if !exists && mode != OpenMode::CreateIfMissing {
+        return Err(BoardError::Missing { path: db.clone() });
+    }
+    if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| BoardError::Io {
+            path: dir.into(),
+            op: "create board directory",
+            source,
+        })?;
+    }
+    check_header(db)?;
+    let init_lock =
+        lock::FileLock::acquire(&paths.sibling("init.lock"), owner, Duration::from_secs(10))
+            .map_err(|source| BoardError::Io {
+                path: paths.sibling("init.lock"),
+                op: "take init lock",
+                source,
+            })?;
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | OpenFlags::SQLITE_OPEN_NOFOLLOW;
+    let conn = Connection::open_with_flags(sqlite_path(paths), flags)
+        .map_err(|e| classify(db, "open", e))?;
+    conn.busy_timeout(busy)
+        .map_err(|e| classify(db, "busy_timeout", e))?;
+    if exists && mode != OpenMode::Inspect {
+        let verdict: String = conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .map_err(|e| classify(db, "integrity_check", e))?;
+        if verdict != "ok" {
+            return Err(BoardError::Corrupt {
+                path: db.clone(),
+                detail: verdict,
+            });
+        }
+    }
+    // The first read opens `-wal` and `-shm`: here, as the owner, not later as root.
+    let journal: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .map_err(|e| classify(db, "journal_mode", e))?;
+    if !journal.eq_ignore_ascii_case("wal") && mode != OpenMode::Inspect {
+        conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get::<_, String>(0))
+            .map_err(|e| classify(db, "journal_mode=WAL", e))?;
+    }
+    set_chunk_size(&conn, CHUNK_BYTES).map_err(|e| classify(db, "chunk size", e))?;
+    conn.execute_batch(
+        "PRAGMA synchronous=FULL; PRAGMA wal_autocheckpoint=100; PRAGMA foreign_keys=ON;
+         PRAGMA secure_delete=ON; PRAGMA cell_size_check=ON;",
+    )
+    .map_err(|e| classify(db, "pragmas", e))?;
+    let has_tasks: bool = conn
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='tasks'",
+            [],
+            |_| Ok(true),
+        )
+        .optional()
+        .map_err(|e| classify(db, "read schema", e))?
+        .unwrap_or(false);
+    if !has_tasks && mode != OpenMode::Inspect {
+        conn.execute_batch(schema::DDL)
+            .map_err(|e| classify(db, "create schema", e))?;
+    }
+    drop(init_lock);
+    Ok(conn)
+}
+
+impl Board {
+    /// Open the board at `paths.db` the way upstream's `connect()` does: header check and
+    /// `PRAGMA integrity_check` before anything is written, then WAL (only if the file is not
+    /// WAL already — re-issuing it was upstream's corruption bug #31158), `synchronous=FULL`,
+    /// and the schema under upstream's cross-process `kanban.db.init.lock`.
+    ///
+    /// Everything here runs as the board's owner (`safe_fs::as_user`): the board's tree is
+    /// theirs and their workers', so root neither follows a link planted there nor creates
+    /// a file in it; what is created (the board, `-wal`, `-shm`, lock files) is theirs. The
+    /// file must be a regular file reached without a symlink below the trusted directory
+    /// (`SQLITE_OPEN_NOFOLLOW`), so a linked `kanban.db` cannot make root write another
+    /// database.
+    pub fn open(paths: &BoardPaths, mode: OpenMode) -> Result<Board> {
+        Board::open_waiting(paths, mode, busy_timeout())
+    }
+
+    /// `open`, waiting at most `busy` for a writer's lock (upstream's 120 s, or
+    /// `$HERMES_KANBAN_BUSY_TIMEOUT_MS`, is for people; the daemon must answer its watchdog).
+    pub fn open_waiting(paths: &BoardPaths, mode: OpenMode, busy: Duration) -> Result<Board> {
+        let owner = Owner::of_tree(&paths.owner_dir).map_err(|source| BoardError::Io {
+            path: paths.owner_dir.clone(),
+            op: "stat",
+            source,
+        })?;
+        let conn = safe_fs::as_user(&owner, || open_conn(paths, mode, &owner, busy)).map_err(
+            |source| BoardError::Io {
+                path: paths.db.clone(),
+                op: "open as the board's owner",
+                source,
+            },
+        )??;
+        let mut board = Board {
+            conn,
+            paths: paths.clone(),
+            owner,
+            hot: String::new(),
+        };
+        board.check_columns()?;
+        board.hot = hot_projection(&board.columns("tasks")?);
+        Ok(board)
+    }
+
+    /// How long a write waits for another writer's lock before `BoardError::Locked`. The
+    /// CLI waits upstream's 120 s; the daemon waits briefly and retries from its loop, so
+    /// that a locked board never stalls its watchdog.
+    pub fn set_busy_timeout(&self, t: Duration) -> Result<()> {
+        self.conn
+            .busy_timeout(t)
+            .map_err(|e| self.err("busy_timeout", e))
+    }
+
+    /// `PRAGMA data_version`: changes when *another* connection commits to the file, so
+    /// our own writes never look like someone else's.
+    pub fn data_version(&self) -> Result<i64> {
+        self.conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))
+            .map_err(|e| self.err("data_version", e))
+    }
+
+    pub(super) fn check_columns(&self) -> Result<()> {
+        let cols = self.columns("tasks")?;
+        let missing: Vec<&str> = schema::REQUIRED_TASK_COLUMNS
+            .iter()
+            .copied()
+            .filter(|c| !cols.iter().any(|x| x == c))
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(BoardError::OldSchema {
+                path: self.paths.db.clone(),
+                missing: missing.join(", "),
+            })
+        }
+    }
+
+    /// The columns a table has now (upstream may have added some since 0.19.0).
+    pub fn columns(&self, table: &str) -> Result<Vec<String>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT name FROM pragma_table_info(?1)")
+            .map_err(|e| self.err("table_info", e))?;
+        let cols = st
+            .query_map([table], |r| r.get::<_, String>(0))
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(|e| self.err("table_info", e))?;
+        Ok(cols)
+    }
+
+    /// `PRAGMA integrity_check`, for tests and `doctor`.
+    pub fn integrity_check(&self) -> Result<String> {
+        self.conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .map_err(|e| self.err("integrity_check", e))
+    }
+
+    /// Create a directory beside the board (workspaces, logs) owned by the board's owner.
+    pub fn make_dir(&self, dir: &Path) -> Result<()> {
+        safe_fs::as_user(&self.owner, || std::fs::create_dir_all(dir))
+            .and_then(|r| r)
+            .map_err(|source| BoardError::Io {
+                path: dir.into(),
+                op: "create directory",
+                source,
+            })
+    }
+
+    /// Whether a dispatcher holds this board's root-wide `.dispatcher.lock`.
+    pub fn dispatcher_lock_held(&self) -> bool {
+        lock::held(&self.paths.dispatcher_lock(), &self.owner)
+    }
+}
+
+/// Longest text or blob the dispatch path reads from any one column of a task.
+pub(super) const HOT_COLUMN_MAX: usize = 64 * 1024;
+
+/// The select list the dispatcher reads tasks with: every column the board has, except the
+/// ones it never needs (`body`, `result`), each text or blob cut at `HOT_COLUMN_MAX`. Any
+/// column is writable by anyone who may write the board: three 64 MiB bodies must not cost
+/// the daemon 500 MB after every pass. Names are quoted (a column name is data too).
+pub(super) fn hot_projection(columns: &[String]) -> String {
+    columns
+        .iter()
+        .filter(|c| !matches!(c.as_str(), "body" | "result"))
+        .map(|c| {
+            let q = format!("\"{}\"", c.replace('"', "\"\""));
+            format!(
+                "CASE WHEN typeof({q}) IN ('text','blob') THEN substr({q},1,{HOT_COLUMN_MAX}) ELSE {q} END AS {q}"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Grow the database file in steps of this many bytes, before pages are written to it.
+pub(super) const CHUNK_BYTES: i32 = 64 * 1024;
+
+/// `SQLITE_FCNTL_CHUNK_SIZE`: with a chunk size set, SQLite extends the file *before* a
+/// checkpoint copies pages into it. Without one it writes page 1 (whose header carries the
+/// new page count) first and grows the file page by page after, and every hermes-agent
+/// 0.19.0 write that commits in that window fails its "torn-extend" check (header page
+/// count > file size, `_check_file_length_invariant`). Our checkpoints must never make
+/// Hermes workers crash, so the file is always at least as long as its header says.
+pub(super) fn set_chunk_size(conn: &Connection, bytes: i32) -> rusqlite::Result<()> {
+    let mut size: std::os::raw::c_int = bytes;
+    // SAFETY: `handle()` is the live connection owned by `conn`; the file control reads
+    // one int from a pointer that outlives the call and keeps no reference to it.
+    let rc = unsafe {
+        rusqlite::ffi::sqlite3_file_control(
+            conn.handle(),
+            c"main".as_ptr(),
+            rusqlite::ffi::SQLITE_FCNTL_CHUNK_SIZE,
+            (&mut size as *mut std::os::raw::c_int).cast(),
+        )
+    };
+    if rc == rusqlite::ffi::SQLITE_OK {
+        Ok(())
+    } else {
+        Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rc),
+            Some("SQLITE_FCNTL_CHUNK_SIZE".into()),
+        ))
+    }
+}

@@ -1,0 +1,132 @@
+//! Row helpers the verbs share: events, closing and synthesising runs, the protocol-
+//! violation streak. SQL only, no policy.
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::{Map, Value};
+
+use super::*;
+
+pub(super) fn payload_text(v: &Value) -> Option<String> {
+    // Upstream stores NULL for an empty payload (`json.dumps(payload) if payload else None`).
+    match v {
+        Value::Null => None,
+        Value::Object(m) if m.is_empty() => None,
+        other => Some(other.to_string()),
+    }
+}
+
+pub(super) fn merge(into: &mut Value, from: &Value) {
+    if let (Value::Object(a), Value::Object(b)) = (into, from) {
+        for (k, v) in b {
+            a.insert(k.clone(), v.clone());
+        }
+    }
+}
+
+pub(super) fn append_event(
+    c: &Connection,
+    task: &str,
+    kind: &str,
+    payload: &Value,
+    run_id: Option<i64>,
+) -> rusqlite::Result<()> {
+    c.execute(
+        "INSERT INTO task_events (task_id, run_id, kind, payload, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![task, run_id, kind, payload_text(payload), now()],
+    )?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn close_run(
+    c: &Connection,
+    run_id: i64,
+    status: &str,
+    outcome: &str,
+    summary: Option<&str>,
+    error: Option<&str>,
+    metadata: Option<&Value>,
+    now: i64,
+) -> rusqlite::Result<()> {
+    c.execute(
+        "UPDATE task_runs SET status=?1, outcome=?2, summary=?3, error=?4, metadata=?5, ended_at=?6,
+            claim_lock=NULL, claim_expires=NULL, worker_pid=NULL
+         WHERE id=?7 AND ended_at IS NULL",
+        params![status, outcome, summary, error, metadata.and_then(payload_text), now, run_id],
+    )?;
+    Ok(())
+}
+
+/// `_end_run`: close the task's current run and clear the pointer; `None` if there was none.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn close_current_run(
+    c: &Connection,
+    task: &str,
+    status: &str,
+    outcome: &str,
+    summary: Option<&str>,
+    error: Option<&str>,
+    metadata: Option<&Value>,
+    now: i64,
+) -> rusqlite::Result<Option<i64>> {
+    let run: Option<i64> = c
+        .query_row(
+            "SELECT current_run_id FROM tasks WHERE id=?1",
+            [task],
+            |r| r.get(0),
+        )
+        .optional()?
+        .flatten();
+    let Some(run) = run else { return Ok(None) };
+    close_run(c, run, status, outcome, summary, error, metadata, now)?;
+    c.execute("UPDATE tasks SET current_run_id=NULL WHERE id=?1", [task])?;
+    Ok(Some(run))
+}
+
+/// `_synthesize_ended_run`: a zero-length, already-closed run for a verdict on a task that
+/// was never claimed, so the summary is not lost.
+pub(super) fn synthesize_run(
+    c: &Connection,
+    task: &str,
+    outcome: &str,
+    summary: Option<&str>,
+    error: Option<&str>,
+    metadata: Option<&Value>,
+    now: i64,
+) -> rusqlite::Result<i64> {
+    c.execute(
+        "INSERT INTO task_runs (task_id, profile, step_key, status, outcome, summary, error, metadata, started_at, ended_at)
+         SELECT id, assignee, current_step_key, ?2, ?2, ?3, ?4, ?5, ?6, ?6 FROM tasks WHERE id=?1",
+        params![task, outcome, summary, error, metadata.and_then(payload_text), now],
+    )?;
+    Ok(c.last_insert_rowid())
+}
+
+/// The task's trailing run of clean-exit protocol violations (rate-limited runs are neutral).
+pub(super) fn protocol_violation_streak(c: &Connection, task: &str) -> rusqlite::Result<i64> {
+    let mut st = c.prepare(
+        "SELECT outcome, metadata FROM task_runs WHERE task_id=?1 AND ended_at IS NOT NULL ORDER BY id DESC LIMIT 50",
+    )?;
+    let rows: Vec<(Option<String>, Option<String>)> = st
+        .query_map([task], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut streak = 0;
+    for (outcome, meta) in rows {
+        match outcome.as_deref() {
+            Some("rate_limited") => continue,
+            Some("crashed") => {
+                let v: Option<Map<String, Value>> =
+                    meta.and_then(|m| serde_json::from_str(&m).ok());
+                if v.and_then(|m| m.get("protocol_violation").and_then(Value::as_bool))
+                    .unwrap_or(false)
+                {
+                    streak += 1;
+                    continue;
+                }
+                break;
+            }
+            _ => break,
+        }
+    }
+    Ok(streak)
+}

@@ -1,0 +1,233 @@
+//! A run's life on the board: claimed, kept alive, told its worker's pid and workspace,
+//! stopped by an operator, ended with the booking `outcome::booking` made.
+
+use std::path::Path;
+
+use rusqlite::{params, OptionalExtension};
+use serde_json::json;
+
+use super::rows::*;
+use super::*;
+
+impl Board {
+    /// `claim_task`: `ready → running` with `claim_lock = lock`, a `running` run row,
+    /// `current_run_id` and a `claimed` event. `None` when someone else got there first or
+    /// the task is not ready; a task whose parents reopened is demoted to `todo`.
+    pub fn claim(&self, id: &str, lock: &str, ttl: i64) -> Result<Option<Claim>> {
+        let now = now();
+        let expires = now + ttl;
+        self.write("claim", |c| {
+            let open_parent: bool = c
+                .query_row(
+                    "SELECT 1 FROM task_links l JOIN tasks p ON p.id = l.parent_id
+                     WHERE l.child_id = ?1 AND p.status NOT IN ('done','archived') LIMIT 1",
+                    [id],
+                    |_| Ok(true),
+                )
+                .optional()
+                .map_err(|e| self.err("claim", e))?
+                .unwrap_or(false);
+            if open_parent {
+                let n = c
+                    .execute("UPDATE tasks SET status='todo' WHERE id=?1 AND status='ready'", [id])
+                    .map_err(|e| self.err("claim", e))?;
+                if n == 1 {
+                    append_event(c, id, "claim_rejected", &json!({"reason": "parents_not_done"}), None)
+                        .map_err(|e| self.err("append event", e))?;
+                }
+                return Ok(None);
+            }
+            // A dangling run pointer on a ready task is closed before the new run opens.
+            let stale: Option<i64> = c
+                .query_row("SELECT current_run_id FROM tasks WHERE id=?1 AND status='ready'", [id], |r| r.get(0))
+                .optional()
+                .map_err(|e| self.err("claim", e))?
+                .flatten();
+            if let Some(run) = stale {
+                c.execute(
+                    "UPDATE task_runs SET status='reclaimed', outcome='reclaimed',
+                        summary=COALESCE(summary,'invariant recovery on re-claim'), ended_at=?1,
+                        claim_lock=NULL, claim_expires=NULL, worker_pid=NULL
+                     WHERE id=?2 AND ended_at IS NULL",
+                    params![now, run],
+                )
+                .map_err(|e| self.err("claim", e))?;
+            }
+            let n = c
+                .execute(
+                    "UPDATE tasks SET status='running', claim_lock=?1, claim_expires=?2,
+                        started_at=COALESCE(started_at, ?3)
+                     WHERE id=?4 AND status='ready' AND claim_lock IS NULL",
+                    params![lock, expires, now, id],
+                )
+                .map_err(|e| self.err("claim", e))?;
+            if n != 1 {
+                return Ok(None);
+            }
+            c.execute(
+                "INSERT INTO task_runs (task_id, profile, step_key, status, claim_lock, claim_expires,
+                    max_runtime_seconds, started_at)
+                 SELECT id, assignee, current_step_key, 'running', ?2, ?3, max_runtime_seconds, ?4
+                 FROM tasks WHERE id=?1",
+                params![id, lock, expires, now],
+            )
+            .map_err(|e| self.err("open run", e))?;
+            let run_id = c.last_insert_rowid();
+            c.execute("UPDATE tasks SET current_run_id=?1 WHERE id=?2", params![run_id, id])
+                .map_err(|e| self.err("claim", e))?;
+            append_event(c, id, "claimed", &json!({"lock": lock, "expires": expires, "run_id": run_id}), Some(run_id))
+                .map_err(|e| self.err("append event", e))?;
+            let task = c.query_row("SELECT * FROM tasks WHERE id=?1", [id], Task::from_row).map_err(|e| self.err("claim", e))?;
+            Ok(Some(Claim { task, run_id, lock: lock.to_string(), expires }))
+        })
+    }
+
+    /// `heartbeat_claim`: push `claim_expires` out by `ttl` while `lock` still owns the task,
+    /// so upstream's stale-claim sweep never reclaims a live worker. `false` = not ours any more.
+    pub fn extend_claim(&self, id: &str, lock: &str, ttl: i64) -> Result<bool> {
+        let expires = now() + ttl;
+        self.write("extend claim", |c| {
+            let n = c
+                .execute(
+                    "UPDATE tasks SET claim_expires=?1 WHERE id=?2 AND status='running' AND claim_lock=?3",
+                    params![expires, id, lock],
+                )
+                .map_err(|e| self.err("extend claim", e))?;
+            if n == 1 {
+                c.execute(
+                    "UPDATE task_runs SET claim_expires=?1
+                     WHERE id=(SELECT current_run_id FROM tasks WHERE id=?2)",
+                    params![expires, id],
+                )
+                .map_err(|e| self.err("extend claim", e))?;
+            }
+            Ok(n == 1)
+        })
+    }
+
+    /// Record the worker's PID on task and run, with upstream's `spawned {pid}` event.
+    /// Guarded by the run id so a late write cannot land on a newer run.
+    pub fn set_worker_pid(&self, id: &str, run_id: i64, pid: i64) -> Result<bool> {
+        self.write("set worker pid", |c| {
+            let n = c
+                .execute(
+                    "UPDATE tasks SET worker_pid=?1 WHERE id=?2 AND current_run_id=?3 AND status='running'",
+                    params![pid, id, run_id],
+                )
+                .map_err(|e| self.err("set worker pid", e))?;
+            if n == 1 {
+                c.execute("UPDATE task_runs SET worker_pid=?1 WHERE id=?2", params![pid, run_id])
+                    .map_err(|e| self.err("set worker pid", e))?;
+                append_event(c, id, "spawned", &json!({"pid": pid}), Some(run_id)).map_err(|e| self.err("append event", e))?;
+            }
+            Ok(n == 1)
+        })
+    }
+
+    /// Persist the workspace a run uses, as upstream's `resolve_workspace` does at spawn.
+    pub fn set_workspace(&self, id: &str, run_id: i64, path: &Path) -> Result<bool> {
+        let p = path.to_string_lossy();
+        self.write("set workspace", |c| {
+            let n = c
+                .execute(
+                    "UPDATE tasks SET workspace_path=?1 WHERE id=?2 AND current_run_id=?3 AND status='running'",
+                    params![p, id, run_id],
+                )
+                .map_err(|e| self.err("set workspace", e))?;
+            Ok(n == 1)
+        })
+    }
+
+    /// An operator stops run `run_id`: `running → blocked` (sticky, like an explicit block:
+    /// the task does not start again until unblocked), the run closed `stopped`. Done before
+    /// the worker is signalled, so nothing — not a dispatcher seeing the worker exit — can
+    /// requeue the task in between. `false` when the task is not running on that run.
+    pub fn stop_run(&self, id: &str, run_id: i64, reason: &str) -> Result<bool> {
+        let now = now();
+        self.write("stop run", |c| {
+            let n = c
+                .execute(
+                    "UPDATE tasks SET status='blocked', claim_lock=NULL, claim_expires=NULL, worker_pid=NULL,
+                        current_run_id=NULL, block_kind=NULL
+                     WHERE id=?1 AND status='running' AND current_run_id=?2",
+                    params![id, run_id],
+                )
+                .map_err(|e| self.err("stop run", e))?;
+            if n != 1 {
+                return Ok(false);
+            }
+            close_run(c, run_id, "stopped", "stopped", None, Some(reason), None, now).map_err(|e| self.err("close run", e))?;
+            let payload = json!({"reason": reason, "kind": null, "stopped_by_operator": true});
+            append_event(c, id, "blocked", &payload, Some(run_id)).map_err(|e| self.err("append event", e))?;
+            Ok(true)
+        })
+    }
+
+    /// Replace a closed run's error text (the stop's final word on how the worker ended).
+    pub fn annotate_run(&self, run_id: i64, error: &str) -> Result<()> {
+        self.write("annotate run", |c| {
+            c.execute(
+                "UPDATE task_runs SET error=?1 WHERE id=?2",
+                params![error, run_id],
+            )
+            .map_err(|e| self.err("annotate run", e))?;
+            Ok(())
+        })
+    }
+
+    /// Close run `run_id` of a `running` task that its worker did not end itself: read the
+    /// task's counters and apply `outcome::booking` (the policy lives there) in one
+    /// transaction. Nothing happens — `Ok(None)` — unless the task is still `running` on
+    /// that very run, so a late or duplicate report is harmless.
+    pub fn end_run(
+        &self,
+        id: &str,
+        run_id: i64,
+        end: &RunEnd,
+        failure_limit: i64,
+    ) -> Result<Option<EndResult>> {
+        let now = now();
+        self.write("end run", |c| {
+            let row: Option<(i64, Option<i64>, Option<String>)> = c
+                .query_row(
+                    "SELECT consecutive_failures, max_retries, claim_lock FROM tasks
+                     WHERE id=?1 AND status='running' AND current_run_id=?2",
+                    params![id, run_id],
+                    |r| Ok((r.get::<_, Option<i64>>(0)?.unwrap_or(0), r.get(1)?, r.get(2)?)),
+                )
+                .optional()
+                .map_err(|e| self.err("end run", e))?;
+            let Some((failures, max_retries, claimer)) = row else { return Ok(None) };
+            let violation_streak = if matches!(end, RunEnd::ProtocolViolation { .. }) {
+                protocol_violation_streak(c, id).map_err(|e| self.err("end run", e))?
+            } else {
+                0
+            };
+            let counters = outcome::Counters { failures, max_retries, violation_streak, claimer };
+            let b = outcome::booking(end, &counters, failure_limit);
+            c.execute(
+                "UPDATE tasks SET status=?3, claim_lock=NULL, claim_expires=NULL, worker_pid=NULL, current_run_id=NULL
+                 WHERE id=?1 AND status='running' AND current_run_id=?2",
+                params![id, run_id, b.status()],
+            )
+            .map_err(|e| self.err("end run", e))?;
+            close_run(c, run_id, b.run_outcome, b.run_outcome, None, Some(&b.error), Some(&b.run_metadata), now)
+                .map_err(|e| self.err("close run", e))?;
+            if b.stamp_error {
+                c.execute(
+                    "UPDATE tasks SET consecutive_failures=?1, last_failure_error=?2 WHERE id=?3",
+                    params![b.failures, b.error, id],
+                )
+                .map_err(|e| self.err("end run", e))?;
+            }
+            if let Some((kind, payload)) = &b.event {
+                append_event(c, id, kind, payload, Some(run_id)).map_err(|e| self.err("append event", e))?;
+            }
+            if let Some(payload) = &b.gave_up {
+                append_event(c, id, "gave_up", payload, b.gave_up_on_run.then_some(run_id))
+                    .map_err(|e| self.err("append event", e))?;
+            }
+            Ok(Some(EndResult { run_id: Some(run_id), status: b.status().to_string(), failures: b.failures, gave_up: b.gave_up.is_some() }))
+        })
+    }
+}

@@ -1,0 +1,383 @@
+//! Task verbs, as upstream's `kanban_db` performs them: create, complete, block,
+//! unblock, requeue, and parent gating (`recompute_ready`).
+
+use rusqlite::{params, OptionalExtension};
+use serde_json::{json, Value};
+
+use super::rows::*;
+use super::*;
+
+/// `t_` + 8 hex digits from the kernel's CSPRNG, as upstream's `secrets.token_hex(4)`.
+pub(super) fn new_task_id() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut b = [0u8; 4];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(format!(
+        "t_{:02x}{:02x}{:02x}{:02x}",
+        b[0], b[1], b[2], b[3]
+    ))
+}
+
+impl Board {
+    /// `create_task`: a new id, `ready` when every parent is done, else `todo`, and a
+    /// `created` event. Unknown parents are refused. An `idempotency_key` that a live task
+    /// already carries returns that task's id instead.
+    pub fn create(&self, t: &NewTask) -> Result<String> {
+        let title = t.title.trim();
+        if title.is_empty() {
+            return Err(BoardError::Invalid("a task needs a non-empty title".into()));
+        }
+        let assignee = t
+            .assignee
+            .as_deref()
+            .map(|a| a.trim().to_lowercase())
+            .filter(|a| !a.is_empty());
+        if let Some(r) = t.max_retries {
+            if r < 1 {
+                return Err(BoardError::Invalid(format!(
+                    "--max-retries must be at least 1, got {r}"
+                )));
+            }
+        }
+        if let Some(r) = t.max_runtime_seconds {
+            if r < 1 {
+                return Err(BoardError::Invalid(format!(
+                    "--max-runtime must be at least 1 second, got {r}"
+                )));
+            }
+        }
+        let mut parents: Vec<&str> = Vec::new();
+        for p in t.parents.iter().map(|p| p.trim()).filter(|p| !p.is_empty()) {
+            if !parents.contains(&p) {
+                parents.push(p);
+            }
+        }
+        if let Some(key) = &t.idempotency_key {
+            let existing: Option<String> = self
+                .conn
+                .query_row(
+                    "SELECT id FROM tasks WHERE idempotency_key = ?1 AND status != 'archived'
+                     ORDER BY created_at DESC LIMIT 1",
+                    [key],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(|e| self.err("idempotency lookup", e))?;
+            if let Some(id) = existing {
+                return Ok(id);
+            }
+        }
+        // Two attempts, as upstream: a fresh id colliding twice means something else is wrong.
+        for attempt in 0..2 {
+            let id = new_task_id().map_err(|source| BoardError::Io {
+                path: "/dev/urandom".into(),
+                op: "read",
+                source,
+            })?;
+            let res = self.write("create task", |c| {
+                let mut status = "ready";
+                for p in &parents {
+                    let st: Option<String> = c
+                        .query_row("SELECT status FROM tasks WHERE id = ?1", [p], |r| r.get(0))
+                        .optional()
+                        .map_err(|e| self.err("read parent", e))?;
+                    match st.as_deref() {
+                        None => return Err(BoardError::Invalid(format!("unknown parent task {p:?}"))),
+                        Some("done") => {}
+                        Some(_) => status = "todo",
+                    }
+                }
+                c.execute(
+                    "INSERT INTO tasks (id, title, body, assignee, status, priority, created_by, created_at,
+                        workspace_kind, tenant, idempotency_key, max_runtime_seconds, max_retries, goal_mode)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'scratch', ?9, ?10, ?11, ?12, 0)",
+                    params![
+                        id, title, t.body, assignee, status, t.priority, t.created_by, now(), t.tenant,
+                        t.idempotency_key, t.max_runtime_seconds, t.max_retries
+                    ],
+                )
+                .map_err(|e| self.err("insert task", e))?;
+                for p in &parents {
+                    c.execute("INSERT OR IGNORE INTO task_links (parent_id, child_id) VALUES (?1, ?2)", params![p, id])
+                        .map_err(|e| self.err("link parent", e))?;
+                }
+                let payload = json!({
+                    "assignee": assignee, "status": status, "parents": parents, "tenant": t.tenant,
+                    "branch_name": null, "skills": null, "goal_mode": null,
+                });
+                append_event(c, &id, "created", &payload, None).map_err(|e| self.err("append event", e))?;
+                Ok(id.clone())
+            });
+            match res {
+                Err(BoardError::Sqlite {
+                    source: rusqlite::Error::SqliteFailure(f, _),
+                    ..
+                }) if f.code == rusqlite::ErrorCode::ConstraintViolation && attempt == 0 => {
+                    continue
+                }
+                other => return other,
+            }
+        }
+        Err(BoardError::Invalid(
+            "could not allocate a unique task id".into(),
+        ))
+    }
+
+    /// `complete_task`: `running|ready|blocked → done`, the open run closed `completed` (or a
+    /// zero-length run synthesized when there was none and there is something to record), a
+    /// `completed` event, the failure counter reset, and children promoted. With
+    /// `expected_run` the write only lands while that run is still the current one.
+    pub fn complete(
+        &self,
+        id: &str,
+        result: Option<&str>,
+        summary: Option<&str>,
+        metadata: Option<&Value>,
+        expected_run: Option<i64>,
+    ) -> Result<bool> {
+        let now = now();
+        let summary = summary.or(result);
+        let done = self.write("complete", |c| {
+            let n = c
+                .execute(
+                    "UPDATE tasks SET status='done', result=?1, completed_at=?2, claim_lock=NULL,
+                        claim_expires=NULL, worker_pid=NULL, block_kind=NULL, block_recurrences=0,
+                        consecutive_failures=0, last_failure_error=NULL
+                     WHERE id=?3 AND status IN ('running','ready','blocked')
+                       AND (?4 IS NULL OR current_run_id = ?4)",
+                    params![result, now, id, expected_run],
+                )
+                .map_err(|e| self.err("complete", e))?;
+            if n != 1 {
+                return Ok(false);
+            }
+            let meta = metadata.filter(|m| !m.is_null());
+            let mut run_id =
+                close_current_run(c, id, "done", "completed", summary, None, meta, now)
+                    .map_err(|e| self.err("close run", e))?;
+            if run_id.is_none() && (summary.is_some() || meta.is_some() || result.is_some()) {
+                run_id = Some(
+                    synthesize_run(c, id, "completed", summary, None, meta, now)
+                        .map_err(|e| self.err("close run", e))?,
+                );
+            }
+            let first_line = summary
+                .and_then(|s| s.trim().lines().next())
+                .map(|l| l.chars().take(400).collect::<String>());
+            let payload = json!({
+                "result_len": result.map(|r| r.chars().count()).unwrap_or(0),
+                "summary": first_line.filter(|s| !s.is_empty()),
+            });
+            append_event(c, id, "completed", &payload, run_id)
+                .map_err(|e| self.err("append event", e))?;
+            Ok(true)
+        })?;
+        if done {
+            self.recompute_ready(DEFAULT_FAILURE_LIMIT)?;
+        }
+        Ok(done)
+    }
+
+    /// `block_task`: `running|ready → blocked`, routed as upstream routes it: kind
+    /// `dependency` goes to `todo` (parent gating frees it), a re-block for the same cause
+    /// `BLOCK_RECURRENCE_LIMIT` times goes to `triage`. Returns the status the task landed
+    /// in, or `None` when it was not blockable.
+    pub fn block(
+        &self,
+        id: &str,
+        reason: Option<&str>,
+        kind: Option<&str>,
+        expected_run: Option<i64>,
+    ) -> Result<Option<String>> {
+        if let Some(k) = kind {
+            if !BLOCK_KINDS.contains(&k) {
+                return Err(BoardError::Invalid(format!(
+                    "block kind must be one of {}, got {k:?}",
+                    BLOCK_KINDS.join(", ")
+                )));
+            }
+        }
+        let now = now();
+        self.write("block", |c| {
+            let cur: Option<(Option<String>, i64)> = c
+                .query_row("SELECT block_kind, block_recurrences FROM tasks WHERE id=?1", [id], |r| {
+                    Ok((r.get(0)?, r.get::<_, Option<i64>>(1)?.unwrap_or(0)))
+                })
+                .optional()
+                .map_err(|e| self.err("block", e))?;
+            let Some((prev_kind, prev_rec)) = cur else { return Ok(None) };
+            let (to, recurrences, event) = if kind == Some("dependency") {
+                ("todo", prev_rec, "dependency_wait")
+            } else {
+                let rec = if prev_kind.as_deref() == kind { prev_rec + 1 } else { 1 };
+                if rec >= BLOCK_RECURRENCE_LIMIT {
+                    ("triage", rec, "block_loop_detected")
+                } else {
+                    ("blocked", rec, "blocked")
+                }
+            };
+            let n = c
+                .execute(
+                    "UPDATE tasks SET status=?1, claim_lock=NULL, claim_expires=NULL, worker_pid=NULL,
+                        block_kind=?2, block_recurrences=?3
+                     WHERE id=?4 AND status IN ('running','ready') AND (?5 IS NULL OR current_run_id=?5)",
+                    params![to, kind, recurrences, id, expected_run],
+                )
+                .map_err(|e| self.err("block", e))?;
+            if n != 1 {
+                return Ok(None);
+            }
+            let mut run_id =
+                close_current_run(c, id, "blocked", "blocked", reason, None, None, now).map_err(|e| self.err("close run", e))?;
+            if run_id.is_none() && reason.is_some() {
+                run_id = Some(synthesize_run(c, id, "blocked", reason, None, None, now).map_err(|e| self.err("close run", e))?);
+            }
+            let payload = match event {
+                "dependency_wait" => json!({"reason": reason, "kind": kind}),
+                "block_loop_detected" => json!({"reason": reason, "kind": kind, "recurrences": recurrences, "limit": BLOCK_RECURRENCE_LIMIT}),
+                _ => json!({"reason": reason, "kind": kind, "recurrences": recurrences}),
+            };
+            append_event(c, id, event, &payload, run_id).map_err(|e| self.err("append event", e))?;
+            Ok(Some(to.to_string()))
+        })
+    }
+
+    /// `unblock_task`: `blocked|scheduled → ready` (or `todo` while a parent is open), the
+    /// failure counter reset, an `unblocked` event.
+    pub fn unblock(&self, id: &str) -> Result<Option<String>> {
+        let now = now();
+        self.write("unblock", |c| {
+            let stale: Option<i64> = c
+                .query_row("SELECT current_run_id FROM tasks WHERE id=?1 AND status IN ('blocked','scheduled')", [id], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .map_err(|e| self.err("unblock", e))?
+                .flatten();
+            if let Some(run) = stale {
+                c.execute(
+                    "UPDATE task_runs SET status='reclaimed', outcome='reclaimed',
+                        summary=COALESCE(summary,'invariant recovery on unblock'), ended_at=?1,
+                        claim_lock=NULL, claim_expires=NULL, worker_pid=NULL
+                     WHERE id=?2 AND ended_at IS NULL",
+                    params![now, run],
+                )
+                .map_err(|e| self.err("unblock", e))?;
+            }
+            let open_parent: bool = c
+                .query_row(
+                    "SELECT 1 FROM task_links l JOIN tasks p ON p.id=l.parent_id
+                     WHERE l.child_id=?1 AND p.status != 'done' LIMIT 1",
+                    [id],
+                    |_| Ok(true),
+                )
+                .optional()
+                .map_err(|e| self.err("unblock", e))?
+                .unwrap_or(false);
+            let to = if open_parent { "todo" } else { "ready" };
+            let n = c
+                .execute(
+                    "UPDATE tasks SET status=?1, current_run_id=NULL, consecutive_failures=0, last_failure_error=NULL
+                     WHERE id=?2 AND status IN ('blocked','scheduled')",
+                    params![to, id],
+                )
+                .map_err(|e| self.err("unblock", e))?;
+            if n != 1 {
+                return Ok(None);
+            }
+            let payload = if to == "ready" { Value::Null } else { json!({"status": to}) };
+            append_event(c, id, "unblocked", &payload, None).map_err(|e| self.err("append event", e))?;
+            Ok(Some(to.to_string()))
+        })
+    }
+
+    /// `reclaim_task` (hermes-mgr's `requeue`): release a claimed task back to `ready`,
+    /// closing its run `reclaimed`; not counted as a failure, and the counter is reset as
+    /// upstream does for an operator's reclaim. Stopping a live worker is the caller's job
+    /// (its scope), and happens before this.
+    pub fn requeue(&self, id: &str, reason: Option<&str>) -> Result<bool> {
+        let now = now();
+        self.write("requeue", |c| {
+            let row: Option<(String, Option<String>, Option<i64>)> = c
+                .query_row("SELECT status, claim_lock, worker_pid FROM tasks WHERE id=?1", [id], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .optional()
+                .map_err(|e| self.err("requeue", e))?;
+            let Some((status, prev_lock, prev_pid)) = row else { return Ok(false) };
+            if status != "running" && prev_lock.is_none() {
+                return Ok(false);
+            }
+            let n = c
+                .execute(
+                    "UPDATE tasks SET status='ready', claim_lock=NULL, claim_expires=NULL, worker_pid=NULL,
+                        consecutive_failures=0, last_failure_error=NULL
+                     WHERE id=?1 AND status IN ('running','ready','blocked') AND claim_lock IS ?2",
+                    params![id, prev_lock],
+                )
+                .map_err(|e| self.err("requeue", e))?;
+            if n != 1 {
+                return Ok(false);
+            }
+            let error = match reason {
+                Some(r) => format!("manual_reclaim: {r}"),
+                None => format!("manual_reclaim lock={}", prev_lock.as_deref().unwrap_or("None")),
+            };
+            let termination = json!({"prev_pid": prev_pid, "host_local": false, "termination_attempted": false,
+                                     "terminated": false, "sigkill": false});
+            let run_id = close_current_run(c, id, "reclaimed", "reclaimed", None, Some(&error), Some(&termination), now)
+                .map_err(|e| self.err("close run", e))?;
+            let mut payload = json!({"manual": true, "reason": reason, "prev_lock": prev_lock});
+            merge(&mut payload, &termination);
+            append_event(c, id, "reclaimed", &payload, run_id).map_err(|e| self.err("append event", e))?;
+            Ok(true)
+        })
+    }
+
+    /// `recompute_ready`: promote `todo` (and non-sticky, under-the-limit `blocked`) tasks
+    /// whose parents are all done or archived. Returns how many were promoted.
+    pub fn recompute_ready(&self, failure_limit: i64) -> Result<usize> {
+        self.write("recompute ready", |c| {
+            let mut st = c
+                .prepare(
+                    "SELECT t.id, t.status, t.consecutive_failures, t.max_retries FROM tasks t
+                     WHERE t.status IN ('todo','blocked')
+                       AND NOT EXISTS (SELECT 1 FROM task_links l JOIN tasks p ON p.id=l.parent_id
+                                       WHERE l.child_id=t.id AND p.status NOT IN ('done','archived'))",
+                )
+                .map_err(|e| self.err("recompute ready", e))?;
+            let rows: Vec<(String, String, i64, Option<i64>)> = st
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, Option<i64>>(2)?.unwrap_or(0), r.get(3)?)))
+                .and_then(|r| r.collect())
+                .map_err(|e| self.err("recompute ready", e))?;
+            drop(st);
+            let mut promoted = 0;
+            for (id, status, failures, max_retries) in rows {
+                if status == "blocked" {
+                    // An explicit block is sticky until unblocked (#28712); a tripped
+                    // breaker stays blocked while at its limit (#35072).
+                    let last: Option<String> = c
+                        .query_row(
+                            "SELECT kind FROM task_events WHERE task_id=?1 AND kind IN ('blocked','unblocked')
+                             ORDER BY id DESC LIMIT 1",
+                            [&id],
+                            |r| r.get(0),
+                        )
+                        .optional()
+                        .map_err(|e| self.err("recompute ready", e))?;
+                    if last.as_deref() == Some("blocked") || failures >= max_retries.unwrap_or(failure_limit) {
+                        continue;
+                    }
+                }
+                let n = c
+                    .execute("UPDATE tasks SET status='ready' WHERE id=?1 AND status=?2", params![id, status])
+                    .map_err(|e| self.err("recompute ready", e))?;
+                if n == 1 {
+                    append_event(c, &id, "promoted", &Value::Null, None).map_err(|e| self.err("append event", e))?;
+                    promoted += 1;
+                }
+            }
+            Ok(promoted)
+        })
+    }
+}
