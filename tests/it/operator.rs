@@ -191,7 +191,11 @@ systemd_test!(the_shipped_unit_is_hardened_and_its_workers_still_work, {
         .and_then(|r| r.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .expect("a score");
-    assert!(score <= 5.0, "exposure {score} is worse than OK:\n{text}");
+    // 4.7 when the unit was first hardened: no change may make it worse.
+    assert!(
+        score <= 4.7,
+        "exposure {score} is worse than 4.7 OK:\n{text}"
+    );
     // Hardening is inherited by workers, and they still run and finish their task.
     let id = d.rig.add("hardened");
     let run = d.wait_running(&id, 0);
