@@ -48,7 +48,23 @@ fn favordynmods(mountinfo: &str) -> Option<bool> {
 /// cgroup2's statfs magic (`CGROUP2_SUPER_MAGIC`).
 const CGROUP2_MAGIC: i64 = 0x6367_7270;
 
+/// Every check, in the order `doctor` prints them; each is one function below.
 pub async fn run(paths: &BoardPaths, cfg: anyhow::Result<Config>) -> Vec<Check> {
+    let (mut out, cfg) = config(cfg);
+    out.extend(systemd().await);
+    out.extend(privileges());
+    out.extend(cgroup_v2());
+    out.extend(cgroup_migration());
+    out.extend(controllers());
+    out.extend(slice(&cfg));
+    out.extend(board(paths));
+    out.extend(worker_user(&cfg));
+    out.extend(worker_binary(&cfg));
+    out
+}
+
+/// The configuration parses; a broken one is reported and the defaults checked instead.
+fn config(cfg: anyhow::Result<Config>) -> (Vec<Check>, Config) {
     let mut out = Vec::new();
     let cfg = match cfg {
         Ok(c) => {
@@ -65,6 +81,12 @@ pub async fn run(paths: &BoardPaths, cfg: anyhow::Result<Config>) -> Vec<Check> 
             Config::default()
         }
     };
+    (out, cfg)
+}
+
+/// systemd answers on the bus, is new enough, and takes PIDFDs.
+async fn systemd() -> Vec<Check> {
+    let mut out = Vec::new();
     match Systemd::connect().await {
         Ok(sd) => {
             out.push(check(
@@ -123,6 +145,12 @@ pub async fn run(paths: &BoardPaths, cfg: anyhow::Result<Config>) -> Vec<Check> 
             ),
         )),
     }
+    out
+}
+
+/// Root, or what is missing without it.
+fn privileges() -> Vec<Check> {
+    let mut out = Vec::new();
     out.push(if nix::unistd::geteuid().is_root() {
         check(
             "privileges",
@@ -138,6 +166,12 @@ pub async fn run(paths: &BoardPaths, cfg: anyhow::Result<Config>) -> Vec<Check> 
             Some("run the dispatcher as root (hermes-dispatcher.service does)"),
         )
     });
+    out
+}
+
+/// The unified hierarchy.
+fn cgroup_v2() -> Vec<Check> {
+    let mut out = Vec::new();
     match nix::sys::statfs::statfs("/sys/fs/cgroup") {
         Ok(fs) if fs.filesystem_type().0 == CGROUP2_MAGIC => out.push(check(
             "cgroup v2",
@@ -158,6 +192,12 @@ pub async fn run(paths: &BoardPaths, cfg: anyhow::Result<Config>) -> Vec<Check> 
             Some("mount cgroup2 at /sys/fs/cgroup"),
         )),
     }
+    out
+}
+
+/// Whether moving a worker into its scope waits for an RCU grace period.
+fn cgroup_migration() -> Vec<Check> {
+    let mut out = Vec::new();
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     match favordynmods(&mountinfo) {
         Some(true) => out.push(check(
@@ -175,6 +215,12 @@ pub async fn run(paths: &BoardPaths, cfg: anyhow::Result<Config>) -> Vec<Check> 
         )),
         None => {}
     }
+    out
+}
+
+/// The controllers that enforce the per-scope limits.
+fn controllers() -> Vec<Check> {
+    let mut out = Vec::new();
     let controllers =
         std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").unwrap_or_default();
     let missing: Vec<&str> = ["memory", "pids", "cpu"]
@@ -199,6 +245,12 @@ pub async fn run(paths: &BoardPaths, cfg: anyhow::Result<Config>) -> Vec<Check> 
             Some("enable the controllers for systemd (they are off inside containers)"),
         )
     });
+    out
+}
+
+/// The workers' slice has a unit file (and so its budgets).
+fn slice(cfg: &Config) -> Vec<Check> {
+    let mut out = Vec::new();
     let slice_file = [
         "/etc/systemd/system",
         "/usr/lib/systemd/system",
@@ -225,6 +277,12 @@ pub async fn run(paths: &BoardPaths, cfg: anyhow::Result<Config>) -> Vec<Check> 
             Some("install units/hermes-workers.slice"),
         ),
     });
+    out
+}
+
+/// The board opens and is intact; a dispatcher serves it.
+fn board(paths: &BoardPaths) -> Vec<Check> {
+    let mut out = Vec::new();
     match Board::open(paths, OpenMode::MustExist) {
         Ok(b) => {
             out.push(match b.integrity_check() {
@@ -240,6 +298,12 @@ pub async fn run(paths: &BoardPaths, cfg: anyhow::Result<Config>) -> Vec<Check> 
         }
         Err(e) => out.push(check("board", Level::Fail, e.to_string(), Some("point --db/--board/$HERMES_HOME at the board, or create it with hermes kanban init"))),
     }
+    out
+}
+
+/// The worker user exists and is not root.
+fn worker_user(cfg: &Config) -> Vec<Check> {
+    let mut out = Vec::new();
     match nix::unistd::User::from_name(&cfg.worker_user) {
         Ok(Some(u)) if !u.uid.is_root() => out.push(check(
             "worker user",
@@ -260,6 +324,12 @@ pub async fn run(paths: &BoardPaths, cfg: anyhow::Result<Config>) -> Vec<Check> 
             Some("useradd --system --user-group hermes, or set worker_user"),
         )),
     }
+    out
+}
+
+/// The worker binary resolves.
+fn worker_binary(cfg: &Config) -> Vec<Check> {
+    let mut out = Vec::new();
     match crate::spawn::resolve_binary(&cfg.hermes_bin) {
         Ok(p) => out.push(check(
             "worker binary",

@@ -1,10 +1,12 @@
 //! `hermes-mgr dispatcher`: the event-driven daemon behind `hermes-dispatcher.service`.
 //!
-//! One thread, one `select!` over a closed set of events (`Event`): a supervisor recorded
-//! an exit (inotify), a scope went away (`UnitRemoved`), a supervisor child exited, someone
-//! else wrote the board (inotify + `PRAGMA data_version`), timers (claim extension, the
-//! safety-net pass, retries), and signals. Nothing is polled for liveness; the periodic
-//! pass only catches what no event reported.
+//! One thread, one `select!` over a closed set of events: a supervisor recorded an exit
+//! (inotify), a scope went away (`UnitRemoved`), a supervisor child exited (SIGCHLD),
+//! someone else wrote the board (inotify + `PRAGMA data_version`), timers (claim
+//! extension, the grace of a closed run, retries, the safety net), and signals. Handlers
+//! book (`book`, the one booking site) and mark the board dirty; the loop then runs at most
+//! one pass. Nothing is polled for liveness; the safety net only catches what no event
+//! reported.
 //!
 //! **Invariant:** never two workers for one task: a run's scope name is derived from
 //! (task, run) and created with mode `fail`; a run closed by someone else has its scope
@@ -21,7 +23,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use futures_util::StreamExt;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::board::lock::FileLock;
@@ -43,13 +44,6 @@ pub struct Options {
     pub config: Option<PathBuf>,
     pub db: Option<PathBuf>,
     pub board: Option<String>,
-}
-
-/// Everything that can wake the daemon.
-#[derive(Debug)]
-enum Event {
-    /// A supervisor that is our child process exited.
-    SupervisorExited(String, i64),
 }
 
 /// A run whose scope we watch.
@@ -78,7 +72,8 @@ struct Daemon {
     pending: BTreeMap<Key, Option<RunEnd>>,
     notifier: notify::Notifier,
     data_version: i64,
-    tx: mpsc::UnboundedSender<Event>,
+    /// Supervisors that are our children, by PID: reaped on SIGCHLD.
+    supervisors: HashMap<u32, Key>,
     last_pass: Option<Instant>,
     /// Something changed that a dispatch pass should see (a run was booked, someone else
     /// wrote the board, a pass stopped at its batch size): the loop runs one pass after
@@ -190,7 +185,6 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     let runs_dir = cfg.state_dir.join("runs");
     let watcher = watch::Watcher::new(&runs_dir, &paths.db)
         .with_context(|| format!("watch {} and {}", runs_dir.display(), paths.db.display()))?;
-    let (tx, mut rx) = mpsc::unbounded_channel();
     let data_version = board.data_version()?;
     let mut d = Daemon {
         cfg,
@@ -201,7 +195,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         pending: BTreeMap::new(),
         notifier,
         data_version,
-        tx,
+        supervisors: HashMap::new(),
         last_pass: None,
         dirty: true,
         backoff: None,
@@ -216,6 +210,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
+    let mut sigchld = signal(SignalKind::child())?;
     let wd = notify::watchdog_interval();
     // Half of WatchdogSec (watchdog_interval halves it): fed by the loop alone, so a loop
     // that stops turning is what gets the daemon restarted.
@@ -273,9 +268,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
                     d.dirty = true;
                 }
             },
-            Some(ev) = rx.recv() => match ev {
-                Event::SupervisorExited(task, run) => d.book(&task, run).await,
-            },
+            _ = sigchld.recv() => d.reap().await,
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d.grace_due.unwrap_or_else(Instant::now))), if d.grace_due.is_some() => {
                 d.check_closed_runs().await;
             }
@@ -345,40 +338,39 @@ impl Daemon {
         self.notifier.status(&self.status_text());
     }
 
-    /// Track a worker that we started: its supervisor is our child, reap it and say so.
+    /// Track a worker that we started. Its supervisor is our child: `reap` collects it.
     fn track_started(&mut self, s: Started) {
         let key = (s.task.clone(), s.run_id);
-        let max_runtime = self
-            .board
-            .task(&s.task)
-            .ok()
-            .flatten()
-            .and_then(|t| t.max_runtime_seconds);
-        let lock = self
-            .board
-            .task(&s.task)
-            .ok()
-            .flatten()
-            .and_then(|t| t.claim_lock)
-            .unwrap_or_default();
         info!(hermes_kanban_task = %s.task, hermes_kanban_run_id = s.run_id, unit = %s.unit, object_systemd_unit = %s.unit,
               pid = s.worker_pid, "worker started");
+        self.supervisors.insert(s.supervisor_pid, key.clone());
         self.live.insert(
-            key.clone(),
+            key,
             Live {
                 unit: s.unit,
-                lock,
-                max_runtime,
+                lock: s.lock,
+                max_runtime: s.max_runtime,
                 closed_since: None,
                 watched: true,
             },
         );
-        let tx = self.tx.clone();
-        let mut child = s.supervisor;
-        tokio::spawn(async move {
-            let _ = child.wait().await;
-            let _ = tx.send(Event::SupervisorExited(key.0, key.1));
-        });
+    }
+
+    /// SIGCHLD: collect every supervisor that exited (no zombie is left), and book its run
+    /// (its exit record's inotify event usually came first; booking twice changes nothing).
+    async fn reap(&mut self) {
+        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(st) => {
+                    let Some(pid) = st.pid() else { continue };
+                    if let Some((task, run)) = self.supervisors.remove(&(pid.as_raw() as u32)) {
+                        self.book(&task, run).await;
+                    }
+                }
+            }
+        }
     }
 
     /// One dispatch pass (claims and starts, at most `PASS_BATCH` of them), then the

@@ -10,13 +10,16 @@ pub mod spec;
 pub mod supervise;
 
 use std::ffi::CString;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::pipe;
 use zbus::Variant;
 
 use crate::board::{Board, BoardPaths, Claim};
@@ -68,8 +71,13 @@ pub struct Started {
     pub unit: String,
     pub worker_pid: u32,
     pub workspace: PathBuf,
-    /// The supervisor, our direct child: the daemon reaps it; a one-shot CLI lets it go.
-    pub supervisor: tokio::process::Child,
+    /// The supervisor's PID. It is our child: the daemon reaps it on SIGCHLD; a one-shot
+    /// CLI lets it go. No descriptor of it is kept (tokio's `Child` would hold a pidfd for
+    /// the worker's whole life: one per live worker).
+    pub supervisor_pid: u32,
+    /// The claim the worker was given, and its task's runtime limit.
+    pub lock: String,
+    pub max_runtime: Option<i64>,
 }
 
 /// Upstream's profile rule (`normalize_profile_name` + `validate_profile_name`).
@@ -417,9 +425,10 @@ async fn start_scope(
 /// may exist because of our own call (a start job that failed or timed out, then ran): stop
 /// it and forget its failed state so the name is free. A scope that already existed under
 /// this name (`UnitExists`) is someone else's and is left alone.
-async fn abort(sd: &Systemd, unit: &str, child: &mut tokio::process::Child, scope_is_ours: bool) {
-    let _ = child.start_kill();
-    let _ = child.wait().await;
+async fn abort(sd: &Systemd, unit: &str, child: &mut std::process::Child, scope_is_ours: bool) {
+    // SIGKILL: it dies at once, so the wait is short.
+    let _ = child.kill();
+    let _ = child.wait();
     if scope_is_ours {
         let _ = sd.stop_and_wait(unit, Duration::from_secs(10)).await;
         let _ = sd.reset_failed(unit).await;
@@ -445,7 +454,8 @@ pub async fn start_worker(
         serde_json::to_string(&spec).map_err(|e| SpawnError::infra(e.to_string()))? + "\n";
 
     // /proc/self/exe: the very binary that is running, even if upgraded on disk meanwhile.
-    let mut child = tokio::process::Command::new("/proc/self/exe")
+    // A std child, not tokio's: tokio would keep a pidfd open until it is reaped.
+    let mut child = std::process::Command::new("/proc/self/exe")
         .arg0("hermes-mgr")
         .arg("supervise")
         .stdin(Stdio::piped())
@@ -453,12 +463,18 @@ pub async fn start_worker(
         .stderr(Stdio::inherit())
         .spawn()
         .map_err(|e| SpawnError::infra(format!("start the supervisor: {e}")))?;
-    let pid = child
-        .id()
-        .ok_or_else(|| SpawnError::infra("the supervisor exited at once"))?;
-    let (Some(mut stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-        abort(sd, &unit, &mut child, false).await;
-        return Err(SpawnError::infra("supervisor pipes missing"));
+    let pid = child.id();
+    let pipes = match (child.stdin.take(), child.stdout.take()) {
+        (Some(i), Some(o)) => pipe::Sender::from_owned_fd(OwnedFd::from(i))
+            .and_then(|i| Ok((i, pipe::Receiver::from_owned_fd(OwnedFd::from(o))?))),
+        _ => Err(std::io::Error::other("supervisor pipes missing")),
+    };
+    let (mut stdin, stdout) = match pipes {
+        Ok(p) => p,
+        Err(e) => {
+            abort(sd, &unit, &mut child, false).await;
+            return Err(SpawnError::infra(format!("the supervisor's pipes: {e}")));
+        }
     };
     if let Err(e) = stdin.write_all(spec_line.as_bytes()).await {
         abort(sd, &unit, &mut child, false).await;
@@ -514,7 +530,9 @@ pub async fn start_worker(
             unit,
             worker_pid,
             workspace: spec.cwd,
-            supervisor: child,
+            supervisor_pid: pid,
+            lock: claim.lock.clone(),
+            max_runtime: task.max_runtime_seconds,
         }),
         Ok(Report::Failed { reason, fault }) => {
             abort(sd, &unit, &mut child, true).await;

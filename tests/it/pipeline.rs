@@ -204,3 +204,42 @@ systemd_test!(the_dispatchers_own_failure_is_never_charged_to_the_task, {
         .iter()
         .all(|r| r.outcome.as_deref() == Some("spawn_failed")));
 });
+
+systemd_test!(the_daemon_holds_no_descriptor_per_live_worker, {
+    // With a descriptor per live worker (tokio's pidfd of each supervisor), a thousand
+    // workers ran the old daemon out of files (EMFILE), and every later spawn failed.
+    let d = Dispatcher::new("tick_seconds = 3600\nmax_spawn = 40");
+    d.install();
+    d.start();
+    let pid = systemctl_show(SERVICE, "MainPID")
+        .trim()
+        .trim_start_matches("MainPID=")
+        .to_string();
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    let first = d.rig.add("the first");
+    let r = d.wait_running(&first, 0);
+    worker_pid(&d, &first, r);
+    let before = fds();
+    let ids: Vec<String> = (0..30).map(|i| d.rig.add(&format!("live {i}"))).collect();
+    for id in &ids {
+        let r = d.wait_running(id, 0);
+        worker_pid(&d, id, r);
+    }
+    let after = fds();
+    assert!(
+        after < before + 10,
+        "the daemon went from {before} to {after} descriptors for 30 more live workers"
+    );
+    // Its limit was raised as far as it goes, too.
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let v: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(v[3], v[4], "soft limit below the hard one: {line}");
+});
