@@ -22,30 +22,50 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 /// Who owns a tree: file work in it runs with these credentials.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Owner {
     pub uid: u32,
     pub gid: u32,
-    /// Supplementary groups (from the user database; just `gid` for a uid without an entry).
-    pub groups: Vec<u32>,
+    /// Supplementary groups, looked up in the user database the first time a switch
+    /// needs them (most opens need none: an unprivileged caller, or a root-owned tree).
+    #[serde(skip)]
+    groups: std::sync::OnceLock<Vec<u32>>,
 }
 
+impl PartialEq for Owner {
+    fn eq(&self, other: &Owner) -> bool {
+        (self.uid, self.gid) == (other.uid, other.gid)
+    }
+}
+
+impl Eq for Owner {}
+
 impl Owner {
-    /// The user with this uid and gid, with its groups from the user database.
     pub fn new(uid: u32, gid: u32) -> Owner {
-        let mut groups = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
-            .ok()
-            .flatten()
-            .and_then(|u| {
-                let name = std::ffi::CString::new(u.name).ok()?;
-                nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(gid)).ok()
-            })
-            .map(|g| g.into_iter().map(|g| g.as_raw()).collect::<Vec<_>>())
-            .unwrap_or_default();
-        if !groups.contains(&gid) {
-            groups.push(gid);
+        Owner {
+            uid,
+            gid,
+            groups: std::sync::OnceLock::new(),
         }
-        Owner { uid, gid, groups }
+    }
+
+    /// The owner's groups from the user database; just `gid` for a uid without an entry.
+    fn groups(&self) -> &[u32] {
+        self.groups.get_or_init(|| {
+            let mut groups = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(self.uid))
+                .ok()
+                .flatten()
+                .and_then(|u| {
+                    let name = std::ffi::CString::new(u.name).ok()?;
+                    nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(self.gid)).ok()
+                })
+                .map(|g| g.into_iter().map(|g| g.as_raw()).collect::<Vec<_>>())
+                .unwrap_or_default();
+            if !groups.contains(&self.gid) {
+                groups.push(self.gid);
+            }
+            groups
+        })
     }
 
     /// The owner of `dir`, or of its nearest existing ancestor when `dir` is not there yet.
@@ -166,7 +186,7 @@ pub fn as_user<R>(who: &Owner, f: impl FnOnce() -> R) -> io::Result<R> {
     unsafe {
         libc::setfsuid(0);
     }
-    raw_setgroups(&who.groups).map_err(|_| refused())?;
+    raw_setgroups(who.groups()).map_err(|_| refused())?;
     // SAFETY: as above.
     unsafe {
         libc::setfsgid(who.gid);

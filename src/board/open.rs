@@ -220,8 +220,7 @@ impl Board {
             owner,
             hot: String::new(),
         };
-        board.check_columns()?;
-        board.hot = hot_projection(&board.columns("tasks")?);
+        board.hot = hot_projection(&board.check_columns()?);
         Ok(board)
     }
 
@@ -242,7 +241,8 @@ impl Board {
             .map_err(|e| self.err("data_version", e))
     }
 
-    pub(super) fn check_columns(&self) -> Result<()> {
+    /// The tasks table's columns, or `OldSchema` when one upstream 0.19.0 has is missing.
+    pub(super) fn check_columns(&self) -> Result<Vec<String>> {
         let cols = self.columns("tasks")?;
         let missing: Vec<&str> = schema::REQUIRED_TASK_COLUMNS
             .iter()
@@ -250,7 +250,7 @@ impl Board {
             .filter(|c| !cols.iter().any(|x| x == c))
             .collect();
         if missing.is_empty() {
-            Ok(())
+            Ok(cols)
         } else {
             Err(BoardError::OldSchema {
                 path: self.paths.db.clone(),

@@ -33,6 +33,48 @@ fn is_live(state: &str) -> bool {
     )
 }
 
+/// What reconcile knows about one `running` row and its current run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RowFacts {
+    /// systemd has the run's scope live, and its cgroup is not empty.
+    scope_live: bool,
+    /// The run's supervisor left an exit record.
+    record: bool,
+    /// The claim is this host's (or has no claimer).
+    local: bool,
+    /// The row's worker PID lives, outside any worker scope of ours.
+    foreign_worker: bool,
+}
+
+/// What reconcile does with a row (the numbered rules above).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rule {
+    /// 1: track it (and book it at once if its record is already there).
+    Adopt,
+    /// 2: book it from its record.
+    EndedWhileAway,
+    /// 4: another host's claim.
+    NotOurs,
+    /// 3, the exception: Hermes' own dispatcher runs it.
+    SomeoneElsesWorker,
+    /// 3: neither scope nor record: book it as found (`outcome::decide`).
+    Gone,
+}
+
+fn rule(f: &RowFacts) -> Rule {
+    if f.scope_live {
+        Rule::Adopt
+    } else if f.record {
+        Rule::EndedWhileAway
+    } else if !f.local {
+        Rule::NotOurs
+    } else if f.foreign_worker {
+        Rule::SomeoneElsesWorker
+    } else {
+        Rule::Gone
+    }
+}
+
 impl Daemon {
     pub(super) async fn reconcile(&mut self) -> anyhow::Result<()> {
         let units: HashMap<String, String> = self
@@ -61,53 +103,64 @@ impl Daemon {
                 closed_since: None,
                 watched: tracked,
             };
-            if units.get(&unit).is_some_and(|s| is_live(s)) && !self.husk(&unit).await {
-                if !self.live.contains_key(&key) {
-                    info!(hermes_kanban_task = %t.id, hermes_kanban_run_id = run, unit = %unit, object_systemd_unit = %unit, "adopted a running worker");
-                    adopted += 1;
-                }
-                self.live.insert(
-                    key.clone(),
-                    Live {
-                        watched: true,
-                        ..live
-                    },
-                );
-                if record.is_some() {
-                    self.book(&t.id, run).await;
-                }
-                continue;
-            }
-            if record.is_some() {
-                self.live.insert(key.clone(), live);
-                ended += 1;
-                self.book(&t.id, run).await;
-                continue;
-            }
+            // Facts, gathered only as far as the rules need them.
+            let scope_live =
+                units.get(&unit).is_some_and(|s| is_live(s)) && !self.husk(&unit).await;
             let local = t
                 .claim_lock
                 .as_deref()
                 .is_none_or(|l| l.starts_with(&host_prefix));
-            if !local {
-                continue;
-            }
-            if let Some(pid) = t.worker_pid.filter(|p| *p > 0) {
-                let cg = liveness::cgroup_of(pid as u32).unwrap_or(None);
-                let in_ours = cg
-                    .as_deref()
-                    .is_some_and(|c| c.contains("/hermes-worker-kanban-"));
-                if cg.is_some() && !in_ours && liveness::is_alive(pid as u32) {
-                    warn!(hermes_kanban_task = %t.id, hermes_kanban_run_id = run, pid,
-                          "running worker was not started by hermes-mgr (its PID lives outside any worker scope); leaving it alone");
-                    continue;
+            let foreign_worker = || {
+                t.worker_pid.filter(|p| *p > 0).is_some_and(|pid| {
+                    let cg = liveness::cgroup_of(pid as u32).unwrap_or(None);
+                    let in_ours = cg
+                        .as_deref()
+                        .is_some_and(|c| c.contains("/hermes-worker-kanban-"));
+                    cg.is_some() && !in_ours && liveness::is_alive(pid as u32)
+                })
+            };
+            let facts = RowFacts {
+                scope_live,
+                record: record.is_some(),
+                local,
+                foreign_worker: !scope_live && record.is_none() && local && foreign_worker(),
+            };
+            match rule(&facts) {
+                Rule::Adopt => {
+                    if !self.live.contains_key(&key) {
+                        info!(hermes_kanban_task = %t.id, hermes_kanban_run_id = run, unit = %unit, object_systemd_unit = %unit, "adopted a running worker");
+                        adopted += 1;
+                    }
+                    self.live.insert(
+                        key.clone(),
+                        Live {
+                            watched: true,
+                            ..live
+                        },
+                    );
+                    if facts.record {
+                        self.book(&t.id, run).await;
+                    }
                 }
-            }
-            // Neither scope nor record: book it from those facts (lost, unless we watched
-            // it live and it was killed with its supervisor).
-            self.live.insert(key.clone(), live);
-            self.book(&t.id, run).await;
-            if !self.live.contains_key(&key) {
-                lost += 1;
+                Rule::EndedWhileAway => {
+                    self.live.insert(key.clone(), live);
+                    ended += 1;
+                    self.book(&t.id, run).await;
+                }
+                Rule::NotOurs => {}
+                Rule::SomeoneElsesWorker => {
+                    warn!(hermes_kanban_task = %t.id, hermes_kanban_run_id = run, pid = t.worker_pid,
+                          "running worker was not started by hermes-mgr (its PID lives outside any worker scope); leaving it alone");
+                }
+                Rule::Gone => {
+                    // Booked from those facts: lost, unless we watched it live and it was
+                    // killed with its supervisor.
+                    self.live.insert(key.clone(), live);
+                    self.book(&t.id, run).await;
+                    if !self.live.contains_key(&key) {
+                        lost += 1;
+                    }
+                }
             }
         }
         // Runs we tracked whose rows are no longer running (ended while the bus was away).
@@ -175,5 +228,33 @@ impl Daemon {
             warn!(unit = %unit, "stop: {e}");
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_row_gets_its_numbered_rule() {
+        let f = |scope_live, record, local, foreign_worker| RowFacts {
+            scope_live,
+            record,
+            local,
+            foreign_worker,
+        };
+        let rows = [
+            (f(true, false, true, false), Rule::Adopt),
+            (f(true, true, true, false), Rule::Adopt),
+            (f(true, false, false, false), Rule::Adopt),
+            (f(false, true, true, false), Rule::EndedWhileAway),
+            (f(false, true, false, false), Rule::EndedWhileAway),
+            (f(false, false, false, false), Rule::NotOurs),
+            (f(false, false, true, true), Rule::SomeoneElsesWorker),
+            (f(false, false, true, false), Rule::Gone),
+        ];
+        for (facts, want) in rows {
+            assert_eq!(rule(&facts), want, "{facts:?}");
+        }
     }
 }
