@@ -58,6 +58,7 @@ pub async fn run(paths: &BoardPaths, cfg: anyhow::Result<Config>) -> Vec<Check> 
     out.extend(controllers());
     out.extend(slice(&cfg));
     out.extend(board(paths));
+    out.extend(dispatcher_health().await);
     out.extend(worker_user(&cfg));
     out.extend(worker_binary(&cfg));
     out
@@ -299,6 +300,31 @@ fn board(paths: &BoardPaths) -> Vec<Check> {
         Err(e) => out.push(check("board", Level::Fail, e.to_string(), Some("point --db/--board/$HERMES_HOME at the board, or create it with hermes kanban init"))),
     }
     out
+}
+
+/// What `hermes-dispatcher.service` last said of itself: it says `FAILING to start workers`
+/// while its own side (systemd, D-Bus, descriptors, its directories) fails — never the
+/// tasks' fault, and never counted against them, but nothing runs meanwhile.
+async fn dispatcher_health() -> Vec<Check> {
+    const SERVICE: &str = "hermes-dispatcher.service";
+    let Ok(sd) = Systemd::connect().await else {
+        return Vec::new();
+    };
+    match sd.status_text(SERVICE).await {
+        Ok(Some(text)) if text.starts_with("FAILING") => vec![check(
+            "dispatcher health",
+            Level::Fail,
+            crate::text::clean(&text),
+            Some("journalctl -u hermes-dispatcher names the failing step; tasks are requeued, not charged"),
+        )],
+        Ok(Some(text)) if !text.is_empty() => vec![check(
+            "dispatcher health",
+            Level::Ok,
+            crate::text::clean(&text),
+            None,
+        )],
+        _ => Vec::new(),
+    }
 }
 
 /// The worker user exists and is not root.

@@ -105,6 +105,15 @@ pub trait Unit {
     fn description(&self) -> zbus::Result<String>;
 }
 
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Service",
+    default_service = "org.freedesktop.systemd1"
+)]
+pub trait Service {
+    #[zbus(property)]
+    fn status_text(&self) -> zbus::Result<String>;
+}
+
 /// What went wrong talking to systemd, by the D-Bus error names that change what the
 /// caller should do.
 #[derive(Debug, thiserror::Error)]
@@ -515,6 +524,31 @@ impl Systemd {
                 other => Err(other),
             },
         }
+    }
+
+    /// A loaded service's `StatusText` (what it last said with `STATUS=`); `None` when
+    /// systemd has no such unit.
+    pub async fn status_text(&self, name: &str) -> Result<Option<String>> {
+        let path = match self.manager.get_unit(name).await {
+            Ok(p) => p,
+            Err(e) => {
+                return match SystemdError::from_zbus("GetUnit", name, e) {
+                    SystemdError::NoSuchUnit { .. } => Ok(None),
+                    other => Err(other),
+                }
+            }
+        };
+        let service = ServiceProxy::builder(&self.conn)
+            .cache_properties(CacheProperties::No)
+            .path(path)
+            .build()
+            .await
+            .map_err(|e| SystemdError::from_zbus("GetUnit", name, e))?;
+        service
+            .status_text()
+            .await
+            .map(Some)
+            .map_err(|e| SystemdError::from_zbus("StatusText", name, e))
     }
 
     /// Names of loaded units matching `pattern` (e.g. `unit_name::WORKER_SCOPE_GLOB`).

@@ -243,3 +243,45 @@ systemd_test!(the_daemon_holds_no_descriptor_per_live_worker, {
     let v: Vec<&str> = line.split_whitespace().collect();
     assert_eq!(v[3], v[4], "soft limit below the hard one: {line}");
 });
+
+systemd_test!(a_failing_dispatcher_says_so_and_charges_no_task, {
+    // The service's own side fails (its TMPDIR root is missing): every task is requeued
+    // uncounted, passes back off, and the operator reads it in `systemctl status` and
+    // `hermes-mgr doctor` instead of finding tasks blocked.
+    let d = Dispatcher::new("tick_seconds = 3600\ntmp_root = \"/nonexistent/hermes-tmp\"");
+    d.install();
+    d.start();
+    let id = d.rig.add("cannot start here");
+    let status = wait_for("the service says it fails", Duration::from_secs(20), || {
+        let s = systemctl_show(SERVICE, "StatusText");
+        s.contains("FAILING to start workers").then_some(s)
+    });
+    assert!(status.contains("create TMPDIR"), "{status}");
+    let doctor = d.rig.mgr(&["doctor", "--json"]).json();
+    let health = doctor
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "dispatcher health")
+        .unwrap_or_else(|| panic!("{doctor}"))
+        .clone();
+    assert_eq!(health["level"], "fail", "{health}");
+    // Backed off, not hammered: a handful of attempts in the first seconds, none counted.
+    std::thread::sleep(Duration::from_secs(3));
+    let t = d.wait_task(
+        "requeued between attempts",
+        |t| t.status.as_str() == "ready",
+        &id,
+    );
+    assert_eq!(t.consecutive_failures, 0);
+    let runs = d.rig.board().runs(&id).unwrap();
+    assert!(
+        (1..=5).contains(&runs.len()),
+        "{} attempts in ~3 s",
+        runs.len()
+    );
+    assert!(runs
+        .iter()
+        .all(|r| r.outcome.as_deref() == Some("spawn_failed")));
+    assert!(journal(SERVICE).contains("the dispatcher cannot start workers"));
+});
