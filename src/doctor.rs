@@ -58,6 +58,7 @@ pub async fn run(paths: &BoardPaths, cfg: anyhow::Result<Config>) -> Vec<Check> 
     out.extend(controllers());
     out.extend(slice(&cfg));
     out.extend(board(paths));
+    out.extend(board_tree(paths));
     out.extend(dispatcher_health().await);
     out.extend(worker_user(&cfg));
     out.extend(worker_binary(&cfg));
@@ -300,6 +301,37 @@ fn board(paths: &BoardPaths) -> Vec<Check> {
         Err(e) => out.push(check("board", Level::Fail, e.to_string(), Some("point --db/--board/$HERMES_HOME at the board, or create it with hermes kanban init"))),
     }
     out
+}
+
+/// Whose powers hermes-mgr uses in the board's tree: its owner's (`safe_fs`). A root-owned
+/// Hermes root that others may write gives that protection up — root would then follow
+/// what they plant there — so it fails.
+fn board_tree(paths: &BoardPaths) -> Vec<Check> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = std::fs::metadata(&paths.owner_dir) else {
+        return Vec::new();
+    };
+    let shared = m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0;
+    vec![match (m.uid(), shared) {
+        (0, true) => check(
+            "board tree",
+            Level::Fail,
+            format!(
+                "{} belongs to root and others may write it: hermes-mgr would act there as root",
+                paths.owner_dir.display()
+            ),
+            Some("give the Hermes root to the user who runs Hermes (chown -R hermes: …), or chmod go-w it"),
+        ),
+        (uid, _) => check(
+            "board tree",
+            Level::Ok,
+            format!(
+                "{}: file work there runs as uid {uid}, its owner",
+                paths.owner_dir.display()
+            ),
+            None,
+        ),
+    }]
 }
 
 /// What `hermes-dispatcher.service` last said of itself: it says `FAILING to start workers`

@@ -474,3 +474,33 @@ systemd_test!(huge_task_rows_cost_the_daemon_nothing_it_keeps, {
         "the daemon's peak RSS is {hwm_kb} kB with three 64 MiB task bodies on the board"
     );
 });
+
+systemd_test!(
+    doctor_fails_a_root_owned_hermes_root_that_others_may_write,
+    {
+        // hermes-mgr works in a board's tree as its owner; a root-owned tree that anyone may
+        // write leaves it acting as root where others plant links. doctor says so.
+        let dir = PathBuf::from(format!(
+            "/var/tmp/hermes-mgr-open-root-{}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .unwrap();
+        let db = dir.join("kanban.db");
+        hermes_mgr::board::Board::open(
+            &hermes_mgr::board::BoardPaths::for_db(&db),
+            hermes_mgr::board::OpenMode::CreateIfMissing,
+        )
+        .unwrap();
+        let r = crate::harness::mgr(&db, &["doctor"]);
+        assert_eq!(r.code, Some(1), "{}", r.stdout);
+        assert!(
+            r.stdout
+                .lines()
+                .any(|l| l.starts_with("FAIL board tree") && l.contains("belongs to root")),
+            "{}",
+            r.stdout
+        );
+    }
+);

@@ -111,6 +111,7 @@ systemd_test!(
             "ok   cgroup v2",
             "ok   board",
             "ok   dispatcher",
+            "ok   board tree",
             "ok   worker user",
             "ok   worker binary",
         ] {
