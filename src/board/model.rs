@@ -133,6 +133,8 @@ pub struct Task {
     pub model_override: Option<String>,
     pub max_retries: Option<i64>,
     pub goal_mode: bool,
+    /// Bound of the goal loop (upstream reads NULL and 0 alike: no bound).
+    pub goal_max_turns: Option<i64>,
     pub session_id: Option<String>,
     pub block_kind: Option<String>,
     pub block_recurrences: i64,
@@ -168,6 +170,7 @@ impl Task {
             model_override: col(row, "model_override")?,
             max_retries: col(row, "max_retries")?,
             goal_mode: col::<i64>(row, "goal_mode")?.unwrap_or(0) != 0,
+            goal_max_turns: col::<i64>(row, "goal_max_turns")?.filter(|n| *n != 0),
             session_id: col(row, "session_id")?,
             block_kind: col(row, "block_kind")?,
             block_recurrences: col(row, "block_recurrences")?.unwrap_or(0),

@@ -240,6 +240,9 @@ pub fn prepare(
     }
     if task.goal_mode {
         set("HERMES_KANBAN_GOAL_MODE", "1".into());
+        if let Some(n) = task.goal_max_turns {
+            set("HERMES_KANBAN_GOAL_MAX_TURNS", n.to_string());
+        }
     }
     if let Some(rt) = task.max_runtime_seconds.filter(|r| *r > 0) {
         let want = (rt - TERMINAL_TIMEOUT_GRACE).max(1);

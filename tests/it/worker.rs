@@ -684,3 +684,45 @@ systemd_test!(
         rig.mgr(&["stop", &id]).ok();
     }
 );
+
+systemd_test!(a_goal_mode_worker_gets_upstreams_goal_contract, {
+    // hermes-agent 0.19.0's `_default_spawn`: goal mode sets HERMES_KANBAN_GOAL_MODE=1, and
+    // HERMES_KANBAN_GOAL_MAX_TURNS when the task bounds the loop; argv ends with `-Q`.
+    let rig = Rig::new(
+        "#!/bin/sh\n{ echo \"argv=$*\"; env; echo END; } > report.tmp && mv report.tmp report\n",
+        "",
+    );
+    let bounded = rig.add("a bounded goal");
+    let open = rig.add("an open goal");
+    let c = rig.board();
+    c.connection()
+        .execute(
+            "UPDATE tasks SET goal_mode=1, goal_max_turns=7 WHERE id=?1",
+            [&bounded],
+        )
+        .unwrap();
+    c.connection()
+        .execute(
+            "UPDATE tasks SET goal_mode=1, goal_max_turns=0 WHERE id=?1",
+            [&open],
+        )
+        .unwrap();
+    rig.dispatch();
+    for (id, turns) in [(&bounded, Some("7")), (&open, None)] {
+        let report = rig.wait_file(
+            &rig.dir
+                .join("kanban/workspaces")
+                .join(id.as_str())
+                .join("report"),
+        );
+        let var = |k: &str| {
+            report
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .map(str::to_string)
+        };
+        assert_eq!(var("HERMES_KANBAN_GOAL_MODE").as_deref(), Some("1"));
+        assert_eq!(var("HERMES_KANBAN_GOAL_MAX_TURNS").as_deref(), turns);
+        assert!(var("argv").unwrap().ends_with(" -Q"), "{report}");
+    }
+});
