@@ -153,8 +153,29 @@ pub fn decide(f: &Facts) -> Decision {
 /// The end a supervisor's exit record says.
 fn from_record(st: &RunStatus, max_runtime: Option<i64>) -> RunEnd {
     let pid = st.worker_pid;
-    let details =
+    let mut details =
         json!({"pid": pid, "exit_code": st.exit_code, "signal": st.signal, "unit": st.unit});
+    // The kernel's OOM killer acted in the scope: that, not a SIGTERM systemd may have sent
+    // after it, is how the run ended. Counted like a crash.
+    if let Some(m) = st.memory.as_ref().filter(|m| m.oom_kills > 0) {
+        let mib = |b: u64| format!("{}M", b / (1024 * 1024));
+        let limit = m.max.map(mib).unwrap_or_else(|| "no limit".into());
+        let peak = m
+            .peak
+            .map(|p| format!(", peak {}", mib(p)))
+            .unwrap_or_default();
+        merge(
+            &mut details,
+            &json!({"oom_kill": m.oom_kills, "memory_max": m.max, "memory_peak": m.peak}),
+        );
+        return RunEnd::Crashed {
+            error: format!(
+                "pid {pid} {}: killed by the OOM killer at MemoryMax={limit}{peak}",
+                st.describe()
+            ),
+            details,
+        };
+    }
     if st.sigterm_received {
         // A stop from outside the worker: systemd's RuntimeMaxSec, a shutdown, a stop.
         if let Some(m) = max_runtime.filter(|m| st.ended_at - st.started_at >= m - 1) {
@@ -352,6 +373,7 @@ mod tests {
             exit_code: code,
             signal: sig,
             sigterm_received: sigterm,
+            memory: None,
         }
     }
 
@@ -401,6 +423,19 @@ mod tests {
         short_of_limit.max_runtime = Some(60);
         let mut operator = facts(Some(&termed), Scope::Gone);
         operator.operator_stop = Some("ended on SIGTERM after 12 ms");
+        let oom = |sigterm| RunStatus {
+            memory: Some(crate::spawn::spec::MemoryFacts {
+                oom_kills: 1,
+                max: Some(64 << 20),
+                peak: Some(64 << 20),
+            }),
+            ..rec(None, Some(9), sigterm, 5)
+        };
+        let (oom_alone, oom_then_term) = (oom(false), oom(true));
+        let no_oom = RunStatus {
+            memory: Some(crate::spawn::spec::MemoryFacts::default()),
+            ..rec(None, Some(15), true, 5)
+        };
         let mut after_restart = facts(None, Scope::Gone);
         after_restart.watched = false;
         let rows: Vec<(Facts, &str)> = vec![
@@ -416,6 +451,9 @@ mod tests {
             (facts(None, Scope::Empty), "lost: u.scope was live with no process left and no exit status (its supervisor died before the worker started); requeued"),
             (facts(None, Scope::Gone), "crashed: u.scope ended without an exit status (worker and supervisor were killed)"),
             (after_restart, "lost: u.scope is gone and left no exit status (reboot or lost unit); requeued"),
+            (facts(Some(&oom_alone), Scope::Gone), "crashed: pid 9 killed by signal 9 (SIGKILL): killed by the OOM killer at MemoryMax=64M, peak 64M"),
+            (facts(Some(&oom_then_term), Scope::Gone), "crashed: pid 9 killed by signal 9 (SIGKILL): killed by the OOM killer at MemoryMax=64M, peak 64M"),
+            (facts(Some(&no_oom), Scope::Gone), "stopped: pid 9 stopped from outside (killed by signal 15 (SIGTERM))"),
         ];
         for (f, want) in rows {
             assert_eq!(name(&decide(&f)), want, "{f:?}");

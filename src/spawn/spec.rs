@@ -52,6 +52,45 @@ pub struct RunStatus {
     pub signal: Option<i32>,
     /// The supervisor had received SIGTERM (a stop of the scope) before the worker ended.
     pub sigterm_received: bool,
+    /// What the scope's memory controller said when the worker had ended (`memory.events`
+    /// `oom_kill`, `memory.max`, `memory.peak`); absent without the controller, and in
+    /// records written by older supervisors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryFacts>,
+}
+
+/// The memory controller's account of a run's scope.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct MemoryFacts {
+    /// Processes of the scope the kernel's OOM killer killed.
+    pub oom_kills: u64,
+    /// `MemoryMax=`, in bytes; `None` for no limit.
+    pub max: Option<u64>,
+    /// The most the scope ever used, in bytes (kernel 5.19+).
+    pub peak: Option<u64>,
+}
+
+impl MemoryFacts {
+    /// Read them for the cgroup at `dir` (`/sys/fs/cgroup/...`); `None` without a memory
+    /// controller there.
+    pub fn read(dir: &Path) -> Option<MemoryFacts> {
+        let events = std::fs::read_to_string(dir.join("memory.events")).ok()?;
+        let oom_kills = events
+            .lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        let number = |f: &str| {
+            std::fs::read_to_string(dir.join(f))
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        Some(MemoryFacts {
+            oom_kills,
+            max: number("memory.max"),
+            peak: number("memory.peak"),
+        })
+    }
 }
 
 /// What the supervisor reports on its stdout once the worker was started, or not.
@@ -102,4 +141,34 @@ pub fn signal_name(sig: i32) -> &'static str {
     nix::sys::signal::Signal::try_from(sig)
         .map(|s| s.as_str())
         .unwrap_or("unknown")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake cgroup directory: this sandbox has no memory controller, so the kernel's own
+    /// files cannot be made to show an OOM kill here (the VM tier's job).
+    #[test]
+    fn memory_facts_are_read_from_the_controllers_files() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(MemoryFacts::read(dir.path()), None);
+        std::fs::write(
+            dir.path().join("memory.events"),
+            "low 0\nhigh 0\nmax 12\noom 1\noom_kill 1\noom_group_kill 0\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("memory.max"), "67108864\n").unwrap();
+        std::fs::write(dir.path().join("memory.peak"), "67100000\n").unwrap();
+        assert_eq!(
+            MemoryFacts::read(dir.path()),
+            Some(MemoryFacts {
+                oom_kills: 1,
+                max: Some(67108864),
+                peak: Some(67100000)
+            })
+        );
+        std::fs::write(dir.path().join("memory.max"), "max\n").unwrap();
+        assert_eq!(MemoryFacts::read(dir.path()).unwrap().max, None);
+    }
 }

@@ -477,6 +477,10 @@ fn supervise(
         exit_code,
         signal,
         sigterm_received: sigterm,
+        // Read here, in the scope, once the worker is reaped: the kernel has counted an OOM
+        // kill by then, and a SIGTERM that followed it (systemd stopping the scope) is not
+        // the whole story.
+        memory: own_cgroup().and_then(|cg| super::spec::MemoryFacts::read(&cg)),
     };
     if let Err(e) = write_status(spec, &rs) {
         eprintln!(
@@ -501,6 +505,13 @@ fn supervise(
         (None, Some(s)) => (128 + s).clamp(0, 255) as u8,
         _ => 1,
     })
+}
+
+/// This process's cgroup directory (the run's scope), from `/proc/self/cgroup`.
+fn own_cgroup() -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    Some(PathBuf::from(format!("/sys/fs/cgroup{}", path.trim())))
 }
 
 /// Reap every child that has ended (orphans re-parented to us included); the worker's
