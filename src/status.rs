@@ -17,6 +17,9 @@ pub struct Snapshot {
     pub board: String,
     /// `running` when a dispatcher (ours or Hermes' gateway) holds the board's dispatcher lock.
     pub dispatcher: &'static str,
+    /// What `hermes-dispatcher.service` last said of itself (`STATUS=`), when systemd knows
+    /// the service: `FAILING to start workers (…)` while its own side fails.
+    pub dispatcher_status: Option<String>,
     /// Every status on the board with its count (exact, whatever `limit` hides).
     pub counts: std::collections::BTreeMap<String, i64>,
     pub tasks: Vec<TaskRow>,
@@ -168,6 +171,7 @@ pub fn snapshot(b: &Board, cfg: &Config, limit: usize) -> board::Result<Snapshot
     Ok(Snapshot {
         board: b.paths().db.display().to_string(),
         dispatcher,
+        dispatcher_status: None,
         counts: b.counts()?,
         tasks,
         now,

@@ -305,8 +305,24 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 fn cmd_status(cli: &Cli, limit: &usize, watch: &bool) -> anyhow::Result<()> {
     let cfg = Config::load(cli.config.as_deref())?;
     let b = open(cli, OpenMode::Inspect)?;
+    let rt = runtime()?;
     loop {
-        let snap = crate::status::snapshot(&b, &cfg, *limit)?;
+        let mut snap = crate::status::snapshot(&b, &cfg, *limit)?;
+        // The service's own word on itself; no bus (a container, a user's laptop): none.
+        snap.dispatcher_status = rt.block_on(async {
+            let sd = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                crate::systemd::Systemd::connect(),
+            )
+            .await
+            .ok()?
+            .ok()?;
+            sd.status_text("hermes-dispatcher.service")
+                .await
+                .ok()
+                .flatten()
+                .filter(|t| !t.is_empty())
+        });
         if cli.json {
             return print_json(&snap);
         }

@@ -225,6 +225,13 @@ pub fn status(s: &crate::status::Snapshot, colour: bool) -> String {
             counts.join(" · ")
         }
     );
+    if let Some(failing) = s
+        .dispatcher_status
+        .as_deref()
+        .filter(|t| t.starts_with("FAILING"))
+    {
+        o.push_str(&format!("{}\n", paint("31", clean(failing))));
+    }
     if s.tasks.is_empty() {
         o.push_str("Nothing running, ready or blocked. Create a task with: hermes kanban create TITLE --assignee PROFILE\n");
         return o;

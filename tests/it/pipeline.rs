@@ -266,6 +266,15 @@ systemd_test!(a_failing_dispatcher_says_so_and_charges_no_task, {
         .unwrap_or_else(|| panic!("{doctor}"))
         .clone();
     assert_eq!(health["level"], "fail", "{health}");
+    let status = d.rig.mgr(&["status", "--json"]).ok().json();
+    assert!(
+        status["dispatcher_status"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("FAILING to start workers")),
+        "{status}"
+    );
+    let text = d.rig.mgr(&["status"]).ok().stdout;
+    assert!(text.contains("FAILING to start workers"), "{text}");
     // Backed off, not hammered: a handful of attempts in the first seconds, none counted.
     std::thread::sleep(Duration::from_secs(3));
     let t = d.wait_task(
