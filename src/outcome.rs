@@ -63,8 +63,8 @@ impl RunEnd {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Fault {
-    /// The task or its configuration (a workspace the worker may not enter, a missing
-    /// binary, an assignee that is no profile): counted, so a broken task trips the breaker.
+    /// The task itself (a `dir:` workspace the worker may not enter, an assignee that is no
+    /// profile, data exec refuses): counted, so a broken task trips the breaker.
     Task,
     /// The dispatcher's side: never counted against the task.
     Infrastructure,

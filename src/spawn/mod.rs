@@ -33,8 +33,8 @@ use spec::{Report, WorkerSpec};
 const TERMINAL_TIMEOUT_GRACE: i64 = 30;
 
 /// Why a worker did not start, and whose side that is on: a `Fault::Task` failure is
-/// counted against the task (a broken task or setup trips the breaker instead of looping);
-/// a `Fault::Infrastructure` one never is. Every site says which; there is no default.
+/// counted against the task (a broken task trips the breaker instead of looping); a
+/// `Fault::Infrastructure` one — the dispatcher's configuration or machinery — never is. Every site says which; there is no default.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpawnError {
     pub reason: String,
@@ -148,23 +148,40 @@ pub fn prepare(
     cfg: &Config,
     claim: &Claim,
     unit: &str,
+) -> Result<WorkerSpec, SpawnError> {
+    // The worker user and the binary are the dispatcher's configuration, the same for every
+    // task: when they are wrong, no task is at fault.
+    let user = nix::unistd::User::from_name(&cfg.worker_user)
+        .map_err(|e| SpawnError::infra(format!("look up worker user {:?}: {e}", cfg.worker_user)))?
+        .ok_or_else(|| SpawnError::infra(format!("worker user {:?} does not exist; create it (useradd --system {0}) or set worker_user", cfg.worker_user)))?;
+    if user.uid.is_root() {
+        return Err(SpawnError::infra(format!(
+            "worker user {:?} is root; workers never run as root",
+            cfg.worker_user
+        )));
+    }
+    let cname = CString::new(user.name.as_str())
+        .map_err(|_| SpawnError::infra("worker user name contains NUL"))?;
+    let groups = nix::unistd::getgrouplist(&cname, user.gid)
+        .map_err(|e| SpawnError::infra(format!("groups of {}: {e}", user.name)))?;
+    let bin = resolve_binary(&cfg.hermes_bin).map_err(SpawnError::infra)?;
+    // From here on, what fails is the task's own data.
+    let task_fault = |r: Result<WorkerSpec, String>| r.map_err(SpawnError::task);
+    task_fault(prepare_task(board, cfg, claim, unit, user, groups, bin))
+}
+
+/// `prepare`'s part that reads the task: assignee, workspace, environment, argv.
+fn prepare_task(
+    board: &Board,
+    cfg: &Config,
+    claim: &Claim,
+    unit: &str,
+    user: nix::unistd::User,
+    groups: Vec<nix::unistd::Gid>,
+    bin: PathBuf,
 ) -> Result<WorkerSpec, String> {
     let paths: &BoardPaths = board.paths();
     let task = &claim.task;
-    let user = nix::unistd::User::from_name(&cfg.worker_user)
-        .map_err(|e| format!("look up worker user {:?}: {e}", cfg.worker_user))?
-        .ok_or_else(|| format!("worker user {:?} does not exist; create it (useradd --system {0}) or set worker_user", cfg.worker_user))?;
-    if user.uid.is_root() {
-        return Err(format!(
-            "worker user {:?} is root; workers never run as root",
-            cfg.worker_user
-        ));
-    }
-    let cname = CString::new(user.name.as_str())
-        .map_err(|_| "worker user name contains NUL".to_string())?;
-    let groups = nix::unistd::getgrouplist(&cname, user.gid)
-        .map_err(|e| format!("groups of {}: {e}", user.name))?;
-    let bin = resolve_binary(&cfg.hermes_bin)?;
     let assignee = task
         .assignee
         .clone()
@@ -200,6 +217,14 @@ pub fn prepare(
     let mut env: Vec<(String, String)> = std::env::vars()
         .filter(|(k, _)| passed_through(k, cfg))
         .collect();
+    // Upstream raises these to max_runtime - 30 s unless the worker's environment already
+    // has more; only what passes the allowlist is the worker's environment.
+    let timeouts_passed = ["TERMINAL_TIMEOUT", "TERMINAL_MAX_FOREGROUND_TIMEOUT"].map(|k| {
+        env.iter()
+            .find(|(x, _)| x == k)
+            .and_then(|(_, v)| v.trim().parse::<i64>().ok())
+            .unwrap_or(0)
+    });
     let mut set = |k: &str, v: String| {
         env.retain(|(x, _)| x != k);
         env.push((k.to_string(), v));
@@ -246,11 +271,10 @@ pub fn prepare(
     }
     if let Some(rt) = task.max_runtime_seconds.filter(|r| *r > 0) {
         let want = (rt - TERMINAL_TIMEOUT_GRACE).max(1);
-        for k in ["TERMINAL_TIMEOUT", "TERMINAL_MAX_FOREGROUND_TIMEOUT"] {
-            let have = std::env::var(k)
-                .ok()
-                .and_then(|v| v.trim().parse::<i64>().ok())
-                .unwrap_or(0);
+        for (k, have) in ["TERMINAL_TIMEOUT", "TERMINAL_MAX_FOREGROUND_TIMEOUT"]
+            .into_iter()
+            .zip(timeouts_passed)
+        {
             if have < want {
                 set(k, want.to_string());
             }
@@ -449,7 +473,7 @@ pub async fn start_worker(
     let task = &claim.task;
     let unit = unit_name::worker_scope(&task.id, claim.run_id);
     // Everything prepare checks is the task's or its configuration's.
-    let spec = prepare(board, cfg, claim, &unit).map_err(SpawnError::task)?;
+    let spec = prepare(board, cfg, claim, &unit)?;
     let runs_dir = cfg.state_dir.join("runs");
     std::fs::create_dir_all(&runs_dir)
         .map_err(|e| SpawnError::infra(format!("create {}: {e}", runs_dir.display())))?;

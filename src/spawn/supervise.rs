@@ -92,8 +92,8 @@ const STEPS: &[&str] = &[
 const STEP_CHDIR: u32 = 8;
 const STEP_EXEC: u32 = 9;
 
-/// Why the worker did not start, and whose side that is on (`outcome::Fault`): only the
-/// workspace, the binary and the task's own data are the task's.
+/// Why the worker did not start, and whose side that is on (`outcome::Fault`): only a
+/// `dir:` workspace and the task's own data are the task's.
 #[derive(Debug)]
 struct Failure {
     fault: Fault,
@@ -429,15 +429,22 @@ fn supervise(
             failure[4..8].try_into().unwrap_or_default(),
         ));
         let what = STEPS.get(step as usize).copied().unwrap_or("?");
-        return Err(match step {
-            // The workspace and the binary are the task's and its configuration's.
-            STEP_CHDIR => task(format!(
+        let enter = || {
+            format!(
                 "cannot enter the workspace {} as uid {}: {e}",
                 spec.cwd.display(),
                 spec.uid
-            )),
-            STEP_EXEC => task(format!("cannot start {}: {what}: {e}", spec.argv[0])),
-            _ => infra(format!("cannot start {}: {what}: {e}", spec.argv[0])),
+            )
+        };
+        let start = || format!("cannot start {}: {what}: {e}", spec.argv[0]);
+        return Err(match step {
+            // A `dir:` workspace is the task's; a scratch one lives in the dispatcher's tree.
+            STEP_CHDIR if spec.make_cwd => infra(enter()),
+            STEP_CHDIR => task(enter()),
+            // The binary is the dispatcher's configuration; an argv or environment too big
+            // for exec comes from the task's data.
+            STEP_EXEC if e.raw_os_error() == Some(libc::E2BIG) => task(start()),
+            _ => infra(start()),
         });
     }
     report(&Report::Started {

@@ -364,6 +364,16 @@ systemd_test!(spawn_failures_leave_no_scope_and_no_process, {
         (run.outcome.as_deref(), run.error.as_deref()),
         (Some("spawn_failed"), Some(err))
     );
+    // The binary is the dispatcher's configuration: not the task's failure.
+    assert_eq!(
+        out["spawn_failed"][0]["infrastructure"],
+        json!(true),
+        "{out}"
+    );
+    assert_eq!(
+        rig.board().require_task(&id).unwrap().consecutive_failures,
+        0
+    );
 
     // The binary exists but cannot be executed: found out inside the scope, which is then
     // removed with everything in it.
@@ -376,6 +386,11 @@ systemd_test!(spawn_failures_leave_no_scope_and_no_process, {
     assert!(
         err.contains("exec") && err.contains("Exec format error"),
         "{err}"
+    );
+    assert_eq!(
+        out["spawn_failed"][0]["infrastructure"],
+        json!(true),
+        "{out}"
     );
     assert_eq!(
         rig.board().require_task(&id).unwrap().status.as_str(),
@@ -400,6 +415,16 @@ systemd_test!(spawn_failures_leave_no_scope_and_no_process, {
     assert!(
         err.contains("cannot enter the workspace /etc/passwd") && err.contains("Not a directory"),
         "{err}"
+    );
+    // A `dir:` workspace is the task's own: counted.
+    assert_eq!(
+        out["spawn_failed"][0]["infrastructure"],
+        json!(false),
+        "{out}"
+    );
+    assert_eq!(
+        rig.board().require_task(&id).unwrap().consecutive_failures,
+        1
     );
 
     assert!(
