@@ -51,7 +51,8 @@ const CGROUP2_MAGIC: i64 = 0x6367_7270;
 /// Every check, in the order `doctor` prints them; each is one function below.
 pub async fn run(paths: &BoardPaths, cfg: anyhow::Result<Config>) -> Vec<Check> {
     let (mut out, cfg) = config(cfg);
-    out.extend(systemd().await);
+    let sd = Systemd::connect().await;
+    out.extend(systemd(&sd).await);
     out.extend(privileges());
     out.extend(cgroup_v2());
     out.extend(cgroup_migration());
@@ -59,7 +60,9 @@ pub async fn run(paths: &BoardPaths, cfg: anyhow::Result<Config>) -> Vec<Check> 
     out.extend(slice(&cfg));
     out.extend(board(paths));
     out.extend(board_tree(paths));
-    out.extend(dispatcher_health().await);
+    if let Ok(sd) = &sd {
+        out.extend(dispatcher_health(sd).await);
+    }
     out.extend(worker_user(&cfg));
     out.extend(worker_binary(&cfg));
     out
@@ -87,9 +90,9 @@ fn config(cfg: anyhow::Result<Config>) -> (Vec<Check>, Config) {
 }
 
 /// systemd answers on the bus, is new enough, and takes PIDFDs.
-async fn systemd() -> Vec<Check> {
+async fn systemd(sd: &Result<Systemd, crate::systemd::SystemdError>) -> Vec<Check> {
     let mut out = Vec::new();
-    match Systemd::connect().await {
+    match sd {
         Ok(sd) => {
             out.push(check(
                 "system bus",
@@ -337,11 +340,8 @@ fn board_tree(paths: &BoardPaths) -> Vec<Check> {
 /// What `hermes-dispatcher.service` last said of itself: it says `FAILING to start workers`
 /// while its own side (systemd, D-Bus, descriptors, its directories) fails — never the
 /// tasks' fault, and never counted against them, but nothing runs meanwhile.
-async fn dispatcher_health() -> Vec<Check> {
+async fn dispatcher_health(sd: &Systemd) -> Vec<Check> {
     const SERVICE: &str = "hermes-dispatcher.service";
-    let Ok(sd) = Systemd::connect().await else {
-        return Vec::new();
-    };
     match sd.status_text(SERVICE).await {
         Ok(Some(text)) if text.starts_with("FAILING") => vec![check(
             "dispatcher health",

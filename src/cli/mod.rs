@@ -306,23 +306,26 @@ fn cmd_status(cli: &Cli, limit: &usize, watch: &bool) -> anyhow::Result<()> {
     let cfg = Config::load(cli.config.as_deref())?;
     let b = open(cli, OpenMode::Inspect)?;
     let rt = runtime()?;
+    // The service's own word on itself; no bus (a container, a user's laptop): none. One
+    // connection for every repaint of `--watch`.
+    let sd = rt.block_on(async {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            crate::systemd::Systemd::connect(),
+        )
+        .await
+        .ok()?
+        .ok()
+    });
     loop {
         let mut snap = crate::status::snapshot(&b, &cfg, *limit)?;
-        // The service's own word on itself; no bus (a container, a user's laptop): none.
-        snap.dispatcher_status = rt.block_on(async {
-            let sd = tokio::time::timeout(
-                std::time::Duration::from_secs(2),
-                crate::systemd::Systemd::connect(),
-            )
-            .await
-            .ok()?
-            .ok()?;
-            sd.status_text("hermes-dispatcher.service")
-                .await
+        if let Some(sd) = &sd {
+            snap.dispatcher_status = rt
+                .block_on(sd.status_text("hermes-dispatcher.service"))
                 .ok()
                 .flatten()
-                .filter(|t| !t.is_empty())
-        });
+                .filter(|t| !t.is_empty());
+        }
         if cli.json {
             return print_json(&snap);
         }

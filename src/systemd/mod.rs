@@ -499,17 +499,22 @@ impl Systemd {
             .map_err(|e| SystemdError::from_zbus("ResetFailedUnit", name, e))
     }
 
+    /// The object path of a loaded unit; `None` when systemd has no such unit.
+    async fn unit_path(&self, name: &str) -> Result<Option<OwnedObjectPath>> {
+        match self.manager.get_unit(name).await {
+            Ok(p) => Ok(Some(p)),
+            Err(e) => match SystemdError::from_zbus("GetUnit", name, e) {
+                SystemdError::NoSuchUnit { .. } => Ok(None),
+                other => Err(other),
+            },
+        }
+    }
+
     /// `ActiveState` of a loaded unit; `None` when systemd has no such unit (never
     /// started, or collected after it ended).
     pub async fn active_state(&self, name: &str) -> Result<Option<String>> {
-        let path = match self.manager.get_unit(name).await {
-            Ok(p) => p,
-            Err(e) => {
-                return match SystemdError::from_zbus("GetUnit", name, e) {
-                    SystemdError::NoSuchUnit { .. } => Ok(None),
-                    other => Err(other),
-                }
-            }
+        let Some(path) = self.unit_path(name).await? else {
+            return Ok(None);
         };
         let unit = UnitProxy::builder(&self.conn)
             .cache_properties(CacheProperties::No)
@@ -529,14 +534,8 @@ impl Systemd {
     /// A loaded service's `StatusText` (what it last said with `STATUS=`); `None` when
     /// systemd has no such unit.
     pub async fn status_text(&self, name: &str) -> Result<Option<String>> {
-        let path = match self.manager.get_unit(name).await {
-            Ok(p) => p,
-            Err(e) => {
-                return match SystemdError::from_zbus("GetUnit", name, e) {
-                    SystemdError::NoSuchUnit { .. } => Ok(None),
-                    other => Err(other),
-                }
-            }
+        let Some(path) = self.unit_path(name).await? else {
+            return Ok(None);
         };
         let service = ServiceProxy::builder(&self.conn)
             .cache_properties(CacheProperties::No)
