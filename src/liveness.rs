@@ -71,6 +71,48 @@ pub fn unit_cgroup(slice: &str, unit: &str) -> String {
     path
 }
 
+/// The processes holding a `flock(2)` on the file at `path`, with their command lines:
+/// whoever keeps a dispatcher out of `.dispatcher.lock`. Found through each process's open
+/// descriptors (`/proc/<pid>/fd` names the file, its `fdinfo` lists the lock), because
+/// `/proc/locks` names the inode of the layer below on overlayfs. Processes we may not
+/// inspect are skipped.
+pub fn flock_holders(path: &std::path::Path) -> Vec<(u32, String)> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        let holds = fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|t| t == path)
+                && std::fs::read_to_string(p.path().join("fdinfo").join(fd.file_name())).is_ok_and(
+                    |info| {
+                        info.lines()
+                            .any(|l| l.starts_with("lock:") && l.contains("FLOCK"))
+                    },
+                )
+        });
+        if holds {
+            let cmd = std::fs::read(p.path().join("cmdline"))
+                .map(|c| {
+                    c.split(|b| *b == 0)
+                        .filter(|a| !a.is_empty())
+                        .map(|a| String::from_utf8_lossy(a).into_owned())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .unwrap_or_default();
+            out.push((pid, crate::text::clean(&cmd)));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -80,8 +80,15 @@ fn cpu_usec(dir: &Path) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-fn live_run(cfg: &Config, t: &Task, run_id: i64, run: Option<&Run>, now: i64) -> LiveRun {
-    let unit = unit_name::worker_scope(&t.id, run_id);
+fn live_run(
+    cfg: &Config,
+    board: &str,
+    t: &Task,
+    run_id: i64,
+    run: Option<&Run>,
+    now: i64,
+) -> LiveRun {
+    let unit = unit_name::worker_scope(board, &t.id, run_id);
     let dir = Path::new("/sys/fs/cgroup")
         .join(liveness::unit_cgroup(&cfg.slice, &unit).trim_start_matches('/'));
     let state = t
@@ -137,6 +144,7 @@ pub fn snapshot(b: &Board, cfg: &Config, limit: usize) -> board::Result<Snapshot
             let run = match (t.status.as_str(), t.current_run_id) {
                 ("running", Some(id)) => Some(live_run(
                     cfg,
+                    &b.paths().slug,
                     &t,
                     id,
                     runs_last.as_ref().filter(|r| r.id == id),

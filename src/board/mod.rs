@@ -36,7 +36,7 @@ use crate::safe_fs;
 pub use crate::safe_fs::Owner;
 pub use model::{Claim, EndResult, Event, NewTask, Run, Status, Task, BLOCK_KINDS};
 use open::classify;
-pub use paths::{BoardPaths, Resolver};
+pub use paths::{BoardPaths, Resolver, DEFAULT_BOARD};
 
 /// Upstream's `DEFAULT_CLAIM_TTL_SECONDS`.
 pub const DEFAULT_CLAIM_TTL: i64 = 15 * 60;

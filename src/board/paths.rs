@@ -163,17 +163,52 @@ impl Resolver {
     /// Resolve the board. An explicit `--board` must name a valid slug; it need not exist
     /// yet (upstream creates it on first open).
     pub fn resolve(&self) -> Result<BoardPaths, BoardError> {
-        let home = self.home();
         let root = self.root();
         let slug = match &self.board_flag {
             Some(b) => normalize_slug(b)?,
             None => self.current_board(&root),
         };
+        Ok(self.paths_of(&root, slug))
+    }
+
+    /// A board file is named (`--db`, `$HERMES_KANBAN_DB`) or a board is chosen with
+    /// `--board`: a dispatcher serves that board alone. Otherwise it serves every board.
+    pub fn pinned(&self) -> bool {
+        self.db_flag.is_some() || self.kanban_db.is_some() || self.board_flag.is_some()
+    }
+
+    /// The paths of board `slug` (a valid slug) under this root, as `resolve` would give
+    /// them for `--board <slug>`.
+    pub fn board(&self, slug: &str) -> BoardPaths {
+        self.paths_of(&self.root(), slug.to_string())
+    }
+
+    /// The boards a dispatcher serves, as upstream's gateway does
+    /// (`list_boards(include_archived=False)`): the default board first, then every
+    /// directory of `<root>/kanban/boards/` named as a slug that holds a `kanban.db` or a
+    /// `board.json` whose `archived` is not true, alphabetically. Pinned: that board alone.
+    /// Read as the root's owner: the tree is the workers' to write.
+    pub fn served_boards(&self) -> Vec<BoardPaths> {
+        if self.pinned() {
+            return self.resolve().into_iter().collect();
+        }
+        let root = self.root();
+        let mut out = vec![self.paths_of(&root, DEFAULT_BOARD.to_string())];
+        out.extend(
+            listed_slugs(&root)
+                .into_iter()
+                .map(|slug| self.paths_of(&root, slug)),
+        );
+        out
+    }
+
+    fn paths_of(&self, root: &Path, slug: String) -> BoardPaths {
+        let home = self.home();
         let per_board = |leaf: &str| -> PathBuf {
             if slug == DEFAULT_BOARD {
                 root.join("kanban").join(leaf)
             } else {
-                Self::board_dir(&root, &slug).join(leaf)
+                Self::board_dir(root, &slug).join(leaf)
             }
         };
         let explicit_db = if let Some(p) = &self.db_flag {
@@ -186,7 +221,7 @@ impl Resolver {
         } else if slug == DEFAULT_BOARD {
             root.join("kanban.db")
         } else {
-            Self::board_dir(&root, &slug).join("kanban.db")
+            Self::board_dir(root, &slug).join("kanban.db")
         };
         let workspaces = match &self.workspaces_root {
             Some(p) => expand_user(p, &home),
@@ -194,16 +229,63 @@ impl Resolver {
         };
         let owner_dir = match &explicit_db {
             Some(p) => parent_dir(p),
-            None => root.clone(),
+            None => root.to_path_buf(),
         };
-        Ok(BoardPaths {
+        BoardPaths {
             logs: per_board("logs"),
             workspaces,
             db,
             slug,
-            root,
+            root: root.to_path_buf(),
             owner_dir,
-        })
+        }
+    }
+}
+
+/// The non-default, non-archived boards under `root` (`list_boards`' scan). A directory
+/// whose name is not already a slug is not a board (upstream would look for it under its
+/// lower-cased name and find nothing consistent); `_archived/` is not a slug.
+fn listed_slugs(root: &Path) -> Vec<String> {
+    let Ok(owner) = crate::safe_fs::Owner::of_tree(root) else {
+        return Vec::new();
+    };
+    let dir = root.join("kanban").join("boards");
+    let scan = || -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        let mut slugs: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .filter(|n| normalize_slug(n).is_ok_and(|s| s == *n) && n != DEFAULT_BOARD)
+            .filter(|n| {
+                let d = dir.join(n);
+                d.is_dir() && (d.join("kanban.db").exists() || d.join("board.json").exists())
+            })
+            .filter(|n| !archived(&dir.join(n).join("board.json")))
+            .collect();
+        slugs.sort();
+        slugs
+    };
+    crate::safe_fs::as_user(&owner, scan).unwrap_or_default()
+}
+
+/// `board.json`'s `archived`, truthy as Python reads it. A file that is missing, not a
+/// regular file, over 1 MiB or not a JSON object says nothing: the board is live.
+fn archived(board_json: &Path) -> bool {
+    let Ok(Some(bytes)) = crate::safe_fs::read_capped(board_json, 1 << 20) else {
+        return false;
+    };
+    let Ok(serde_json::Value::Object(meta)) = serde_json::from_slice(&bytes) else {
+        return false;
+    };
+    match meta.get("archived") {
+        None | Some(serde_json::Value::Null) => false,
+        Some(serde_json::Value::Bool(b)) => *b,
+        Some(serde_json::Value::Number(n)) => n.as_f64().is_some_and(|f| f != 0.0),
+        Some(serde_json::Value::String(s)) => !s.is_empty(),
+        Some(serde_json::Value::Array(a)) => !a.is_empty(),
+        Some(serde_json::Value::Object(o)) => !o.is_empty(),
     }
 }
 
@@ -349,6 +431,42 @@ mod tests {
         std::fs::create_dir_all(root.join("kanban/boards/ops")).unwrap();
         std::fs::write(root.join("kanban/boards/ops/board.json"), "{}").unwrap();
         assert_eq!(res.resolve().unwrap().slug, "ops");
+    }
+
+    #[test]
+    fn every_live_board_is_served_default_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let boards = dir.path().join(".hermes/kanban/boards");
+        for (name, meta) in [
+            ("ops", Some(r#"{"archived": false}"#)),
+            ("alpha", None),
+            ("old", Some(r#"{"archived": 1}"#)),
+            ("Caps", Some("{}")),
+            ("_archived", Some("{}")),
+            ("empty", None),
+            ("junk", Some("not json")),
+        ] {
+            std::fs::create_dir_all(boards.join(name)).unwrap();
+            match meta {
+                Some(m) => std::fs::write(boards.join(name).join("board.json"), m).unwrap(),
+                None if name != "empty" => {
+                    std::fs::write(boards.join(name).join("kanban.db"), "").unwrap()
+                }
+                None => {}
+            }
+        }
+        let res = Resolver {
+            home: Some(dir.path().to_string_lossy().into()),
+            ..Default::default()
+        };
+        let slugs: Vec<String> = res.served_boards().into_iter().map(|p| p.slug).collect();
+        assert_eq!(slugs, ["default", "alpha", "junk", "ops"]);
+        let pinned = Resolver {
+            board_flag: Some("ops".into()),
+            ..res
+        };
+        let slugs: Vec<String> = pinned.served_boards().into_iter().map(|p| p.slug).collect();
+        assert_eq!(slugs, ["ops"]);
     }
 
     #[test]

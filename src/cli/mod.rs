@@ -516,11 +516,19 @@ fn cmd_show(cli: &Cli, id: &str) -> anyhow::Result<()> {
     } else {
         print!(
             "{}",
-            render::show(&task, &parents, &children, &runs, &events, board::now())
+            render::show(
+                &b.paths().slug,
+                &task,
+                &parents,
+                &children,
+                &runs,
+                &events,
+                board::now()
+            )
         );
         // The tail of the current or latest run's output, from its scope's journal.
         if let Some(run) = runs.last() {
-            let unit = crate::systemd::unit_name::worker_scope(id, run.id);
+            let unit = crate::systemd::unit_name::worker_scope(&b.paths().slug, id, run.id);
             let journal = std::process::Command::new("journalctl")
                 .args(["--no-pager", "-o", "cat", "-n", "10", "-u", &unit])
                 .stderr(std::process::Stdio::null())
@@ -626,7 +634,7 @@ fn logs(b: &Board, id: &str, run: Option<i64>, follow: bool) -> anyhow::Result<(
     if !b.runs(id)?.iter().any(|r| r.id == run) {
         bail!("task {id} has no run {run}; `hermes-mgr show {id}` lists its runs");
     }
-    let unit = crate::systemd::unit_name::worker_scope(id, run);
+    let unit = crate::systemd::unit_name::worker_scope(&b.paths().slug, id, run);
     let mut j = std::process::Command::new("journalctl");
     j.args(["--no-pager", "-o", "cat", "-u", &unit]);
     let has_journal = j

@@ -57,6 +57,7 @@ fn ts(epoch: Option<i64>) -> String {
 }
 
 pub fn show(
+    board: &str,
     t: &Task,
     parents: &[String],
     children: &[String],
@@ -66,6 +67,9 @@ pub fn show(
 ) -> String {
     let mut o = String::new();
     o.push_str(&format!("{}  {}\n", clean(&t.id), clean(&t.title)));
+    if board != crate::board::DEFAULT_BOARD {
+        o.push_str(&format!("  board:      {}\n", clean(board)));
+    }
     o.push_str(&format!("  status:     {}\n", clean(t.status.as_str())));
     o.push_str(&format!(
         "  assignee:   {}\n",
@@ -152,7 +156,7 @@ pub fn show(
                 .as_deref()
                 .map(clean)
                 .unwrap_or_else(|| "-".into()),
-            crate::systemd::unit_name::worker_scope(&r.task_id, r.id),
+            crate::systemd::unit_name::worker_scope(board, &r.task_id, r.id),
             r.error
                 .as_deref()
                 .map(|e| format!("  {}", clean(e)))

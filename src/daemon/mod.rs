@@ -12,6 +12,7 @@
 //! (task, run) and created with mode `fail`; a run closed by someone else has its scope
 //! stopped; a task running on a newer run has the older run's scope stopped at once.
 
+mod boards;
 mod notify;
 mod reconcile;
 mod watch;
@@ -26,11 +27,12 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
 use crate::board::lock::FileLock;
-use crate::board::{Board, BoardError, OpenMode, Resolver};
+use crate::board::{BoardError, Owner, Resolver};
 use crate::config::Config;
 use crate::dispatch;
 use crate::outcome::{self, Decision, RunEnd, Scope};
 use crate::spawn::spec::{status_path, RunStatus};
+use boards::Slot;
 
 /// At most this many workers are started per pass; a full batch leaves the board dirty and
 /// the loop comes back to it after the watchdog, signals and bookings that are due.
@@ -59,38 +61,30 @@ struct Live {
     watched: bool,
 }
 
-type Key = (String, i64);
+/// A run: (board, task, run). Task and run ids are only unique within a board.
+type Key = (String, String, i64);
 
 struct Daemon {
     cfg: Config,
     opts: Options,
-    board: Board,
+    resolver: Resolver,
+    /// The boards served, by slug (`boards.rs`).
+    slots: BTreeMap<String, Slot>,
     sd: Systemd,
     live: HashMap<Key, Live>,
     /// Runs whose booking failed (board locked): retried on the next timer. `Some` carries
     /// an outcome already decided (a spawn failure), `None` means "decide from the facts".
     pending: BTreeMap<Key, Option<RunEnd>>,
     notifier: notify::Notifier,
-    data_version: i64,
     /// Supervisors that are our children, by PID: reaped on SIGCHLD.
     supervisors: HashMap<u32, Key>,
-    last_pass: Option<Instant>,
-    /// Something changed that a dispatch pass should see (a run was booked, someone else
-    /// wrote the board, a pass stopped at its batch size): the loop runs one pass after
-    /// handling what woke it, never more.
-    dirty: bool,
-    /// After a failed pass (a corrupt or unreadable board, systemd failing us): no pass
-    /// before this instant; the delay doubles up to a minute, a good pass resets it.
-    backoff: Option<(Instant, Duration)>,
     /// When the earliest worker whose run was closed on the board runs out of grace.
     grace_due: Option<Instant>,
-    /// Why the last pass failed on our side, for the status line; `None` once one succeeds.
-    failing: Option<String>,
     /// The first reconcile (start-up, the one `READY=1` waits for) is always logged.
     reconciled_once: bool,
 }
 
-/// Exit with a clear message: the daemon cannot work on this board at all.
+/// Exit with a clear message: the daemon cannot work at all.
 fn fatal(e: anyhow::Error) -> anyhow::Error {
     error!("{e:#}");
     e
@@ -130,80 +124,86 @@ async fn connect_systemd(notifier: &notify::Notifier) -> (Systemd, Removals) {
     }
 }
 
-/// Open the board, waiting out another writer's lock in short steps (a worker may hold it):
-/// each attempt waits `busy_timeout_ms`, systemd hears that start-up goes on, and anything
-/// but a lock (a corrupt or foreign file) ends the daemon with the board's own message.
-async fn open_board(
-    paths: &crate::board::BoardPaths,
-    cfg: &Config,
-    notifier: &notify::Notifier,
-) -> anyhow::Result<Board> {
-    let busy = Duration::from_millis(cfg.busy_timeout_ms);
+/// A pinned board (`--db`, `--board`) is the daemon's only work: wait out another
+/// writer's lock in short steps (systemd hears that start-up goes on), and end the daemon
+/// with the board's own message on anything else (a corrupt or foreign file).
+async fn open_pinned(d: &mut Daemon) -> anyhow::Result<()> {
+    let Some(slug) = d.slots.keys().next().cloned() else {
+        return Ok(());
+    };
+    let busy = Duration::from_millis(d.cfg.busy_timeout_ms);
     let mut delay = Duration::from_millis(200);
     loop {
-        match Board::open_waiting(paths, OpenMode::CreateIfMissing, busy) {
-            Ok(b) => return Ok(b),
-            Err(BoardError::Locked { detail, .. }) => {
-                warn!(
-                    "{} is locked by another writer ({detail}); waiting",
-                    paths.db.display()
-                );
-                notifier.send(&format!(
-                    "EXTEND_TIMEOUT_USEC={}",
-                    (busy + delay + Duration::from_secs(5)).as_micros()
-                ));
-                notifier.send("WATCHDOG=1");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            Err(e) => {
-                return Err(anyhow::Error::new(e)
-                    .context(format!("cannot open board {}", paths.db.display())))
-            }
+        match d.open_slot(&slug) {
+            boards::Opened::Now | boards::Opened::Already => return Ok(()),
+            boards::Opened::NotYet => {}
+        }
+        let slot = &d.slots[&slug];
+        if let Some(b) = &slot.broken {
+            bail!("cannot open board {}: {}", slot.paths.db.display(), b.why);
+        }
+        d.notifier.send(&format!(
+            "EXTEND_TIMEOUT_USEC={}",
+            (busy + delay + Duration::from_secs(5)).as_micros()
+        ));
+        d.notifier.send("WATCHDOG=1");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+        if let Some(s) = d.slots.get_mut(&slug) {
+            s.backoff = None;
         }
     }
 }
 
 async fn run(opts: Options) -> anyhow::Result<()> {
     let cfg = Config::load(opts.config.as_deref())?;
-    let paths = Resolver::from_env(opts.db.clone(), opts.board.clone()).resolve()?;
+    let resolver = Resolver::from_env(opts.db.clone(), opts.board.clone());
+    let pinned = resolver.pinned();
+    let first = resolver.resolve()?;
     let notifier = notify::Notifier::from_env();
-    let board = open_board(&paths, &cfg, &notifier).await?;
     // One dispatcher per Hermes root, for life: the same lock Hermes' gateway takes.
-    let life_path = paths.dispatcher_lock();
-    board.make_dir(life_path.parent().unwrap_or(&paths.root))?;
-    let Some(_life) = FileLock::acquire_or_held(&life_path, board.owner())
+    let owner = Owner::of_tree(&first.owner_dir)
+        .with_context(|| format!("stat {}", first.owner_dir.display()))?;
+    let life_path = first.dispatcher_lock();
+    let life_dir = life_path.parent().unwrap_or(&first.root).to_path_buf();
+    crate::safe_fs::as_user(&owner, || std::fs::create_dir_all(&life_dir))
+        .and_then(|r| r)
+        .with_context(|| format!("create {}", life_dir.display()))?;
+    let Some(_life) = FileLock::acquire_or_held(&life_path, &owner)
         .with_context(|| format!("open {}", life_path.display()))?
     else {
-        bail!(
-            "another dispatcher holds {} — a Hermes gateway dispatching kanban (set kanban.dispatch_in_gateway: false) \
-             or another hermes-mgr dispatcher; stop it first",
-            life_path.display()
-        );
+        bail!("{}", lock_taken(&life_path));
     };
     let (sd, mut removed) = connect_systemd(&notifier).await;
     let runs_dir = cfg.state_dir.join("runs");
-    let watcher = watch::Watcher::new(&runs_dir, &paths.db)
-        .with_context(|| format!("watch {} and {}", runs_dir.display(), paths.db.display()))?;
-    let data_version = board.data_version()?;
+    let mut watcher =
+        watch::Watcher::new(&runs_dir).with_context(|| format!("watch {}", runs_dir.display()))?;
+    let root = first.root.clone();
     let mut d = Daemon {
         cfg,
         opts,
-        board,
+        resolver,
+        slots: BTreeMap::new(),
         sd,
         live: HashMap::new(),
         pending: BTreeMap::new(),
         notifier,
-        data_version,
         supervisors: HashMap::new(),
-        last_pass: None,
-        dirty: true,
-        backoff: None,
         grace_due: None,
-        failing: None,
         reconciled_once: false,
     };
-    info!(db = %paths.db.display(), "hermes-dispatcher starting");
+    d.refresh_boards();
+    let watch_root = (!pinned).then_some(root.as_path());
+    let follow = |d: &Daemon, w: &mut watch::Watcher| {
+        let paths: Vec<_> = d.slots.values().map(|s| s.paths.clone()).collect();
+        w.set_boards(&paths, watch_root, Some(&owner));
+    };
+    follow(&d, &mut watcher);
+    if pinned {
+        open_pinned(&mut d).await?;
+    }
+    info!(root = %root.display(), boards = d.slots.len(), pinned, "hermes-dispatcher starting");
+    d.open_boards();
     d.reconcile().await?;
     d.notifier.send("READY=1");
 
@@ -228,13 +228,10 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     let mut retry = every(1);
 
     loop {
-        // At most one pass per wake-up, after whatever woke the loop was handled.
-        if d.dirty && d.backoff.is_none_or(|(until, _)| Instant::now() >= until) {
-            d.pass().await;
-        }
-        let backoff_over = d
-            .backoff
-            .map(|(until, _)| tokio::time::Instant::from_std(until));
+        // At most one pass per board per wake-up, after whatever woke the loop was handled.
+        d.pass().await;
+        let wake = d.next_wake();
+        let due_now = wake.is_some_and(|w| w <= Instant::now());
         tokio::select! {
             biased;
             _ = watchdog.tick(), if wd.is_some() => d.notifier.send("WATCHDOG=1"),
@@ -250,10 +247,14 @@ async fn run(opts: Options) -> anyhow::Result<()> {
                 if extend_every(&d.cfg) != old_extend {
                     extend = every(extend_every(&d.cfg));
                 }
-                d.dirty = true;
+                d.mark_all_dirty();
             }
             changes = watcher.next() => match changes {
-                Ok(changes) => d.on_changes(changes).await,
+                Ok(changes) => {
+                    if d.on_changes(changes).await {
+                        follow(&d, &mut watcher);
+                    }
+                }
                 Err(e) => warn!("inotify: {e}, ignoring"),
             },
             sig = removed.next() => match sig {
@@ -265,7 +266,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
                     if let Err(e) = d.reconcile().await {
                         warn!("reconcile after reconnect: {e:#}");
                     }
-                    d.dirty = true;
+                    d.mark_all_dirty();
                 }
             },
             _ = sigchld.recv() => d.reap().await,
@@ -275,22 +276,27 @@ async fn run(opts: Options) -> anyhow::Result<()> {
             _ = extend.tick() => d.extend_claims(),
             _ = retry.tick(), if !d.pending.is_empty() => d.retry_pending().await,
             _ = tick.tick() => {
-                // The safety net: whatever no event reported (e.g. a claim left behind).
+                // The safety net: whatever no event reported (e.g. a claim left behind, a
+                // board whose quarantine ran out).
+                if d.refresh_boards() {
+                    follow(&d, &mut watcher);
+                }
+                d.open_boards();
                 if let Err(e) = d.reconcile().await {
                     warn!("periodic reconcile: {e:#}");
                 }
                 d.check_closed_runs().await;
-                d.dirty = true;
+                d.mark_all_dirty();
             }
             // A pass cut short by its batch size, or a backoff that ran out, goes on.
-            _ = async {}, if d.dirty && backoff_over.is_none() => {}
-            _ = tokio::time::sleep_until(backoff_over.unwrap_or_else(tokio::time::Instant::now)), if d.dirty && backoff_over.is_some() => {}
+            _ = async {}, if due_now => {}
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake.unwrap_or_else(Instant::now))), if wake.is_some() && !due_now => {}
         }
     }
     d.notifier.send("STOPPING=1");
     if d.cfg.stop_workers_on_exit {
         for (key, live) in d.live.clone() {
-            info!(hermes_kanban_task = %key.0, hermes_kanban_run_id = key.1, unit = %live.unit, "stopping worker on exit");
+            info!(board = %key.0, hermes_kanban_task = %key.1, hermes_kanban_run_id = key.2, unit = %live.unit, "stopping worker on exit");
             let _ = d.sd.stop(&live.unit).await;
         }
     }
@@ -305,11 +311,14 @@ impl Daemon {
     fn reload(&mut self) {
         match Config::load(self.opts.config.as_deref()) {
             Ok(cfg) => {
-                if let Err(e) = self
-                    .board
-                    .set_busy_timeout(Duration::from_millis(cfg.busy_timeout_ms))
-                {
-                    warn!("{e}");
+                for s in self.slots.values() {
+                    if let Some(b) = &s.board {
+                        if let Err(e) =
+                            b.set_busy_timeout(Duration::from_millis(cfg.busy_timeout_ms))
+                        {
+                            warn!("{e}");
+                        }
+                    }
                 }
                 self.cfg = cfg;
                 info!("configuration reloaded");
@@ -318,9 +327,31 @@ impl Daemon {
         }
     }
 
+    fn mark_all_dirty(&mut self) {
+        for s in self.slots.values_mut() {
+            s.dirty = true;
+        }
+    }
+
+    /// When the loop must come back for a pass with no event: now (a pass cut short by its
+    /// batch), or when the earliest backoff runs out. `None`: only events bring it back.
+    fn next_wake(&self) -> Option<Instant> {
+        self.slots
+            .values()
+            .filter(|s| s.listed && s.dirty)
+            .map(|s| s.backoff.map_or_else(Instant::now, |(until, _)| until))
+            .min()
+    }
+
     fn status_text(&self) -> String {
-        let count = |s: &str| self.board.count(s).unwrap_or(0);
-        let line = format!(
+        let count = |st: &str| -> i64 {
+            self.slots
+                .values()
+                .filter_map(|s| s.board.as_ref())
+                .map(|b| b.count(st).unwrap_or(0))
+                .sum()
+        };
+        let mut line = format!(
             "{} running ({} in scopes), {} ready, {} blocked, {} todo",
             count("running"),
             self.live.len(),
@@ -328,9 +359,34 @@ impl Daemon {
             count("blocked"),
             count("todo")
         );
-        match &self.failing {
-            Some(why) => format!("FAILING to start workers ({why}); {line}"),
-            None => line,
+        let listed = self.slots.values().filter(|s| s.listed).count();
+        if listed != 1 {
+            line.push_str(&format!(" on {listed} boards"));
+        }
+        for (slug, s) in &self.slots {
+            if let Some(b) = &s.broken {
+                line.push_str(&format!(
+                    "; board {slug} skipped: {}",
+                    crate::text::clean(&b.why)
+                ));
+            }
+        }
+        let failing: Vec<String> = self
+            .slots
+            .iter()
+            .filter_map(|(slug, s)| s.failing.as_ref().map(|w| (slug, w)))
+            .map(|(slug, why)| {
+                if self.slots.len() == 1 {
+                    why.clone()
+                } else {
+                    format!("board {slug}: {why}")
+                }
+            })
+            .collect();
+        if failing.is_empty() {
+            line
+        } else {
+            format!("FAILING to start workers ({}); {line}", failing.join("; "))
         }
     }
 
@@ -339,9 +395,9 @@ impl Daemon {
     }
 
     /// Track a worker that we started. Its supervisor is our child: `reap` collects it.
-    fn track_started(&mut self, s: Started) {
-        let key = (s.task.clone(), s.run_id);
-        info!(hermes_kanban_task = %s.task, hermes_kanban_run_id = s.run_id, unit = %s.unit, object_systemd_unit = %s.unit,
+    fn track_started(&mut self, board: &str, s: Started) {
+        let key = (board.to_string(), s.task.clone(), s.run_id);
+        info!(board = %board, hermes_kanban_task = %s.task, hermes_kanban_run_id = s.run_id, unit = %s.unit, object_systemd_unit = %s.unit,
               pid = s.worker_pid, "worker started");
         self.supervisors.insert(s.supervisor_pid, key.clone());
         self.live.insert(
@@ -365,117 +421,156 @@ impl Daemon {
                 Ok(WaitStatus::StillAlive) | Err(_) => break,
                 Ok(st) => {
                     let Some(pid) = st.pid() else { continue };
-                    if let Some((task, run)) = self.supervisors.remove(&(pid.as_raw() as u32)) {
-                        self.book(&task, run).await;
+                    if let Some(key) = self.supervisors.remove(&(pid.as_raw() as u32)) {
+                        self.book(&key).await;
                     }
                 }
             }
         }
     }
 
-    /// One dispatch pass (claims and starts, at most `PASS_BATCH` of them), then the
-    /// status line. Only the loop calls it, once per wake-up.
+    /// One dispatch pass over each board that needs one (claims and starts, at most
+    /// `PASS_BATCH` per board), then the status line. Only the loop calls it, once per
+    /// wake-up.
     async fn pass(&mut self) {
-        self.dirty = false;
-        self.last_pass = Some(Instant::now());
+        let due: Vec<String> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.may_pass())
+            .map(|(slug, _)| slug.clone())
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        for slug in due {
+            self.pass_board(&slug).await;
+        }
+        self.update_status();
+    }
+
+    async fn pass_board(&mut self, slug: &str) {
+        // Clean before trying: a board that cannot be opened waits for its file to change
+        // (or its backoff), it does not spin the loop.
+        if let Some(s) = self.slots.get_mut(slug) {
+            s.dirty = false;
+        }
+        match self.open_slot(slug) {
+            boards::Opened::Now => {
+                if let Err(e) = self.reconcile_board(slug).await {
+                    warn!(board = %slug, "reconcile: {e:#}");
+                }
+            }
+            boards::Opened::Already => {}
+            boards::Opened::NotYet => return,
+        }
+        let Some(slot) = self.slots.get_mut(slug) else {
+            return;
+        };
+        let Some(board) = slot.board.as_ref() else {
+            return;
+        };
         // Read before the pass reads the board: a commit by someone else after this point
         // changes data_version again, and its inotify event triggers the next pass. (Read
         // after, it would swallow a task created while this pass ran.)
-        self.data_version = self.board.data_version().unwrap_or(self.data_version);
-        match dispatch::once(&self.board, &self.sd, &self.cfg, None, Some(PASS_BATCH)).await {
+        slot.data_version = board.data_version().unwrap_or(slot.data_version);
+        let result = dispatch::once(board, &self.sd, &self.cfg, None, Some(PASS_BATCH)).await;
+        match result {
             Ok((report, started)) => {
                 let mut infra_failure = None;
                 for f in &report.spawn_failed {
                     let error = crate::text::clean(&f.error);
                     if f.infrastructure {
                         // Ours, not the task's: said loudly, not counted, retried later.
-                        error!(hermes_kanban_task = %f.task_id, hermes_kanban_run_id = f.run_id,
+                        error!(board = %slug, hermes_kanban_task = %f.task_id, hermes_kanban_run_id = f.run_id,
                                "the dispatcher cannot start workers: {error}; the task is requeued, not charged");
                         infra_failure = Some(error);
                     } else {
-                        warn!(hermes_kanban_task = %f.task_id, hermes_kanban_run_id = f.run_id, gave_up = f.gave_up, "spawn failed: {error}");
+                        warn!(board = %slug, hermes_kanban_task = %f.task_id, hermes_kanban_run_id = f.run_id, gave_up = f.gave_up, "spawn failed: {error}");
                     }
                 }
                 // A task that got a new run while an older run's worker still lives (it was
                 // reclaimed under it): that older worker goes now, not after its grace.
                 let superseded = started.iter().any(|s| {
-                    self.live
-                        .keys()
-                        .any(|(task, run)| *task == s.task && *run != s.run_id)
+                    self.live.keys().any(|(board, task, run)| {
+                        board == slug && *task == s.task && *run != s.run_id
+                    })
                 });
                 for s in started {
-                    self.track_started(s);
+                    self.track_started(slug, s);
                 }
                 if superseded {
                     self.check_closed_runs().await;
                 }
                 for u in report.unbooked {
-                    warn!(hermes_kanban_task = %u.task_id, hermes_kanban_run_id = u.run_id,
+                    warn!(board = %slug, hermes_kanban_task = %u.task_id, hermes_kanban_run_id = u.run_id,
                           "spawn failed ({}) and the board would not take the record ({}); retrying", crate::text::clean(&u.error), u.why);
                     self.pending.insert(
-                        (u.task_id, u.run_id),
+                        (slug.to_string(), u.task_id, u.run_id),
                         Some(crate::outcome::spawn_failure(u.fault, &u.error)),
                     );
                 }
+                let Some(slot) = self.slots.get_mut(slug) else {
+                    return;
+                };
                 match infra_failure {
-                    Some(why) => self.back_off(&why),
+                    Some(why) => slot.back_off(&why),
                     None => {
-                        self.backoff = None;
-                        self.failing = None;
+                        slot.backoff = None;
+                        slot.failing = None;
                     }
                 }
                 // A full batch leaves work: the loop comes back after what else is due.
-                self.dirty |= report.batch_full;
+                slot.dirty |= report.batch_full;
             }
             Err(e) => {
-                warn!("dispatch pass failed: {e:#}");
-                self.back_off(&format!("{e:#}"));
+                warn!(board = %slug, "dispatch pass failed: {e:#}");
+                if let Some(slot) = self.slots.get_mut(slug) {
+                    slot.back_off(&format!("{e:#}"));
+                }
             }
         }
-        self.update_status();
     }
 
-    /// A pass failed on our side: wait before the next (doubling, at most a minute), and
-    /// say so in the service status until a pass succeeds.
-    fn back_off(&mut self, why: &str) {
-        let delay = self
-            .backoff
-            .map(|(_, d)| (d * 2).min(Duration::from_secs(60)))
-            .unwrap_or(Duration::from_secs(1));
-        self.backoff = Some((Instant::now() + delay, delay));
-        self.failing = Some(why.chars().take(200).collect());
-        self.dirty = true;
-    }
-
-    async fn on_changes(&mut self, changes: Vec<watch::Change>) {
-        let mut board_changed = false;
+    /// Handle what inotify saw; `true` when the set of boards changed (the watches follow).
+    async fn on_changes(&mut self, changes: Vec<watch::Change>) -> bool {
+        let mut boards_changed = false;
         for c in changes {
             match c {
                 watch::Change::RunRecord(path) => {
                     let key = self
                         .live
-                        .iter()
-                        .find(|(k, _)| status_path(&self.cfg.state_dir, &k.0, k.1) == path)
-                        .map(|(k, _)| k.clone());
-                    if let Some((task, run)) = key {
-                        self.book(&task, run).await;
+                        .keys()
+                        .find(|k| status_path(&self.cfg.state_dir, &k.0, &k.1, k.2) == path)
+                        .cloned();
+                    if let Some(key) = key {
+                        self.book(&key).await;
                     }
                 }
-                watch::Change::Board => board_changed = true,
-            }
-        }
-        if board_changed {
-            // Only another writer's commit changes data_version; our own writes do not.
-            match self.board.data_version() {
-                Ok(v) if v != self.data_version => {
-                    self.data_version = v;
-                    self.check_closed_runs().await;
-                    self.dirty = true;
+                watch::Change::Board(slug) => {
+                    let Some(slot) = self.slots.get_mut(&slug) else {
+                        continue;
+                    };
+                    let Some(board) = &slot.board else {
+                        // A board we could not open changed: worth another try.
+                        slot.dirty = true;
+                        continue;
+                    };
+                    // Only another writer's commit changes data_version; our own writes do not.
+                    match board.data_version() {
+                        Ok(v) if v != slot.data_version => {
+                            slot.data_version = v;
+                            slot.dirty = true;
+                            self.check_closed_runs().await;
+                        }
+                        Ok(_) => {}
+                        Err(e) => warn!(board = %slug, "read the board's data_version: {e}"),
+                    }
                 }
-                Ok(_) => {}
-                Err(e) => warn!("read the board's data_version: {e}"),
+                watch::Change::Boards => boards_changed |= self.refresh_boards(),
+                watch::Change::HermesConfig => {}
             }
         }
+        boards_changed
     }
 
     async fn on_unit_removed(&mut self, unit: &str) {
@@ -484,8 +579,8 @@ impl Daemon {
             .iter()
             .find(|(_, l)| l.unit == unit)
             .map(|(k, _)| k.clone());
-        if let Some((task, run)) = key {
-            self.book(&task, run).await;
+        if let Some(key) = key {
+            self.book(&key).await;
         }
     }
 
@@ -493,15 +588,15 @@ impl Daemon {
     /// scope as systemd and the kernel see it), let `outcome::decide` say how the run
     /// ended, and record that. A verdict the worker wrote itself wins: the board then
     /// refuses the booking (`Ok(None)`). A fact we cannot read (the bus is down) is retried.
-    async fn book(&mut self, task: &str, run: i64) {
-        let key = (task.to_string(), run);
-        let Some(live) = self.live.get(&key).cloned() else {
+    async fn book(&mut self, key: &Key) {
+        let (slug, task, run) = (&key.0, &key.1, key.2);
+        let Some(live) = self.live.get(key).cloned() else {
             return;
         };
-        let record = match RunStatus::read(&self.cfg.state_dir, task, run) {
+        let record = match RunStatus::read(&self.cfg.state_dir, slug, task, run) {
             Ok(s) => s,
             Err(e) => {
-                warn!(hermes_kanban_task = %task, hermes_kanban_run_id = run, "cannot read the exit record: {e}");
+                warn!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run, "cannot read the exit record: {e}");
                 None
             }
         };
@@ -511,7 +606,7 @@ impl Daemon {
             Ok(None) => Scope::Gone,
             Err(e) => {
                 warn!(unit = %live.unit, "unit state unknown ({e}); retrying");
-                self.pending.insert(key, None);
+                self.pending.insert(key.clone(), None);
                 return;
             }
         };
@@ -527,54 +622,69 @@ impl Daemon {
         let Decision::Ended(end) = outcome::decide(&facts) else {
             return;
         };
-        match self.board.end_run(task, run, &end, self.cfg.failure_limit) {
+        let Some(board) = self.board(slug) else {
+            warn!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run, "board not open; will retry booking the run");
+            self.pending.insert(key.clone(), None);
+            return;
+        };
+        match board.end_run(task, run, &end, self.cfg.failure_limit) {
             Ok(result) => {
                 match &result {
                     Some(r) => {
-                        info!(hermes_kanban_task = %task, hermes_kanban_run_id = run, unit = %live.unit,
+                        info!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run, unit = %live.unit,
                                      object_systemd_unit = %live.unit, status = %r.status, failures = r.failures,
                                      gave_up = r.gave_up, "run ended: {}", crate::text::clean(end.error()))
                     }
                     None => {
-                        info!(hermes_kanban_task = %task, hermes_kanban_run_id = run, unit = %live.unit,
+                        info!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run, unit = %live.unit,
                                   object_systemd_unit = %live.unit, "run ended; the worker had recorded its own verdict")
                     }
                 }
-                self.pending.remove(&key);
-                self.live.remove(&key);
-                let _ = std::fs::remove_file(status_path(&self.cfg.state_dir, task, run));
+                self.pending.remove(key);
+                self.live.remove(key);
+                let _ = std::fs::remove_file(status_path(&self.cfg.state_dir, slug, task, run));
                 // Leftovers of the worker (daemonized grandchildren) go with the run.
                 if scope == Scope::Live {
                     if let Err(e) = self.sd.stop(&live.unit).await {
                         warn!(unit = %live.unit, "stop leftovers: {e}");
                     }
                 }
-                self.dirty = true;
+                if let Some(s) = self.slots.get_mut(slug) {
+                    s.dirty = true;
+                }
             }
             Err(BoardError::Locked { .. }) => {
-                warn!(hermes_kanban_task = %task, hermes_kanban_run_id = run, "board locked; will retry booking the run");
-                self.pending.insert(key, None);
+                warn!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run, "board locked; will retry booking the run");
+                self.pending.insert(key.clone(), None);
             }
             Err(e) => {
-                warn!(hermes_kanban_task = %task, hermes_kanban_run_id = run, "cannot book the run: {e}; will retry");
-                self.pending.insert(key, None);
+                warn!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run, "cannot book the run: {e}; will retry");
+                self.pending.insert(key.clone(), None);
             }
         }
     }
 
     async fn retry_pending(&mut self) {
-        for ((task, run), decided) in std::mem::take(&mut self.pending) {
+        for (key, decided) in std::mem::take(&mut self.pending) {
             match decided {
-                None => self.book(&task, run).await,
-                Some(end) => match self.board.end_run(&task, run, &end, self.cfg.failure_limit) {
-                    Ok(_) => {
-                        info!(hermes_kanban_task = %task, hermes_kanban_run_id = run, "recorded: {}", crate::text::clean(end.error()));
-                        self.dirty = true;
+                None => self.book(&key).await,
+                Some(end) => {
+                    let (slug, task, run) = (&key.0, &key.1, key.2);
+                    let booked = self
+                        .board(slug)
+                        .map(|b| b.end_run(task, run, &end, self.cfg.failure_limit));
+                    match booked {
+                        Some(Ok(_)) => {
+                            info!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run, "recorded: {}", crate::text::clean(end.error()));
+                            if let Some(s) = self.slots.get_mut(slug) {
+                                s.dirty = true;
+                            }
+                        }
+                        _ => {
+                            self.pending.insert(key, Some(end));
+                        }
                     }
-                    Err(_) => {
-                        self.pending.insert((task, run), Some(end));
-                    }
-                },
+                }
             }
         }
     }
@@ -582,15 +692,15 @@ impl Daemon {
     /// Keep our workers' claims alive so upstream's stale-claim sweep never reclaims a
     /// live worker. The lock stays the one the worker was given.
     fn extend_claims(&mut self) {
-        for ((task, run), live) in &self.live {
-            match self
-                .board
-                .extend_claim(task, &live.lock, self.cfg.claim_ttl_seconds)
-            {
+        for ((slug, task, run), live) in &self.live {
+            let Some(board) = self.board(slug) else {
+                continue;
+            };
+            match board.extend_claim(task, &live.lock, self.cfg.claim_ttl_seconds) {
                 Ok(true) => {}
                 Ok(false) => {} // closed by someone else: check_closed_runs deals with it
                 Err(e) => {
-                    warn!(hermes_kanban_task = %task, hermes_kanban_run_id = run, "extend claim: {e}; retrying later")
+                    warn!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run, "extend claim: {e}; retrying later")
                 }
             }
         }
@@ -602,22 +712,28 @@ impl Daemon {
     /// after `verdict_grace_seconds`.
     async fn check_closed_runs(&mut self) {
         let grace = Duration::from_secs(self.cfg.verdict_grace_seconds);
-        // One indexed read for all tracked runs, not one row per worker.
-        let running = match self.board.running_runs() {
-            Ok(r) => r,
-            Err(e) => {
-                warn!("read the running runs: {e}");
-                return;
+        // One indexed read per board for all tracked runs, not one row per worker.
+        let mut running = HashMap::new();
+        for (slug, s) in &self.slots {
+            let Some(b) = &s.board else { continue };
+            match b.running_runs() {
+                Ok(r) => {
+                    running.insert(slug.clone(), r);
+                }
+                Err(e) => warn!(board = %slug, "read the running runs: {e}"),
             }
-        };
+        }
         self.grace_due = None;
         let keys: Vec<Key> = self.live.keys().cloned().collect();
         for key in keys {
-            let now_on = running.get(&key.0).copied();
+            let Some(on_board) = running.get(&key.0) else {
+                continue;
+            };
+            let now_on = on_board.get(&key.1).copied();
             let Some(live) = self.live.get_mut(&key) else {
                 continue;
             };
-            if now_on == Some(key.1) {
+            if now_on == Some(key.2) {
                 live.closed_since = None;
                 continue;
             }
@@ -625,7 +741,7 @@ impl Daemon {
             let since = *live.closed_since.get_or_insert_with(Instant::now);
             if superseded || since.elapsed() >= grace {
                 let unit = live.unit.clone();
-                warn!(hermes_kanban_task = %key.0, hermes_kanban_run_id = key.1, unit = %unit, superseded,
+                warn!(board = %key.0, hermes_kanban_task = %key.1, hermes_kanban_run_id = key.2, unit = %unit, superseded,
                       "the run was closed on the board but its worker still runs; stopping it");
                 if let Err(e) = self.sd.stop(&unit).await {
                     warn!(unit = %unit, "stop: {e}");
@@ -637,6 +753,28 @@ impl Daemon {
             }
         }
     }
+}
+
+/// Why the daemon cannot start while `.dispatcher.lock` is held, by whom, and what to do.
+pub fn lock_taken(path: &std::path::Path) -> String {
+    let holders = crate::liveness::flock_holders(path);
+    let who = if holders.is_empty() {
+        "a process we cannot see".to_string()
+    } else {
+        holders
+            .iter()
+            .map(|(pid, cmd)| format!("pid {pid} ({cmd})"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "another dispatcher holds {}: {who} — a Hermes gateway that dispatches kanban itself \
+         (kanban.dispatch_in_gateway, on by default) or another hermes-mgr dispatcher; one dispatcher per \
+         Hermes root. To switch to hermes-dispatcher: stop that gateway, start hermes-dispatcher, then start \
+         the gateway again — it finds the lock held, does not dispatch, and keeps delivering kanban \
+         notifications",
+        path.display()
+    )
 }
 
 /// The soft `RLIMIT_NOFILE` up to the hard one (systemd gives services 1024 soft, 524288
@@ -655,6 +793,6 @@ fn raise_nofile_limit() {
 }
 
 /// For `reconcile`: the unit a run of ours has.
-fn unit_of(task: &str, run: i64) -> String {
-    unit_name::worker_scope(task, run)
+fn unit_of(board: &str, task: &str, run: i64) -> String {
+    unit_name::worker_scope(board, task, run)
 }

@@ -13,6 +13,9 @@
 //! 4. A running row claimed on another host → not ours.
 //! 5. A worker scope of one of this board's runs that is not the task's current run →
 //!    stopped. Scopes that match no run of this board (another board's) are left alone.
+//!
+//! Each board is reconciled when it is opened (before its first pass), and all of them on
+//! start-up, after a reconnect and on the safety-net tick.
 //! 6. A run we track whose row is no longer running on it (it ended while the bus was
 //!    away) → booked; if its scope still lives it stays tracked (`check_closed_runs`).
 
@@ -20,7 +23,7 @@ use std::collections::{HashMap, HashSet};
 
 use tracing::{debug, info, warn};
 
-use super::{unit_of, Daemon, Live};
+use super::{unit_of, Daemon, Key, Live};
 use crate::board::claimer_id;
 use crate::liveness;
 use crate::spawn::spec::RunStatus;
@@ -61,6 +64,16 @@ enum Rule {
     Gone,
 }
 
+/// What a reconcile found, over the boards it went through.
+#[derive(Default)]
+struct Counts {
+    adopted: usize,
+    ended: usize,
+    lost: usize,
+    /// The units of every running row seen.
+    current_units: HashSet<String>,
+}
+
 fn rule(f: &RowFacts) -> Rule {
     if f.scope_live {
         Rule::Adopt
@@ -76,25 +89,94 @@ fn rule(f: &RowFacts) -> Rule {
 }
 
 impl Daemon {
+    /// Reconcile every open board with the worker scopes systemd has.
     pub(super) async fn reconcile(&mut self) -> anyhow::Result<()> {
-        let units: HashMap<String, String> = self
+        let units = self.worker_units().await?;
+        let slugs: Vec<String> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.board.is_some())
+            .map(|(slug, _)| slug.clone())
+            .collect();
+        let mut counts = Counts::default();
+        for slug in &slugs {
+            if let Err(e) = self.reconcile_with(slug, &units, &mut counts).await {
+                warn!(board = %slug, "reconcile: {e:#}");
+            }
+        }
+        // Runs we tracked whose rows are no longer running (ended while the bus was away).
+        let stale: Vec<Key> = self
+            .live
+            .keys()
+            .filter(|k| !counts.current_units.contains(&unit_of(&k.0, &k.1, k.2)))
+            .filter(|k| slugs.contains(&k.0))
+            .cloned()
+            .collect();
+        for key in stale {
+            // Booked if it is over; a worker still running after its row was closed stays
+            // tracked until `check_closed_runs` stops it.
+            self.book(&key).await;
+        }
+        // The safety-net tick reconciles too: say so only when it found something.
+        if counts.adopted + counts.ended + counts.lost > 0 || !self.reconciled_once {
+            info!(
+                adopted = counts.adopted,
+                ended_while_away = counts.ended,
+                lost = counts.lost,
+                live = self.live.len(),
+                boards = slugs.len(),
+                "reconciled with systemd"
+            );
+        } else {
+            debug!(live = self.live.len(), "reconciled with systemd");
+        }
+        self.reconciled_once = true;
+        Ok(())
+    }
+
+    /// Reconcile one board just opened (before anything is dispatched on it).
+    pub(super) async fn reconcile_board(&mut self, slug: &str) -> anyhow::Result<()> {
+        let units = self.worker_units().await?;
+        let mut counts = Counts::default();
+        self.reconcile_with(slug, &units, &mut counts).await?;
+        if counts.adopted + counts.ended + counts.lost > 0 {
+            info!(board = %slug, adopted = counts.adopted, ended_while_away = counts.ended, lost = counts.lost,
+                  "reconciled the board with systemd");
+        }
+        Ok(())
+    }
+
+    async fn worker_units(&self) -> anyhow::Result<HashMap<String, String>> {
+        Ok(self
             .sd
             .list_units(WORKER_SCOPE_GLOB)
             .await?
             .into_iter()
-            .collect();
+            .collect())
+    }
+
+    async fn reconcile_with(
+        &mut self,
+        slug: &str,
+        units: &HashMap<String, String>,
+        counts: &mut Counts,
+    ) -> anyhow::Result<()> {
         let me = claimer_id();
         let host_prefix = format!("{}:", me.split(':').next().unwrap_or(""));
-        let mut current_units = HashSet::new();
-        let (mut adopted, mut ended, mut lost) = (0, 0, 0);
-        for t in self.board.running_tasks()? {
+        let Some(board) = self.board(slug) else {
+            return Ok(());
+        };
+        let running = board.running_tasks()?;
+        let mut mine = HashSet::new();
+        for t in running {
             let Some(run) = t.current_run_id else {
                 continue;
             };
-            let unit = unit_of(&t.id, run);
-            let key = (t.id.clone(), run);
-            current_units.insert(unit.clone());
-            let record = RunStatus::read(&self.cfg.state_dir, &t.id, run).unwrap_or(None);
+            let unit = unit_of(slug, &t.id, run);
+            let key: Key = (slug.to_string(), t.id.clone(), run);
+            counts.current_units.insert(unit.clone());
+            mine.insert(unit.clone());
+            let record = RunStatus::read(&self.cfg.state_dir, slug, &t.id, run).unwrap_or(None);
             let tracked = self.live.get(&key).is_some_and(|l| l.watched);
             let live = Live {
                 unit: unit.clone(),
@@ -128,8 +210,8 @@ impl Daemon {
             match rule(&facts) {
                 Rule::Adopt => {
                     if !self.live.contains_key(&key) {
-                        info!(hermes_kanban_task = %t.id, hermes_kanban_run_id = run, unit = %unit, object_systemd_unit = %unit, "adopted a running worker");
-                        adopted += 1;
+                        info!(board = %slug, hermes_kanban_task = %t.id, hermes_kanban_run_id = run, unit = %unit, object_systemd_unit = %unit, "adopted a running worker");
+                        counts.adopted += 1;
                     }
                     self.live.insert(
                         key.clone(),
@@ -139,45 +221,33 @@ impl Daemon {
                         },
                     );
                     if facts.record {
-                        self.book(&t.id, run).await;
+                        self.book(&key).await;
                     }
                 }
                 Rule::EndedWhileAway => {
                     self.live.insert(key.clone(), live);
-                    ended += 1;
-                    self.book(&t.id, run).await;
+                    counts.ended += 1;
+                    self.book(&key).await;
                 }
                 Rule::NotOurs => {}
                 Rule::SomeoneElsesWorker => {
-                    warn!(hermes_kanban_task = %t.id, hermes_kanban_run_id = run, pid = t.worker_pid,
+                    warn!(board = %slug, hermes_kanban_task = %t.id, hermes_kanban_run_id = run, pid = t.worker_pid,
                           "running worker was not started by hermes-mgr (its PID lives outside any worker scope); leaving it alone");
                 }
                 Rule::Gone => {
                     // Booked from those facts: lost, unless we watched it live and it was
                     // killed with its supervisor.
                     self.live.insert(key.clone(), live);
-                    self.book(&t.id, run).await;
+                    self.book(&key).await;
                     if !self.live.contains_key(&key) {
-                        lost += 1;
+                        counts.lost += 1;
                     }
                 }
             }
         }
-        // Runs we tracked whose rows are no longer running (ended while the bus was away).
-        let stale: Vec<_> = self
-            .live
-            .keys()
-            .filter(|k| !current_units.contains(&unit_of(&k.0, k.1)))
-            .cloned()
-            .collect();
-        for (task, run) in stale {
-            // Booked if it is over; a worker still running after its row was closed stays
-            // tracked until `check_closed_runs` stops it.
-            self.book(&task, run).await;
-        }
         // Scopes of this board's runs that are not current: never two workers for one task.
-        for (unit, state) in &units {
-            if current_units.contains(unit) || !is_live(state) {
+        for (unit, state) in units {
+            if mine.contains(unit) || !is_live(state) {
                 continue;
             }
             let Some(run) = unit
@@ -187,9 +257,10 @@ impl Daemon {
             else {
                 continue;
             };
-            if let Ok(Some(r)) = self.board.run(run) {
-                if unit_of(&r.task_id, run) == *unit {
-                    warn!(hermes_kanban_task = %r.task_id, hermes_kanban_run_id = run, unit = %unit,
+            let Some(board) = self.board(slug) else { break };
+            if let Ok(Some(r)) = board.run(run) {
+                if unit_of(slug, &r.task_id, run) == *unit {
+                    warn!(board = %slug, hermes_kanban_task = %r.task_id, hermes_kanban_run_id = run, unit = %unit,
                           "worker scope of a run that is not current; stopping it");
                     if let Err(e) = self.sd.stop(unit).await {
                         warn!(unit = %unit, "stop: {e}");
@@ -197,19 +268,6 @@ impl Daemon {
                 }
             }
         }
-        // The safety-net tick reconciles too: say so only when it found something.
-        if adopted + ended + lost > 0 || !self.reconciled_once {
-            info!(
-                adopted,
-                ended_while_away = ended,
-                lost,
-                live = self.live.len(),
-                "reconciled with systemd"
-            );
-        } else {
-            debug!(live = self.live.len(), "reconciled with systemd");
-        }
-        self.reconciled_once = true;
         Ok(())
     }
 

@@ -1,13 +1,18 @@
 //! inotify: the kernel tells the daemon when a supervisor has recorded an exit (a file
-//! renamed into `<state_dir>/runs/`) and when someone else may have written the board
-//! (`kanban.db`, `kanban.db-wal`). No polling.
+//! renamed into `<state_dir>/runs/`), when someone else may have written a board
+//! (`kanban.db`, `kanban.db-wal`), when a board was created, archived or removed
+//! (`<root>/kanban/boards/`, a `board.json`), and when Hermes' `config.yaml` changed. No
+//! polling.
 
-use std::ffi::OsString;
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use tokio::io::unix::AsyncFd;
+
+use crate::board::{BoardPaths, Owner};
 
 struct Fd(Inotify);
 
@@ -21,42 +26,158 @@ impl AsRawFd for Fd {
 pub enum Change {
     /// A file appeared in the runs directory (a supervisor's exit record).
     RunRecord(PathBuf),
-    /// The board file or its WAL was written.
-    Board,
+    /// Board `slug`'s file or its WAL was written.
+    Board(String),
+    /// The set of boards may have changed: `<root>/kanban/boards/` gained or lost an entry,
+    /// or a `board.json` was written (`archived`).
+    Boards,
+    /// Hermes' `<root>/config.yaml` was written.
+    HermesConfig,
+}
+
+/// What events in one watched directory mean. One directory can play several parts (the
+/// Hermes root holds the default board and `config.yaml`).
+#[derive(Debug, Default, Clone)]
+struct Role {
+    runs: Option<PathBuf>,
+    /// `(file name, board)` of the boards whose database lives here.
+    boards: Vec<(OsString, String)>,
+    /// `<root>/kanban`: its `boards` entry appearing or going.
+    kanban_dir: bool,
+    /// `<root>/kanban/boards`: any entry.
+    boards_dir: bool,
+    /// A board's own directory: its `board.json`.
+    board_json: bool,
+    /// The Hermes root: `config.yaml`.
+    config: bool,
 }
 
 pub struct Watcher {
     fd: AsyncFd<Fd>,
-    runs: (WatchDescriptor, PathBuf),
-    board: (WatchDescriptor, OsString),
+    roles: HashMap<WatchDescriptor, Role>,
+    runs_dir: PathBuf,
 }
 
+const MASK: AddWatchFlags = AddWatchFlags::IN_MODIFY
+    .union(AddWatchFlags::IN_CLOSE_WRITE)
+    .union(AddWatchFlags::IN_MOVED_TO)
+    .union(AddWatchFlags::IN_MOVED_FROM)
+    .union(AddWatchFlags::IN_CREATE)
+    .union(AddWatchFlags::IN_DELETE)
+    .union(AddWatchFlags::IN_ONLYDIR);
+
 impl Watcher {
-    pub fn new(runs_dir: &Path, db: &Path) -> std::io::Result<Watcher> {
+    pub fn new(runs_dir: &Path) -> std::io::Result<Watcher> {
         let ino = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
         std::fs::create_dir_all(runs_dir)?;
-        let runs = ino.add_watch(
-            runs_dir,
-            AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_CLOSE_WRITE,
-        )?;
-        let dir = db
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let board = ino.add_watch(
-            dir,
-            AddWatchFlags::IN_MODIFY | AddWatchFlags::IN_CLOSE_WRITE | AddWatchFlags::IN_MOVED_TO,
-        )?;
-        let name = db.file_name().map(|n| n.to_os_string()).unwrap_or_default();
         // SAFETY: `Fd` owns the inotify fd for as long as the AsyncFd lives, and always
         // returns that same fd.
         let fd = unsafe { AsyncFd::register(Fd(ino)) }
             .map_err(|e| std::io::Error::other(e.to_string()))?;
-        Ok(Watcher {
+        let mut w = Watcher {
             fd,
-            runs: (runs, runs_dir.to_path_buf()),
-            board: (board, name),
-        })
+            roles: HashMap::new(),
+            runs_dir: runs_dir.to_path_buf(),
+        };
+        w.set_boards(&[], None, None);
+        if w.roles.is_empty() {
+            return Err(std::io::Error::other(format!(
+                "cannot watch {}",
+                runs_dir.display()
+            )));
+        }
+        Ok(w)
+    }
+
+    /// Watch exactly what serving `boards` needs (and, unless the board is pinned, the
+    /// directories where boards come and go, under `root`). Directories in the board tree
+    /// are watched as its `owner`: the tree is the workers' to write, and inotify follows a
+    /// symlinked directory with the caller's file system identity. A directory that cannot
+    /// be watched yet (not created) is retried on the next call.
+    pub fn set_boards(
+        &mut self,
+        boards: &[BoardPaths],
+        root: Option<&Path>,
+        owner: Option<&Owner>,
+    ) {
+        let mut want: Vec<(PathBuf, Role, bool)> = vec![(
+            self.runs_dir.clone(),
+            Role {
+                runs: Some(self.runs_dir.clone()),
+                ..Role::default()
+            },
+            false,
+        )];
+        for b in boards {
+            let dir =
+                b.db.parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."))
+                    .to_path_buf();
+            let name =
+                b.db.file_name()
+                    .map(OsStr::to_os_string)
+                    .unwrap_or_default();
+            want.push((
+                dir,
+                Role {
+                    boards: vec![(name, b.slug.clone())],
+                    board_json: b.slug != crate::board::DEFAULT_BOARD,
+                    ..Role::default()
+                },
+                true,
+            ));
+        }
+        if let Some(root) = root {
+            let kanban = root.join("kanban");
+            want.push((
+                root.to_path_buf(),
+                Role {
+                    config: true,
+                    ..Role::default()
+                },
+                true,
+            ));
+            want.push((
+                kanban.clone(),
+                Role {
+                    kanban_dir: true,
+                    ..Role::default()
+                },
+                true,
+            ));
+            want.push((
+                kanban.join("boards"),
+                Role {
+                    boards_dir: true,
+                    ..Role::default()
+                },
+                true,
+            ));
+        }
+        let ino = &self.fd.get_ref().0;
+        let mut roles: HashMap<WatchDescriptor, Role> = HashMap::new();
+        for (dir, role, in_tree) in want {
+            let add = || ino.add_watch(&dir, MASK);
+            let wd = match (in_tree, owner) {
+                (true, Some(o)) => crate::safe_fs::as_user(o, add).ok().and_then(|r| r.ok()),
+                _ => add().ok(),
+            };
+            let Some(wd) = wd else { continue };
+            let r = roles.entry(wd).or_default();
+            r.runs = r.runs.take().or(role.runs);
+            r.boards.extend(role.boards);
+            r.kanban_dir |= role.kanban_dir;
+            r.boards_dir |= role.boards_dir;
+            r.board_json |= role.board_json;
+            r.config |= role.config;
+        }
+        for wd in self.roles.keys() {
+            if !roles.contains_key(wd) {
+                let _ = ino.rm_watch(*wd);
+            }
+        }
+        self.roles = roles;
     }
 
     /// Wait for the next batch of changes.
@@ -66,21 +187,38 @@ impl Watcher {
             match guard.get_inner().0.read_events() {
                 Ok(events) => {
                     let mut out = Vec::new();
+                    let mut push = |c: Change| {
+                        if !out.contains(&c) {
+                            out.push(c);
+                        }
+                    };
                     for e in events {
                         let Some(name) = e.name else { continue };
-                        if e.wd == self.runs.0 {
-                            if name.to_string_lossy().ends_with(".json") {
-                                out.push(Change::RunRecord(self.runs.1.join(name)));
+                        let Some(role) = self.roles.get(&e.wd) else {
+                            continue;
+                        };
+                        let n = name.as_encoded_bytes();
+                        if let Some(runs) = &role.runs {
+                            if n.ends_with(b".json") {
+                                push(Change::RunRecord(runs.join(&name)));
                             }
-                        } else if e.wd == self.board.0 {
-                            let n = name.as_encoded_bytes();
-                            let base = self.board.1.as_encoded_bytes();
+                        }
+                        for (db, slug) in &role.boards {
+                            let base = db.as_encoded_bytes();
                             if n.starts_with(base)
                                 && (n.len() == base.len() || n[base.len()..].starts_with(b"-wal"))
-                                && !out.contains(&Change::Board)
                             {
-                                out.push(Change::Board);
+                                push(Change::Board(slug.clone()));
                             }
+                        }
+                        if role.boards_dir
+                            || (role.kanban_dir && n == b"boards")
+                            || (role.board_json && n == b"board.json")
+                        {
+                            push(Change::Boards);
+                        }
+                        if role.config && n == b"config.yaml" {
+                            push(Change::HermesConfig);
                         }
                     }
                     if !out.is_empty() {

@@ -56,7 +56,7 @@ pub async fn stop(
             task.status
         );
     };
-    let unit = unit_name::worker_scope(task_id, run_id);
+    let unit = unit_name::worker_scope(&board.paths().slug, task_id, run_id);
     let timeout = timeout.unwrap_or(cfg.stop_timeout_seconds);
     let before = sd
         .active_state(&unit)
@@ -102,7 +102,7 @@ pub async fn stop(
         HowItEnded::AlreadyEnded
     };
     let elapsed_ms = t0.elapsed().as_millis();
-    let status = RunStatus::read(&cfg.state_dir, task_id, run_id)
+    let status = RunStatus::read(&cfg.state_dir, &board.paths().slug, task_id, run_id)
         .with_context(|| format!("read the exit status of {unit}"))?;
     let operator_stop = match &how {
         HowItEnded::AlreadyEnded => None,

@@ -329,7 +329,7 @@ fn prepare_task(
         gid: user.gid.as_raw(),
         groups: groups.into_iter().map(|g| g.as_raw()).collect(),
         tmp_root: absolute(&cfg.tmp_root),
-        status_file: spec::status_path(&cfg.state_dir, &task.id, claim.run_id),
+        status_file: spec::status_path(&cfg.state_dir, &board.paths().slug, &task.id, claim.run_id),
         identifier: "hermes-worker".into(),
     })
 }
@@ -471,7 +471,7 @@ pub async fn start_worker(
     claim: &Claim,
 ) -> Result<Started, SpawnError> {
     let task = &claim.task;
-    let unit = unit_name::worker_scope(&task.id, claim.run_id);
+    let unit = unit_name::worker_scope(&board.paths().slug, &task.id, claim.run_id);
     // Everything prepare checks is the task's or its configuration's.
     let spec = prepare(board, cfg, claim, &unit)?;
     let runs_dir = cfg.state_dir.join("runs");

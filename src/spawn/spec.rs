@@ -107,19 +107,23 @@ pub enum Report {
     },
 }
 
-/// `<state_dir>/runs/<task>-run-<run>.json` (the task id as a bounded file name: a unit
-/// name can be 255 bytes, a file name no more).
-pub fn status_path(state_dir: &Path, task: &str, run_id: i64) -> PathBuf {
-    state_dir.join("runs").join(format!(
-        "{}-run-{run_id}.json",
-        crate::systemd::unit_name::file_component(task)
-    ))
+/// `<state_dir>/runs/<task>-run-<run>.json`, `<board>.` in front off the default board
+/// (`unit_name::run_record`: bounded, one component, whatever the ids are).
+pub fn status_path(state_dir: &Path, board: &str, task: &str, run_id: i64) -> PathBuf {
+    state_dir
+        .join("runs")
+        .join(crate::systemd::unit_name::run_record(board, task, run_id))
 }
 
 impl RunStatus {
     /// The status a supervisor left for this run, if any.
-    pub fn read(state_dir: &Path, task: &str, run_id: i64) -> std::io::Result<Option<RunStatus>> {
-        match std::fs::read(status_path(state_dir, task, run_id)) {
+    pub fn read(
+        state_dir: &Path,
+        board: &str,
+        task: &str,
+        run_id: i64,
+    ) -> std::io::Result<Option<RunStatus>> {
+        match std::fs::read(status_path(state_dir, board, task, run_id)) {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
                 .map_err(std::io::Error::other),

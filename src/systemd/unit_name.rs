@@ -46,24 +46,51 @@ fn escaped_within(task: &str, max: usize) -> String {
     esc
 }
 
-/// `hermes-worker-kanban-<task>-run-<run>.scope`, upstream's naming (HEAD's
-/// `_restart_safe_worker_argv`). An id whose escaped form would push the name past
-/// systemd's limit is cut and suffixed with a digest of the whole id, so the name stays
-/// unique per task and deterministic (re-adoption finds the unit again by name).
-pub fn worker_scope(task: &str, run: i64) -> String {
+/// A board's slug inside a name: at most this many bytes once escaped.
+const SLUG_MAX: usize = 64;
+
+/// `hermes-worker-kanban-<task>-run-<run>.scope` on the default board, upstream's naming
+/// (HEAD's `_restart_safe_worker_argv`); `hermes-worker-kanban-<board>-<task>-run-<run>.scope`
+/// on any other, because task and run ids are only unique within a board. Neither escaped
+/// part contains a `-`, so the two shapes cannot be mistaken for each other. An id whose
+/// escaped form would push the name past systemd's limit is cut and suffixed with a digest
+/// of the whole id, so the name stays unique per task and deterministic (re-adoption finds
+/// the unit again by name).
+pub fn worker_scope(board: &str, task: &str, run: i64) -> String {
     let tail = format!("-run-{run}.scope");
-    let head = "hermes-worker-kanban-";
+    let head = if board == crate::board::DEFAULT_BOARD {
+        "hermes-worker-kanban-".to_string()
+    } else {
+        format!("hermes-worker-kanban-{}-", escaped_within(board, SLUG_MAX))
+    };
     let esc = escaped_within(task, UNIT_NAME_MAX - head.len() - tail.len());
     format!("{head}{esc}{tail}")
+}
+
+/// The file name of a run's exit record: `<task>-run-<run>.json` on the default board,
+/// `<board>.<task>-run-<run>.json` on others (a plain id has no `.`, an escaped one neither).
+pub fn run_record(board: &str, task: &str, run: i64) -> String {
+    if board == crate::board::DEFAULT_BOARD {
+        format!("{}-run-{run}.json", file_component(task))
+    } else {
+        format!(
+            "{}.{}-run-{run}.json",
+            escaped_within(board, SLUG_MAX),
+            component_within(task, 150)
+        )
+    }
 }
 
 /// A single, bounded file-name component for `task`: the id itself when it is plain
 /// (`t_5e0db6b2`), else its escaped form, cut and digested like a unit name. A hostile id
 /// (`../../etc`) can name neither a parent directory nor a path of several components.
 pub fn file_component(task: &str) -> String {
-    const MAX: usize = 200;
+    component_within(task, 200)
+}
+
+fn component_within(task: &str, max: usize) -> String {
     let plain = !task.is_empty()
-        && task.len() <= MAX
+        && task.len() <= max
         && task
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
@@ -73,7 +100,7 @@ pub fn file_component(task: &str) -> String {
     if task.is_empty() {
         return "_".into();
     }
-    escaped_within(task, MAX)
+    escaped_within(task, max)
 }
 
 /// The glob that matches every worker scope, for `ListUnitsByPatterns`.
@@ -99,7 +126,7 @@ mod tests {
     #[test]
     fn upstream_ids_read_naturally() {
         assert_eq!(
-            worker_scope("t_5e0db6b2", 1),
+            worker_scope("default", "t_5e0db6b2", 1),
             "hermes-worker-kanban-t_5e0db6b2-run-1.scope"
         );
     }
@@ -115,7 +142,7 @@ mod tests {
             "x.service",
             long.as_str(),
         ] {
-            let n = worker_scope(id, 7);
+            let n = worker_scope("default", id, 7);
             assert!(is_valid(&n), "{n:?} invalid for {id:?}");
             assert!(
                 n.starts_with("hermes-worker-kanban-") && n.ends_with("-run-7.scope"),
@@ -146,7 +173,29 @@ mod tests {
     fn long_ids_get_distinct_names() {
         let a = "a".repeat(300);
         let b = format!("{}b", "a".repeat(299));
-        assert_ne!(worker_scope(&a, 1), worker_scope(&b, 1));
-        assert!(worker_scope(&a, 1).len() <= 255);
+        assert_ne!(
+            worker_scope("default", &a, 1),
+            worker_scope("default", &b, 1)
+        );
+        let slug = "a-".repeat(31) + "a";
+        for board in ["default", slug.as_str()] {
+            assert!(worker_scope(board, &a, 1).len() <= 255);
+            assert!(run_record(board, &a, i64::MAX).len() <= 255);
+        }
+    }
+
+    #[test]
+    fn boards_keep_their_runs_apart() {
+        // Task "ops-x" on the default board and task "x" on board "ops" are two runs.
+        assert_ne!(
+            worker_scope("default", "ops-x", 1),
+            worker_scope("ops", "x", 1)
+        );
+        assert_eq!(
+            worker_scope("ops", "t_1", 2),
+            "hermes-worker-kanban-ops-t_1-run-2.scope"
+        );
+        assert_ne!(run_record("default", "ops.x", 1), run_record("ops", "x", 1));
+        assert_eq!(run_record("ops", "t_1", 2), "ops.t_1-run-2.json");
     }
 }

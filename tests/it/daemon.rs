@@ -135,6 +135,7 @@ systemd_test!(
             wait_for("the exit record", Duration::from_secs(30), || {
                 hermes_mgr::spawn::spec::RunStatus::read(
                     std::path::Path::new("/run/hermes-mgr-test"),
+                    "default",
                     id,
                     *run,
                 )
@@ -232,7 +233,7 @@ systemd_test!(
         drop(b);
         // The run's scope as systemd leaves it when the supervisor died before the attach:
         // active, with an empty cgroup (see scope::a_scope_whose_process_died_…).
-        let unit = hermes_mgr::systemd::unit_name::worker_scope(&id, claim.run_id);
+        let unit = hermes_mgr::systemd::unit_name::worker_scope("default", &id, claim.run_id);
         let mut z = crate::rig::zombie();
         let rt = crate::scope::rt();
         let sd = rt
@@ -296,8 +297,13 @@ systemd_test!(
         assert_eq!(line.trim(), "held");
         let ours = d.rig.mgr(&["dispatcher"]);
         assert_eq!(ours.code, Some(1));
+        // It names the holder and says what to do.
         assert!(
-            ours.stderr.contains("kanban.dispatch_in_gateway"),
+            ours.stderr.contains("kanban.dispatch_in_gateway")
+                && ours
+                    .stderr
+                    .contains(&format!("pid {} (/usr/bin/python3", holder.id()))
+                && ours.stderr.contains("start the gateway again"),
             "{}",
             ours.stderr
         );
@@ -477,6 +483,7 @@ systemd_test!(
         wait_for("the exit record", Duration::from_secs(20), || {
             hermes_mgr::spawn::spec::RunStatus::read(
                 std::path::Path::new("/run/hermes-mgr-test"),
+                "default",
                 &id,
                 r1,
             )

@@ -5,6 +5,7 @@ mod rig;
 
 mod attack;
 mod board;
+mod boards;
 mod cli;
 mod daemon;
 mod docs;

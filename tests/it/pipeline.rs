@@ -48,6 +48,7 @@ systemd_test!(
         wait_for("the exit record", Duration::from_secs(20), || {
             hermes_mgr::spawn::spec::RunStatus::read(
                 std::path::Path::new("/run/hermes-mgr-test"),
+                "default",
                 &first,
                 r1,
             )

@@ -212,8 +212,18 @@ impl Dispatcher {
         self.install_logging("hermes_mgr=debug,info");
     }
 
+    /// `install`, the daemon serving every board of the rig's Hermes root (no `--db`), as
+    /// the shipped unit does.
+    pub fn install_all_boards(&self) {
+        self.install_with("hermes_mgr=debug,info", false);
+    }
+
     /// `install` with `HERMES_MGR_LOG=filter` (benchmarks: `info`, as in production).
     pub fn install_logging(&self, filter: &str) {
+        self.install_with(filter, true);
+    }
+
+    fn install_with(&self, filter: &str, pinned: bool) {
         std::fs::create_dir_all("/run/systemd/system/hermes-dispatcher.service.d").unwrap();
         std::fs::copy(
             crate::harness::repo().join("units/hermes-dispatcher.service"),
@@ -221,10 +231,14 @@ impl Dispatcher {
         )
         .unwrap();
         let dropin = format!(
-            "[Service]\nExecStart=\nExecStart={bin} dispatcher --db {db} --config {cfg}\nEnvironment=HERMES_KANBAN_HOME={dir}\n\
+            "[Service]\nExecStart=\nExecStart={bin} dispatcher {db} --config {cfg}\nEnvironment=HERMES_KANBAN_HOME={dir}\n\
              Environment=HERMES_MGR_LOG={filter}\nWatchdogSec=10s\nRestart=no\nTimeoutStopSec=5s\n",
             bin = mgr_bin().display(),
-            db = self.rig.db.display(),
+            db = if pinned {
+                format!("--db {}", self.rig.db.display())
+            } else {
+                String::new()
+            },
             cfg = self.rig.config.display(),
             dir = self.rig.dir.display()
         );

@@ -572,8 +572,13 @@ systemd_test!(
         rig.wait_file(&ws.join("ready"));
         std::fs::write(ws.join("cmd"), "3\n").unwrap();
         let st = wait_for("the exit record", Duration::from_secs(20), || {
-            hermes_mgr::spawn::spec::RunStatus::read(Path::new("/run/hermes-mgr-test"), &id, run)
-                .unwrap()
+            hermes_mgr::spawn::spec::RunStatus::read(
+                Path::new("/run/hermes-mgr-test"),
+                "default",
+                &id,
+                run,
+            )
+            .unwrap()
         });
         assert_eq!(
             (st.exit_code, st.signal, st.task.as_str(), st.run_id),

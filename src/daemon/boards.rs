@@ -1,0 +1,193 @@
+//! The boards the daemon serves: every non-archived board of the Hermes root, as upstream's
+//! gateway (or the one board `--db`/`--board` pins). Boards come and go while it runs (a
+//! `boards/` or `board.json` event); one that cannot be opened is reported and skipped
+//! until its file changes or five minutes pass (upstream's quarantine), the others go on.
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::MetadataExt;
+use std::time::{Duration, Instant};
+
+use tracing::{error, info, warn};
+
+use super::Daemon;
+use crate::board::{Board, BoardError, BoardPaths, OpenMode};
+
+/// Upstream's `CORRUPT_BOARD_RETRY_AFTER_SECONDS`.
+const BROKEN_RETRY: Duration = Duration::from_secs(300);
+
+/// One board the daemon serves.
+pub(super) struct Slot {
+    pub paths: BoardPaths,
+    /// `None` until opened, and while the file cannot be opened (`broken` says why).
+    pub board: Option<Board>,
+    pub broken: Option<Broken>,
+    /// Listed (not archived, not removed): passes run on it. A board no longer listed is
+    /// kept while runs of it live (they are booked on it), then dropped.
+    pub listed: bool,
+    pub data_version: i64,
+    /// Something changed that a pass over this board should see.
+    pub dirty: bool,
+    /// After a failed pass: none before this instant (doubling, at most a minute).
+    pub backoff: Option<(Instant, Duration)>,
+    /// Why the last pass failed on our side; `None` once one succeeds.
+    pub failing: Option<String>,
+}
+
+/// Why a board cannot be served, and the file as it was then.
+#[derive(Debug, Clone)]
+pub(super) struct Broken {
+    pub why: String,
+    fingerprint: Option<(i64, i64, u64)>,
+    since: Instant,
+}
+
+/// `(mtime, mtime_nsec, size)` of the board file: a change is worth another try.
+fn fingerprint(paths: &BoardPaths) -> Option<(i64, i64, u64)> {
+    std::fs::metadata(&paths.db)
+        .ok()
+        .map(|m| (m.mtime(), m.mtime_nsec(), m.size()))
+}
+
+impl Slot {
+    pub fn new(paths: BoardPaths) -> Slot {
+        Slot {
+            paths,
+            board: None,
+            broken: None,
+            listed: true,
+            data_version: 0,
+            dirty: true,
+            backoff: None,
+            failing: None,
+        }
+    }
+
+    pub fn may_pass(&self) -> bool {
+        self.listed
+            && self.dirty
+            && self
+                .backoff
+                .is_none_or(|(until, _)| Instant::now() >= until)
+    }
+
+    /// A failed pass: wait before the next, and say so until one succeeds.
+    pub fn back_off(&mut self, why: &str) {
+        let delay = self
+            .backoff
+            .map(|(_, d)| (d * 2).min(Duration::from_secs(60)))
+            .unwrap_or(Duration::from_secs(1));
+        self.backoff = Some((Instant::now() + delay, delay));
+        self.failing = Some(why.chars().take(200).collect());
+        self.dirty = true;
+    }
+}
+
+/// What opening a board came to.
+pub(super) enum Opened {
+    Now,
+    Already,
+    /// Locked by another writer, or quarantined: try again later.
+    NotYet,
+}
+
+impl Daemon {
+    /// The board set as the disk has it now; `true` when it changed (the watches follow).
+    pub(super) fn refresh_boards(&mut self) -> bool {
+        let listed = self.resolver.served_boards();
+        let names: BTreeSet<String> = listed.iter().map(|p| p.slug.clone()).collect();
+        let mut changed = false;
+        for p in listed {
+            match self.slots.get_mut(&p.slug) {
+                Some(s) if !s.listed => {
+                    info!(board = %p.slug, "board listed again; dispatching it");
+                    s.listed = true;
+                    s.dirty = true;
+                    changed = true;
+                }
+                Some(_) => {}
+                None => {
+                    if !self.slots.is_empty() {
+                        info!(board = %p.slug, db = %p.db.display(), "new board; dispatching it");
+                    }
+                    self.slots.insert(p.slug.clone(), Slot::new(p));
+                    changed = true;
+                }
+            }
+        }
+        for (slug, s) in self.slots.iter_mut() {
+            if s.listed && !names.contains(slug) {
+                info!(board = %slug, "board archived or removed; no longer dispatched (its live runs are still booked)");
+                s.listed = false;
+                changed = true;
+            }
+        }
+        let live = &self.live;
+        let pending = &self.pending;
+        self.slots.retain(|slug, s| {
+            s.listed || live.keys().any(|k| k.0 == *slug) || pending.keys().any(|k| k.0 == *slug)
+        });
+        if changed && self.reconciled_once {
+            self.update_status();
+        }
+        changed
+    }
+
+    /// Open board `slug` if it is not open yet. A lock is waited out later; anything else
+    /// (a corrupt or foreign file) quarantines the board with the board's own message.
+    pub(super) fn open_slot(&mut self, slug: &str) -> Opened {
+        let busy = Duration::from_millis(self.cfg.busy_timeout_ms);
+        let Some(s) = self.slots.get_mut(slug) else {
+            return Opened::NotYet;
+        };
+        if s.board.is_some() {
+            return Opened::Already;
+        }
+        if let Some(b) = &s.broken {
+            if b.fingerprint == fingerprint(&s.paths) && b.since.elapsed() < BROKEN_RETRY {
+                return Opened::NotYet;
+            }
+        }
+        match Board::open_waiting(&s.paths, OpenMode::CreateIfMissing, busy) {
+            Ok(b) => {
+                s.data_version = b.data_version().unwrap_or(0);
+                if s.broken.take().is_some() {
+                    info!(board = %slug, "board can be opened again; dispatching it");
+                }
+                s.board = Some(b);
+                s.dirty = true;
+                Opened::Now
+            }
+            Err(BoardError::Locked { detail, .. }) => {
+                warn!(board = %slug, "{} is locked by another writer ({detail}); will retry", s.paths.db.display());
+                s.back_off(&format!("board {slug} locked"));
+                Opened::NotYet
+            }
+            Err(e) => {
+                let why = format!("{e}");
+                error!(board = %slug, "cannot open board {}: {why}; skipping it until the file changes (other boards go on)",
+                       s.paths.db.display());
+                s.broken = Some(Broken {
+                    why,
+                    fingerprint: fingerprint(&s.paths),
+                    since: Instant::now(),
+                });
+                self.update_status();
+                Opened::NotYet
+            }
+        }
+    }
+
+    /// Open every board that is not open yet. The caller reconciles them all next, before
+    /// any pass (a board opened by a pass is reconciled there).
+    pub(super) fn open_boards(&mut self) {
+        let slugs: Vec<String> = self.slots.keys().cloned().collect();
+        for slug in slugs {
+            self.open_slot(&slug);
+        }
+    }
+
+    /// The board of `slug`, when it is open.
+    pub(super) fn board(&self, slug: &str) -> Option<&Board> {
+        self.slots.get(slug).and_then(|s| s.board.as_ref())
+    }
+}
