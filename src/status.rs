@@ -14,7 +14,11 @@ use crate::systemd::unit_name;
 /// The `--json` document (stable: fields are only ever added).
 #[derive(Debug, Serialize)]
 pub struct Snapshot {
+    /// The board file (the current board when several are shown).
     pub board: String,
+    /// The slugs of the boards shown: one, or every board of the root (`status` without
+    /// `--board`/`--db`).
+    pub boards: Vec<String>,
     /// `running` when a dispatcher (ours or Hermes' gateway) holds the board's dispatcher lock.
     pub dispatcher: &'static str,
     /// What `hermes-dispatcher.service` last said of itself (`STATUS=`), when systemd knows
@@ -28,6 +32,8 @@ pub struct Snapshot {
 
 #[derive(Debug, Serialize)]
 pub struct TaskRow {
+    /// The board's slug (`default`, or `<root>/kanban/boards/<slug>`).
+    pub board: String,
     pub id: String,
     pub title: String,
     pub status: String,
@@ -157,6 +163,7 @@ pub fn snapshot(b: &Board, cfg: &Config, limit: usize) -> board::Result<Snapshot
                 .filter(|r| r.ended_at.is_some())
                 .map(ended_run);
             tasks.push(TaskRow {
+                board: b.paths().slug.clone(),
                 attempts: b.run_count(&t.id)?,
                 age_seconds: now - t.created_at,
                 status: t.status.to_string(),
@@ -178,10 +185,40 @@ pub fn snapshot(b: &Board, cfg: &Config, limit: usize) -> board::Result<Snapshot
     };
     Ok(Snapshot {
         board: b.paths().db.display().to_string(),
+        boards: vec![b.paths().slug.clone()],
         dispatcher,
         dispatcher_status: None,
         counts: b.counts()?,
         tasks,
         now,
     })
+}
+
+/// `snapshot` of several boards, as one: the first board's file and dispatcher, every
+/// board's tasks (running ones first, then by status as `snapshot` orders them), counts
+/// summed.
+pub fn snapshot_all(boards: &[Board], cfg: &Config, limit: usize) -> board::Result<Snapshot> {
+    let mut all: Option<Snapshot> = None;
+    for b in boards {
+        let one = snapshot(b, cfg, limit)?;
+        match &mut all {
+            None => all = Some(one),
+            Some(acc) => {
+                acc.boards.extend(one.boards);
+                acc.tasks.extend(one.tasks);
+                for (k, v) in one.counts {
+                    *acc.counts.entry(k).or_default() += v;
+                }
+            }
+        }
+    }
+    let mut all = all.ok_or_else(|| board::BoardError::NoSuchTask("(no board)".into()))?;
+    let rank = |s: &str| {
+        ["running", "ready", "blocked", "triage", "todo"]
+            .iter()
+            .position(|x| *x == s)
+            .unwrap_or(usize::MAX)
+    };
+    all.tasks.sort_by_key(|t| rank(&t.status));
+    Ok(all)
 }

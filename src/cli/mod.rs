@@ -245,6 +245,54 @@ fn open(cli: &Cli, mode: OpenMode) -> anyhow::Result<Board> {
     Board::open(&paths, mode).with_context(|| format!("cannot open board {}", paths.db.display()))
 }
 
+/// The boards a verb over "everything" shows: the one `--db`/`--board` (or the
+/// environment) pins, else the current board and every other board of the root, as the
+/// dispatcher serves them. A board that cannot be opened is skipped with a warning; the
+/// current one must open.
+fn open_all(cli: &Cli, mode: OpenMode) -> anyhow::Result<Vec<Board>> {
+    let res = Resolver::from_env(cli.db.clone(), cli.board.clone());
+    let first = open(cli, mode)?;
+    if res.pinned() {
+        return Ok(vec![first]);
+    }
+    let mut out = vec![];
+    for paths in res.served_boards() {
+        if paths.slug == first.paths().slug {
+            continue;
+        }
+        match Board::open(&paths, mode) {
+            Ok(b) => out.push(b),
+            Err(board::BoardError::Missing { .. }) => {}
+            Err(e) => eprintln!("hermes-mgr: warning: board {} skipped: {e}", paths.slug),
+        }
+    }
+    out.insert(0, first);
+    Ok(out)
+}
+
+/// The board that holds task `id`: the pinned or current board, else the first other board
+/// of the root that has it (task ids are random, so one board has it). `--board` narrows.
+fn open_with_task(cli: &Cli, id: &str, mode: OpenMode) -> anyhow::Result<Board> {
+    let res = Resolver::from_env(cli.db.clone(), cli.board.clone());
+    let first = open(cli, mode)?;
+    if res.pinned() || first.task(id)?.is_some() {
+        return Ok(first);
+    }
+    for paths in res.served_boards() {
+        if paths.slug == first.paths().slug {
+            continue;
+        }
+        if let Ok(b) = Board::open(&paths, OpenMode::Inspect) {
+            if b.task(id).ok().flatten().is_some() {
+                drop(b);
+                return Board::open(&paths, mode)
+                    .with_context(|| format!("cannot open board {}", paths.db.display()));
+            }
+        }
+    }
+    Ok(first)
+}
+
 fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -304,7 +352,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 /// `status`: what runs, where, how healthy (`--watch` repaints every 2 s).
 fn cmd_status(cli: &Cli, limit: &usize, watch: &bool) -> anyhow::Result<()> {
     let cfg = Config::load(cli.config.as_deref())?;
-    let b = open(cli, OpenMode::Inspect)?;
+    let boards = open_all(cli, OpenMode::Inspect)?;
     let rt = runtime()?;
     // The service's own word on itself; no bus (a container, a user's laptop): none. One
     // connection for every repaint of `--watch`.
@@ -318,7 +366,7 @@ fn cmd_status(cli: &Cli, limit: &usize, watch: &bool) -> anyhow::Result<()> {
         .ok()
     });
     loop {
-        let mut snap = crate::status::snapshot(&b, &cfg, *limit)?;
+        let mut snap = crate::status::snapshot_all(&boards, &cfg, *limit)?;
         if let Some(sd) = &sd {
             snap.dispatcher_status = rt
                 .block_on(sd.status_text("hermes-dispatcher.service"))
@@ -346,7 +394,7 @@ fn cmd_status(cli: &Cli, limit: &usize, watch: &bool) -> anyhow::Result<()> {
 
 /// `logs`: the worker's output.
 fn cmd_logs(cli: &Cli, id: &str, follow: &bool, run: &Option<i64>) -> anyhow::Result<()> {
-    let b = open(cli, OpenMode::Inspect)?;
+    let b = open_with_task(cli, id, OpenMode::Inspect)?;
     logs(&b, id, *run, *follow)
 }
 
@@ -423,17 +471,23 @@ fn cmd_stop(
     timeout: &Option<u64>,
 ) -> anyhow::Result<()> {
     let cfg = Config::load(cli.config.as_deref())?;
-    let b = open(cli, OpenMode::MustExist)?;
-    let ids: Vec<String> = match (id, all) {
-        (Some(id), _) => vec![id.clone()],
-        (None, true) => b.running_tasks()?.into_iter().map(|t| t.id).collect(),
+    let boards = match (id, all) {
+        (Some(id), _) => vec![open_with_task(cli, id, OpenMode::MustExist)?],
+        (None, true) => open_all(cli, OpenMode::MustExist)?,
         (None, false) => bail!("name a task, or --all"),
     };
+    let mut work: Vec<(&Board, String)> = Vec::new();
+    for b in &boards {
+        match id {
+            Some(id) => work.push((b, id.clone())),
+            None => work.extend(b.running_tasks()?.into_iter().map(|t| (b, t.id))),
+        }
+    }
     let reports = runtime()?.block_on(async {
         let sd = systemd().await?;
         let mut out = Vec::new();
-        for id in &ids {
-            out.push(crate::dispatch::stop::stop(&b, &sd, &cfg, id, *timeout).await?);
+        for (b, id) in &work {
+            out.push(crate::dispatch::stop::stop(b, &sd, &cfg, id, *timeout).await?);
         }
         anyhow::Ok(out)
     })?;
@@ -505,7 +559,7 @@ fn cmd_list(cli: &Cli, status: &Option<String>, assignee: &Option<String>) -> an
 
 /// `show`: the task, its runs, its events and its output's tail.
 fn cmd_show(cli: &Cli, id: &str) -> anyhow::Result<()> {
-    let b = open(cli, OpenMode::Inspect)?;
+    let b = open_with_task(cli, id, OpenMode::Inspect)?;
     let task = b.require_task(id)?;
     let (parents, children, runs, events) =
         (b.parents(id)?, b.children(id)?, b.runs(id)?, b.events(id)?);
@@ -554,7 +608,7 @@ fn cmd_block(
     reason: &Option<String>,
     kind: &Option<String>,
 ) -> anyhow::Result<()> {
-    let b = open(cli, OpenMode::MustExist)?;
+    let b = open_with_task(cli, id, OpenMode::MustExist)?;
     let to = b.block(id, reason.as_deref(), kind.as_deref(), None)?;
     let Some(to) = to else {
         return Err(refused(&b, id, "block", "running or ready"));
@@ -564,7 +618,7 @@ fn cmd_block(
 
 /// `unblock`.
 fn cmd_unblock(cli: &Cli, id: &str) -> anyhow::Result<()> {
-    let b = open(cli, OpenMode::MustExist)?;
+    let b = open_with_task(cli, id, OpenMode::MustExist)?;
     let Some(to) = b.unblock(id)? else {
         return Err(refused(&b, id, "unblock", "blocked or scheduled"));
     };
@@ -573,7 +627,7 @@ fn cmd_unblock(cli: &Cli, id: &str) -> anyhow::Result<()> {
 
 /// `requeue` (upstream's reclaim).
 fn cmd_requeue(cli: &Cli, id: &str, reason: &Option<String>) -> anyhow::Result<()> {
-    let b = open(cli, OpenMode::MustExist)?;
+    let b = open_with_task(cli, id, OpenMode::MustExist)?;
     if !b.requeue(id, reason.as_deref())? {
         return Err(refused(&b, id, "requeue", "running (claimed)"));
     }
@@ -598,7 +652,7 @@ fn cmd_complete(
         }
         None => None,
     };
-    let b = open(cli, OpenMode::MustExist)?;
+    let b = open_with_task(cli, id, OpenMode::MustExist)?;
     if !b.complete(
         id,
         result.as_deref(),

@@ -215,9 +215,14 @@ pub fn status(s: &crate::status::Snapshot, colour: bool) -> String {
         .iter()
         .map(|(k, v)| format!("{} {v}", clean(k)))
         .collect();
+    let many = s.boards.len() > 1;
     let mut o = format!(
-        "board {}  dispatcher: {}  {}\n",
-        clean(&s.board),
+        "{}  dispatcher: {}  {}\n",
+        if many {
+            format!("boards {}", clean(&s.boards.join(", ")))
+        } else {
+            format!("board {}", clean(&s.board))
+        },
         if s.dispatcher == "running" {
             paint("32", s.dispatcher.to_string())
         } else {
@@ -239,6 +244,9 @@ pub fn status(s: &crate::status::Snapshot, colour: bool) -> String {
     if s.tasks.is_empty() {
         o.push_str("Nothing running, ready or blocked. Create a task with: hermes kanban create TITLE --assignee PROFILE\n");
         return o;
+    }
+    if many {
+        o.push_str(&format!("{:<12} ", "BOARD"));
     }
     o.push_str(&format!(
         "{:<12} {:<8} {:>4} {:<12} {:>5} {:>5}  {}\n",
@@ -265,6 +273,9 @@ pub fn status(s: &crate::status::Snapshot, colour: bool) -> String {
             ),
             None => t.last_error.as_deref().map(clean).unwrap_or_default(),
         };
+        if many {
+            o.push_str(&format!("{:<12} ", clean(&t.board)));
+        }
         o.push_str(&format!(
             "{:<12} {status} {:>4} {:<12} {:>5} {:>5}  {}\n",
             clean(&t.id),

@@ -103,6 +103,19 @@ fn complete(d: &Dispatcher, slug: &str, id: &str, run: i64) -> Task {
     )
 }
 
+/// `hermes-mgr ARGS…` as an operator types it: no `--db`, the Hermes root from the
+/// environment.
+fn mgr(d: &Dispatcher, args: &[&str]) -> Ran {
+    let mut c = Command::new(crate::harness::mgr_bin());
+    c.arg("--config")
+        .arg(&d.rig.config)
+        .args(args)
+        .env_remove("HERMES_KANBAN_DB")
+        .env_remove("HERMES_KANBAN_BOARD")
+        .env("HERMES_KANBAN_HOME", &d.rig.dir);
+    crate::harness::run(c)
+}
+
 fn active(unit: &str) -> bool {
     Command::new("systemctl")
         .args(["is-active", "--quiet", unit])
@@ -129,8 +142,41 @@ systemd_test!(
         assert!(active(&format!("hermes-worker-kanban-{a}-run-{ra}.scope")));
         let status = systemctl_show(SERVICE, "StatusText");
         assert!(status.contains("on 2 boards"), "{status}");
+        // The operator's verbs find a task on any board.
+        let snap = mgr(&d, &["status", "--json"]).ok().json();
+        let running: Vec<(String, String)> = snap["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["status"] == "running")
+            .map(|t| {
+                (
+                    t["board"].as_str().unwrap().into(),
+                    t["id"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        assert!(
+            running.contains(&("default".into(), a.clone()))
+                && running.contains(&("ops".into(), b.clone())),
+            "{snap}"
+        );
+        assert_eq!(snap["boards"], serde_json::json!(["default", "ops"]));
+        let shown = mgr(&d, &["show", &b]).ok().stdout;
+        assert!(
+            shown.contains("board:      ops") && shown.contains(&unit_b),
+            "{shown}"
+        );
+        let only_ops = mgr(&d, &["--board", "ops", "status", "--json"]).ok().json();
+        assert_eq!(only_ops["boards"], serde_json::json!(["ops"]));
         complete(&d, "default", &a, ra);
-        complete(&d, "ops", &b, rb);
+        let stopped = mgr(&d, &["stop", &b, "--json"]).ok().json();
+        assert_eq!(stopped["task_status"], "blocked", "{stopped}");
+        assert!(!active(&unit_b));
+        assert_eq!(
+            board(&d, "ops").runs(&b).unwrap()[0].outcome.as_deref(),
+            Some("stopped")
+        );
 
         // A board created while the dispatcher runs is dispatched at once.
         hermes(&d, &["boards", "create", "late"]);
