@@ -30,11 +30,15 @@ pub struct Config {
     pub cpu_quota_percent: Option<u64>,
     /// Claim TTL in seconds (`HERMES_KANBAN_CLAIM_TTL_SECONDS` overrides it, as upstream).
     pub claim_ttl_seconds: i64,
-    /// Consecutive failures before a task is blocked (`kanban.failure_limit`).
+    /// Consecutive failures before a task is blocked. Hermes' `kanban.failure_limit`; set
+    /// here only by installs from before hermes-mgr read Hermes' `config.yaml` (set in both
+    /// is an error).
     pub failure_limit: i64,
-    /// At most this many live workers per board (`kanban.max_spawn`).
-    pub max_spawn: usize,
-    /// Tasks without an assignee go to this profile; unset = they are skipped.
+    /// At most this many live workers per board. Hermes' `kanban.max_spawn` (and
+    /// `max_in_progress`); unset = no cap, as upstream. Same rule as `failure_limit`.
+    pub max_spawn: Option<usize>,
+    /// Tasks without an assignee go to this profile; unset = they are skipped. Hermes'
+    /// `kanban.default_assignee`; same rule as `failure_limit`.
     pub default_assignee: Option<String>,
     /// Runtime state: exit statuses of runs, written by each run's supervisor.
     pub state_dir: PathBuf,
@@ -58,6 +62,20 @@ pub struct Config {
     /// `LANGUAGE`, `LC_*`, `TZ` and the Hermes contract (e.g. `["OPENROUTER_API_KEY"]`, set
     /// for the service with `Environment=` or `EnvironmentFile=`). Nothing else passes.
     pub pass_environment: Vec<String>,
+    /// Hermes' `kanban.max_in_progress_per_profile`: live workers per assignee.
+    #[serde(skip)]
+    pub max_in_progress_per_profile: Option<usize>,
+    /// Hermes' `kanban.auto_decompose` and `auto_decompose_per_tick`.
+    #[serde(skip)]
+    pub auto_decompose: bool,
+    #[serde(skip)]
+    pub auto_decompose_per_tick: usize,
+    /// Where each Hermes kanban setting came from: a file, or `default`.
+    #[serde(skip)]
+    pub sources: std::collections::BTreeMap<String, String>,
+    /// Values in Hermes' files that upstream would ignore (it warns; so do we).
+    #[serde(skip)]
+    pub warnings: Vec<String>,
 }
 
 impl Default for Config {
@@ -73,7 +91,7 @@ impl Default for Config {
             cpu_quota_percent: None,
             claim_ttl_seconds: crate::board::DEFAULT_CLAIM_TTL,
             failure_limit: crate::board::DEFAULT_FAILURE_LIMIT,
-            max_spawn: 8,
+            max_spawn: None,
             default_assignee: None,
             state_dir: "/run/hermes-mgr".into(),
             tmp_root: "/tmp".into(),
@@ -84,27 +102,95 @@ impl Default for Config {
             busy_timeout_ms: 2000,
             stop_workers_on_exit: false,
             pass_environment: Vec::new(),
+            max_in_progress_per_profile: None,
+            auto_decompose: true,
+            auto_decompose_per_tick: 3,
+            sources: Default::default(),
+            warnings: Vec::new(),
         }
     }
 }
+
+/// The keys both files know. Hermes' `config.yaml` is where they belong.
+const SHARED_KEYS: [&str; 3] = ["failure_limit", "max_spawn", "default_assignee"];
 
 impl Config {
     /// Read `path`; a missing file at the default path means all defaults, a missing file
     /// that was asked for by name is an error. Environment overrides are applied last.
     pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
+        Config::load_with(path, &crate::hermes_config::Files::from_env())
+    }
+
+    /// `load`, with Hermes' own `kanban:` settings from `hermes` (its `config.yaml` and
+    /// managed layer): a key set in both files is an error that names both.
+    pub fn load_with(
+        path: Option<&Path>,
+        hermes: &crate::hermes_config::Files,
+    ) -> anyhow::Result<Config> {
         let (path, explicit) = match path {
             Some(p) => (p.to_path_buf(), true),
             None => (PathBuf::from(DEFAULT_PATH), false),
         };
-        let mut cfg = match std::fs::read_to_string(&path) {
-            Ok(text) => toml::from_str(&text)
-                .with_context(|| format!("{}: invalid configuration", path.display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Config::default(),
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => String::new(),
             Err(e) => {
                 return Err(e)
                     .with_context(|| format!("cannot read configuration {}", path.display()))
             }
         };
+        let mut cfg: Config = toml::from_str(&text)
+            .with_context(|| format!("{}: invalid configuration", path.display()))?;
+        let ours: toml::Table = toml::from_str(&text).unwrap_or_default();
+        let theirs = crate::hermes_config::load(hermes)?;
+        for key in SHARED_KEYS {
+            if let (true, Some(yaml)) = (ours.contains_key(key), theirs.sources.get(key)) {
+                anyhow::bail!(
+                    "{key} is set in both {} and {}: it is Hermes' setting (kanban.{key}); remove it from {}",
+                    path.display(),
+                    yaml.display(),
+                    path.display()
+                );
+            }
+        }
+        let k = &theirs.kanban;
+        let source = |key: &str| -> String {
+            if ours.contains_key(key) {
+                path.display().to_string()
+            } else {
+                theirs
+                    .sources
+                    .get(key)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "default".into())
+            }
+        };
+        for key in SHARED_KEYS.iter().chain(&[
+            "max_in_progress",
+            "max_in_progress_per_profile",
+            "auto_decompose",
+            "auto_decompose_per_tick",
+        ]) {
+            cfg.sources.insert(key.to_string(), source(key));
+        }
+        if !ours.contains_key("failure_limit") {
+            cfg.failure_limit = k.failure_limit;
+        }
+        if !ours.contains_key("default_assignee") {
+            cfg.default_assignee = k.default_assignee.clone();
+        }
+        if !ours.contains_key("max_spawn") {
+            cfg.max_spawn = k.max_spawn;
+        }
+        // Upstream 0.19.0 applies both caps to the same count (running tasks on the board).
+        cfg.max_spawn = match (cfg.max_spawn, k.max_in_progress) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        cfg.max_in_progress_per_profile = k.max_in_progress_per_profile;
+        cfg.auto_decompose = k.auto_decompose;
+        cfg.auto_decompose_per_tick = k.auto_decompose_per_tick;
+        cfg.warnings = theirs.warnings;
         if let Some(bin) = std::env::var("HERMES_BIN")
             .ok()
             .filter(|b| !b.trim().is_empty())
@@ -165,7 +251,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             (c.max_spawn, c.memory_max_bytes, c.stop_timeout_seconds),
-            (3, Some(1 << 30), 30)
+            (Some(3), Some(1 << 30), 30)
         );
         assert!(toml::from_str::<Config>("max_spwan = 3").is_err());
         let root = Config {
@@ -173,5 +259,51 @@ mod tests {
             ..Config::default()
         };
         assert!(root.validate().is_err());
+    }
+
+    fn with_files(toml: &str, yaml: &str) -> anyhow::Result<Config> {
+        let dir = tempfile::tempdir().unwrap();
+        let t = dir.path().join("config.toml");
+        std::fs::write(&t, toml).unwrap();
+        let y = dir.path().join("config.yaml");
+        std::fs::write(&y, yaml).unwrap();
+        Config::load_with(
+            Some(&t),
+            &crate::hermes_config::Files {
+                user: y,
+                managed: None,
+            },
+        )
+    }
+
+    #[test]
+    fn hermes_settings_are_honoured_and_a_key_in_both_files_is_an_error() {
+        let c = with_files(
+            "worker_user = \"w\"",
+            "kanban:\n  max_spawn: 4\n  max_in_progress: 2\n  failure_limit: 5\n  default_assignee: coder\n  max_in_progress_per_profile: 1\n  auto_decompose: false\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                c.max_spawn,
+                c.failure_limit,
+                c.default_assignee.as_deref(),
+                c.max_in_progress_per_profile,
+                c.auto_decompose
+            ),
+            (Some(2), 5, Some("coder"), Some(1), false)
+        );
+        assert!(c.sources["failure_limit"].ends_with("config.yaml"));
+        let c = with_files("max_spawn = 3", "model: {}\n").unwrap();
+        assert_eq!((c.max_spawn, c.failure_limit), (Some(3), 2));
+        assert!(c.sources["max_spawn"].ends_with("config.toml"));
+        assert_eq!(c.sources["failure_limit"], "default");
+        let e = with_files("max_spawn = 3", "kanban:\n  max_spawn: 4\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("config.toml") && e.contains("config.yaml") && e.contains("max_spawn"),
+            "{e}"
+        );
     }
 }

@@ -58,6 +58,7 @@ pub async fn run(paths: &BoardPaths, cfg: anyhow::Result<Config>) -> Vec<Check> 
     out.extend(cgroup_migration());
     out.extend(controllers());
     out.extend(slice(&cfg));
+    out.extend(kanban_settings(&cfg));
     out.extend(board(paths));
     out.extend(board_tree(paths));
     if let Ok(sd) = &sd {
@@ -295,15 +296,100 @@ fn board(paths: &BoardPaths) -> Vec<Check> {
                 Ok(v) => check("board", Level::Fail, format!("{}: integrity_check says {v}", paths.db.display()), Some("restore the board from a backup")),
                 Err(e) => check("board", Level::Fail, e.to_string(), Some("see the message")),
             });
-            out.push(if b.dispatcher_lock_held() {
-                check("dispatcher", Level::Ok, format!("a dispatcher holds {}", paths.dispatcher_lock().display()), None)
-            } else {
-                check("dispatcher", Level::Warn, "no dispatcher runs for this board", Some("systemctl enable --now hermes-dispatcher"))
-            });
+            out.push(dispatcher(&b, paths));
         }
         Err(e) => out.push(check("board", Level::Fail, e.to_string(), Some("point --db/--board/$HERMES_HOME at the board, or create it with hermes kanban init"))),
     }
     out
+}
+
+/// Who holds the root's `.dispatcher.lock`: hermes-dispatcher (ok), a Hermes gateway or
+/// anything else (a warning that says what to do), nobody (a warning).
+fn dispatcher(b: &Board, paths: &BoardPaths) -> Check {
+    let lock = paths.dispatcher_lock();
+    if !b.dispatcher_lock_held() {
+        return check(
+            "dispatcher",
+            Level::Warn,
+            format!(
+                "nobody holds {}: no dispatcher runs for this root",
+                lock.display()
+            ),
+            Some("systemctl enable --now hermes-dispatcher"),
+        );
+    }
+    let holders = crate::liveness::flock_holders(&lock);
+    let ours = |cmd: &str| cmd.contains("hermes-mgr") && cmd.contains("dispatcher");
+    let who = holders
+        .iter()
+        .map(|(pid, cmd)| format!("pid {pid} ({cmd})"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if !holders.is_empty() && holders.iter().all(|(_, cmd)| ours(cmd)) {
+        check(
+            "dispatcher",
+            Level::Ok,
+            format!("hermes-dispatcher holds {}: {who}", lock.display()),
+            None,
+        )
+    } else if holders.is_empty() {
+        check(
+            "dispatcher",
+            Level::Ok,
+            format!(
+                "a dispatcher holds {} (its process is not visible here)",
+                lock.display()
+            ),
+            None,
+        )
+    } else {
+        check(
+            "dispatcher",
+            Level::Warn,
+            format!("{who} holds {}: that process dispatches this root, not hermes-mgr", lock.display()),
+            Some("stop that gateway, systemctl start hermes-dispatcher, then start the gateway again: it finds the lock held, does not dispatch, and keeps delivering notifications"),
+        )
+    }
+}
+
+/// Hermes' kanban settings as the dispatcher applies them, each with where it came from.
+fn kanban_settings(cfg: &Config) -> Vec<Check> {
+    let opt = |v: Option<usize>| v.map(|n| n.to_string()).unwrap_or_else(|| "no cap".into());
+    let src = |k: &str| {
+        cfg.sources
+            .get(k)
+            .cloned()
+            .unwrap_or_else(|| "default".into())
+    };
+    let mut detail = format!(
+        "max_spawn={} ({}), max_in_progress ({}), max_in_progress_per_profile={} ({}), failure_limit={} ({}), default_assignee={} ({}), auto_decompose={} ({}), auto_decompose_per_tick={} ({})",
+        opt(cfg.max_spawn),
+        src("max_spawn"),
+        src("max_in_progress"),
+        opt(cfg.max_in_progress_per_profile),
+        src("max_in_progress_per_profile"),
+        cfg.failure_limit,
+        src("failure_limit"),
+        cfg.default_assignee.as_deref().unwrap_or("none"),
+        src("default_assignee"),
+        cfg.auto_decompose,
+        src("auto_decompose"),
+        cfg.auto_decompose_per_tick,
+        src("auto_decompose_per_tick"),
+    );
+    let level = if cfg.warnings.is_empty() {
+        Level::Ok
+    } else {
+        detail.push_str("; ");
+        detail.push_str(&cfg.warnings.join("; "));
+        Level::Warn
+    };
+    vec![check(
+        "kanban settings",
+        level,
+        crate::text::clean(&detail),
+        (level == Level::Warn).then_some("fix the value in Hermes' config.yaml"),
+    )]
 }
 
 /// Whose powers hermes-mgr uses in the board's tree: its owner's (`safe_fs`). A root-owned

@@ -82,6 +82,23 @@ impl Board {
             .map_err(|e| self.err("count tasks", e))
     }
 
+    /// Running tasks per assignee (upstream's `max_in_progress_per_profile` count).
+    pub fn running_per_assignee(&self) -> Result<std::collections::HashMap<String, usize>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT assignee, count(*) FROM tasks WHERE status='running' AND assignee IS NOT NULL GROUP BY assignee")
+            .map_err(|e| self.err("count running tasks per assignee", e))?;
+        let rows = st
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(|e| self.err("count running tasks per assignee", e))?;
+        let mut out = std::collections::HashMap::new();
+        for row in rows {
+            let (a, n) = row.map_err(|e| self.err("count running tasks per assignee", e))?;
+            out.insert(a, usize::try_from(n).unwrap_or(0));
+        }
+        Ok(out)
+    }
+
     /// Every running task's current run (`task id → run id`): one indexed read.
     pub fn running_runs(&self) -> Result<std::collections::HashMap<String, i64>> {
         let mut st = self

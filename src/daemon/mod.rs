@@ -194,10 +194,18 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     };
     d.refresh_boards();
     let watch_root = (!pinned).then_some(root.as_path());
+    let hermes_files = crate::hermes_config::Files::from_env();
+    let config_dirs: Vec<PathBuf> = std::iter::once(&hermes_files.user)
+        .chain(hermes_files.managed.as_ref())
+        .filter_map(|f| f.parent().map(|p| p.to_path_buf()))
+        .collect();
     let follow = |d: &Daemon, w: &mut watch::Watcher| {
         let paths: Vec<_> = d.slots.values().map(|s| s.paths.clone()).collect();
-        w.set_boards(&paths, watch_root, Some(&owner));
+        w.set_boards(&paths, watch_root, &config_dirs, Some(&owner));
     };
+    for w in &d.cfg.warnings {
+        warn!("{w}");
+    }
     follow(&d, &mut watcher);
     if pinned {
         open_pinned(&mut d).await?;
@@ -320,8 +328,19 @@ impl Daemon {
                         }
                     }
                 }
+                for w in &cfg.warnings {
+                    warn!("{w}");
+                }
+                if cfg != self.cfg {
+                    info!(
+                        max_spawn = ?cfg.max_spawn,
+                        failure_limit = cfg.failure_limit,
+                        default_assignee = ?cfg.default_assignee,
+                        max_in_progress_per_profile = ?cfg.max_in_progress_per_profile,
+                        "configuration reloaded"
+                    );
+                }
                 self.cfg = cfg;
-                info!("configuration reloaded");
             }
             Err(e) => warn!("configuration not reloaded, keeping the old one: {e:#}"),
         }
@@ -567,7 +586,12 @@ impl Daemon {
                     }
                 }
                 watch::Change::Boards => boards_changed |= self.refresh_boards(),
-                watch::Change::HermesConfig => {}
+                watch::Change::HermesConfig => {
+                    // Hermes' kanban settings take effect without a restart, as upstream's
+                    // auto_decompose toggle does.
+                    self.reload();
+                    self.mark_all_dirty();
+                }
             }
         }
         boards_changed

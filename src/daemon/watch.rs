@@ -31,7 +31,7 @@ pub enum Change {
     /// The set of boards may have changed: `<root>/kanban/boards/` gained or lost an entry,
     /// or a `board.json` was written (`archived`).
     Boards,
-    /// Hermes' `<root>/config.yaml` was written.
+    /// One of Hermes' `config.yaml` files was written.
     HermesConfig,
 }
 
@@ -48,7 +48,7 @@ struct Role {
     boards_dir: bool,
     /// A board's own directory: its `board.json`.
     board_json: bool,
-    /// The Hermes root: `config.yaml`.
+    /// A directory of Hermes' `config.yaml` (its home, its managed layer).
     config: bool,
 }
 
@@ -79,7 +79,7 @@ impl Watcher {
             roles: HashMap::new(),
             runs_dir: runs_dir.to_path_buf(),
         };
-        w.set_boards(&[], None, None);
+        w.set_boards(&[], None, &[], None);
         if w.roles.is_empty() {
             return Err(std::io::Error::other(format!(
                 "cannot watch {}",
@@ -98,6 +98,7 @@ impl Watcher {
         &mut self,
         boards: &[BoardPaths],
         root: Option<&Path>,
+        configs: &[PathBuf],
         owner: Option<&Owner>,
     ) {
         let mut want: Vec<(PathBuf, Role, bool)> = vec![(
@@ -128,16 +129,18 @@ impl Watcher {
                 true,
             ));
         }
-        if let Some(root) = root {
-            let kanban = root.join("kanban");
+        for dir in configs {
             want.push((
-                root.to_path_buf(),
+                dir.clone(),
                 Role {
                     config: true,
                     ..Role::default()
                 },
-                true,
+                !dir.starts_with("/etc"),
             ));
+        }
+        if let Some(root) = root {
+            let kanban = root.join("kanban");
             want.push((
                 kanban.clone(),
                 Role {

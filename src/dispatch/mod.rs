@@ -40,6 +40,8 @@ pub struct PassReport {
     pub skipped_unassigned: Vec<String>,
     pub skipped_nonspawnable: Vec<String>,
     pub skipped_capped: usize,
+    /// Ready tasks whose assignee already runs `max_in_progress_per_profile` workers.
+    pub skipped_per_profile_capped: Vec<String>,
     /// Ready tasks held back by upstream's rate-limit cooldown (their last run exited 75).
     pub cooling_down: Vec<String>,
     /// Spawn failures that could not be recorded yet (board locked).
@@ -77,9 +79,17 @@ pub async fn once(
         return Ok((report, Vec::new()));
     };
     report.promoted = board.recompute_ready(cfg.failure_limit)?;
-    let cap = max.unwrap_or(cfg.max_spawn).min(cfg.max_spawn);
+    // Upstream's caps: `max_spawn`/`max_in_progress` count the board's running tasks (none
+    // set: no cap), `max_in_progress_per_profile` those of each assignee.
+    let cap = max
+        .unwrap_or(usize::MAX)
+        .min(cfg.max_spawn.unwrap_or(usize::MAX));
     let live = usize::try_from(board.count("running")?).unwrap_or(0);
     let mut slots = cap.saturating_sub(live);
+    let mut per_profile = match cfg.max_in_progress_per_profile {
+        Some(_) => board.running_per_assignee()?,
+        None => Default::default(),
+    };
     let lock = claimer_id();
     let mut started = Vec::new();
     for task in board.ready_tasks(10_000)? {
@@ -117,12 +127,19 @@ pub async fn once(
             report.skipped_nonspawnable.push(task.id.clone());
             continue;
         }
+        if let Some(per) = cfg.max_in_progress_per_profile {
+            if per_profile.get(&assignee).copied().unwrap_or(0) >= per {
+                report.skipped_per_profile_capped.push(task.id.clone());
+                continue;
+            }
+        }
         let Some(claim) = board.claim(&task.id, &lock, cfg.claim_ttl_seconds)? else {
             continue;
         };
         match spawn::start_worker(board, sd, cfg, &claim).await {
             Ok(s) => {
                 slots -= 1;
+                *per_profile.entry(assignee.clone()).or_default() += 1;
                 // The worker runs now: a board that is locked at this instant must not make
                 // us kill it. Both are informational for upstream (it records them at spawn).
                 if let Err(e) = board.set_workspace(&s.task, s.run_id, &s.workspace) {

@@ -15,4 +15,5 @@ mod operator;
 mod package;
 mod pipeline;
 mod scope;
+mod settings;
 mod worker;

@@ -101,6 +101,8 @@ impl Rig {
             .args(args);
         // The Hermes root (profiles, workspaces) of this board, as `hermes` would be told.
         c.env("HERMES_KANBAN_HOME", &self.dir);
+        // …and Hermes' home, whose `config.yaml` holds its kanban settings.
+        c.env("HERMES_HOME", &self.dir);
         c
     }
 
@@ -231,7 +233,7 @@ impl Dispatcher {
         )
         .unwrap();
         let dropin = format!(
-            "[Service]\nExecStart=\nExecStart={bin} dispatcher {db} --config {cfg}\nEnvironment=HERMES_KANBAN_HOME={dir}\n\
+            "[Service]\nExecStart=\nExecStart={bin} dispatcher {db} --config {cfg}\nEnvironment=HERMES_KANBAN_HOME={dir}\nEnvironment=HERMES_HOME={dir}\n\
              Environment=HERMES_MGR_LOG={filter}\nWatchdogSec=10s\nRestart=no\nTimeoutStopSec=5s\n",
             bin = mgr_bin().display(),
             db = if pinned {

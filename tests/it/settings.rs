@@ -1,0 +1,88 @@
+//! Hermes' own `kanban:` settings in its `config.yaml` govern hermes-dispatcher, with
+//! upstream's meaning, re-read when the file changes; a key set in both files is refused.
+
+use std::time::Duration;
+
+use crate::harness::wait_for;
+use crate::rig::{journal, systemctl_show, Dispatcher, SERVICE};
+use crate::systemd_test;
+
+fn write_hermes_config(d: &Dispatcher, yaml: &str) {
+    let path = d.rig.dir.join("config.yaml");
+    let tmp = d.rig.dir.join("config.yaml.tmp");
+    std::fs::write(&tmp, yaml).unwrap();
+    std::os::unix::fs::chown(&tmp, Some(d.rig.uid), None).unwrap();
+    // As Hermes' `save_config` writes it: a new file renamed over the old one.
+    std::fs::rename(&tmp, &path).unwrap();
+}
+
+systemd_test!(
+    hermes_config_yaml_caps_and_breaker_apply_and_a_change_needs_no_restart,
+    {
+        let d = Dispatcher::new("tick_seconds = 3600");
+        write_hermes_config(
+            &d,
+            "model:\n  default: x\nkanban:\n  max_in_progress_per_profile: 1\n  failure_limit: 1\n",
+        );
+        // Both exist before the first pass: it sees them together.
+        let a = d.rig.add("first of the profile");
+        let b = d.rig.add("second of the profile");
+        d.install();
+        d.start();
+        // kanban.max_in_progress_per_profile: 1 holds the second back. The service status
+        // is written after each pass: this one is over, and left one task ready.
+        let after_pass = |what: &str| {
+            wait_for(what, Duration::from_secs(20), || {
+                systemctl_show(SERVICE, "StatusText")
+                    .contains("1 running (1 in scopes), 1 ready")
+                    .then_some(())
+            })
+        };
+        after_pass("one running, one held back");
+        let ra = d.task(&a).current_run_id.unwrap();
+        assert_eq!(d.task(&b).status.as_str(), "ready");
+        // kanban.failure_limit: 1 — one crash blocks.
+        d.command(&a, ra, "exit 1");
+        d.wait_task("blocked at once", |t| t.status.as_str() == "blocked", &a);
+        let rb = d.wait_running(&b, 0);
+        let c = d.rig.add("third of the profile");
+        after_pass("the third held back");
+        assert_eq!(d.task(&c).status.as_str(), "ready");
+        // Lifting the cap in config.yaml takes effect without a restart.
+        write_hermes_config(&d, "kanban:\n  failure_limit: 1\n");
+        d.wait_running(&c, 0);
+        d.command(&b, rb, "complete");
+        d.wait_task("done", |t| t.status.as_str() == "done", &b);
+    }
+);
+
+systemd_test!(a_setting_in_both_files_is_refused_naming_both, {
+    let d = Dispatcher::new("failure_limit = 3");
+    write_hermes_config(&d, "kanban:\n  failure_limit: 4\n");
+    d.install();
+    let o = std::process::Command::new("systemctl")
+        .args(["start", SERVICE])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let toml = d.rig.config.display().to_string();
+    let yaml = d.rig.dir.join("config.yaml").display().to_string();
+    wait_for(
+        "the refusal in the journal",
+        Duration::from_secs(10),
+        || {
+            let log = journal(SERVICE);
+            (log.contains("failure_limit is set in both")
+                && log.contains(&toml)
+                && log.contains(&yaml))
+            .then_some(())
+        },
+    );
+    // doctor says the same.
+    let doc = d.rig.mgr(&["doctor", "--json"]);
+    assert!(
+        doc.stdout.contains("failure_limit is set in both"),
+        "{}",
+        doc.stdout
+    );
+});
