@@ -48,6 +48,9 @@ if [ ! -e "$marker" ] || [ ! -x "$VENV/bin/hermes" ]; then
   "$VENV/bin/pip" install -q --disable-pip-version-check "hermes-agent==$HERMES_AGENT_VERSION"
   touch "$marker"
 fi
+# The gateway test runs Hermes' webhook platform, which needs aiohttp (at hermes-agent's own pin).
+"$VENV/bin/python" -c 'import aiohttp' 2>/dev/null \
+  || "$VENV/bin/pip" install -q --disable-pip-version-check "aiohttp==3.14.1"
 # Tests run the venv as other users (nobody) too: the path to it must be traversable.
 d=$VENV; while [ "$d" != / ]; do chmod o+x "$d" 2>/dev/null || true; d=$(dirname "$d"); done
 echo "setup: ok ($("$VENV/bin/hermes" --version 2>/dev/null | head -1))"

@@ -331,15 +331,13 @@ impl Daemon {
                 for w in &cfg.warnings {
                     warn!("{w}");
                 }
-                if cfg != self.cfg {
-                    info!(
-                        max_spawn = ?cfg.max_spawn,
-                        failure_limit = cfg.failure_limit,
-                        default_assignee = ?cfg.default_assignee,
-                        max_in_progress_per_profile = ?cfg.max_in_progress_per_profile,
-                        "configuration reloaded"
-                    );
-                }
+                info!(
+                    max_spawn = ?cfg.max_spawn,
+                    failure_limit = cfg.failure_limit,
+                    default_assignee = ?cfg.default_assignee,
+                    max_in_progress_per_profile = ?cfg.max_in_progress_per_profile,
+                    "configuration reloaded"
+                );
                 self.cfg = cfg;
             }
             Err(e) => warn!("configuration not reloaded, keeping the old one: {e:#}"),

@@ -14,7 +14,7 @@ use crate::rig::{journal, systemctl_show, Dispatcher, SERVICE, WORKER_USER};
 use crate::systemd_test;
 
 /// The real `hermes kanban ARGS…`, run as the worker user with the rig's Hermes root.
-fn hermes(d: &Dispatcher, args: &[&str]) -> Ran {
+pub(crate) fn hermes(d: &Dispatcher, args: &[&str]) -> Ran {
     let home = d.rig.dir.join("home");
     std::fs::create_dir_all(&home).unwrap();
     std::os::unix::fs::chown(&home, Some(d.rig.uid), None).unwrap();
@@ -38,7 +38,7 @@ fn hermes(d: &Dispatcher, args: &[&str]) -> Ran {
     r
 }
 
-fn create_on(d: &Dispatcher, board: &str, title: &str) -> String {
+pub(crate) fn create_on(d: &Dispatcher, board: &str, title: &str) -> String {
     let r = hermes(
         d,
         &[
@@ -54,7 +54,7 @@ fn create_on(d: &Dispatcher, board: &str, title: &str) -> String {
     r.json()["id"].as_str().unwrap().to_string()
 }
 
-fn board(d: &Dispatcher, slug: &str) -> Board {
+pub(crate) fn board(d: &Dispatcher, slug: &str) -> Board {
     let paths = Resolver {
         kanban_home: Some(d.rig.dir.to_string_lossy().into()),
         board_flag: Some(slug.into()),
@@ -65,7 +65,7 @@ fn board(d: &Dispatcher, slug: &str) -> Board {
     Board::open(&paths, OpenMode::Inspect).unwrap()
 }
 
-fn workspace(d: &Dispatcher, slug: &str, id: &str) -> PathBuf {
+pub(crate) fn workspace(d: &Dispatcher, slug: &str, id: &str) -> PathBuf {
     if slug == "default" {
         d.rig.dir.join("kanban/workspaces").join(id)
     } else {
@@ -78,7 +78,7 @@ fn workspace(d: &Dispatcher, slug: &str, id: &str) -> PathBuf {
     }
 }
 
-fn wait_running(d: &Dispatcher, slug: &str, id: &str) -> i64 {
+pub(crate) fn wait_running(d: &Dispatcher, slug: &str, id: &str) -> i64 {
     wait_for(
         &format!("{id} running on board {slug}"),
         Duration::from_secs(20),
@@ -92,7 +92,7 @@ fn wait_running(d: &Dispatcher, slug: &str, id: &str) -> i64 {
 }
 
 /// Let the stub of `id`'s run `run` on `slug` complete its task, and wait for `done`.
-fn complete(d: &Dispatcher, slug: &str, id: &str, run: i64) -> Task {
+pub(crate) fn complete(d: &Dispatcher, slug: &str, id: &str, run: i64) -> Task {
     let ws = workspace(d, slug, id);
     d.rig.wait_file(&ws.join(format!("ready-{run}")));
     std::fs::write(ws.join("cmd"), "complete\n").unwrap();

@@ -10,6 +10,7 @@ mod cli;
 mod daemon;
 mod docs;
 mod faults;
+mod gateway;
 mod interop;
 mod operator;
 mod package;

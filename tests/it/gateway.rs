@@ -1,0 +1,165 @@
+//! Side by side with the real Hermes 0.19.0 gateway (`hermes gateway run`, PyPI), as a
+//! user switching to hermes-mgr runs it: `kanban.dispatch_in_gateway` left on, the
+//! gateway started after hermes-dispatcher. The gateway must leave dispatching to
+//! hermes-mgr and still deliver its kanban notifications for the tasks hermes-mgr's workers
+//! ran. Notifications go to the gateway's webhook platform, whose `send` for a chat with no
+//! webhook delivery route writes `[webhook] Response for <chat>: <message>` to the gateway's
+//! log: that line is what the subscriber gets.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::boards::{board, complete, create_on, hermes, wait_running, workspace};
+use crate::harness::{hermes_bin, wait_for};
+use crate::rig::{systemctl_show, Dispatcher, SERVICE, WORKER_USER};
+use crate::systemd_test;
+
+/// The gateway, as the worker user (the user Hermes runs as), killed with the test.
+struct Gateway(Child);
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_gateway(d: &Dispatcher) -> Gateway {
+    let home = d.rig.dir.join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(d.rig.uid), None).unwrap();
+    let port = 20000 + std::process::id() % 20000;
+    let child = Command::new("setpriv")
+        .args([
+            &format!("--reuid={WORKER_USER}"),
+            &format!("--regid={WORKER_USER}"),
+            "--init-groups",
+        ])
+        .arg(hermes_bin())
+        .args(["gateway", "run"])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", &home)
+        .env("HERMES_HOME", &d.rig.dir)
+        .env("LANG", "C.UTF-8")
+        .env("WEBHOOK_ENABLED", "true")
+        .env("WEBHOOK_PORT", port.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Gateway(child)
+}
+
+fn gateway_log(d: &Dispatcher) -> String {
+    std::fs::read_to_string(d.rig.dir.join("logs/gateway.log")).unwrap_or_default()
+}
+
+fn wait_log(d: &Dispatcher, what: &str, needles: &[&str]) {
+    wait_for(what, Duration::from_secs(60), || {
+        let log = gateway_log(d);
+        needles.iter().all(|n| log.contains(n)).then_some(())
+    });
+}
+
+fn subscribe(d: &Dispatcher, slug: &str, id: &str, chat: &str) {
+    hermes(
+        d,
+        &[
+            "--board",
+            slug,
+            "notify-subscribe",
+            id,
+            "--platform",
+            "webhook",
+            "--chat-id",
+            chat,
+        ],
+    );
+}
+
+systemd_test!(
+    the_real_gateway_leaves_dispatch_to_hermes_mgr_and_delivers_its_outcomes,
+    {
+        let d = Dispatcher::new("tick_seconds = 3600");
+        // Hermes' own setting: one crash is enough to give up.
+        let cfg = d.rig.dir.join("config.yaml");
+        std::fs::write(&cfg, "kanban:\n  failure_limit: 1\n").unwrap();
+        std::os::unix::fs::chown(&cfg, Some(d.rig.uid), None).unwrap();
+        hermes(&d, &["boards", "create", "ops"]);
+        d.install_all_boards();
+        d.start();
+        let _gw = start_gateway(&d);
+        wait_log(
+            &d,
+            "the gateway declining to dispatch",
+            &[
+                "another gateway already holds the dispatcher lock",
+                "will NOT dispatch",
+            ],
+        );
+
+        let a = create_on(&d, "default", "notify me when done");
+        subscribe(&d, "default", &a, "sub-a");
+        let b = create_on(&d, "ops", "notify me too, from ops");
+        subscribe(&d, "ops", &b, "sub-b");
+        let c = create_on(&d, "default", "notify me when it gives up");
+        subscribe(&d, "default", &c, "sub-c");
+
+        let (ra, rb, rc) = (
+            wait_running(&d, "default", &a),
+            wait_running(&d, "ops", &b),
+            wait_running(&d, "default", &c),
+        );
+        complete(&d, "default", &a, ra);
+        complete(&d, "ops", &b, rb);
+        let ws = workspace(&d, "default", &c);
+        d.rig.wait_file(&ws.join(format!("ready-{rc}")));
+        std::fs::write(ws.join("cmd"), "exit 1\n").unwrap();
+
+        wait_log(
+            &d,
+            "the completed and gave_up notifications",
+            &[
+                &format!("Response for sub-a: ✔ [default] @default Kanban {a} done"),
+                &format!("Response for sub-b: ✔ [ops] @default Kanban {b} done"),
+                &format!("Response for sub-c: ✖ [default] @default Kanban {c} worker crashed"),
+                &format!("Response for sub-c: ✖ [default] @default Kanban {c} gave up"),
+            ],
+        );
+        let log = gateway_log(&d);
+        assert!(
+            !log.contains("holding singleton dispatcher lock"),
+            "the gateway dispatched: {log}"
+        );
+        // Every run was claimed by hermes-dispatcher, none by the gateway.
+        let main_pid = systemctl_show(SERVICE, "MainPID");
+        let main_pid = main_pid.trim().trim_start_matches("MainPID=");
+        for (slug, id) in [("default", &a), ("ops", &b), ("default", &c)] {
+            let claims: Vec<_> = board(&d, slug)
+                .events(id)
+                .unwrap()
+                .into_iter()
+                .filter(|e| e.kind == "claimed")
+                .collect();
+            assert!(!claims.is_empty());
+            for e in claims {
+                let lock = e.payload.as_ref().map(|p| p["lock"].to_string());
+                assert!(
+                    lock.as_deref()
+                        .is_some_and(|l| l.ends_with(&format!(":{main_pid}\""))),
+                    "{e:?} was not claimed by pid {main_pid}"
+                );
+            }
+        }
+        assert_eq!(
+            board(&d, "default")
+                .require_task(&c)
+                .unwrap()
+                .status
+                .as_str(),
+            "blocked"
+        );
+    }
+);
