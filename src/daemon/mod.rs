@@ -13,6 +13,7 @@
 //! stopped; a task running on a newer run has the older run's scope stopped at once.
 
 mod boards;
+mod decompose;
 mod notify;
 mod reconcile;
 mod watch;
@@ -82,6 +83,8 @@ struct Daemon {
     grace_due: Option<Instant>,
     /// The first reconcile (start-up, the one `READY=1` waits for) is always logged.
     reconciled_once: bool,
+    /// Triage decompositions running and waiting for a retry (`decompose.rs`).
+    decomp: decompose::Decompositions,
 }
 
 /// Exit with a clear message: the daemon cannot work at all.
@@ -191,6 +194,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         supervisors: HashMap::new(),
         grace_due: None,
         reconciled_once: false,
+        decomp: Default::default(),
     };
     d.refresh_boards();
     let watch_root = (!pinned).then_some(root.as_path());
@@ -274,12 +278,16 @@ async fn run(opts: Options) -> anyhow::Result<()> {
                     if let Err(e) = d.reconcile().await {
                         warn!("reconcile after reconnect: {e:#}");
                     }
+                    d.check_decompositions().await;
                     d.mark_all_dirty();
                 }
             },
             _ = sigchld.recv() => d.reap().await,
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d.grace_due.unwrap_or_else(Instant::now))), if d.grace_due.is_some() => {
                 d.check_closed_runs().await;
+            }
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d.decomp.next_retry().unwrap_or_else(Instant::now))), if d.decomp.next_retry().is_some() => {
+                d.decompositions_due();
             }
             _ = extend.tick() => d.extend_claims(),
             _ = retry.tick(), if !d.pending.is_empty() => d.retry_pending().await,
@@ -294,6 +302,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
                     warn!("periodic reconcile: {e:#}");
                 }
                 d.check_closed_runs().await;
+                d.check_decompositions().await;
                 d.mark_all_dirty();
             }
             // A pass cut short by its batch size, or a backoff that ran out, goes on.
@@ -538,6 +547,7 @@ impl Daemon {
                 }
                 // A full batch leaves work: the loop comes back after what else is due.
                 slot.dirty |= report.batch_full;
+                self.decompose(slug).await;
             }
             Err(e) => {
                 warn!(board = %slug, "dispatch pass failed: {e:#}");
@@ -596,6 +606,9 @@ impl Daemon {
     }
 
     async fn on_unit_removed(&mut self, unit: &str) {
+        if self.on_decompose_unit_removed(unit) {
+            return;
+        }
         let key = self
             .live
             .iter()

@@ -106,13 +106,13 @@ pub fn profile_home(root: &Path, profile: &str) -> PathBuf {
 }
 
 /// `p` made absolute by its text alone: root resolves no symlink in a tree others write.
-fn absolute(p: &Path) -> PathBuf {
+pub(crate) fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 /// Variables of the dispatcher's own environment that reach workers (beside the contract's
 /// and `pass_environment`'s): the rest is the service's business, not the worker's.
-fn passed_through(name: &str, cfg: &Config) -> bool {
+pub(crate) fn passed_through(name: &str, cfg: &Config) -> bool {
     matches!(name, "PATH" | "LANG" | "LANGUAGE" | "TZ")
         || name.starts_with("LC_")
         || cfg.pass_environment.iter().any(|p| p == name)

@@ -214,6 +214,20 @@ impl SystemdError {
 
 pub type Result<T, E = SystemdError> = std::result::Result<T, E>;
 
+/// A command `run_command` runs as a transient service.
+#[derive(Debug, Clone)]
+pub struct Command {
+    /// The program (absolute) and its arguments; never a shell.
+    pub argv: Vec<String>,
+    pub user: String,
+    /// `NAME=value`, the whole environment.
+    pub env: Vec<String>,
+    pub slice: String,
+    pub description: String,
+    /// `RuntimeMaxSec=`: systemd stops it after this long.
+    pub runtime_max: Duration,
+}
+
 /// A property of a transient unit, as sent on the bus (`(sv)`).
 pub type Property = (&'static str, Variant<'static>);
 
@@ -420,6 +434,35 @@ impl Systemd {
                 result,
             }),
         }
+    }
+
+    /// A one-shot command as a transient service: systemd forks, drops to `c.user` (no
+    /// capabilities, `no_new_privs`), execs `c.argv` with exactly `c.env`, logs its output
+    /// to the journal, and forgets the unit when it ends (`UnitRemoved`). Returns once it
+    /// was started.
+    pub async fn run_command(&self, name: &str, c: &Command, timeout: Duration) -> Result<()> {
+        let exec: Vec<(String, Vec<String>, bool)> =
+            vec![(c.argv[0].clone(), c.argv.to_vec(), false)];
+        let props: Vec<Property> = vec![
+            ("Description", Variant::from(c.description.clone())),
+            ("Slice", Variant::from(c.slice.clone())),
+            ("ExecStart", Variant::from(exec)),
+            ("User", Variant::from(c.user.clone())),
+            ("Environment", Variant::from(c.env.clone())),
+            ("WorkingDirectory", Variant::from("/".to_string())),
+            ("NoNewPrivileges", Variant::from(true)),
+            ("CapabilityBoundingSet", Variant::from(0u64)),
+            ("RemainAfterExit", Variant::from(false)),
+            (
+                "CollectMode",
+                Variant::from("inactive-or-failed".to_string()),
+            ),
+            (
+                "RuntimeMaxUSec",
+                Variant::from(c.runtime_max.as_micros() as u64),
+            ),
+        ];
+        self.start_transient(name, props, timeout).await
     }
 
     /// `StopUnit(name, "replace")`, returning once the stop job has finished (for a scope:

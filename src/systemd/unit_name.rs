@@ -67,6 +67,22 @@ pub fn worker_scope(board: &str, task: &str, run: i64) -> String {
     format!("{head}{esc}{tail}")
 }
 
+/// `hermes-kanban-decompose-<task>.service` (`-<board>-` before the task off the default
+/// board): the transient service of one triage decomposition.
+pub fn decompose_service(board: &str, task: &str) -> String {
+    let tail = ".service";
+    let head = if board == crate::board::DEFAULT_BOARD {
+        "hermes-kanban-decompose-".to_string()
+    } else {
+        format!(
+            "hermes-kanban-decompose-{}-",
+            escaped_within(board, SLUG_MAX)
+        )
+    };
+    let esc = escaped_within(task, UNIT_NAME_MAX - head.len() - tail.len());
+    format!("{head}{esc}{tail}")
+}
+
 /// The file name of a run's exit record: `<task>-run-<run>.json` on the default board,
 /// `<board>.<task>-run-<run>.json` on others (a plain id has no `.`, an escaped one neither).
 pub fn run_record(board: &str, task: &str, run: i64) -> String {

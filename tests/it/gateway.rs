@@ -88,6 +88,7 @@ systemd_test!(
         std::fs::write(&cfg, "kanban:\n  failure_limit: 1\n").unwrap();
         std::os::unix::fs::chown(&cfg, Some(d.rig.uid), None).unwrap();
         hermes(&d, &["boards", "create", "ops"]);
+        hermes(&d, &["boards", "create", "research"]);
         d.install_all_boards();
         d.start();
         let _gw = start_gateway(&d);
@@ -106,14 +107,18 @@ systemd_test!(
         subscribe(&d, "ops", &b, "sub-b");
         let c = create_on(&d, "default", "notify me when it gives up");
         subscribe(&d, "default", &c, "sub-c");
+        let e = create_on(&d, "research", "and from the third board");
+        subscribe(&d, "research", &e, "sub-e");
 
-        let (ra, rb, rc) = (
+        let (ra, rb, rc, re) = (
             wait_running(&d, "default", &a),
             wait_running(&d, "ops", &b),
             wait_running(&d, "default", &c),
+            wait_running(&d, "research", &e),
         );
         complete(&d, "default", &a, ra);
         complete(&d, "ops", &b, rb);
+        complete(&d, "research", &e, re);
         let ws = workspace(&d, "default", &c);
         d.rig.wait_file(&ws.join(format!("ready-{rc}")));
         std::fs::write(ws.join("cmd"), "exit 1\n").unwrap();
@@ -124,6 +129,7 @@ systemd_test!(
             &[
                 &format!("Response for sub-a: ✔ [default] @default Kanban {a} done"),
                 &format!("Response for sub-b: ✔ [ops] @default Kanban {b} done"),
+                &format!("Response for sub-e: ✔ [research] @default Kanban {e} done"),
                 &format!("Response for sub-c: ✖ [default] @default Kanban {c} worker crashed"),
                 &format!("Response for sub-c: ✖ [default] @default Kanban {c} gave up"),
             ],
@@ -136,7 +142,12 @@ systemd_test!(
         // Every run was claimed by hermes-dispatcher, none by the gateway.
         let main_pid = systemctl_show(SERVICE, "MainPID");
         let main_pid = main_pid.trim().trim_start_matches("MainPID=");
-        for (slug, id) in [("default", &a), ("ops", &b), ("default", &c)] {
+        for (slug, id) in [
+            ("default", &a),
+            ("ops", &b),
+            ("default", &c),
+            ("research", &e),
+        ] {
             let claims: Vec<_> = board(&d, slug)
                 .events(id)
                 .unwrap()

@@ -17,4 +17,5 @@ mod package;
 mod pipeline;
 mod scope;
 mod settings;
+mod triage;
 mod worker;

@@ -181,6 +181,8 @@ pub const SERVICE: &str = "hermes-dispatcher.service";
 pub fn driven_stub() -> String {
     format!(
         r#"#!/bin/sh
+# `hermes kanban …` that is not a worker (the dispatcher's triage decompositions) is the real one.
+[ "$1" = kanban ] && exec {hermes} "$@"
 rm -f cmd; mkfifo cmd
 echo "pid=$$" > "ready-$HERMES_KANBAN_RUN_ID.tmp"; echo END >> "ready-$HERMES_KANBAN_RUN_ID.tmp"
 mv "ready-$HERMES_KANBAN_RUN_ID.tmp" "ready-$HERMES_KANBAN_RUN_ID"
