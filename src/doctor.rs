@@ -60,6 +60,7 @@ pub async fn run(paths: &BoardPaths, cfg: anyhow::Result<Config>) -> Vec<Check> 
     out.extend(slice(&cfg));
     out.extend(kanban_settings(&cfg));
     out.extend(board(paths));
+    out.push(dispatcher(paths));
     out.extend(board_tree(paths));
     if let Ok(sd) = &sd {
         out.extend(dispatcher_health(sd).await);
@@ -296,7 +297,6 @@ fn board(paths: &BoardPaths) -> Vec<Check> {
                 Ok(v) => check("board", Level::Fail, format!("{}: integrity_check says {v}", paths.db.display()), Some("restore the board from a backup")),
                 Err(e) => check("board", Level::Fail, e.to_string(), Some("see the message")),
             });
-            out.push(dispatcher(&b, paths));
         }
         Err(e) => out.push(check("board", Level::Fail, e.to_string(), Some("point --db/--board/$HERMES_HOME at the board, or create it with hermes kanban init"))),
     }
@@ -305,9 +305,11 @@ fn board(paths: &BoardPaths) -> Vec<Check> {
 
 /// Who holds the root's `.dispatcher.lock`: hermes-dispatcher (ok), a Hermes gateway or
 /// anything else (a warning that says what to do), nobody (a warning).
-fn dispatcher(b: &Board, paths: &BoardPaths) -> Check {
+fn dispatcher(paths: &BoardPaths) -> Check {
     let lock = paths.dispatcher_lock();
-    if !b.dispatcher_lock_held() {
+    let held = crate::safe_fs::Owner::of_tree(&paths.owner_dir)
+        .is_ok_and(|owner| crate::board::lock::held(&lock, &owner));
+    if !held {
         return check(
             "dispatcher",
             Level::Warn,
@@ -322,10 +324,17 @@ fn dispatcher(b: &Board, paths: &BoardPaths) -> Check {
     let ours = |cmd: &str| cmd.contains("hermes-mgr") && cmd.contains("dispatcher");
     let who = holders
         .iter()
-        .map(|(pid, cmd)| format!("pid {pid} ({cmd})"))
+        .map(|h| {
+            format!(
+                "{}pid {} ({})",
+                if h.certain { "" } else { "likely " },
+                h.pid,
+                h.cmd
+            )
+        })
         .collect::<Vec<_>>()
         .join(", ");
-    if !holders.is_empty() && holders.iter().all(|(_, cmd)| ours(cmd)) {
+    if !holders.is_empty() && holders.iter().all(|h| ours(&h.cmd)) {
         check(
             "dispatcher",
             Level::Ok,

@@ -164,14 +164,34 @@ pub fn load(files: &Files) -> anyhow::Result<Loaded> {
         }
     }
     let mut out = Loaded::default();
-    let mut take = |key: &'static str| -> Option<(Yaml, PathBuf)> {
+    // A key set to null: Python's `cfg.get(key, default)` returns None, not the default.
+    // For the numbers and the assignee that means "unset"; `bool(None)` is false.
+    let mut take_raw = |key: &'static str| -> Option<(Yaml, PathBuf)> {
         let (v, from) = merged.get(key)?.clone();
-        if matches!(v, Yaml::Null) {
-            return None;
-        }
         out.sources.insert(key, from.clone());
         Some((v, from))
     };
+    let mut raw: BTreeMap<&'static str, (Yaml, PathBuf)> = BTreeMap::new();
+    for key in [
+        "max_spawn",
+        "max_in_progress",
+        "max_in_progress_per_profile",
+        "failure_limit",
+        "default_assignee",
+        "auto_decompose",
+        "auto_decompose_per_tick",
+        "dispatch_in_gateway",
+    ] {
+        if let Some(v) = take_raw(key) {
+            raw.insert(key, v);
+        }
+    }
+    let take = |key: &'static str| -> Option<(Yaml, PathBuf)> {
+        raw.get(key)
+            .filter(|(v, _)| !matches!(v, Yaml::Null))
+            .cloned()
+    };
+    let take_bool = |key: &'static str| -> Option<Yaml> { raw.get(key).map(|(v, _)| v.clone()) };
     let mut k = Kanban::default();
     let mut warnings = Vec::new();
     if let Some((v, from)) = take("max_spawn") {
@@ -212,7 +232,7 @@ pub fn load(files: &Files) -> anyhow::Result<Loaded> {
             ),
         }
     }
-    if let Some((v, _)) = take("auto_decompose") {
+    if let Some(v) = take_bool("auto_decompose") {
         k.auto_decompose = as_bool(&v);
     }
     if let Some((v, _)) = take("auto_decompose_per_tick") {
@@ -222,7 +242,7 @@ pub fn load(files: &Files) -> anyhow::Result<Loaded> {
             Some(n) => n.max(1) as usize,
         };
     }
-    if let Some((v, _)) = take("dispatch_in_gateway") {
+    if let Some(v) = take_bool("dispatch_in_gateway") {
         k.dispatch_in_gateway = as_bool(&v);
     }
     out.kanban = k;
@@ -290,6 +310,7 @@ mod tests {
             }),
             ("dispatch_in_gateway: false", |k| !k.dispatch_in_gateway),
             ("max_spawn: null", |k| k.max_spawn.is_none()),
+            ("auto_decompose: null", |k| !k.auto_decompose),
         ];
         for (line, ok) in rows {
             let l = load_text(&format!("kanban:\n  {line}\n"), None).unwrap();

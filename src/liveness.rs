@@ -71,12 +71,80 @@ pub fn unit_cgroup(slice: &str, unit: &str) -> String {
     path
 }
 
-/// The processes holding a `flock(2)` on the file at `path`, with their command lines:
-/// whoever keeps a dispatcher out of `.dispatcher.lock`. Found through each process's open
-/// descriptors (`/proc/<pid>/fd` names the file, its `fdinfo` lists the lock), because
-/// `/proc/locks` names the inode of the layer below on overlayfs. Processes we may not
-/// inspect are skipped.
-pub fn flock_holders(path: &std::path::Path) -> Vec<(u32, String)> {
+/// A process that holds (or likely holds) a lock file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub pid: u32,
+    /// Its command line, escaped for a terminal.
+    pub cmd: String,
+    /// Seen holding this very file; `false`: a likely dispatcher, named because the
+    /// kernel's view could not be matched (see `flock_holders`).
+    pub certain: bool,
+}
+
+/// The processes holding a `flock(2)` on the file at `path`: whoever keeps a dispatcher out
+/// of `.dispatcher.lock`. First through each process's descriptors (`/proc/<pid>/fd` names
+/// the file, its `fdinfo` lists the lock; needs ptrace rights, which the hardened service
+/// lacks), then `/proc/locks` (device and inode; on overlayfs it names the layer below, so
+/// it may not match), and last, when neither names anyone, the processes that look like a
+/// dispatcher (a Hermes gateway, a hermes-mgr dispatcher) among the `/proc/locks` holders.
+pub fn flock_holders(path: &std::path::Path) -> Vec<Holder> {
+    let by_fd = holders_by_fd(path);
+    if !by_fd.is_empty() {
+        return by_fd;
+    }
+    let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+    // "1: FLOCK  ADVISORY  WRITE 1234 08:01:123456 0 EOF"
+    let flock_pids = locks.lines().filter_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(1) == Some(&"FLOCK") && f.get(3) == Some(&"WRITE"))
+            .then(|| Some((f.get(4)?.parse::<u32>().ok()?, f.get(5)?.to_string())))
+            .flatten()
+    });
+    let ino = std::fs::metadata(path).ok().map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.ino()
+    });
+    let mut certain = Vec::new();
+    let mut likely = Vec::new();
+    for (pid, dev_ino) in flock_pids {
+        let Some(cmd) = cmdline(pid) else { continue };
+        let same_inode = ino.is_some_and(|i| dev_ino.rsplit(':').next() == Some(&i.to_string()));
+        if same_inode {
+            certain.push(Holder {
+                pid,
+                cmd,
+                certain: true,
+            });
+        } else if (cmd.contains("hermes") && cmd.contains("gateway"))
+            || (cmd.contains("hermes-mgr") && cmd.contains("dispatcher"))
+        {
+            likely.push(Holder {
+                pid,
+                cmd,
+                certain: false,
+            });
+        }
+    }
+    if certain.is_empty() {
+        likely.dedup();
+        likely
+    } else {
+        certain
+    }
+}
+
+fn cmdline(pid: u32) -> Option<String> {
+    let c = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let words: Vec<String> = c
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    Some(crate::text::clean(&words.join(" ")))
+}
+
+fn holders_by_fd(path: &std::path::Path) -> Vec<Holder> {
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -98,16 +166,11 @@ pub fn flock_holders(path: &std::path::Path) -> Vec<(u32, String)> {
                 )
         });
         if holds {
-            let cmd = std::fs::read(p.path().join("cmdline"))
-                .map(|c| {
-                    c.split(|b| *b == 0)
-                        .filter(|a| !a.is_empty())
-                        .map(|a| String::from_utf8_lossy(a).into_owned())
-                        .collect::<Vec<_>>()
-                        .join(" ")
-                })
-                .unwrap_or_default();
-            out.push((pid, crate::text::clean(&cmd)));
+            out.push(Holder {
+                pid,
+                cmd: cmdline(pid).unwrap_or_default(),
+                certain: true,
+            });
         }
     }
     out

@@ -265,6 +265,11 @@ async fn run(opts: Options) -> anyhow::Result<()> {
                 Ok(changes) => {
                     if d.on_changes(changes).await {
                         follow(&d, &mut watcher);
+                        // What changed between the scan and the new watches (a board's
+                        // files written just after its directory) is seen now.
+                        if d.refresh_boards() {
+                            follow(&d, &mut watcher);
+                        }
                     }
                 }
                 Err(e) => warn!("inotify: {e}, ignoring"),
@@ -558,7 +563,8 @@ impl Daemon {
         }
     }
 
-    /// Handle what inotify saw; `true` when the set of boards changed (the watches follow).
+    /// Handle what inotify saw; `true` when the set of boards may have changed (the watches
+    /// follow).
     async fn on_changes(&mut self, changes: Vec<watch::Change>) -> bool {
         let mut boards_changed = false;
         for c in changes {
@@ -593,7 +599,12 @@ impl Daemon {
                         Err(e) => warn!(board = %slug, "read the board's data_version: {e}"),
                     }
                 }
-                watch::Change::Boards => boards_changed |= self.refresh_boards(),
+                watch::Change::Boards => {
+                    // Even with no board gained or lost, `boards/` may have a new directory
+                    // to watch for its files.
+                    self.refresh_boards();
+                    boards_changed = true;
+                }
                 watch::Change::HermesConfig => {
                     // Hermes' kanban settings take effect without a restart, as upstream's
                     // auto_decompose toggle does.
@@ -798,7 +809,14 @@ pub fn lock_taken(path: &std::path::Path) -> String {
     } else {
         holders
             .iter()
-            .map(|(pid, cmd)| format!("pid {pid} ({cmd})"))
+            .map(|h| {
+                format!(
+                    "{}pid {} ({})",
+                    if h.certain { "" } else { "likely " },
+                    h.pid,
+                    h.cmd
+                )
+            })
             .collect::<Vec<_>>()
             .join(", ")
     };

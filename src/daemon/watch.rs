@@ -48,6 +48,9 @@ struct Role {
     boards_dir: bool,
     /// A board's own directory: its `board.json`.
     board_json: bool,
+    /// A directory of `boards/` that is no board yet (`boards create` makes the directory
+    /// before its files): its `kanban.db` or `board.json` appearing makes it one.
+    candidate: bool,
     /// A directory of Hermes' `config.yaml` (its home, its managed layer).
     config: bool,
 }
@@ -157,6 +160,33 @@ impl Watcher {
                 },
                 true,
             ));
+            let served: Vec<&std::path::Path> =
+                boards.iter().filter_map(|b| b.db.parent()).collect();
+            let list = || -> Vec<PathBuf> {
+                std::fs::read_dir(kanban.join("boards"))
+                    .map(|d| d.flatten().map(|e| e.path()).collect())
+                    .unwrap_or_default()
+            };
+            let dirs = match owner {
+                Some(o) => crate::safe_fs::as_user(o, list).unwrap_or_default(),
+                None => list(),
+            };
+            for dir in dirs {
+                let named_as_slug = dir
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| crate::board::paths::normalize_slug(n).is_ok_and(|s| s == n));
+                if named_as_slug && !served.contains(&dir.as_path()) {
+                    want.push((
+                        dir,
+                        Role {
+                            candidate: true,
+                            ..Role::default()
+                        },
+                        true,
+                    ));
+                }
+            }
         }
         let ino = &self.fd.get_ref().0;
         let mut roles: HashMap<WatchDescriptor, Role> = HashMap::new();
@@ -173,6 +203,7 @@ impl Watcher {
             r.kanban_dir |= role.kanban_dir;
             r.boards_dir |= role.boards_dir;
             r.board_json |= role.board_json;
+            r.candidate |= role.candidate;
             r.config |= role.config;
         }
         for wd in self.roles.keys() {
@@ -217,6 +248,7 @@ impl Watcher {
                         if role.boards_dir
                             || (role.kanban_dir && n == b"boards")
                             || (role.board_json && n == b"board.json")
+                            || (role.candidate && (n == b"board.json" || n == b"kanban.db"))
                         {
                             push(Change::Boards);
                         }

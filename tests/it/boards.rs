@@ -105,7 +105,7 @@ pub(crate) fn complete(d: &Dispatcher, slug: &str, id: &str, run: i64) -> Task {
 
 /// `hermes-mgr ARGS…` as an operator types it: no `--db`, the Hermes root from the
 /// environment.
-fn mgr(d: &Dispatcher, args: &[&str]) -> Ran {
+pub(crate) fn mgr(d: &Dispatcher, args: &[&str]) -> Ran {
     let mut c = Command::new(crate::harness::mgr_bin());
     c.arg("--config")
         .arg(&d.rig.config)
@@ -178,6 +178,10 @@ systemd_test!(
             Some("stopped")
         );
 
+        // A directory under boards/ that is no board yet (no kanban.db, no board.json).
+        let bad = d.rig.dir.join("kanban/boards/bad");
+        std::fs::create_dir_all(&bad).unwrap();
+        std::os::unix::fs::chown(&bad, Some(d.rig.uid), None).unwrap();
         // A board created while the dispatcher runs is dispatched at once.
         hermes(&d, &["boards", "create", "late"]);
         let c = create_on(&d, "late", "on a board made later");
@@ -201,11 +205,9 @@ systemd_test!(
                 .then_some(())
         });
 
-        // A corrupt board is reported and skipped, left as it is; the others go on.
-        let bad = d.rig.dir.join("kanban/boards/bad");
-        std::fs::create_dir_all(&bad).unwrap();
+        // The directory made earlier gets a file, long after its own event: it is a board
+        // now. A corrupt one: reported and skipped, left as it is; the others go on.
         std::fs::write(bad.join("kanban.db"), b"definitely not sqlite").unwrap();
-        std::os::unix::fs::chown(&bad, Some(d.rig.uid), None).unwrap();
         wait_for(
             "the corrupt board reported",
             Duration::from_secs(20),

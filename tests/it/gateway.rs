@@ -174,3 +174,70 @@ systemd_test!(
         );
     }
 );
+
+systemd_test!(
+    a_gateway_that_started_first_is_named_and_the_switch_the_message_gives_works,
+    {
+        let d = Dispatcher::new("tick_seconds = 3600");
+        d.install_all_boards();
+        let gw = start_gateway(&d);
+        wait_log(
+            &d,
+            "the gateway taking the lock",
+            &["holding singleton dispatcher lock"],
+        );
+        let pid = gw.0.id();
+        let o = Command::new("systemctl")
+            .args(["start", SERVICE])
+            .output()
+            .unwrap();
+        assert!(
+            !o.status.success(),
+            "hermes-dispatcher started beside a dispatching gateway"
+        );
+        wait_for(
+            "the refusal naming the gateway",
+            Duration::from_secs(10),
+            || {
+                let j = crate::rig::journal(SERVICE);
+                (j.contains("another dispatcher holds")
+                    && j.contains(&format!("pid {pid} ("))
+                    && j.contains("gateway run")
+                    && j.contains("start the gateway again"))
+                .then_some(())
+            },
+        );
+        // doctor says the same, without the service.
+        let doc = crate::boards::mgr(&d, &["doctor", "--json"]);
+        let checks: serde_json::Value = serde_json::from_str(&doc.stdout).unwrap();
+        let dispatcher = checks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "dispatcher")
+            .unwrap()
+            .clone();
+        assert_eq!(dispatcher["level"], "warn", "{dispatcher}");
+        assert!(
+            dispatcher["detail"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("pid {pid} ("))
+                && dispatcher["fix"]
+                    .as_str()
+                    .unwrap()
+                    .contains("start the gateway again"),
+            "{dispatcher}"
+        );
+        // The switch it describes.
+        drop(gw);
+        d.start();
+        std::fs::remove_file(d.rig.dir.join("logs/gateway.log")).unwrap();
+        let _gw = start_gateway(&d);
+        wait_log(&d, "the gateway declining", &["will NOT dispatch"]);
+        let id = d.rig.add("dispatched by hermes-mgr after the switch");
+        let r = d.wait_running(&id, 0);
+        d.command(&id, r, "complete");
+        d.wait_task("done", |t| t.status.as_str() == "done", &id);
+    }
+);

@@ -86,3 +86,70 @@ systemd_test!(a_setting_in_both_files_is_refused_naming_both, {
         doc.stdout
     );
 });
+
+/// Upstream's own reading of a `config.yaml`: `load_config()` (PyYAML, defaults, the
+/// merge) and the gateway's `_resolve_auto_decompose_settings`, in the real 0.19.0.
+fn upstream_reading(home: &std::path::Path) -> serde_json::Value {
+    let script = r#"
+import json
+from hermes_cli.config import load_config
+from gateway.kanban_watchers import _resolve_auto_decompose_settings
+k = load_config().get("kanban", {})
+enabled, per_tick = _resolve_auto_decompose_settings(load_config)
+print(json.dumps({"auto_decompose": enabled, "auto_decompose_per_tick": per_tick,
+                  "dispatch_in_gateway": bool(k.get("dispatch_in_gateway", True)),
+                  "max_spawn": k.get("max_spawn", None),
+                  # the watcher's own expression (kanban_watchers.py)
+                  "default_assignee": (k.get("default_assignee") or "").strip() or None}))
+"#;
+    let o = std::process::Command::new(crate::harness::venv().join("bin/python"))
+        .args(["-c", script])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", home)
+        .env("HERMES_HOME", home)
+        .env("HERMES_MANAGED_DIR", home.join("no-managed-scope"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// Parity with upstream's own code, value by value, over the YAML a user may write. One
+/// deliberate difference: a *quoted* "no"/"off"/"false" is a string to PyYAML and
+/// `bool("no")` is true there; hermes-mgr reads it as off (the user's evident meaning, and
+/// the safe side of a toggle that stops runaway fan-out).
+#[test]
+fn hermes_config_yaml_is_read_as_upstream_reads_it() {
+    let dir = crate::harness::scratch();
+    let rows = [
+        "kanban:\n  auto_decompose: no\n",
+        "kanban:\n  auto_decompose: off\n  auto_decompose_per_tick: 0\n",
+        "kanban:\n  auto_decompose: 0\n  auto_decompose_per_tick: -2\n",
+        "kanban:\n  auto_decompose: ~\n  auto_decompose_per_tick: 2.7\n",
+        "kanban:\n  auto_decompose: yes\n  auto_decompose_per_tick: abc\n",
+        "kanban:\n  auto_decompose: []\n  dispatch_in_gateway: false\n",
+        "kanban:\n  dispatch_in_gateway: no\n  max_spawn: 4\n  default_assignee: coder\n",
+        "kanban:\n  max_spawn: ~\n  default_assignee: ~\n",
+        "model:\n  default: x\n",
+        "",
+    ];
+    for yaml in rows {
+        std::fs::write(dir.path().join("config.yaml"), yaml).unwrap();
+        let theirs = upstream_reading(dir.path());
+        let ours = hermes_mgr::hermes_config::load(&hermes_mgr::hermes_config::Files {
+            user: dir.path().join("config.yaml"),
+            managed: None,
+        })
+        .unwrap()
+        .kanban;
+        let ours = serde_json::json!({
+            "auto_decompose": ours.auto_decompose,
+            "auto_decompose_per_tick": ours.auto_decompose_per_tick,
+            "dispatch_in_gateway": ours.dispatch_in_gateway,
+            "max_spawn": ours.max_spawn,
+            "default_assignee": ours.default_assignee,
+        });
+        assert_eq!(ours, theirs, "{yaml:?}");
+    }
+}
