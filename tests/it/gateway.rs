@@ -172,6 +172,15 @@ systemd_test!(
                 .as_str(),
             "blocked"
         );
+        // An upgrade restarts hermes-dispatcher: the running gateway does not take over.
+        crate::rig::sh(&format!("systemctl restart {SERVICE}"));
+        let f = create_on(&d, "ops", "after the restart");
+        let rf = wait_running(&d, "ops", &f);
+        complete(&d, "ops", &f, rf);
+        assert!(
+            !gateway_log(&d).contains("holding singleton dispatcher lock"),
+            "the gateway took over during the restart"
+        );
     }
 );
 
