@@ -70,6 +70,9 @@ pub struct Config {
     pub auto_decompose: bool,
     #[serde(skip)]
     pub auto_decompose_per_tick: usize,
+    /// Hermes' `kanban.dispatch_stale_timeout_seconds` (0 = off).
+    #[serde(skip)]
+    pub stale_timeout_seconds: i64,
     /// Where each Hermes kanban setting came from: a file, or `default`.
     #[serde(skip)]
     pub sources: std::collections::BTreeMap<String, String>,
@@ -105,6 +108,7 @@ impl Default for Config {
             max_in_progress_per_profile: None,
             auto_decompose: true,
             auto_decompose_per_tick: 3,
+            stale_timeout_seconds: 14400,
             sources: Default::default(),
             warnings: Vec::new(),
         }
@@ -170,6 +174,7 @@ impl Config {
             "max_in_progress_per_profile",
             "auto_decompose",
             "auto_decompose_per_tick",
+            "dispatch_stale_timeout_seconds",
         ]) {
             cfg.sources.insert(key.to_string(), source(key));
         }
@@ -190,6 +195,7 @@ impl Config {
         cfg.max_in_progress_per_profile = k.max_in_progress_per_profile;
         cfg.auto_decompose = k.auto_decompose;
         cfg.auto_decompose_per_tick = k.auto_decompose_per_tick;
+        cfg.stale_timeout_seconds = k.dispatch_stale_timeout_seconds;
         cfg.warnings = theirs.warnings;
         if let Some(bin) = std::env::var("HERMES_BIN")
             .ok()

@@ -371,7 +371,7 @@ fn kanban_settings(cfg: &Config) -> Vec<Check> {
             .unwrap_or_else(|| "default".into())
     };
     let mut detail = format!(
-        "max_spawn={} ({}), max_in_progress ({}), max_in_progress_per_profile={} ({}), failure_limit={} ({}), default_assignee={} ({}), auto_decompose={} ({}), auto_decompose_per_tick={} ({})",
+        "max_spawn={} ({}), max_in_progress ({}), max_in_progress_per_profile={} ({}), failure_limit={} ({}), default_assignee={} ({}), auto_decompose={} ({}), auto_decompose_per_tick={} ({}), dispatch_stale_timeout_seconds={} ({})",
         opt(cfg.max_spawn),
         src("max_spawn"),
         src("max_in_progress"),
@@ -385,6 +385,8 @@ fn kanban_settings(cfg: &Config) -> Vec<Check> {
         src("auto_decompose"),
         cfg.auto_decompose_per_tick,
         src("auto_decompose_per_tick"),
+        cfg.stale_timeout_seconds,
+        src("dispatch_stale_timeout_seconds"),
     );
     let level = if cfg.warnings.is_empty() {
         Level::Ok

@@ -32,6 +32,9 @@ pub struct Kanban {
     /// `kanban.auto_decompose` (true) and `auto_decompose_per_tick` (3, at least 1).
     pub auto_decompose: bool,
     pub auto_decompose_per_tick: usize,
+    /// `kanban.dispatch_stale_timeout_seconds` (14400; 0 = off): a run going this long with
+    /// no heartbeat for an hour is stopped and requeued (`stale`).
+    pub dispatch_stale_timeout_seconds: i64,
     /// `kanban.dispatch_in_gateway` (true): whether a gateway would dispatch (and, in
     /// 0.19.0, notify) when it gets the lock. Reported by `doctor`.
     pub dispatch_in_gateway: bool,
@@ -47,6 +50,7 @@ impl Default for Kanban {
             default_assignee: None,
             auto_decompose: true,
             auto_decompose_per_tick: 3,
+            dispatch_stale_timeout_seconds: 14400,
             dispatch_in_gateway: true,
         }
     }
@@ -180,6 +184,7 @@ pub fn load(files: &Files) -> anyhow::Result<Loaded> {
         "default_assignee",
         "auto_decompose",
         "auto_decompose_per_tick",
+        "dispatch_stale_timeout_seconds",
         "dispatch_in_gateway",
     ] {
         if let Some(v) = take_raw(key) {
@@ -240,6 +245,16 @@ pub fn load(files: &Files) -> anyhow::Result<Loaded> {
         k.auto_decompose_per_tick = match as_int(&v) {
             Some(0) | None => 3,
             Some(n) => n.max(1) as usize,
+        };
+    }
+    // `int(x or 0)`; invalid disables it, with a warning (as upstream).
+    if let Some((v, from)) = raw.get("dispatch_stale_timeout_seconds").cloned() {
+        k.dispatch_stale_timeout_seconds = match v {
+            Yaml::Null => 0,
+            ref v => as_int(v).unwrap_or_else(|| {
+                warnings.push(format!("{}: kanban.dispatch_stale_timeout_seconds = {v:?} is not a number; stale detection is off (as upstream)", from.display()));
+                0
+            }),
         };
     }
     if let Some(v) = take_bool("dispatch_in_gateway") {

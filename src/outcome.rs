@@ -42,6 +42,9 @@ pub enum RunEnd {
     Lost { error: String },
     /// Stopped from outside (an operator, a shutdown): requeued, not counted.
     Stopped { error: String },
+    /// Stopped by the dispatcher for showing no heartbeat (`kanban.dispatch_stale_timeout_
+    /// seconds`): requeued, not counted, as upstream's `detect_stale_running`.
+    Stale { error: String, details: Value },
 }
 
 impl RunEnd {
@@ -54,7 +57,8 @@ impl RunEnd {
             | RunEnd::SpawnFailed { error }
             | RunEnd::Infrastructure { error }
             | RunEnd::Lost { error }
-            | RunEnd::Stopped { error } => error,
+            | RunEnd::Stopped { error }
+            | RunEnd::Stale { error, .. } => error,
         }
     }
 }
@@ -106,6 +110,41 @@ pub struct Facts<'a> {
     /// An operator's `stop` signalled the live scope; how it ended ("ended on SIGTERM …").
     pub operator_stop: Option<&'a str>,
     pub max_runtime: Option<i64>,
+    /// The dispatcher stopped the run for a missing heartbeat (`stale`'s verdict).
+    pub stale: Option<&'a Stale>,
+}
+
+/// A run that shows no progress: upstream's `detect_stale_running` verdict, with its
+/// payload's facts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stale {
+    pub elapsed_seconds: i64,
+    pub last_heartbeat_at: Option<i64>,
+    pub timeout_seconds: i64,
+    pub pid: Option<i64>,
+}
+
+/// Upstream's `_STALE_HEARTBEAT_GAP_SECONDS`.
+pub const STALE_HEARTBEAT_GAP: i64 = 3600;
+
+/// Whether a live run is stale, as upstream's `detect_stale_running` judges it: running
+/// for at least `timeout` (0 = never), and no heartbeat for `STALE_HEARTBEAT_GAP` (or none
+/// ever).
+pub fn stale(
+    started_at: i64,
+    last_heartbeat_at: Option<i64>,
+    now: i64,
+    timeout: i64,
+    pid: Option<i64>,
+) -> Option<Stale> {
+    let elapsed = now - started_at;
+    let beat_recently = last_heartbeat_at.is_some_and(|hb| now - hb < STALE_HEARTBEAT_GAP);
+    (timeout > 0 && elapsed >= timeout && !beat_recently).then_some(Stale {
+        elapsed_seconds: elapsed,
+        last_heartbeat_at,
+        timeout_seconds: timeout,
+        pid,
+    })
 }
 
 /// What `decide` concluded.
@@ -121,6 +160,27 @@ pub fn decide(f: &Facts) -> Decision {
     if let Some(how) = f.operator_stop {
         return Decision::Ended(RunEnd::Stopped {
             error: format!("stopped by operator: {how}"),
+        });
+    }
+    // The dispatcher stopped it for its silence: that, not the SIGTERM it sent, is why it
+    // ended. Once the scope is gone (a live one is still being stopped).
+    if let Some(st) = f.stale.filter(|_| f.scope != Scope::Live) {
+        let secs = st.elapsed_seconds;
+        let error = match st.last_heartbeat_at {
+            Some(_) => {
+                format!("no heartbeat for over {STALE_HEARTBEAT_GAP}s after {secs}s running")
+            }
+            None => format!("no heartbeat ever after {secs}s running"),
+        };
+        return Decision::Ended(RunEnd::Stale {
+            error,
+            details: json!({
+                "elapsed_seconds": st.elapsed_seconds,
+                "last_heartbeat_at": st.last_heartbeat_at,
+                "timeout_seconds": st.timeout_seconds,
+                "pid": st.pid,
+                "unit": f.unit,
+            }),
         });
     }
     if let Some(st) = f.record {
@@ -244,6 +304,8 @@ pub struct Booking {
     pub gave_up_on_run: bool,
     /// Counted against the task.
     pub counted: bool,
+    /// The task's `last_heartbeat_at` is reset (upstream's stale reclaim does).
+    pub clear_heartbeat: bool,
 }
 
 impl Booking {
@@ -288,6 +350,7 @@ pub fn booking(end: &RunEnd, c: &Counters, failure_limit: i64) -> Booking {
         }
         RunEnd::Lost { .. } => ("lost", "reclaimed", json!({"reason": "lost"}), false),
         RunEnd::Stopped { .. } => ("stopped", "reclaimed", json!({"reason": "stopped"}), false),
+        RunEnd::Stale { details, .. } => ("stale", "stale", details.clone(), false),
     };
     let error: String = end.error().chars().take(ERROR_MAX).collect();
     let mut details = details;
@@ -319,7 +382,8 @@ pub fn booking(end: &RunEnd, c: &Counters, failure_limit: i64) -> Booking {
     }
     let event = (!spawn_tripped).then(|| {
         let mut payload = details.clone();
-        if event != "reclaimed" {
+        // Upstream's reclaimed and stale payloads carry no error.
+        if event != "reclaimed" && event != "stale" {
             merge(&mut payload, &json!({"error": error}));
         }
         if counted {
@@ -355,6 +419,7 @@ pub fn booking(end: &RunEnd, c: &Counters, failure_limit: i64) -> Booking {
         gave_up,
         gave_up_on_run: spawn_tripped,
         counted,
+        clear_heartbeat: matches!(end, RunEnd::Stale { .. }),
     }
 }
 
@@ -385,6 +450,7 @@ mod tests {
             watched: true,
             operator_stop: None,
             max_runtime: None,
+            stale: None,
         }
     }
 
@@ -405,6 +471,7 @@ mod tests {
             RunEnd::Infrastructure { .. } => "infrastructure",
             RunEnd::Lost { .. } => "lost",
             RunEnd::Stopped { .. } => "stopped",
+            RunEnd::Stale { .. } => "stale",
         }
     }
 
@@ -438,6 +505,11 @@ mod tests {
         };
         let mut after_restart = facts(None, Scope::Gone);
         after_restart.watched = false;
+        let silent = stale(0, None, 20000, 14400, Some(9)).unwrap();
+        let mut stale_gone = facts(Some(&termed), Scope::Gone);
+        stale_gone.stale = Some(&silent);
+        let mut stale_stopping = facts(None, Scope::Live);
+        stale_stopping.stale = Some(&silent);
         let rows: Vec<(Facts, &str)> = vec![
             (facts(Some(&exit0), Scope::Gone), "protocol_violation: pid 9 exited 0 without kanban_complete or kanban_block"),
             (facts(Some(&exit1), Scope::Live), "crashed: pid 9 exited with code 1"),
@@ -454,9 +526,30 @@ mod tests {
             (facts(Some(&oom_alone), Scope::Gone), "crashed: pid 9 killed by signal 9 (SIGKILL): killed by the OOM killer at MemoryMax=64M, peak 64M"),
             (facts(Some(&oom_then_term), Scope::Gone), "crashed: pid 9 killed by signal 9 (SIGKILL): killed by the OOM killer at MemoryMax=64M, peak 64M"),
             (facts(Some(&no_oom), Scope::Gone), "stopped: pid 9 stopped from outside (killed by signal 15 (SIGTERM))"),
+            (stale_gone, "stale: no heartbeat ever after 20000s running"),
+            (stale_stopping, "running"),
         ];
         for (f, want) in rows {
             assert_eq!(name(&decide(&f)), want, "{f:?}");
+        }
+    }
+
+    /// (started, last heartbeat, now, timeout) → stale?, as upstream's detect_stale_running.
+    #[test]
+    fn staleness_is_upstreams() {
+        let rows = [
+            ((0, None, 14399, 14400), false),
+            ((0, None, 14400, 14400), true),
+            ((0, Some(14400 - 3599), 14400, 14400), false),
+            ((0, Some(14400 - 3600), 14400, 14400), true),
+            ((0, None, 1_000_000, 0), false),
+        ];
+        for ((started, hb, now, timeout), want) in rows {
+            assert_eq!(
+                stale(started, hb, now, timeout, None).is_some(),
+                want,
+                "{started} {hb:?} {now} {timeout}"
+            );
         }
     }
 
@@ -470,6 +563,31 @@ mod tests {
             spawn_failure(Fault::Infrastructure, "x"),
             RunEnd::Infrastructure { .. }
         ));
+    }
+
+    #[test]
+    fn a_stale_run_is_requeued_uncounted_with_upstreams_payload() {
+        let end = RunEnd::Stale {
+            error: "no heartbeat ever after 20000s running".into(),
+            details: json!({"elapsed_seconds": 20000, "timeout_seconds": 14400}),
+        };
+        let b = booking(
+            &end,
+            &Counters {
+                failures: 1,
+                ..Counters::default()
+            },
+            2,
+        );
+        assert_eq!(
+            (b.run_outcome, b.counted, b.failures, b.status()),
+            ("stale", false, 1, "ready")
+        );
+        let (kind, payload) = b.event.unwrap();
+        assert_eq!(kind, "stale");
+        assert_eq!(payload["elapsed_seconds"], 20000);
+        assert!(payload.get("error").is_none(), "{payload}");
+        assert!(b.clear_heartbeat);
     }
 
     /// (end, failures before, max_retries, streak before) → (run outcome, event, counted,

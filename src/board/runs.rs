@@ -220,6 +220,10 @@ impl Board {
                 )
                 .map_err(|e| self.err("end run", e))?;
             }
+            if b.clear_heartbeat {
+                c.execute("UPDATE tasks SET last_heartbeat_at=NULL WHERE id=?1", params![id])
+                    .map_err(|e| self.err("end run", e))?;
+            }
             if let Some((kind, payload)) = &b.event {
                 append_event(c, id, kind, payload, Some(run_id)).map_err(|e| self.err("append event", e))?;
             }

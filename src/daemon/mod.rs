@@ -60,6 +60,8 @@ struct Live {
     /// We saw this worker live (started or adopted it), rather than only finding its row
     /// after a restart: a scope that then vanishes with no word was killed, not lost.
     watched: bool,
+    /// We stopped it for showing no heartbeat (`check_stale`): booked `stale` when it ends.
+    stale: Option<outcome::Stale>,
 }
 
 /// A run: (board, task, run). Task and run ids are only unique within a board.
@@ -308,6 +310,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
                 }
                 d.check_closed_runs().await;
                 d.check_decompositions().await;
+                d.check_stale().await;
                 d.mark_all_dirty();
             }
             // A pass cut short by its batch size, or a backoff that ran out, goes on.
@@ -439,6 +442,7 @@ impl Daemon {
                 max_runtime: s.max_runtime,
                 closed_since: None,
                 watched: true,
+                stale: None,
             },
         );
     }
@@ -663,6 +667,7 @@ impl Daemon {
             watched: live.watched,
             operator_stop: None,
             max_runtime: live.max_runtime,
+            stale: live.stale.as_ref(),
         };
         // Still running (a UnitRemoved for a name we reuse, a stray event): nothing to do.
         let Decision::Ended(end) = outcome::decide(&facts) else {
@@ -748,6 +753,59 @@ impl Daemon {
                 Err(e) => {
                     warn!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run, "extend claim: {e}; retrying later")
                 }
+            }
+        }
+    }
+
+    /// Upstream's stale detection (`kanban.dispatch_stale_timeout_seconds`, 0 = off): a
+    /// run going for that long with no heartbeat for an hour has its scope stopped, and is
+    /// booked `stale` (requeued, not counted) when it is gone. On the safety-net tick.
+    async fn check_stale(&mut self) {
+        let timeout = self.cfg.stale_timeout_seconds;
+        if timeout <= 0 {
+            return;
+        }
+        let now = crate::board::now();
+        let mut found = Vec::new();
+        for (slug, s) in &self.slots {
+            let Some(b) = &s.board else { continue };
+            let Ok(running) = b.running_tasks() else {
+                continue;
+            };
+            for t in running {
+                let Some(run) = t.current_run_id else {
+                    continue;
+                };
+                let key: Key = (slug.clone(), t.id.clone(), run);
+                if self.live.get(&key).is_none_or(|l| l.stale.is_some()) {
+                    continue;
+                }
+                // A run starts no earlier than its task first did.
+                if t.started_at.is_some_and(|s| now - s < timeout) {
+                    continue;
+                }
+                let Ok(Some(r)) = b.run(run) else { continue };
+                if let Some(st) = outcome::stale(
+                    r.started_at,
+                    t.last_heartbeat_at,
+                    now,
+                    timeout,
+                    t.worker_pid,
+                ) {
+                    found.push((key, st));
+                }
+            }
+        }
+        for (key, st) in found {
+            let Some(live) = self.live.get_mut(&key) else {
+                continue;
+            };
+            warn!(board = %key.0, hermes_kanban_task = %key.1, hermes_kanban_run_id = key.2, unit = %live.unit,
+                  elapsed = st.elapsed_seconds, "no heartbeat from the worker (dispatch_stale_timeout_seconds); stopping it, the task is requeued");
+            live.stale = Some(st);
+            let unit = live.unit.clone();
+            if let Err(e) = self.sd.stop(&unit).await {
+                warn!(unit = %unit, "stop: {e}");
             }
         }
     }

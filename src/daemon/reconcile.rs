@@ -184,6 +184,7 @@ impl Daemon {
                 max_runtime: t.max_runtime_seconds,
                 closed_since: None,
                 watched: tracked,
+                stale: self.live.get(&key).and_then(|l| l.stale.clone()),
             };
             // Facts, gathered only as far as the rules need them.
             let scope_live =

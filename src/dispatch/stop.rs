@@ -116,6 +116,7 @@ pub async fn stop(
         watched: false,
         operator_stop: operator_stop.as_deref(),
         max_runtime: task.max_runtime_seconds,
+        stale: None,
     };
     if let outcome::Decision::Ended(end) = outcome::decide(&facts) {
         match (&end, marked) {

@@ -96,9 +96,15 @@ from hermes_cli.config import load_config
 from gateway.kanban_watchers import _resolve_auto_decompose_settings
 k = load_config().get("kanban", {})
 enabled, per_tick = _resolve_auto_decompose_settings(load_config)
+# the watcher's own expression (kanban_watchers.py)
+try:
+    stale = int(k.get("dispatch_stale_timeout_seconds", 0) or 0)
+except (TypeError, ValueError):
+    stale = 0
 print(json.dumps({"auto_decompose": enabled, "auto_decompose_per_tick": per_tick,
                   "dispatch_in_gateway": bool(k.get("dispatch_in_gateway", True)),
                   "max_spawn": k.get("max_spawn", None),
+                  "stale": stale,
                   # the watcher's own expression (kanban_watchers.py)
                   "default_assignee": (k.get("default_assignee") or "").strip() or None}))
 "#;
@@ -131,6 +137,10 @@ fn hermes_config_yaml_is_read_as_upstream_reads_it() {
         "kanban:\n  auto_decompose: []\n  dispatch_in_gateway: false\n",
         "kanban:\n  dispatch_in_gateway: no\n  max_spawn: 4\n  default_assignee: coder\n",
         "kanban:\n  max_spawn: ~\n  default_assignee: ~\n",
+        "kanban:\n  dispatch_stale_timeout_seconds: 0\n",
+        "kanban:\n  dispatch_stale_timeout_seconds: ~\n",
+        "kanban:\n  dispatch_stale_timeout_seconds: abc\n",
+        "kanban:\n  dispatch_stale_timeout_seconds: 120\n",
         "model:\n  default: x\n",
         "",
     ];
@@ -149,7 +159,49 @@ fn hermes_config_yaml_is_read_as_upstream_reads_it() {
             "dispatch_in_gateway": ours.dispatch_in_gateway,
             "max_spawn": ours.max_spawn,
             "default_assignee": ours.default_assignee,
+            "stale": ours.dispatch_stale_timeout_seconds,
         });
         assert_eq!(ours, theirs, "{yaml:?}");
     }
 }
+
+systemd_test!(
+    a_worker_silent_past_the_stale_timeout_is_stopped_and_requeued_uncounted,
+    {
+        // kanban.dispatch_stale_timeout_seconds (Hermes' default 14400) at 2 s; the
+        // safety-net tick that checks it every second.
+        let d = Dispatcher::new("tick_seconds = 1");
+        write_hermes_config(&d, "kanban:\n  dispatch_stale_timeout_seconds: 2\n");
+        d.install();
+        d.start();
+        let id = d.rig.add("never sends a heartbeat");
+        let r1 = d.wait_running(&id, 0);
+        let r2 = d.wait_running(&id, r1);
+        let run = d.rig.board().run(r1).unwrap().unwrap();
+        assert_eq!(run.outcome.as_deref(), Some("stale"), "{run:?}");
+        assert!(
+            run.error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("no heartbeat ever after")),
+            "{run:?}"
+        );
+        assert_eq!(
+            d.task(&id).consecutive_failures,
+            0,
+            "a stale run is not the worker's failure"
+        );
+        let stale = d
+            .rig
+            .board()
+            .events(&id)
+            .unwrap()
+            .into_iter()
+            .find(|e| e.kind == "stale")
+            .unwrap();
+        assert_eq!(stale.payload.unwrap()["timeout_seconds"], 2);
+        // Upstream's own CLI tells the same story.
+        let runs = crate::harness::hermes(&d.rig.db, &["runs", &id]);
+        assert!(runs.stdout.contains("stale"), "{}", runs.stdout);
+        assert!(r2 > r1);
+    }
+);

@@ -592,6 +592,7 @@ systemd_test!(
             watched: false,
             operator_stop: None,
             max_runtime: None,
+            stale: None,
         };
         let hermes_mgr::outcome::Decision::Ended(end) = hermes_mgr::outcome::decide(&facts) else {
             panic!("a run with an exit record is over")
