@@ -472,13 +472,114 @@ fn upstream(n: usize) {
     }
 }
 
+/// 7. Many boards: `n` boards under one Hermes root (each a `kanban.db` made as upstream's
+/// `boards create` makes it), served by one unpinned daemon. Idle: the daemon's RSS, open
+/// descriptors and CPU over 30 s. Pickup: a task created on the last board (T0 = before the
+/// create) until the board shows it `running` (polled every 200 µs); 20 tasks there, 20 on
+/// the default board, alternated. The stub worker exits 0 after `hermes-mgr complete`.
+fn many_boards(n: usize) {
+    let _ = std::process::Command::new("systemctl")
+        .args(["stop", rig::SERVICE])
+        .status();
+    let d = rig::Dispatcher::new("tick_seconds = 30\nbusy_timeout_ms = 300");
+    std::fs::write(
+        d.rig.dir.join("worker"),
+        format!(
+            "#!/bin/sh\nexec {} --db \"$HERMES_KANBAN_DB\" complete \"$HERMES_KANBAN_TASK\"\n",
+            harness::mgr_bin().display()
+        ),
+    )
+    .unwrap();
+    let open = |slug: &str| {
+        let paths = hermes_mgr::board::Resolver {
+            kanban_home: Some(d.rig.dir.to_string_lossy().into()),
+            board_flag: Some(slug.into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        hermes_mgr::board::Board::open(&paths, hermes_mgr::board::OpenMode::CreateIfMissing)
+            .unwrap()
+    };
+    for i in 0..n {
+        let slug = format!("b{i:04}");
+        drop(open(&slug));
+    }
+    d.install_all_boards();
+    d.start();
+    let pid: i32 = rig::systemctl_show(rig::SERVICE, "MainPID")
+        .trim()
+        .trim_start_matches("MainPID=")
+        .parse()
+        .unwrap();
+    let p = procfs::process::Process::new(pid).unwrap();
+    let tps = procfs::ticks_per_second() as f64;
+    let cpu = |p: &procfs::process::Process| {
+        let s = p.stat().unwrap();
+        (s.utime + s.stime) as f64 / tps
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    let (c0, t0) = (cpu(&p), Instant::now());
+    std::thread::sleep(Duration::from_secs(30));
+    let (busy, secs) = (cpu(&p) - c0, t0.elapsed().as_secs_f64());
+    let rss = p.status().unwrap().vmrss.unwrap_or(0);
+    let fds = p.fd_count().unwrap_or(0);
+    row(
+        &format!("7. {n} boards served, the daemon idle"),
+        format!(
+            "RSS {:.1} MiB, {fds} open descriptors, CPU {:.3} % over {secs:.0} s (tick 30 s)",
+            rss as f64 / 1024.0,
+            100.0 * busy / secs
+        ),
+    );
+    let last = format!("b{:04}", n - 1);
+    let mut on = |slug: &str| -> Duration {
+        let b = open(slug);
+        let t0 = Instant::now();
+        let id = b
+            .create(&hermes_mgr::board::NewTask {
+                title: "pickup".into(),
+                assignee: Some("default".into()),
+                ..Default::default()
+            })
+            .unwrap();
+        loop {
+            let t = b.require_task(&id).unwrap();
+            if t.status.as_str() != "ready" {
+                return t0.elapsed();
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    };
+    let (mut far, mut near) = (Vec::new(), Vec::new());
+    for _ in 0..20 {
+        far.push(on(&last));
+        near.push(on("default"));
+    }
+    let p50 = |mut v: Vec<Duration>| {
+        v.sort();
+        percentile(&v, 0.5)
+    };
+    row(
+        &format!("7. create → running, board {n} of {n} vs the default board"),
+        format!(
+            "p50 {:.1} ms vs {:.1} ms (20 each, alternated)",
+            p50(far).as_secs_f64() * 1e3,
+            p50(near).as_secs_f64() * 1e3
+        ),
+    );
+    let _ = std::process::Command::new("systemctl")
+        .args(["stop", rig::SERVICE])
+        .status();
+}
+
 fn main() {
     let n: usize = std::env::var("BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
     let which = std::env::var("BENCH")
-        .unwrap_or_else(|_| "requeue,spawn,throughput,idle,status,upstream".into());
+        .unwrap_or_else(|_| "requeue,spawn,throughput,idle,status,upstream,boards".into());
     if harness::inside() {
         for b in which.split(',') {
             match b {
@@ -488,8 +589,9 @@ fn main() {
                 "idle" => idle_cost(500),
                 "status" => status_on_big_board(),
                 "upstream" => upstream(n),
+                "boards" => many_boards(100),
                 other => panic!(
-                    "unknown benchmark {other:?} (requeue, spawn, throughput, idle, status, upstream)"
+                    "unknown benchmark {other:?} (requeue, spawn, throughput, idle, status, upstream, boards)"
                 ),
             }
         }
