@@ -176,6 +176,11 @@ fn holders_by_fd(path: &std::path::Path) -> Vec<Holder> {
     out
 }
 
+/// When this boot began (`btime` of `/proc/stat`), in seconds since the epoch.
+pub fn boot_time() -> Option<i64> {
+    procfs::boot_time_secs().ok().map(|t| t as i64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

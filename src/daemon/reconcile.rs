@@ -9,7 +9,11 @@
 //! 3. A running row claimed on this host with neither scope nor record → booked as found
 //!    after the fact: lost (a reboot, a vanished unit), requeued, not counted — unless its
 //!    worker PID is alive outside any scope of ours, which means someone else (Hermes' own
-//!    dispatcher) runs it: left alone.
+//!    dispatcher) runs it, or it has no worker, no scope of that name, an unexpired claim
+//!    made since this boot and no claim marker of ours (`spec::claim_marker`): someone
+//!    claimed it by hand (`hermes
+//!    kanban claim`, a terminal lane). Both are left alone; a hand claim that expires is
+//!    requeued then, as upstream's `release_stale_claims` does.
 //! 4. A running row claimed on another host → not ours.
 //! 5. A worker scope of one of this board's runs that is not the task's current run →
 //!    stopped. Scopes that match no run of this board (another board's) are left alone.
@@ -47,6 +51,8 @@ struct RowFacts {
     local: bool,
     /// The row's worker PID lives, outside any worker scope of ours.
     foreign_worker: bool,
+    /// No worker, an unexpired claim since this boot, and no marker of ours.
+    by_hand: bool,
 }
 
 /// What reconcile does with a row (the numbered rules above).
@@ -60,6 +66,8 @@ enum Rule {
     NotOurs,
     /// 3, the exception: Hermes' own dispatcher runs it.
     SomeoneElsesWorker,
+    /// 3, the other exception: claimed by hand, its claim still good.
+    ClaimedByHand,
     /// 3: neither scope nor record: book it as found (`outcome::decide`).
     Gone,
 }
@@ -83,6 +91,8 @@ fn rule(f: &RowFacts) -> Rule {
         Rule::NotOurs
     } else if f.foreign_worker {
         Rule::SomeoneElsesWorker
+    } else if f.by_hand {
+        Rule::ClaimedByHand
     } else {
         Rule::Gone
     }
@@ -202,11 +212,28 @@ impl Daemon {
                     cg.is_some() && !in_ours && liveness::is_alive(pid as u32)
                 })
             };
+            let by_hand = || {
+                let now = crate::board::now();
+                let claimed_at = self
+                    .board(slug)
+                    .and_then(|b| b.run(run).ok().flatten())
+                    .map(|r| r.started_at);
+                // A scope of ours by the run's name, even an empty one, says it was ours.
+                t.worker_pid.is_none()
+                    && !units.contains_key(&unit)
+                    && t.claim_expires.is_some_and(|e| e > now)
+                    && claimed_at.is_some_and(|c| c >= liveness::boot_time().unwrap_or(i64::MAX))
+                    && !crate::spawn::spec::claim_marker(&self.cfg.state_dir, slug, &t.id, run)
+                        .exists()
+            };
+            let unexplained = !scope_live && record.is_none() && local;
+            let foreign_worker = unexplained && foreign_worker();
             let facts = RowFacts {
                 scope_live,
                 record: record.is_some(),
                 local,
-                foreign_worker: !scope_live && record.is_none() && local && foreign_worker(),
+                foreign_worker,
+                by_hand: unexplained && !foreign_worker && !tracked && by_hand(),
             };
             match rule(&facts) {
                 Rule::Adopt => {
@@ -231,6 +258,10 @@ impl Daemon {
                     self.book(&key).await;
                 }
                 Rule::NotOurs => {}
+                Rule::ClaimedByHand => {
+                    debug!(board = %slug, hermes_kanban_task = %t.id, hermes_kanban_run_id = run,
+                           "claimed by hand (no worker, no marker of ours); left to its claim");
+                }
                 Rule::SomeoneElsesWorker => {
                     warn!(board = %slug, hermes_kanban_task = %t.id, hermes_kanban_run_id = run, pid = t.worker_pid,
                           "running worker was not started by hermes-mgr (its PID lives outside any worker scope); leaving it alone");
@@ -296,21 +327,23 @@ mod tests {
 
     #[test]
     fn each_row_gets_its_numbered_rule() {
-        let f = |scope_live, record, local, foreign_worker| RowFacts {
+        let f = |scope_live, record, local, foreign_worker, by_hand| RowFacts {
             scope_live,
             record,
             local,
             foreign_worker,
+            by_hand,
         };
         let rows = [
-            (f(true, false, true, false), Rule::Adopt),
-            (f(true, true, true, false), Rule::Adopt),
-            (f(true, false, false, false), Rule::Adopt),
-            (f(false, true, true, false), Rule::EndedWhileAway),
-            (f(false, true, false, false), Rule::EndedWhileAway),
-            (f(false, false, false, false), Rule::NotOurs),
-            (f(false, false, true, true), Rule::SomeoneElsesWorker),
-            (f(false, false, true, false), Rule::Gone),
+            (f(true, false, true, false, false), Rule::Adopt),
+            (f(true, true, true, false, false), Rule::Adopt),
+            (f(true, false, false, false, false), Rule::Adopt),
+            (f(false, true, true, false, false), Rule::EndedWhileAway),
+            (f(false, true, false, false, false), Rule::EndedWhileAway),
+            (f(false, false, false, false, false), Rule::NotOurs),
+            (f(false, false, true, true, false), Rule::SomeoneElsesWorker),
+            (f(false, false, true, false, true), Rule::ClaimedByHand),
+            (f(false, false, true, false, false), Rule::Gone),
         ];
         for (facts, want) in rows {
             assert_eq!(rule(&facts), want, "{facts:?}");

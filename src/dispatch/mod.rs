@@ -8,6 +8,7 @@ use crate::board::lock::FileLock;
 use crate::board::{claimer_id, Board};
 use crate::config::Config;
 use crate::outcome::{self, Fault};
+use crate::spawn::spec::claim_marker;
 use crate::spawn::{self, Started};
 use crate::systemd::Systemd;
 
@@ -136,6 +137,15 @@ pub async fn once(
         let Some(claim) = board.claim(&task.id, &lock, cfg.claim_ttl_seconds)? else {
             continue;
         };
+        let marker = claim_marker(&cfg.state_dir, &board.paths().slug, &task.id, claim.run_id);
+        if let Err(e) = marker
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::File::create(&marker).map(drop))
+        {
+            tracing::warn!(hermes_kanban_task = %task.id, hermes_kanban_run_id = claim.run_id,
+                           "cannot mark the claim as ours ({}: {e}); should this dispatcher die now, the run waits for its claim TTL", marker.display());
+        }
         match spawn::start_worker(board, sd, cfg, &claim).await {
             Ok(s) => {
                 slots -= 1;
@@ -163,13 +173,16 @@ pub async fn once(
                 let end = outcome::spawn_failure(err.fault, &err.reason);
                 let error = err.reason;
                 match board.end_run(&task.id, claim.run_id, &end, cfg.failure_limit) {
-                    Ok(r) => report.spawn_failed.push(SpawnFailure {
-                        task_id: task.id.clone(),
-                        run_id: claim.run_id,
-                        gave_up: r.is_some_and(|e| e.gave_up),
-                        error,
-                        infrastructure,
-                    }),
+                    Ok(r) => {
+                        let _ = std::fs::remove_file(&marker);
+                        report.spawn_failed.push(SpawnFailure {
+                            task_id: task.id.clone(),
+                            run_id: claim.run_id,
+                            gave_up: r.is_some_and(|e| e.gave_up),
+                            error,
+                            infrastructure,
+                        })
+                    }
                     // Claimed, not started, and the board refuses the record (locked): the
                     // caller must book it later, or the task would stay `running` forever.
                     Err(e) => {

@@ -115,6 +115,15 @@ pub fn status_path(state_dir: &Path, board: &str, task: &str, run_id: i64) -> Pa
         .join(crate::systemd::unit_name::run_record(board, task, run_id))
 }
 
+/// `<status_path>` with `.claimed`: written by whoever of hermes-mgr claims the run, before
+/// its worker starts, removed when the run is booked. A `running` row of this host with no
+/// worker, no scope and no exit record is ours to requeue only with this marker; without
+/// it, someone claimed the task by hand (`hermes kanban claim`) and it is left to its claim
+/// TTL, as upstream leaves it. `/run` is emptied by a reboot, which ends every claim anyway.
+pub fn claim_marker(state_dir: &Path, board: &str, task: &str, run_id: i64) -> PathBuf {
+    status_path(state_dir, board, task, run_id).with_extension("claimed")
+}
+
 impl RunStatus {
     /// The status a supervisor left for this run, if any.
     pub fn read(

@@ -203,6 +203,13 @@ systemd_test!(
         b.connection()
             .execute("UPDATE tasks SET consecutive_failures=1 WHERE id=?1", [&id])
             .unwrap();
+        // …made before this boot (a reboot ends every claim; /run lost our markers).
+        b.connection()
+            .execute(
+                "UPDATE task_runs SET started_at=1 WHERE id=?1",
+                [claim.run_id],
+            )
+            .unwrap();
         drop(b);
         d.install();
         d.start();
@@ -215,6 +222,55 @@ systemd_test!(
             "a lost run counted as a failure"
         );
         assert!(r2 > claim.run_id);
+    }
+);
+
+systemd_test!(
+    a_task_claimed_by_hand_is_left_to_its_claim_and_requeued_when_it_expires,
+    {
+        // The safety net reconciles every second: it sees the claim many times.
+        let d = Dispatcher::new("tick_seconds = 1");
+        d.install();
+        d.start();
+        // A terminal lane claims a task with Hermes' own CLI (no worker is started). It is
+        // `ready` for a moment first; make sure the dispatcher cannot win that race.
+        let id = d.rig.add_with_assignee("a task for a human", "nobody-here");
+        let home = d.rig.dir.join("home");
+        std::fs::create_dir_all(&home).unwrap();
+        let claim = Command::new(hermes_bin())
+            .args(["kanban", "claim", &id, "--ttl", "6"])
+            .env("HERMES_KANBAN_DB", &d.rig.db)
+            .env("HOME", &home)
+            .env("HERMES_HOME", home.join(".hermes"))
+            .output()
+            .unwrap();
+        assert!(
+            claim.status.success(),
+            "{}",
+            String::from_utf8_lossy(&claim.stderr)
+        );
+        let run = d.task(&id).current_run_id.unwrap();
+        // Three reconciles later it is still the human's.
+        let seen = |j: &str| j.matches("reconciled with systemd").count();
+        let before = seen(&journal(SERVICE));
+        wait_for("three reconciles", Duration::from_secs(20), || {
+            (seen(&journal(SERVICE)) >= before + 3).then_some(())
+        });
+        let t = d.task(&id);
+        assert_eq!(
+            (t.status.as_str(), t.current_run_id),
+            ("running", Some(run)),
+            "a hand claim was taken"
+        );
+        // Expired, it is released as upstream releases it: requeued, not counted.
+        d.wait_task(
+            "released after its TTL",
+            |t| t.current_run_id != Some(run),
+            &id,
+        );
+        let r = d.rig.board().run(run).unwrap().unwrap();
+        assert_eq!(r.outcome.as_deref(), Some("lost"), "{r:?}");
+        assert_eq!(d.task(&id).consecutive_failures, 0);
     }
 );
 

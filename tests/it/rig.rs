@@ -92,6 +92,17 @@ impl Rig {
             .unwrap()
     }
 
+    /// A ready task for `assignee` (one that is no profile here is never dispatched).
+    pub fn add_with_assignee(&self, title: &str, assignee: &str) -> String {
+        self.board()
+            .create(&NewTask {
+                title: title.into(),
+                assignee: Some(assignee.into()),
+                ..Default::default()
+            })
+            .unwrap()
+    }
+
     pub fn mgr_cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(crate::harness::mgr_bin());
         c.arg("--db")
