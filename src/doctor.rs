@@ -322,18 +322,7 @@ fn dispatcher(paths: &BoardPaths) -> Check {
     }
     let holders = crate::liveness::flock_holders(&lock);
     let ours = |cmd: &str| cmd.contains("hermes-mgr") && cmd.contains("dispatcher");
-    let who = holders
-        .iter()
-        .map(|h| {
-            format!(
-                "{}pid {} ({})",
-                if h.certain { "" } else { "likely " },
-                h.pid,
-                h.cmd
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
+    let who = crate::liveness::describe(&holders);
     if !holders.is_empty() && holders.iter().all(|h| ours(&h.cmd)) {
         check(
             "dispatcher",

@@ -82,6 +82,23 @@ pub struct Holder {
     pub certain: bool,
 }
 
+impl std::fmt::Display for Holder {
+    /// `pid 42 (hermes gateway run)`, `likely ` in front when not certain.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let likely = if self.certain { "" } else { "likely " };
+        write!(f, "{likely}pid {} ({})", self.pid, self.cmd)
+    }
+}
+
+/// The holders, for a message: `pid 1 (…), pid 2 (…)`.
+pub fn describe(holders: &[Holder]) -> String {
+    holders
+        .iter()
+        .map(Holder::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The processes holding a `flock(2)` on the file at `path`: whoever keeps a dispatcher out
 /// of `.dispatcher.lock`. First through each process's descriptors (`/proc/<pid>/fd` names
 /// the file, its `fdinfo` lists the lock; needs ptrace rights, which the hardened service

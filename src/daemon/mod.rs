@@ -877,18 +877,7 @@ pub fn lock_taken(path: &std::path::Path) -> String {
     let who = if holders.is_empty() {
         "a process we cannot see".to_string()
     } else {
-        holders
-            .iter()
-            .map(|h| {
-                format!(
-                    "{}pid {} ({})",
-                    if h.certain { "" } else { "likely " },
-                    h.pid,
-                    h.cmd
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
+        crate::liveness::describe(&holders)
     };
     format!(
         "another dispatcher holds {}: {who} — a Hermes gateway that dispatches kanban itself \

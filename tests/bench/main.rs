@@ -282,6 +282,27 @@ fn throughput(n: usize) {
 }
 
 /// 4. The daemon with n live, sleeping workers: its RSS, and its CPU over 60 s idle.
+/// The running daemon, and the CPU seconds it used over `window` after `settle`: (process,
+/// busy seconds, window seconds).
+fn daemon_idle(settle: Duration, window: Duration) -> (procfs::process::Process, f64, f64) {
+    let pid: i32 = rig::systemctl_show(rig::SERVICE, "MainPID")
+        .trim()
+        .trim_start_matches("MainPID=")
+        .parse()
+        .unwrap();
+    let p = procfs::process::Process::new(pid).unwrap();
+    let tps = procfs::ticks_per_second() as f64;
+    let cpu = |p: &procfs::process::Process| {
+        let s = p.stat().unwrap();
+        (s.utime + s.stime) as f64 / tps
+    };
+    std::thread::sleep(settle);
+    let (c0, t0) = (cpu(&p), Instant::now());
+    std::thread::sleep(window);
+    let busy = cpu(&p) - c0;
+    (p, busy, t0.elapsed().as_secs_f64())
+}
+
 fn idle_cost(n: usize) {
     // A dispatcher of an earlier benchmark may still serve its own board.
     let _ = std::process::Command::new("systemctl")
@@ -297,21 +318,7 @@ fn idle_cost(n: usize) {
         let running = b.list(Some("running"), None).unwrap();
         (running.len() == n && running.iter().all(|t| t.worker_pid.is_some())).then_some(())
     });
-    let pid: i32 = rig::systemctl_show(rig::SERVICE, "MainPID")
-        .trim()
-        .trim_start_matches("MainPID=")
-        .parse()
-        .unwrap();
-    let p = procfs::process::Process::new(pid).unwrap();
-    let tps = procfs::ticks_per_second() as f64;
-    let cpu = |p: &procfs::process::Process| {
-        let s = p.stat().unwrap();
-        (s.utime + s.stime) as f64 / tps
-    };
-    std::thread::sleep(Duration::from_secs(5));
-    let (c0, t0) = (cpu(&p), Instant::now());
-    std::thread::sleep(Duration::from_secs(60));
-    let (busy, secs) = (cpu(&p) - c0, t0.elapsed().as_secs_f64());
+    let (p, busy, secs) = daemon_idle(Duration::from_secs(5), Duration::from_secs(60));
     let rss = p.status().unwrap().vmrss.unwrap_or(0);
     // Leave no 500 sleepers behind for the next figures.
     let _ = std::process::Command::new("systemctl")
@@ -507,21 +514,7 @@ fn many_boards(n: usize) {
     }
     d.install_all_boards();
     d.start();
-    let pid: i32 = rig::systemctl_show(rig::SERVICE, "MainPID")
-        .trim()
-        .trim_start_matches("MainPID=")
-        .parse()
-        .unwrap();
-    let p = procfs::process::Process::new(pid).unwrap();
-    let tps = procfs::ticks_per_second() as f64;
-    let cpu = |p: &procfs::process::Process| {
-        let s = p.stat().unwrap();
-        (s.utime + s.stime) as f64 / tps
-    };
-    std::thread::sleep(Duration::from_secs(3));
-    let (c0, t0) = (cpu(&p), Instant::now());
-    std::thread::sleep(Duration::from_secs(30));
-    let (busy, secs) = (cpu(&p) - c0, t0.elapsed().as_secs_f64());
+    let (p, busy, secs) = daemon_idle(Duration::from_secs(3), Duration::from_secs(30));
     let rss = p.status().unwrap().vmrss.unwrap_or(0);
     let fds = p.fd_count().unwrap_or(0);
     row(

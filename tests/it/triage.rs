@@ -15,6 +15,20 @@ use crate::systemd_test;
 
 struct FakeLlm(Child);
 
+impl FakeLlm {
+    fn start(port: u32, reply: &std::path::Path) -> FakeLlm {
+        FakeLlm(
+            Command::new("/usr/bin/python3")
+                .arg(repo().join("tests/fixtures/fake_llm.py"))
+                .arg(port.to_string())
+                .arg(reply)
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+}
+
 impl Drop for FakeLlm {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -67,15 +81,7 @@ systemd_test!(
         let port = 30000 + std::process::id() % 20000;
         let reply = d.rig.dir.join("reply.txt");
         std::fs::write(&reply, REPLY).unwrap();
-        let _llm = FakeLlm(
-            Command::new("/usr/bin/python3")
-                .arg(repo().join("tests/fixtures/fake_llm.py"))
-                .arg(port.to_string())
-                .arg(&reply)
-                .stdin(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
+        let _llm = FakeLlm::start(port, &reply);
         // Off first: a triage task waits.
         write_config(&d, port, "kanban:\n  auto_decompose: false\n");
         hermes(&d, &["boards", "create", "research"]);
@@ -149,15 +155,7 @@ systemd_test!(
         let port = 30000 + (std::process::id() + 7) % 20000;
         let reply = d.rig.dir.join("reply.txt");
         std::fs::write(&reply, "this is not JSON").unwrap();
-        let _llm = FakeLlm(
-            Command::new("/usr/bin/python3")
-                .arg(repo().join("tests/fixtures/fake_llm.py"))
-                .arg(port.to_string())
-                .arg(&reply)
-                .stdin(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
+        let _llm = FakeLlm::start(port, &reply);
         write_config(&d, port, "");
         d.install();
         d.start();
