@@ -8,6 +8,7 @@
 
 pub mod spec;
 pub mod supervise;
+mod toolsets;
 
 use std::ffi::CString;
 use std::os::fd::OwnedFd;
@@ -285,7 +286,7 @@ fn prepare_task(
     let mut argv = vec![
         bin.to_string_lossy().into_owned(),
         "-p".into(),
-        profile,
+        profile.clone(),
         "--cli".into(),
         "--accept-hooks".into(),
     ];
@@ -300,6 +301,18 @@ fn prepare_task(
     }
     if let Some(m) = &task.model_override {
         argv.extend(["-m".to_string(), m.clone()]);
+    }
+    // Upstream pins the profile's CLI toolsets; its own code says which (`toolsets.rs`).
+    let home = profile_home(&absolute(&paths.root), &profile);
+    let groups_raw: Vec<u32> = groups.iter().map(|g| g.as_raw()).collect();
+    let asker = toolsets::Asker {
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+        groups: &groups_raw,
+        env: &env,
+    };
+    if let Some(ts) = toolsets::resolve(&bin, &home, &asker) {
+        argv.extend(["--toolsets".to_string(), ts.join(",")]);
     }
     argv.extend([
         "chat".to_string(),

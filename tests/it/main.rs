@@ -14,6 +14,7 @@ mod gateway;
 mod interop;
 mod operator;
 mod package;
+mod parity;
 mod pipeline;
 mod scope;
 mod settings;

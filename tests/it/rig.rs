@@ -216,8 +216,14 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     pub fn new(extra_config: &str) -> Dispatcher {
-        let rig = Rig::new(&driven_stub(), extra_config);
-        Dispatcher { rig }
+        Dispatcher::with_stub(&driven_stub(), extra_config)
+    }
+
+    /// A dispatcher whose workers are `stub` (a script with its `#!` line).
+    pub fn with_stub(stub: &str, extra_config: &str) -> Dispatcher {
+        Dispatcher {
+            rig: Rig::new(stub, extra_config),
+        }
     }
 
     /// Install the project's own unit (`units/hermes-dispatcher.service`, hardening and all)

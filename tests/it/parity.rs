@@ -1,0 +1,203 @@
+//! Worker parity, proven against upstream's own code: for each shape of task, what
+//! hermes-mgr's worker received (a recording stub worker: its argv, environment and cwd)
+//! against what Hermes 0.19.0's `_default_spawn` would have launched for the same claimed
+//! task (`tests/fixtures/upstream_spawn.py`, process creation intercepted). The stub is a
+//! Python script run by the hermes venv's own interpreter, so that upstream's toolset
+//! resolution (`--toolsets`) works for it exactly as for the real `hermes` script.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::boards::{board, hermes};
+use crate::harness::{hermes_bin, repo, venv, wait_for};
+use crate::rig::{Dispatcher, WORKER_USER};
+use crate::systemd_test;
+
+/// What `_default_spawn` itself sets; the rest of upstream's environment is a copy of the
+/// dispatcher's own, which hermes-mgr does not pass (README: "What a worker gets").
+const CONTRACT: &[&str] = &[
+    "HERMES_HOME",
+    "HERMES_TENANT",
+    "HERMES_KANBAN_TASK",
+    "HERMES_KANBAN_WORKSPACE",
+    "TERMINAL_CWD",
+    "HERMES_KANBAN_BRANCH",
+    "HERMES_KANBAN_RUN_ID",
+    "HERMES_KANBAN_CLAIM_LOCK",
+    "HERMES_KANBAN_GOAL_MODE",
+    "HERMES_KANBAN_GOAL_MAX_TURNS",
+    "TERMINAL_TIMEOUT",
+    "TERMINAL_MAX_FOREGROUND_TIMEOUT",
+    "HERMES_KANBAN_DB",
+    "HERMES_KANBAN_WORKSPACES_ROOT",
+    "HERMES_KANBAN_BOARD",
+    "HERMES_PROFILE",
+];
+
+fn recording_stub(records: &std::path::Path) -> String {
+    format!(
+        r#"#!{python}
+import json, os, sys
+HERMES = {hermes:?}
+if len(sys.argv) > 1 and sys.argv[1] == "kanban":
+    os.execv(HERMES, [HERMES] + sys.argv[1:])
+task = os.environ["HERMES_KANBAN_TASK"]
+path = os.path.join({records:?}, task + ".json")
+with open(path + ".tmp", "w") as f:
+    json.dump({{"argv": sys.argv, "env": dict(os.environ), "cwd": os.getcwd()}}, f)
+os.rename(path + ".tmp", path)
+os.execv(HERMES, [HERMES, "kanban", "complete", task, "--summary", "recorded"])
+"#,
+        python = venv().join("bin/python3").display(),
+        hermes = hermes_bin().display().to_string(),
+        records = records.display().to_string(),
+    )
+}
+
+fn contract(env: &Value) -> BTreeMap<String, Value> {
+    CONTRACT
+        .iter()
+        .filter_map(|k| env.get(*k).map(|v| (k.to_string(), v.clone())))
+        .collect()
+}
+
+/// Upstream's answer for `id`'s run `run` on `slug`, asked as the worker user (the user
+/// Hermes' gateway runs as).
+fn upstream(d: &Dispatcher, slug: &str, id: &str, run: i64, lock: &str) -> Value {
+    let stub = d.rig.dir.join("worker");
+    let o = Command::new("setpriv")
+        .args([
+            &format!("--reuid={WORKER_USER}"),
+            &format!("--regid={WORKER_USER}"),
+            "--init-groups",
+        ])
+        .arg(venv().join("bin/python3"))
+        .arg(repo().join("tests/fixtures/upstream_spawn.py"))
+        .args([slug, id, &run.to_string(), lock])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", d.rig.dir.join("home"))
+        .env("HERMES_HOME", &d.rig.dir)
+        .env("HERMES_KANBAN_HOME", &d.rig.dir)
+        .env("HERMES_BIN", &stub)
+        .env("LANG", "C.UTF-8")
+        .current_dir("/")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+systemd_test!(every_task_shape_gets_upstreams_argv_environment_and_cwd, {
+    let records =
+        std::path::PathBuf::from(format!("/var/tmp/hermes-mgr-parity-{}", std::process::id()));
+    std::fs::create_dir_all(&records).unwrap();
+    let d = Dispatcher::with_stub(&recording_stub(&records), "tick_seconds = 3600");
+    std::os::unix::fs::chown(&records, Some(d.rig.uid), None).unwrap();
+    // A second profile, a second board, a directory workspace.
+    let coder = d.rig.dir.join("profiles/coder");
+    std::fs::create_dir_all(&coder).unwrap();
+    std::fs::write(
+        coder.join("config.yaml"),
+        "platform_toolsets:\n  cli: [terminal, file, web]\n",
+    )
+    .unwrap();
+    for p in [
+        d.rig.dir.join("profiles"),
+        coder.clone(),
+        coder.join("config.yaml"),
+    ] {
+        std::os::unix::fs::chown(&p, Some(d.rig.uid), None).unwrap();
+    }
+    let dir_ws = d.rig.dir.join("a-dir-workspace");
+    std::fs::create_dir_all(&dir_ws).unwrap();
+    std::os::unix::fs::chown(&dir_ws, Some(d.rig.uid), None).unwrap();
+    hermes(&d, &["boards", "create", "ops"]);
+    let make = |slug: &str, extra: &[&str]| -> (String, String) {
+        let mut args = vec!["--board", slug, "create", "a shape", "--json"];
+        if !extra.contains(&"--assignee") {
+            args.extend(["--assignee", "default"]);
+        }
+        args.extend(extra);
+        (
+            slug.to_string(),
+            hermes(&d, &args).json()["id"].as_str().unwrap().to_string(),
+        )
+    };
+    let dir_arg = format!("dir:{}", dir_ws.display());
+    let shapes: Vec<(&str, (String, String))> = vec![
+        ("plain", make("default", &[])),
+        (
+            "skills",
+            make("default", &["--skill", "alpha", "--skill", "beta"]),
+        ),
+        ("max runtime", make("default", &["--max-runtime", "600"])),
+        ("dir workspace", make("default", &["--workspace", &dir_arg])),
+        ("tenant", make("default", &["--tenant", "acme"])),
+        (
+            "goal mode",
+            make("default", &["--goal", "--goal-max-turns", "3"]),
+        ),
+        ("another profile", make("default", &["--assignee", "coder"])),
+        ("another board", make("ops", &[])),
+        ("model override", make("default", &[])),
+    ];
+    // No CLI flag sets it: written as a newer Hermes or the dashboard would.
+    let (_, model_task) = &shapes.last().unwrap().1;
+    d.rig
+        .board()
+        .connection()
+        .execute(
+            "UPDATE tasks SET model_override='openrouter/some-model' WHERE id=?1",
+            [model_task],
+        )
+        .unwrap();
+    d.install_all_boards();
+    d.start();
+    let mut differences = Vec::new();
+    for (shape, (slug, id)) in &shapes {
+        let rec_path = records.join(format!("{id}.json"));
+        let ours: Value = wait_for(
+            &format!("{shape}: the worker's record"),
+            Duration::from_secs(60),
+            || {
+                std::fs::read(&rec_path)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+            },
+        );
+        let run: i64 = ours["env"]["HERMES_KANBAN_RUN_ID"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let lock = ours["env"]["HERMES_KANBAN_CLAIM_LOCK"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let theirs = upstream(&d, slug, id, run, &lock);
+        if ours["argv"] != theirs["argv"] {
+            differences.push(format!(
+                "{shape}: argv\n  ours   {}\n  theirs {}",
+                ours["argv"], theirs["argv"]
+            ));
+        }
+        let (oc, tc) = (contract(&ours["env"]), contract(&theirs["env"]));
+        if oc != tc {
+            differences.push(format!(
+                "{shape}: environment\n  ours   {oc:?}\n  theirs {tc:?}"
+            ));
+        }
+        if theirs["cwd"] != Value::Null && ours["cwd"] != theirs["cwd"] {
+            differences.push(format!(
+                "{shape}: cwd ours {} theirs {}",
+                ours["cwd"], theirs["cwd"]
+            ));
+        }
+        let _ = board(&d, slug);
+    }
+    assert!(differences.is_empty(), "{}", differences.join("\n"));
+});
