@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod dispatch;
 pub mod doctor;
+pub mod guard;
 pub mod hermes_config;
 pub mod liveness;
 pub mod logging;

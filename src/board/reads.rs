@@ -4,7 +4,94 @@ use rusqlite::{params, OptionalExtension};
 
 use super::*;
 
+/// A text column as text whatever someone stored there (a blob, bad UTF-8): any column is
+/// writable by whoever writes the board, and a guard must not fail a pass over it.
+fn lossy(r: &rusqlite::Row<'_>, i: usize) -> Option<String> {
+    use rusqlite::types::ValueRef;
+    match r.get_ref(i).ok()? {
+        ValueRef::Text(b) | ValueRef::Blob(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        ValueRef::Integer(n) => Some(n.to_string()),
+        ValueRef::Real(x) => Some(x.to_string()),
+        ValueRef::Null => None,
+    }
+}
+
 impl Board {
+    /// What upstream's respawn guards look at for task `id` (`guard::Facts`). Comments are
+    /// cut at `HOT_COLUMN_MAX` each, at most 200 of them.
+    pub fn guard_facts(&self, id: &str, now: i64) -> Result<crate::guard::Facts> {
+        let e = |e| self.err("read respawn guard facts", e);
+        let latest_ended = self
+            .conn
+            .query_row(
+                "SELECT outcome, ended_at FROM task_runs WHERE task_id=?1 AND ended_at IS NOT NULL
+                 ORDER BY ended_at DESC LIMIT 1",
+                [id],
+                |r| Ok((lossy(r, 0), r.get::<_, i64>(1).unwrap_or(0))),
+            )
+            .optional()
+            .map_err(e)?;
+        let last_failure_error: Option<String> = self
+            .conn
+            .query_row(
+                &format!(
+                    "SELECT substr(last_failure_error, 1, {}) FROM tasks WHERE id=?1",
+                    open::HOT_COLUMN_MAX
+                ),
+                [id],
+                |r| Ok(lossy(r, 0)),
+            )
+            .optional()
+            .map_err(e)?
+            .flatten();
+        let recent_completion: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT ended_at FROM task_runs WHERE task_id=?1 AND outcome='completed' AND ended_at >= ?2
+                 ORDER BY ended_at DESC LIMIT 1",
+                params![id, now - crate::guard::SUCCESS_WINDOW],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(e)?;
+        let requeued_since = match recent_completion {
+            Some(at) => self
+                .conn
+                .query_row(
+                    "SELECT 1 FROM task_events WHERE task_id=?1 AND created_at >= ?2
+                     AND kind IN ('status', 'promoted', 'unblocked', 'reclaimed') LIMIT 1",
+                    params![id, at],
+                    |_| Ok(()),
+                )
+                .optional()
+                .map_err(e)?
+                .is_some(),
+            None => false,
+        };
+        let mut st = self
+            .conn
+            .prepare(&format!(
+                "SELECT substr(body, 1, {}) FROM task_comments WHERE task_id=?1 AND created_at >= ?2
+                 ORDER BY created_at DESC LIMIT 200",
+                open::HOT_COLUMN_MAX
+            ))
+            .map_err(e)?;
+        let recent_comments = st
+            .query_map(params![id, now - crate::guard::PR_WINDOW], |r| {
+                Ok(lossy(r, 0))
+            })
+            .map_err(e)?
+            .filter_map(|r| r.ok().flatten())
+            .collect();
+        Ok(crate::guard::Facts {
+            latest_ended,
+            last_failure_error,
+            recent_completion,
+            requeued_since,
+            recent_comments,
+        })
+    }
+
     /// The newest run of a task.
     pub fn last_run(&self, id: &str) -> Result<Option<Run>> {
         self.conn

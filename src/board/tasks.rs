@@ -334,6 +334,32 @@ impl Board {
         })
     }
 
+    /// Upstream's `respawn_guarded` event (`{"reason": …}`), unless the task's newest event
+    /// already says the same: a pass runs on every change here, not once a minute.
+    pub fn note_respawn_guarded(&self, id: &str, reason: &str) -> Result<()> {
+        self.write("respawn_guarded", |c| {
+            let last: Option<(String, Option<String>)> = c
+                .query_row(
+                    "SELECT kind, payload FROM task_events WHERE task_id=?1 ORDER BY id DESC LIMIT 1",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1).ok().flatten())),
+                )
+                .optional()
+                .map_err(|e| self.err("respawn_guarded", e))?;
+            let said = last.is_some_and(|(kind, payload)| {
+                kind == "respawn_guarded"
+                    && payload
+                        .and_then(|p| serde_json::from_str::<serde_json::Value>(&p).ok())
+                        .is_some_and(|p| p["reason"] == reason)
+            });
+            if !said {
+                append_event(c, id, "respawn_guarded", &serde_json::json!({"reason": reason}), None)
+                    .map_err(|e| self.err("append event", e))?;
+            }
+            Ok(())
+        })
+    }
+
     /// `recompute_ready`: promote `todo` (and non-sticky, under-the-limit `blocked`) tasks
     /// whose parents are all done or archived. Returns how many were promoted.
     pub fn recompute_ready(&self, failure_limit: i64) -> Result<usize> {

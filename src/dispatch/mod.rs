@@ -7,6 +7,7 @@ use serde::Serialize;
 use crate::board::lock::FileLock;
 use crate::board::{claimer_id, Board};
 use crate::config::Config;
+use crate::guard;
 use crate::outcome::{self, Fault};
 use crate::spawn::spec::claim_marker;
 use crate::spawn::{self, Started};
@@ -45,6 +46,8 @@ pub struct PassReport {
     pub skipped_per_profile_capped: Vec<String>,
     /// Ready tasks held back by upstream's rate-limit cooldown (their last run exited 75).
     pub cooling_down: Vec<String>,
+    /// Ready tasks held back by one of upstream's respawn guards: (task, reason).
+    pub respawn_guarded: Vec<(String, String)>,
     /// Spawn failures that could not be recorded yet (board locked).
     pub unbooked: Vec<Unbooked>,
     /// The pass stopped at its batch size with ready tasks left.
@@ -102,15 +105,21 @@ pub async fn once(
             report.skipped_capped += 1;
             continue;
         }
-        // Upstream's respawn guard `rate_limit_cooldown`: a quota wall does not lift at once.
-        if let Some(last) = board.last_run(&task.id)? {
-            let recent = last
-                .ended_at
-                .is_some_and(|e| crate::board::now() - e < cfg.rate_limit_cooldown_seconds);
-            if last.outcome.as_deref() == Some("rate_limited") && recent {
+        // Upstream's respawn guards (`guard.rs`), with its `respawn_guarded` event — written
+        // once per reason, not on every pass (passes follow events here, not a minute's tick).
+        let now = crate::board::now();
+        let facts = board.guard_facts(&task.id, now)?;
+        if let Some(reason) = guard::respawn_guard(&facts, now, cfg.rate_limit_cooldown_seconds) {
+            if reason == "rate_limit_cooldown" {
                 report.cooling_down.push(task.id.clone());
-                continue;
             }
+            report
+                .respawn_guarded
+                .push((task.id.clone(), reason.to_string()));
+            if let Err(e) = board.note_respawn_guarded(&task.id, reason) {
+                tracing::warn!(hermes_kanban_task = %task.id, "respawn_guarded event not written: {e}");
+            }
+            continue;
         }
         let Some(assignee) = task
             .assignee

@@ -201,3 +201,146 @@ systemd_test!(every_task_shape_gets_upstreams_argv_environment_and_cwd, {
     }
     assert!(differences.is_empty(), "{}", differences.join("\n"));
 });
+
+/// Upstream's `check_respawn_guard` and ours, on the same board, task by task.
+#[test]
+fn respawn_guards_decide_as_upstreams_check_respawn_guard() {
+    use hermes_mgr::board::{Board, BoardPaths, NewTask, OpenMode};
+    let dir = crate::harness::scratch();
+    let db = dir.path().join("kanban.db");
+    let b = Board::open(&BoardPaths::for_db(&db), OpenMode::CreateIfMissing).unwrap();
+    let now = hermes_mgr::board::now();
+    let sql = |q: &str, id: &str| {
+        b.connection().execute(q, [id]).unwrap();
+    };
+    let run = |id: &str, outcome: &str, ended: i64| {
+        sql(
+            &format!("INSERT INTO task_runs (task_id, status, outcome, started_at, ended_at) VALUES (?1, '{outcome}', '{outcome}', {}, {ended})", ended - 5),
+            id,
+        )
+    };
+    type Setup<'a> = Box<dyn Fn(&str) + 'a>;
+    let shapes: Vec<(&str, Setup)> = vec![
+        ("fresh", Box::new(|_| {})),
+        (
+            "rate limited just now",
+            Box::new(|id| {
+                run(id, "rate_limited", now - 10);
+                sql(
+                    "UPDATE tasks SET last_failure_error='rate limited (quota wall)' WHERE id=?1",
+                    id,
+                );
+            }),
+        ),
+        (
+            "rate limited long ago",
+            Box::new(|id| {
+                run(id, "rate_limited", now - 400);
+                sql(
+                    "UPDATE tasks SET last_failure_error='rate limited (quota wall)' WHERE id=?1",
+                    id,
+                );
+            }),
+        ),
+        (
+            "auth failure",
+            Box::new(|id| {
+                sql(
+                    "UPDATE tasks SET last_failure_error='HTTP 429 from the provider' WHERE id=?1",
+                    id,
+                )
+            }),
+        ),
+        (
+            "plain crash",
+            Box::new(|id| {
+                run(id, "crashed", now - 10);
+                sql(
+                    "UPDATE tasks SET last_failure_error='pid 9 exited with code 1' WHERE id=?1",
+                    id,
+                );
+            }),
+        ),
+        (
+            "completed recently",
+            Box::new(|id| run(id, "completed", now - 100)),
+        ),
+        (
+            "completed, then unblocked",
+            Box::new(|id| {
+                run(id, "completed", now - 100);
+                sql(&format!("INSERT INTO task_events (task_id, kind, payload, created_at) VALUES (?1, 'unblocked', '{{}}', {})", now - 50), id);
+            }),
+        ),
+        (
+            "completed long ago",
+            Box::new(|id| run(id, "completed", now - 7200)),
+        ),
+        (
+            "a PR in a comment",
+            Box::new(|id| {
+                sql(&format!("INSERT INTO task_comments (task_id, author, body, created_at) VALUES (?1, 'w', 'opened https://github.com/o/r/pull/7', {})", now - 100), id)
+            }),
+        ),
+        (
+            "an old PR",
+            Box::new(|id| {
+                sql(&format!("INSERT INTO task_comments (task_id, author, body, created_at) VALUES (?1, 'w', 'opened https://github.com/o/r/pull/7', {})", now - 100_000), id)
+            }),
+        ),
+    ];
+    let mut ids = Vec::new();
+    for (name, setup) in &shapes {
+        let id = b
+            .create(&NewTask {
+                title: name.to_string(),
+                assignee: Some("default".into()),
+                ..Default::default()
+            })
+            .unwrap();
+        setup(&id);
+        ids.push((name, id));
+    }
+    let script = r#"
+import json, sys
+from hermes_cli import kanban_db as kb
+with kb.connect_closing() as conn:
+    print(json.dumps({i: kb.check_respawn_guard(conn, i) for i in sys.argv[1:]}))
+"#;
+    let o = Command::new(venv().join("bin/python"))
+        .args(["-c", script])
+        .args(ids.iter().map(|(_, id)| id.as_str()))
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", dir.path())
+        .env("HERMES_HOME", dir.path().join("home"))
+        .env("HERMES_KANBAN_DB", &db)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let theirs: Value = serde_json::from_slice(&o.stdout).unwrap();
+    // Every guard, and none, among the shapes: a comparison that can tell.
+    for reason in [
+        "rate_limit_cooldown",
+        "blocker_auth",
+        "recent_success",
+        "active_pr",
+    ] {
+        assert!(
+            theirs.as_object().unwrap().values().any(|v| v == reason),
+            "{reason}: {theirs}"
+        );
+    }
+    assert!(
+        theirs.as_object().unwrap().values().any(Value::is_null),
+        "{theirs}"
+    );
+    for (name, id) in &ids {
+        let ours = hermes_mgr::guard::respawn_guard(&b.guard_facts(id, now).unwrap(), now, 300);
+        assert_eq!(
+            ours.map(|r| Value::String(r.into())).unwrap_or(Value::Null),
+            theirs[id.as_str()],
+            "{name}"
+        );
+    }
+}
