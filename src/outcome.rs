@@ -14,6 +14,10 @@ use crate::spawn::spec::RunStatus;
 
 /// Exit code 75 (`EX_TEMPFAIL`): upstream's worker says "rate limited, try later".
 pub const EXIT_RATE_LIMITED: i32 = 75;
+/// Exit code 78 (`EX_CONFIG`): newer Hermes' worker says "the provider rejected the
+/// configuration" (credential revoked, model gone, TLS broken): no retry can help, so the
+/// task is blocked on the first such exit, sticky (`KANBAN_TERMINAL_PROVIDER_EXIT_CODE`).
+pub const EXIT_TERMINAL_PROVIDER: i32 = 78;
 /// Upstream's `_PROTOCOL_VIOLATION_FAILURE_LIMIT`.
 pub const PROTOCOL_VIOLATION_LIMIT: i64 = 3;
 /// Errors stored on rows are cut here, as upstream does.
@@ -29,6 +33,8 @@ pub enum RunEnd {
     ProtocolViolation { error: String, details: Value },
     /// Exit 75: requeued, not counted; stamps `last_failure_error` for the cooldown guard.
     RateLimited { error: String, details: Value },
+    /// Exit 78: counted, and the task is blocked at once, sticky.
+    TerminalProvider { error: String, details: Value },
     /// `max_runtime_seconds` exceeded: counted.
     TimedOut { error: String, details: Value },
     /// The worker never started because of the task or its configuration: counted.
@@ -53,6 +59,7 @@ impl RunEnd {
             RunEnd::Crashed { error, .. }
             | RunEnd::ProtocolViolation { error, .. }
             | RunEnd::RateLimited { error, .. }
+            | RunEnd::TerminalProvider { error, .. }
             | RunEnd::TimedOut { error, .. }
             | RunEnd::SpawnFailed { error }
             | RunEnd::Infrastructure { error }
@@ -259,6 +266,12 @@ fn from_record(st: &RunStatus, max_runtime: Option<i64>) -> RunEnd {
             ),
             details,
         },
+        (Some(EXIT_TERMINAL_PROVIDER), _) => RunEnd::TerminalProvider {
+            error: format!(
+                "pid {pid} exited 78: terminal provider error (credentials, model or TLS); blocked until an operator fixes it and unblocks"
+            ),
+            details,
+        },
         (Some(c), _) => RunEnd::Crashed {
             error: format!("pid {pid} exited with code {c}"),
             details,
@@ -306,6 +319,9 @@ pub struct Booking {
     pub counted: bool,
     /// The task's `last_heartbeat_at` is reset (upstream's stale reclaim does).
     pub clear_heartbeat: bool,
+    /// A `blocked` event follows: the block is sticky (`recompute_ready` keeps it, whatever
+    /// the counter says) until someone unblocks it.
+    pub sticky: bool,
 }
 
 impl Booking {
@@ -343,6 +359,11 @@ pub fn booking(end: &RunEnd, c: &Counters, failure_limit: i64) -> Booking {
         RunEnd::RateLimited { details, .. } => {
             ("rate_limited", "rate_limited", details.clone(), false)
         }
+        RunEnd::TerminalProvider { details, .. } => {
+            let mut d = details.clone();
+            merge(&mut d, &json!({"terminal_provider": true}));
+            ("crashed", "crashed", d, true)
+        }
         RunEnd::ProtocolViolation { details, .. } => {
             let mut d = details.clone();
             merge(&mut d, &json!({"protocol_violation": true}));
@@ -358,9 +379,10 @@ pub fn booking(end: &RunEnd, c: &Counters, failure_limit: i64) -> Booking {
     let limit = c.max_retries.unwrap_or(failure_limit);
     let mut failures = c.failures;
     let mut trip = false;
+    let terminal = matches!(end, RunEnd::TerminalProvider { .. });
     if counted {
         failures += 1;
-        trip = failures >= limit;
+        trip = failures >= limit || terminal;
     } else if matches!(end, RunEnd::ProtocolViolation { .. }) {
         // Clean exits without a verdict have their own streak budget; reaching it counts
         // and trips, as upstream's detect_crashed_workers does.
@@ -420,6 +442,7 @@ pub fn booking(end: &RunEnd, c: &Counters, failure_limit: i64) -> Booking {
         gave_up_on_run: spawn_tripped,
         counted,
         clear_heartbeat: matches!(end, RunEnd::Stale { .. }),
+        sticky: terminal,
     }
 }
 
@@ -466,6 +489,7 @@ mod tests {
             RunEnd::Crashed { .. } => "crashed",
             RunEnd::ProtocolViolation { .. } => "protocol_violation",
             RunEnd::RateLimited { .. } => "rate_limited",
+            RunEnd::TerminalProvider { .. } => "terminal_provider",
             RunEnd::TimedOut { .. } => "timed_out",
             RunEnd::SpawnFailed { .. } => "spawn_failed",
             RunEnd::Infrastructure { .. } => "infrastructure",
@@ -480,6 +504,7 @@ mod tests {
         let exit0 = rec(Some(0), None, false, 5);
         let exit1 = rec(Some(1), None, false, 5);
         let exit75 = rec(Some(75), None, false, 5);
+        let exit78 = rec(Some(78), None, false, 5);
         let killed = rec(None, Some(9), false, 5);
         let neither = rec(None, None, false, 5);
         let termed = rec(None, Some(15), true, 5);
@@ -515,6 +540,7 @@ mod tests {
             (facts(Some(&exit1), Scope::Live), "crashed: pid 9 exited with code 1"),
             (facts(Some(&exit75), Scope::Gone), "rate_limited: pid 9 exited rate-limited (quota wall) — requeued without counting a failure"),
             (facts(Some(&killed), Scope::Gone), "crashed: pid 9 killed by signal 9"),
+            (facts(Some(&exit78), Scope::Gone), "terminal_provider: pid 9 exited 78: terminal provider error (credentials, model or TLS); blocked until an operator fixes it and unblocks"),
             (facts(Some(&neither), Scope::Gone), "crashed: pid 9 ended without an exit status"),
             (with_limit, "timed_out: pid 9 exceeded max_runtime_seconds=60"),
             (short_of_limit, "stopped: pid 9 stopped from outside (killed by signal 15 (SIGTERM))"),
@@ -563,6 +589,24 @@ mod tests {
             spawn_failure(Fault::Infrastructure, "x"),
             RunEnd::Infrastructure { .. }
         ));
+    }
+
+    #[test]
+    fn exit_78_blocks_at_once_sticky_whatever_the_budget() {
+        let end = RunEnd::TerminalProvider {
+            error: "pid 9 exited 78".into(),
+            details: json!({"pid": 9}),
+        };
+        let c = Counters {
+            max_retries: Some(5),
+            ..Counters::default()
+        };
+        let b = booking(&end, &c, 2);
+        assert_eq!(
+            (b.run_outcome, b.counted, b.failures, b.status(), b.sticky),
+            ("crashed", true, 1, "blocked", true)
+        );
+        assert_eq!(b.gave_up.unwrap()["terminal_provider"], true);
     }
 
     #[test]

@@ -231,6 +231,10 @@ impl Board {
                 append_event(c, id, "gave_up", payload, b.gave_up_on_run.then_some(run_id))
                     .map_err(|e| self.err("append event", e))?;
             }
+            if b.sticky {
+                append_event(c, id, "blocked", &json!({"reason": b.error, "terminal_provider": true}), Some(run_id))
+                    .map_err(|e| self.err("append event", e))?;
+            }
             Ok(Some(EndResult { run_id: Some(run_id), status: b.status().to_string(), failures: b.failures, gave_up: b.gave_up.is_some() }))
         })
     }

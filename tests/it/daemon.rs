@@ -634,3 +634,40 @@ systemd_test!(
         );
     }
 );
+
+systemd_test!(exit_78_blocks_at_once_and_stays_blocked, {
+    let d = Dispatcher::new("tick_seconds = 1");
+    d.install();
+    d.start();
+    // A budget of five: exit 78 (newer Hermes' "terminal provider error") ignores it.
+    let id = d
+        .rig
+        .board()
+        .create(&hermes_mgr::board::NewTask {
+            title: "its credential was revoked".into(),
+            assignee: Some("default".into()),
+            max_retries: Some(5),
+            ..Default::default()
+        })
+        .unwrap();
+    let r = d.wait_running(&id, 0);
+    d.command(&id, r, "exit 78");
+    let t = d.wait_task("blocked", |t| t.status.as_str() == "blocked", &id);
+    assert_eq!(t.consecutive_failures, 1);
+    assert!(
+        t.last_failure_error
+            .as_deref()
+            .is_some_and(|e| e.contains("terminal provider error")),
+        "{t:?}"
+    );
+    // Passes and reconciles every second; it stays blocked (sticky) and never runs again.
+    let seen = |j: &str| j.matches("reconciled with systemd").count();
+    let before = seen(&journal(SERVICE));
+    wait_for("three safety-net rounds", Duration::from_secs(20), || {
+        (seen(&journal(SERVICE)) >= before + 3).then_some(())
+    });
+    assert_eq!(d.task(&id).status.as_str(), "blocked");
+    assert_eq!(d.rig.board().runs(&id).unwrap().len(), 1);
+    let shown = crate::harness::hermes(&d.rig.db, &["show", &id]);
+    assert!(shown.stdout.contains("blocked"), "{}", shown.stdout);
+});
