@@ -344,3 +344,34 @@ with kb.connect_closing() as conn:
         );
     }
 }
+
+systemd_test!(
+    a_scratch_workspace_goes_when_the_task_is_done_and_its_artifacts_stay,
+    {
+        // The worker completes through Hermes' own code, as a real worker's kanban_complete
+        // does: upstream keeps the declared artifacts, then removes the scratch workspace
+        // (as the worker user: hermes-mgr gave the workspace to that user).
+        let stub = format!(
+            "#!/bin/sh\n[ \"$1\" = kanban ] && exec {h} \"$@\"\necho 'the report' > report.txt\n\
+             exec {h} kanban complete \"$HERMES_KANBAN_TASK\" --summary done \
+             --metadata \"{{\\\"artifacts\\\": [\\\"$PWD/report.txt\\\"]}}\"\n",
+            h = hermes_bin().display()
+        );
+        let d = Dispatcher::with_stub(&stub, "tick_seconds = 3600");
+        d.install();
+        d.start();
+        let id = d.rig.add("writes a report");
+        d.wait_task("done", |t| t.status.as_str() == "done", &id);
+        let ws = d.rig.dir.join("kanban/workspaces").join(&id);
+        wait_for("the workspace removed", Duration::from_secs(20), || {
+            (!ws.exists()).then_some(())
+        });
+        let kept = d
+            .rig
+            .dir
+            .join("kanban/attachments")
+            .join(&id)
+            .join("report.txt");
+        assert_eq!(std::fs::read_to_string(&kept).unwrap(), "the report\n");
+    }
+);
