@@ -13,7 +13,7 @@ HERMES_AGENT_VERSION=0.19.0
 VENV=${HERMES_MGR_TEST_VENV:-$PWD/target/hermes-venv}
 
 need_apt=()
-for pair in unshare:util-linux nsenter:util-linux dbus-daemon:dbus busctl:systemd journalctl:systemd man:man-db lintian:lintian dpkg-deb:dpkg rpm:rpm; do
+for pair in git:git unshare:util-linux nsenter:util-linux dbus-daemon:dbus busctl:systemd journalctl:systemd man:man-db lintian:lintian dpkg-deb:dpkg rpm:rpm; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair#*:}")
 done
 [ -x /lib/systemd/systemd ] || need_apt+=(systemd)

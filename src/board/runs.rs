@@ -125,6 +125,19 @@ impl Board {
     }
 
     /// Persist the workspace a run uses, as upstream's `resolve_workspace` does at spawn.
+    /// A worktree task's branch, as upstream's dispatcher records it at spawn.
+    pub fn set_branch(&self, id: &str, run_id: i64, branch: &str) -> Result<bool> {
+        self.write("set branch", |c| {
+            let n = c
+                .execute(
+                    "UPDATE tasks SET branch_name=?1 WHERE id=?2 AND current_run_id=?3 AND status='running'",
+                    params![branch, id, run_id],
+                )
+                .map_err(|e| self.err("set branch", e))?;
+            Ok(n == 1)
+        })
+    }
+
     pub fn set_workspace(&self, id: &str, run_id: i64, path: &Path) -> Result<bool> {
         let p = path.to_string_lossy();
         self.write("set workspace", |c| {

@@ -161,6 +161,11 @@ pub async fn once(
                 *per_profile.entry(assignee.clone()).or_default() += 1;
                 // The worker runs now: a board that is locked at this instant must not make
                 // us kill it. Both are informational for upstream (it records them at spawn).
+                if let Some(b) = &s.branch {
+                    if let Err(e) = board.set_branch(&s.task, s.run_id, b) {
+                        tracing::warn!(hermes_kanban_task = %s.task, hermes_kanban_run_id = s.run_id, "branch not recorded: {e}");
+                    }
+                }
                 if let Err(e) = board.set_workspace(&s.task, s.run_id, &s.workspace) {
                     tracing::warn!(hermes_kanban_task = %s.task, hermes_kanban_run_id = s.run_id, "workspace not recorded: {e}");
                 }

@@ -8,7 +8,7 @@
 
 pub mod spec;
 pub mod supervise;
-mod toolsets;
+mod upstream;
 
 use std::ffi::CString;
 use std::os::fd::OwnedFd;
@@ -72,6 +72,9 @@ pub struct Started {
     pub unit: String,
     pub worker_pid: u32,
     pub workspace: PathBuf,
+    /// A worktree task's branch (upstream's `set_branch_name`): the resolver's, the task's,
+    /// or `wt/<task>`.
+    pub branch: Option<String>,
     /// The supervisor's PID. It is our child: the daemon reaps it on SIGCHLD; a one-shot
     /// CLI lets it go. No descriptor of it is kept (tokio's `Child` would hold a pidfd for
     /// the worker's whole life: one per live worker).
@@ -194,6 +197,7 @@ fn prepare_task(
     let workspaces = absolute(&paths.workspaces);
     // The workspace is created (scratch) and entered by the worker's own process, after it
     // dropped root: a path in the board's tree is never followed with root's powers.
+    let mut branch = None;
     let (workspace, make_workspace) = match task.workspace_kind.as_str() {
         // Upstream uses the raw id; a hostile id must not name another directory.
         "scratch" => (workspaces.join(unit_name::file_component(&task.id)), true),
@@ -208,11 +212,46 @@ fn prepare_task(
             }
             (p, false)
         }
-        other => {
-            return Err(format!(
-                "workspace kind {other:?} is not supported by hermes-mgr yet (scratch and dir are)"
-            ))
+        // Materialized by upstream's own resolver (`git worktree add`, its anchors: the
+        // task's path or the board's default_workdir), as the worker user; preserved after.
+        "worktree" => {
+            let home = profile_home(&absolute(&paths.root), &profile);
+            let mut env: Vec<(String, String)> = std::env::vars()
+                .filter(|(k, _)| passed_through(k, cfg))
+                .collect();
+            env.extend([
+                ("HOME".into(), user.dir.to_string_lossy().into_owned()),
+                ("HERMES_HOME".into(), home.to_string_lossy().into_owned()),
+                (
+                    "HERMES_KANBAN_HOME".into(),
+                    absolute(&paths.root).to_string_lossy().into_owned(),
+                ),
+                (
+                    "HERMES_KANBAN_DB".into(),
+                    absolute(&paths.db).to_string_lossy().into_owned(),
+                ),
+                ("HERMES_KANBAN_BOARD".into(), paths.slug.clone()),
+            ]);
+            let groups_raw: Vec<u32> = groups.iter().map(|g| g.as_raw()).collect();
+            let asker = upstream::Asker {
+                uid: user.uid.as_raw(),
+                gid: user.gid.as_raw(),
+                groups: &groups_raw,
+                env: &env,
+            };
+            let (p, b) = upstream::worktree(&bin, &asker, &paths.slug, &task.id)
+                .map_err(|e| format!("workspace: {e}"))?;
+            let claimed = task.branch_name.as_deref().map(str::trim).unwrap_or("");
+            branch = Some(if !b.is_empty() {
+                b
+            } else if !claimed.is_empty() {
+                claimed.to_string()
+            } else {
+                format!("wt/{}", task.id)
+            });
+            (p, false)
         }
+        other => return Err(format!("unknown workspace kind {other:?}")),
     };
 
     let mut env: Vec<(String, String)> = std::env::vars()
@@ -261,7 +300,9 @@ fn prepare_task(
     if let Some(t) = &task.tenant {
         set("HERMES_TENANT", t.clone());
     }
-    if let Some(b) = &task.branch_name {
+    // A worktree's branch as resolved now (upstream's first spawn passes the task object
+    // it claimed, before recording the branch, so only its later runs get it).
+    if let Some(b) = branch.as_ref().or(task.branch_name.as_ref()) {
         set("HERMES_KANBAN_BRANCH", b.clone());
     }
     if task.goal_mode {
@@ -302,16 +343,16 @@ fn prepare_task(
     if let Some(m) = &task.model_override {
         argv.extend(["-m".to_string(), m.clone()]);
     }
-    // Upstream pins the profile's CLI toolsets; its own code says which (`toolsets.rs`).
+    // Upstream pins the profile's CLI toolsets; its own code says which (`upstream.rs`).
     let home = profile_home(&absolute(&paths.root), &profile);
     let groups_raw: Vec<u32> = groups.iter().map(|g| g.as_raw()).collect();
-    let asker = toolsets::Asker {
+    let asker = upstream::Asker {
         uid: user.uid.as_raw(),
         gid: user.gid.as_raw(),
         groups: &groups_raw,
         env: &env,
     };
-    if let Some(ts) = toolsets::resolve(&bin, &home, &asker) {
+    if let Some(ts) = upstream::resolve(&bin, &home, &asker) {
         argv.extend(["--toolsets".to_string(), ts.join(",")]);
     }
     argv.extend([
@@ -337,6 +378,7 @@ fn prepare_task(
         argv,
         env,
         cwd: workspace,
+        branch,
         make_cwd: make_workspace,
         uid: user.uid.as_raw(),
         gid: user.gid.as_raw(),
@@ -570,6 +612,7 @@ pub async fn start_worker(
             unit,
             worker_pid,
             workspace: spec.cwd,
+            branch: spec.branch,
             supervisor_pid: pid,
             lock: claim.lock.clone(),
             max_runtime: task.max_runtime_seconds,

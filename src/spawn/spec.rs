@@ -17,6 +17,9 @@ pub struct WorkerSpec {
     pub env: Vec<(String, String)>,
     /// The workspace: the worker's cwd, entered after the privilege drop.
     pub cwd: PathBuf,
+    /// A worktree's branch, recorded on the task as upstream's dispatcher records it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
     /// Create the workspace (`mkdir -p`, as the worker) before entering it: a scratch one.
     pub make_cwd: bool,
     pub uid: u32,

@@ -78,7 +78,7 @@ fn upstream(d: &Dispatcher, slug: &str, id: &str, run: i64, lock: &str) -> Value
         .arg(repo().join("tests/fixtures/upstream_spawn.py"))
         .args([slug, id, &run.to_string(), lock])
         .env_clear()
-        .env("PATH", "/usr/bin:/bin")
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .env("HOME", d.rig.dir.join("home"))
         .env("HERMES_HOME", &d.rig.dir)
         .env("HERMES_KANBAN_HOME", &d.rig.dir)
@@ -115,6 +115,22 @@ systemd_test!(every_task_shape_gets_upstreams_argv_environment_and_cwd, {
     let dir_ws = d.rig.dir.join("a-dir-workspace");
     std::fs::create_dir_all(&dir_ws).unwrap();
     std::os::unix::fs::chown(&dir_ws, Some(d.rig.uid), None).unwrap();
+    // A git repository of the worker user's: the anchor of a worktree task.
+    let repo = d.rig.dir.join("repo");
+    let git = Command::new("setpriv")
+        .args([
+            &format!("--reuid={WORKER_USER}"),
+            &format!("--regid={WORKER_USER}"),
+            "--init-groups",
+            "sh",
+            "-c",
+            "git init -q \"$0\" && git -C \"$0\" -c user.email=t@example.org -c user.name=t commit -q --allow-empty -m init",
+        ])
+        .arg(&repo)
+        .env("HOME", &d.rig.dir)
+        .status()
+        .unwrap();
+    assert!(git.success());
     hermes(&d, &["boards", "create", "ops"]);
     let make = |slug: &str, extra: &[&str]| -> (String, String) {
         let mut args = vec!["--board", slug, "create", "a shape", "--json"];
@@ -128,6 +144,7 @@ systemd_test!(every_task_shape_gets_upstreams_argv_environment_and_cwd, {
         )
     };
     let dir_arg = format!("dir:{}", dir_ws.display());
+    let worktree_arg = format!("worktree:{}", repo.display());
     let shapes: Vec<(&str, (String, String))> = vec![
         ("plain", make("default", &[])),
         (
@@ -136,6 +153,7 @@ systemd_test!(every_task_shape_gets_upstreams_argv_environment_and_cwd, {
         ),
         ("max runtime", make("default", &["--max-runtime", "600"])),
         ("dir workspace", make("default", &["--workspace", &dir_arg])),
+        ("worktree", make("default", &["--workspace", &worktree_arg])),
         ("tenant", make("default", &["--tenant", "acme"])),
         (
             "goal mode",

@@ -1,0 +1,210 @@
+//! What only upstream's own code can say, asked of it: run with the interpreter of the
+//! `hermes` script itself (its `#!` line), as the worker user, with the worker's
+//! environment — never as root, never through a shell. A miss costs an interpreter start
+//! (about a second), paid on the daemon's thread.
+//!
+//! - `toolsets`: the `--toolsets` pin of upstream's `_default_spawn`, the assignee profile's
+//!   effective CLI toolsets (`kanban_db._resolve_worker_cli_toolsets`, i.e.
+//!   `tools_config._get_platform_tools(load_config(), "cli")` under the profile's home),
+//!   which depends on Hermes' toolset registry, plugins, MCP servers and credentials. A
+//!   failure means "no pin", as upstream. Cached per profile home while its `config.yaml`
+//!   and `.env` are unchanged, at most five minutes.
+//! - `worktree`: a `worktree` task's workspace, materialized by upstream's
+//!   `_resolve_worktree_workspace` (`git worktree add`, its anchors and its refusals).
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+const TTL: Duration = Duration::from_secs(300);
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What the answer depended on that we can see: the files' (mtime, size).
+type Fingerprint = Vec<Option<(i64, u64)>>;
+
+struct Entry {
+    at: Instant,
+    fingerprint: Fingerprint,
+    toolsets: Option<Vec<String>>,
+}
+
+static CACHE: Mutex<Option<HashMap<(PathBuf, PathBuf), Entry>>> = Mutex::new(None);
+
+const TOOLSETS: &str = r#"
+import json, sys
+from hermes_cli.kanban_db import _resolve_worker_cli_toolsets
+print(json.dumps(_resolve_worker_cli_toolsets(sys.argv[1])))
+"#;
+
+const WORKTREE: &str = r#"
+import json, sys
+from hermes_cli import kanban_db as kb
+board, task_id = sys.argv[1], sys.argv[2]
+with kb.connect_closing(board=board) as conn:
+    task = kb.get_task(conn, task_id)
+try:
+    path, branch = kb._resolve_worktree_workspace(task, board=board)
+    print(json.dumps({"path": str(path), "branch": branch}))
+except Exception as exc:
+    print(json.dumps({"error": str(exc)[:500]}))
+"#;
+
+fn fingerprint(home: &Path) -> Fingerprint {
+    ["config.yaml", ".env"]
+        .iter()
+        .map(|f| {
+            std::fs::metadata(home.join(f))
+                .ok()
+                .map(|m| (m.mtime(), m.size()))
+        })
+        .collect()
+}
+
+/// The interpreter of a `#!` script, if it is one (a binary or a shell stub has none that
+/// can import Hermes; then there is no pin).
+fn interpreter(bin: &Path) -> Option<PathBuf> {
+    let head = crate::safe_fs::read_capped(bin, 256).ok()??;
+    let line = head.split(|b| *b == b'\n').next()?;
+    let rest = line.strip_prefix(b"#!")?;
+    let text = std::str::from_utf8(rest).ok()?.trim();
+    let first = text.split_whitespace().next()?;
+    let p = PathBuf::from(first);
+    (p.is_absolute() && p.file_name()?.to_str()?.starts_with("python")).then_some(p)
+}
+
+/// Who asks, and with what environment (the worker's own: allowlist + contract).
+pub struct Asker<'a> {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: &'a [u32],
+    pub env: &'a [(String, String)],
+}
+
+/// The sorted toolsets upstream would pin for a worker of the profile at `home`, or `None`.
+pub fn resolve(bin: &Path, home: &Path, who: &Asker) -> Option<Vec<String>> {
+    let key = (bin.to_path_buf(), home.to_path_buf());
+    let fp = fingerprint(home);
+    {
+        let cache = CACHE.lock().ok()?;
+        if let Some(e) = cache.as_ref().and_then(|c| c.get(&key)) {
+            if e.fingerprint == fp && e.at.elapsed() < TTL {
+                return e.toolsets.clone();
+            }
+        }
+    }
+    let toolsets = run(bin, who, TOOLSETS, &[home.as_os_str()], TIMEOUT)
+        .ok()
+        .and_then(|out| serde_json::from_slice::<Option<Vec<String>>>(&out).ok())
+        .flatten()
+        .filter(|t| !t.is_empty());
+    if let Ok(mut cache) = CACHE.lock() {
+        cache.get_or_insert_with(HashMap::new).insert(
+            key,
+            Entry {
+                at: Instant::now(),
+                fingerprint: fp,
+                toolsets: toolsets.clone(),
+            },
+        );
+    }
+    toolsets
+}
+
+/// The workspace of worktree task `task` on board `board`, materialized by upstream:
+/// (path, branch), or upstream's reason why not.
+pub fn worktree(
+    bin: &Path,
+    who: &Asker,
+    board: &str,
+    task: &str,
+) -> Result<(PathBuf, String), String> {
+    let out = run(
+        bin,
+        who,
+        WORKTREE,
+        &[std::ffi::OsStr::new(board), std::ffi::OsStr::new(task)],
+        Duration::from_secs(120),
+    )?;
+    let v: serde_json::Value = serde_json::from_slice(&out)
+        .map_err(|e| format!("upstream's worktree resolver said no JSON: {e}"))?;
+    if let Some(e) = v["error"].as_str() {
+        return Err(e.to_string());
+    }
+    match (v["path"].as_str(), v["branch"].as_str()) {
+        (Some(p), b) => Ok((PathBuf::from(p), b.unwrap_or_default().to_string())),
+        _ => Err(format!("upstream's worktree resolver answered {v}")),
+    }
+}
+
+/// `snippet` with `args`, by the `hermes` script's interpreter, as `who`: its stdout.
+fn run(
+    bin: &Path,
+    who: &Asker,
+    snippet: &str,
+    args: &[&std::ffi::OsStr],
+    timeout: Duration,
+) -> Result<Vec<u8>, String> {
+    let python = interpreter(bin).ok_or_else(|| {
+        format!(
+            "{} is not a Python script: cannot ask Hermes' own code",
+            bin.display()
+        )
+    })?;
+    let groups: Vec<u32> = who.groups.to_vec();
+    let mut cmd = Command::new(&python);
+    cmd.args(["-c", snippet])
+        .args(args)
+        .env_clear()
+        .envs(who.env.iter().map(|(k, v)| (k, v)))
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let (uid, gid) = (who.uid, who.gid);
+    // SAFETY: only raw setgroups/setresgid/setresuid (async-signal-safe) between fork and
+    // exec; groups first, while still root (std's own `uid()` would run before us).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                || libc::setresgid(gid, gid, gid) != 0
+                || libc::setresuid(uid, uid, uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("start {}: {e}", python.display()))?;
+    // The answers are a few hundred bytes: the pipe holds them until the child is done (no
+    // reader thread: the dispatcher forks, and stays single-threaded).
+    let mut stdout = child.stdout.take().expect("piped");
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "Hermes' own code did not answer within {timeout:?}"
+                ));
+            }
+        }
+    };
+    let mut out = Vec::new();
+    Read::take(&mut stdout, 1 << 20)
+        .read_to_end(&mut out)
+        .map_err(|e| format!("read Hermes' answer: {e}"))?;
+    if !status.success() {
+        return Err(format!("Hermes' own code failed ({status})"));
+    }
+    Ok(out)
+}
