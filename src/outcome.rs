@@ -170,8 +170,12 @@ pub fn decide(f: &Facts) -> Decision {
         });
     }
     // The dispatcher stopped it for its silence: that, not the SIGTERM it sent, is why it
-    // ended. Once the scope is gone (a live one is still being stopped).
-    if let Some(st) = f.stale.filter(|_| f.scope != Scope::Live) {
+    // ended — once it has ended (an exit record, or no scope left; a live scope without a
+    // record is still being stopped).
+    if let Some(st) = f
+        .stale
+        .filter(|_| f.record.is_some() || f.scope != Scope::Live)
+    {
         let secs = st.elapsed_seconds;
         let error = match st.last_heartbeat_at {
             Some(_) => {
@@ -535,6 +539,9 @@ mod tests {
         stale_gone.stale = Some(&silent);
         let mut stale_stopping = facts(None, Scope::Live);
         stale_stopping.stale = Some(&silent);
+        // The supervisor's record comes while systemd still tears the scope down.
+        let mut stale_recorded = facts(Some(&termed), Scope::Live);
+        stale_recorded.stale = Some(&silent);
         let rows: Vec<(Facts, &str)> = vec![
             (facts(Some(&exit0), Scope::Gone), "protocol_violation: pid 9 exited 0 without kanban_complete or kanban_block"),
             (facts(Some(&exit1), Scope::Live), "crashed: pid 9 exited with code 1"),
@@ -554,6 +561,7 @@ mod tests {
             (facts(Some(&no_oom), Scope::Gone), "stopped: pid 9 stopped from outside (killed by signal 15 (SIGTERM))"),
             (stale_gone, "stale: no heartbeat ever after 20000s running"),
             (stale_stopping, "running"),
+            (stale_recorded, "stale: no heartbeat ever after 20000s running"),
         ];
         for (f, want) in rows {
             assert_eq!(name(&decide(&f)), want, "{f:?}");

@@ -264,6 +264,9 @@ pub struct Claim {
     pub run_id: i64,
     pub lock: String,
     pub expires: i64,
+    /// Claimed from `review` (upstream's review lane): the worker gets the `sdlc-review`
+    /// skill instead of the task's own.
+    pub review: bool,
 }
 
 /// What became of a task after `end_run`.

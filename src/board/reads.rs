@@ -216,6 +216,23 @@ impl Board {
     }
 
     /// Tasks that `dispatch` may claim, in upstream's order (`hot_projection`).
+    /// Unclaimed `review` tasks, in upstream's order: the review lane.
+    pub fn review_tasks(&self, limit: usize) -> Result<Vec<Task>> {
+        let mut st = self
+            .conn
+            .prepare(&format!(
+                "SELECT {} FROM tasks WHERE status='review' AND claim_lock IS NULL
+                 ORDER BY priority DESC, created_at ASC LIMIT ?1",
+                self.hot
+            ))
+            .map_err(|e| self.err("review tasks", e))?;
+        let v = st
+            .query_map([limit as i64], Task::from_row)
+            .and_then(|r| r.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(|e| self.err("review tasks", e))?;
+        Ok(v)
+    }
+
     pub fn ready_tasks(&self, limit: usize) -> Result<Vec<Task>> {
         let mut st = self
             .conn

@@ -29,17 +29,30 @@ impl Board {
                 .unwrap_or(false);
             if open_parent {
                 let n = c
-                    .execute("UPDATE tasks SET status='todo' WHERE id=?1 AND status='ready'", [id])
+                    .execute(
+                        "UPDATE tasks SET status='todo' WHERE id=?1 AND status='ready'",
+                        [id],
+                    )
                     .map_err(|e| self.err("claim", e))?;
                 if n == 1 {
-                    append_event(c, id, "claim_rejected", &json!({"reason": "parents_not_done"}), None)
-                        .map_err(|e| self.err("append event", e))?;
+                    append_event(
+                        c,
+                        id,
+                        "claim_rejected",
+                        &json!({"reason": "parents_not_done"}),
+                        None,
+                    )
+                    .map_err(|e| self.err("append event", e))?;
                 }
                 return Ok(None);
             }
             // A dangling run pointer on a ready task is closed before the new run opens.
             let stale: Option<i64> = c
-                .query_row("SELECT current_run_id FROM tasks WHERE id=?1 AND status='ready'", [id], |r| r.get(0))
+                .query_row(
+                    "SELECT current_run_id FROM tasks WHERE id=?1 AND status='ready'",
+                    [id],
+                    |r| r.get(0),
+                )
                 .optional()
                 .map_err(|e| self.err("claim", e))?
                 .flatten();
@@ -64,21 +77,82 @@ impl Board {
             if n != 1 {
                 return Ok(None);
             }
-            c.execute(
-                "INSERT INTO task_runs (task_id, profile, step_key, status, claim_lock, claim_expires,
-                    max_runtime_seconds, started_at)
-                 SELECT id, assignee, current_step_key, 'running', ?2, ?3, max_runtime_seconds, ?4
-                 FROM tasks WHERE id=?1",
-                params![id, lock, expires, now],
-            )
-            .map_err(|e| self.err("open run", e))?;
-            let run_id = c.last_insert_rowid();
-            c.execute("UPDATE tasks SET current_run_id=?1 WHERE id=?2", params![run_id, id])
-                .map_err(|e| self.err("claim", e))?;
-            append_event(c, id, "claimed", &json!({"lock": lock, "expires": expires, "run_id": run_id}), Some(run_id))
-                .map_err(|e| self.err("append event", e))?;
-            let task = c.query_row("SELECT * FROM tasks WHERE id=?1", [id], Task::from_row).map_err(|e| self.err("claim", e))?;
-            Ok(Some(Claim { task, run_id, lock: lock.to_string(), expires }))
+            self.open_run(c, id, lock, expires, now, json!({}))
+                .map(Some)
+        })
+    }
+
+    /// `claim_review_task`: `review` → `running` on a new run, for upstream's review lane
+    /// (no parent gate: the task passed it on its way to `review`). The worker is started
+    /// with the `sdlc-review` skill (`Claim::review`).
+    pub fn claim_review(&self, id: &str, lock: &str, ttl: i64) -> Result<Option<Claim>> {
+        let now = now();
+        let expires = now + ttl;
+        self.write("claim review", |c| {
+            let n = c
+                .execute(
+                    "UPDATE tasks SET status='running', claim_lock=?1, claim_expires=?2,
+                        started_at=COALESCE(started_at, ?3)
+                     WHERE id=?4 AND status='review' AND claim_lock IS NULL",
+                    params![lock, expires, now, id],
+                )
+                .map_err(|e| self.err("claim review", e))?;
+            if n != 1 {
+                return Ok(None);
+            }
+            let mut claim = self.open_run(
+                c,
+                id,
+                lock,
+                expires,
+                now,
+                json!({"source_status": "review"}),
+            )?;
+            claim.review = true;
+            Ok(Some(claim))
+        })
+    }
+
+    /// The run of a task just moved to `running`: its row, the task's pointer, the `claimed`
+    /// event (`extra` joins upstream's payload).
+    fn open_run(
+        &self,
+        c: &rusqlite::Connection,
+        id: &str,
+        lock: &str,
+        expires: i64,
+        now: i64,
+        extra: serde_json::Value,
+    ) -> Result<Claim> {
+        c.execute(
+            "INSERT INTO task_runs (task_id, profile, step_key, status, claim_lock, claim_expires,
+                max_runtime_seconds, started_at)
+             SELECT id, assignee, current_step_key, 'running', ?2, ?3, max_runtime_seconds, ?4
+             FROM tasks WHERE id=?1",
+            params![id, lock, expires, now],
+        )
+        .map_err(|e| self.err("open run", e))?;
+        let run_id = c.last_insert_rowid();
+        c.execute(
+            "UPDATE tasks SET current_run_id=?1 WHERE id=?2",
+            params![run_id, id],
+        )
+        .map_err(|e| self.err("claim", e))?;
+        let mut payload = json!({"lock": lock, "expires": expires, "run_id": run_id});
+        if let (Some(p), serde_json::Value::Object(x)) = (payload.as_object_mut(), extra) {
+            p.extend(x);
+        }
+        append_event(c, id, "claimed", &payload, Some(run_id))
+            .map_err(|e| self.err("append event", e))?;
+        let task = c
+            .query_row("SELECT * FROM tasks WHERE id=?1", [id], Task::from_row)
+            .map_err(|e| self.err("claim", e))?;
+        Ok(Claim {
+            task,
+            run_id,
+            lock: lock.to_string(),
+            expires,
+            review: false,
         })
     }
 

@@ -5,7 +5,7 @@ pub mod stop;
 use serde::Serialize;
 
 use crate::board::lock::FileLock;
-use crate::board::{claimer_id, Board};
+use crate::board::{claimer_id, Board, Claim};
 use crate::config::Config;
 use crate::guard;
 use crate::outcome::{self, Fault};
@@ -96,6 +96,8 @@ pub async fn once(
     };
     let lock = claimer_id();
     let mut started = Vec::new();
+    // A spawn failure that stops the pass (the board refuses writes, systemd fails us).
+    let mut stopped = false;
     for task in board.ready_tasks(10_000)? {
         if batch.is_some_and(|b| started.len() >= b) {
             report.batch_full = true;
@@ -129,11 +131,7 @@ pub async fn once(
             report.skipped_unassigned.push(task.id.clone());
             continue;
         };
-        // Upstream skips assignees that are not profiles on this host.
-        let spawnable = spawn::profile_name(&assignee).is_some_and(|p| {
-            p == "default" || spawn::profile_home(&board.paths().root, &p).is_dir()
-        });
-        if !spawnable {
+        if !spawnable(board, &assignee) {
             report.skipped_nonspawnable.push(task.id.clone());
             continue;
         }
@@ -146,77 +144,148 @@ pub async fn once(
         let Some(claim) = board.claim(&task.id, &lock, cfg.claim_ttl_seconds)? else {
             continue;
         };
-        let marker = claim_marker(&cfg.state_dir, &board.paths().slug, &task.id, claim.run_id);
-        if let Err(e) = marker
-            .parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|()| std::fs::File::create(&marker).map(drop))
-        {
-            tracing::warn!(hermes_kanban_task = %task.id, hermes_kanban_run_id = claim.run_id,
-                           "cannot mark the claim as ours ({}: {e}); should this dispatcher die now, the run waits for its claim TTL", marker.display());
-        }
-        match spawn::start_worker(board, sd, cfg, &claim).await {
-            Ok(s) => {
+        match start_claimed(board, sd, cfg, &claim, &mut report, &mut started).await {
+            Start::Started => {
                 slots -= 1;
                 *per_profile.entry(assignee.clone()).or_default() += 1;
-                // The worker runs now: a board that is locked at this instant must not make
-                // us kill it. Both are informational for upstream (it records them at spawn).
-                if let Some(b) = &s.branch {
-                    if let Err(e) = board.set_branch(&s.task, s.run_id, b) {
-                        tracing::warn!(hermes_kanban_task = %s.task, hermes_kanban_run_id = s.run_id, "branch not recorded: {e}");
-                    }
-                }
-                if let Err(e) = board.set_workspace(&s.task, s.run_id, &s.workspace) {
-                    tracing::warn!(hermes_kanban_task = %s.task, hermes_kanban_run_id = s.run_id, "workspace not recorded: {e}");
-                }
-                if let Err(e) = board.set_worker_pid(&s.task, s.run_id, s.worker_pid as i64) {
-                    tracing::warn!(hermes_kanban_task = %s.task, hermes_kanban_run_id = s.run_id, unit = %s.unit,
-                                   "worker started but its pid could not be recorded: {e}");
-                }
-                report.spawned.push(SpawnedWorker {
-                    task_id: s.task.clone(),
-                    run_id: s.run_id,
-                    unit: s.unit.clone(),
-                    pid: s.worker_pid,
-                    workspace: s.workspace.to_string_lossy().into_owned(),
-                });
-                started.push(s);
             }
-            Err(err) => {
-                let infrastructure = err.fault == Fault::Infrastructure;
-                let end = outcome::spawn_failure(err.fault, &err.reason);
-                let error = err.reason;
-                match board.end_run(&task.id, claim.run_id, &end, cfg.failure_limit) {
-                    Ok(r) => {
-                        let _ = std::fs::remove_file(&marker);
-                        report.spawn_failed.push(SpawnFailure {
-                            task_id: task.id.clone(),
-                            run_id: claim.run_id,
-                            gave_up: r.is_some_and(|e| e.gave_up),
-                            error,
-                            infrastructure,
-                        })
-                    }
-                    // Claimed, not started, and the board refuses the record (locked): the
-                    // caller must book it later, or the task would stay `running` forever.
-                    Err(e) => {
-                        report.unbooked.push(Unbooked {
-                            task_id: task.id.clone(),
-                            run_id: claim.run_id,
-                            error,
-                            fault: err.fault,
-                            why: e.to_string(),
-                        });
-                        // The board is not taking writes: no point claiming more now.
-                        break;
-                    }
-                }
-                if infrastructure {
-                    // systemd or the bus failed us: the next task would fail the same way.
-                    break;
-                }
+            Start::NotStarted => {}
+            Start::StopPass => {
+                stopped = true;
+                break;
             }
         }
     }
+    // Upstream's review lane: `review` tasks, claimed back to `running`, counted against
+    // the same cap; no default assignee, per-profile cap or respawn guard applies there.
+    for task in board.review_tasks(10_000)? {
+        if stopped {
+            break;
+        }
+        if batch.is_some_and(|b| started.len() >= b) {
+            report.batch_full = true;
+            break;
+        }
+        if slots == 0 {
+            report.skipped_capped += 1;
+            continue;
+        }
+        let Some(assignee) = task.assignee.clone() else {
+            report.skipped_unassigned.push(task.id.clone());
+            continue;
+        };
+        if !spawnable(board, &assignee) {
+            report.skipped_nonspawnable.push(task.id.clone());
+            continue;
+        }
+        let Some(claim) = board.claim_review(&task.id, &lock, cfg.claim_ttl_seconds)? else {
+            continue;
+        };
+        match start_claimed(board, sd, cfg, &claim, &mut report, &mut started).await {
+            Start::Started => slots -= 1,
+            Start::NotStarted => {}
+            Start::StopPass => break,
+        }
+    }
     Ok((report, started))
+}
+
+/// Upstream skips assignees that are not profiles on this host.
+fn spawnable(board: &Board, assignee: &str) -> bool {
+    spawn::profile_name(assignee)
+        .is_some_and(|p| p == "default" || spawn::profile_home(&board.paths().root, &p).is_dir())
+}
+
+/// What became of a claimed task's start.
+enum Start {
+    Started,
+    NotStarted,
+    /// The pass must stop: the board would not record a failure, or the dispatcher's own
+    /// side failed (the next start would fail the same way).
+    StopPass,
+}
+
+/// Start the worker of a fresh claim (marking the claim as ours first), record what
+/// upstream records at spawn, or book the spawn failure.
+async fn start_claimed(
+    board: &Board,
+    sd: &Systemd,
+    cfg: &Config,
+    claim: &Claim,
+    report: &mut PassReport,
+    started: &mut Vec<Started>,
+) -> Start {
+    let task = &claim.task;
+    let marker = claim_marker(&cfg.state_dir, &board.paths().slug, &task.id, claim.run_id);
+    if let Err(e) = marker
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::File::create(&marker).map(drop))
+    {
+        tracing::warn!(hermes_kanban_task = %task.id, hermes_kanban_run_id = claim.run_id,
+                       "cannot mark the claim as ours ({}: {e}); should this dispatcher die now, the run waits for its claim TTL", marker.display());
+    }
+    match spawn::start_worker(board, sd, cfg, claim).await {
+        Ok(s) => {
+            // The worker runs now: a board that is locked at this instant must not make
+            // us kill it. These are informational for upstream (it records them at spawn).
+            if let Some(b) = &s.branch {
+                if let Err(e) = board.set_branch(&s.task, s.run_id, b) {
+                    tracing::warn!(hermes_kanban_task = %s.task, hermes_kanban_run_id = s.run_id, "branch not recorded: {e}");
+                }
+            }
+            if let Err(e) = board.set_workspace(&s.task, s.run_id, &s.workspace) {
+                tracing::warn!(hermes_kanban_task = %s.task, hermes_kanban_run_id = s.run_id, "workspace not recorded: {e}");
+            }
+            if let Err(e) = board.set_worker_pid(&s.task, s.run_id, s.worker_pid as i64) {
+                tracing::warn!(hermes_kanban_task = %s.task, hermes_kanban_run_id = s.run_id, unit = %s.unit,
+                               "worker started but its pid could not be recorded: {e}");
+            }
+            report.spawned.push(SpawnedWorker {
+                task_id: s.task.clone(),
+                run_id: s.run_id,
+                unit: s.unit.clone(),
+                pid: s.worker_pid,
+                workspace: s.workspace.to_string_lossy().into_owned(),
+            });
+            started.push(s);
+            Start::Started
+        }
+        Err(err) => {
+            let infrastructure = err.fault == Fault::Infrastructure;
+            let end = outcome::spawn_failure(err.fault, &err.reason);
+            let error = err.reason;
+            match board.end_run(&task.id, claim.run_id, &end, cfg.failure_limit) {
+                Ok(r) => {
+                    let _ = std::fs::remove_file(&marker);
+                    report.spawn_failed.push(SpawnFailure {
+                        task_id: task.id.clone(),
+                        run_id: claim.run_id,
+                        gave_up: r.is_some_and(|e| e.gave_up),
+                        error,
+                        infrastructure,
+                    });
+                }
+                // Claimed, not started, and the board refuses the record (locked): the
+                // caller must book it later, or the task would stay `running` forever.
+                Err(e) => {
+                    report.unbooked.push(Unbooked {
+                        task_id: task.id.clone(),
+                        run_id: claim.run_id,
+                        error,
+                        fault: err.fault,
+                        why: e.to_string(),
+                    });
+                    // The board is not taking writes: no point claiming more now.
+                    return Start::StopPass;
+                }
+            }
+            if infrastructure {
+                // systemd or the bus failed us: the next task would fail the same way.
+                Start::StopPass
+            } else {
+                Start::NotStarted
+            }
+        }
+    }
 }

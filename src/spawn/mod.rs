@@ -331,7 +331,14 @@ fn prepare_task(
         "--cli".into(),
         "--accept-hooks".into(),
     ];
-    if let Some(serde_json::Value::Array(skills)) = &task.skills {
+    // The review lane forces upstream's review skill in place of the task's own.
+    let review_skills = serde_json::json!(["sdlc-review"]);
+    let skills = if claim.review {
+        Some(&review_skills)
+    } else {
+        task.skills.as_ref()
+    };
+    if let Some(serde_json::Value::Array(skills)) = skills {
         for s in skills
             .iter()
             .filter_map(|s| s.as_str())

@@ -207,7 +207,9 @@ systemd_test!(
 
         // The directory made earlier gets a file, long after its own event: it is a board
         // now. A corrupt one: reported and skipped, left as it is; the others go on.
-        std::fs::write(bad.join("kanban.db"), b"definitely not sqlite").unwrap();
+        // Written aside and renamed in, whole: an empty kanban.db would be a new board.
+        std::fs::write(bad.join("kanban.db.tmp"), b"definitely not sqlite").unwrap();
+        std::fs::rename(bad.join("kanban.db.tmp"), bad.join("kanban.db")).unwrap();
         wait_for(
             "the corrupt board reported",
             Duration::from_secs(20),

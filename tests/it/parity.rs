@@ -66,7 +66,7 @@ fn contract(env: &Value) -> BTreeMap<String, Value> {
 
 /// Upstream's answer for `id`'s run `run` on `slug`, asked as the worker user (the user
 /// Hermes' gateway runs as).
-fn upstream(d: &Dispatcher, slug: &str, id: &str, run: i64, lock: &str) -> Value {
+fn upstream(d: &Dispatcher, slug: &str, id: &str, run: i64, lock: &str, lane: &str) -> Value {
     let stub = d.rig.dir.join("worker");
     let o = Command::new("setpriv")
         .args([
@@ -76,7 +76,7 @@ fn upstream(d: &Dispatcher, slug: &str, id: &str, run: i64, lock: &str) -> Value
         ])
         .arg(venv().join("bin/python3"))
         .arg(repo().join("tests/fixtures/upstream_spawn.py"))
-        .args([slug, id, &run.to_string(), lock])
+        .args([slug, id, &run.to_string(), lock, lane])
         .env_clear()
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .env("HOME", d.rig.dir.join("home"))
@@ -162,9 +162,20 @@ systemd_test!(every_task_shape_gets_upstreams_argv_environment_and_cwd, {
         ("another profile", make("default", &["--assignee", "coder"])),
         ("another board", make("ops", &[])),
         ("model override", make("default", &[])),
+        ("review lane", make("default", &["--skill", "own-skill"])),
     ];
     // No CLI flag sets it: written as a newer Hermes or the dashboard would.
-    let (_, model_task) = &shapes.last().unwrap().1;
+    let (_, model_task) = &shapes[shapes.len() - 2].1;
+    // A task a worker sent to review: upstream's review lane runs it next.
+    let (_, review_task) = &shapes.last().unwrap().1;
+    d.rig
+        .board()
+        .connection()
+        .execute(
+            "UPDATE tasks SET status='review' WHERE id=?1",
+            [review_task],
+        )
+        .unwrap();
     d.rig
         .board()
         .connection()
@@ -196,7 +207,12 @@ systemd_test!(every_task_shape_gets_upstreams_argv_environment_and_cwd, {
             .as_str()
             .unwrap()
             .to_string();
-        let theirs = upstream(&d, slug, id, run, &lock);
+        let lane = if *shape == "review lane" {
+            "review"
+        } else {
+            "ready"
+        };
+        let theirs = upstream(&d, slug, id, run, &lock, lane);
         if ours["argv"] != theirs["argv"] {
             differences.push(format!(
                 "{shape}: argv\n  ours   {}\n  theirs {}",
