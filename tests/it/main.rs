@@ -16,6 +16,7 @@ mod operator;
 mod package;
 mod parity;
 mod pipeline;
+mod real_worker;
 mod scope;
 mod settings;
 mod triage;

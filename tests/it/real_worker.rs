@@ -1,0 +1,128 @@
+//! The real thing end to end: hermes-dispatcher runs real Hermes 0.19.0 workers (`hermes -p
+//! default --cli --accept-hooks [--toolsets …] chat -q "work kanban task <id>"`), whose model
+//! is a small OpenAI-compatible server on loopback (`tests/fixtures/fake_llm.py`, the only
+//! fake: no model runs here) that answers with a `kanban_complete` tool call, then a last
+//! word. The worker's agent loop, tools and kanban writes are Hermes' own.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::harness::{hermes_bin, repo, venv, wait_for};
+use crate::rig::{Dispatcher, WORKER_USER};
+use crate::systemd_test;
+
+struct Llm(Child);
+
+impl Drop for Llm {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+const SCRIPT: &str = r#"[
+  {"content": null, "tool_calls": [{"id": "call_1", "type": "function",
+    "function": {"name": "kanban_complete", "arguments": "{\"summary\": \"done by a real worker\"}"}}]},
+  {"content": "All done."}
+]"#;
+
+systemd_test!(
+    real_hermes_workers_complete_a_scratch_and_a_worktree_task,
+    {
+        // The `hermes` script itself, behind a Python shim with the venv's interpreter (the
+        // rig names its own worker binary): argv[1:] and the environment pass unchanged.
+        let shim = format!(
+            "#!{}\nimport os, sys\nos.execv({:?}, [{:?}] + sys.argv[1:])\n",
+            venv().join("bin/python3").display(),
+            hermes_bin().display().to_string(),
+            hermes_bin().display().to_string()
+        );
+        let d = Dispatcher::with_stub(&shim, "tick_seconds = 3600");
+        let port = 40000 + std::process::id() % 20000;
+        let reply = d.rig.dir.join("reply.txt");
+        std::fs::write(&reply, SCRIPT).unwrap();
+        let _llm = Llm(Command::new("/usr/bin/python3")
+            .arg(repo().join("tests/fixtures/fake_llm.py"))
+            .arg(port.to_string())
+            .arg(&reply)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap());
+        let cfg = d.rig.dir.join("config.yaml");
+        std::fs::write(
+            &cfg,
+            format!("model:\n  default: fake\n  provider: custom\n  base_url: http://127.0.0.1:{port}/v1\n  api_key: test\n"),
+        )
+        .unwrap();
+        std::os::unix::fs::chown(&cfg, Some(d.rig.uid), None).unwrap();
+        // A repository of the worker user's for the worktree task.
+        let repo_dir = d.rig.dir.join("repo");
+        let git = Command::new("setpriv")
+            .args([
+                &format!("--reuid={WORKER_USER}"),
+                &format!("--regid={WORKER_USER}"),
+                "--init-groups",
+                "sh",
+                "-c",
+                "git init -q \"$0\" && git -C \"$0\" -c user.email=t@example.org -c user.name=t commit -q --allow-empty -m init",
+            ])
+            .arg(&repo_dir)
+            .env("HOME", &d.rig.dir)
+            .status()
+            .unwrap();
+        assert!(git.success());
+        d.install();
+        d.start();
+        let scratch = crate::boards::create_on(&d, "default", "a scratch task for a real worker");
+        let done = |id: &str| {
+            wait_for(
+                &format!("{id} done by a real worker"),
+                Duration::from_secs(120),
+                || Some(d.task(id)).filter(|t| t.status.as_str() == "done"),
+            )
+        };
+        done(&scratch);
+        let worktree = crate::boards::hermes(
+            &d,
+            &[
+                "create",
+                "a worktree task for a real worker",
+                "--assignee",
+                "default",
+                "--workspace",
+                &format!("worktree:{}", repo_dir.display()),
+                "--json",
+            ],
+        )
+        .json()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let t = done(&worktree);
+        for id in [&scratch, &worktree] {
+            let runs = d.rig.board().runs(id).unwrap();
+            assert_eq!(runs.len(), 1, "{runs:?}");
+            assert_eq!(runs[0].outcome.as_deref(), Some("completed"));
+            assert_eq!(runs[0].summary.as_deref(), Some("done by a real worker"));
+        }
+        // The scratch workspace went with its task (Hermes' own completion removes it).
+        let ws = d.rig.dir.join("kanban/workspaces").join(&scratch);
+        wait_for(
+            "the scratch workspace removed",
+            Duration::from_secs(20),
+            || (!ws.exists()).then_some(()),
+        );
+        // The worktree stays, on the branch recorded for the task.
+        let wt = repo_dir.join(".worktrees").join(&worktree);
+        assert!(
+            wt.join(".git").is_file(),
+            "{} is no linked worktree",
+            wt.display()
+        );
+        assert_eq!(
+            t.branch_name.as_deref(),
+            Some(format!("wt/{worktree}").as_str())
+        );
+        assert_eq!(t.workspace_path.as_deref(), Some(wt.to_str().unwrap()));
+    }
+);
