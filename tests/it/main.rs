@@ -12,6 +12,7 @@ mod docs;
 mod faults;
 mod gateway;
 mod interop;
+mod newer_board;
 mod operator;
 mod package;
 mod parity;
