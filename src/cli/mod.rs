@@ -662,6 +662,12 @@ fn cmd_complete(
     )? {
         return Err(refused(&b, id, "complete", "running, ready or blocked"));
     }
+    // Then what upstream's completion does for a scratch workspace (its own code).
+    if let (Ok(cfg), Ok(task)) = (Config::load(cli.config.as_deref()), b.require_task(id)) {
+        if let Err(e) = crate::spawn::after_complete(&b, &cfg, &task, meta.as_ref()) {
+            eprintln!("hermes-mgr: note: the scratch workspace of {id} was left as it is: {e}");
+        }
+    }
     report(cli, id, "done", "Completed")
 }
 

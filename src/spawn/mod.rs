@@ -396,6 +396,64 @@ fn prepare_task(
     })
 }
 
+/// After `hermes-mgr complete` wrote a task's verdict itself: what upstream's `complete_task`
+/// does next for a scratch workspace (keep the declared artifacts, remove the workspace
+/// unless children still need it), by upstream's own functions as the worker user.
+/// Best-effort, as upstream's: `Err` says why it could not, the verdict stands.
+pub fn after_complete(
+    board: &Board,
+    cfg: &Config,
+    task: &crate::board::Task,
+    metadata: Option<&serde_json::Value>,
+) -> Result<(), String> {
+    if task.workspace_kind != "scratch" {
+        return Ok(());
+    }
+    let user = nix::unistd::User::from_name(&cfg.worker_user)
+        .ok()
+        .flatten()
+        .filter(|u| !u.uid.is_root())
+        .ok_or_else(|| format!("no (non-root) worker user {:?}", cfg.worker_user))?;
+    let cname = CString::new(user.name.as_str()).map_err(|_| "worker user name contains NUL")?;
+    let groups: Vec<u32> = nix::unistd::getgrouplist(&cname, user.gid)
+        .map_err(|e| format!("groups of {}: {e}", user.name))?
+        .into_iter()
+        .map(|g| g.as_raw())
+        .collect();
+    let bin = resolve_binary(&cfg.hermes_bin)?;
+    let paths = board.paths();
+    let mut env: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| passed_through(k, cfg))
+        .collect();
+    env.extend([
+        ("HOME".into(), user.dir.to_string_lossy().into_owned()),
+        (
+            "HERMES_HOME".into(),
+            absolute(&paths.root).to_string_lossy().into_owned(),
+        ),
+        (
+            "HERMES_KANBAN_HOME".into(),
+            absolute(&paths.root).to_string_lossy().into_owned(),
+        ),
+        (
+            "HERMES_KANBAN_DB".into(),
+            absolute(&paths.db).to_string_lossy().into_owned(),
+        ),
+        ("HERMES_KANBAN_BOARD".into(), paths.slug.clone()),
+    ]);
+    let asker = upstream::Asker {
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+        groups: &groups,
+        env: &env,
+    };
+    let md = metadata
+        .cloned()
+        .unwrap_or(serde_json::Value::Null)
+        .to_string();
+    upstream::after_complete(&bin, &asker, &task.id, &md)
+}
+
 /// `Description=`: names task, run and title; task data is untrusted, so control
 /// characters are blanked and the length bounded.
 pub fn description(task: &str, run: i64, title: &str) -> String {

@@ -115,6 +115,41 @@ pub fn resolve(bin: &Path, home: &Path, who: &Asker) -> Option<Vec<String>> {
     toolsets
 }
 
+const AFTER_COMPLETE: &str = r#"
+import json, sys, time
+from pathlib import Path
+from hermes_cli import kanban_db as kb
+task_id, metadata = sys.argv[1], json.loads(sys.argv[2])
+with kb.connect_closing() as conn:
+    if isinstance(metadata, dict):
+        kb._persist_scratch_completion_artifacts(conn, task_id, metadata)
+        for stored in metadata.pop("_staged_artifacts", []):
+            p = Path(stored)
+            kb._insert_completion_attachment(conn, task_id, filename=p.name, stored_path=str(p),
+                                             size=p.stat().st_size, created_at=int(time.time()))
+        conn.commit()
+    kb._cleanup_workspace(conn, task_id)
+"#;
+
+/// What upstream's `complete_task` does once a task is done (`hermes-mgr complete` writes the
+/// verdict itself): keep the scratch workspace's declared artifacts in
+/// `kanban/attachments/<task>/`, then remove the workspace unless children still need it.
+/// Upstream's own functions, as the worker user (the workspace is that user's).
+pub fn after_complete(bin: &Path, who: &Asker, task: &str, metadata: &str) -> Result<(), String> {
+    if interpreter(bin).is_none() {
+        // Not Hermes (a test's stub worker): there is no upstream code to ask.
+        return Ok(());
+    }
+    run(
+        bin,
+        who,
+        AFTER_COMPLETE,
+        &[std::ffi::OsStr::new(task), std::ffi::OsStr::new(metadata)],
+        Duration::from_secs(60),
+    )
+    .map(drop)
+}
+
 /// The workspace of worktree task `task` on board `board`, materialized by upstream:
 /// (path, branch), or upstream's reason why not.
 pub fn worktree(
@@ -166,6 +201,16 @@ fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
     let (uid, gid) = (who.uid, who.gid);
+    // Root becomes the worker user; anyone else may only act as themselves.
+    let me = nix::unistd::geteuid().as_raw();
+    if me != 0 {
+        if me != uid {
+            return Err(format!(
+                "only root or uid {uid} may ask Hermes' own code on this worker's behalf"
+            ));
+        }
+        return finish(cmd, timeout, &python);
+    }
     // SAFETY: only raw setgroups/setresgid/setresuid (async-signal-safe) between fork and
     // exec; groups first, while still root (std's own `uid()` would run before us).
     unsafe {
@@ -179,6 +224,10 @@ fn run(
             Ok(())
         });
     }
+    finish(cmd, timeout, &python)
+}
+
+fn finish(mut cmd: Command, timeout: Duration, python: &Path) -> Result<Vec<u8>, String> {
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("start {}: {e}", python.display()))?;

@@ -409,3 +409,57 @@ systemd_test!(
         assert_eq!(std::fs::read_to_string(&kept).unwrap(), "the report\n");
     }
 );
+
+systemd_test!(
+    hermes_mgr_complete_keeps_the_artifacts_and_removes_the_scratch_workspace_as_upstream,
+    {
+        // `hermes` as a Python shim of the real one: upstream's own completion code is asked.
+        let shim = format!(
+            "#!{}\nimport os, sys\nos.execv({:?}, [{:?}] + sys.argv[1:])\n",
+            venv().join("bin/python3").display(),
+            hermes_bin().display().to_string(),
+            hermes_bin().display().to_string()
+        );
+        let d = Dispatcher::with_stub(&shim, "");
+        let id = d.rig.add("completed by an operator");
+        let ws = d.rig.dir.join("kanban/workspaces").join(&id);
+        std::fs::create_dir_all(&ws).unwrap();
+        std::fs::write(ws.join("report.txt"), "the report\n").unwrap();
+        for p in [
+            d.rig.dir.join("kanban"),
+            d.rig.dir.join("kanban/workspaces"),
+            ws.clone(),
+            ws.join("report.txt"),
+        ] {
+            std::os::unix::fs::chown(&p, Some(d.rig.uid), None).unwrap();
+        }
+        d.rig
+            .board()
+            .connection()
+            .execute(
+                "UPDATE tasks SET workspace_path=?1 WHERE id=?2",
+                [ws.to_str().unwrap(), &id],
+            )
+            .unwrap();
+        let meta = format!(
+            "{{\"artifacts\": [\"{}\"]}}",
+            ws.join("report.txt").display()
+        );
+        let r = d
+            .rig
+            .mgr(&["complete", &id, "--summary", "by hand", "--metadata", &meta]);
+        assert_eq!(r.code, Some(0), "{}", r.stderr);
+        assert!(
+            !ws.exists(),
+            "the scratch workspace is still there: {}",
+            r.stderr
+        );
+        let kept = d
+            .rig
+            .dir
+            .join("kanban/attachments")
+            .join(&id)
+            .join("report.txt");
+        assert_eq!(std::fs::read_to_string(&kept).unwrap(), "the report\n");
+    }
+);
