@@ -215,23 +215,12 @@ fn prepare_task(
         // Materialized by upstream's own resolver (`git worktree add`, its anchors: the
         // task's path or the board's default_workdir), as the worker user; preserved after.
         "worktree" => {
-            let home = profile_home(&absolute(&paths.root), &profile);
-            let mut env: Vec<(String, String)> = std::env::vars()
-                .filter(|(k, _)| passed_through(k, cfg))
-                .collect();
-            env.extend([
-                ("HOME".into(), user.dir.to_string_lossy().into_owned()),
-                ("HERMES_HOME".into(), home.to_string_lossy().into_owned()),
-                (
-                    "HERMES_KANBAN_HOME".into(),
-                    absolute(&paths.root).to_string_lossy().into_owned(),
-                ),
-                (
-                    "HERMES_KANBAN_DB".into(),
-                    absolute(&paths.db).to_string_lossy().into_owned(),
-                ),
-                ("HERMES_KANBAN_BOARD".into(), paths.slug.clone()),
-            ]);
+            let env = upstream_env(
+                cfg,
+                &user,
+                paths,
+                &profile_home(&absolute(&paths.root), &profile),
+            );
             let groups_raw: Vec<u32> = groups.iter().map(|g| g.as_raw()).collect();
             let asker = upstream::Asker {
                 uid: user.uid.as_raw(),
@@ -396,6 +385,28 @@ fn prepare_task(
     })
 }
 
+/// The environment upstream's own code is asked in for this board (`upstream.rs`): the
+/// workers' allowlist, the worker user's home, a Hermes home, the board pinned.
+fn upstream_env(
+    cfg: &Config,
+    user: &nix::unistd::User,
+    paths: &BoardPaths,
+    hermes_home: &Path,
+) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| passed_through(k, cfg))
+        .collect();
+    let text = |p: &Path| absolute(p).to_string_lossy().into_owned();
+    env.extend([
+        ("HOME".into(), user.dir.to_string_lossy().into_owned()),
+        ("HERMES_HOME".into(), text(hermes_home)),
+        ("HERMES_KANBAN_HOME".into(), text(&paths.root)),
+        ("HERMES_KANBAN_DB".into(), text(&paths.db)),
+        ("HERMES_KANBAN_BOARD".into(), paths.slug.clone()),
+    ]);
+    env
+}
+
 /// After `hermes-mgr complete` wrote a task's verdict itself: what upstream's `complete_task`
 /// does next for a scratch workspace (keep the declared artifacts, remove the workspace
 /// unless children still need it), by upstream's own functions as the worker user.
@@ -422,25 +433,7 @@ pub fn after_complete(
         .collect();
     let bin = resolve_binary(&cfg.hermes_bin)?;
     let paths = board.paths();
-    let mut env: Vec<(String, String)> = std::env::vars()
-        .filter(|(k, _)| passed_through(k, cfg))
-        .collect();
-    env.extend([
-        ("HOME".into(), user.dir.to_string_lossy().into_owned()),
-        (
-            "HERMES_HOME".into(),
-            absolute(&paths.root).to_string_lossy().into_owned(),
-        ),
-        (
-            "HERMES_KANBAN_HOME".into(),
-            absolute(&paths.root).to_string_lossy().into_owned(),
-        ),
-        (
-            "HERMES_KANBAN_DB".into(),
-            absolute(&paths.db).to_string_lossy().into_owned(),
-        ),
-        ("HERMES_KANBAN_BOARD".into(), paths.slug.clone()),
-    ]);
+    let env = upstream_env(cfg, &user, paths, &absolute(&paths.root));
     let asker = upstream::Asker {
         uid: user.uid.as_raw(),
         gid: user.gid.as_raw(),

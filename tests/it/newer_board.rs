@@ -7,11 +7,10 @@
 //! dropping or rewriting anything, and `show`/`status` must read its newer outcomes and
 //! event kinds.
 
-use std::process::Command;
 use std::time::Duration;
 
 use crate::harness::{venv, wait_for};
-use crate::rig::{Dispatcher, WORKER_USER};
+use crate::rig::Dispatcher;
 use crate::systemd_test;
 
 const HEAD_DDL: &str = r#"
@@ -39,13 +38,7 @@ CREATE TABLE recipe_instance_tasks (
 
 /// Python's sqlite3, as the worker user (the board's owner), on the rig's board.
 fn sql_as_owner(d: &Dispatcher, script: &str) -> String {
-    let o = Command::new("setpriv")
-        .args([
-            &format!("--reuid={WORKER_USER}"),
-            &format!("--regid={WORKER_USER}"),
-            "--init-groups",
-        ])
-        .arg(venv().join("bin/python3"))
+    let o = crate::rig::as_worker(venv().join("bin/python3"))
         .args([
             "-c",
             "import sqlite3, sys\nc = sqlite3.connect(sys.argv[1])\nc.execute('PRAGMA foreign_keys=ON')\n\

@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::boards::{board, hermes};
 use crate::harness::{hermes_bin, repo, venv, wait_for};
-use crate::rig::{Dispatcher, WORKER_USER};
+use crate::rig::Dispatcher;
 use crate::systemd_test;
 
 /// What `_default_spawn` itself sets; the rest of upstream's environment is a copy of the
@@ -68,13 +68,7 @@ fn contract(env: &Value) -> BTreeMap<String, Value> {
 /// Hermes' gateway runs as).
 fn upstream(d: &Dispatcher, slug: &str, id: &str, run: i64, lock: &str, lane: &str) -> Value {
     let stub = d.rig.dir.join("worker");
-    let o = Command::new("setpriv")
-        .args([
-            &format!("--reuid={WORKER_USER}"),
-            &format!("--regid={WORKER_USER}"),
-            "--init-groups",
-        ])
-        .arg(venv().join("bin/python3"))
+    let o = crate::rig::as_worker(venv().join("bin/python3"))
         .arg(repo().join("tests/fixtures/upstream_spawn.py"))
         .args([slug, id, &run.to_string(), lock, lane])
         .env_clear()
@@ -117,20 +111,7 @@ systemd_test!(every_task_shape_gets_upstreams_argv_environment_and_cwd, {
     std::os::unix::fs::chown(&dir_ws, Some(d.rig.uid), None).unwrap();
     // A git repository of the worker user's: the anchor of a worktree task.
     let repo = d.rig.dir.join("repo");
-    let git = Command::new("setpriv")
-        .args([
-            &format!("--reuid={WORKER_USER}"),
-            &format!("--regid={WORKER_USER}"),
-            "--init-groups",
-            "sh",
-            "-c",
-            "git init -q \"$0\" && git -C \"$0\" -c user.email=t@example.org -c user.name=t commit -q --allow-empty -m init",
-        ])
-        .arg(&repo)
-        .env("HOME", &d.rig.dir)
-        .status()
-        .unwrap();
-    assert!(git.success());
+    crate::rig::git_repo(&repo, &d.rig.dir);
     hermes(&d, &["boards", "create", "ops"]);
     let make = |slug: &str, extra: &[&str]| -> (String, String) {
         let mut args = vec!["--board", slug, "create", "a shape", "--json"];
@@ -414,12 +395,7 @@ systemd_test!(
     hermes_mgr_complete_keeps_the_artifacts_and_removes_the_scratch_workspace_as_upstream,
     {
         // `hermes` as a Python shim of the real one: upstream's own completion code is asked.
-        let shim = format!(
-            "#!{}\nimport os, sys\nos.execv({:?}, [{:?}] + sys.argv[1:])\n",
-            venv().join("bin/python3").display(),
-            hermes_bin().display().to_string(),
-            hermes_bin().display().to_string()
-        );
+        let shim = crate::rig::hermes_python_shim();
         let d = Dispatcher::with_stub(&shim, "");
         let id = d.rig.add("completed by an operator");
         let ws = d.rig.dir.join("kanban/workspaces").join(&id);

@@ -7,8 +7,8 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::harness::{hermes_bin, repo, venv, wait_for};
-use crate::rig::{Dispatcher, WORKER_USER};
+use crate::harness::{repo, wait_for};
+use crate::rig::Dispatcher;
 use crate::systemd_test;
 
 struct Llm(Child);
@@ -29,14 +29,8 @@ const SCRIPT: &str = r#"[
 systemd_test!(
     real_hermes_workers_complete_a_scratch_and_a_worktree_task,
     {
-        // The `hermes` script itself, behind a Python shim with the venv's interpreter (the
-        // rig names its own worker binary): argv[1:] and the environment pass unchanged.
-        let shim = format!(
-            "#!{}\nimport os, sys\nos.execv({:?}, [{:?}] + sys.argv[1:])\n",
-            venv().join("bin/python3").display(),
-            hermes_bin().display().to_string(),
-            hermes_bin().display().to_string()
-        );
+        // The `hermes` script itself, behind a Python shim (the rig names its own binary).
+        let shim = crate::rig::hermes_python_shim();
         let d = Dispatcher::with_stub(&shim, "tick_seconds = 3600");
         let port = 40000 + std::process::id() % 20000;
         let reply = d.rig.dir.join("reply.txt");
@@ -57,20 +51,7 @@ systemd_test!(
         std::os::unix::fs::chown(&cfg, Some(d.rig.uid), None).unwrap();
         // A repository of the worker user's for the worktree task.
         let repo_dir = d.rig.dir.join("repo");
-        let git = Command::new("setpriv")
-            .args([
-                &format!("--reuid={WORKER_USER}"),
-                &format!("--regid={WORKER_USER}"),
-                "--init-groups",
-                "sh",
-                "-c",
-                "git init -q \"$0\" && git -C \"$0\" -c user.email=t@example.org -c user.name=t commit -q --allow-empty -m init",
-            ])
-            .arg(&repo_dir)
-            .env("HOME", &d.rig.dir)
-            .status()
-            .unwrap();
-        assert!(git.success());
+        crate::rig::git_repo(&repo_dir, &d.rig.dir);
         d.install();
         d.start();
         let scratch = crate::boards::create_on(&d, "default", "a scratch task for a real worker");

@@ -22,6 +22,42 @@ pub struct Rig {
     pub uid: u32,
 }
 
+/// `program` run as the worker user, with that user's groups (`setpriv`).
+pub fn as_worker(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args([
+        &format!("--reuid={WORKER_USER}"),
+        &format!("--regid={WORKER_USER}"),
+        "--init-groups",
+    ])
+    .arg(program);
+    c
+}
+
+/// A git repository of the worker user's at `path`, with one empty commit.
+pub fn git_repo(path: &Path, home: &Path) {
+    let ok = as_worker("sh")
+        .args([
+            "-c",
+            "git init -q \"$0\" && git -C \"$0\" -c user.email=t@example.org -c user.name=t commit -q --allow-empty -m init",
+        ])
+        .arg(path)
+        .env("HOME", home)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "git init {}", path.display());
+}
+
+/// The real `hermes` behind a Python shim run by the venv's interpreter: a worker binary
+/// whose `#!` line lets hermes-mgr ask Hermes' own code; argv[1:] and the environment pass.
+pub fn hermes_python_shim() -> String {
+    let real = hermes_bin().display().to_string();
+    format!(
+        "#!{}\nimport os, sys\nos.execv({real:?}, [{real:?}] + sys.argv[1:])\n",
+        crate::harness::venv().join("bin/python3").display()
+    )
+}
+
 pub fn sh(cmd: &str) -> String {
     let o = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
     assert!(
