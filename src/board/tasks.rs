@@ -337,7 +337,7 @@ impl Board {
     /// Upstream's `respawn_guarded` event (`{"reason": …}`), unless the task's newest event
     /// already says the same: a pass runs on every change here, not once a minute.
     pub fn note_respawn_guarded(&self, id: &str, reason: &str) -> Result<()> {
-        self.write("respawn_guarded", |c| {
+        let said = |c: &rusqlite::Connection| -> Result<bool> {
             let last: Option<(String, Option<String>)> = c
                 .query_row(
                     "SELECT kind, payload FROM task_events WHERE task_id=?1 ORDER BY id DESC LIMIT 1",
@@ -346,15 +346,27 @@ impl Board {
                 )
                 .optional()
                 .map_err(|e| self.err("respawn_guarded", e))?;
-            let said = last.is_some_and(|(kind, payload)| {
+            Ok(last.is_some_and(|(kind, payload)| {
                 kind == "respawn_guarded"
                     && payload
                         .and_then(|p| serde_json::from_str::<serde_json::Value>(&p).ok())
                         .is_some_and(|p| p["reason"] == reason)
-            });
-            if !said {
-                append_event(c, id, "respawn_guarded", &serde_json::json!({"reason": reason}), None)
-                    .map_err(|e| self.err("append event", e))?;
+            }))
+        };
+        // A guarded task is looked at on every pass: no write lock unless there is news.
+        if said(&self.conn)? {
+            return Ok(());
+        }
+        self.write("respawn_guarded", |c| {
+            if !said(c)? {
+                append_event(
+                    c,
+                    id,
+                    "respawn_guarded",
+                    &serde_json::json!({"reason": reason}),
+                    None,
+                )
+                .map_err(|e| self.err("append event", e))?;
             }
             Ok(())
         })

@@ -139,10 +139,10 @@ impl Daemon {
                 return None;
             }
         };
-        let user = match nix::unistd::User::from_name(&self.cfg.worker_user) {
-            Ok(Some(u)) if !u.uid.is_root() => u,
-            _ => {
-                warn!(user = %self.cfg.worker_user, "cannot decompose triage tasks: no such (non-root) worker user");
+        let user = match crate::spawn::worker_identity(&self.cfg) {
+            Ok(who) => who.user,
+            Err(e) => {
+                warn!("cannot decompose triage tasks: {e}");
                 return None;
             }
         };

@@ -693,13 +693,7 @@ impl Daemon {
                 }
                 self.pending.remove(key);
                 self.live.remove(key);
-                let _ = std::fs::remove_file(status_path(&self.cfg.state_dir, slug, task, run));
-                let _ = std::fs::remove_file(crate::spawn::spec::claim_marker(
-                    &self.cfg.state_dir,
-                    slug,
-                    task,
-                    run,
-                ));
+                crate::spawn::spec::forget_run(&self.cfg.state_dir, slug, task, run);
                 // Leftovers of the worker (daemonized grandchildren) go with the run.
                 if scope == Scope::Live {
                     if let Err(e) = self.sd.stop(&live.unit).await {
@@ -732,12 +726,7 @@ impl Daemon {
                         .map(|b| b.end_run(task, run, &end, self.cfg.failure_limit));
                     match booked {
                         Some(Ok(_)) => {
-                            let _ = std::fs::remove_file(crate::spawn::spec::claim_marker(
-                                &self.cfg.state_dir,
-                                slug,
-                                task,
-                                run,
-                            ));
+                            crate::spawn::spec::forget_run(&self.cfg.state_dir, slug, task, run);
                             info!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run, "recorded: {}", crate::text::clean(end.error()));
                             if let Some(s) = self.slots.get_mut(slug) {
                                 s.dirty = true;

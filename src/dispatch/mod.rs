@@ -257,7 +257,12 @@ async fn start_claimed(
             let error = err.reason;
             match board.end_run(&task.id, claim.run_id, &end, cfg.failure_limit) {
                 Ok(r) => {
-                    let _ = std::fs::remove_file(&marker);
+                    crate::spawn::spec::forget_run(
+                        &cfg.state_dir,
+                        &board.paths().slug,
+                        &task.id,
+                        claim.run_id,
+                    );
                     report.spawn_failed.push(SpawnFailure {
                         task_id: task.id.clone(),
                         run_id: claim.run_id,

@@ -58,6 +58,19 @@ impl SpawnError {
     }
 }
 
+/// A plain message from reading the task's own data is the task's fault.
+impl From<String> for SpawnError {
+    fn from(reason: String) -> SpawnError {
+        SpawnError::task(reason)
+    }
+}
+
+impl From<&str> for SpawnError {
+    fn from(reason: &str) -> SpawnError {
+        SpawnError::task(reason)
+    }
+}
+
 impl std::fmt::Display for SpawnError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.reason)
@@ -155,23 +168,48 @@ pub fn prepare(
 ) -> Result<WorkerSpec, SpawnError> {
     // The worker user and the binary are the dispatcher's configuration, the same for every
     // task: when they are wrong, no task is at fault.
+    let who = worker_identity(cfg).map_err(SpawnError::infra)?;
+    let bin = resolve_binary(&cfg.hermes_bin).map_err(SpawnError::infra)?;
+    // From here on, what fails is the task's own data (a plain message is the task's fault).
+    prepare_task(board, cfg, claim, unit, who, bin)
+}
+
+/// The worker user and its groups.
+pub(crate) struct Identity {
+    pub user: nix::unistd::User,
+    pub groups: Vec<u32>,
+}
+
+impl Identity {
+    /// Who asks upstream's own code, in `env` (`upstream.rs`).
+    fn asker<'a>(&'a self, env: &'a [(String, String)]) -> upstream::Asker<'a> {
+        upstream::Asker {
+            uid: self.user.uid.as_raw(),
+            gid: self.user.gid.as_raw(),
+            groups: &self.groups,
+            env,
+        }
+    }
+}
+
+/// `worker_user`, looked up with its groups; never root.
+pub(crate) fn worker_identity(cfg: &Config) -> Result<Identity, String> {
     let user = nix::unistd::User::from_name(&cfg.worker_user)
-        .map_err(|e| SpawnError::infra(format!("look up worker user {:?}: {e}", cfg.worker_user)))?
-        .ok_or_else(|| SpawnError::infra(format!("worker user {:?} does not exist; create it (useradd --system {0}) or set worker_user", cfg.worker_user)))?;
+        .map_err(|e| format!("look up worker user {:?}: {e}", cfg.worker_user))?
+        .ok_or_else(|| format!("worker user {:?} does not exist; create it (useradd --system {0}) or set worker_user", cfg.worker_user))?;
     if user.uid.is_root() {
-        return Err(SpawnError::infra(format!(
+        return Err(format!(
             "worker user {:?} is root; workers never run as root",
             cfg.worker_user
-        )));
+        ));
     }
-    let cname = CString::new(user.name.as_str())
-        .map_err(|_| SpawnError::infra("worker user name contains NUL"))?;
+    let cname = CString::new(user.name.as_str()).map_err(|_| "worker user name contains NUL")?;
     let groups = nix::unistd::getgrouplist(&cname, user.gid)
-        .map_err(|e| SpawnError::infra(format!("groups of {}: {e}", user.name)))?;
-    let bin = resolve_binary(&cfg.hermes_bin).map_err(SpawnError::infra)?;
-    // From here on, what fails is the task's own data.
-    let task_fault = |r: Result<WorkerSpec, String>| r.map_err(SpawnError::task);
-    task_fault(prepare_task(board, cfg, claim, unit, user, groups, bin))
+        .map_err(|e| format!("groups of {}: {e}", user.name))?
+        .into_iter()
+        .map(|g| g.as_raw())
+        .collect();
+    Ok(Identity { user, groups })
 }
 
 /// `prepare`'s part that reads the task: assignee, workspace, environment, argv.
@@ -180,10 +218,10 @@ fn prepare_task(
     cfg: &Config,
     claim: &Claim,
     unit: &str,
-    user: nix::unistd::User,
-    groups: Vec<nix::unistd::Gid>,
+    who: Identity,
     bin: PathBuf,
-) -> Result<WorkerSpec, String> {
+) -> Result<WorkerSpec, SpawnError> {
+    let user = &who.user;
     let paths: &BoardPaths = board.paths();
     let task = &claim.task;
     let assignee = task
@@ -208,7 +246,7 @@ fn prepare_task(
                 .ok_or("workspace kind dir without a workspace_path")?;
             let p = PathBuf::from(p);
             if !p.is_absolute() {
-                return Err(format!("workspace {} is not an absolute path", p.display()));
+                return Err(format!("workspace {} is not an absolute path", p.display()).into());
             }
             (p, false)
         }
@@ -217,19 +255,15 @@ fn prepare_task(
         "worktree" => {
             let env = upstream_env(
                 cfg,
-                &user,
+                user,
                 paths,
                 &profile_home(&absolute(&paths.root), &profile),
             );
-            let groups_raw: Vec<u32> = groups.iter().map(|g| g.as_raw()).collect();
-            let asker = upstream::Asker {
-                uid: user.uid.as_raw(),
-                gid: user.gid.as_raw(),
-                groups: &groups_raw,
-                env: &env,
-            };
-            let (p, b) = upstream::worktree(&bin, &asker, &paths.slug, &task.id)
-                .map_err(|e| format!("workspace: {e}"))?;
+            // Upstream could not be asked (no interpreter, a timeout): ours. It refused: the
+            // task's (a counted `workspace: …` spawn failure, as upstream books it).
+            let (p, b) = upstream::worktree(&bin, &who.asker(&env), &paths.slug, &task.id)
+                .map_err(SpawnError::infra)?
+                .map_err(|e| SpawnError::task(format!("workspace: {e}")))?;
             let claimed = task.branch_name.as_deref().map(str::trim).unwrap_or("");
             branch = Some(if !b.is_empty() {
                 b
@@ -240,7 +274,7 @@ fn prepare_task(
             });
             (p, false)
         }
-        other => return Err(format!("unknown workspace kind {other:?}")),
+        other => return Err(format!("unknown workspace kind {other:?}").into()),
     };
 
     let mut env: Vec<(String, String)> = std::env::vars()
@@ -341,14 +375,7 @@ fn prepare_task(
     }
     // Upstream pins the profile's CLI toolsets; its own code says which (`upstream.rs`).
     let home = profile_home(&absolute(&paths.root), &profile);
-    let groups_raw: Vec<u32> = groups.iter().map(|g| g.as_raw()).collect();
-    let asker = upstream::Asker {
-        uid: user.uid.as_raw(),
-        gid: user.gid.as_raw(),
-        groups: &groups_raw,
-        env: &env,
-    };
-    if let Some(ts) = upstream::resolve(&bin, &home, &asker) {
+    if let Some(ts) = upstream::resolve(&bin, &home, &who.asker(&env)) {
         argv.extend(["--toolsets".to_string(), ts.join(",")]);
     }
     argv.extend([
@@ -378,7 +405,7 @@ fn prepare_task(
         make_cwd: make_workspace,
         uid: user.uid.as_raw(),
         gid: user.gid.as_raw(),
-        groups: groups.into_iter().map(|g| g.as_raw()).collect(),
+        groups: who.groups.clone(),
         tmp_root: absolute(&cfg.tmp_root),
         status_file: spec::status_path(&cfg.state_dir, &board.paths().slug, &task.id, claim.run_id),
         identifier: "hermes-worker".into(),
@@ -420,31 +447,15 @@ pub fn after_complete(
     if task.workspace_kind != "scratch" {
         return Ok(());
     }
-    let user = nix::unistd::User::from_name(&cfg.worker_user)
-        .ok()
-        .flatten()
-        .filter(|u| !u.uid.is_root())
-        .ok_or_else(|| format!("no (non-root) worker user {:?}", cfg.worker_user))?;
-    let cname = CString::new(user.name.as_str()).map_err(|_| "worker user name contains NUL")?;
-    let groups: Vec<u32> = nix::unistd::getgrouplist(&cname, user.gid)
-        .map_err(|e| format!("groups of {}: {e}", user.name))?
-        .into_iter()
-        .map(|g| g.as_raw())
-        .collect();
+    let who = worker_identity(cfg)?;
     let bin = resolve_binary(&cfg.hermes_bin)?;
     let paths = board.paths();
-    let env = upstream_env(cfg, &user, paths, &absolute(&paths.root));
-    let asker = upstream::Asker {
-        uid: user.uid.as_raw(),
-        gid: user.gid.as_raw(),
-        groups: &groups,
-        env: &env,
-    };
+    let env = upstream_env(cfg, &who.user, paths, &absolute(&paths.root));
     let md = metadata
         .cloned()
         .unwrap_or(serde_json::Value::Null)
         .to_string();
-    upstream::after_complete(&bin, &asker, &task.id, &md)
+    upstream::after_complete(&bin, &who.asker(&env), &task.id, &md)
 }
 
 /// `Description=`: names task, run and title; task data is untrusted, so control

@@ -127,6 +127,12 @@ pub fn claim_marker(state_dir: &Path, board: &str, task: &str, run_id: i64) -> P
     status_path(state_dir, board, task, run_id).with_extension("claimed")
 }
 
+/// A booked run's files in the runtime directory: its exit record and the claim marker.
+pub fn forget_run(state_dir: &Path, board: &str, task: &str, run_id: i64) {
+    let _ = std::fs::remove_file(status_path(state_dir, board, task, run_id));
+    let _ = std::fs::remove_file(claim_marker(state_dir, board, task, run_id));
+}
+
 impl RunStatus {
     /// The status a supervisor left for this run, if any.
     pub fn read(

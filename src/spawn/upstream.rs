@@ -151,13 +151,14 @@ pub fn after_complete(bin: &Path, who: &Asker, task: &str, metadata: &str) -> Re
 }
 
 /// The workspace of worktree task `task` on board `board`, materialized by upstream:
-/// (path, branch), or upstream's reason why not.
+/// `Ok(Ok((path, branch)))`, `Ok(Err(upstream's reason why not))`, or `Err` when upstream
+/// could not be asked (the dispatcher's side).
 pub fn worktree(
     bin: &Path,
     who: &Asker,
     board: &str,
     task: &str,
-) -> Result<(PathBuf, String), String> {
+) -> Result<Result<(PathBuf, String), String>, String> {
     let out = run(
         bin,
         who,
@@ -168,10 +169,10 @@ pub fn worktree(
     let v: serde_json::Value = serde_json::from_slice(&out)
         .map_err(|e| format!("upstream's worktree resolver said no JSON: {e}"))?;
     if let Some(e) = v["error"].as_str() {
-        return Err(e.to_string());
+        return Ok(Err(e.to_string()));
     }
     match (v["path"].as_str(), v["branch"].as_str()) {
-        (Some(p), b) => Ok((PathBuf::from(p), b.unwrap_or_default().to_string())),
+        (Some(p), b) => Ok(Ok((PathBuf::from(p), b.unwrap_or_default().to_string()))),
         _ => Err(format!("upstream's worktree resolver answered {v}")),
     }
 }
