@@ -193,6 +193,14 @@ fn holders_by_fd(path: &std::path::Path) -> Vec<Holder> {
     out
 }
 
+/// This boot's random id (`/proc/sys/kernel/random/boot_id`).
+pub fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
 /// When this boot began (`btime` of `/proc/stat`), in seconds since the epoch.
 pub fn boot_time() -> Option<i64> {
     procfs::boot_time_secs().ok().map(|t| t as i64)

@@ -10,9 +10,8 @@
 //!    after the fact: lost (a reboot, a vanished unit), requeued, not counted — unless its
 //!    worker PID is alive outside any scope of ours, which means someone else (Hermes' own
 //!    dispatcher) runs it, or it has no worker, no scope of that name, an unexpired claim
-//!    made since this boot and no claim marker of ours (`spec::claim_marker`): someone
-//!    claimed it by hand (`hermes
-//!    kanban claim`, a terminal lane). Both are left alone; a hand claim that expires is
+//!    made since this boot by no hermes-mgr process (`spec::claimers_path`): someone
+//!    claimed it by hand (`hermes kanban claim`, a terminal lane). Both are left alone; a hand claim that expires is
 //!    requeued then, as upstream's `release_stale_claims` does.
 //! 4. A running row claimed on another host → not ours.
 //! 5. A worker scope of one of this board's runs that is not the task's current run →
@@ -51,7 +50,7 @@ struct RowFacts {
     local: bool,
     /// The row's worker PID lives, outside any worker scope of ours.
     foreign_worker: bool,
-    /// No worker, an unexpired claim since this boot, and no marker of ours.
+    /// No worker, an unexpired claim since this boot, by no claimer of ours.
     by_hand: bool,
 }
 
@@ -172,6 +171,7 @@ impl Daemon {
         counts: &mut Counts,
     ) -> anyhow::Result<()> {
         let me = claimer_id();
+        let ours = crate::spawn::spec::claimers_of_this_boot(&self.cfg.state_dir);
         let host_prefix = format!("{}:", me.split(':').next().unwrap_or(""));
         let Some(board) = self.board(slug) else {
             return Ok(());
@@ -223,8 +223,7 @@ impl Daemon {
                     && !units.contains_key(&unit)
                     && t.claim_expires.is_some_and(|e| e > now)
                     && claimed_at.is_some_and(|c| c >= liveness::boot_time().unwrap_or(i64::MAX))
-                    && !crate::spawn::spec::claim_marker(&self.cfg.state_dir, slug, &t.id, run)
-                        .exists()
+                    && !t.claim_lock.as_ref().is_some_and(|l| ours.contains(l))
             };
             let unexplained = !scope_live && record.is_none() && local;
             let foreign_worker = unexplained && foreign_worker();
@@ -260,7 +259,7 @@ impl Daemon {
                 Rule::NotOurs => {}
                 Rule::ClaimedByHand => {
                     debug!(board = %slug, hermes_kanban_task = %t.id, hermes_kanban_run_id = run,
-                           "claimed by hand (no worker, no marker of ours); left to its claim");
+                           "claimed by hand (no worker, not claimed by hermes-mgr); left to its claim");
                 }
                 Rule::SomeoneElsesWorker => {
                     warn!(board = %slug, hermes_kanban_task = %t.id, hermes_kanban_run_id = run, pid = t.worker_pid,

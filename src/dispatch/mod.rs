@@ -9,7 +9,6 @@ use crate::board::{claimer_id, Board, Claim};
 use crate::config::Config;
 use crate::guard;
 use crate::outcome::{self, Fault};
-use crate::spawn::spec::claim_marker;
 use crate::spawn::{self, Started};
 use crate::systemd::Systemd;
 
@@ -95,6 +94,10 @@ pub async fn once(
         None => Default::default(),
     };
     let lock = claimer_id();
+    if let Err(e) = spawn::spec::note_claimer(&cfg.state_dir) {
+        tracing::warn!("cannot note this dispatcher as a claimer ({}: {e}); should it die between a claim and its worker's start, that run waits for its claim TTL",
+                       spawn::spec::claimers_path(&cfg.state_dir).display());
+    }
     let mut started = Vec::new();
     // A spawn failure that stops the pass (the board refuses writes, systemd fails us).
     let mut stopped = false;
@@ -216,15 +219,6 @@ async fn start_claimed(
     started: &mut Vec<Started>,
 ) -> Start {
     let task = &claim.task;
-    let marker = claim_marker(&cfg.state_dir, &board.paths().slug, &task.id, claim.run_id);
-    if let Err(e) = marker
-        .parent()
-        .map_or(Ok(()), std::fs::create_dir_all)
-        .and_then(|()| std::fs::File::create(&marker).map(drop))
-    {
-        tracing::warn!(hermes_kanban_task = %task.id, hermes_kanban_run_id = claim.run_id,
-                       "cannot mark the claim as ours ({}: {e}); should this dispatcher die now, the run waits for its claim TTL", marker.display());
-    }
     match spawn::start_worker(board, sd, cfg, claim).await {
         Ok(s) => {
             // The worker runs now: a board that is locked at this instant must not make

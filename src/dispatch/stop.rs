@@ -127,13 +127,6 @@ pub async fn stop(
             }
         }
     }
-    // The run is closed either way: it is no claim of ours to recover any more.
-    let _ = std::fs::remove_file(crate::spawn::spec::claim_marker(
-        &cfg.state_dir,
-        &board.paths().slug,
-        task_id,
-        run_id,
-    ));
     let task_status = board.require_task(task_id)?.status.to_string();
     Ok(StopReport {
         task_id: task_id.to_string(),

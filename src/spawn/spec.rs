@@ -118,19 +118,57 @@ pub fn status_path(state_dir: &Path, board: &str, task: &str, run_id: i64) -> Pa
         .join(crate::systemd::unit_name::run_record(board, task, run_id))
 }
 
-/// `<status_path>` with `.claimed`: written by whoever of hermes-mgr claims the run, before
-/// its worker starts, removed when the run is booked. A `running` row of this host with no
-/// worker, no scope and no exit record is ours to requeue only with this marker; without
-/// it, someone claimed the task by hand (`hermes kanban claim`) and it is left to its claim
-/// TTL, as upstream leaves it. `/run` is emptied by a reboot, which ends every claim anyway.
-pub fn claim_marker(state_dir: &Path, board: &str, task: &str, run_id: i64) -> PathBuf {
-    status_path(state_dir, board, task, run_id).with_extension("claimed")
+/// `<state_dir>/claimers`: one line `<boot id> <claimer id>` for every hermes-mgr process
+/// that claimed a task on this boot (`note_claimer`). A `running` row of this host with no
+/// worker, no scope and no exit record is ours to requeue only when its claim lock is one
+/// of these: the dispatcher that claimed it died before the worker started. Any other lock
+/// is someone's hand claim (`hermes kanban claim`, a terminal lane), left to its claim TTL
+/// as upstream leaves it. Noted once per process, before its first claim, so no kill can
+/// fall between a claim and its being known as ours.
+pub fn claimers_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("claimers")
 }
 
-/// A booked run's files in the runtime directory: its exit record and the claim marker.
+/// Note this process (`board::claimer_id()`) as a claimer of this boot; once per process
+/// and state directory.
+pub fn note_claimer(state_dir: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    static NOTED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let mut noted = NOTED.lock().unwrap_or_else(|e| e.into_inner());
+    if noted.iter().any(|d| d == state_dir) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(state_dir)?;
+    // One short `write` with O_APPEND: lines of concurrent claimers never interleave.
+    let line = format!(
+        "{} {}\n",
+        crate::liveness::boot_id().unwrap_or_default(),
+        crate::board::claimer_id()
+    );
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(claimers_path(state_dir))?
+        .write_all(line.as_bytes())?;
+    noted.push(state_dir.to_path_buf());
+    Ok(())
+}
+
+/// The claimer ids hermes-mgr processes noted on this boot.
+pub fn claimers_of_this_boot(state_dir: &Path) -> std::collections::HashSet<String> {
+    let boot = crate::liveness::boot_id().unwrap_or_default();
+    std::fs::read_to_string(claimers_path(state_dir))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(b, _)| *b == boot)
+        .map(|(_, c)| c.to_string())
+        .collect()
+}
+
+/// A booked run's file in the runtime directory: its exit record.
 pub fn forget_run(state_dir: &Path, board: &str, task: &str, run_id: i64) {
     let _ = std::fs::remove_file(status_path(state_dir, board, task, run_id));
-    let _ = std::fs::remove_file(claim_marker(state_dir, board, task, run_id));
 }
 
 impl RunStatus {

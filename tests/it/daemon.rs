@@ -275,6 +275,46 @@ systemd_test!(
 );
 
 systemd_test!(
+    a_task_claimed_by_a_dispatcher_killed_before_its_worker_started_is_requeued_at_once,
+    {
+        let d = Dispatcher::new("tick_seconds = 3600");
+        d.install();
+        d.start();
+        // A first task makes the dispatcher claim once (and so say who it is).
+        let first = d.rig.add("claimed by the first dispatcher");
+        d.wait_running(&first, 0);
+        let pid = systemctl_show(SERVICE, "MainPID");
+        let pid = pid.trim().trim_start_matches("MainPID=");
+        sh("systemctl kill --signal=SIGKILL hermes-dispatcher.service");
+        wait_for("the dispatcher dead", Duration::from_secs(20), || {
+            (!alive(pid.parse().unwrap())).then_some(())
+        });
+        sh("systemctl stop hermes-dispatcher.service");
+        // A kill between a claim's commit and the worker's start cannot be produced on demand
+        // (the window is microseconds; the fault suite hit it once in 25 kills): the claim it
+        // leaves — that dispatcher's claimer id, this boot, unexpired, no worker, no scope — is
+        // written here exactly as `Board::claim` writes it.
+        let id = d.rig.add("its dispatcher died right after claiming it");
+        let host = hermes_mgr::board::claimer_id();
+        let host = host.split(':').next().unwrap();
+        let claim = d
+            .rig
+            .board()
+            .claim(&id, &format!("{host}:{pid}"), 900)
+            .unwrap()
+            .unwrap();
+        d.start();
+        // Not left for the 15 minutes of its claim, as a hand claim would be: lost, requeued,
+        // uncounted, running again.
+        let r2 = d.wait_running(&id, claim.run_id);
+        let lost = d.rig.board().run(claim.run_id).unwrap().unwrap();
+        assert_eq!(lost.outcome.as_deref(), Some("lost"), "{lost:?}");
+        assert_eq!(d.task(&id).consecutive_failures, 0);
+        assert!(r2 > claim.run_id);
+    }
+);
+
+systemd_test!(
     an_empty_scope_left_by_a_dispatcher_killed_mid_spawn_is_stopped_and_its_run_requeued,
     {
         let d = Dispatcher::new("tick_seconds = 3600");
