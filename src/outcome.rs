@@ -239,9 +239,20 @@ fn from_record(st: &RunStatus, max_runtime: Option<i64>) -> RunEnd {
             &mut details,
             &json!({"oom_kill": m.oom_kills, "memory_max": m.max, "memory_peak": m.peak}),
         );
+        // The worker itself, or one of its processes (a tool): then systemd stops the whole
+        // scope (OOMPolicy=stop, see `spawn::start_scope`) and the worker sees a SIGTERM.
+        let what = if st.signal == Some(libc::SIGKILL) {
+            "killed by the OOM killer".to_string()
+        } else {
+            let n = m.oom_kills;
+            format!(
+                "the OOM killer killed {n} process{} of the run",
+                if n == 1 { "" } else { "es" }
+            )
+        };
         return RunEnd::Crashed {
             error: format!(
-                "pid {pid} {}: killed by the OOM killer at MemoryMax={limit}{peak}",
+                "pid {pid} {}: {what} at MemoryMax={limit}{peak}",
                 st.describe()
             ),
             details,
@@ -528,6 +539,17 @@ mod tests {
             ..rec(None, Some(9), sigterm, 5)
         };
         let (oom_alone, oom_then_term) = (oom(false), oom(true));
+        // A tool of the worker was the OOM killer's victim; systemd stopped the scope.
+        let tool_oom = RunStatus {
+            signal: Some(15),
+            ..oom(true)
+        };
+        // A tool's OOM kill, and the worker exited on its own before the stop reached it.
+        let tool_oom_exit = RunStatus {
+            exit_code: Some(3),
+            signal: None,
+            ..oom(false)
+        };
         let no_oom = RunStatus {
             memory: Some(crate::spawn::spec::MemoryFacts::default()),
             ..rec(None, Some(15), true, 5)
@@ -558,6 +580,8 @@ mod tests {
             (after_restart, "lost: u.scope is gone and left no exit status (reboot or lost unit); requeued"),
             (facts(Some(&oom_alone), Scope::Gone), "crashed: pid 9 killed by signal 9 (SIGKILL): killed by the OOM killer at MemoryMax=64M, peak 64M"),
             (facts(Some(&oom_then_term), Scope::Gone), "crashed: pid 9 killed by signal 9 (SIGKILL): killed by the OOM killer at MemoryMax=64M, peak 64M"),
+            (facts(Some(&tool_oom), Scope::Gone), "crashed: pid 9 killed by signal 15 (SIGTERM): the OOM killer killed 1 process of the run at MemoryMax=64M, peak 64M"),
+            (facts(Some(&tool_oom_exit), Scope::Gone), "crashed: pid 9 exit code 3: the OOM killer killed 1 process of the run at MemoryMax=64M, peak 64M"),
             (facts(Some(&no_oom), Scope::Gone), "stopped: pid 9 stopped from outside (killed by signal 15 (SIGTERM))"),
             (stale_gone, "stale: no heartbeat ever after 20000s running"),
             (stale_stopping, "running"),

@@ -6,6 +6,8 @@
 #     cargo-generate-rpm (crates.io) build the packages
 #   - hermes-agent==0.19.0 from PyPI in target/hermes-venv (built with /usr/bin/python3, so
 #     that non-root workers can run it too)
+#   - the VM tier's Debian 12 guest image (tests/vm/image.sh: qemu-system-x86, mmdebstrap;
+#     cached under /var/tmp/hermes-mgr-vm by its recipe)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -53,4 +55,5 @@ fi
   || "$VENV/bin/pip" install -q --disable-pip-version-check "aiohttp==3.14.1"
 # Tests run the venv as other users (nobody) too: the path to it must be traversable.
 d=$VENV; while [ "$d" != / ]; do chmod o+x "$d" 2>/dev/null || true; d=$(dirname "$d"); done
+tests/vm/image.sh >/dev/null
 echo "setup: ok ($("$VENV/bin/hermes" --version 2>/dev/null | head -1))"

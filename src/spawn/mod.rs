@@ -532,8 +532,21 @@ fn pidfd_open(pid: u32) -> std::io::Result<std::os::fd::OwnedFd> {
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// 0 = not probed, 1 = systemd takes `OOMPolicy` on scopes, 2 = it does not (before v253).
+static OOM_POLICY: AtomicU8 = AtomicU8::new(0);
+
 /// Create the scope around `pid`: `PIDFDs` (immune to PID reuse) where systemd accepts it,
-/// `PIDs` otherwise, remembering which; the retry is what systemd-run does (#29547).
+/// `PIDs` otherwise, remembering which; the retry is what systemd-run does (#29547). The
+/// same for `OOMPolicy=stop`, which systemd takes on scopes since v253.
+///
+/// `OOMPolicy=stop`, on purpose: `MemoryMax=` is the run's budget, and a run that hits it
+/// ends — whichever of its processes the kernel picked (the agent or one of its tools) —
+/// and is booked as an OOM kill (`outcome`), counted like a crash, so the breaker stops a
+/// task that always runs out of memory. It is also what systemd 252 (Debian 12) does with
+/// every scope and cannot be told otherwise (tests/vm: "Failed with result 'oom-kill'",
+/// then SIGTERM to the agent); saying it explicitly keeps newer systemds the same, whatever
+/// their `DefaultOOMPolicy=`. `continue` would leave an agent running whose tool was
+/// killed, with the memory still at the limit; `kill` would give the agent no SIGTERM.
 async fn start_scope(
     sd: &Systemd,
     unit: &str,
@@ -543,6 +556,10 @@ async fn start_scope(
 ) -> Result<(), SystemdError> {
     loop {
         let mut all = props();
+        let oom_policy = OOM_POLICY.load(Ordering::Relaxed) != 2;
+        if oom_policy {
+            all.push(("OOMPolicy", Variant::from("stop".to_string())));
+        }
         let use_fd = PIDFDS.load(Ordering::Relaxed) != 2;
         if use_fd {
             match pidfd_open(pid) {
@@ -561,9 +578,17 @@ async fn start_scope(
             {
                 PIDFDS.store(2, Ordering::Relaxed);
             }
+            Err(SystemdError::PropertyRejected { ref msg, .. })
+                if oom_policy && msg.contains("OOMPolicy") =>
+            {
+                OOM_POLICY.store(2, Ordering::Relaxed);
+            }
             Ok(()) => {
                 if use_fd {
                     PIDFDS.store(1, Ordering::Relaxed);
+                }
+                if oom_policy {
+                    OOM_POLICY.store(1, Ordering::Relaxed);
                 }
                 return Ok(());
             }

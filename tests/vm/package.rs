@@ -1,0 +1,90 @@
+//! The `.deb` on a real boot: installed with apt, its unit read from
+//! /usr/lib/systemd/system by the guest's own systemd (no workaround of any kind), a task
+//! created with Hermes' own CLI run to done, an upgrade with a worker running, remove, purge.
+
+use std::time::Duration;
+
+use crate::guest::{self, BOARD};
+use crate::qemu::Vm;
+
+#[test]
+fn apt_installs_enables_and_starts_it_upgrades_keep_the_worker_remove_and_purge_keep_the_board() {
+    let mut vm = Vm::boot("package", guest::payload());
+    guest::install(&mut vm);
+    assert_eq!(
+        vm.ok("systemctl is-enabled hermes-dispatcher").trim(),
+        "enabled"
+    );
+    assert_eq!(
+        vm.ok("systemctl show -p FragmentPath --value hermes-dispatcher")
+            .trim(),
+        "/lib/systemd/system/hermes-dispatcher.service"
+    );
+    assert!(vm.ok("id -u hermes").trim().parse::<u32>().unwrap() > 0);
+    let worker = guest::waiting_worker(&format!(
+        "{}/bin/hermes kanban complete --summary packaged",
+        crate::qemu::venv().display()
+    ));
+    // No TOML beyond the worker: the package's defaults.
+    guest::configure(&mut vm, &worker, "");
+    let created = guest::hermes(
+        &mut vm,
+        "kanban create 'a packaged task' --assignee default --json",
+    );
+    let id = serde_json::from_str::<serde_json::Value>(&created).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    guest::wait_ready(&mut vm, &id);
+    let scope = format!("hermes-worker-kanban-{id}-run-1.scope");
+    assert_eq!(
+        vm.ok(&format!("systemctl show -p Slice --value {scope}"))
+            .trim(),
+        "hermes-workers.slice"
+    );
+    let worker_pid = guest::task_field(&mut vm, &id, "worker_pid");
+
+    // The next revision over it, with the worker running: the daemon restarts, the worker lives.
+    let before = guest::main_pid(&mut vm);
+    guest::apt(&mut vm, "install ./hermes-mgr-next.deb");
+    assert_eq!(vm.ok("dpkg-query -W -f '${Version}' hermes-mgr"), "0.1.0-2");
+    assert_ne!(
+        guest::main_pid(&mut vm),
+        before,
+        "the upgrade did not restart the daemon"
+    );
+    assert_eq!(
+        vm.ok("systemctl is-active hermes-dispatcher").trim(),
+        "active"
+    );
+    vm.ok(&format!("kill -0 {worker_pid}"));
+    guest::go(&mut vm, &id);
+    guest::wait_status(&mut vm, &id, "done", Duration::from_secs(120));
+    let runs = vm.ok(&format!(
+        "sqlite3 -readonly {BOARD} \"SELECT outcome FROM task_runs WHERE task_id='{id}'\""
+    ));
+    assert_eq!(runs.trim(), "completed", "one run, completed");
+    let journal = vm.ok(&format!("journalctl -o cat --no-pager -u {scope}"));
+    assert!(journal.contains(&format!("hello from {id}")), "{journal}");
+
+    // Remove: the service and every dispatcher process are gone; the configuration (a
+    // conffile) and the board stay.
+    guest::apt(&mut vm, "remove hermes-mgr");
+    assert_ne!(
+        vm.sh("systemctl is-active hermes-dispatcher").out.trim(),
+        "active"
+    );
+    assert_eq!(vm.sh("pgrep -f '^/usr/bin/hermes-mgr dispatcher'").code, 1);
+    vm.ok("test -f /etc/hermes-mgr/config.toml && test -f /var/lib/hermes/kanban.db");
+    // Purge: the configuration and the runtime state go; the board and the hermes user stay.
+    guest::apt(&mut vm, "purge hermes-mgr");
+    vm.ok("test ! -e /etc/hermes-mgr && test ! -e /run/hermes-mgr");
+    vm.ok("test -f /var/lib/hermes/kanban.db && id hermes");
+    assert_eq!(
+        vm.ok(&format!(
+            "sqlite3 -readonly {BOARD} 'PRAGMA integrity_check'"
+        ))
+        .trim(),
+        "ok"
+    );
+}
