@@ -477,6 +477,7 @@ mod tests {
             signal: sig,
             sigterm_received: sigterm,
             memory: None,
+            usage: None,
         }
     }
 

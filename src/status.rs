@@ -73,17 +73,12 @@ pub struct EndedRun {
     pub error: Option<String>,
     pub ended_at: Option<i64>,
     pub duration_seconds: Option<i64>,
+    /// What the run cost (CPU, peak memory, IO), as its scope counted it.
+    pub resources: Option<serde_json::Value>,
 }
 
 fn read_u64(path: &Path) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-fn cpu_usec(dir: &Path) -> Option<u64> {
-    let text = std::fs::read_to_string(dir.join("cpu.stat")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("usage_usec "))
-        .and_then(|v| v.trim().parse().ok())
 }
 
 fn live_run(
@@ -109,7 +104,7 @@ fn live_run(
         in_scope: dir.is_dir(),
         memory_current: read_u64(&dir.join("memory.current")),
         memory_peak: read_u64(&dir.join("memory.peak")),
-        cpu_usec: cpu_usec(&dir),
+        cpu_usec: crate::spawn::spec::Usage::read(&dir).and_then(|u| u.cpu_usec),
         uptime_seconds: run.map(|r| now - r.started_at).unwrap_or(0),
         unit,
     }
@@ -130,6 +125,11 @@ fn ended_run(r: &Run) -> EndedRun {
         error: r.error.clone(),
         ended_at: r.ended_at,
         duration_seconds: r.ended_at.map(|e| e - r.started_at),
+        resources: r
+            .metadata
+            .as_ref()
+            .and_then(|m| m.get("resources"))
+            .cloned(),
     }
 }
 

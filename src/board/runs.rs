@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use rusqlite::{params, OptionalExtension};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::rows::*;
 use super::*;
@@ -273,7 +273,33 @@ impl Board {
         end: &RunEnd,
         failure_limit: i64,
     ) -> Result<Option<EndResult>> {
+        self.end_run_costed(id, run_id, end, failure_limit, None)
+    }
+
+    /// `end_run`, recording in the same transaction what the run cost (`resources`, a JSON
+    /// object) in its metadata — also when the worker had closed the run itself. Metadata
+    /// that is not a JSON object (task data: anyone may have written it) is left as it is.
+    pub fn end_run_costed(
+        &self,
+        id: &str,
+        run_id: i64,
+        end: &RunEnd,
+        failure_limit: i64,
+        resources: Option<&Value>,
+    ) -> Result<Option<EndResult>> {
         let now = now();
+        // After the run's own metadata is written (closing it writes its details there).
+        let record_cost = |c: &rusqlite::Connection| -> Result<()> {
+            if let Some(r) = resources {
+                c.execute(
+                    "UPDATE task_runs SET metadata = json_set(coalesce(metadata, '{}'), '$.resources', json(?2))
+                     WHERE id=?1 AND (metadata IS NULL OR (json_valid(metadata) AND json_type(metadata)='object'))",
+                    params![run_id, r.to_string()],
+                )
+                .map_err(|e| self.err("record run cost", e))?;
+            }
+            Ok(())
+        };
         self.write("end run", |c| {
             let row: Option<(i64, Option<i64>, Option<String>)> = c
                 .query_row(
@@ -284,7 +310,10 @@ impl Board {
                 )
                 .optional()
                 .map_err(|e| self.err("end run", e))?;
-            let Some((failures, max_retries, claimer)) = row else { return Ok(None) };
+            let Some((failures, max_retries, claimer)) = row else {
+                record_cost(c)?;
+                return Ok(None);
+            };
             let violation_streak = if matches!(end, RunEnd::ProtocolViolation { .. }) {
                 protocol_violation_streak(c, id).map_err(|e| self.err("end run", e))?
             } else {
@@ -322,6 +351,7 @@ impl Board {
                 append_event(c, id, "blocked", &json!({"reason": b.error, "terminal_provider": true}), Some(run_id))
                     .map_err(|e| self.err("append event", e))?;
             }
+            record_cost(c)?;
             Ok(Some(EndResult { run_id: Some(run_id), status: b.status().to_string(), failures: b.failures, gave_up: b.gave_up.is_some() }))
         })
     }

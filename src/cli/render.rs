@@ -56,6 +56,29 @@ fn ts(epoch: Option<i64>) -> String {
     epoch.map(|e| e.to_string()).unwrap_or_else(|| "-".into())
 }
 
+/// A run's `resources` (what its scope counted) in one line: `cpu 4.1s, memory peak 64M,
+/// io 4K read / 1M written`; `None` when it holds none of them.
+pub fn cost(r: &Value) -> Option<String> {
+    let n = |k: &str| r.get(k).and_then(Value::as_u64);
+    let bytes = |b: u64| match b {
+        b if b >= 1 << 30 => format!("{:.1}G", b as f64 / f64::from(1u32 << 30)),
+        b if b >= 1 << 20 => format!("{}M", b >> 20),
+        b if b >= 1 << 10 => format!("{}K", b >> 10),
+        b => format!("{b}B"),
+    };
+    let mut parts = Vec::new();
+    if let Some(us) = n("cpu_usec") {
+        parts.push(format!("cpu {:.1}s", us as f64 / 1e6));
+    }
+    if let Some(p) = n("memory_peak_bytes") {
+        parts.push(format!("memory peak {}", bytes(p)));
+    }
+    if let (Some(rd), Some(wr)) = (n("io_read_bytes"), n("io_write_bytes")) {
+        parts.push(format!("io {} read / {} written", bytes(rd), bytes(wr)));
+    }
+    (!parts.is_empty()).then(|| parts.join(", "))
+}
+
 pub fn show(
     board: &str,
     t: &Task,
@@ -162,6 +185,14 @@ pub fn show(
                 .map(|e| format!("  {}", clean(e)))
                 .unwrap_or_default()
         ));
+        if let Some(c) = r
+            .metadata
+            .as_ref()
+            .and_then(|m| m.get("resources"))
+            .and_then(cost)
+        {
+            o.push_str(&format!("         cost: {c}\n"));
+        }
     }
     o.push_str(&format!("\nEvents ({}):\n", events.len()));
     for e in events {
@@ -397,5 +428,18 @@ mod tests {
     fn control_characters_are_escaped() {
         assert_eq!(clean("a\nb\x1b[2Jc"), "a\\nb\\u{1b}[2Jc");
         assert_eq!(clean("ünïcødé"), "ünïcødé");
+    }
+
+    #[test]
+    fn a_runs_cost_reads_in_one_line() {
+        let full = json!({"cpu_usec": 4_121_000, "memory_peak_bytes": 67_100_000u64,
+                          "io_read_bytes": 4196, "io_write_bytes": 1_048_576});
+        assert_eq!(
+            cost(&full).as_deref(),
+            Some("cpu 4.1s, memory peak 63M, io 4K read / 1M written")
+        );
+        assert_eq!(cost(&json!({"cpu_usec": 50})).as_deref(), Some("cpu 0.0s"));
+        assert_eq!(cost(&json!({"something": "else"})), None);
+        assert_eq!(cost(&json!("not an object")), None);
     }
 }

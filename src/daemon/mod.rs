@@ -678,7 +678,11 @@ impl Daemon {
             self.pending.insert(key.clone(), None);
             return;
         };
-        match board.end_run(task, run, &end, self.cfg.failure_limit) {
+        let cost = record
+            .as_ref()
+            .and_then(|r| r.usage.as_ref())
+            .and_then(|u| serde_json::to_value(u).ok());
+        match board.end_run_costed(task, run, &end, self.cfg.failure_limit, cost.as_ref()) {
             Ok(result) => {
                 match &result {
                     Some(r) => {

@@ -488,6 +488,11 @@ pub fn scope_properties(cfg: &Config, desc: String, max_runtime: Option<i64>) ->
         ("KillMode", Variant::from("control-group".to_string())),
         ("KillSignal", Variant::from(libc::SIGTERM)),
         ("SendSIGKILL", Variant::from(true)),
+        // What the run cost is kept with it (`spec::Usage`): the kernel counts memory and IO
+        // only for a cgroup whose controllers are on, and systemd turns them on per unit.
+        ("MemoryAccounting", Variant::from(true)),
+        ("IOAccounting", Variant::from(true)),
+        ("TasksAccounting", Variant::from(true)),
         (
             "TimeoutStopUSec",
             Variant::from(cfg.stop_timeout_seconds.saturating_mul(1_000_000)),
@@ -500,11 +505,9 @@ pub fn scope_properties(cfg: &Config, desc: String, max_runtime: Option<i64>) ->
         ));
     }
     if let Some(m) = cfg.memory_max_bytes {
-        p.push(("MemoryAccounting", Variant::from(true)));
         p.push(("MemoryMax", Variant::from(m)));
     }
     if let Some(t) = cfg.tasks_max {
-        p.push(("TasksAccounting", Variant::from(true)));
         p.push(("TasksMax", Variant::from(t)));
     }
     if let Some(q) = cfg.cpu_quota_percent {

@@ -60,6 +60,57 @@ pub struct RunStatus {
     /// records written by older supervisors.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<MemoryFacts>,
+    /// What the run cost, from its scope's cgroup when the worker had ended; absent in
+    /// records written by older supervisors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+/// A run's cost as its scope's cgroup counted it (what `systemctl status` shows as
+/// "Consumed … CPU time"); each figure absent where its controller is not enabled.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Usage {
+    /// CPU time, user and system (`cpu.stat` `usage_usec`; always counted on cgroup v2).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_usec: Option<u64>,
+    /// The most memory the run ever used (`memory.peak`, kernel 5.19+).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_peak_bytes: Option<u64>,
+    /// Bytes read from and written to block devices (`io.stat`, summed over devices).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub io_read_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub io_write_bytes: Option<u64>,
+}
+
+impl Usage {
+    /// Read it for the cgroup at `dir`; `None` when nothing there could be read.
+    pub fn read(dir: &Path) -> Option<Usage> {
+        let text = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
+        let cpu_usec = text("cpu.stat").and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("usage_usec "))
+                .and_then(|v| v.trim().parse().ok())
+        });
+        let memory_peak_bytes = text("memory.peak").and_then(|v| v.trim().parse().ok());
+        // `io.stat`: one line per device, `MAJ:MIN rbytes=N wbytes=N rios=N …`.
+        let io = text("io.stat").map(|t| {
+            let sum = |key: &str| -> u64 {
+                t.split_whitespace()
+                    .filter_map(|f| f.strip_prefix(key))
+                    .filter_map(|v| v.parse::<u64>().ok())
+                    .sum()
+            };
+            (sum("rbytes="), sum("wbytes="))
+        });
+        let u = Usage {
+            cpu_usec,
+            memory_peak_bytes,
+            io_read_bytes: io.map(|i| i.0),
+            io_write_bytes: io.map(|i| i.1),
+        };
+        (u != Usage::default()).then_some(u)
+    }
 }
 
 /// The memory controller's account of a run's scope.
@@ -230,5 +281,39 @@ mod tests {
         );
         std::fs::write(dir.path().join("memory.max"), "max\n").unwrap();
         assert_eq!(MemoryFacts::read(dir.path()).unwrap().max, None);
+    }
+
+    /// The same fake directory for the figures of a run's cost (the VM tier reads real ones).
+    #[test]
+    fn usage_is_read_from_cpu_memory_and_io_files() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(Usage::read(dir.path()), None);
+        std::fs::write(
+            dir.path().join("cpu.stat"),
+            "usage_usec 4121000\nuser_usec 4000000\nsystem_usec 121000\n",
+        )
+        .unwrap();
+        assert_eq!(
+            Usage::read(dir.path()),
+            Some(Usage {
+                cpu_usec: Some(4121000),
+                ..Usage::default()
+            })
+        );
+        std::fs::write(dir.path().join("memory.peak"), "67100000\n").unwrap();
+        std::fs::write(
+            dir.path().join("io.stat"),
+            "254:0 rbytes=4096 wbytes=1048576 rios=1 wios=8 dbytes=0 dios=0\n254:16 rbytes=100 wbytes=0 rios=1 wios=0 dbytes=0 dios=0\n",
+        )
+        .unwrap();
+        assert_eq!(
+            Usage::read(dir.path()),
+            Some(Usage {
+                cpu_usec: Some(4121000),
+                memory_peak_bytes: Some(67100000),
+                io_read_bytes: Some(4196),
+                io_write_bytes: Some(1048576),
+            })
+        );
     }
 }

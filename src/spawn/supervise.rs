@@ -474,6 +474,7 @@ fn supervise(
         WaitStatus::Signaled(_, s, _) => (None, Some(s as i32)),
         _ => (None, None),
     };
+    let cgroup = own_cgroup();
     let rs = RunStatus {
         task: spec.task.clone(),
         run_id: spec.run_id,
@@ -487,7 +488,8 @@ fn supervise(
         // Read here, in the scope, once the worker is reaped: the kernel has counted an OOM
         // kill by then, and a SIGTERM that followed it (systemd stopping the scope) is not
         // the whole story.
-        memory: own_cgroup().and_then(|cg| super::spec::MemoryFacts::read(&cg)),
+        memory: cgroup.as_deref().and_then(super::spec::MemoryFacts::read),
+        usage: cgroup.as_deref().and_then(super::spec::Usage::read),
     };
     if let Err(e) = write_status(spec, &rs) {
         eprintln!(

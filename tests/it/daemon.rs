@@ -41,6 +41,12 @@ systemd_test!(
             )
         );
         assert_eq!(outcomes(&d, &id), ["crashed", "(running)"]);
+        // What the run cost, as its scope counted it (only CPU time here: the sandbox has
+        // no controllers; tests/vm sees memory and IO too), with the run and in `show`.
+        let m = d.rig.board().run(r1).unwrap().unwrap().metadata.unwrap();
+        assert!(m["resources"]["cpu_usec"].as_u64().is_some(), "{m}");
+        let show = d.rig.mgr(&["show", &id]);
+        assert!(show.stdout.contains("cost: cpu "), "{}", show.stdout);
         d.command(&id, r2, "exit 3");
         let t = d.wait_task("the breaker", |t| t.status.as_str() == "blocked", &id);
         assert_eq!(t.consecutive_failures, 2);
@@ -559,6 +565,15 @@ systemd_test!(
             systemctl_show(SERVICE, "MainPID"),
             pid,
             "the daemon restarted instead of reconnecting"
+        );
+        // A run its worker closed itself still gets what it cost, once its worker is gone.
+        wait_for(
+            "the cost of the completed run",
+            Duration::from_secs(20),
+            || {
+                let m = d.rig.board().run(r2).unwrap().unwrap().metadata?;
+                m["resources"]["cpu_usec"].as_u64()
+            },
         );
     }
 );

@@ -13,7 +13,8 @@ use crate::qemu::{repo, venv, Vm};
 pub const BOARD: &str = "/var/lib/hermes/kanban.db";
 
 /// The payload disk, made once per test process: the package built from this build's
-/// binary (`payload/hermes-mgr.deb`, and as the next revision `hermes-mgr-next.deb`) and the host's Hermes venv (`payload/venv`).
+/// binary (`payload/hermes-mgr.deb`, and as the next revision `hermes-mgr-next.deb`;
+/// `payload/hermes-mgr.rpm`) and the host's Hermes venv (`payload/venv`).
 pub fn payload() -> &'static Path {
     static PAYLOAD: OnceLock<PathBuf> = OnceLock::new();
     PAYLOAD.get_or_init(|| {
@@ -39,6 +40,10 @@ pub fn payload() -> &'static Path {
                 .current_dir(repo())
                 .env("CARGO_NET_OFFLINE", "true"));
         }
+        run(Command::new("cargo")
+            .args(["generate-rpm", "--profile", "dev", "-o"])
+            .arg(dir.join("hermes-mgr.rpm"))
+            .current_dir(repo()));
         run(Command::new("cp")
             .arg("-a")
             .arg(venv())

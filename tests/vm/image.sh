@@ -28,9 +28,10 @@ trap 'rm -rf "$work"' EXIT
 root=$work/root
 # The guest: systemd as PID 1, D-Bus, a stock Debian kernel (its initrd finds the virtio
 # disk), Python for Hermes, sqlite3 for checking boards, and qemu-guest-agent as the
-# host's channel (exec with exit codes, file copy) over virtio-serial.
+# host's channel (exec with exit codes, file copy) over virtio-serial; rpm, to install
+# the .rpm as well.
 mmdebstrap --mode=root --variant=apt --quiet \
-    --include=systemd-sysv,dbus,udev,linux-image-amd64,initramfs-tools,kmod,procps,python3,sqlite3,qemu-guest-agent,e2fsprogs,util-linux \
+    --include=systemd-sysv,dbus,udev,linux-image-amd64,initramfs-tools,kmod,procps,python3,sqlite3,qemu-guest-agent,e2fsprogs,util-linux,rpm \
     --customize-hook='echo hermes-vm > "$1/etc/hostname"' \
     --customize-hook='echo "/dev/vda / ext4 defaults,errors=remount-ro 0 1" > "$1/etc/fstab"' \
     --customize-hook='chroot "$1" passwd -d root' \

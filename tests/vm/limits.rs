@@ -57,7 +57,78 @@ fn an_oom_killed_worker_is_booked_as_such_counted_and_blocked_at_the_failure_lim
         journal.contains(&format!("UNIT=hermes-worker-kanban-{id}-run-2.scope")),
         "{journal}"
     );
+    // What each run cost, as the kernel counted it: the peak at the limit.
+    let last = &guest::status(&mut vm)["tasks"][0]["last_run"]["resources"];
+    let peak = last["memory_peak_bytes"].as_u64().unwrap_or(0);
+    assert!((60 << 20..=64 << 20).contains(&peak), "{last}");
+    assert!(
+        show.contains("cost: cpu ") && show.contains("memory peak 64M"),
+        "{show}"
+    );
     eprintln!("{}", runs.join("\n"));
+}
+
+/// A fork bomb, then a wait: it stops at TasksMax, and max_runtime ends it.
+const BOMB: &str = "#!/bin/bash\nb() { b | b & }\nb\nsleep 600\n";
+
+#[test]
+fn a_fork_bomb_stops_at_tasks_max_the_dispatcher_goes_on_and_max_runtime_ends_it() {
+    let mut vm = Vm::boot("limits", guest::payload());
+    guest::install(&mut vm);
+    guest::configure(
+        &mut vm,
+        BOMB,
+        "tasks_max = 32\ncpu_quota_percent = 50\nmemory_max_bytes = 268435456\nfailure_limit = 1",
+    );
+    let out = vm.ok(
+        "runuser -u hermes -- env HERMES_HOME=/var/lib/hermes hermes-mgr add --assignee default --max-runtime 40s --json bomb",
+    );
+    let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let scope = format!("hermes-worker-kanban-{id}-run-1.scope");
+    let cg = format!("/sys/fs/cgroup/hermes.slice/hermes-workers.slice/{scope}");
+    // The bomb fills its scope up to the limit, and no further.
+    vm.wait_ok(
+        "the bomb at its limit",
+        Duration::from_secs(60),
+        &format!("test $(cat {cg}/pids.current) -ge 30"),
+    );
+    // The limits are the kernel's, not only systemd's.
+    assert_eq!(vm.ok(&format!("cat {cg}/pids.max")).trim(), "32");
+    assert_eq!(vm.ok(&format!("cat {cg}/cpu.max")).trim(), "50000 100000");
+    assert_eq!(vm.ok(&format!("cat {cg}/memory.max")).trim(), "268435456");
+    // Meanwhile the dispatcher answers and runs other work to done.
+    guest::status(&mut vm);
+    vm.write(
+        "/var/lib/hermes/worker.sh",
+        b"#!/bin/sh\nexec hermes-mgr complete --summary fine \"$HERMES_KANBAN_TASK\"\n",
+        "0755",
+    );
+    let other = guest::add(&mut vm, "an ordinary task beside the bomb");
+    guest::wait_status(&mut vm, &other, "done", Duration::from_secs(60));
+    let current: u64 = vm
+        .ok(&format!("cat {cg}/pids.current"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(current <= 32, "{current} tasks in a scope with TasksMax=32");
+    // max_runtime: systemd's RuntimeMaxSec stops the scope; booked as the timeout it was.
+    guest::wait_status(&mut vm, &id, "blocked", Duration::from_secs(120));
+    let run = vm.ok(&format!(
+        "sqlite3 -readonly {BOARD} \"SELECT outcome || ': ' || error FROM task_runs WHERE task_id='{id}'\""
+    ));
+    assert!(
+        run.starts_with("timed_out: ") && run.contains("max_runtime_seconds=40"),
+        "{run}"
+    );
+    // Its last processes go with the scope (SIGKILL after the stop timeout, if need be).
+    vm.wait_ok(
+        "the bomb's scope gone",
+        Duration::from_secs(120),
+        &format!("test ! -d {cg}"),
+    );
 }
 
 /// A worker whose tool (a child) takes 512 MiB; the worker would report and exit 3 after it.

@@ -64,6 +64,14 @@ fn apt_installs_enables_and_starts_it_upgrades_keep_the_worker_remove_and_purge_
         "sqlite3 -readonly {BOARD} \"SELECT outcome FROM task_runs WHERE task_id='{id}'\""
     ));
     assert_eq!(runs.trim(), "completed", "one run, completed");
+    // The run the worker closed itself carries what it cost, once its worker has gone.
+    vm.wait_ok(
+        "the completed run's cost",
+        Duration::from_secs(60),
+        &format!(
+            "test \"$(sqlite3 -readonly {BOARD} \"SELECT json_extract(metadata, '$.resources.cpu_usec') > 0 AND json_extract(metadata, '$.resources.memory_peak_bytes') > 0 FROM task_runs WHERE task_id='{id}'\")\" = 1"
+        ),
+    );
     let journal = vm.ok(&format!("journalctl -o cat --no-pager -u {scope}"));
     assert!(journal.contains(&format!("hello from {id}")), "{journal}");
 
@@ -87,4 +95,49 @@ fn apt_installs_enables_and_starts_it_upgrades_keep_the_worker_remove_and_purge_
         .trim(),
         "ok"
     );
+}
+
+/// The `.rpm`, installed with `rpm` on the same Debian boot: its scriptlets run (the user,
+/// the state directory, enable and start; on erase, stop and disable), its unit is read
+/// from /usr/lib/systemd/system, and a task runs to done. `--nodeps`: rpm's database on
+/// Debian knows none of the system's packages, so the dependencies (systemd, dbus, libc —
+/// Debian's here) are not resolved by rpm; that, and a distribution's own systemd macros
+/// and SELinux, are what this does not verify.
+#[test]
+fn rpm_installs_runs_its_scriptlets_starts_runs_a_task_and_erases() {
+    let mut vm = Vm::boot("rpm", guest::payload());
+    vm.ok("rpm -i --nodeps /payload/hermes-mgr.rpm");
+    assert_eq!(
+        vm.ok("systemctl is-enabled hermes-dispatcher").trim(),
+        "enabled"
+    );
+    assert_eq!(
+        vm.ok("systemctl is-active hermes-dispatcher").trim(),
+        "active"
+    );
+    // Where rpm put it (Debian 12 merges /lib into /usr/lib: systemd names either).
+    vm.ok("test -f /usr/lib/systemd/system/hermes-dispatcher.service");
+    let fragment = vm.ok("systemctl show -p FragmentPath --value hermes-dispatcher");
+    assert!(
+        fragment
+            .trim()
+            .ends_with("lib/systemd/system/hermes-dispatcher.service"),
+        "{fragment}"
+    );
+    vm.ok("id hermes && test -d /run/hermes-mgr/runs");
+    guest::configure(
+        &mut vm,
+        "#!/bin/sh\nexec hermes-mgr complete --summary rpm \"$HERMES_KANBAN_TASK\"\n",
+        "",
+    );
+    let id = guest::add(&mut vm, "a task under the rpm");
+    guest::wait_status(&mut vm, &id, "done", Duration::from_secs(120));
+    vm.ok("rpm -e hermes-mgr");
+    assert_ne!(
+        vm.sh("systemctl is-active hermes-dispatcher").out.trim(),
+        "active"
+    );
+    assert_eq!(vm.sh("pgrep -f '^/usr/bin/hermes-mgr dispatcher'").code, 1);
+    vm.ok("test ! -e /run/hermes-mgr && test ! -e /usr/bin/hermes-mgr");
+    vm.ok("test -f /var/lib/hermes/kanban.db && id hermes");
 }

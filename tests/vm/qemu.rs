@@ -54,8 +54,14 @@ pub struct Vm {
     payload: PathBuf,
     qemu: Option<Child>,
     qga: Option<Qga>,
-    _turn: MutexGuard<'static, ()>,
+    _turn: Option<MutexGuard<'static, ()>>,
+    /// Leave the directory (the template's disk) when dropped.
+    keep: bool,
 }
+
+/// The template guest's disk, with the running guest saved in it as `SNAPSHOT`.
+static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
+const SNAPSHOT: &str = "booted";
 
 impl Vm {
     /// Boot a fresh guest (its own overlay on the image) with `payload` as its second disk,
@@ -69,27 +75,119 @@ impl Vm {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let o = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-            .arg(image.join("base.qcow2"))
-            .arg(dir.join("disk.qcow2"))
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "qemu-img: {o:?}");
+        let template = TEMPLATE.get_or_init(|| {
+            sweep();
+            // Booted once per test process, then saved (`savevm`): a test resumes a copy of
+            // that running guest in about a second instead of booting for forty.
+            let dir = PathBuf::from(format!(
+                "/var/tmp/hermes-mgr-vm/runs/template-{}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let o = Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+                .arg(image.join("base.qcow2"))
+                .arg(dir.join("disk.qcow2"))
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "qemu-img: {o:?}");
+            let mut t = Vm {
+                name: "template".into(),
+                dir: dir.clone(),
+                payload: payload.to_path_buf(),
+                qemu: None,
+                qga: None,
+                _turn: None,
+                keep: false,
+            };
+            t.power_on();
+            t.monitor(&format!("savevm {SNAPSHOT}"));
+            t.monitor("quit");
+            if let Some(mut c) = t.qemu.take() {
+                let _ = c.wait();
+            }
+            t.qga = None;
+            t.keep = true;
+            dir.join("disk.qcow2")
+        });
+        std::fs::copy(template, dir.join("disk.qcow2")).unwrap();
         let mut vm = Vm {
             name: name.to_string(),
             dir,
             payload: payload.to_path_buf(),
             qemu: None,
             qga: None,
-            _turn: turn,
+            _turn: Some(turn),
+            keep: false,
         };
-        vm.power_on();
+        vm.resume();
         vm
     }
 
-    /// Start qemu on this guest's disk and wait for the boot to finish.
+    /// Start the saved guest on this guest's disk (a copy of the template's) where it was
+    /// saved: booted, the payload mounted. Its clock is set to now.
+    fn resume(&mut self) {
+        self.start_qemu(Some(SNAPSHOT));
+        let deadline = Instant::now() + BOOT_DEADLINE;
+        self.wait_for_agent(deadline);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        let qga = self.qga.as_mut().unwrap();
+        qga.call(
+            "guest-set-time",
+            json!({"time": now}),
+            Duration::from_secs(30),
+        )
+        .expect("guest-set-time");
+    }
+
+    /// A command to qemu's human monitor; what it printed.
+    fn monitor(&mut self, cmd: &str) -> String {
+        let mut sock = UnixStream::connect(self.dir.join("monitor.sock")).unwrap();
+        sock.set_read_timeout(Some(BOOT_DEADLINE)).unwrap();
+        let mut seen = Vec::new();
+        let prompt = |sock: &mut UnixStream, seen: &mut Vec<u8>| {
+            let mut chunk = [0u8; 4096];
+            while !seen.ends_with(b"(qemu) ") {
+                match sock.read(&mut chunk) {
+                    Ok(0) | Err(_) => return false,
+                    Ok(n) => seen.extend_from_slice(&chunk[..n]),
+                }
+            }
+            true
+        };
+        assert!(
+            prompt(&mut sock, &mut seen),
+            "{}",
+            self.why("no monitor prompt")
+        );
+        seen.clear();
+        sock.write_all(format!("{cmd}\n").as_bytes()).unwrap();
+        // `quit` closes the socket instead of prompting again.
+        prompt(&mut sock, &mut seen);
+        String::from_utf8_lossy(&seen).into_owned()
+    }
+
+    /// Start qemu on this guest's disk (cold) and wait for the boot to finish.
     pub fn power_on(&mut self) {
+        self.start_qemu(None);
+        let deadline = Instant::now() + BOOT_DEADLINE;
+        self.wait_for_agent(deadline);
+        self.booted("the boot");
+        // The payload disk where the host's Hermes venv is (its scripts name that path).
+        let venv = venv();
+        self.ok(&format!(
+            "mkdir -p /payload {v} && mount -o ro /dev/vdb /payload && mount --bind /payload/venv {v}",
+            v = venv.display()
+        ));
+    }
+
+    /// Start qemu on this guest's disk, from the saved state `loadvm` if given, and connect
+    /// to its agent's socket.
+    fn start_qemu(&mut self, loadvm: Option<&str>) {
         let image = image();
         let sock = self.dir.join("qga.sock");
         let _ = std::fs::remove_file(&sock);
@@ -133,6 +231,12 @@ impl Vm {
             ])
             .arg("-serial")
             .arg(format!("file:{}", console.display()))
+            .arg("-monitor")
+            .arg(format!(
+                "unix:{},server=on,wait=off",
+                self.dir.join("monitor.sock").display()
+            ))
+            .args(loadvm.map(|s| ["-loadvm", s]).into_iter().flatten())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(self.dir.join("qemu.err")).unwrap())
@@ -152,14 +256,6 @@ impl Vm {
             );
             std::thread::sleep(Duration::from_millis(50));
         });
-        self.wait_for_agent(deadline);
-        self.booted("the boot");
-        // The payload disk where the host's Hermes venv is (its scripts name that path).
-        let venv = venv();
-        self.ok(&format!(
-            "mkdir -p /payload {v} && mount -o ro /dev/vdb /payload && mount --bind /payload/venv {v}",
-            v = venv.display()
-        ));
     }
 
     /// systemd says the boot is done and nothing failed.
@@ -218,28 +314,40 @@ impl Vm {
     }
 
     pub fn sh_with_input(&mut self, cmd: &str, input: Option<&[u8]>) -> Out {
+        self.try_sh(cmd, input, Duration::from_secs(120))
+            .unwrap_or_else(|| {
+                panic!(
+                    "{}",
+                    self.why(&format!("the guest agent stopped answering `{cmd}`"))
+                )
+            })
+    }
+
+    /// `sh_with_input`, or `None` when the agent does not answer within `wait` (it may be
+    /// going down with its guest).
+    fn try_sh(&mut self, cmd: &str, input: Option<&[u8]>, wait: Duration) -> Option<Out> {
         let qga = self.qga.as_mut().expect("the guest is off");
         let mut args = json!({"path": "/bin/sh", "arg": ["-c", cmd], "capture-output": true});
         if let Some(i) = input {
             args["input-data"] = json!(b64::encode(i));
         }
-        let pid = qga.call("guest-exec", args)["pid"].as_i64().unwrap();
+        let pid = qga.call("guest-exec", args, wait)?["pid"].as_i64().unwrap();
         loop {
-            let st = qga.call("guest-exec-status", json!({"pid": pid}));
+            let st = qga.call("guest-exec-status", json!({"pid": pid}), wait)?;
             if st["exited"].as_bool() == Some(true) {
                 let text = |k: &str| {
                     st[k].as_str().map_or_else(String::new, |b| {
                         String::from_utf8_lossy(&b64::decode(b)).into_owned()
                     })
                 };
-                return Out {
+                return Some(Out {
                     code: st["exitcode"]
                         .as_i64()
                         .or_else(|| st["signal"].as_i64().map(|s| 128 + s))
                         .unwrap_or(-1),
                     out: text("out-data"),
                     err: text("err-data"),
-                };
+                });
             }
             // The agent's protocol has no "wait": ask again shortly.
             std::thread::sleep(Duration::from_millis(50));
@@ -310,11 +418,16 @@ impl Vm {
         // The agent dies with the guest; qemu resets the machine and boots it again.
         let _ = self.sh("systemd-run --on-active=1 systemctl reboot");
         let deadline = Instant::now() + BOOT_DEADLINE;
-        // The old agent may still answer for a moment: wait for a new boot id.
+        // The old agent may still answer for a moment, or go down in the middle of an
+        // answer: wait for an agent that says a new boot id.
         loop {
             self.wait_for_agent(deadline);
-            let o = self.sh("cat /proc/sys/kernel/random/boot_id");
-            if o.code == 0 && o.out.trim() != before {
+            let o = self.try_sh(
+                "cat /proc/sys/kernel/random/boot_id",
+                None,
+                Duration::from_secs(5),
+            );
+            if o.is_some_and(|o| o.code == 0 && o.out.trim() != before) {
                 break;
             }
             std::thread::sleep(Duration::from_millis(500));
@@ -331,7 +444,7 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         self.power_cut();
-        if !std::thread::panicking() {
+        if !std::thread::panicking() && !self.keep {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
@@ -405,17 +518,39 @@ impl Qga {
         }
     }
 
-    fn call(&mut self, cmd: &str, args: Value) -> Value {
+    /// One request; its `return`, or `None` without an answer within `wait`.
+    fn call(&mut self, cmd: &str, args: Value, wait: Duration) -> Option<Value> {
         let mut req = serde_json::to_vec(&json!({"execute": cmd, "arguments": args})).unwrap();
         req.push(b'\n');
-        self.sock.write_all(&req).expect("the guest agent's socket");
-        let line = self
-            .line(Instant::now() + Duration::from_secs(120))
-            .unwrap_or_else(|| panic!("the guest agent did not answer {cmd}"));
+        self.sock.write_all(&req).ok()?;
+        let line = self.line(Instant::now() + wait)?;
         let v: Value = serde_json::from_slice(&line).unwrap();
         match v.get("return") {
-            Some(r) => r.clone(),
+            Some(r) => Some(r.clone()),
             None => panic!("guest agent, {cmd}: {v}"),
+        }
+    }
+}
+
+/// Remove what earlier test processes left under /var/tmp/hermes-mgr-vm (a guest's
+/// directory is kept when its test failed, a template and a payload always): names end
+/// in the process id, and a process that is gone needs none of them.
+fn sweep() {
+    let dead = |name: &str| {
+        let pid = name
+            .trim_end_matches(".raw")
+            .rsplit('-')
+            .next()
+            .and_then(|p| p.parse::<u32>().ok());
+        pid.is_some_and(|p| p != std::process::id() && !Path::new(&format!("/proc/{p}")).exists())
+    };
+    for dir in ["/var/tmp/hermes-mgr-vm", "/var/tmp/hermes-mgr-vm/runs"] {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if (name.starts_with("payload-") || dir.ends_with("runs")) && dead(&name) {
+                let _ = std::fs::remove_dir_all(e.path());
+                let _ = std::fs::remove_file(e.path());
+            }
         }
     }
 }
