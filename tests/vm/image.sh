@@ -20,6 +20,8 @@ command -v qemu-img >/dev/null || need+=(qemu-utils)
 if ((${#need[@]})); then
     # --no-upgrade: this machine may carry a newer qemu-utils from backports that
     # qemu-system-x86 7.2 would otherwise drag back.
+    # A fresh machine may have no package lists yet.
+    apt-get update -q >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-upgrade --no-install-recommends "${need[@]}" >&2
 fi
 mkdir -p "$cache"
