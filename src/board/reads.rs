@@ -216,36 +216,34 @@ impl Board {
     }
 
     /// Tasks that `dispatch` may claim, in upstream's order (`hot_projection`).
-    /// Unclaimed `review` tasks, in upstream's order: the review lane.
-    pub fn review_tasks(&self, limit: usize) -> Result<Vec<Task>> {
-        let mut st = self
-            .conn
-            .prepare(&format!(
-                "SELECT {} FROM tasks WHERE status='review' AND claim_lock IS NULL
-                 ORDER BY priority DESC, created_at ASC LIMIT ?1",
-                self.hot
-            ))
-            .map_err(|e| self.err("review tasks", e))?;
-        let v = st
-            .query_map([limit as i64], Task::from_row)
-            .and_then(|r| r.collect::<rusqlite::Result<Vec<_>>>())
-            .map_err(|e| self.err("review tasks", e))?;
-        Ok(v)
+    pub fn ready_tasks(&self, limit: usize) -> Result<Vec<Task>> {
+        self.unclaimed("ready", limit)
     }
 
-    pub fn ready_tasks(&self, limit: usize) -> Result<Vec<Task>> {
+    /// Unclaimed `review` tasks, in upstream's order: the review lane.
+    pub fn review_tasks(&self, limit: usize) -> Result<Vec<Task>> {
+        self.unclaimed("review", limit)
+    }
+
+    /// Unclaimed tasks of `status`, highest priority first, then oldest.
+    fn unclaimed(&self, status: &'static str, limit: usize) -> Result<Vec<Task>> {
+        let what = if status == "review" {
+            "review tasks"
+        } else {
+            "ready tasks"
+        };
         let mut st = self
             .conn
             .prepare(&format!(
-                "SELECT {} FROM tasks WHERE status='ready' AND claim_lock IS NULL
-                 ORDER BY priority DESC, created_at ASC LIMIT ?1",
+                "SELECT {} FROM tasks WHERE status=?1 AND claim_lock IS NULL
+                 ORDER BY priority DESC, created_at ASC LIMIT ?2",
                 self.hot
             ))
-            .map_err(|e| self.err("ready tasks", e))?;
+            .map_err(|e| self.err(what, e))?;
         let v = st
-            .query_map([limit as i64], Task::from_row)
+            .query_map(rusqlite::params![status, limit as i64], Task::from_row)
             .and_then(|r| r.collect::<rusqlite::Result<Vec<_>>>())
-            .map_err(|e| self.err("ready tasks", e))?;
+            .map_err(|e| self.err(what, e))?;
         Ok(v)
     }
 

@@ -288,15 +288,17 @@ impl Board {
         resources: Option<&Value>,
     ) -> Result<Option<EndResult>> {
         let now = now();
-        // After the run's own metadata is written (closing it writes its details there).
+        // After the run's own metadata is written (closing it writes its details there). An
+        // annotation: were it refused, the booking still stands.
         let record_cost = |c: &rusqlite::Connection| -> Result<()> {
             if let Some(r) = resources {
-                c.execute(
+                if let Err(e) = c.execute(
                     "UPDATE task_runs SET metadata = json_set(coalesce(metadata, '{}'), '$.resources', json(?2))
                      WHERE id=?1 AND (metadata IS NULL OR (json_valid(metadata) AND json_type(metadata)='object'))",
                     params![run_id, r.to_string()],
-                )
-                .map_err(|e| self.err("record run cost", e))?;
+                ) {
+                    tracing::warn!(hermes_kanban_run_id = run_id, "run cost not recorded: {e}");
+                }
             }
             Ok(())
         };

@@ -1,5 +1,7 @@
 //! One integration-test binary: `cargo test --test it`.
 
+#[path = "../common/deb.rs"]
+mod deb;
 mod harness;
 mod rig;
 

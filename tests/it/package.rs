@@ -9,32 +9,13 @@ use crate::harness::{hermes_bin, repo, wait_for};
 use crate::rig::{alive, sh, systemctl_show, SERVICE};
 use crate::systemd_test;
 
-/// Build the package from this build's binary (the dev profile: no release build needed).
+/// Build the package from this build's binary.
 pub fn build_deb() -> PathBuf {
     let out = PathBuf::from(format!(
         "/var/tmp/hermes-mgr-test-{}.deb",
         std::process::id()
     ));
-    let o = Command::new("cargo")
-        .args([
-            "deb",
-            "--no-build",
-            "--profile",
-            "dev",
-            "--fast",
-            "--locked",
-            "-o",
-        ])
-        .arg(&out)
-        .current_dir(repo())
-        .env("CARGO_NET_OFFLINE", "true")
-        .output()
-        .expect("cargo deb (tests/setup.sh installs cargo-deb)");
-    assert!(
-        o.status.success(),
-        "cargo deb: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    crate::deb::build_deb(&repo(), &out, "1");
     out
 }
 

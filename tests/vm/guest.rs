@@ -26,19 +26,7 @@ pub fn payload() -> &'static Path {
         std::fs::create_dir_all(&dir).unwrap();
         // This version, and the next revision of it (the upgrade).
         for (file, revision) in [("hermes-mgr.deb", "1"), ("hermes-mgr-next.deb", "2")] {
-            run(Command::new("cargo")
-                .args([
-                    "deb",
-                    "--no-build",
-                    "--profile",
-                    "dev",
-                    "--fast",
-                    "--locked",
-                ])
-                .args(["--deb-revision", revision, "-o"])
-                .arg(dir.join(file))
-                .current_dir(repo())
-                .env("CARGO_NET_OFFLINE", "true"));
+            crate::deb::build_deb(&repo(), &dir.join(file), revision);
         }
         run(Command::new("cargo")
             .args(["generate-rpm", "--profile", "dev", "-o"])

@@ -3,6 +3,8 @@
 //! can be rebooted or have its power cut. Each test boots its own guest from a clean disk
 //! (`qemu::Vm`); they take turns. It cannot boot → it fails, saying why; it never skips.
 
+#[path = "../common/deb.rs"]
+mod deb;
 mod guest;
 mod limits;
 mod package;
