@@ -128,10 +128,16 @@ systemd_test!(
             "{}",
             journal(SERVICE)
         );
-        // The new worker is the task's only one.
-        let units = crate::rig::worker_units(false);
-        assert_eq!(units.lines().count(), 1, "{units}");
+        // The new worker is the task's only one. The board says `running` at the claim, a few
+        // milliseconds before the new scope exists, and the old scope leaves the unit list a
+        // moment after its process: wait for the new worker itself, then for the list to settle.
+        let new_pid = worker_pid(&d, &id, r2);
+        let units = wait_for("one worker scope", Duration::from_secs(20), || {
+            let units = crate::rig::worker_units(false);
+            (units.lines().count() == 1).then_some(units)
+        });
         assert!(units.contains(&format!("-run-{r2}.scope")), "{units}");
+        assert!(alive(new_pid));
     }
 );
 
