@@ -75,6 +75,11 @@ pub fn configure(vm: &mut Vm, worker: &str, extra: &str) {
         format!("worker_user = \"hermes\"\nhermes_bin = \"/var/lib/hermes/worker.sh\"\n{extra}\n");
     vm.write("/etc/hermes-mgr/config.toml", config.as_bytes(), "0644");
     vm.ok("systemctl reload hermes-dispatcher");
+    // A configured machine has its configuration on disk: without this, a power cut within
+    // ext4's writeback delay leaves an empty worker.sh (seen once: every start of the task then
+    // failed with ENOEXEC — booked as the dispatcher's failure, never the task's — and the power
+    // test waited for it in vain).
+    vm.ok("sync");
 }
 
 /// `hermes-mgr add` as the hermes user (the board is the hermes user's); the new id.

@@ -50,11 +50,7 @@ fn after_a_reboot_every_run_is_booked_once_as_lost_uncounted_and_runs_again() {
     assert!(error.contains("reboot"), "{error}");
 }
 
-// Ignored until understood (issue 15 stays open on it): it passed in three runs, then failed
-// once in CI — after the cut and a cold boot, one task was not done within 180 s (no verdict
-// was lost; integrity_check was ok). Run it with `cargo test --test vm -- --ignored`.
 #[test]
-#[ignore = "failed once: a task not done within 180 s after the power cut; under investigation (issue 15)"]
 fn a_power_cut_while_workers_complete_loses_no_verdict_and_books_nothing_twice() {
     let mut vm = Vm::boot("power-cut", guest::payload());
     guest::install(&mut vm);
