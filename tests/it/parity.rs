@@ -193,6 +193,13 @@ systemd_test!(every_task_shape_gets_upstreams_argv_environment_and_cwd, {
         } else {
             "ready"
         };
+        // Upstream is asked once the worker's own `kanban complete` is over: the completion
+        // removes a scratch workspace, and upstream sets TERMINAL_CWD only for a directory
+        // that exists (a removal between its mkdir and its isdir dropped it once in CI).
+        wait_for(&format!("{shape}: done"), Duration::from_secs(60), || {
+            (board(&d, slug).require_task(id).unwrap().status == hermes_mgr::board::Status::Done)
+                .then_some(())
+        });
         let theirs = upstream(&d, slug, id, run, &lock, lane);
         if ours["argv"] != theirs["argv"] {
             differences.push(format!(
