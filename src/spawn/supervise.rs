@@ -13,7 +13,6 @@
 use std::ffi::CString;
 use std::io::{BufRead, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use nix::sys::signal::{SigSet, Signal};
@@ -21,13 +20,11 @@ use nix::sys::signalfd::SignalFd;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{ForkResult, Pid};
 
+use super::journal::{Journal, Lines};
 use super::spec::{Report, RunStatus, WorkerSpec};
 use crate::board::now;
 use crate::outcome::Fault;
 use crate::safe_fs::{self, Access, Owner};
-
-/// journald's stream socket (`systemd.exec(5)`, `sd_journal_stream_fd(3)`).
-const JOURNAL_STDOUT: &str = "/run/systemd/journal/stdout";
 
 fn report(r: &Report) {
     // Best effort: a dispatcher that died no longer listens, and that must not stop the run.
@@ -36,18 +33,6 @@ fn report(r: &Report) {
         let _ = writeln!(out, "{line}");
         let _ = out.flush();
     }
-}
-
-/// Connect one journal stream from inside the scope. journald attributes the stream to the
-/// unit of the *connecting* process (this one, already in the scope), and, because we are
-/// root, honours the unit name in the header should our cgroup be unreadable later.
-fn journal_stream(identifier: &str, unit: &str, priority: u8) -> std::io::Result<UnixStream> {
-    let s = UnixStream::connect(JOURNAL_STDOUT)?;
-    s.shutdown(std::net::Shutdown::Read)?;
-    // identifier, unit id, priority, level prefix, forward to syslog, kmsg, console
-    let header = format!("{identifier}\n{unit}\n{priority}\n0\n0\n0\n0\n");
-    (&s).write_all(header.as_bytes())?;
-    Ok(s)
 }
 
 fn cstr(s: &str, what: &str) -> Result<CString, Failure> {
@@ -281,29 +266,50 @@ pub fn main() -> u8 {
         return 2;
     }
     drop(stdin);
-    match run(&spec) {
+    // Our own diagnostics go to the unit's journal, as the worker's lines do; the stderr we
+    // were started with is our launcher's (the dispatcher's journal stream, or a terminal)
+    // and is not held for the run's life.
+    let journal = Journal::new(&spec.identifier, &spec.unit, &spec.task, spec.run_id);
+    let (identifier, unit, task, run_id) = (
+        spec.identifier.clone(),
+        spec.unit.clone(),
+        spec.task.clone(),
+        spec.run_id,
+    );
+    std::panic::set_hook(Box::new(move |info| {
+        Journal::new(&identifier, &unit, &task, run_id).send(
+            2,
+            format!("hermes-mgr supervise: {unit}: {info}").as_bytes(),
+        );
+    }));
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        // SAFETY: dup2 onto fd 2 of a descriptor this process owns.
+        unsafe { libc::dup2(null.as_raw_fd(), 2) };
+    }
+    match run(&spec, &journal) {
         Ok(code) => code,
         Err(Failure { fault, reason }) => {
-            eprintln!("hermes-mgr supervise: {}: {reason}", spec.unit);
+            say(&journal, &spec, &reason);
             report(&Report::Failed { reason, fault });
             127
         }
     }
 }
 
-fn run(spec: &WorkerSpec) -> Result<u8, Failure> {
-    // Our own diagnostics go to the unit's journal too, from here on.
-    let out = journal_stream(&spec.identifier, &spec.unit, 6)
-        .map_err(|e| infra(format!("connect to journald ({JOURNAL_STDOUT}): {e}")))?;
-    let err = journal_stream(&spec.identifier, &spec.unit, 3)
-        .map_err(|e| infra(format!("connect to journald ({JOURNAL_STDOUT}): {e}")))?;
-    // SAFETY: dup2 on fds this process owns.
-    let _ = unsafe { libc::dup2(err.as_raw_fd(), 2) };
+/// One diagnostic line of the supervisor's own, at `err` priority.
+fn say(journal: &Journal, spec: &WorkerSpec, what: &str) {
+    journal.send(
+        3,
+        format!("hermes-mgr supervise: {}: {what}", spec.unit).as_bytes(),
+    );
+}
+
+fn run(spec: &WorkerSpec, journal: &Journal) -> Result<u8, Failure> {
     nix::sys::prctl::set_child_subreaper(true)
         .map_err(|e| infra(format!("become child subreaper: {e}")))?;
     let tmpdir = make_tmpdir(spec)
         .map_err(|e| infra(format!("create TMPDIR in {}: {e}", spec.tmp_root.display())))?;
-    let result = supervise(spec, &tmpdir, out, err);
+    let result = supervise(spec, &tmpdir, journal);
     // The worker has ended (or never started): its TMPDIR goes. remove_dir_all opens each
     // level without following links, so what the worker left there cannot redirect it.
     let _ = std::fs::remove_dir_all(&tmpdir);
@@ -311,12 +317,7 @@ fn run(spec: &WorkerSpec) -> Result<u8, Failure> {
 }
 
 /// Start the worker, relay its output, wait for it and record how it ended.
-fn supervise(
-    spec: &WorkerSpec,
-    tmpdir: &Path,
-    out: UnixStream,
-    err: UnixStream,
-) -> Result<u8, Failure> {
+fn supervise(spec: &WorkerSpec, tmpdir: &Path, journal: &Journal) -> Result<u8, Failure> {
     // SIGTERM (a stop of the scope) must not end the supervisor before the worker, which
     // gets the same SIGTERM from systemd; SIGKILL still ends everything.
     let mut mask = SigSet::empty();
@@ -338,24 +339,16 @@ fn supervise(
 
     let devnull =
         std::fs::File::open("/dev/null").map_err(|e| infra(format!("open /dev/null: {e}")))?;
-    // With a log file, the worker writes into pipes and we copy to the journal and the file;
-    // without one, it writes straight into its journal streams.
+    // The worker writes into pipes; we copy its lines to the journal (and the log file).
     // The log is a convenience: one that cannot be opened (a worker may have planted a
     // FIFO or a link there) is reported and left out; the run goes on.
-    let tee = spec.log_file.as_ref().and_then(|path| {
-        Tee::open(path, &spec.log_owner)
-            .map_err(|e| {
-                eprintln!(
-                    "hermes-mgr supervise: {}: worker log not kept: {e}",
-                    spec.unit
-                )
-            })
+    let log = spec.log_file.as_ref().and_then(|path| {
+        open_log(path, &spec.log_owner)
+            .map_err(|e| say(journal, spec, &format!("worker log not kept: {e}")))
             .ok()
     });
-    let (child_out, child_err) = match &tee {
-        Some(t) => (t.out_w.as_raw_fd(), t.err_w.as_raw_fd()),
-        None => (out.as_raw_fd(), err.as_raw_fd()),
-    };
+    let pipes = Pipes::new().map_err(|e| infra(format!("pipe: {e}")))?;
+    let (child_out, child_err) = (pipes.out_w.as_raw_fd(), pipes.err_w.as_raw_fd());
     let argv: Vec<CString> = spec
         .argv
         .iter()
@@ -450,11 +443,11 @@ fn supervise(
     report(&Report::Started {
         pid: worker.as_raw() as u32,
     });
-    let mut relay = tee.map(|t| t.into_relay(out, err));
+    let mut relay = pipes.into_relay(journal, log);
 
     let mut sigterm = false;
     let status = loop {
-        if wait_readable(&sfd, relay.as_ref())? {
+        if wait_readable(&sfd, &relay)? {
             match sfd.read_signal() {
                 Ok(Some(info)) if info.ssi_signo == libc::SIGTERM as u32 => sigterm = true,
                 Ok(_) => {}
@@ -462,9 +455,7 @@ fn supervise(
                 Err(e) => return Err(infra(format!("read signalfd: {e}"))),
             }
         }
-        if let Some(r) = relay.as_mut() {
-            r.pump();
-        }
+        relay.pump();
         if let Some(st) = reap(worker) {
             break st;
         }
@@ -492,22 +483,23 @@ fn supervise(
         usage: cgroup.as_deref().and_then(super::spec::Usage::read),
     };
     if let Err(e) = write_status(spec, &rs) {
-        eprintln!(
-            "hermes-mgr supervise: {}: cannot record the exit status in {}: {e}",
-            spec.unit,
-            spec.status_file.display()
+        say(
+            journal,
+            spec,
+            &format!(
+                "cannot record the exit status in {}: {e}",
+                spec.status_file.display()
+            ),
         );
     }
     // Copy what descendants still write until they close the pipes (a stop of the scope
     // ends them); the exit status is already on record.
-    if let Some(mut r) = relay {
-        while !r.done() {
-            if wait_readable(&sfd, Some(&r))? {
-                let _ = sfd.read_signal();
-            }
-            r.pump();
-            let _ = reap(worker);
+    while !relay.done() {
+        if wait_readable(&sfd, &relay)? {
+            let _ = sfd.read_signal();
         }
+        relay.pump();
+        let _ = reap(worker);
     }
     Ok(match (exit_code, signal) {
         (Some(c), _) => c.clamp(0, 255) as u8,
@@ -551,43 +543,42 @@ fn rotate_log(path: &Path) {
     }
 }
 
-/// The worker's output pipes and the log file, before the fork.
-struct Tee {
+/// Open the worker log as the board's owner (`safe_fs`), rotated first: the logs directory
+/// is in the tree workers write, and what is created there is the owner's, as upstream's is.
+fn open_log(path: &Path, owner: &Owner) -> Result<std::fs::File, String> {
+    safe_fs::as_user(owner, || -> std::io::Result<std::fs::File> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        rotate_log(path);
+        safe_fs::open_regular(path, Access::AppendCreate)
+    })
+    .and_then(|r| r)
+    .map_err(|e| format!("open {}: {e}", path.display()))
+}
+
+/// The worker's stdout and stderr pipes, before the fork.
+struct Pipes {
     out_r: OwnedFd,
     out_w: OwnedFd,
     err_r: OwnedFd,
     err_w: OwnedFd,
-    log: std::fs::File,
 }
 
-impl Tee {
-    /// Rotate and open the log as the board's owner (`safe_fs`): the logs directory is in
-    /// the tree workers write, and what is created there is the owner's, as upstream's is.
-    fn open(path: &Path, owner: &Owner) -> Result<Tee, String> {
-        let log = safe_fs::as_user(owner, || -> std::io::Result<std::fs::File> {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            rotate_log(path);
-            safe_fs::open_regular(path, Access::AppendCreate)
-        })
-        .and_then(|r| r)
-        .map_err(|e| format!("open {}: {e}", path.display()))?;
-        let (out_r, out_w) =
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-        let (err_r, err_w) =
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-        Ok(Tee {
+impl Pipes {
+    fn new() -> nix::Result<Pipes> {
+        let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        Ok(Pipes {
             out_r,
             out_w,
             err_r,
             err_w,
-            log,
         })
     }
 
     /// After the fork: keep only the read ends (EOF comes when the last writer is gone).
-    fn into_relay(self, journal_out: UnixStream, journal_err: UnixStream) -> Relay {
+    fn into_relay(self, journal: &Journal, log: Option<std::fs::File>) -> Relay<'_> {
         drop(self.out_w);
         drop(self.err_w);
         for fd in [&self.out_r, &self.err_r] {
@@ -595,47 +586,61 @@ impl Tee {
             unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
         }
         Relay {
+            // stdout at `info`, stderr at `err`, as journald's streams for a unit.
             streams: vec![
-                (Some(self.out_r), journal_out),
-                (Some(self.err_r), journal_err),
+                (Some(self.out_r), 6, Lines::default()),
+                (Some(self.err_r), 3, Lines::default()),
             ],
-            log: self.log,
+            journal,
+            log,
         }
     }
 }
 
-/// Copies the worker's stdout and stderr into its journal streams and the log file.
-struct Relay {
-    streams: Vec<(Option<OwnedFd>, UnixStream)>,
-    log: std::fs::File,
+/// Copies the worker's stdout and stderr, line by line, into the journal, and as they came
+/// into the log file.
+struct Relay<'a> {
+    streams: Vec<(Option<OwnedFd>, u8, Lines)>,
+    journal: &'a Journal,
+    log: Option<std::fs::File>,
 }
 
-impl Relay {
+impl Relay<'_> {
     fn done(&self) -> bool {
-        self.streams.iter().all(|(r, _)| r.is_none())
+        self.streams.iter().all(|(r, _, _)| r.is_none())
     }
 
     fn fds(&self) -> Vec<RawFd> {
         self.streams
             .iter()
-            .filter_map(|(r, _)| r.as_ref().map(|f| f.as_raw_fd()))
+            .filter_map(|(r, _, _)| r.as_ref().map(|f| f.as_raw_fd()))
             .collect()
     }
 
     /// Copy whatever is readable now, without blocking.
     fn pump(&mut self) {
-        let mut buf = [0u8; 65536];
-        for (r, journal) in self.streams.iter_mut() {
+        // Small on purpose: the stack pages a supervisor touches stay its own for the run.
+        let mut buf = [0u8; 8192];
+        let journal = self.journal;
+        for (r, priority, lines) in self.streams.iter_mut() {
             while let Some(fd) = r.as_ref() {
                 match nix::unistd::read(fd, &mut buf) {
-                    Ok(0) => *r = None,
+                    Ok(0) => {
+                        lines.finish(|l| journal.send(*priority, l));
+                        *r = None;
+                    }
                     Ok(n) => {
-                        let _ = journal.write_all(&buf[..n]);
-                        let _ = self.log.write_all(&buf[..n]);
+                        lines.feed(&buf[..n], |l| journal.send(*priority, l));
+                        if let Some(log) = self.log.as_mut() {
+                            let _ = log.write_all(&buf[..n]);
+                        }
                     }
                     Err(nix::Error::EINTR) => {}
                     Err(nix::Error::EAGAIN) => break,
-                    Err(_) => *r = None,
+                    Err(_) => {
+                        lines.finish(|l| journal.send(*priority, l));
+                        *r = None;
+                    }
                 }
             }
         }
@@ -643,20 +648,18 @@ impl Relay {
 }
 
 /// poll(2) on the signalfd and the relay's pipes; true when the signalfd is readable.
-fn wait_readable(sfd: &SignalFd, relay: Option<&Relay>) -> Result<bool, Failure> {
+fn wait_readable(sfd: &SignalFd, relay: &Relay) -> Result<bool, Failure> {
     use std::os::fd::AsFd;
     let mut fds = vec![libc::pollfd {
         fd: sfd.as_fd().as_raw_fd(),
         events: libc::POLLIN,
         revents: 0,
     }];
-    if let Some(r) = relay {
-        fds.extend(r.fds().into_iter().map(|fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        }));
-    }
+    fds.extend(relay.fds().into_iter().map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }));
     loop {
         // SAFETY: `fds` is a valid array of pollfd for the duration of the call.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };

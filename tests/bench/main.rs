@@ -566,6 +566,238 @@ fn many_boards(n: usize) {
         .status();
 }
 
+/// 8. Scale: `n` sleeping workers started in one burst (`BENCH_SCALE_N`, default 10,000).
+/// Reports the burst's wall time and its failures, the daemon's RSS, descriptors and idle
+/// CPU with all of them live, `status` (whole process), worker death -> run booked with all
+/// live (as in 1., a different task each time), and a SIGKILL of the daemon: the restart's
+/// reconcile (from its own journal line) and whether any task got a second worker.
+fn scale(n: usize) {
+    let _ = std::process::Command::new("systemctl")
+        .args(["stop", rig::SERVICE])
+        .status();
+    let d = rig::Dispatcher::new("tick_seconds = 30\nbusy_timeout_ms = 300");
+    std::fs::write(
+        d.rig.dir.join("config.yaml"),
+        format!("kanban:\n  max_spawn: {}\n", n + 10),
+    )
+    .unwrap();
+    std::fs::write(d.rig.dir.join("worker"), "#!/bin/sh\nexec sleep 36000\n").unwrap();
+    let b = d.rig.board();
+    seed(&b, n);
+    d.install_logging("info");
+    let t0 = Instant::now();
+    d.start();
+    let mut last = (Instant::now(), 0);
+    let running_at = |b: &hermes_mgr::board::Board| {
+        b.connection()
+            .query_row(
+                "SELECT count(*) FROM tasks WHERE status='running' AND worker_pid IS NOT NULL",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap() as usize
+    };
+    loop {
+        let running = running_at(&b);
+        if running == n {
+            break;
+        }
+        if running != last.1 {
+            last = (Instant::now(), running);
+        }
+        assert!(
+            last.0.elapsed() < Duration::from_secs(120),
+            "stuck at {running} of {n} running:\n{}",
+            rig::journal(rig::SERVICE)
+                .lines()
+                .rev()
+                .take(40)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let burst = t0.elapsed();
+    let failed_runs: i64 = b
+        .connection()
+        .query_row(
+            "SELECT count(*) FROM task_runs WHERE outcome IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let scopes = rig::worker_units(false).lines().count();
+    row(
+        &format!("8. scale: {n} workers started in one burst"),
+        format!(
+            "{:.1} s ({:.0} starts/s), {scopes} live scopes, {failed_runs} runs ended",
+            burst.as_secs_f64(),
+            n as f64 / burst.as_secs_f64()
+        ),
+    );
+    let (p, busy, secs) = daemon_idle(Duration::from_secs(10), Duration::from_secs(60));
+    let rss = p.status().unwrap().vmrss.unwrap_or(0);
+    let fds = p.fd_count().unwrap_or(0);
+    row(
+        &format!("8. scale: the daemon idle, {n} live"),
+        format!(
+            "RSS {:.1} MiB, {fds} descriptors, CPU {:.3} % over {secs:.0} s (tick 30 s)",
+            rss as f64 / 1024.0,
+            100.0 * busy / secs
+        ),
+    );
+    per_run_cost(n);
+    let mut status = Vec::new();
+    for _ in 0..10 {
+        let t = Instant::now();
+        d.rig.mgr(&["status", "--json"]).ok();
+        status.push(t.elapsed());
+    }
+    summary(
+        &format!("8. scale: hermes-mgr status --json, {n} live"),
+        status,
+    );
+    // Worker death -> booked, with all the others live.
+    let ro = rusqlite::Connection::open_with_flags(
+        &d.rig.db,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let victims: Vec<(i64, i32)> = {
+        let mut st = ro
+            .prepare("SELECT current_run_id, worker_pid FROM tasks WHERE status='running' ORDER BY random() LIMIT 100")
+            .unwrap();
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    let mut deaths = Vec::new();
+    for (run, pid) in victims {
+        let t = Instant::now();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        while !ro
+            .query_row(
+                "SELECT ended_at IS NOT NULL FROM task_runs WHERE id=?1",
+                [run],
+                |r| r.get::<_, bool>(0),
+            )
+            .unwrap_or(false)
+        {
+            std::thread::sleep(Duration::from_micros(200));
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "run {run} never booked"
+            );
+        }
+        deaths.push(t.elapsed());
+    }
+    summary(
+        &format!("8. scale: worker death -> task ready, {n} live"),
+        deaths,
+    );
+    // The killed ones run again; then the daemon is killed and started again.
+    harness::wait_for("all running again", Duration::from_secs(120), || {
+        (running_at(&b) == n).then_some(())
+    });
+    rig::sh(&format!("systemctl kill --signal=KILL {}", rig::SERVICE));
+    harness::wait_for("the daemon dead", Duration::from_secs(10), || {
+        (!rig::systemctl_show(rig::SERVICE, "ActiveState").contains("=active")).then_some(())
+    });
+    let _ = std::process::Command::new("systemctl")
+        .args(["reset-failed", rig::SERVICE])
+        .status();
+    let cursor = rig::sh("journalctl -n 0 --show-cursor -q | sed -n 's/^-- cursor: //p'");
+    let t = Instant::now();
+    d.start();
+    let line = harness::wait_for("the restart's reconcile", Duration::from_secs(300), || {
+        let o = std::process::Command::new("journalctl")
+            .args([
+                "-u",
+                rig::SERVICE,
+                "-o",
+                "cat",
+                "--after-cursor",
+                cursor.trim(),
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .find(|l| l.contains("reconciled with systemd"))
+            .map(str::to_string)
+    });
+    let ready = t.elapsed();
+    let open_runs: i64 = ro
+        .query_row(
+            "SELECT count(*) FROM task_runs WHERE ended_at IS NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let scopes = rig::worker_units(false).lines().count();
+    row(
+        &format!("8. scale: daemon SIGKILLed with {n} live, restarted"),
+        format!(
+            "start -> reconciled {:.2} s ({line}); {open_runs} open runs, {scopes} live scopes",
+            ready.as_secs_f64()
+        ),
+    );
+    let _ = std::process::Command::new("systemctl")
+        .args(["stop", rig::SERVICE, "hermes-workers.slice"])
+        .status();
+}
+
+/// What one live run costs, sampled over `n` live runs: the supervisor's Pss (mean over up
+/// to 200 of them, from `smaps_rollup`), journald's descriptors, PID 1's RSS.
+fn per_run_cost(n: usize) {
+    let sups: Vec<procfs::process::Process> = procfs::process::all_processes()
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|p| {
+            p.cmdline()
+                .is_ok_and(|c| c.len() == 2 && c[0] == "hermes-mgr" && c[1] == "supervise")
+        })
+        .take(200)
+        .collect();
+    let pss: Vec<u64> = sups
+        .iter()
+        .filter_map(|p| {
+            let s = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", p.pid)).ok()?;
+            s.lines()
+                .find_map(|l| l.strip_prefix("Pss:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .collect();
+    let by_name = |name: &str| {
+        procfs::process::all_processes()
+            .unwrap()
+            .filter_map(Result::ok)
+            .find(|p| p.stat().is_ok_and(|s| s.comm == name))
+    };
+    let journald = by_name("systemd-journal");
+    let pid1 = procfs::process::Process::new(1).unwrap();
+    row(
+        &format!("8. scale: per-run cost, {n} live"),
+        format!(
+            "supervisor Pss {} kB (mean of {}); journald {} descriptors, RSS {:.1} MiB; PID 1 RSS {:.1} MiB",
+            pss.iter().sum::<u64>() / pss.len().max(1) as u64,
+            pss.len(),
+            journald.as_ref().and_then(|j| j.fd_count().ok()).unwrap_or(0),
+            journald
+                .as_ref()
+                .and_then(|j| j.status().ok()?.vmrss)
+                .unwrap_or(0) as f64
+                / 1024.0,
+            pid1.status().unwrap().vmrss.unwrap_or(0) as f64 / 1024.0
+        ),
+    );
+}
+
 fn main() {
     let n: usize = std::env::var("BENCH_RUNS")
         .ok()
@@ -583,8 +815,14 @@ fn main() {
                 "status" => status_on_big_board(),
                 "upstream" => upstream(n),
                 "boards" => many_boards(100),
+                "scale" => scale(
+                    std::env::var("BENCH_SCALE_N")
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(10_000),
+                ),
                 other => panic!(
-                    "unknown benchmark {other:?} (requeue, spawn, throughput, idle, status, upstream, boards)"
+                    "unknown benchmark {other:?} (requeue, spawn, throughput, idle, status, upstream, boards, scale)"
                 ),
             }
         }

@@ -20,6 +20,7 @@ mod package;
 mod parity;
 mod pipeline;
 mod real_worker;
+mod scale;
 mod scope;
 mod settings;
 mod triage;

@@ -193,6 +193,11 @@ systemd_test!(
         for line in journal.lines().filter(|l| l.contains("hello-")) {
             let v: Value = serde_json::from_str(line).unwrap();
             assert_eq!(v["_SYSTEMD_UNIT"], json!(unit), "{line}");
+            // Named by the supervisor too (found by `journalctl -u` after it is gone), with
+            // the task it belongs to.
+            assert_eq!(v["OBJECT_SYSTEMD_UNIT"], json!(unit), "{line}");
+            assert_eq!(v["HERMES_KANBAN_TASK"], json!(id), "{line}");
+            assert_eq!(v["_UID"], json!("0"), "{line}");
             let want_prio = if line.contains("hello-stderr") {
                 "3"
             } else {
