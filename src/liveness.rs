@@ -4,7 +4,7 @@
 use std::io;
 
 /// The cgroup v2 path of `pid` (the `0::` line of `/proc/<pid>/cgroup`), e.g.
-/// `/hermes.slice/hermes-workers.slice/hermes-worker-kanban-t_1-run-1.scope`. `None` when
+/// `/hermes.slice/hermes-workers.slice/hermes-workers-07.slice/hermes-worker-kanban-t_1-run-1.scope`. `None` when
 /// the process is gone. On a hybrid host the v1 lines are ignored.
 pub fn cgroup_of(pid: u32) -> io::Result<Option<String>> {
     let proc = match procfs::process::Process::new(pid as i32) {
@@ -69,6 +69,24 @@ pub fn unit_cgroup(slice: &str, unit: &str) -> String {
     path.push('/');
     path.push_str(unit);
     path
+}
+
+/// The cgroup of worker scope `unit`, in its child slice of `slice`
+/// (`unit_name::worker_slice`) — or directly in `slice` for a scope started by a version
+/// that did not spread them, when that is where it is.
+pub fn worker_cgroup(slice: &str, unit: &str) -> String {
+    let spread = unit_cgroup(&crate::systemd::unit_name::worker_slice(slice, unit), unit);
+    let flat = unit_cgroup(slice, unit);
+    let exists = |p: &str| {
+        std::path::Path::new("/sys/fs/cgroup")
+            .join(&p[1..])
+            .exists()
+    };
+    if !exists(&spread) && exists(&flat) {
+        flat
+    } else {
+        spread
+    }
 }
 
 /// A process that holds (or likely holds) a lock file.

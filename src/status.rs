@@ -91,7 +91,7 @@ fn live_run(
 ) -> LiveRun {
     let unit = unit_name::worker_scope(board, &t.id, run_id);
     let dir = Path::new("/sys/fs/cgroup")
-        .join(liveness::unit_cgroup(&cfg.slice, &unit).trim_start_matches('/'));
+        .join(liveness::worker_cgroup(&cfg.slice, &unit).trim_start_matches('/'));
     let state = t
         .worker_pid
         .and_then(|p| procfs::process::Process::new(p as i32).ok())

@@ -35,9 +35,13 @@ use crate::outcome::{self, Decision, RunEnd, Scope};
 use crate::spawn::spec::{status_path, RunStatus};
 use boards::Slot;
 
-/// At most this many workers are started per pass; a full batch leaves the board dirty and
-/// the loop comes back to it after the watchdog, signals and bookings that are due.
-const PASS_BATCH: usize = 64;
+/// At most this many workers are started per pass, and none after a second; a full batch
+/// leaves the board dirty and the loop comes back to it after the watchdog, signals and
+/// bookings that are due.
+const PASS_BATCH: dispatch::Batch = dispatch::Batch {
+    starts: 64,
+    time: Duration::from_secs(1),
+};
 use crate::spawn::Started;
 use crate::systemd::{unit_name, Systemd};
 
@@ -74,7 +78,8 @@ struct Daemon {
     /// The boards served, by slug (`boards.rs`).
     slots: BTreeMap<String, Slot>,
     sd: Systemd,
-    live: HashMap<Key, Live>,
+    /// Ordered, so a task's runs are one range (`runs_of`), never a scan of every live run.
+    live: BTreeMap<Key, Live>,
     /// Runs whose booking failed (board locked): retried on the next timer. `Some` carries
     /// an outcome already decided (a spawn failure), `None` means "decide from the facts".
     pending: BTreeMap<Key, Option<RunEnd>>,
@@ -190,7 +195,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         resolver,
         slots: BTreeMap::new(),
         sd,
-        live: HashMap::new(),
+        live: BTreeMap::new(),
         pending: BTreeMap::new(),
         notifier,
         supervisors: HashMap::new(),
@@ -526,9 +531,8 @@ impl Daemon {
                 // A task that got a new run while an older run's worker still lives (it was
                 // reclaimed under it): that older worker goes now, not after its grace.
                 let superseded = started.iter().any(|s| {
-                    self.live.keys().any(|(board, task, run)| {
-                        board == slug && *task == s.task && *run != s.run_id
-                    })
+                    self.runs_of(slug, &s.task)
+                        .any(|(_, _, run)| *run != s.run_id)
                 });
                 for s in started {
                     self.track_started(slug, s);
@@ -745,19 +749,33 @@ impl Daemon {
         }
     }
 
+    /// The live runs we track of one task.
+    fn runs_of<'a>(&'a self, slug: &str, task: &str) -> impl Iterator<Item = &'a Key> + 'a {
+        let (lo, hi) = (
+            (slug.to_string(), task.to_string(), i64::MIN),
+            (slug.to_string(), task.to_string(), i64::MAX),
+        );
+        self.live.range(lo..=hi).map(|(k, _)| k)
+    }
+
     /// Keep our workers' claims alive so upstream's stale-claim sweep never reclaims a
     /// live worker. The lock stays the one the worker was given.
     fn extend_claims(&mut self) {
-        for ((slug, task, run), live) in &self.live {
+        // One transaction per board. A claim no longer ours was closed by someone else:
+        // check_closed_runs deals with it.
+        let mut by_board: HashMap<&str, Vec<(&str, &str)>> = HashMap::new();
+        for ((slug, task, _), live) in &self.live {
+            by_board
+                .entry(slug.as_str())
+                .or_default()
+                .push((task.as_str(), live.lock.as_str()));
+        }
+        for (slug, claims) in by_board {
             let Some(board) = self.board(slug) else {
                 continue;
             };
-            match board.extend_claim(task, &live.lock, self.cfg.claim_ttl_seconds) {
-                Ok(true) => {}
-                Ok(false) => {} // closed by someone else: check_closed_runs deals with it
-                Err(e) => {
-                    warn!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run, "extend claim: {e}; retrying later")
-                }
+            if let Err(e) = board.extend_claims(&claims, self.cfg.claim_ttl_seconds) {
+                warn!(board = %slug, claims = claims.len(), "extend claims: {e}; retrying later");
             }
         }
     }

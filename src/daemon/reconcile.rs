@@ -307,7 +307,7 @@ impl Daemon {
     /// stopped so systemd lets go of the name, and counts as gone. Without a verdict from
     /// the kernel (no such cgroup, unreadable) the unit state stands.
     pub(super) async fn husk(&self, unit: &str) -> bool {
-        let cgroup = liveness::unit_cgroup(&self.cfg.slice, unit);
+        let cgroup = liveness::worker_cgroup(&self.cfg.slice, unit);
         if liveness::cgroup_populated(&cgroup) != Some(false) {
             return false;
         }

@@ -63,6 +63,15 @@ pub struct Unbooked {
     pub why: String,
 }
 
+/// How much one pass may start: at most `starts` workers, and none after `time` (each start
+/// waits for PID 1, which slows down as it holds more units: a pass must never starve the
+/// daemon's watchdog).
+#[derive(Debug, Clone, Copy)]
+pub struct Batch {
+    pub starts: usize,
+    pub time: std::time::Duration,
+}
+
 /// One dispatch pass: promote what parent gating allows, then claim ready tasks in
 /// priority order up to the cap and start each in its scope. Holds upstream's per-board
 /// `kanban.db.dispatch.lock` for the pass; a pass that finds it taken does nothing.
@@ -73,8 +82,12 @@ pub async fn once(
     sd: &Systemd,
     cfg: &Config,
     max: Option<usize>,
-    batch: Option<usize>,
+    batch: Option<Batch>,
 ) -> anyhow::Result<(PassReport, Vec<Started>)> {
+    let t0 = std::time::Instant::now();
+    let full = |started: &Vec<Started>| {
+        batch.is_some_and(|b| started.len() >= b.starts || t0.elapsed() >= b.time)
+    };
     let mut report = PassReport::default();
     let lock_path = board.paths().sibling("dispatch.lock");
     let Some(_lock) = FileLock::try_acquire(&lock_path, board.owner())? else {
@@ -102,7 +115,7 @@ pub async fn once(
     // A spawn failure that stops the pass (the board refuses writes, systemd fails us).
     let mut stopped = false;
     for task in board.ready_tasks(10_000)? {
-        if batch.is_some_and(|b| started.len() >= b) {
+        if full(&started) {
             report.batch_full = true;
             break;
         }
@@ -165,7 +178,7 @@ pub async fn once(
         if stopped {
             break;
         }
-        if batch.is_some_and(|b| started.len() >= b) {
+        if full(&started) {
             report.batch_full = true;
             break;
         }

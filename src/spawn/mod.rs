@@ -476,10 +476,18 @@ pub fn description(task: &str, run: i64, title: &str) -> String {
 }
 
 /// The scope's properties (design §3.2), in layers as systemd-run builds them.
-pub fn scope_properties(cfg: &Config, desc: String, max_runtime: Option<i64>) -> Vec<Property> {
+pub fn scope_properties(
+    cfg: &Config,
+    unit: &str,
+    desc: String,
+    max_runtime: Option<i64>,
+) -> Vec<Property> {
     let mut p: Vec<Property> = vec![
         ("Description", Variant::from(desc)),
-        ("Slice", Variant::from(cfg.slice.clone())),
+        (
+            "Slice",
+            Variant::from(unit_name::worker_slice(&cfg.slice, unit)),
+        ),
         (
             "CollectMode",
             Variant::from("inactive-or-failed".to_string()),
@@ -665,6 +673,7 @@ pub async fn start_worker(
     let props = || {
         scope_properties(
             cfg,
+            &unit,
             description(&task.id, claim.run_id, &task.title),
             task.max_runtime_seconds,
         )
@@ -679,7 +688,7 @@ pub async fn start_worker(
         return Err(SpawnError::infra(format!("create scope {unit}: {e}")));
     }
     // Read back what systemd did (crun does the same): the held process must be in the scope.
-    let want = liveness::unit_cgroup(&cfg.slice, &unit);
+    let want = liveness::unit_cgroup(&unit_name::worker_slice(&cfg.slice, &unit), &unit);
     match liveness::cgroup_of(pid) {
         Ok(Some(cg)) if cg == want => {}
         other => {

@@ -135,9 +135,61 @@ pub fn is_valid(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b":-_.\\@".contains(&b))
 }
 
+/// How many child slices worker scopes are spread over.
+pub const WORKER_SLICES: u64 = 64;
+
+/// The slice a worker scope goes into: one of `WORKER_SLICES` children of the configured
+/// slice (`hermes-workers-07.slice` under `hermes-workers.slice`, whose budgets cover them
+/// all), chosen by a stable digest of the scope's name. systemd 252 walks every sibling of
+/// a unit's slice each time a unit starts in it (`unit_add_siblings_to_cgroup_realize_queue`),
+/// so one flat slice made each start cost O(live workers): 10,000 live took PID 1 from
+/// ~100 to ~12 starts/s. The root slice has no parent to share budgets with: kept flat.
+pub fn worker_slice(slice: &str, unit: &str) -> String {
+    match slice
+        .strip_suffix(".slice")
+        .filter(|s| !s.is_empty() && *s != "-")
+    {
+        Some(stem) => format!("{stem}-{:02}.slice", fnv1a(unit) % WORKER_SLICES),
+        None => slice.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn worker_scopes_are_spread_over_child_slices_of_the_configured_one() {
+        let cases = [
+            (
+                "hermes-workers.slice",
+                "hermes-worker-kanban-t_1-run-1.scope",
+            ),
+            (
+                "hermes-workers.slice",
+                "hermes-worker-kanban-t_1-run-2.scope",
+            ),
+            ("a-b.slice", "hermes-worker-kanban-t_1-run-1.scope"),
+        ];
+        for (slice, unit) in cases {
+            let s = worker_slice(slice, unit);
+            let stem = slice.trim_end_matches(".slice");
+            let n: u64 = s
+                .strip_prefix(&format!("{stem}-"))
+                .and_then(|r| r.strip_suffix(".slice"))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("{s}"));
+            assert!(n < WORKER_SLICES, "{s}");
+            // Stable: a restarted daemon (or another build) finds the same place.
+            assert_eq!(worker_slice(slice, unit), s);
+        }
+        assert_eq!(worker_slice("-.slice", "x.scope"), "-.slice");
+        // Spread: 6,400 runs of one task land in every child slice.
+        let used: std::collections::HashSet<String> = (0..6400)
+            .map(|r| worker_slice("hermes-workers.slice", &worker_scope("default", "t_1", r)))
+            .collect();
+        assert_eq!(used.len() as u64, WORKER_SLICES);
+    }
 
     #[test]
     fn upstream_ids_read_naturally() {

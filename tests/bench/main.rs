@@ -526,7 +526,7 @@ fn many_boards(n: usize) {
         ),
     );
     let last = format!("b{:04}", n - 1);
-    let mut on = |slug: &str| -> Duration {
+    let on = |slug: &str| -> Duration {
         let b = open(slug);
         let t0 = Instant::now();
         let id = b

@@ -258,7 +258,8 @@ systemd_test!(
             "hermes-worker-kanban-{id}-run-{}.scope",
             task.current_run_id.unwrap()
         );
-        assert!(crate::rig::systemctl_show(&unit, "Slice").contains("Slice=hermes-workers.slice"));
+        assert!(crate::rig::systemctl_show(&unit, "ControlGroup")
+            .contains("/hermes.slice/hermes-workers.slice/hermes-workers-"));
         let worker_pid = task.worker_pid.unwrap() as u32;
         // Upgrade in place with the worker running: the daemon restarts, the worker survives.
         let run = crate::package::upgrade_keeps_the_worker(&board, &id, &unit, worker_pid, install);

@@ -176,7 +176,8 @@ systemd_test!(
             "hermes-worker-kanban-{id}-run-{}.scope",
             task.current_run_id.unwrap()
         );
-        assert!(systemctl_show(&unit, "Slice").contains("Slice=hermes-workers.slice"));
+        assert!(systemctl_show(&unit, "ControlGroup")
+            .contains("/hermes.slice/hermes-workers.slice/hermes-workers-"));
         let worker = task.worker_pid.unwrap() as u32;
 
         // Installing the package over itself is an upgrade: the daemon restarts, the worker lives on.

@@ -78,7 +78,7 @@ systemd_test!(
         );
 
         // Every process of the task is in the scope, also the child forked at once.
-        let cg = liveness::unit_cgroup("hermes-workers.slice", &unit);
+        let cg = liveness::worker_cgroup("hermes-workers.slice", &unit);
         let procs = std::fs::read_to_string(format!("/sys/fs/cgroup{cg}/cgroup.procs")).unwrap();
         for p in [pid, child] {
             assert!(
@@ -208,8 +208,12 @@ systemd_test!(
 
         // The unit carries the properties it was made with (read back over D-Bus).
         let props = systemctl_show(&unit, "Slice,KillMode,KillSignal,SendSIGKILL,TimeoutStopUSec,CollectMode,MemoryMax,TasksMax,CPUQuotaPerSecUSec,Description");
+        let slice = format!(
+            "Slice={}",
+            hermes_mgr::systemd::unit_name::worker_slice("hermes-workers.slice", &unit)
+        );
         for want in [
-            "Slice=hermes-workers.slice",
+            slice.as_str(),
             "KillMode=control-group",
             "KillSignal=15",
             "SendSIGKILL=yes",
@@ -323,7 +327,7 @@ systemd_test!(
         let ws = PathBuf::from(out["spawned"][0]["workspace"].as_str().unwrap());
         let ready = stubborn.wait_file(&ws.join("ready"));
         let (pid, grandchild) = (field(&ready, "pid"), field(&ready, "grandchild"));
-        let cg = liveness::unit_cgroup("hermes-workers.slice", &unit);
+        let cg = liveness::worker_cgroup("hermes-workers.slice", &unit);
         assert_eq!(
             liveness::cgroup_of(grandchild).unwrap().as_deref(),
             Some(cg.as_str()),
