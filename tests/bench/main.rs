@@ -566,6 +566,11 @@ fn many_boards(n: usize) {
         .status();
 }
 
+/// The one number a `SELECT count(*) …` returns.
+fn count(c: &rusqlite::Connection, sql: &str) -> i64 {
+    c.query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
 /// 8. Scale: `n` sleeping workers started in one burst (`BENCH_SCALE_N`, default 10,000).
 /// Reports the burst's wall time and its failures, the daemon's RSS, descriptors and idle
 /// CPU with all of them live, `status` (whole process), worker death -> run booked with all
@@ -589,13 +594,10 @@ fn scale(n: usize) {
     d.start();
     let mut last = (Instant::now(), 0);
     let running_at = |b: &hermes_mgr::board::Board| {
-        b.connection()
-            .query_row(
-                "SELECT count(*) FROM tasks WHERE status='running' AND worker_pid IS NOT NULL",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
-            .unwrap() as usize
+        count(
+            b.connection(),
+            "SELECT count(*) FROM tasks WHERE status='running' AND worker_pid IS NOT NULL",
+        ) as usize
     };
     loop {
         let running = running_at(&b);
@@ -618,14 +620,10 @@ fn scale(n: usize) {
         std::thread::sleep(Duration::from_millis(200));
     }
     let burst = t0.elapsed();
-    let failed_runs: i64 = b
-        .connection()
-        .query_row(
-            "SELECT count(*) FROM task_runs WHERE outcome IS NOT NULL",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let failed_runs = count(
+        b.connection(),
+        "SELECT count(*) FROM task_runs WHERE outcome IS NOT NULL",
+    );
     let scopes = rig::worker_units(false).lines().count();
     row(
         &format!("8. scale: {n} workers started in one burst"),
@@ -732,13 +730,7 @@ fn scale(n: usize) {
             .map(str::to_string)
     });
     let ready = t.elapsed();
-    let open_runs: i64 = ro
-        .query_row(
-            "SELECT count(*) FROM task_runs WHERE ended_at IS NULL",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let open_runs = count(&ro, "SELECT count(*) FROM task_runs WHERE ended_at IS NULL");
     let scopes = rig::worker_units(false).lines().count();
     row(
         &format!("8. scale: daemon SIGKILLed with {n} live, restarted"),
