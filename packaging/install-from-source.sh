@@ -4,7 +4,8 @@
 # then `systemctl enable --now hermes-dispatcher`. Idempotent. Packages (.deb/.rpm) will
 # replace this script.
 #   HERMES_HOME_DIR    the Hermes root the dispatcher serves (default: /var/lib/hermes)
-#   HERMES_MGR_BINARY  install this binary instead of building one (tests use it)
+#   HERMES_MGR_BINARY  install this binary instead of building one (tests use it); its
+#                      hermes-mgr-supervise is taken from the same directory
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
@@ -17,6 +18,8 @@ if [ -z "$BIN" ]; then
   BIN=target/release/hermes-mgr
 fi
 install -m 0755 "$BIN" /usr/bin/hermes-mgr
+# The run's supervisor: one per live worker, kept small (see src/bin/hermes-mgr-supervise.rs).
+install -D -m 0755 "$(dirname "$BIN")/hermes-mgr-supervise" /usr/libexec/hermes-mgr/hermes-mgr-supervise
 install -m 0644 units/hermes-dispatcher.service units/hermes-workers.slice /etc/systemd/system/
 install -D -m 0644 units/hermes-mgr.sysusers /usr/lib/sysusers.d/hermes-mgr.conf
 install -D -m 0644 units/hermes-mgr.tmpfiles.conf /usr/lib/tmpfiles.d/hermes-mgr.conf

@@ -81,32 +81,77 @@ fn read_u64(path: &Path) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
-fn live_run(
-    cfg: &Config,
-    board: &str,
-    t: &Task,
-    run_id: i64,
-    run: Option<&Run>,
-    now: i64,
-) -> LiveRun {
-    let unit = unit_name::worker_scope(board, &t.id, run_id);
-    let dir = Path::new("/sys/fs/cgroup")
-        .join(liveness::worker_cgroup(&cfg.slice, &unit).trim_start_matches('/'));
-    let state = t
-        .worker_pid
-        .and_then(|p| procfs::process::Process::new(p as i32).ok())
-        .and_then(|p| p.stat().ok())
-        .map(|s| s.state.to_string());
-    LiveRun {
-        id: run_id,
-        pid: t.worker_pid,
-        state,
-        in_scope: dir.is_dir(),
-        memory_current: read_u64(&dir.join("memory.current")),
-        memory_peak: read_u64(&dir.join("memory.peak")),
-        cpu_usec: crate::spawn::spec::Usage::read(&dir).and_then(|u| u.cpu_usec),
-        uptime_seconds: run.map(|r| now - r.started_at).unwrap_or(0),
-        unit,
+/// The state letter of a process (`R`, `S`, `Z`, …): the field after the command name,
+/// which ends at the last `)`.
+fn process_state(pid: i64) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().next().map(str::to_string)
+}
+
+/// What the live rows read from the kernel: as few files per row as gives the facts, since
+/// `status` reads them for every running task (10,000 of them on a big host).
+#[derive(Default)]
+struct Kernel {
+    /// Whether scopes have `memory.*` files (the memory controller is on for the workers'
+    /// slices), found at the first scope read: without it, no row tries them.
+    memory: std::cell::Cell<Option<bool>>,
+}
+
+impl Kernel {
+    fn live_run(
+        &self,
+        cfg: &Config,
+        board: &str,
+        t: &Task,
+        run_id: i64,
+        run: Option<&Run>,
+        now: i64,
+    ) -> LiveRun {
+        let unit = unit_name::worker_scope(board, &t.id, run_id);
+        let cgroup_dir = |cgroup: String| Path::new("/sys/fs/cgroup").join(&cgroup[1..]);
+        let cpu = |dir: &Path| {
+            std::fs::read_to_string(dir.join("cpu.stat")).ok().map(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("usage_usec "))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            })
+        };
+        // `cpu.stat` is in every cgroup v2 directory: read, it also says the scope's cgroup
+        // exists. A scope of an older version may sit directly in the slice.
+        let spread = cgroup_dir(liveness::unit_cgroup(
+            &unit_name::worker_slice(&cfg.slice, &unit),
+            &unit,
+        ));
+        let (dir, cpu_usec) = match cpu(&spread) {
+            Some(c) => (spread, Some(c)),
+            None => {
+                let flat = cgroup_dir(liveness::unit_cgroup(&cfg.slice, &unit));
+                let c = cpu(&flat);
+                (flat, c)
+            }
+        };
+        let memory = |f: &str| {
+            if cpu_usec.is_none() || self.memory.get() == Some(false) {
+                return None;
+            }
+            let v = read_u64(&dir.join(f));
+            if self.memory.get().is_none() {
+                self.memory.set(Some(v.is_some()));
+            }
+            v
+        };
+        LiveRun {
+            id: run_id,
+            pid: t.worker_pid,
+            state: t.worker_pid.and_then(process_state),
+            in_scope: cpu_usec.is_some(),
+            memory_current: memory("memory.current"),
+            memory_peak: memory("memory.peak"),
+            cpu_usec: cpu_usec.flatten(),
+            uptime_seconds: run.map(|r| now - r.started_at).unwrap_or(0),
+            unit,
+        }
     }
 }
 
@@ -137,6 +182,7 @@ fn ended_run(r: &Run) -> EndedRun {
 /// most `limit` of each), each with its latest facts.
 pub fn snapshot(b: &Board, cfg: &Config, limit: usize) -> board::Result<Snapshot> {
     let now = board::now();
+    let kernel = Kernel::default();
     let mut tasks = Vec::new();
     for (status, cap) in [
         ("running", usize::MAX),
@@ -148,7 +194,7 @@ pub fn snapshot(b: &Board, cfg: &Config, limit: usize) -> board::Result<Snapshot
         for t in b.in_status(status, cap.min(1_000_000))? {
             let runs_last = b.last_run(&t.id)?;
             let run = match (t.status.as_str(), t.current_run_id) {
-                ("running", Some(id)) => Some(live_run(
+                ("running", Some(id)) => Some(kernel.live_run(
                     cfg,
                     &b.paths().slug,
                     &t,

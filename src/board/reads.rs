@@ -94,13 +94,10 @@ impl Board {
 
     /// The newest run of a task.
     pub fn last_run(&self, id: &str) -> Result<Option<Run>> {
+        // Cached: `status` asks this once per row shown.
         self.conn
-            .query_row(
-                "SELECT * FROM task_runs WHERE task_id=?1 ORDER BY id DESC LIMIT 1",
-                [id],
-                Run::from_row,
-            )
-            .optional()
+            .prepare_cached("SELECT * FROM task_runs WHERE task_id=?1 ORDER BY id DESC LIMIT 1")
+            .and_then(|mut st| st.query_row([id], Run::from_row).optional())
             .map_err(|e| self.err("read run", e))
     }
 
@@ -250,11 +247,8 @@ impl Board {
     /// Number of runs of a task.
     pub fn run_count(&self, id: &str) -> Result<i64> {
         self.conn
-            .query_row(
-                "SELECT count(*) FROM task_runs WHERE task_id = ?1",
-                [id],
-                |r| r.get(0),
-            )
+            .prepare_cached("SELECT count(*) FROM task_runs WHERE task_id = ?1")
+            .and_then(|mut st| st.query_row([id], |r| r.get(0)))
             .map_err(|e| self.err("count runs", e))
     }
 

@@ -221,7 +221,10 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     if pinned {
         open_pinned(&mut d).await?;
     }
-    info!(root = %root.display(), boards = d.slots.len(), pinned, "hermes-dispatcher starting");
+    // Fixed now, before any upgrade can replace it on disk (spawn::program).
+    let supervisor = crate::spawn::program::supervisor();
+    info!(root = %root.display(), boards = d.slots.len(), pinned, supervisor = %supervisor.path.display(),
+          "hermes-dispatcher starting");
     d.open_boards();
     d.reconcile().await?;
     d.notifier.send("READY=1");

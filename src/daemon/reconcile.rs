@@ -197,8 +197,10 @@ impl Daemon {
                 stale: self.live.get(&key).and_then(|l| l.stale.clone()),
             };
             // Facts, gathered only as far as the rules need them.
-            let scope_live =
-                units.get(&unit).is_some_and(|s| is_live(s)) && !self.husk(&unit).await;
+            // A scope we watch had its cgroup seen populated when it started, so it cannot
+            // be a husk: only the others cost a read of their `cgroup.events`.
+            let scope_live = units.get(&unit).is_some_and(|s| is_live(s))
+                && (tracked || !self.husk(&unit).await);
             let local = t
                 .claim_lock
                 .as_deref()

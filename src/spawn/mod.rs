@@ -7,6 +7,7 @@
 //! `read(2)`. Any failure kills and reaps it and leaves no scope behind.
 
 mod journal;
+pub mod program;
 pub mod spec;
 pub mod supervise;
 mod upstream;
@@ -14,7 +15,6 @@ mod upstream;
 use std::ffi::CString;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -641,11 +641,10 @@ pub async fn start_worker(
     let spec_line =
         serde_json::to_string(&spec).map_err(|e| SpawnError::infra(e.to_string()))? + "\n";
 
-    // /proc/self/exe: the very binary that is running, even if upgraded on disk meanwhile.
+    // The supervisor this dispatcher started with, even if upgraded on disk meanwhile.
     // A std child, not tokio's: tokio would keep a pidfd open until it is reaped.
-    let mut child = std::process::Command::new("/proc/self/exe")
-        .arg0("hermes-mgr")
-        .arg("supervise")
+    let mut child = program::supervisor()
+        .command()
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

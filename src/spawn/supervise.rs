@@ -242,6 +242,9 @@ fn make_tmpdir(spec: &WorkerSpec) -> std::io::Result<PathBuf> {
 /// Entry point of `hermes-mgr supervise`. Returns the process exit code: the worker's own
 /// (128 + signal when killed), 127 when it could not be started.
 pub fn main() -> u8 {
+    // Started as `/proc/self/fd/N` (spawn::program), the kernel names us `N`: `ps`, `top`
+    // and the scope's status show this instead.
+    let _ = nix::sys::prctl::set_name(c"hermes-mgr-sup");
     let mut stdin = std::io::stdin().lock();
     let mut line = String::new();
     if stdin.read_line(&mut line).is_err() || line.is_empty() {

@@ -216,10 +216,24 @@ fn spawn_latency(n: usize) {
 /// 3. Trivial tasks from `ready` to `done` through the daemon: n tasks whose workers
 /// complete at once (`hermes-mgr complete`), all created before the daemon starts.
 fn throughput(n: usize) {
+    let rate = trivial_rate(n, 16);
+    row(
+        "3. throughput, trivial tasks ready -> done",
+        format!(
+            "{rate:.1} tasks/s ({n} tasks in {:.2} s, max_spawn 16)",
+            n as f64 / rate
+        ),
+    );
+}
+
+/// Figure 3's run with `max_spawn` (hermes-mgr's own key): tasks per second.
+fn trivial_rate(n: usize, max_spawn: usize) -> f64 {
     let _ = std::process::Command::new("systemctl")
         .args(["stop", rig::SERVICE])
         .status();
-    let d = rig::Dispatcher::new("tick_seconds = 3600\nmax_spawn = 16\nbusy_timeout_ms = 300");
+    let d = rig::Dispatcher::new(&format!(
+        "tick_seconds = 3600\nmax_spawn = {max_spawn}\nbusy_timeout_ms = 300"
+    ));
     let stub = format!(
         "#!/bin/sh\nexec {} --db \"$HERMES_KANBAN_DB\" complete \"$HERMES_KANBAN_TASK\" --summary ok\n",
         harness::mgr_bin().display()
@@ -271,14 +285,11 @@ fn throughput(n: usize) {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    let took = t0.elapsed();
-    row(
-        "3. throughput, trivial tasks ready -> done",
-        format!(
-            "{:.1} tasks/s ({n} tasks in {took:.2?}, max_spawn 16)",
-            n as f64 / took.as_secs_f64()
-        ),
-    );
+    let rate = n as f64 / t0.elapsed().as_secs_f64();
+    let _ = std::process::Command::new("systemctl")
+        .args(["stop", rig::SERVICE])
+        .status();
+    rate
 }
 
 /// 4. The daemon with n live, sleeping workers: its RSS, and its CPU over 60 s idle.
@@ -375,25 +386,28 @@ fn status_on_big_board() {
 /// from `$HERMES_BIN` (upstream's override), on a board made by the rig. Figure 3 as above;
 /// figure 1 with upstream's default crash grace (30 s from launch) and with
 /// `HERMES_KANBAN_CRASH_GRACE_SECONDS=0`, fewer runs (each takes up to a tick, or the grace).
-fn upstream(n: usize) {
-    let _ = std::process::Command::new("systemctl")
-        .args(["stop", rig::SERVICE])
-        .status();
-    let daemon = |r: &rig::Rig, grace: Option<&str>| {
-        let mut c = std::process::Command::new(harness::hermes_bin());
-        c.args(["kanban", "daemon", "--force", "--interval", "1"])
-            .env("HERMES_BIN", r.dir.join("worker"))
-            .env("HERMES_KANBAN_DB", &r.db)
-            .env("HERMES_KANBAN_HOME", &r.dir)
-            .env("HERMES_HOME", &r.dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(r.dir.join("upstream.log")).unwrap());
-        if let Some(g) = grace {
-            c.env("HERMES_KANBAN_CRASH_GRACE_SECONDS", g);
-        }
-        c.spawn().unwrap()
-    };
-    // Figure 3.
+/// Upstream 0.19.0's `hermes kanban daemon --force --interval 1` on `r`'s board (`--max`
+/// when given), workers from `$HERMES_BIN`.
+fn upstream_daemon(r: &rig::Rig, grace: Option<&str>, max: Option<usize>) -> std::process::Child {
+    let mut c = std::process::Command::new(harness::hermes_bin());
+    c.args(["kanban", "daemon", "--force", "--interval", "1"])
+        .env("HERMES_BIN", r.dir.join("worker"))
+        .env("HERMES_KANBAN_DB", &r.db)
+        .env("HERMES_KANBAN_HOME", &r.dir)
+        .env("HERMES_HOME", &r.dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(r.dir.join("upstream.log")).unwrap());
+    if let Some(m) = max {
+        c.args(["--max", &m.to_string()]);
+    }
+    if let Some(g) = grace {
+        c.env("HERMES_KANBAN_CRASH_GRACE_SECONDS", g);
+    }
+    c.spawn().unwrap()
+}
+
+/// Figure 3 through upstream's daemon: tasks per second.
+fn upstream_rate(n: usize, max: Option<usize>) -> f64 {
     let stub = format!(
         "#!/bin/sh\nexec {} --db \"$HERMES_KANBAN_DB\" complete \"$HERMES_KANBAN_TASK\" --summary ok\n",
         harness::mgr_bin().display()
@@ -402,7 +416,7 @@ fn upstream(n: usize) {
     let b = r.board();
     seed(&b, n);
     let t0 = Instant::now();
-    let mut up = daemon(&r, None);
+    let mut up = upstream_daemon(&r, None, max);
     while b.counts().unwrap().get("done").copied().unwrap_or(0) != n as i64 {
         assert!(
             t0.elapsed() < Duration::from_secs(300),
@@ -412,15 +426,22 @@ fn upstream(n: usize) {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    let took = t0.elapsed();
+    let rate = n as f64 / t0.elapsed().as_secs_f64();
     let _ = up.kill();
     let _ = up.wait();
+    rate
+}
+
+fn upstream(n: usize) {
+    let _ = std::process::Command::new("systemctl")
+        .args(["stop", rig::SERVICE])
+        .status();
+    let daemon = |r: &rig::Rig, grace: Option<&str>| upstream_daemon(r, grace, None);
+    // Figure 3.
+    let rate = upstream_rate(n, None);
     row(
         "6. upstream 0.19.0 (daemon --interval 1): throughput, trivial tasks",
-        format!(
-            "{:.1} tasks/s ({n} tasks in {took:.2?})",
-            n as f64 / took.as_secs_f64()
-        ),
+        format!("{rate:.1} tasks/s ({n} tasks in {:.2} s)", n as f64 / rate),
     );
     // Figure 1.
     for (grace, runs) in [(None, 3), (Some("0"), 20)] {
@@ -566,6 +587,94 @@ fn many_boards(n: usize) {
         .status();
 }
 
+/// 9. The spawn rate against what systemd itself can do, in one run, `k` in flight:
+/// (a) the ceiling: a plain client (this benchmark, one D-Bus connection) creates `n`
+/// scopes, each around a fresh process held on a pipe, in the workers' child slices
+/// (`StartTransientUnit` + its job), then lets the process exit, until systemd has removed
+/// every scope (`UnitRemoved`); (b) hermes-mgr's trivial tasks (figure 3) with
+/// `max_spawn = k`; (c) upstream 0.19.0's daemon (`--interval 1 --max k`) on the same
+/// workload.
+fn ceiling(n: usize, k: usize) {
+    use futures_util::StreamExt;
+    let _ = std::process::Command::new("systemctl")
+        .args(["stop", rig::SERVICE])
+        .status();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let plain = rt.block_on(async {
+        let sd = hermes_mgr::systemd::Systemd::connect().await.unwrap();
+        let mut removed = sd.unit_removed_stream();
+        let t0 = Instant::now();
+        let starts = futures_util::stream::iter(0..n)
+            .map(|i| {
+                let sd = &sd;
+                async move {
+                    let name = format!("bench-ceiling-{i}.scope");
+                    let mut child = std::process::Command::new("/usr/bin/head")
+                        .arg("-c1")
+                        .stdin(std::process::Stdio::piped())
+                        .spawn()
+                        .unwrap();
+                    let slice = hermes_mgr::systemd::unit_name::worker_slice(
+                        "hermes-workers.slice",
+                        &name,
+                    );
+                    let props: Vec<hermes_mgr::systemd::Property> = vec![
+                        ("PIDs", zbus::Variant::from(vec![child.id()])),
+                        ("Slice", zbus::Variant::from(slice)),
+                        (
+                            "CollectMode",
+                            zbus::Variant::from("inactive-or-failed".to_string()),
+                        ),
+                    ];
+                    sd.start_transient(&name, props, Duration::from_secs(60))
+                        .await
+                        .unwrap();
+                    // EOF: the process exits, and with it the scope.
+                    drop(child.stdin.take());
+                    tokio::task::spawn_blocking(move || child.wait())
+                }
+            })
+            .buffer_unordered(k)
+            .collect::<Vec<_>>();
+        let ends = async {
+            let mut seen = 0;
+            while seen < n {
+                let unit = removed.next().await.expect("the bus went away");
+                if unit.starts_with("bench-ceiling-") {
+                    seen += 1;
+                }
+            }
+        };
+        let (reaps, ()) = tokio::join!(starts, ends);
+        let rate = n as f64 / t0.elapsed().as_secs_f64();
+        for r in reaps {
+            r.await.unwrap().unwrap();
+        }
+        rate
+    });
+    let ours = trivial_rate(n, k);
+    let theirs = upstream_rate(n, Some(k));
+    row(
+        &format!("9. ceiling: a plain client creates and removes {n} scopes, {k} in flight"),
+        format!("{plain:.1} scopes/s"),
+    );
+    row(
+        &format!("9. hermes-mgr: {n} trivial tasks ready -> done, max_spawn {k}"),
+        format!(
+            "{ours:.1} tasks/s: {:.0} % of the ceiling, {:.2} x upstream",
+            100.0 * ours / plain,
+            ours / theirs
+        ),
+    );
+    row(
+        &format!("9. upstream 0.19.0 (daemon --interval 1 --max {k}): {n} trivial tasks"),
+        format!("{theirs:.1} tasks/s"),
+    );
+}
+
 /// The one number a `SELECT count(*) …` returns.
 fn count(c: &rusqlite::Connection, sql: &str) -> i64 {
     c.query_row(sql, [], |r| r.get(0)).unwrap()
@@ -583,7 +692,8 @@ fn scale(n: usize) {
     let d = rig::Dispatcher::new("tick_seconds = 30\nbusy_timeout_ms = 300");
     std::fs::write(
         d.rig.dir.join("config.yaml"),
-        format!("kanban:\n  max_spawn: {}\n", n + 10),
+        // The deaths below are crashes: the breaker must not block their tasks.
+        format!("kanban:\n  max_spawn: {}\n  failure_limit: 1000\n", n + 10),
     )
     .unwrap();
     std::fs::write(d.rig.dir.join("worker"), "#!/bin/sh\nexec sleep 36000\n").unwrap();
@@ -655,48 +765,80 @@ fn scale(n: usize) {
         &format!("8. scale: hermes-mgr status --json, {n} live"),
         status,
     );
-    // Worker death -> booked, with all the others live.
+    // Worker death -> booked, with all the others live: each death alone (the previous
+    // victim's task running again first), then back to back (the respawn in flight).
     let ro = rusqlite::Connection::open_with_flags(
         &d.rig.db,
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
     )
     .unwrap();
-    let victims: Vec<(i64, i32)> = {
+    // Distinct tasks, each killed once.
+    let mut tasks: Vec<String> = {
         let mut st = ro
-            .prepare("SELECT current_run_id, worker_pid FROM tasks WHERE status='running' ORDER BY random() LIMIT 100")
+            .prepare("SELECT id FROM tasks WHERE status='running' ORDER BY random() LIMIT 300")
             .unwrap();
-        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        st.query_map([], |r| r.get(0))
             .unwrap()
             .map(Result::unwrap)
             .collect()
     };
-    let mut deaths = Vec::new();
-    for (run, pid) in victims {
-        let t = Instant::now();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
-        while !ro
-            .query_row(
-                "SELECT ended_at IS NOT NULL FROM task_runs WHERE id=?1",
-                [run],
-                |r| r.get::<_, bool>(0),
+    let mut deaths = |victims: usize, alone: bool| {
+        let picked: Vec<(String, i64, i32)> = tasks
+            .drain(..victims.min(tasks.len()))
+            .map(|id| {
+                harness::wait_for("the victim running", Duration::from_secs(30), || {
+                    ro.query_row(
+                        "SELECT current_run_id, worker_pid FROM tasks WHERE id=?1 AND status='running' AND worker_pid IS NOT NULL",
+                        [&id],
+                        |r| Ok((id.clone(), r.get(0)?, r.get(1)?)),
+                    )
+                    .ok()
+                })
+            })
+            .collect();
+        let mut took = Vec::new();
+        for (task, run, pid) in picked {
+            let t = Instant::now();
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
             )
-            .unwrap_or(false)
-        {
-            std::thread::sleep(Duration::from_micros(200));
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "run {run} never booked"
-            );
+            .unwrap();
+            while !ro
+                .query_row(
+                    "SELECT ended_at IS NOT NULL FROM task_runs WHERE id=?1",
+                    [run],
+                    |r| r.get::<_, bool>(0),
+                )
+                .unwrap_or(false)
+            {
+                std::thread::sleep(Duration::from_micros(200));
+                assert!(
+                    t.elapsed() < Duration::from_secs(30),
+                    "run {run} never booked"
+                );
+            }
+            took.push(t.elapsed());
+            if alone {
+                harness::wait_for("the task running again", Duration::from_secs(30), || {
+                    ro.query_row(
+                        "SELECT 1 FROM tasks WHERE id=?1 AND status='running' AND worker_pid IS NOT NULL AND current_run_id != ?2",
+                        rusqlite::params![task, run],
+                        |_| Ok(()),
+                    )
+                    .ok()
+                });
+            }
         }
-        deaths.push(t.elapsed());
-    }
+        took
+    };
     summary(
-        &format!("8. scale: worker death -> task ready, {n} live"),
-        deaths,
+        &format!("8. scale: worker death -> task ready, {n} live, each death alone"),
+        deaths(200, true),
+    );
+    summary(
+        &format!("8. scale: worker death -> task ready, {n} live, back to back (the last respawn in flight)"),
+        deaths(100, false),
     );
     // The killed ones run again; then the daemon is killed and started again.
     harness::wait_for("all running again", Duration::from_secs(120), || {
@@ -807,6 +949,7 @@ fn main() {
                 "status" => status_on_big_board(),
                 "upstream" => upstream(n),
                 "boards" => many_boards(100),
+                "ceiling" => ceiling(n.max(1000), 64),
                 "scale" => scale(
                     std::env::var("BENCH_SCALE_N")
                         .ok()
@@ -814,7 +957,7 @@ fn main() {
                         .unwrap_or(10_000),
                 ),
                 other => panic!(
-                    "unknown benchmark {other:?} (requeue, spawn, throughput, idle, status, upstream, boards, scale)"
+                    "unknown benchmark {other:?} (requeue, spawn, throughput, idle, status, upstream, boards, scale, ceiling)"
                 ),
             }
         }

@@ -179,6 +179,15 @@ systemd_test!(
         assert!(systemctl_show(&unit, "ControlGroup")
             .contains("/hermes.slice/hermes-workers.slice/hermes-workers-"));
         let worker = task.worker_pid.unwrap() as u32;
+        // The worker's parent, its run's supervisor, is the package's small program.
+        let supervisor = procfs::process::Process::new(worker as i32)
+            .and_then(|p| p.stat())
+            .unwrap()
+            .ppid;
+        assert_eq!(
+            std::fs::read_link(format!("/proc/{supervisor}/exe")).unwrap(),
+            Path::new("/usr/libexec/hermes-mgr/hermes-mgr-supervise")
+        );
 
         // Installing the package over itself is an upgrade: the daemon restarts, the worker lives on.
         upgrade_keeps_the_worker(&board, &id, &unit, worker, || {
@@ -256,6 +265,7 @@ fn the_rpm_has_the_files_the_dependencies_and_the_scriptlets() {
     let files = q(&["-qlp"]);
     for f in [
         "/usr/bin/hermes-mgr",
+        "/usr/libexec/hermes-mgr/hermes-mgr-supervise",
         "/usr/lib/systemd/system/hermes-dispatcher.service",
         "/usr/lib/systemd/system/hermes-workers.slice",
         "/usr/lib/sysusers.d/hermes-mgr.conf",
