@@ -77,20 +77,29 @@ pub struct EndedRun {
     pub resources: Option<serde_json::Value>,
 }
 
+/// A small kernel file (procfs, cgroupfs) in one `read(2)`: these files hand out their
+/// whole text at once, and `status` reads a few per live row.
+fn read_small(path: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut buf = [0u8; 4096];
+    let n = std::fs::File::open(path).ok()?.read(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
 fn read_u64(path: &Path) -> Option<u64> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+    read_small(path)?.trim().parse().ok()
 }
 
 /// The state letter of a process (`R`, `S`, `Z`, …): the field after the command name,
 /// which ends at the last `)`.
 fn process_state(pid: i64) -> Option<String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let stat = read_small(Path::new(&format!("/proc/{pid}/stat")))?;
     let rest = &stat[stat.rfind(')')? + 1..];
     rest.split_whitespace().next().map(str::to_string)
 }
 
-/// What the live rows read from the kernel: as few files per row as gives the facts, since
-/// `status` reads them for every running task (10,000 of them on a big host).
+/// What the live rows read from the kernel: as few files per row as gives the facts (each
+/// open and read of a procfs or cgroupfs file costs ~20 µs of kernel time here).
 #[derive(Default)]
 struct Kernel {
     /// Whether scopes have `memory.*` files (the memory controller is on for the workers'
@@ -111,7 +120,7 @@ impl Kernel {
         let unit = unit_name::worker_scope(board, &t.id, run_id);
         let cgroup_dir = |cgroup: String| Path::new("/sys/fs/cgroup").join(&cgroup[1..]);
         let cpu = |dir: &Path| {
-            std::fs::read_to_string(dir.join("cpu.stat")).ok().map(|t| {
+            read_small(&dir.join("cpu.stat")).map(|t| {
                 t.lines()
                     .find_map(|l| l.strip_prefix("usage_usec "))
                     .and_then(|v| v.trim().parse::<u64>().ok())
@@ -178,21 +187,30 @@ fn ended_run(r: &Run) -> EndedRun {
     }
 }
 
-/// Tasks worth seeing: every running one, then ready, blocked, triage and todo ones (at
-/// most `limit` of each), each with its latest facts.
-pub fn snapshot(b: &Board, cfg: &Config, limit: usize) -> board::Result<Snapshot> {
+/// How many tasks of each status a snapshot holds.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Running tasks (each costs the kernel reads of its live run).
+    pub running: usize,
+    /// Ready, blocked, triage and todo tasks, each.
+    pub others: usize,
+}
+
+/// Tasks worth seeing: running ones, then ready, blocked, triage and todo ones, each with
+/// its latest facts, as many as `limits` says.
+pub fn snapshot(b: &Board, cfg: &Config, limits: Limits) -> board::Result<Snapshot> {
     let now = board::now();
     let kernel = Kernel::default();
     let mut tasks = Vec::new();
     for (status, cap) in [
-        ("running", usize::MAX),
-        ("ready", limit),
-        ("blocked", limit),
-        ("triage", limit),
-        ("todo", limit),
+        ("running", limits.running),
+        ("ready", limits.others),
+        ("blocked", limits.others),
+        ("triage", limits.others),
+        ("todo", limits.others),
     ] {
-        for t in b.in_status(status, cap.min(1_000_000))? {
-            let runs_last = b.last_run(&t.id)?;
+        for listed in b.in_status_with_runs(status, cap.min(1_000_000))? {
+            let (t, runs_last) = (listed.task, listed.last_run);
             let run = match (t.status.as_str(), t.current_run_id) {
                 ("running", Some(id)) => Some(kernel.live_run(
                     cfg,
@@ -210,7 +228,7 @@ pub fn snapshot(b: &Board, cfg: &Config, limit: usize) -> board::Result<Snapshot
                 .map(ended_run);
             tasks.push(TaskRow {
                 board: b.paths().slug.clone(),
-                attempts: b.run_count(&t.id)?,
+                attempts: listed.attempts,
                 age_seconds: now - t.created_at,
                 status: t.status.to_string(),
                 last_error: t.last_failure_error.clone(),
@@ -243,10 +261,10 @@ pub fn snapshot(b: &Board, cfg: &Config, limit: usize) -> board::Result<Snapshot
 /// `snapshot` of several boards, as one: the first board's file and dispatcher, every
 /// board's tasks (running ones first, then by status as `snapshot` orders them), counts
 /// summed.
-pub fn snapshot_all(boards: &[Board], cfg: &Config, limit: usize) -> board::Result<Snapshot> {
+pub fn snapshot_all(boards: &[Board], cfg: &Config, limits: Limits) -> board::Result<Snapshot> {
     let mut all: Option<Snapshot> = None;
     for b in boards {
-        let one = snapshot(b, cfg, limit)?;
+        let one = snapshot(b, cfg, limits)?;
         match &mut all {
             None => all = Some(one),
             Some(acc) => {

@@ -34,7 +34,7 @@ use crate::outcome;
 pub use crate::outcome::RunEnd;
 use crate::safe_fs;
 pub use crate::safe_fs::Owner;
-pub use model::{Claim, EndResult, Event, NewTask, Run, Status, Task, BLOCK_KINDS};
+pub use model::{Claim, EndResult, Event, Listed, NewTask, Run, Status, Task, BLOCK_KINDS};
 use open::classify;
 pub use paths::{BoardPaths, Resolver, DEFAULT_BOARD};
 

@@ -194,6 +194,14 @@ impl Task {
     }
 }
 
+/// A task as `status` lists it: with its number of runs and its newest run.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub task: Task,
+    pub attempts: i64,
+    pub last_run: Option<Run>,
+}
+
 /// One attempt at a task (`task_runs`).
 #[derive(Debug, Clone, Serialize)]
 pub struct Run {

@@ -140,7 +140,8 @@ pub enum Command {
     Dispatcher,
     /// What runs, where, how healthy, and why the last one failed.
     Status {
-        /// At most this many ready/blocked/triage/todo tasks each (running ones are all shown).
+        /// At most this many tasks of each status per board; with --json, every running one
+        /// (the table says how many more run).
         #[arg(long, default_value_t = 50)]
         limit: usize,
         /// Refresh every 2 seconds until interrupted.
@@ -366,7 +367,13 @@ fn cmd_status(cli: &Cli, limit: &usize, watch: &bool) -> anyhow::Result<()> {
         .ok()
     });
     loop {
-        let mut snap = crate::status::snapshot_all(&boards, &cfg, *limit)?;
+        // A table of 10,000 live workers helps nobody and costs seconds of kernel reads;
+        // a script asked for all of them.
+        let limits = crate::status::Limits {
+            running: if cli.json { usize::MAX } else { *limit },
+            others: *limit,
+        };
+        let mut snap = crate::status::snapshot_all(&boards, &cfg, limits)?;
         if let Some(sd) = &sd {
             snap.dispatcher_status = rt
                 .block_on(sd.status_text("hermes-dispatcher.service"))

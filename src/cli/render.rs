@@ -320,6 +320,21 @@ pub fn status(s: &crate::status::Snapshot, colour: bool) -> String {
             detail
         ));
     }
+    // What `--limit` left out, said, so that a partial table never passes for the board.
+    let more: Vec<String> = ["running", "ready", "blocked", "triage", "todo"]
+        .iter()
+        .filter_map(|st| {
+            let shown = s.tasks.iter().filter(|t| t.status == *st).count() as i64;
+            let total = s.counts.get(*st).copied().unwrap_or(0);
+            (total > shown).then(|| format!("{} more {st}", total - shown))
+        })
+        .collect();
+    if !more.is_empty() {
+        o.push_str(&format!(
+            "… {} (--limit N shows more; --json lists every running task)\n",
+            more.join(", ")
+        ));
+    }
     o
 }
 

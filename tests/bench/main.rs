@@ -743,6 +743,15 @@ fn scale(n: usize) {
             n as f64 / burst.as_secs_f64()
         ),
     );
+    // For profiling by hand: the figure waits here while this file exists.
+    let hold = std::path::Path::new("/var/tmp/hermes-mgr-bench-hold");
+    if std::env::var_os("BENCH_HOLD").is_some() {
+        std::fs::write(hold, "").unwrap();
+        println!("holding with {n} live until {} is removed", hold.display());
+        while hold.exists() {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
     let (p, busy, secs) = daemon_idle(Duration::from_secs(10), Duration::from_secs(60));
     let rss = p.status().unwrap().vmrss.unwrap_or(0);
     let fds = p.fd_count().unwrap_or(0);
