@@ -124,6 +124,8 @@ pub struct Board {
     owner: Owner,
     /// The select list for tasks read on the dispatch path (`hot_projection`).
     hot: String,
+    /// The same for `running_claims`: only what reconciling a running row reads.
+    claims: String,
 }
 
 impl std::fmt::Debug for Board {

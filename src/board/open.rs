@@ -219,8 +219,16 @@ impl Board {
             paths: paths.clone(),
             owner,
             hot: String::new(),
+            claims: String::new(),
         };
-        board.hot = hot_projection(&board.check_columns()?);
+        let columns = board.check_columns()?;
+        board.hot = hot_projection(&columns);
+        board.claims = hot_projection(
+            &columns
+                .into_iter()
+                .filter(|c| CLAIM_COLUMNS.contains(&c.as_str()))
+                .collect::<Vec<_>>(),
+        );
         Ok(board)
     }
 
@@ -303,6 +311,19 @@ pub(super) const HOT_COLUMN_MAX: usize = 64 * 1024;
 /// ones it never needs (`body`, `result`), each text or blob cut at `HOT_COLUMN_MAX`. Any
 /// column is writable by anyone who may write the board: three 64 MiB bodies must not cost
 /// the daemon 500 MB after every pass. Names are quoted (a column name is data too).
+/// What `running_claims` reads of a running task.
+const CLAIM_COLUMNS: &[&str] = &[
+    "id",
+    "status",
+    "current_run_id",
+    "claim_lock",
+    "claim_expires",
+    "worker_pid",
+    "max_runtime_seconds",
+    "started_at",
+    "last_heartbeat_at",
+];
+
 pub(super) fn hot_projection(columns: &[String]) -> String {
     columns
         .iter()

@@ -262,6 +262,25 @@ impl Board {
         Ok(v)
     }
 
+    /// The running tasks with only their claim read (id, status, current run, claim lock
+    /// and expiry, worker PID, runtime limit, start and last heartbeat; every other field
+    /// is empty): what reconcile and stale detection need, read every safety-net tick for
+    /// every live run.
+    pub fn running_claims(&self) -> Result<Vec<Task>> {
+        let mut st = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {} FROM tasks WHERE status='running' ORDER BY id",
+                self.claims
+            ))
+            .map_err(|e| self.err("running tasks", e))?;
+        let v = st
+            .query_map([], Task::from_row)
+            .and_then(|r| r.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(|e| self.err("running tasks", e))?;
+        Ok(v)
+    }
+
     /// Tasks that `dispatch` may claim, in upstream's order (`hot_projection`).
     pub fn ready_tasks(&self, limit: usize) -> Result<Vec<Task>> {
         self.unclaimed("ready", limit)

@@ -795,7 +795,7 @@ impl Daemon {
         let mut found = Vec::new();
         for (slug, s) in &self.slots {
             let Some(b) = &s.board else { continue };
-            let Ok(running) = b.running_tasks() else {
+            let Ok(running) = b.running_claims() else {
                 continue;
             };
             for t in running {

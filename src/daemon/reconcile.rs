@@ -30,7 +30,7 @@ use super::{unit_of, Daemon, Key, Live};
 use crate::board::claimer_id;
 use crate::liveness;
 use crate::spawn::spec::RunStatus;
-use crate::systemd::unit_name::WORKER_SCOPE_GLOB;
+use crate::systemd::unit_name::{run_record, WORKER_SCOPE_GLOB};
 
 fn is_live(state: &str) -> bool {
     matches!(
@@ -101,6 +101,7 @@ impl Daemon {
     /// Reconcile every open board with the worker scopes systemd has.
     pub(super) async fn reconcile(&mut self) -> anyhow::Result<()> {
         let units = self.worker_units().await?;
+        let records = RunStatus::present(&self.cfg.state_dir);
         let slugs: Vec<String> = self
             .slots
             .iter()
@@ -109,7 +110,10 @@ impl Daemon {
             .collect();
         let mut counts = Counts::default();
         for slug in &slugs {
-            if let Err(e) = self.reconcile_with(slug, &units, &mut counts).await {
+            if let Err(e) = self
+                .reconcile_with(slug, &units, records.as_ref(), &mut counts)
+                .await
+            {
                 warn!(board = %slug, "reconcile: {e:#}");
             }
         }
@@ -146,8 +150,10 @@ impl Daemon {
     /// Reconcile one board just opened (before anything is dispatched on it).
     pub(super) async fn reconcile_board(&mut self, slug: &str) -> anyhow::Result<()> {
         let units = self.worker_units().await?;
+        let records = RunStatus::present(&self.cfg.state_dir);
         let mut counts = Counts::default();
-        self.reconcile_with(slug, &units, &mut counts).await?;
+        self.reconcile_with(slug, &units, records.as_ref(), &mut counts)
+            .await?;
         if counts.adopted + counts.ended + counts.lost > 0 {
             info!(board = %slug, adopted = counts.adopted, ended_while_away = counts.ended, lost = counts.lost,
                   "reconciled the board with systemd");
@@ -168,6 +174,7 @@ impl Daemon {
         &mut self,
         slug: &str,
         units: &HashMap<String, String>,
+        records: Option<&HashSet<String>>,
         counts: &mut Counts,
     ) -> anyhow::Result<()> {
         let me = claimer_id();
@@ -176,7 +183,7 @@ impl Daemon {
         let Some(board) = self.board(slug) else {
             return Ok(());
         };
-        let running = board.running_tasks()?;
+        let running = board.running_claims()?;
         let mut mine = HashSet::new();
         for t in running {
             let Some(run) = t.current_run_id else {
@@ -186,7 +193,11 @@ impl Daemon {
             let key: Key = (slug.to_string(), t.id.clone(), run);
             counts.current_units.insert(unit.clone());
             mine.insert(unit.clone());
-            let record = RunStatus::read(&self.cfg.state_dir, slug, &t.id, run).unwrap_or(None);
+            // Read only when listed (a record written since the listing is seen by inotify).
+            let listed = records.is_none_or(|r| r.contains(&run_record(slug, &t.id, run)));
+            let record = listed
+                .then(|| RunStatus::read(&self.cfg.state_dir, slug, &t.id, run).unwrap_or(None))
+                .flatten();
             let tracked = self.live.get(&key).is_some_and(|l| l.watched);
             let live = Live {
                 unit: unit.clone(),

@@ -223,6 +223,17 @@ pub fn forget_run(state_dir: &Path, board: &str, task: &str, run_id: i64) {
 }
 
 impl RunStatus {
+    /// The names of the exit records there are (`unit_name::run_record`), in one listing;
+    /// `None` when the directory cannot be listed. Reconcile goes through every live run,
+    /// and most have no record.
+    pub fn present(state_dir: &Path) -> Option<std::collections::HashSet<String>> {
+        let names = std::fs::read_dir(state_dir.join("runs"))
+            .ok()?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect();
+        Some(names)
+    }
+
     /// The status a supervisor left for this run, if any.
     pub fn read(
         state_dir: &Path,
