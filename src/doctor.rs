@@ -58,6 +58,7 @@ pub async fn run(paths: &BoardPaths, cfg: anyhow::Result<Config>) -> Vec<Check> 
     out.extend(cgroup_migration());
     out.extend(controllers());
     out.extend(slice(&cfg));
+    out.push(host_room(&cfg));
     out.extend(kanban_settings(&cfg));
     out.extend(board(paths));
     out.push(dispatcher(paths));
@@ -287,6 +288,57 @@ fn slice(cfg: &Config) -> Vec<Check> {
     out
 }
 
+/// Tasks (processes and threads) a live worker needs at the least: its supervisor and
+/// the worker; a real agent and its tools need more.
+const TASKS_PER_WORKER: u64 = 2;
+
+/// How many live workers the kernel's limits leave room for, against the configured cap:
+/// `kernel.pid_max` and `kernel.threads-max` for the host, the slice's `pids.max` (its
+/// `TasksMax=`) for all workers together.
+fn room(pid_max: u64, threads_max: u64, slice_pids: Option<u64>, cap: Option<usize>) -> Check {
+    let (limit, what) = [
+        (pid_max, "kernel.pid_max"),
+        (threads_max, "kernel.threads-max"),
+        (slice_pids.unwrap_or(u64::MAX), "TasksMax of the workers' slice"),
+    ]
+    .into_iter()
+    .min_by_key(|(n, _)| *n)
+    .unwrap_or((u64::MAX, ""));
+    let workers = limit / TASKS_PER_WORKER;
+    let detail = format!(
+        "room for at most ~{workers} live workers ({what} = {limit}, {TASKS_PER_WORKER} tasks per worker at the least)"
+    );
+    match cap {
+        Some(cap) if cap as u64 > workers => check(
+            "host limits",
+            Level::Warn,
+            format!("kanban.max_spawn is {cap}, but there is {detail}"),
+            Some(match what {
+                "kernel.pid_max" => "raise it: echo kernel.pid_max=4194304 > /etc/sysctl.d/90-hermes.conf && sysctl --system",
+                "kernel.threads-max" => "raise kernel.threads-max (sysctl), or lower kanban.max_spawn",
+                _ => "raise it: systemctl edit hermes-workers.slice, [Slice] TasksMax=…; or lower kanban.max_spawn",
+            }),
+        ),
+        _ => check("host limits", Level::Ok, detail, None),
+    }
+}
+
+fn host_room(cfg: &Config) -> Check {
+    let number = |path: &str| -> Option<u64> {
+        std::fs::read_to_string(path).ok()?.trim().parse().ok()
+    };
+    let slice_pids = number(&format!(
+        "/sys/fs/cgroup{}/pids.max",
+        crate::liveness::unit_cgroup(&cfg.slice, "").trim_end_matches('/')
+    ));
+    room(
+        number("/proc/sys/kernel/pid_max").unwrap_or(u64::MAX),
+        number("/proc/sys/kernel/threads-max").unwrap_or(u64::MAX),
+        slice_pids,
+        cfg.max_spawn,
+    )
+}
+
 /// The board opens and is intact; a dispatcher serves it.
 fn board(paths: &BoardPaths) -> Vec<Check> {
     let mut out = Vec::new();
@@ -493,7 +545,25 @@ fn worker_binary(cfg: &Config) -> Vec<Check> {
 
 #[cfg(test)]
 mod tests {
-    use super::favordynmods;
+    use super::{favordynmods, room, Level};
+
+    #[test]
+    fn the_smallest_kernel_limit_bounds_the_workers_a_cap_may_ask_for() {
+        // (pid_max, threads-max, slice pids.max, kanban.max_spawn) -> level, limit named
+        let rows = [
+            ((32768, 192729, Some(65536), Some(10_000)), Level::Ok, "kernel.pid_max"),
+            ((32768, 192729, Some(65536), Some(20_000)), Level::Warn, "kernel.pid_max"),
+            ((4194304, 192729, Some(65536), Some(40_000)), Level::Warn, "TasksMax"),
+            ((4194304, 30_000, None, Some(16_000)), Level::Warn, "threads-max"),
+            ((32768, 192729, None, None), Level::Ok, "kernel.pid_max"),
+        ];
+        for ((pid_max, threads, slice, cap), level, named) in rows {
+            let c = room(pid_max, threads, slice, cap);
+            assert_eq!(c.level, level, "{c:?}");
+            assert!(c.detail.contains(named), "{c:?}");
+            assert_eq!(c.fix.is_some(), level == Level::Warn, "{c:?}");
+        }
+    }
 
     #[test]
     fn favordynmods_is_read_from_the_cgroup2_mount_only() {
