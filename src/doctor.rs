@@ -299,7 +299,10 @@ fn room(pid_max: u64, threads_max: u64, slice_pids: Option<u64>, cap: Option<usi
     let (limit, what) = [
         (pid_max, "kernel.pid_max"),
         (threads_max, "kernel.threads-max"),
-        (slice_pids.unwrap_or(u64::MAX), "TasksMax of the workers' slice"),
+        (
+            slice_pids.unwrap_or(u64::MAX),
+            "TasksMax of the workers' slice",
+        ),
     ]
     .into_iter()
     .min_by_key(|(n, _)| *n)
@@ -324,9 +327,8 @@ fn room(pid_max: u64, threads_max: u64, slice_pids: Option<u64>, cap: Option<usi
 }
 
 fn host_room(cfg: &Config) -> Check {
-    let number = |path: &str| -> Option<u64> {
-        std::fs::read_to_string(path).ok()?.trim().parse().ok()
-    };
+    let number =
+        |path: &str| -> Option<u64> { std::fs::read_to_string(path).ok()?.trim().parse().ok() };
     let slice_pids = number(&format!(
         "/sys/fs/cgroup{}/pids.max",
         crate::liveness::unit_cgroup(&cfg.slice, "").trim_end_matches('/')
@@ -551,10 +553,26 @@ mod tests {
     fn the_smallest_kernel_limit_bounds_the_workers_a_cap_may_ask_for() {
         // (pid_max, threads-max, slice pids.max, kanban.max_spawn) -> level, limit named
         let rows = [
-            ((32768, 192729, Some(65536), Some(10_000)), Level::Ok, "kernel.pid_max"),
-            ((32768, 192729, Some(65536), Some(20_000)), Level::Warn, "kernel.pid_max"),
-            ((4194304, 192729, Some(65536), Some(40_000)), Level::Warn, "TasksMax"),
-            ((4194304, 30_000, None, Some(16_000)), Level::Warn, "threads-max"),
+            (
+                (32768, 192729, Some(65536), Some(10_000)),
+                Level::Ok,
+                "kernel.pid_max",
+            ),
+            (
+                (32768, 192729, Some(65536), Some(20_000)),
+                Level::Warn,
+                "kernel.pid_max",
+            ),
+            (
+                (4194304, 192729, Some(65536), Some(40_000)),
+                Level::Warn,
+                "TasksMax",
+            ),
+            (
+                (4194304, 30_000, None, Some(16_000)),
+                Level::Warn,
+                "threads-max",
+            ),
             ((32768, 192729, None, None), Level::Ok, "kernel.pid_max"),
         ];
         for ((pid_max, threads, slice, cap), level, named) in rows {

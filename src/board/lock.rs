@@ -44,17 +44,24 @@ impl FileLock {
     pub fn acquire(path: &Path, owner: &Owner, wait: Duration) -> io::Result<FileLock> {
         let f = open_lock(path, owner)?;
         let deadline = Instant::now() + wait;
+        // Polled, since `flock` cannot time out: from 200 µs, doubling up to 5 ms. Holders
+        // are brief (a worker's first open checks the board's integrity under the init
+        // lock), and a burst of workers opening the board queues here: a coarse poll left
+        // the lock idle most of the time they waited.
+        let mut pause = Duration::from_micros(200);
         loop {
             if try_flock(&f, libc::LOCK_EX)? {
                 return Ok(FileLock { _file: f });
             }
-            if Instant::now() >= deadline {
+            let now = Instant::now();
+            if now >= deadline {
                 return Err(io::Error::new(
                     io::ErrorKind::WouldBlock,
                     format!("{} is held by another process", path.display()),
                 ));
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(pause.min(deadline - now));
+            pause = (pause * 2).min(Duration::from_millis(5));
         }
     }
 

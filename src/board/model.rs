@@ -104,7 +104,10 @@ impl<'r, 's> Cols<'r, 's> {
     }
 
     /// Read a column by name; absent columns and NULLs are `None`.
-    pub(crate) fn get<T: rusqlite::types::FromSql>(&self, name: &str) -> rusqlite::Result<Option<T>> {
+    pub(crate) fn get<T: rusqlite::types::FromSql>(
+        &self,
+        name: &str,
+    ) -> rusqlite::Result<Option<T>> {
         match self.names.iter().position(|n| n.eq_ignore_ascii_case(name)) {
             Some(i) => self.row.get(i),
             None => Ok(None),

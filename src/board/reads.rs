@@ -188,7 +188,10 @@ impl Board {
                 .prepare("SELECT * FROM task_runs WHERE id IN (SELECT value FROM json_each(?1))")
                 .map_err(|e| self.err(what, e))?;
             let rows = st
-                .query_map([serde_json::to_string(&ids).unwrap_or_default()], Run::from_row)
+                .query_map(
+                    [serde_json::to_string(&ids).unwrap_or_default()],
+                    Run::from_row,
+                )
                 .map_err(|e| self.err(what, e))?;
             for r in rows {
                 let r = r.map_err(|e| self.err(what, e))?;

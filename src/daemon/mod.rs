@@ -249,11 +249,18 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     let mut extend = every(extend_every(&d.cfg));
     let mut retry = every(1);
 
+    let mut last_pass = Instant::now();
     loop {
-        // At most one pass per board per wake-up, after whatever woke the loop was handled.
-        d.pass().await;
+        // One pass per board after the events that are there have been handled — a pass
+        // then sees every slot they freed and starts those workers together — but never
+        // more than `PASS_AT_MOST_AFTER` after the last while events keep coming.
         let wake = d.next_wake();
         let due_now = wake.is_some_and(|w| w <= Instant::now());
+        if due_now && last_pass.elapsed() >= PASS_AT_MOST_AFTER {
+            d.pass().await;
+            last_pass = Instant::now();
+            continue;
+        }
         tokio::select! {
             biased;
             _ = watchdog.tick(), if wd.is_some() => d.notifier.send("WATCHDOG=1"),
@@ -321,8 +328,12 @@ async fn run(opts: Options) -> anyhow::Result<()> {
                 d.check_stale().await;
                 d.mark_all_dirty();
             }
-            // A pass cut short by its batch size, or a backoff that ran out, goes on.
-            _ = async {}, if due_now => {}
+            // Nothing else is ready: a dirty board's pass (also one cut short by its batch
+            // size, or whose backoff ran out).
+            _ = async {}, if due_now => {
+                d.pass().await;
+                last_pass = Instant::now();
+            }
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake.unwrap_or_else(Instant::now))), if wake.is_some() && !due_now => {}
         }
     }
@@ -917,6 +928,9 @@ fn raise_nofile_limit() {
         Err(e) => warn!("cannot read the open-file limit: {e}"),
     }
 }
+
+/// The longest a dirty board waits for its pass while events keep the loop busy.
+const PASS_AT_MOST_AFTER: Duration = Duration::from_millis(100);
 
 /// For `reconcile`: the unit a run of ours has.
 fn unit_of(board: &str, task: &str, run: i64) -> String {

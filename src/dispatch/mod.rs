@@ -85,9 +85,7 @@ pub async fn once(
     batch: Option<Batch>,
 ) -> anyhow::Result<(PassReport, Vec<Started>)> {
     let t0 = std::time::Instant::now();
-    let full = |started: &Vec<Started>| {
-        batch.is_some_and(|b| started.len() >= b.starts || t0.elapsed() >= b.time)
-    };
+    let full = |starts: usize| batch.is_some_and(|b| starts >= b.starts || t0.elapsed() >= b.time);
     let mut report = PassReport::default();
     let lock_path = board.paths().sibling("dispatch.lock");
     let Some(_lock) = FileLock::try_acquire(&lock_path, board.owner())? else {
@@ -112,10 +110,14 @@ pub async fn once(
                        spawn::spec::claimers_path(&cfg.state_dir).display());
     }
     let mut started = Vec::new();
+    let mut flight = Flight::default();
     // A spawn failure that stops the pass (the board refuses writes, systemd fails us).
     let mut stopped = false;
     for task in board.ready_tasks(10_000)? {
-        if full(&started) {
+        if stopped {
+            break;
+        }
+        if full(started.len() + flight.len()) {
             report.batch_full = true;
             break;
         }
@@ -160,15 +162,24 @@ pub async fn once(
         let Some(claim) = board.claim(&task.id, &lock, cfg.claim_ttl_seconds)? else {
             continue;
         };
-        match start_claimed(board, sd, cfg, &claim, &mut report, &mut started).await {
-            Start::Started => {
-                slots -= 1;
-                *per_profile.entry(assignee.clone()).or_default() += 1;
-            }
-            Start::NotStarted => {}
-            Start::StopPass => {
-                stopped = true;
+        // The slot is taken now, given back if the start fails.
+        slots -= 1;
+        *per_profile.entry(assignee.clone()).or_default() += 1;
+        flight.push(board, sd, cfg, claim, Some(assignee));
+        while flight.len() >= IN_FLIGHT || (stopped && flight.len() > 0) {
+            let Some(done) = flight.next().await else {
                 break;
+            };
+            let assignee = done.assignee.clone();
+            match settle(board, cfg, done, &mut report, &mut started) {
+                Start::Started => {}
+                Start::NotStarted => {
+                    slots += 1;
+                    if let Some(n) = assignee.and_then(|a| per_profile.get_mut(&a)) {
+                        *n = n.saturating_sub(1);
+                    }
+                }
+                Start::StopPass => stopped = true,
             }
         }
     }
@@ -178,7 +189,7 @@ pub async fn once(
         if stopped {
             break;
         }
-        if full(&started) {
+        if full(started.len() + flight.len()) {
             report.batch_full = true;
             break;
         }
@@ -197,13 +208,74 @@ pub async fn once(
         let Some(claim) = board.claim_review(&task.id, &lock, cfg.claim_ttl_seconds)? else {
             continue;
         };
-        match start_claimed(board, sd, cfg, &claim, &mut report, &mut started).await {
-            Start::Started => slots -= 1,
-            Start::NotStarted => {}
-            Start::StopPass => break,
+        slots -= 1;
+        flight.push(board, sd, cfg, claim, None);
+        while flight.len() >= IN_FLIGHT {
+            let Some(done) = flight.next().await else {
+                break;
+            };
+            match settle(board, cfg, done, &mut report, &mut started) {
+                Start::Started => {}
+                Start::NotStarted => slots += 1,
+                Start::StopPass => stopped = true,
+            }
         }
     }
+    // What is still starting finishes, whatever stopped the pass.
+    while let Some(done) = flight.next().await {
+        settle(board, cfg, done, &mut report, &mut started);
+    }
     Ok((report, started))
+}
+
+/// Workers a pass starts at once: each start waits for PID 1's job (the scope's cgroup and
+/// the move of the supervisor into it, ~10 ms, most of it the kernel's RCU grace period on
+/// the cgroup move), and starts that overlap share that wait.
+const IN_FLIGHT: usize = 8;
+
+/// A claim whose worker is being started.
+struct Starting {
+    claim: Claim,
+    /// The assignee counted against `max_in_progress_per_profile` (the ready lane).
+    assignee: Option<String>,
+    result: Result<Started, spawn::SpawnError>,
+}
+
+/// The starts in flight in one pass.
+#[derive(Default)]
+struct Flight<'a> {
+    starts: futures_util::stream::FuturesUnordered<
+        std::pin::Pin<Box<dyn std::future::Future<Output = Starting> + 'a>>,
+    >,
+}
+
+impl<'a> Flight<'a> {
+    fn push(
+        &mut self,
+        board: &'a Board,
+        sd: &'a Systemd,
+        cfg: &'a Config,
+        claim: Claim,
+        assignee: Option<String>,
+    ) {
+        self.starts.push(Box::pin(async move {
+            let result = spawn::start_worker(board, sd, cfg, &claim).await;
+            Starting {
+                claim,
+                assignee,
+                result,
+            }
+        }));
+    }
+
+    fn len(&self) -> usize {
+        self.starts.len()
+    }
+
+    async fn next(&mut self) -> Option<Starting> {
+        use futures_util::StreamExt;
+        self.starts.next().await
+    }
 }
 
 /// Upstream skips assignees that are not profiles on this host.
@@ -221,18 +293,17 @@ enum Start {
     StopPass,
 }
 
-/// Start the worker of a fresh claim (marking the claim as ours first), record what
-/// upstream records at spawn, or book the spawn failure.
-async fn start_claimed(
+/// A start that finished: record what upstream records at spawn, or book the failure.
+fn settle(
     board: &Board,
-    sd: &Systemd,
     cfg: &Config,
-    claim: &Claim,
+    done: Starting,
     report: &mut PassReport,
     started: &mut Vec<Started>,
 ) -> Start {
+    let claim = &done.claim;
     let task = &claim.task;
-    match spawn::start_worker(board, sd, cfg, claim).await {
+    match done.result {
         Ok(s) => {
             // The worker runs now: a board that is locked at this instant must not make
             // us kill it. These are informational for upstream (it records them at spawn).

@@ -176,6 +176,7 @@ pub fn prepare(
 }
 
 /// The worker user and its groups.
+#[derive(Clone)]
 pub(crate) struct Identity {
     pub user: nix::unistd::User,
     pub groups: Vec<u32>,
@@ -193,8 +194,36 @@ impl Identity {
     }
 }
 
-/// `worker_user`, looked up with its groups; never root.
+/// `worker_user`, looked up with its groups; never root. Each start needs it, and the
+/// lookup can be a round trip to PID 1 (`nss-systemd`) while PID 1 is busiest, so it is
+/// kept for up to a minute, and looked up again at once when `/etc/passwd` or `/etc/group`
+/// changes or another user is configured.
 pub(crate) fn worker_identity(cfg: &Config) -> Result<Identity, String> {
+    type Key = (String, Vec<Option<(u64, i64, i64)>>);
+    static KEPT: std::sync::Mutex<Option<(Key, std::time::Instant, Identity)>> =
+        std::sync::Mutex::new(None);
+    let stamp = |p: &str| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.ino(), m.mtime(), m.mtime_nsec()))
+    };
+    let key: Key = (
+        cfg.worker_user.clone(),
+        vec![stamp("/etc/passwd"), stamp("/etc/group")],
+    );
+    let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((k, at, who)) = kept.as_ref() {
+        if *k == key && at.elapsed() < Duration::from_secs(60) {
+            return Ok(who.clone());
+        }
+    }
+    let who = look_up_identity(cfg)?;
+    *kept = Some((key, std::time::Instant::now(), who.clone()));
+    Ok(who)
+}
+
+fn look_up_identity(cfg: &Config) -> Result<Identity, String> {
     let user = nix::unistd::User::from_name(&cfg.worker_user)
         .map_err(|e| format!("look up worker user {:?}: {e}", cfg.worker_user))?
         .ok_or_else(|| format!("worker user {:?} does not exist; create it (useradd --system {0}) or set worker_user", cfg.worker_user))?;

@@ -42,10 +42,7 @@ fn candidates(exe: &Path) -> Vec<PathBuf> {
     let Some(dir) = exe.parent() else {
         return Vec::new();
     };
-    vec![
-        dir.join(NAME),
-        dir.join("../libexec/hermes-mgr").join(NAME),
-    ]
+    vec![dir.join(NAME), dir.join("../libexec/hermes-mgr").join(NAME)]
 }
 
 /// The program, found and opened at the first call (the daemon calls it at start-up).
@@ -54,18 +51,19 @@ pub fn supervisor() -> &'static Program {
     PROGRAM.get_or_init(|| {
         let exe = std::fs::read_link("/proc/self/exe").unwrap_or_default();
         for path in candidates(&exe) {
-            if let Ok(fd) = nix::fcntl::open(&path, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty()) {
+            if let Ok(fd) = nix::fcntl::open(&path, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty())
+            {
                 let is_file = nix::sys::stat::fstat(&fd)
                     .is_ok_and(|s| s.st_mode & libc::S_IFMT == libc::S_IFREG);
                 if is_file {
-                    return Program {
-                        fd: Some(fd),
-                        path,
-                    };
+                    return Program { fd: Some(fd), path };
                 }
             }
         }
-        Program { fd: None, path: exe }
+        Program {
+            fd: None,
+            path: exe,
+        }
     })
 }
 
