@@ -199,6 +199,11 @@ impl Daemon {
                 .then(|| RunStatus::read(&self.cfg.state_dir, slug, &t.id, run).unwrap_or(None))
                 .flatten();
             let tracked = self.live.get(&key).is_some_and(|l| l.watched);
+            // The common case on the safety-net tick, 10,000 times with 10,000 live: a run
+            // we watch, its scope live, no record. Rule 1 again: nothing to change.
+            if tracked && record.is_none() && units.get(&unit).is_some_and(|s| is_live(s)) {
+                continue;
+            }
             let live = Live {
                 unit: unit.clone(),
                 lock: t.claim_lock.clone().unwrap_or_default(),

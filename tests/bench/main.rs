@@ -864,9 +864,25 @@ fn scale(n: usize) {
         deaths(100, false),
     );
     // The killed ones run again; then the daemon is killed and started again.
-    harness::wait_for("all running again", Duration::from_secs(120), || {
-        (running_at(&b) == n).then_some(())
-    });
+    let waited = Instant::now();
+    while running_at(&b) != n {
+        assert!(
+            waited.elapsed() < Duration::from_secs(120),
+            "not all running again after 120 s: {:?}, {} running without a worker\n{}",
+            b.counts().unwrap(),
+            count(
+                b.connection(),
+                "SELECT count(*) FROM tasks WHERE status='running' AND worker_pid IS NULL"
+            ),
+            rig::journal(rig::SERVICE)
+                .lines()
+                .rev()
+                .take(60)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     rig::sh(&format!("systemctl kill --signal=KILL {}", rig::SERVICE));
     harness::wait_for("the daemon dead", Duration::from_secs(10), || {
         (!rig::systemctl_show(rig::SERVICE, "ActiveState").contains("=active")).then_some(())
