@@ -788,6 +788,16 @@ fn scale(n: usize) {
         &format!("8. scale: hermes-mgr status --json, {n} live"),
         status,
     );
+    let mut table = Vec::new();
+    for _ in 0..10 {
+        let t = Instant::now();
+        d.rig.mgr(&["status"]).ok();
+        table.push(t.elapsed());
+    }
+    summary(
+        &format!("8. scale: hermes-mgr status (the table, --limit 50), {n} live"),
+        table,
+    );
     // Worker death -> booked, with all the others live: each death alone (the previous
     // victim's task running again first), then back to back (the respawn in flight).
     let ro = rusqlite::Connection::open_with_flags(
