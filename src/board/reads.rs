@@ -251,18 +251,7 @@ impl Board {
 
     /// The running tasks, read for the dispatcher (`hot_projection`: no body or result).
     pub fn running_tasks(&self) -> Result<Vec<Task>> {
-        let mut st = self
-            .conn
-            .prepare(&format!(
-                "SELECT {} FROM tasks WHERE status='running' ORDER BY id",
-                self.hot
-            ))
-            .map_err(|e| self.err("running tasks", e))?;
-        let v = st
-            .query_map([], Task::from_row)
-            .and_then(|r| r.collect::<rusqlite::Result<Vec<_>>>())
-            .map_err(|e| self.err("running tasks", e))?;
-        Ok(v)
+        self.running(&self.hot)
     }
 
     /// The running tasks with only their claim read (id, status, current run, claim lock
@@ -270,11 +259,14 @@ impl Board {
     /// is empty): what reconcile and stale detection need, read every safety-net tick for
     /// every live run.
     pub fn running_claims(&self) -> Result<Vec<Task>> {
+        self.running(&self.claims)
+    }
+
+    fn running(&self, projection: &str) -> Result<Vec<Task>> {
         let mut st = self
             .conn
             .prepare_cached(&format!(
-                "SELECT {} FROM tasks WHERE status='running' ORDER BY id",
-                self.claims
+                "SELECT {projection} FROM tasks WHERE status='running' ORDER BY id"
             ))
             .map_err(|e| self.err("running tasks", e))?;
         let v = st
