@@ -20,6 +20,44 @@ fn outcomes(d: &Dispatcher, id: &str) -> Vec<String> {
 }
 
 systemd_test!(
+    a_process_the_worker_leaves_behind_goes_with_its_scope_once_the_run_is_booked,
+    {
+        let d = Dispatcher::new("tick_seconds = 3600");
+        d.install();
+        d.start();
+        let id = d.rig.add("leaves a process behind");
+        let r1 = d.wait_running(&id, 0);
+        let unit = format!("hermes-worker-kanban-{id}-run-{r1}.scope");
+        // The worker starts a process in a session of its own and exits 1: the run ends
+        // (the supervisor's record) while its scope still holds that process.
+        d.command(&id, r1, "leave 1");
+        let ws = d.rig.dir.join("kanban/workspaces").join(&id);
+        let left: u32 = d
+            .rig
+            .wait_file(&ws.join(format!("left-{r1}")))
+            .lines()
+            .find_map(|l| l.strip_prefix("pid="))
+            .unwrap()
+            .parse()
+            .unwrap();
+        let run = wait_for("the run booked", Duration::from_secs(20), || {
+            d.rig
+                .board()
+                .run(r1)
+                .unwrap()
+                .filter(|r| r.ended_at.is_some())
+        });
+        assert_eq!(run.outcome.as_deref(), Some("crashed"), "{run:?}");
+        wait_for("the left process gone", Duration::from_secs(20), || {
+            (!alive(left)).then_some(())
+        });
+        wait_for("the scope gone", Duration::from_secs(20), || {
+            (!systemctl_show(&unit, "ActiveState").contains("=active")).then_some(())
+        });
+    }
+);
+
+systemd_test!(
     crashes_are_requeued_counted_and_trip_the_breaker_rate_limits_are_not,
     {
         let d = Dispatcher::new("tick_seconds = 3600");

@@ -237,6 +237,8 @@ read what arg < cmd
 echo "worker $HERMES_KANBAN_TASK run $HERMES_KANBAN_RUN_ID: $what $arg"
 case "$what" in
   exit) exit "$arg" ;;
+  leave) setsid sleep 3600 </dev/null >/dev/null 2>&1 &
+         printf 'pid=%s\nEND\n' "$!" > "left-$HERMES_KANBAN_RUN_ID"; exit "$arg" ;;
   complete) exec {hermes} kanban complete "$HERMES_KANBAN_TASK" --summary "done by the stub" ;;
   block) exec {hermes} kanban block "$HERMES_KANBAN_TASK" "stub needs a human" ;;
 esac
