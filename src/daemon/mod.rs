@@ -668,22 +668,15 @@ impl Daemon {
                 None
             }
         };
-        // With an exit record, how the run ended is the record's (`outcome::decide` reads
-        // no scope then): it is booked before PID 1 is asked anything, since PID 1 answers
-        // slowly while it holds 10,000 units; its answer only says whether leftovers of the
-        // worker must be stopped, after the booking. The scope is taken as live meanwhile.
-        let scope = match record {
-            Some(_) => Scope::Live,
-            None => match self.sd.active_state(&live.unit).await {
-                Ok(Some(_)) if self.husk(&live.unit).await => Scope::Empty,
-                Ok(Some(_)) => Scope::Live,
-                Ok(None) => Scope::Gone,
-                Err(e) => {
-                    warn!(unit = %live.unit, "unit state unknown ({e}); retrying");
-                    self.pending.insert(key.clone(), None);
-                    return;
-                }
-            },
+        let scope = match self.sd.active_state(&live.unit).await {
+            Ok(Some(_)) if self.husk(&live.unit).await => Scope::Empty,
+            Ok(Some(_)) => Scope::Live,
+            Ok(None) => Scope::Gone,
+            Err(e) => {
+                warn!(unit = %live.unit, "unit state unknown ({e}); retrying");
+                self.pending.insert(key.clone(), None);
+                return;
+            }
         };
         let facts = outcome::Facts {
             unit: &live.unit,
@@ -724,11 +717,7 @@ impl Daemon {
                 self.live.remove(key);
                 crate::spawn::spec::forget_run(&self.cfg.state_dir, slug, task, run);
                 // Leftovers of the worker (daemonized grandchildren) go with the run.
-                // (A state unknown now leaves them to reconcile's rule 5.)
-                let live_now = scope == Scope::Live
-                    && (record.is_none()
-                        || matches!(self.sd.active_state(&live.unit).await, Ok(Some(_))));
-                if live_now {
+                if scope == Scope::Live {
                     if let Err(e) = self.sd.stop(&live.unit).await {
                         warn!(unit = %live.unit, "stop leftovers: {e}");
                     }
