@@ -703,7 +703,9 @@ fn scale(n: usize) {
     let _ = std::process::Command::new("systemctl")
         .args(["stop", rig::SERVICE])
         .status();
-    let d = rig::Dispatcher::new("tick_seconds = 30\nbusy_timeout_ms = 300");
+    // `BENCH_SCALE_TICK`: the safety-net tick, to see what it costs the other figures.
+    let tick = std::env::var("BENCH_SCALE_TICK").unwrap_or_else(|_| "30".into());
+    let d = rig::Dispatcher::new(&format!("tick_seconds = {tick}\nbusy_timeout_ms = 300"));
     std::fs::write(
         d.rig.dir.join("config.yaml"),
         // The deaths below are crashes: the breaker must not block their tasks.
