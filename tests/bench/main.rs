@@ -774,7 +774,7 @@ fn scale(n: usize) {
     row(
         &format!("8. scale: the daemon idle, {n} live"),
         format!(
-            "RSS {:.1} MiB, {fds} descriptors, CPU {:.3} % over {secs:.0} s (tick 30 s)",
+            "RSS {:.1} MiB, {fds} descriptors, CPU {:.3} % over {secs:.0} s (tick {tick} s)",
             rss as f64 / 1024.0,
             100.0 * busy / secs
         ),
