@@ -95,10 +95,13 @@ impl Board {
 
     /// The newest run of a task.
     pub fn last_run(&self, id: &str) -> Result<Option<Run>> {
-        // Cached: `status` asks this once per row shown.
         self.conn
-            .prepare_cached("SELECT * FROM task_runs WHERE task_id=?1 ORDER BY id DESC LIMIT 1")
-            .and_then(|mut st| st.query_row([id], Run::from_row).optional())
+            .query_row(
+                "SELECT * FROM task_runs WHERE task_id=?1 ORDER BY id DESC LIMIT 1",
+                [id],
+                Run::from_row,
+            )
+            .optional()
             .map_err(|e| self.err("read run", e))
     }
 
@@ -306,14 +309,6 @@ impl Board {
             .and_then(|r| r.collect::<rusqlite::Result<Vec<_>>>())
             .map_err(|e| self.err(what, e))?;
         Ok(v)
-    }
-
-    /// Number of runs of a task.
-    pub fn run_count(&self, id: &str) -> Result<i64> {
-        self.conn
-            .prepare_cached("SELECT count(*) FROM task_runs WHERE task_id = ?1")
-            .and_then(|mut st| st.query_row([id], |r| r.get(0)))
-            .map_err(|e| self.err("count runs", e))
     }
 
     pub fn parents(&self, id: &str) -> Result<Vec<String>> {

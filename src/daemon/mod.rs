@@ -42,6 +42,9 @@ const PASS_BATCH: dispatch::Batch = dispatch::Batch {
     starts: 64,
     time: Duration::from_secs(1),
 };
+
+/// The longest a dirty board waits for its pass while events keep the loop busy.
+const PASS_AT_MOST_AFTER: Duration = Duration::from_millis(100);
 use crate::spawn::Started;
 use crate::systemd::{unit_name, Systemd};
 
@@ -928,9 +931,6 @@ fn raise_nofile_limit() {
         Err(e) => warn!("cannot read the open-file limit: {e}"),
     }
 }
-
-/// The longest a dirty board waits for its pass while events keep the loop busy.
-const PASS_AT_MOST_AFTER: Duration = Duration::from_millis(100);
 
 /// For `reconcile`: the unit a run of ours has.
 fn unit_of(board: &str, task: &str, run: i64) -> String {
