@@ -91,6 +91,45 @@ pub(super) fn sqlite_path(paths: &BoardPaths) -> PathBuf {
 }
 
 /// `Board::open`'s file work, run as the board's owner.
+/// Upstream's `_INIT_LOCK_TIMEOUT_SECONDS`.
+const INIT_LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// Upstream's `_cross_process_init_lock`: `kanban.db.init.lock`, waited for at most `wait`,
+/// then — as upstream does since its #36644 — the open goes on without it, with a warning:
+/// what runs under it (header and integrity checks, `CREATE TABLE IF NOT EXISTS`) is
+/// idempotent, and a burst of workers opening one board (64 at once, each checking the
+/// whole board) or one wedged holder must not fail every other opener. A lock file that
+/// cannot be opened (a FIFO or symlink planted in its place) is still an error.
+fn take_init_lock(
+    paths: &BoardPaths,
+    owner: &Owner,
+    wait: Duration,
+) -> Result<Option<lock::FileLock>> {
+    let path = paths.sibling("init.lock");
+    match lock::FileLock::acquire(&path, owner, wait) {
+        Ok(l) => Ok(Some(l)),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            let msg = format!(
+                "{} not taken within {} s; opening the board without it (what it guards is idempotent)",
+                path.display(),
+                wait.as_secs_f64()
+            );
+            // The daemon logs; a command says it on stderr, as upstream's warning does.
+            if tracing::dispatcher::has_been_set() {
+                tracing::warn!("{msg}");
+            } else {
+                eprintln!("hermes-mgr: warning: {msg}");
+            }
+            Ok(None)
+        }
+        Err(source) => Err(BoardError::Io {
+            path,
+            op: "take init lock",
+            source,
+        }),
+    }
+}
+
 pub(super) fn open_conn(
     paths: &BoardPaths,
     mode: OpenMode,
@@ -126,13 +165,7 @@ pub(super) fn open_conn(
         })?;
     }
     check_header(db)?;
-    let init_lock =
-        lock::FileLock::acquire(&paths.sibling("init.lock"), owner, Duration::from_secs(10))
-            .map_err(|source| BoardError::Io {
-                path: paths.sibling("init.lock"),
-                op: "take init lock",
-                source,
-            })?;
+    let init_lock = take_init_lock(paths, owner, INIT_LOCK_WAIT)?;
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX
@@ -366,5 +399,41 @@ pub(super) fn set_chunk_size(conn: &Connection, bytes: i32) -> rusqlite::Result<
             rusqlite::ffi::Error::new(rc),
             Some("SQLITE_FCNTL_CHUNK_SIZE".into()),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_init_lock_held_past_the_wait_is_gone_around_as_upstream_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = BoardPaths::for_db(&dir.path().join("kanban.db"));
+        let me = Owner::of_tree(dir.path()).unwrap();
+        let held = lock::FileLock::try_acquire(&paths.sibling("init.lock"), &me)
+            .unwrap()
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        let got = take_init_lock(&paths, &me, Duration::from_millis(50)).unwrap();
+        assert!(got.is_none(), "a held lock was taken");
+        assert!(t0.elapsed() >= Duration::from_millis(50), "it did not wait");
+        drop(held);
+        assert!(take_init_lock(&paths, &me, Duration::from_millis(50))
+            .unwrap()
+            .is_some());
+    }
+
+    #[test]
+    fn an_init_lock_that_is_no_lock_file_is_still_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = BoardPaths::for_db(&dir.path().join("kanban.db"));
+        let me = Owner::of_tree(dir.path()).unwrap();
+        nix::unistd::mkfifo(
+            &paths.sibling("init.lock"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        assert!(take_init_lock(&paths, &me, Duration::from_millis(50)).is_err());
     }
 }

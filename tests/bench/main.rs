@@ -242,6 +242,7 @@ fn trivial_rate(n: usize, max_spawn: usize) -> f64 {
     let b = d.rig.board();
     seed(&b, n);
     d.install_logging("info");
+    let cpu = Cpu::now();
     let t0 = Instant::now();
     d.start();
     let t_end = t0 + Duration::from_secs(120);
@@ -286,6 +287,10 @@ fn trivial_rate(n: usize, max_spawn: usize) -> f64 {
         std::thread::sleep(Duration::from_millis(5));
     }
     let rate = n as f64 / t0.elapsed().as_secs_f64();
+    row(
+        &format!("   hermes-mgr, {n} trivial tasks, max_spawn {max_spawn}"),
+        Cpu::now().per_task(cpu, n),
+    );
     let _ = std::process::Command::new("systemctl")
         .args(["stop", rig::SERVICE])
         .status();
@@ -416,13 +421,19 @@ fn upstream_rate(n: usize, max: Option<usize>) -> Result<f64, String> {
     let r = rig::Rig::new(&stub, "");
     let b = r.board();
     seed(&b, n);
+    let cpu = Cpu::now();
     let t0 = Instant::now();
     let mut up = upstream_daemon(&r, None, max);
     let mut last = (Instant::now(), 0);
     let result = loop {
         let done = b.counts().unwrap().get("done").copied().unwrap_or(0);
         if done == n as i64 {
-            break Ok(n as f64 / t0.elapsed().as_secs_f64());
+            let rate = n as f64 / t0.elapsed().as_secs_f64();
+            row(
+                &format!("   upstream, {n} trivial tasks, --max {max:?}"),
+                Cpu::now().per_task(cpu, n),
+            );
+            break Ok(rate);
         }
         if done != last.1 {
             last = (Instant::now(), done);
@@ -609,7 +620,6 @@ fn many_boards(n: usize) {
 /// `max_spawn = k`; (c) upstream 0.19.0's daemon (`--interval 1 --max k`) on the same
 /// workload.
 fn ceiling(n: usize, k: usize) {
-    use futures_util::StreamExt;
     let _ = std::process::Command::new("systemctl")
         .args(["stop", rig::SERVICE])
         .status();
@@ -617,18 +627,100 @@ fn ceiling(n: usize, k: usize) {
         .enable_all()
         .build()
         .unwrap();
-    let plain = rt.block_on(async {
+    let plain = plain_rate(&rt, n, k, None);
+    row(
+        &format!("9. ceiling: a plain client creates and removes {n} scopes, {k} in flight"),
+        format!("{plain:.1} scopes/s"),
+    );
+    // The same, each scope running the trivial task's own worker (the stub below, which
+    // completes its task on a board of `n`): what systemd and this worker allow together.
+    let stub = format!(
+        "#!/bin/sh\nexec {} --db \"$HERMES_KANBAN_DB\" complete \"$HERMES_KANBAN_TASK\" --summary ok\n",
+        harness::mgr_bin().display()
+    );
+    let r = rig::Rig::new(&stub, "");
+    seed(&r.board(), n);
+    let with_worker = plain_rate(&rt, n, k, Some(&r));
+    row(
+        &format!(
+            "9. ceiling with the worker: the same, each scope running the trivial task's worker"
+        ),
+        format!("{with_worker:.1} tasks/s"),
+    );
+    drop(r);
+    let ours = trivial_rate(n, k);
+    row(
+        &format!("9. hermes-mgr: {n} trivial tasks ready -> done, max_spawn {k}"),
+        format!(
+            "{ours:.1} tasks/s: {:.0} % of the ceiling, {:.0} % of the ceiling with the worker",
+            100.0 * ours / plain,
+            100.0 * ours / with_worker
+        ),
+    );
+    if std::env::var("BENCH_CEILING_UPSTREAM").as_deref() == Ok("0") {
+        return;
+    }
+    let theirs = upstream_rate(n, Some(k));
+    row(
+        &format!("9. upstream 0.19.0 (daemon --interval 1 --max {k}): {n} trivial tasks"),
+        match theirs {
+            Ok(t) => format!("{t:.1} tasks/s; hermes-mgr {:.2} x upstream", ours / t),
+            Err(e) => e,
+        },
+    );
+}
+
+/// Figure 9's plain client: creates `n` scopes, `k` in flight, each around a fresh process
+/// held on a pipe (so nothing runs outside its scope), in the workers' child slices
+/// (`StartTransientUnit` + its job), then lets the process go on, until systemd has removed
+/// every scope (`UnitRemoved`). The process is `head -c1` (nothing), or with `worker`, the
+/// rig's stub worker for one of its board's ready tasks, as root, its output discarded.
+fn plain_rate(rt: &tokio::runtime::Runtime, n: usize, k: usize, worker: Option<&rig::Rig>) -> f64 {
+    use futures_util::StreamExt;
+    let tasks: Vec<String> = match worker {
+        Some(r) => r
+            .board()
+            .ready_tasks(n)
+            .unwrap()
+            .into_iter()
+            .map(|t| t.id)
+            .collect(),
+        None => Vec::new(),
+    };
+    let tag = if worker.is_some() { "w" } else { "p" };
+    rt.block_on(async {
         let sd = hermes_mgr::systemd::Systemd::connect().await.unwrap();
         let mut removed = sd.unit_removed_stream();
+        let cpu = Cpu::now();
         let t0 = Instant::now();
         let starts = futures_util::stream::iter(0..n)
             .map(|i| {
                 let sd = &sd;
+                let mut cmd = match worker {
+                    // `read` holds the shell until the scope is there.
+                    Some(r) => {
+                        let mut c = std::process::Command::new("/bin/sh");
+                        c.args([
+                            "-c",
+                            "read go; exec \"$0\"",
+                            &r.dir.join("worker").display().to_string(),
+                        ])
+                        .env("HERMES_KANBAN_DB", &r.db)
+                        .env("HERMES_KANBAN_TASK", &tasks[i]);
+                        c
+                    }
+                    None => {
+                        let mut c = std::process::Command::new("/usr/bin/head");
+                        c.arg("-c1");
+                        c
+                    }
+                };
                 async move {
-                    let name = format!("bench-ceiling-{i}.scope");
-                    let mut child = std::process::Command::new("/usr/bin/head")
-                        .arg("-c1")
+                    let name = format!("bench-ceiling-{tag}{i}.scope");
+                    let mut child = cmd
                         .stdin(std::process::Stdio::piped())
+                        .stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::piped())
                         .spawn()
                         .unwrap();
                     let slice =
@@ -644,49 +736,125 @@ fn ceiling(n: usize, k: usize) {
                     sd.start_transient(&name, props, Duration::from_secs(60))
                         .await
                         .unwrap();
-                    // EOF: the process exits, and with it the scope.
-                    drop(child.stdin.take());
-                    tokio::task::spawn_blocking(move || child.wait())
+                    // The line (or EOF): the process goes on, and its scope ends with it.
+                    {
+                        use std::io::Write;
+                        let mut stdin = child.stdin.take().unwrap();
+                        let _ = stdin.write_all(b"go\n");
+                    }
+                    tokio::task::spawn_blocking(move || child.wait_with_output())
                 }
             })
             .buffer_unordered(k)
             .collect::<Vec<_>>();
+        let prefix = format!("bench-ceiling-{tag}");
         let ends = async {
             let mut seen = 0;
             while seen < n {
                 let unit = removed.next().await.expect("the bus went away");
-                if unit.starts_with("bench-ceiling-") {
+                if unit.starts_with(&prefix) {
                     seen += 1;
                 }
             }
         };
         let (reaps, ()) = tokio::join!(starts, ends);
         let rate = n as f64 / t0.elapsed().as_secs_f64();
+        row(
+            &format!(
+                "   plain client, {n} scopes{}",
+                if worker.is_some() {
+                    " with the worker"
+                } else {
+                    ""
+                }
+            ),
+            Cpu::now().per_task(cpu, n),
+        );
         for r in reaps {
-            r.await.unwrap().unwrap();
+            let out = r.await.unwrap().unwrap();
+            assert!(
+                out.status.success(),
+                "a plain client's process failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        if let Some(r) = worker {
+            let done = r
+                .board()
+                .counts()
+                .unwrap()
+                .get("done")
+                .copied()
+                .unwrap_or(0);
+            assert_eq!(
+                done, n as i64,
+                "the plain client's workers did not all complete"
+            );
         }
         rate
-    });
-    row(
-        &format!("9. ceiling: a plain client creates and removes {n} scopes, {k} in flight"),
-        format!("{plain:.1} scopes/s"),
-    );
-    let ours = trivial_rate(n, k);
-    row(
-        &format!("9. hermes-mgr: {n} trivial tasks ready -> done, max_spawn {k}"),
+    })
+}
+
+/// CPU time spent so far by each part of the sandbox's system, from cgroup v2's
+/// `cpu.stat` (`usage_usec`, which keeps what removed child cgroups used): PID 1, journald,
+/// the bus, the dispatcher's service (daemon and, when it forks them, supervisors), the
+/// workers' slice (every scope, removed ones included), and the machine's busy time.
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    parts: [f64; 6],
+    machine: f64,
+}
+
+const CPU_PARTS: [(&str, &str); 6] = [
+    ("PID 1", "init.scope"),
+    ("journald", "system.slice/systemd-journald.service"),
+    ("D-Bus", "system.slice/dbus.service"),
+    ("dispatcher", "system.slice/hermes-dispatcher.service"),
+    ("workers' slice", "hermes.slice/hermes-workers.slice"),
+    ("whole sandbox", ""),
+];
+
+impl Cpu {
+    fn now() -> Cpu {
+        let mut c = Cpu::default();
+        for (i, (_, cg)) in CPU_PARTS.iter().enumerate() {
+            let stat = std::fs::read_to_string(format!("/sys/fs/cgroup/{cg}/cpu.stat"))
+                .unwrap_or_default();
+            c.parts[i] = stat
+                .lines()
+                .find_map(|l| l.strip_prefix("usage_usec "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+                / 1e6;
+        }
+        // /proc/stat's first line: user nice system idle iowait … in USER_HZ (100/s).
+        let stat = std::fs::read_to_string("/proc/stat").unwrap();
+        let f: Vec<f64> = stat
+            .lines()
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .skip(1)
+            .map(|v| v.parse().unwrap())
+            .collect();
+        c.machine = (f.iter().sum::<f64>() - f[3] - f[4]) / 100.0;
+        c
+    }
+
+    /// "per task: PID 1 x ms, … ; machine y ms" for `n` tasks since `before`.
+    fn per_task(self, before: Cpu, n: usize) -> String {
+        let ms = |a: f64, b: f64| (a - b) * 1e3 / n as f64;
+        let parts: Vec<String> = CPU_PARTS
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| format!("{name} {:.2}", ms(self.parts[i], before.parts[i])))
+            .collect();
         format!(
-            "{ours:.1} tasks/s: {:.0} % of the ceiling",
-            100.0 * ours / plain
-        ),
-    );
-    let theirs = upstream_rate(n, Some(k));
-    row(
-        &format!("9. upstream 0.19.0 (daemon --interval 1 --max {k}): {n} trivial tasks"),
-        match theirs {
-            Ok(t) => format!("{t:.1} tasks/s; hermes-mgr {:.2} x upstream", ours / t),
-            Err(e) => e,
-        },
-    );
+            "CPU ms per task: {}; machine {:.2}",
+            parts.join(", "),
+            ms(self.machine, before.machine)
+        )
+    }
 }
 
 /// The one number a `SELECT count(*) …` returns.
