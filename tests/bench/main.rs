@@ -618,7 +618,8 @@ fn many_boards(n: usize) {
 /// (`StartTransientUnit` + its job), then lets the process exit, until systemd has removed
 /// every scope (`UnitRemoved`); (b) hermes-mgr's trivial tasks (figure 3) with
 /// `max_spawn = k`; (c) upstream 0.19.0's daemon (`--interval 1 --max k`) on the same
-/// workload.
+/// workload (`BENCH_CEILING_UPSTREAM=0` leaves it out). Each leg also prints its CPU time
+/// per task by part of the system (`Cpu`).
 fn ceiling(n: usize, k: usize) {
     let _ = std::process::Command::new("systemctl")
         .args(["stop", rig::SERVICE])
@@ -627,34 +628,17 @@ fn ceiling(n: usize, k: usize) {
         .enable_all()
         .build()
         .unwrap();
-    let plain = plain_rate(&rt, n, k, None);
+    let plain = plain_rate(&rt, n, k);
     row(
         &format!("9. ceiling: a plain client creates and removes {n} scopes, {k} in flight"),
         format!("{plain:.1} scopes/s"),
     );
-    // The same, each scope running the trivial task's own worker (the stub below, which
-    // completes its task on a board of `n`): what systemd and this worker allow together.
-    let stub = format!(
-        "#!/bin/sh\nexec {} --db \"$HERMES_KANBAN_DB\" complete \"$HERMES_KANBAN_TASK\" --summary ok\n",
-        harness::mgr_bin().display()
-    );
-    let r = rig::Rig::new(&stub, "");
-    seed(&r.board(), n);
-    let with_worker = plain_rate(&rt, n, k, Some(&r));
-    row(
-        &format!(
-            "9. ceiling with the worker: the same, each scope running the trivial task's worker"
-        ),
-        format!("{with_worker:.1} tasks/s"),
-    );
-    drop(r);
     let ours = trivial_rate(n, k);
     row(
         &format!("9. hermes-mgr: {n} trivial tasks ready -> done, max_spawn {k}"),
         format!(
-            "{ours:.1} tasks/s: {:.0} % of the ceiling, {:.0} % of the ceiling with the worker",
-            100.0 * ours / plain,
-            100.0 * ours / with_worker
+            "{ours:.1} tasks/s: {:.0} % of the ceiling",
+            100.0 * ours / plain
         ),
     );
     if std::env::var("BENCH_CEILING_UPSTREAM").as_deref() == Ok("0") {
@@ -671,23 +655,10 @@ fn ceiling(n: usize, k: usize) {
 }
 
 /// Figure 9's plain client: creates `n` scopes, `k` in flight, each around a fresh process
-/// held on a pipe (so nothing runs outside its scope), in the workers' child slices
-/// (`StartTransientUnit` + its job), then lets the process go on, until systemd has removed
-/// every scope (`UnitRemoved`). The process is `head -c1` (nothing), or with `worker`, the
-/// rig's stub worker for one of its board's ready tasks, as root, its output discarded.
-fn plain_rate(rt: &tokio::runtime::Runtime, n: usize, k: usize, worker: Option<&rig::Rig>) -> f64 {
+/// (`head -c1`) held on a pipe, in the workers' child slices (`StartTransientUnit` + its
+/// job), then lets the process exit, until systemd has removed every scope (`UnitRemoved`).
+fn plain_rate(rt: &tokio::runtime::Runtime, n: usize, k: usize) -> f64 {
     use futures_util::StreamExt;
-    let tasks: Vec<String> = match worker {
-        Some(r) => r
-            .board()
-            .ready_tasks(n)
-            .unwrap()
-            .into_iter()
-            .map(|t| t.id)
-            .collect(),
-        None => Vec::new(),
-    };
-    let tag = if worker.is_some() { "w" } else { "p" };
     rt.block_on(async {
         let sd = hermes_mgr::systemd::Systemd::connect().await.unwrap();
         let mut removed = sd.unit_removed_stream();
@@ -696,31 +667,11 @@ fn plain_rate(rt: &tokio::runtime::Runtime, n: usize, k: usize, worker: Option<&
         let starts = futures_util::stream::iter(0..n)
             .map(|i| {
                 let sd = &sd;
-                let mut cmd = match worker {
-                    // `read` holds the shell until the scope is there.
-                    Some(r) => {
-                        let mut c = std::process::Command::new("/bin/sh");
-                        c.args([
-                            "-c",
-                            "read go; exec \"$0\"",
-                            &r.dir.join("worker").display().to_string(),
-                        ])
-                        .env("HERMES_KANBAN_DB", &r.db)
-                        .env("HERMES_KANBAN_TASK", &tasks[i]);
-                        c
-                    }
-                    None => {
-                        let mut c = std::process::Command::new("/usr/bin/head");
-                        c.arg("-c1");
-                        c
-                    }
-                };
                 async move {
-                    let name = format!("bench-ceiling-{tag}{i}.scope");
-                    let mut child = cmd
+                    let name = format!("bench-ceiling-{i}.scope");
+                    let mut child = std::process::Command::new("/usr/bin/head")
+                        .arg("-c1")
                         .stdin(std::process::Stdio::piped())
-                        .stdout(std::process::Stdio::null())
-                        .stderr(std::process::Stdio::piped())
                         .spawn()
                         .unwrap();
                     let slice =
@@ -736,23 +687,18 @@ fn plain_rate(rt: &tokio::runtime::Runtime, n: usize, k: usize, worker: Option<&
                     sd.start_transient(&name, props, Duration::from_secs(60))
                         .await
                         .unwrap();
-                    // The line (or EOF): the process goes on, and its scope ends with it.
-                    {
-                        use std::io::Write;
-                        let mut stdin = child.stdin.take().unwrap();
-                        let _ = stdin.write_all(b"go\n");
-                    }
-                    tokio::task::spawn_blocking(move || child.wait_with_output())
+                    // EOF: the process exits, and with it the scope.
+                    drop(child.stdin.take());
+                    tokio::task::spawn_blocking(move || child.wait())
                 }
             })
             .buffer_unordered(k)
             .collect::<Vec<_>>();
-        let prefix = format!("bench-ceiling-{tag}");
         let ends = async {
             let mut seen = 0;
             while seen < n {
                 let unit = removed.next().await.expect("the bus went away");
-                if unit.starts_with(&prefix) {
+                if unit.starts_with("bench-ceiling-") {
                     seen += 1;
                 }
             }
@@ -760,36 +706,11 @@ fn plain_rate(rt: &tokio::runtime::Runtime, n: usize, k: usize, worker: Option<&
         let (reaps, ()) = tokio::join!(starts, ends);
         let rate = n as f64 / t0.elapsed().as_secs_f64();
         row(
-            &format!(
-                "   plain client, {n} scopes{}",
-                if worker.is_some() {
-                    " with the worker"
-                } else {
-                    ""
-                }
-            ),
+            &format!("   plain client, {n} scopes"),
             Cpu::now().per_task(cpu, n),
         );
         for r in reaps {
-            let out = r.await.unwrap().unwrap();
-            assert!(
-                out.status.success(),
-                "a plain client's process failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        if let Some(r) = worker {
-            let done = r
-                .board()
-                .counts()
-                .unwrap()
-                .get("done")
-                .copied()
-                .unwrap_or(0);
-            assert_eq!(
-                done, n as i64,
-                "the plain client's workers did not all complete"
-            );
+            r.await.unwrap().unwrap();
         }
         rate
     })
