@@ -113,7 +113,8 @@ pub async fn once(
     let mut flight = Flight::default();
     // A spawn failure that stops the pass (the board refuses writes, systemd fails us).
     let mut stopped = false;
-    for task in board.ready_tasks(10_000)? {
+    let mut ready = Lane::new(Board::ready_tasks, slots);
+    while let Some(task) = ready.next(board)? {
         if stopped {
             break;
         }
@@ -122,8 +123,8 @@ pub async fn once(
             break;
         }
         if slots == 0 {
-            report.skipped_capped += 1;
-            continue;
+            report.skipped_capped += 1 + ready.unseen(board, "ready")?;
+            break;
         }
         // Upstream's respawn guards (`guard.rs`), with its `respawn_guarded` event — written
         // once per reason, not on every pass (passes follow events here, not a minute's tick).
@@ -162,6 +163,7 @@ pub async fn once(
         let Some(claim) = board.claim(&task.id, &lock, cfg.claim_ttl_seconds)? else {
             continue;
         };
+        ready.claimed += 1;
         // The slot is taken now, given back if the start fails.
         slots -= 1;
         *per_profile.entry(assignee.clone()).or_default() += 1;
@@ -185,7 +187,8 @@ pub async fn once(
     }
     // Upstream's review lane: `review` tasks, claimed back to `running`, counted against
     // the same cap; no default assignee, per-profile cap or respawn guard applies there.
-    for task in board.review_tasks(10_000)? {
+    let mut review = Lane::new(Board::review_tasks, slots);
+    while let Some(task) = review.next(board)? {
         if stopped {
             break;
         }
@@ -194,8 +197,8 @@ pub async fn once(
             break;
         }
         if slots == 0 {
-            report.skipped_capped += 1;
-            continue;
+            report.skipped_capped += 1 + review.unseen(board, "review")?;
+            break;
         }
         let Some(assignee) = task.assignee.clone() else {
             report.skipped_unassigned.push(task.id.clone());
@@ -208,6 +211,7 @@ pub async fn once(
         let Some(claim) = board.claim_review(&task.id, &lock, cfg.claim_ttl_seconds)? else {
             continue;
         };
+        review.claimed += 1;
         slots -= 1;
         flight.push(board, sd, cfg, claim, None);
         while flight.len() >= IN_FLIGHT {
@@ -226,6 +230,64 @@ pub async fn once(
         settle(board, cfg, done, &mut report, &mut started);
     }
     Ok((report, started))
+}
+
+/// One lane's unclaimed tasks in upstream's order, read a page at a time: a pass that has a
+/// few free slots reads a few rows, not the whole lane (10,000 ready tasks behind a full
+/// cap were read on every pass, and a pass follows every worker's end). A page that runs
+/// out (tasks skipped by a guard, or not this host's) is read again twice as long; what the
+/// pass already saw is not handed out twice.
+struct Lane {
+    read: fn(&Board, usize) -> crate::board::Result<Vec<crate::board::Task>>,
+    page: Vec<crate::board::Task>,
+    seen: std::collections::HashSet<String>,
+    limit: usize,
+    exhausted: bool,
+    /// Tasks of this lane the pass claimed.
+    claimed: usize,
+}
+
+impl Lane {
+    fn new(
+        read: fn(&Board, usize) -> crate::board::Result<Vec<crate::board::Task>>,
+        slots: usize,
+    ) -> Lane {
+        Lane {
+            read,
+            page: Vec::new(),
+            seen: Default::default(),
+            limit: slots.saturating_mul(2).clamp(32, 10_000),
+            exhausted: false,
+            claimed: 0,
+        }
+    }
+
+    fn next(&mut self, board: &Board) -> crate::board::Result<Option<crate::board::Task>> {
+        loop {
+            if let Some(t) = self.page.pop() {
+                return Ok(Some(t));
+            }
+            if self.exhausted {
+                return Ok(None);
+            }
+            let rows = (self.read)(board, self.limit)?;
+            self.exhausted = rows.len() < self.limit;
+            self.page = rows
+                .into_iter()
+                .filter(|t| self.seen.insert(t.id.clone()))
+                .collect();
+            self.page.reverse();
+            self.limit = self.limit.saturating_mul(2);
+        }
+    }
+
+    /// The lane's tasks after the one in hand, for the report of tasks left waiting for a
+    /// slot: the rest of the page, and those in `status` the pass never read (all of them
+    /// less those it read and did not claim).
+    fn unseen(&self, board: &Board, status: &str) -> crate::board::Result<usize> {
+        let waiting = usize::try_from(board.count(status)?).unwrap_or(0);
+        Ok((waiting + self.claimed + self.page.len()).saturating_sub(self.seen.len()))
+    }
 }
 
 /// Workers a pass starts at once: each start waits for PID 1's job (the scope's cgroup and
@@ -370,5 +432,65 @@ fn settle(
                 Start::NotStarted
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::board::{BoardPaths, NewTask, OpenMode};
+
+    fn board_of(n: usize) -> (tempfile::TempDir, Board) {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Board::open(
+            &BoardPaths::for_db(&dir.path().join("kanban.db")),
+            OpenMode::CreateIfMissing,
+        )
+        .unwrap();
+        for i in 0..n {
+            b.create(&NewTask {
+                title: format!("t{i}"),
+                priority: (i % 3) as i64,
+                ..Default::default()
+            })
+            .unwrap();
+        }
+        (dir, b)
+    }
+
+    #[test]
+    fn a_lane_hands_out_every_task_once_in_upstreams_order_whatever_its_pages() {
+        let (_d, b) = board_of(150);
+        let all: Vec<String> = b
+            .ready_tasks(10_000)
+            .unwrap()
+            .into_iter()
+            .map(|t| t.id)
+            .collect();
+        // A pass that claims every other task: the pages run out and are read again longer.
+        let mut lane = Lane::new(Board::ready_tasks, 1);
+        let mut got = Vec::new();
+        while let Some(t) = lane.next(&b).unwrap() {
+            if got.len() % 2 == 0 {
+                b.claim(&t.id, "test", 60).unwrap().unwrap();
+                lane.claimed += 1;
+            }
+            got.push(t.id);
+        }
+        assert_eq!(got, all);
+    }
+
+    #[test]
+    fn the_tasks_left_waiting_are_those_after_the_one_in_hand() {
+        let (_d, b) = board_of(100);
+        let mut lane = Lane::new(Board::ready_tasks, 1);
+        // Three read: the first claimed, the second skipped, the third in hand when the
+        // slots run out: 97 after it wait (the 98 the old whole-lane loop counted, less it).
+        let first = lane.next(&b).unwrap().unwrap();
+        b.claim(&first.id, "test", 60).unwrap().unwrap();
+        lane.claimed += 1;
+        lane.next(&b).unwrap().unwrap();
+        lane.next(&b).unwrap().unwrap();
+        assert_eq!(lane.unseen(&b, "ready").unwrap(), 97);
     }
 }
