@@ -14,6 +14,7 @@
 
 mod boards;
 mod decompose;
+mod live;
 mod notify;
 mod reconcile;
 mod watch;
@@ -81,8 +82,8 @@ struct Daemon {
     /// The boards served, by slug (`boards.rs`).
     slots: BTreeMap<String, Slot>,
     sd: Systemd,
-    /// Ordered, so a task's runs are one range (`runs_of`), never a scan of every live run.
-    live: BTreeMap<Key, Live>,
+    /// The runs we watch (`live.rs`): by key, by scope, by exit record.
+    live: live::LiveRuns,
     /// Runs whose booking failed (board locked): retried on the next timer. `Some` carries
     /// an outcome already decided (a spawn failure), `None` means "decide from the facts".
     pending: BTreeMap<Key, Option<RunEnd>>,
@@ -198,7 +199,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         resolver,
         slots: BTreeMap::new(),
         sd,
-        live: BTreeMap::new(),
+        live: live::LiveRuns::default(),
         pending: BTreeMap::new(),
         notifier,
         supervisors: HashMap::new(),
@@ -595,10 +596,10 @@ impl Daemon {
         for c in changes {
             match c {
                 watch::Change::RunRecord(path) => {
-                    let key = self
-                        .live
-                        .keys()
-                        .find(|k| status_path(&self.cfg.state_dir, &k.0, &k.1, k.2) == path)
+                    let key = path
+                        .file_name()
+                        .and_then(|name| self.live.of_record(name))
+                        .filter(|k| status_path(&self.cfg.state_dir, &k.0, &k.1, k.2) == path)
                         .cloned();
                     if let Some(key) = key {
                         self.book(&key).await;
@@ -645,12 +646,7 @@ impl Daemon {
         if self.on_decompose_unit_removed(unit) {
             return;
         }
-        let key = self
-            .live
-            .iter()
-            .find(|(_, l)| l.unit == unit)
-            .map(|(k, _)| k.clone());
-        if let Some(key) = key {
+        if let Some(key) = self.live.of_unit(unit).cloned() {
             self.book(&key).await;
         }
     }
@@ -781,7 +777,7 @@ impl Daemon {
         // One transaction per board. A claim no longer ours was closed by someone else:
         // check_closed_runs deals with it.
         let mut by_board: HashMap<&str, Vec<(&str, &str)>> = HashMap::new();
-        for ((slug, task, _), live) in &self.live {
+        for ((slug, task, _), live) in self.live.iter() {
             by_board
                 .entry(slug.as_str())
                 .or_default()

@@ -899,14 +899,17 @@ fn scale(n: usize) {
     // Distinct tasks, each killed once.
     let mut tasks: Vec<String> = {
         let mut st = ro
-            .prepare("SELECT id FROM tasks WHERE status='running' ORDER BY random() LIMIT 300")
+            .prepare("SELECT id FROM tasks WHERE status='running' ORDER BY random() LIMIT 500")
             .unwrap();
         st.query_map([], |r| r.get(0))
             .unwrap()
             .map(Result::unwrap)
             .collect()
     };
-    let mut deaths = |victims: usize, alone: bool| {
+    // `settle`: after the previous victim's task runs again, wait this long before the
+    // next kill (the respawn's own tail — PID 1's job, the old scope's removal — done).
+    let mut slowest: Vec<(Duration, String, f64)> = Vec::new();
+    let mut deaths = |victims: usize, alone: bool, settle: Duration| {
         let picked: Vec<(String, i64, i32)> = tasks
             .drain(..victims.min(tasks.len()))
             .map(|id| {
@@ -922,7 +925,17 @@ fn scale(n: usize) {
             .collect();
         let mut took = Vec::new();
         for (task, run, pid) in picked {
+            std::thread::sleep(settle);
             let t = Instant::now();
+            let mono = {
+                let mut ts = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                // SAFETY: fills the timespec we own.
+                unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+                ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+            };
             nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
@@ -943,6 +956,7 @@ fn scale(n: usize) {
                 );
             }
             took.push(t.elapsed());
+            slowest.push((t.elapsed(), task.clone(), mono));
             if alone {
                 harness::wait_for("the task running again", Duration::from_secs(30), || {
                     ro.query_row(
@@ -958,12 +972,41 @@ fn scale(n: usize) {
     };
     summary(
         &format!("8. scale: worker death -> task ready, {n} live, each death alone"),
-        deaths(200, true),
+        deaths(200, true, Duration::ZERO),
+    );
+    summary(
+        &format!(
+            "8. scale: worker death -> task ready, {n} live, each death alone after 250 ms quiet"
+        ),
+        deaths(200, true, Duration::from_millis(250)),
     );
     summary(
         &format!("8. scale: worker death -> task ready, {n} live, back to back (the last respawn in flight)"),
-        deaths(100, false),
+        deaths(100, false, Duration::ZERO),
     );
+    // Where the slowest deaths' time went: the journal of their task, on the kill's clock.
+    slowest.sort_by(|a, b| b.0.cmp(&a.0));
+    for (took, task, at) in slowest.iter().take(4) {
+        let j = std::process::Command::new("journalctl")
+            .args([
+                "--no-pager",
+                "-o",
+                "short-monotonic",
+                &format!("HERMES_KANBAN_TASK={task}"),
+            ])
+            .output()
+            .unwrap();
+        let lines: Vec<String> = String::from_utf8_lossy(&j.stdout)
+            .lines()
+            .rev()
+            .take(8)
+            .map(str::to_string)
+            .collect();
+        println!(
+            "slow death {task}: {took:.2?}, killed at [{at:.6}]; its last journal lines (newest first):\n{}",
+            lines.join("\n")
+        );
+    }
     // The killed ones run again; then the daemon is killed and started again.
     let waited = Instant::now();
     while running_at(&b) != n {
