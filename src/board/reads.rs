@@ -252,6 +252,52 @@ impl Board {
         Ok(v)
     }
 
+    /// The newest event's id (0 for none): where `tasks_touched_since` starts.
+    pub fn last_event_id(&self) -> Result<i64> {
+        self.conn
+            .query_row("SELECT coalesce(max(id), 0) FROM task_events", [], |r| {
+                r.get(0)
+            })
+            .map_err(|e| self.err("last event", e))
+    }
+
+    /// The tasks with an event after `after`, and the newest event's id; `None` when there
+    /// are more than `limit` such events (read everything instead). Every transition of a
+    /// task writes an event, upstream's and ours alike.
+    pub fn tasks_touched_since(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Option<(std::collections::BTreeSet<String>, i64)>> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT id, task_id FROM task_events WHERE id > ?1 ORDER BY id LIMIT ?2",
+            )
+            .map_err(|e| self.err("events since", e))?;
+        let rows: Vec<(i64, String)> = st
+            .query_map(params![after, limit as i64 + 1], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .and_then(|r| r.collect())
+            .map_err(|e| self.err("events since", e))?;
+        if rows.len() > limit {
+            return Ok(None);
+        }
+        let last = rows.last().map_or(after, |r| r.0);
+        Ok(Some((rows.into_iter().map(|r| r.1).collect(), last)))
+    }
+
+    /// A task's current run while it is `running` (`None` otherwise).
+    pub fn current_run(&self, task: &str) -> Result<Option<i64>> {
+        self.conn
+            .prepare_cached(
+                "SELECT current_run_id FROM tasks WHERE id=?1 AND status='running' AND current_run_id IS NOT NULL",
+            )
+            .and_then(|mut st| st.query_row([task], |r| r.get(0)).optional())
+            .map_err(|e| self.err("current run", e))
+    }
+
     /// The running tasks, read for the dispatcher (`hot_projection`: no body or result).
     pub fn running_tasks(&self) -> Result<Vec<Task>> {
         self.running(&self.hot)
@@ -370,5 +416,42 @@ impl Board {
             .and_then(|r| r.collect::<rusqlite::Result<Vec<_>>>())
             .map_err(|e| self.err("read events", e))?;
         Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tasks_an_event_names_since_a_point_and_their_current_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Board::open(
+            &BoardPaths::for_db(&dir.path().join("kanban.db")),
+            OpenMode::CreateIfMissing,
+        )
+        .unwrap();
+        let new = |t: &str| {
+            b.create(&NewTask {
+                title: t.into(),
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        let (x, y) = (new("x"), new("y"));
+        let start = b.last_event_id().unwrap();
+        assert_eq!(
+            b.tasks_touched_since(start, 10).unwrap(),
+            Some((Default::default(), start)),
+            "nothing new"
+        );
+        let claim = b.claim(&x, "lock", 60).unwrap().unwrap();
+        let (touched, last) = b.tasks_touched_since(start, 10).unwrap().unwrap();
+        assert_eq!(touched.into_iter().collect::<Vec<_>>(), vec![x.clone()]);
+        assert_eq!(last, b.last_event_id().unwrap());
+        assert_eq!(b.current_run(&x).unwrap(), Some(claim.run_id));
+        assert_eq!(b.current_run(&y).unwrap(), None, "ready, not running");
+        // More events than asked for: read everything instead.
+        assert_eq!(b.tasks_touched_since(0, 1).unwrap(), None);
     }
 }

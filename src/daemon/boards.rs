@@ -25,6 +25,9 @@ pub(super) struct Slot {
     /// kept while runs of it live (they are booked on it), then dropped.
     pub listed: bool,
     pub data_version: i64,
+    /// The newest board event we have looked at (`Daemon::check_touched_runs`); `None`
+    /// until the first full check, and again once the board is reopened.
+    pub events_seen: Option<i64>,
     /// Something changed that a pass over this board should see.
     pub dirty: bool,
     /// After a failed pass: none before this instant (doubling, at most a minute).
@@ -56,6 +59,7 @@ impl Slot {
             broken: None,
             listed: true,
             data_version: 0,
+            events_seen: None,
             dirty: true,
             backoff: None,
             failing: None,
@@ -150,6 +154,7 @@ impl Daemon {
         match Board::open_waiting(&s.paths, OpenMode::CreateIfMissing, busy) {
             Ok(b) => {
                 s.data_version = b.data_version().unwrap_or(0);
+                s.events_seen = None;
                 if s.broken.take().is_some() {
                     info!(board = %slug, "board can be opened again; dispatching it");
                 }

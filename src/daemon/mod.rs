@@ -619,7 +619,7 @@ impl Daemon {
                         Ok(v) if v != slot.data_version => {
                             slot.data_version = v;
                             slot.dirty = true;
-                            self.check_closed_runs().await;
+                            self.check_touched_runs(&slug).await;
                         }
                         Ok(_) => {}
                         Err(e) => warn!(board = %slug, "read the board's data_version: {e}"),
@@ -849,13 +849,14 @@ impl Daemon {
     /// Runs the board says are over while their scope lives: the worker's own verdict
     /// (it exits by itself soon), or an operator's reclaim. A task already running on a
     /// newer run must not have two workers: the old scope is stopped at once; otherwise
-    /// after `verdict_grace_seconds`.
+    /// after `verdict_grace_seconds`. Every live run of every board, read in one indexed
+    /// read per board: on the safety-net tick, when a grace runs out, after a pass.
     async fn check_closed_runs(&mut self) {
-        let grace = Duration::from_secs(self.cfg.verdict_grace_seconds);
-        // One indexed read per board for all tracked runs, not one row per worker.
         let mut running = HashMap::new();
-        for (slug, s) in &self.slots {
+        for (slug, s) in &mut self.slots {
             let Some(b) = &s.board else { continue };
+            // Whatever an event names from here on is looked at again (`check_touched_runs`).
+            s.events_seen = b.last_event_id().ok();
             match b.running_runs() {
                 Ok(r) => {
                     running.insert(slug.clone(), r);
@@ -870,27 +871,75 @@ impl Daemon {
                 continue;
             };
             let now_on = on_board.get(&key.1).copied();
-            let Some(live) = self.live.get_mut(&key) else {
-                continue;
-            };
-            if now_on == Some(key.2) {
-                live.closed_since = None;
+            self.check_closed(&key, now_on).await;
+        }
+    }
+
+    /// `check_closed_runs` for what another writer just changed on board `slug`: only the
+    /// live runs of tasks with a new event (each commit of 10,000 workers must not read
+    /// 10,000 rows). A write that left no event (a hand `UPDATE`) is seen by the next full
+    /// check, on the safety-net tick at the latest.
+    async fn check_touched_runs(&mut self, slug: &str) {
+        let Some(board) = self.slots.get(slug).and_then(|s| s.board.as_ref()) else {
+            return;
+        };
+        let touched = match self.slots[slug].events_seen {
+            Some(after) => board.tasks_touched_since(after, 1000),
+            None => Ok(None),
+        };
+        let (tasks, last) = match touched {
+            Ok(Some(t)) => t,
+            Ok(None) => return self.check_closed_runs().await,
+            Err(e) => {
+                warn!(board = %slug, "read the board's new events: {e}; checking every run");
+                return self.check_closed_runs().await;
+            }
+        };
+        let mut now = Vec::new();
+        for task in &tasks {
+            let keys: Vec<Key> = self.runs_of(slug, task).cloned().collect();
+            if keys.is_empty() {
                 continue;
             }
-            let superseded = now_on.is_some();
-            let since = *live.closed_since.get_or_insert_with(Instant::now);
-            if superseded || since.elapsed() >= grace {
-                let unit = live.unit.clone();
-                warn!(board = %key.0, hermes_kanban_task = %key.1, hermes_kanban_run_id = key.2, unit = %unit, superseded,
-                      "the run was closed on the board but its worker still runs; stopping it");
-                if let Err(e) = self.sd.stop(&unit).await {
-                    warn!(unit = %unit, "stop: {e}");
+            match board.current_run(task) {
+                Ok(on) => now.extend(keys.into_iter().map(|k| (k, on))),
+                Err(e) => {
+                    warn!(board = %slug, hermes_kanban_task = %task, "read the task's current run: {e}; checking every run");
+                    return self.check_closed_runs().await;
                 }
-            } else {
-                // Come back when its grace is over, event or no event.
-                let due = since + grace;
-                self.grace_due = Some(self.grace_due.map_or(due, |d| d.min(due)));
             }
+        }
+        if let Some(s) = self.slots.get_mut(slug) {
+            s.events_seen = Some(last);
+        }
+        for (key, on) in now {
+            self.check_closed(&key, on).await;
+        }
+    }
+
+    /// One live run against the run its task is on now (`None`: not running).
+    async fn check_closed(&mut self, key: &Key, now_on: Option<i64>) {
+        let grace = Duration::from_secs(self.cfg.verdict_grace_seconds);
+        let Some(live) = self.live.get_mut(key) else {
+            return;
+        };
+        if now_on == Some(key.2) {
+            live.closed_since = None;
+            return;
+        }
+        let superseded = now_on.is_some();
+        let since = *live.closed_since.get_or_insert_with(Instant::now);
+        if superseded || since.elapsed() >= grace {
+            let unit = live.unit.clone();
+            warn!(board = %key.0, hermes_kanban_task = %key.1, hermes_kanban_run_id = key.2, unit = %unit, superseded,
+                  "the run was closed on the board but its worker still runs; stopping it");
+            if let Err(e) = self.sd.stop(&unit).await {
+                warn!(unit = %unit, "stop: {e}");
+            }
+        } else {
+            // Come back when its grace is over, event or no event.
+            let due = since + grace;
+            self.grace_due = Some(self.grace_due.map_or(due, |d| d.min(due)));
         }
     }
 }

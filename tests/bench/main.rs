@@ -984,6 +984,54 @@ fn scale(n: usize) {
         &format!("8. scale: worker death -> task ready, {n} live, back to back (the last respawn in flight)"),
         deaths(100, false, Duration::ZERO),
     );
+    // Workers writing to the board (each heartbeat is a commit by another process, as
+    // upstream's `heartbeat_worker` writes it): the daemon's CPU per commit, 10,000 live.
+    {
+        let tps = procfs::ticks_per_second() as f64;
+        let cpu = || {
+            let s = p.stat().unwrap();
+            (s.utime + s.stime) as f64 / tps
+        };
+        let beats: Vec<String> = {
+            let mut st = ro
+                .prepare("SELECT id FROM tasks WHERE status='running' ORDER BY random() LIMIT 200")
+                .unwrap();
+            st.query_map([], |r| r.get(0))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect()
+        };
+        let w = d.rig.board();
+        let (c0, t0) = (cpu(), Instant::now());
+        for task in &beats {
+            let c = w.connection();
+            c.execute_batch("BEGIN IMMEDIATE").unwrap();
+            c.execute(
+                "UPDATE tasks SET last_heartbeat_at=strftime('%s') WHERE id=?1",
+                [task],
+            )
+            .unwrap();
+            c.execute(
+                "INSERT INTO task_events(task_id, run_id, kind, payload, created_at)
+                 SELECT id, current_run_id, 'heartbeat', NULL, strftime('%s') FROM tasks WHERE id=?1",
+                [task],
+            )
+            .unwrap();
+            c.execute_batch("COMMIT").unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The last one handled.
+        std::thread::sleep(Duration::from_millis(500));
+        let (busy, secs) = (cpu() - c0, t0.elapsed().as_secs_f64());
+        row(
+            &format!("8. scale: 200 heartbeats by other writers, one every 20 ms, {n} live"),
+            format!(
+                "daemon CPU {:.2} ms per heartbeat ({:.1} % over {secs:.1} s)",
+                busy * 1e3 / beats.len() as f64,
+                100.0 * busy / secs
+            ),
+        );
+    }
     // Where the slowest deaths' time went: the journal of their task, on the kill's clock.
     slowest.sort_by(|a, b| b.0.cmp(&a.0));
     for (took, task, at) in slowest.iter().take(4) {
