@@ -778,6 +778,17 @@ impl Cpu {
     }
 }
 
+/// `CLOCK_MONOTONIC` in seconds: the journal's `short-monotonic` clock.
+fn monotonic() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: fills the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
 /// The one number a `SELECT count(*) …` returns.
 fn count(c: &rusqlite::Connection, sql: &str) -> i64 {
     c.query_row(sql, [], |r| r.get(0)).unwrap()
@@ -909,6 +920,31 @@ fn scale(n: usize) {
     // `settle`: after the previous victim's task runs again, wait this long before the
     // next kill (the respawn's own tail — PID 1's job, the old scope's removal — done).
     let mut slowest: Vec<(Duration, String, f64)> = Vec::new();
+    // The supervisor's leg: when each exit record lands (its rename into `runs/`), on the
+    // kill's clock, seen by inotify from here; the rest of kill → booked is the daemon's.
+    let landed: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, f64>>> =
+        Default::default();
+    {
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+        let ino = Inotify::init(InitFlags::IN_CLOEXEC).unwrap();
+        ino.add_watch("/run/hermes-mgr-test/runs", AddWatchFlags::IN_MOVED_TO)
+            .unwrap();
+        let landed = landed.clone();
+        std::thread::spawn(move || loop {
+            let Ok(events) = ino.read_events() else {
+                return;
+            };
+            let at = monotonic();
+            let mut l = landed.lock().unwrap();
+            for e in events {
+                if let Some(name) = e.name {
+                    l.insert(name.to_string_lossy().into_owned(), at);
+                }
+            }
+        });
+    }
+    // (series, kill time, kill → booked, record file name)
+    let mut legs: Vec<(&'static str, f64, Duration, String)> = Vec::new();
     let mut deaths = |victims: usize, alone: bool, settle: Duration| {
         let picked: Vec<(String, i64, i32)> = tasks
             .drain(..victims.min(tasks.len()))
@@ -927,15 +963,7 @@ fn scale(n: usize) {
         for (task, run, pid) in picked {
             std::thread::sleep(settle);
             let t = Instant::now();
-            let mono = {
-                let mut ts = libc::timespec {
-                    tv_sec: 0,
-                    tv_nsec: 0,
-                };
-                // SAFETY: fills the timespec we own.
-                unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-                ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
-            };
+            let mono = monotonic();
             nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
@@ -957,6 +985,20 @@ fn scale(n: usize) {
             }
             took.push(t.elapsed());
             slowest.push((t.elapsed(), task.clone(), mono));
+            legs.push((
+                match (alone, settle.is_zero()) {
+                    (true, true) => "alone",
+                    (true, false) => "after 250 ms quiet",
+                    _ => "back to back",
+                },
+                mono,
+                t.elapsed(),
+                hermes_mgr::systemd::unit_name::run_record(
+                    hermes_mgr::board::DEFAULT_BOARD,
+                    &task,
+                    run,
+                ),
+            ));
             if alone {
                 harness::wait_for("the task running again", Duration::from_secs(30), || {
                     ro.query_row(
@@ -1031,6 +1073,39 @@ fn scale(n: usize) {
                 100.0 * busy / secs
             ),
         );
+    }
+    // Each death's two legs: kill → the record lands (the supervisor), → booked (the daemon).
+    {
+        std::thread::sleep(Duration::from_millis(200));
+        let landed = landed.lock().unwrap();
+        for series in ["alone", "after 250 ms quiet", "back to back"] {
+            let (mut sup, mut daemon, mut worst) = (Vec::new(), Vec::new(), Vec::new());
+            for (_, kill, took, name) in legs.iter().filter(|l| l.0 == series) {
+                let Some(at) = landed.get(name) else { continue };
+                let s = Duration::from_secs_f64((at - kill).max(0.0));
+                sup.push(s);
+                daemon.push(took.saturating_sub(s));
+                worst.push((*took, s));
+            }
+            if sup.is_empty() {
+                continue;
+            }
+            worst.sort_by(|a, b| b.0.cmp(&a.0));
+            summary(
+                &format!(
+                    "8. scale: death ({series}): kill -> exit record landed (supervisor), {n} live"
+                ),
+                sup,
+            );
+            summary(
+                &format!("8. scale: death ({series}): exit record -> booked (daemon), {n} live"),
+                daemon,
+            );
+            println!(
+                "the 4 slowest ({series}), total / supervisor's leg: {:?}",
+                worst.iter().take(4).collect::<Vec<_>>()
+            );
+        }
     }
     // Where the slowest deaths' time went: the journal of their task, on the kill's clock.
     slowest.sort_by(|a, b| b.0.cmp(&a.0));
