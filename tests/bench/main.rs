@@ -943,6 +943,37 @@ fn scale(n: usize) {
             }
         });
     }
+    // What a supervisor reads before it writes its record: `cpu.stat` of its scope. Read
+    // here every 10 ms during the deaths (a scope that stays live), each read timed.
+    let probing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let probe = {
+        let pid: i32 = ro
+            .query_row(
+                "SELECT worker_pid FROM tasks WHERE status='running' AND worker_pid IS NOT NULL LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        let stat = format!(
+            "/sys/fs/cgroup{}/cpu.stat",
+            cg.lines()
+                .find_map(|l| l.strip_prefix("0::"))
+                .unwrap()
+                .trim()
+        );
+        let probing = probing.clone();
+        std::thread::spawn(move || {
+            let mut took = Vec::new();
+            while probing.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                let _ = std::fs::read_to_string(&stat);
+                took.push(t.elapsed());
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            took
+        })
+    };
     // (series, kill time, kill → booked, record file name)
     let mut legs: Vec<(&'static str, f64, Duration, String)> = Vec::new();
     let mut deaths = |victims: usize, alone: bool, settle: Duration| {
@@ -1074,6 +1105,11 @@ fn scale(n: usize) {
             ),
         );
     }
+    probing.store(false, std::sync::atomic::Ordering::Relaxed);
+    summary(
+        &format!("8. scale: a scope's cpu.stat read, every 10 ms during the deaths, {n} live"),
+        probe.join().unwrap(),
+    );
     // Each death's two legs: kill → the record lands (the supervisor), → booked (the daemon).
     {
         std::thread::sleep(Duration::from_millis(200));
