@@ -880,10 +880,13 @@ impl Daemon {
     /// 10,000 rows). A write that left no event (a hand `UPDATE`) is seen by the next full
     /// check, on the safety-net tick at the latest.
     async fn check_touched_runs(&mut self, slug: &str) {
-        let Some(board) = self.slots.get(slug).and_then(|s| s.board.as_ref()) else {
+        let Some(slot) = self.slots.get(slug) else {
             return;
         };
-        let touched = match self.slots[slug].events_seen {
+        let Some(board) = slot.board.as_ref() else {
+            return;
+        };
+        let touched = match slot.events_seen {
             Some(after) => board.tasks_touched_since(after, 1000),
             None => Ok(None),
         };

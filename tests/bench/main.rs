@@ -298,6 +298,12 @@ fn trivial_rate(n: usize, max_spawn: usize) -> f64 {
 }
 
 /// 4. The daemon with n live, sleeping workers: its RSS, and its CPU over 60 s idle.
+/// A process's CPU time so far (`utime + stime`), in seconds.
+fn cpu(p: &procfs::process::Process) -> f64 {
+    let s = p.stat().unwrap();
+    (s.utime + s.stime) as f64 / procfs::ticks_per_second() as f64
+}
+
 /// The running daemon, and the CPU seconds it used over `window` after `settle`: (process,
 /// busy seconds, window seconds).
 fn daemon_idle(settle: Duration, window: Duration) -> (procfs::process::Process, f64, f64) {
@@ -307,11 +313,6 @@ fn daemon_idle(settle: Duration, window: Duration) -> (procfs::process::Process,
         .parse()
         .unwrap();
     let p = procfs::process::Process::new(pid).unwrap();
-    let tps = procfs::ticks_per_second() as f64;
-    let cpu = |p: &procfs::process::Process| {
-        let s = p.stat().unwrap();
-        (s.utime + s.stime) as f64 / tps
-    };
     std::thread::sleep(settle);
     let (c0, t0) = (cpu(&p), Instant::now());
     std::thread::sleep(window);
@@ -1060,11 +1061,6 @@ fn scale(n: usize) {
     // Workers writing to the board (each heartbeat is a commit by another process, as
     // upstream's `heartbeat_worker` writes it): the daemon's CPU per commit, 10,000 live.
     {
-        let tps = procfs::ticks_per_second() as f64;
-        let cpu = || {
-            let s = p.stat().unwrap();
-            (s.utime + s.stime) as f64 / tps
-        };
         let beats: Vec<String> = {
             let mut st = ro
                 .prepare("SELECT id FROM tasks WHERE status='running' ORDER BY random() LIMIT 200")
@@ -1075,7 +1071,7 @@ fn scale(n: usize) {
                 .collect()
         };
         let w = d.rig.board();
-        let (c0, t0) = (cpu(), Instant::now());
+        let (c0, t0) = (cpu(&p), Instant::now());
         for task in &beats {
             let c = w.connection();
             c.execute_batch("BEGIN IMMEDIATE").unwrap();
@@ -1095,7 +1091,7 @@ fn scale(n: usize) {
         }
         // The last one handled.
         std::thread::sleep(Duration::from_millis(500));
-        let (busy, secs) = (cpu() - c0, t0.elapsed().as_secs_f64());
+        let (busy, secs) = (cpu(&p) - c0, t0.elapsed().as_secs_f64());
         row(
             &format!("8. scale: 200 heartbeats by other writers, one every 20 ms, {n} live"),
             format!(
