@@ -134,8 +134,11 @@ fn a_fork_bomb_stops_at_tasks_max_the_dispatcher_goes_on_and_max_runtime_ends_it
     );
 }
 
-/// A worker whose tool (a child) takes 512 MiB; the worker would report and exit 3 after it.
-const TOOL_HOG: &str = "#!/bin/sh\npython3 -c 'import time; b = b\"x\" * (512 << 20); time.sleep(600)'\necho \"tool ended: $?\" > /var/lib/hermes/tool-$HERMES_KANBAN_TASK\nexit 3\n";
+/// A worker whose tool (a child) takes 512 MiB; after it, the worker would go on for ten
+/// minutes. (It does not write anything after its tool: the kernel kills the tool and
+/// systemd stops the scope only after it sees the kill, so the agent may run a line or two
+/// in between — no one can promise less.)
+const TOOL_HOG: &str = "#!/bin/sh\npython3 -c 'import time; b = b\"x\" * (512 << 20); time.sleep(600)'\nsleep 600\nexit 3\n";
 
 #[test]
 fn a_tool_killed_by_the_oom_killer_ends_its_whole_run_and_the_run_says_so() {
@@ -149,14 +152,14 @@ fn a_tool_killed_by_the_oom_killer_ends_its_whole_run_and_the_run_says_so() {
     let id = guest::add(&mut vm, "its tool needs more memory than the run may have");
     guest::wait_status(&mut vm, &id, "blocked", Duration::from_secs(180));
     // OOMPolicy=stop (systemd 252 does nothing else with a scope): the kernel killed the
-    // tool, systemd stopped the scope, the agent got its SIGTERM and never went on.
+    // tool, systemd stopped the scope, and the agent, which would have gone on for ten
+    // minutes, ended with it by that SIGTERM.
     let scope = format!("hermes-worker-kanban-{id}-run-1.scope");
     let journal = vm.ok(&format!("journalctl -o cat --no-pager -u {scope}"));
     assert!(
         journal.contains("Failed with result 'oom-kill'"),
         "{journal}"
     );
-    assert_eq!(vm.sh(&format!("test -e /var/lib/hermes/tool-{id}")).code, 1);
     // Booked as the OOM kill it was, counted (blocked at failure_limit = 1), not "stopped".
     let run = vm.ok(&format!(
         "sqlite3 -readonly {BOARD} \"SELECT outcome || ': ' || error FROM task_runs WHERE task_id='{id}'\""
