@@ -56,6 +56,7 @@ pub async fn run(paths: &BoardPaths, cfg: anyhow::Result<Config>) -> Vec<Check> 
     out.extend(privileges());
     out.extend(cgroup_v2());
     out.extend(cgroup_migration());
+    out.push(memory_monitor(&memory_monitors(), cfg.max_spawn));
     out.extend(controllers());
     out.extend(slice(&cfg));
     out.push(host_room(&cfg));
@@ -224,6 +225,100 @@ fn cgroup_migration() -> Vec<Check> {
         None => {}
     }
     out
+}
+
+/// A DAMON instance watching physical memory: who it is and how to turn it off.
+#[derive(Debug)]
+struct MemoryMonitor {
+    name: String,
+    off: String,
+}
+
+/// Every running DAMON instance that samples physical memory (`paddr`): those set up in
+/// `/sys/kernel/mm/damon/admin`, and the DAMON_RECLAIM, DAMON_LRU_SORT and DAMON_STAT
+/// modules (always `paddr`).
+fn memory_monitors() -> Vec<MemoryMonitor> {
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    let mut out = Vec::new();
+    let admin = std::path::Path::new("/sys/kernel/mm/damon/admin/kdamonds");
+    for k in std::fs::read_dir(admin).into_iter().flatten().flatten() {
+        let dir = k.path();
+        let physical = std::fs::read_dir(dir.join("contexts"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|c| read(&c.path().join("operations")).trim() == "paddr");
+        if read(&dir.join("state")).trim() == "on" && physical {
+            out.push(MemoryMonitor {
+                name: format!(
+                    "kdamond {} (pid {})",
+                    dir.display(),
+                    read(&dir.join("pid")).trim()
+                ),
+                off: format!("echo off > {}/state", dir.display()),
+            });
+        }
+    }
+    for module in ["damon_reclaim", "damon_lru_sort", "damon_stat"] {
+        let enabled = format!("/sys/module/{module}/parameters/enabled");
+        if read(std::path::Path::new(&enabled)).trim() == "Y" {
+            out.push(MemoryMonitor {
+                name: format!("the {module} module"),
+                off: format!("echo N > {enabled}"),
+            });
+        }
+    }
+    out
+}
+
+/// A DAMON instance sampling physical memory checks whether a page was used by walking every
+/// mapping of it with the mapping's lock of its file held. A page of a library that every
+/// worker and every supervisor maps is a walk over all of them, and every process that maps
+/// or unmaps that file — each worker's start and each exit — waits behind it. Nothing at a
+/// few hundred workers; tens of ms per start and exit at many thousands (BENCHMARKS.md, 8).
+fn memory_monitor(monitors: &[MemoryMonitor], cap: Option<usize>) -> Check {
+    const NAME: &str = "memory monitor";
+    if monitors.is_empty() {
+        return check(
+            NAME,
+            Level::Ok,
+            "no DAMON instance samples physical memory",
+            None,
+        );
+    }
+    let names = monitors
+        .iter()
+        .map(|m| m.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let cap_is = cap.map_or("unset (no cap)".to_string(), |c| c.to_string());
+    if cap.is_some_and(|c| c < 1000) {
+        return check(
+            NAME,
+            Level::Ok,
+            format!("{names} samples physical memory; harmless at kanban.max_spawn {cap_is}"),
+            None,
+        );
+    }
+    let off = monitors
+        .iter()
+        .map(|m| m.off.as_str())
+        .collect::<Vec<_>>()
+        .join("; ");
+    check(
+        NAME,
+        Level::Warn,
+        format!(
+            "{names} samples physical memory: each sample walks every mapping of a shared \
+             library's page with its lock held, and with thousands of live workers every worker \
+             start and exit waits behind it (20,000 processes: exit p99 65 ms with it, 0.8 ms \
+             without); kanban.max_spawn is {cap_is}"
+        ),
+        Some(&format!(
+            "{off} (if it reclaims memory for a VM host, ask the host's owner first); \
+             or keep kanban.max_spawn under 1,000"
+        )),
+    )
 }
 
 /// The controllers that enforce the per-scope limits.
@@ -547,7 +642,7 @@ fn worker_binary(cfg: &Config) -> Vec<Check> {
 
 #[cfg(test)]
 mod tests {
-    use super::{favordynmods, room, Level};
+    use super::{favordynmods, memory_monitor, room, Level, MemoryMonitor};
 
     #[test]
     fn the_smallest_kernel_limit_bounds_the_workers_a_cap_may_ask_for() {
@@ -595,5 +690,38 @@ mod tests {
         assert_eq!(favordynmods(favoured), Some(true));
         assert_eq!(favordynmods(elsewhere), None);
         assert_eq!(favordynmods(""), None);
+    }
+
+    #[test]
+    fn a_physical_memory_monitor_is_a_warning_only_where_thousands_of_workers_may_run() {
+        let reclaim = || MemoryMonitor {
+            name: "the damon_reclaim module".into(),
+            off: "echo N > /sys/module/damon_reclaim/parameters/enabled".into(),
+        };
+        // (monitors, kanban.max_spawn) -> level
+        let rows = [
+            (vec![], None, Level::Ok),
+            (vec![], Some(10_000), Level::Ok),
+            (vec![reclaim()], Some(8), Level::Ok),
+            (vec![reclaim()], Some(999), Level::Ok),
+            (vec![reclaim()], Some(1000), Level::Warn),
+            (vec![reclaim()], None, Level::Warn),
+        ];
+        for (monitors, cap, level) in rows {
+            let c = memory_monitor(&monitors, cap);
+            assert_eq!(c.level, level, "{c:?}");
+            assert_eq!(
+                c.detail.contains("damon_reclaim"),
+                !monitors.is_empty(),
+                "{c:?}"
+            );
+            match level {
+                Level::Warn => assert!(c
+                    .fix
+                    .unwrap()
+                    .contains("echo N > /sys/module/damon_reclaim")),
+                _ => assert!(c.fix.is_none()),
+            }
+        }
     }
 }
