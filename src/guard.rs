@@ -29,6 +29,15 @@ static BLOCKER: LazyLock<Regex> = LazyLock::new(|| {
     .expect("the blocker pattern compiles")
 });
 
+/// The dispatcher's own numbers in the failures it books — `pid 429 killed by signal 9`,
+/// `max_runtime_seconds=403` — are not HTTP statuses, and are taken out before `BLOCKER` is
+/// tried. Upstream 0.19.0 matches them too: a crashed worker whose PID was 403 or 429 parks
+/// its task for ever (no new failure comes to move it), and in a container's PID namespace
+/// PIDs are that small — 1 in ~500 crashes with 1,000 workers. Deliberately not upstream's
+/// behaviour; `tests/it/parity.rs` shows upstream's.
+static OWN_NUMBERS: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"\bpid \d+|\b\w+=\d+").expect("the own-numbers pattern compiles"));
+
 /// Upstream's `_RESPAWN_GUARD_PR_URL_RE`, verbatim.
 static PR_URL: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"https?://github\.com/[^/\s]+/[^/\s]+/pull/\d+").expect("the PR pattern compiles")
@@ -58,7 +67,7 @@ pub fn respawn_guard(f: &Facts, now: i64, rate_limit_cooldown: i64) -> Option<&'
     }
     if f.last_failure_error
         .as_deref()
-        .is_some_and(|e| BLOCKER.is_match(e))
+        .is_some_and(|e| BLOCKER.is_match(&OWN_NUMBERS.replace_all(e, "")))
     {
         return Some("blocker_auth");
     }
@@ -120,6 +129,37 @@ mod tests {
             (
                 f(None, Some("pid 9 exited with code 1"), None, false, &[]),
                 None,
+            ),
+            // The dispatcher's own PIDs and settings are not HTTP statuses; the text still is.
+            (
+                f(
+                    None,
+                    Some("pid 429 killed by signal 9 (SIGKILL)"),
+                    None,
+                    false,
+                    &[],
+                ),
+                None,
+            ),
+            (
+                f(
+                    None,
+                    Some("pid 77 timed out: max_runtime_seconds=403"),
+                    None,
+                    false,
+                    &[],
+                ),
+                None,
+            ),
+            (
+                f(
+                    None,
+                    Some("pid 403 exited with code 1: HTTP 403"),
+                    None,
+                    false,
+                    &[],
+                ),
+                Some("blocker_auth"),
             ),
             (
                 f(None, Some("author mismatch"), None, false, &[]),
