@@ -286,11 +286,10 @@ fn memory_monitor(monitors: &[MemoryMonitor], cap: Option<usize>) -> Check {
             None,
         );
     }
-    let names = monitors
-        .iter()
-        .map(|m| m.name.as_str())
-        .collect::<Vec<_>>()
-        .join(", ");
+    let join = |part: fn(&MemoryMonitor) -> &str, sep: &str| {
+        monitors.iter().map(part).collect::<Vec<_>>().join(sep)
+    };
+    let names = join(|m| &m.name, ", ");
     let cap_is = cap.map_or("unset (no cap)".to_string(), |c| c.to_string());
     if cap.is_some_and(|c| c < 1000) {
         return check(
@@ -300,11 +299,7 @@ fn memory_monitor(monitors: &[MemoryMonitor], cap: Option<usize>) -> Check {
             None,
         );
     }
-    let off = monitors
-        .iter()
-        .map(|m| m.off.as_str())
-        .collect::<Vec<_>>()
-        .join("; ");
+    let off = join(|m| &m.off, "; ");
     check(
         NAME,
         Level::Warn,
