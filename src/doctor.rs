@@ -229,15 +229,15 @@ fn cgroup_migration() -> Vec<Check> {
 
 /// A DAMON instance watching physical memory: who it is and how to turn it off.
 #[derive(Debug)]
-struct MemoryMonitor {
-    name: String,
-    off: String,
+pub struct MemoryMonitor {
+    pub name: String,
+    pub off: String,
 }
 
 /// Every running DAMON instance that samples physical memory (`paddr`): those set up in
 /// `/sys/kernel/mm/damon/admin`, and the DAMON_RECLAIM, DAMON_LRU_SORT and DAMON_STAT
 /// modules (always `paddr`).
-fn memory_monitors() -> Vec<MemoryMonitor> {
+pub fn memory_monitors() -> Vec<MemoryMonitor> {
     let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
     let mut out = Vec::new();
     let admin = std::path::Path::new("/sys/kernel/mm/damon/admin/kdamonds");

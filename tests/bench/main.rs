@@ -780,38 +780,6 @@ impl Cpu {
 }
 
 /// `CLOCK_MONOTONIC` in seconds: the journal's `short-monotonic` clock.
-/// The running DAMON instances that sample physical memory (`hermes-mgr doctor`'s "memory
-/// monitor" check, read the same way), or "none".
-fn damon() -> String {
-    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
-    let mut on = Vec::new();
-    for k in std::fs::read_dir("/sys/kernel/mm/damon/admin/kdamonds")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let physical = std::fs::read_dir(k.path().join("contexts"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|c| read(&c.path().join("operations")).trim() == "paddr");
-        if physical && read(&k.path().join("state")).trim() == "on" {
-            on.push(format!("kdamond {}", k.file_name().to_string_lossy()));
-        }
-    }
-    for m in ["damon_reclaim", "damon_lru_sort", "damon_stat"] {
-        let p = format!("/sys/module/{m}/parameters/enabled");
-        if read(std::path::Path::new(&p)).trim() == "Y" {
-            on.push(m.to_string());
-        }
-    }
-    if on.is_empty() {
-        "none".into()
-    } else {
-        on.join(", ")
-    }
-}
-
 fn monotonic() -> f64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -851,9 +819,17 @@ fn scale(n: usize) {
     d.install_logging("info");
     // The host's DAMON sampling physical memory makes every exit wait behind its rmap walks
     // once thousands of processes map the same libraries (BENCHMARKS.md, 8): say which.
+    let damon: Vec<String> = hermes_mgr::doctor::memory_monitors()
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
     println!(
         "8. scale: DAMON sampling physical memory during this run: {}",
-        damon()
+        if damon.is_empty() {
+            "none".into()
+        } else {
+            damon.join(", ")
+        }
     );
     let t0 = Instant::now();
     d.start();
