@@ -6,9 +6,9 @@
 # from crates.io; the same pins as tests/setup.sh). Needs Rust >= 1.89 (rustup).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-command -v cargo >/dev/null || { echo "build.sh: cargo not found; install Rust >= 1.89 (rustup)" >&2; exit 1; }
-cargo deb --version 2>/dev/null | grep -q "3.8.0" || cargo install --locked --quiet cargo-deb@3.8.0
-cargo generate-rpm --version 2>/dev/null | grep -q "0.21.1" || cargo install --locked --quiet cargo-generate-rpm@0.21.1
+HOST_TOOLS_WHO=packaging/build.sh
+. packaging/host-tools.sh
+ensure_packagers
 cargo build --release --locked
 cargo deb --no-build --locked
 cargo generate-rpm

@@ -14,32 +14,27 @@ cd "$(dirname "$0")/.."
 HERMES_AGENT_VERSION=0.19.0
 VENV=${HERMES_MGR_TEST_VENV:-$PWD/target/hermes-venv}
 
-need_apt=()
-for pair in git:git unshare:util-linux nsenter:util-linux dbus-daemon:dbus busctl:systemd journalctl:systemd man:man-db lintian:lintian dpkg-deb:dpkg rpm:rpm; do
-  command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair#*:}")
-done
-[ -x /lib/systemd/systemd ] || need_apt+=(systemd)
-[ -x /usr/bin/python3 ] || need_apt+=(python3)
-/usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
-if [ ${#need_apt[@]} -gt 0 ]; then
-  echo "setup: installing ${need_apt[*]}"
-  apt-get update -q
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need_apt[@]}"
-fi
+HOST_TOOLS_WHO=tests/setup.sh
+. packaging/host-tools.sh
+# The Debian packages, each with the command the suite runs of it and how that command
+# proves it runs; checked again at the end, after the VM tier's own install.
+TOOLS=(
+  git:git:--version unshare:util-linux:--version nsenter:util-linux:--version
+  dbus-daemon:dbus:--version busctl:systemd:--version journalctl:systemd:--version
+  /lib/systemd/systemd:systemd:--version man:man-db:--version lintian:lintian:--version
+  dpkg-deb:dpkg:--version rpm:rpm:--version /usr/bin/python3:python3:--version
+)
+ensure_tools "${TOOLS[@]}"
+/usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || apt_install python3-venv
+/usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null \
+  || { echo "tests/setup.sh: /usr/bin/python3 cannot make a venv: install python3-venv" >&2; exit 1; }
 command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust >= 1.89 (rustup)" >&2; exit 1; }
 # The lint gate of tests/run-all.sh.
 for c in rustfmt clippy; do
   cargo "${c/rustfmt/fmt}" --version >/dev/null 2>&1 || rustup component add "$c"
 done
 # The package builder the packaging tests use (pinned: its maintainer-script output is tested).
-if ! cargo deb --version 2>/dev/null | grep -q "3.8.0"; then
-  echo "setup: installing cargo-deb 3.8.0"
-  cargo install --locked --quiet cargo-deb@3.8.0
-fi
-if ! cargo generate-rpm --version 2>/dev/null | grep -q "0.21.1"; then
-  echo "setup: installing cargo-generate-rpm 0.21.1"
-  cargo install --locked --quiet cargo-generate-rpm@0.21.1
-fi
+ensure_packagers
 
 marker="$VENV/.hermes-agent-$HERMES_AGENT_VERSION"
 if [ ! -e "$marker" ] || [ ! -x "$VENV/bin/hermes" ]; then
@@ -53,7 +48,18 @@ fi
 # The gateway test runs Hermes' webhook platform, which needs aiohttp (at hermes-agent's own pin).
 "$VENV/bin/python" -c 'import aiohttp' 2>/dev/null \
   || "$VENV/bin/pip" install -q --disable-pip-version-check "aiohttp==3.14.1"
+# The venv is proven as the tests use it: its CLI answers with the pinned version, and the
+# gateway's imports load. A half-made venv (an interrupted pip) is rebuilt by removing it.
+got=$("$VENV/bin/hermes" --version 2>&1 </dev/null | head -1) || true
+case $got in
+  *"$HERMES_AGENT_VERSION"*) ;;
+  *) echo "tests/setup.sh: $VENV/bin/hermes --version says '$got', not $HERMES_AGENT_VERSION (hermes-agent from PyPI): rm -rf $VENV and run again" >&2; exit 1 ;;
+esac
+"$VENV/bin/python" -c 'import aiohttp, hermes_cli.kanban_db' 2>/dev/null \
+  || { echo "tests/setup.sh: $VENV cannot import aiohttp and hermes_cli.kanban_db: rm -rf $VENV and run again" >&2; exit 1; }
 # Tests run the venv as other users (nobody) too: the path to it must be traversable.
 d=$VENV; while [ "$d" != / ]; do chmod o+x "$d" 2>/dev/null || true; d=$(dirname "$d"); done
 tests/vm/image.sh >/dev/null
+# The VM tier's install must not have taken away anything installed before it.
+check_tools "${TOOLS[@]}"
 echo "setup: ok ($("$VENV/bin/hermes" --version 2>/dev/null | head -1))"

@@ -2,28 +2,25 @@
 # The VM tier's guest: a Debian 12 root built from Debian's packages alone (mmdebstrap),
 # as a qcow2 base image with its kernel and initrd beside it, for booting under qemu
 # without a bootloader. Cached under $HERMES_MGR_VM_CACHE (default /var/tmp/hermes-mgr-vm)
-# by a hash of this file: a changed recipe is a new image, an unchanged one is reused.
+# by a hash of its recipe: a changed recipe is a new image, an unchanged one is reused.
 # Prints the image's directory. Needs root (mmdebstrap's root mode, mke2fs -d).
 set -euo pipefail
+# The host's tools (the VM tests run them too, so they are checked even for a cached image),
+# as one consistent set, each proven to run before the build.
+HOST_TOOLS_WHO=tests/vm/image.sh
+. "$(dirname "$0")/../../packaging/host-tools.sh"
+ensure_tools --no-install-recommends \
+    qemu-system-x86_64:qemu-system-x86:--version qemu-img:qemu-utils:--version \
+    mmdebstrap:mmdebstrap:--version mke2fs:e2fsprogs:-V
 cache=${HERMES_MGR_VM_CACHE:-/var/tmp/hermes-mgr-vm}
-key=$(sha256sum "$0" | cut -c1-16)
+# The key hashes the recipe alone (from its marker down), not the host-tools step above.
+key=$(sed -n '/^# --- the recipe ---$/,$p' "$0" | sha256sum | cut -c1-16)
 out=$cache/image-$key
 if [[ -f $out/base.qcow2 && -f $out/vmlinuz && -f $out/initrd.img ]]; then
     echo "$out"
     exit 0
 fi
-need=()
-command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
-command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
-command -v mke2fs >/dev/null || need+=(e2fsprogs)
-command -v qemu-img >/dev/null || need+=(qemu-utils)
-if ((${#need[@]})); then
-    # --no-upgrade: this machine may carry a newer qemu-utils from backports that
-    # qemu-system-x86 7.2 would otherwise drag back.
-    # A fresh machine may have no package lists yet.
-    apt-get update -q >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-upgrade --no-install-recommends "${need[@]}" >&2
-fi
+# --- the recipe ---
 mkdir -p "$cache"
 work=$(mktemp -d "$cache/build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
