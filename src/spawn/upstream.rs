@@ -204,29 +204,54 @@ fn run(
     let (uid, gid) = (who.uid, who.gid);
     // Root becomes the worker user; anyone else may only act as themselves.
     let me = nix::unistd::geteuid().as_raw();
-    if me != 0 {
-        if me != uid {
-            return Err(format!(
-                "only root or uid {uid} may ask Hermes' own code on this worker's behalf"
-            ));
-        }
-        return finish(cmd, timeout, &python);
+    if me != 0 && me != uid {
+        return Err(format!(
+            "only root or uid {uid} may ask Hermes' own code on this worker's behalf"
+        ));
     }
-    // SAFETY: only raw setgroups/setresgid/setresuid (async-signal-safe) between fork and
-    // exec; groups first, while still root (std's own `uid()` would run before us).
+    let as_root = me == 0;
+    // Upstream's code imports the plugins and reads the files the worker writes: it is the
+    // worker's code, and runs detached from whoever asked. Its own session (no controlling
+    // terminal: nothing can be pushed into the operator's shell with TIOCSTI), no_new_privs
+    // (no setuid program regains what was dropped), an empty bounding set, and no descriptor
+    // of ours but 0-2 (every other is close-on-exec).
+    // SAFETY: only raw syscalls (setsid, prctl, close_range, setgroups, setresgid, setresuid;
+    // all async-signal-safe) between fork and exec, on values computed before the fork;
+    // groups first, while still root (std's own `uid()` would run before us).
     unsafe {
         cmd.pre_exec(move || {
-            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                || libc::setresgid(gid, gid, gid) != 0
-                || libc::setresuid(uid, uid, uid) != 0
+            if libc::setsid() < 0
+                || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) != 0
             {
                 return Err(std::io::Error::last_os_error());
+            }
+            if as_root {
+                // Every capability the kernel knows (EINVAL past the last one ends it).
+                for cap in 0..64 {
+                    if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
+                        if *libc::__errno_location() == libc::EINVAL {
+                            break;
+                        }
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setresgid(gid, gid, gid) != 0
+                    || libc::setresuid(uid, uid, uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
     }
     finish(cmd, timeout, &python)
 }
+
+/// `close_range(2)`'s flag: mark the range close-on-exec instead of closing it (std's own
+/// error pipe to the parent must stay open until the exec).
+const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
 
 fn finish(mut cmd: Command, timeout: Duration, python: &Path) -> Result<Vec<u8>, String> {
     let mut child = cmd

@@ -504,3 +504,103 @@ systemd_test!(
         );
     }
 );
+
+/// A plugin of the worker's, enabled in the `config.yaml` the worker writes: Hermes imports
+/// it wherever its code runs. Run by the toolset resolver (`python -c`, the only caller
+/// that runs it so), it writes what that process could reach to `report-<pid>.json`.
+const SPY_PLUGIN: &str = r#"
+import json, os, sys
+def register(ctx):
+    pass
+if sys.argv[0] == "-c":
+    r = {"pid": os.getpid(), "sid": os.getsid(0)}
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+        r["tty"] = os.ttyname(fd)
+        os.close(fd)
+    except OSError as e:
+        r["tty"] = None
+    for line in open("/proc/self/status"):
+        k, _, v = line.partition(":")
+        if k in ("NoNewPrivs", "CapBnd", "CapEff", "CapPrm", "CapAmb", "Uid"):
+            r[k] = v.split()[0] if k != "Uid" else v.split()
+    fds = {}
+    for f in os.listdir("/proc/self/fd"):
+        try:
+            fds[f] = os.readlink("/proc/self/fd/" + f)
+        except OSError:
+            pass
+    r["fds"] = fds
+    with open(os.path.join(os.path.dirname(__file__), "report-%d.json" % os.getpid()), "w") as out:
+        json.dump(r, out)
+"#;
+
+systemd_test!(
+    upstreams_code_run_for_a_root_operator_is_detached_from_their_terminal,
+    {
+        // The operator runs the documented `dispatch --once` from a root shell on a terminal;
+        // the worker has enabled a plugin of its own. Before the fix the plugin ran in the
+        // operator's session with its terminal (TIOCSTI into a root shell), the full bounding
+        // set and no no_new_privs.
+        let shim = crate::rig::hermes_python_shim();
+        let rig = Rig::new(&shim, "");
+        let plugin = rig.dir.join("plugins/spy");
+        std::fs::create_dir_all(&plugin).unwrap();
+        std::fs::write(
+            plugin.join("plugin.yaml"),
+            "name: spy\nversion: 0.1.0\ndescription: x\nkind: standalone\n",
+        )
+        .unwrap();
+        std::fs::write(plugin.join("__init__.py"), SPY_PLUGIN).unwrap();
+        std::fs::write(rig.dir.join("config.yaml"), "plugins:\n  enabled: [spy]\n").unwrap();
+        sh(&format!(
+            "chown -R {WORKER_USER}: {} {}",
+            rig.dir.join("plugins").display(),
+            rig.dir.join("config.yaml").display()
+        ));
+        rig.add("a task whose profile loads the spy");
+        let cmd = format!(
+            "HERMES_KANBAN_HOME={dir} HERMES_HOME={dir} {bin} --db {db} --config {cfg} dispatch --once",
+            dir = rig.dir.display(),
+            bin = crate::harness::mgr_bin().display(),
+            db = rig.db.display(),
+            cfg = rig.config.display()
+        );
+        // `script` gives the command a terminal of its own as its controlling terminal.
+        let o = Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+        let reports: Vec<serde_json::Value> = std::fs::read_dir(&plugin)
+            .unwrap()
+            .filter_map(|e| {
+                let p = e.unwrap().path();
+                let n = p.file_name()?.to_str()?.to_string();
+                (n.starts_with("report-"))
+                    .then(|| serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap())
+            })
+            .collect();
+        assert!(
+            !reports.is_empty(),
+            "the resolver never loaded the plugin: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        for r in reports {
+            assert_eq!(r["tty"], serde_json::Value::Null, "a terminal reached: {r}");
+            assert_eq!(r["sid"], r["pid"], "not its own session: {r}");
+            assert_eq!(r["NoNewPrivs"], "1", "{r}");
+            for set in ["CapBnd", "CapEff", "CapPrm", "CapAmb"] {
+                assert_eq!(r[set], "0000000000000000", "{set}: {r}");
+            }
+            assert_ne!(r["Uid"][0], "0", "{r}");
+            for (fd, target) in r["fds"].as_object().unwrap() {
+                let target = target.as_str().unwrap();
+                assert!(
+                    fd.parse::<u32>().unwrap() <= 2 || target.starts_with("/proc/"),
+                    "descriptor {fd} ({target}) inherited: {r}"
+                );
+            }
+        }
+    }
+);
