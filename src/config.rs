@@ -31,8 +31,8 @@ pub struct Config {
     /// Claim TTL in seconds (`HERMES_KANBAN_CLAIM_TTL_SECONDS` overrides it, as upstream).
     pub claim_ttl_seconds: i64,
     /// Consecutive failures before a task is blocked. Hermes' `kanban.failure_limit`; set
-    /// here only by installs from before hermes-mgr read Hermes' `config.yaml` (set in both
-    /// is an error).
+    /// here only by installs from before hermes-mgr read Hermes' `config.yaml` (set in both,
+    /// this one is used, with a warning).
     pub failure_limit: i64,
     /// At most this many live workers per board. Hermes' `kanban.max_spawn` (and
     /// `max_in_progress`); unset = no cap, as upstream. Same rule as `failure_limit`.
@@ -126,7 +126,8 @@ impl Config {
     }
 
     /// `load`, with Hermes' own `kanban:` settings from `hermes` (its `config.yaml` and
-    /// managed layer): a key set in both files is an error that names both.
+    /// managed layer). Those files never make this an error: a file upstream cannot use, or a
+    /// key set in both, is a warning (`warnings`) naming what was used instead.
     pub fn load_with(
         path: Option<&Path>,
         hermes: &crate::hermes_config::Files,
@@ -146,15 +147,26 @@ impl Config {
         let mut cfg: Config = toml::from_str(&text)
             .with_context(|| format!("{}: invalid configuration", path.display()))?;
         let ours: toml::Table = toml::from_str(&text).unwrap_or_default();
-        let theirs = crate::hermes_config::load(hermes)?;
+        // Hermes' files are written by their owner, and so possibly by a worker: nothing in
+        // them may keep the dispatcher down (a restart would then be an outage). A file
+        // upstream cannot use leaves its settings at upstream's defaults, loudly; a key also
+        // set here keeps the operator's value.
+        let mut warnings = Vec::new();
+        let theirs = crate::hermes_config::load(hermes).unwrap_or_else(|e| {
+            warnings.push(format!(
+                "{e:#}: Hermes' kanban settings are at upstream's defaults until it is fixed"
+            ));
+            crate::hermes_config::Loaded::default()
+        });
         for key in SHARED_KEYS {
             if let (true, Some(yaml)) = (ours.contains_key(key), theirs.sources.get(key)) {
-                anyhow::bail!(
-                    "{key} is set in both {} and {}: it is Hermes' setting (kanban.{key}); remove it from {}",
+                warnings.push(format!(
+                    "{key} is set in both {} and {}: using {}'s; it is Hermes' setting (kanban.{key}): remove it from {}",
                     path.display(),
                     yaml.display(),
+                    path.display(),
                     path.display()
-                );
+                ));
             }
         }
         let k = &theirs.kanban;
@@ -196,7 +208,8 @@ impl Config {
         cfg.auto_decompose = k.auto_decompose;
         cfg.auto_decompose_per_tick = k.auto_decompose_per_tick;
         cfg.stale_timeout_seconds = k.dispatch_stale_timeout_seconds;
-        cfg.warnings = theirs.warnings;
+        warnings.extend(theirs.warnings);
+        cfg.warnings = warnings;
         if let Some(bin) = std::env::var("HERMES_BIN")
             .ok()
             .filter(|b| !b.trim().is_empty())
@@ -283,7 +296,7 @@ mod tests {
     }
 
     #[test]
-    fn hermes_settings_are_honoured_and_a_key_in_both_files_is_an_error() {
+    fn hermes_settings_are_honoured_and_hermes_files_never_stop_a_start() {
         let c = with_files(
             "worker_user = \"w\"",
             "kanban:\n  max_spawn: 4\n  max_in_progress: 2\n  failure_limit: 5\n  default_assignee: coder\n  max_in_progress_per_profile: 1\n  auto_decompose: false\n",
@@ -304,12 +317,23 @@ mod tests {
         assert_eq!((c.max_spawn, c.failure_limit), (Some(3), 2));
         assert!(c.sources["max_spawn"].ends_with("config.toml"));
         assert_eq!(c.sources["failure_limit"], "default");
-        let e = with_files("max_spawn = 3", "kanban:\n  max_spawn: 4\n")
-            .unwrap_err()
-            .to_string();
+        // A key in both: the operator's value, and a warning naming both files.
+        let c = with_files("max_spawn = 3", "kanban:\n  max_spawn: 4\n").unwrap();
+        assert_eq!(c.max_spawn, Some(3));
+        let w = c.warnings.join("\n");
         assert!(
-            e.contains("config.toml") && e.contains("config.yaml") && e.contains("max_spawn"),
-            "{e}"
+            w.contains("config.toml") && w.contains("config.yaml") && w.contains("max_spawn"),
+            "{w}"
         );
+        // A file upstream cannot use (a worker may write it): upstream's defaults, loudly.
+        for bad in ["kanban: 3\n", "kanban:\n  max_spawn: many\n", "kanban: [\n"] {
+            let c = with_files("", &format!("{bad}kanban_extra: 1\n")).unwrap();
+            assert_eq!((c.max_spawn, c.failure_limit), (None, 2), "{bad:?}");
+            let w = c.warnings.join("\n");
+            assert!(
+                w.contains("config.yaml") && w.contains("defaults"),
+                "{bad:?}: {w}"
+            );
+        }
     }
 }

@@ -10,9 +10,11 @@
 //! booleans for the boolean keys, as PyYAML reads them unquoted. `${VAR}` references are not
 //! expanded (upstream expands them; a kanban key that uses one is reported invalid).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+use yaml_rust2::parser::{Event, MarkedEventReceiver};
+use yaml_rust2::scanner::Marker;
 use yaml_rust2::{Yaml, YamlLoader};
 
 /// The keys hermes-mgr honours, with upstream's defaults.
@@ -107,16 +109,93 @@ fn kanban_section(path: &Path) -> anyhow::Result<Option<yaml_rust2::yaml::Hash>>
     };
     let text =
         String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("{}: not UTF-8", path.display()))?;
-    let docs = YamlLoader::load_from_str(&text)
-        .map_err(|e| anyhow::anyhow!("{}: invalid YAML: {e}", path.display()))?;
-    match docs.into_iter().next() {
+    let first = load_bounded(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    match first {
         None | Some(Yaml::Null) => Ok(None),
-        Some(Yaml::Hash(mut top)) => match top.remove(&Yaml::String("kanban".into())) {
+        Some(Yaml::Hash(top)) => match top.get(&Yaml::String("kanban".into())) {
             None | Some(Yaml::Null) => Ok(None),
-            Some(Yaml::Hash(k)) => Ok(Some(k)),
+            Some(Yaml::Hash(k)) => Ok(Some(k.clone())),
             Some(_) => anyhow::bail!("{}: `kanban:` is not a mapping", path.display()),
         },
         Some(_) => anyhow::bail!("{}: not a mapping at the top", path.display()),
+    }
+}
+
+/// At most this many nodes per file, an alias counting as every node it stands for: a real
+/// `config.yaml` has a few hundred; a 455-byte alias bomb stands for billions, and yaml-rust2
+/// clones every alias (it would take tens of GB, on the daemon's thread).
+const MAX_YAML_NODES: usize = 100_000;
+/// At most this deep: dropping a parsed tree recurses once per level.
+const MAX_YAML_DEPTH: usize = 64;
+
+/// The first document of `text`, parsed within the node and depth budgets.
+fn load_bounded(text: &str) -> Result<Option<Yaml>, String> {
+    let mut b = Budgeted::default();
+    yaml_rust2::parser::Parser::new_from_str(text)
+        .load(&mut b, true)
+        .map_err(|e| format!("invalid YAML: {e}"))?;
+    if let Some(why) = b.over {
+        return Err(why);
+    }
+    Ok(b.inner.documents().first().cloned())
+}
+
+/// yaml-rust2's own loader, fed only while the document stays within the budgets.
+#[derive(Default)]
+struct Budgeted {
+    inner: YamlLoader,
+    nodes: usize,
+    /// The node count each anchor stands for.
+    anchors: HashMap<usize, usize>,
+    /// Open collections: (anchor id, node count at their start).
+    open: Vec<(usize, usize)>,
+    over: Option<String>,
+}
+
+impl MarkedEventReceiver for Budgeted {
+    fn on_event(&mut self, ev: Event, mark: Marker) {
+        if self.over.is_some() {
+            return;
+        }
+        match &ev {
+            Event::Scalar(_, _, aid, _) => {
+                self.nodes += 1;
+                if *aid > 0 {
+                    self.anchors.insert(*aid, 1);
+                }
+            }
+            Event::SequenceStart(aid, _) | Event::MappingStart(aid, _) => {
+                self.open.push((*aid, self.nodes));
+                self.nodes += 1;
+                if self.open.len() > MAX_YAML_DEPTH {
+                    self.over = Some(format!(
+                        "nested deeper than {MAX_YAML_DEPTH} levels (line {})",
+                        mark.line()
+                    ));
+                    return;
+                }
+            }
+            Event::SequenceEnd | Event::MappingEnd => {
+                if let Some((aid, start)) = self.open.pop() {
+                    if aid > 0 {
+                        self.anchors.insert(aid, self.nodes - start);
+                    }
+                }
+            }
+            Event::Alias(aid) => {
+                let n = self.anchors.get(aid).copied().unwrap_or(1);
+                self.nodes = self.nodes.saturating_add(n);
+            }
+            _ => {}
+        }
+        if self.nodes > MAX_YAML_NODES {
+            self.over = Some(format!(
+                "more than {MAX_YAML_NODES} YAML nodes, aliases expanded (line {}): refused",
+                mark.line()
+            ));
+            return;
+        }
+        self.inner.on_event(ev, mark);
     }
 }
 
@@ -282,6 +361,41 @@ mod tests {
             user: user_path,
             managed,
         })
+    }
+
+    /// The 455-byte "billion laughs" of the attack: nine levels of nine aliases.
+    fn alias_bomb() -> String {
+        let mut y = String::from(
+            "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
+        );
+        for (prev, name) in ["a", "b", "c", "d", "e", "f", "g", "h"]
+            .iter()
+            .zip(["b", "c", "d", "e", "f", "g", "h", "i"])
+        {
+            let refs = vec![format!("*{prev}"); 9].join(",");
+            y.push_str(&format!("{name}: &{name} [{refs}]\n"));
+        }
+        y.push_str("kanban:\n  max_spawn: 2\n");
+        y
+    }
+
+    #[test]
+    fn a_yaml_bomb_is_refused_within_its_budget_not_expanded() {
+        let bomb = alias_bomb();
+        assert!(bomb.len() < 600, "{}", bomb.len());
+        let e = load_text(&bomb, None).unwrap_err().to_string();
+        assert!(e.contains("more than 100000 YAML nodes"), "{e}");
+        assert!(e.contains("config.yaml"), "{e}");
+        let deep = format!("kanban: {}1{}\n", "[".repeat(100), "]".repeat(100));
+        let e = load_text(&deep, None).unwrap_err().to_string();
+        assert!(e.contains("nested deeper than 64 levels"), "{e}");
+        // Anchors and aliases a person writes are read as before.
+        let l = load_text(
+            "base: &base {max_spawn: 3, failure_limit: 4}\nkanban: *base\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!((l.kanban.max_spawn, l.kanban.failure_limit), (Some(3), 4));
     }
 
     #[test]

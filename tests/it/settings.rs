@@ -1,5 +1,6 @@
 //! Hermes' own `kanban:` settings in its `config.yaml` govern hermes-dispatcher, with
-//! upstream's meaning, re-read when the file changes; a key set in both files is refused.
+//! upstream's meaning, re-read when the file changes; a key set in both files keeps the operator's value, and
+//! nothing in the file keeps the dispatcher down.
 
 use std::time::Duration;
 
@@ -56,19 +57,15 @@ systemd_test!(
     }
 );
 
-systemd_test!(a_setting_in_both_files_is_refused_naming_both, {
+systemd_test!(a_setting_in_both_files_keeps_the_operators_and_says_so, {
     let d = Dispatcher::new("failure_limit = 3");
     write_hermes_config(&d, "kanban:\n  failure_limit: 4\n");
     d.install();
-    let o = std::process::Command::new("systemctl")
-        .args(["start", SERVICE])
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
+    d.start();
     let toml = d.rig.config.display().to_string();
     let yaml = d.rig.dir.join("config.yaml").display().to_string();
     wait_for(
-        "the refusal in the journal",
+        "the warning in the journal",
         Duration::from_secs(10),
         || {
             let log = journal(SERVICE);
@@ -78,14 +75,74 @@ systemd_test!(a_setting_in_both_files_is_refused_naming_both, {
             .then_some(())
         },
     );
-    // doctor says the same.
+    // doctor says the same, and which value is used.
     let doc = d.rig.mgr(&["doctor", "--json"]);
     assert!(
-        doc.stdout.contains("failure_limit is set in both"),
+        doc.stdout.contains("failure_limit is set in both")
+            && doc.stdout.contains("failure_limit=3"),
         "{}",
         doc.stdout
     );
 });
+
+systemd_test!(
+    a_config_yaml_hermes_cannot_use_never_keeps_the_dispatcher_down,
+    {
+        // What a worker (it writes the Hermes root) can leave behind: a `kanban:` that is no
+        // mapping, and a 455-byte alias bomb. The dispatcher starts, says why it runs on
+        // upstream's defaults, and dispatches.
+        let d = Dispatcher::new("tick_seconds = 3600");
+        let mut bomb = String::from(
+            "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
+        );
+        for (prev, name) in ["a", "b", "c", "d", "e", "f", "g", "h"]
+            .iter()
+            .zip(["b", "c", "d", "e", "f", "g", "h", "i"])
+        {
+            bomb.push_str(&format!(
+                "{name}: &{name} [{}]\n",
+                vec![format!("*{prev}"); 9].join(",")
+            ));
+        }
+        write_hermes_config(&d, "kanban: 3\n");
+        d.install();
+        d.start();
+        let a = d.rig.add("runs on the defaults");
+        let ra = d.wait_running(&a, 0);
+        wait_for("the warning", Duration::from_secs(10), || {
+            journal(SERVICE)
+                .contains("is not a mapping: Hermes' kanban settings are at upstream's defaults")
+                .then_some(())
+        });
+        // The bomb, read on the change and again at a restart: the daemon stays up, bounded.
+        write_hermes_config(&d, &bomb);
+        wait_for("the bomb refused", Duration::from_secs(10), || {
+            journal(SERVICE)
+                .contains("more than 100000 YAML nodes")
+                .then_some(())
+        });
+        std::process::Command::new("systemctl")
+            .args(["restart", SERVICE])
+            .status()
+            .unwrap();
+        assert_eq!(
+            systemctl_show(SERVICE, "ActiveState").trim(),
+            "ActiveState=active"
+        );
+        let doc = d.rig.mgr(&["doctor", "--json"]);
+        assert!(
+            doc.stdout.contains("more than 100000 YAML nodes"),
+            "{}",
+            doc.stdout
+        );
+        let st = d.rig.mgr(&["status"]);
+        assert_eq!(st.code, Some(0), "{}", st.stderr);
+        d.command(&a, ra, "complete");
+        d.wait_task("done", |t| t.status.as_str() == "done", &a);
+        let b = d.rig.add("after the restart");
+        d.wait_running(&b, 0);
+    }
+);
 
 /// Upstream's own reading of a `config.yaml`: `load_config()` (PyYAML, defaults, the
 /// merge) and the gateway's `_resolve_auto_decompose_settings`, in the real 0.19.0.
