@@ -289,10 +289,14 @@ fn prepare_task(
                 paths,
                 &profile_home(&absolute(&paths.root), &profile),
             );
-            // Upstream could not be asked (no interpreter, a timeout): ours. It refused: the
-            // task's (a counted `workspace: …` spawn failure, as upstream books it).
+            // Upstream could not be started (no interpreter): ours. It refused, failed or ran
+            // out of time on the task's profile and repository: the task's (a counted
+            // `workspace: …` spawn failure, as upstream books a refusal).
             let (p, b) = upstream::worktree(&bin, &who.asker(&env), &paths.slug, &task.id)
-                .map_err(SpawnError::infra)?
+                .map_err(|e| match e {
+                    upstream::AskError::Unavailable(e) => SpawnError::infra(e),
+                    upstream::AskError::Failed(e) => SpawnError::task(format!("workspace: {e}")),
+                })?
                 .map_err(|e| SpawnError::task(format!("workspace: {e}")))?;
             let claimed = task.branch_name.as_deref().map(str::trim).unwrap_or("");
             branch = Some(if !b.is_empty() {

@@ -77,8 +77,8 @@ const STEPS: &[&str] = &[
 const STEP_CHDIR: u32 = 8;
 const STEP_EXEC: u32 = 9;
 
-/// Why the worker did not start, and whose side that is on (`outcome::Fault`): only a
-/// `dir:` workspace and the task's own data are the task's.
+/// Why the worker did not start, and whose side that is on (`outcome::Fault`): only its
+/// workspace and the task's own data are the task's.
 #[derive(Debug)]
 struct Failure {
     fault: Fault,
@@ -434,8 +434,9 @@ fn supervise(spec: &WorkerSpec, tmpdir: &Path, journal: &Journal) -> Result<u8, 
         };
         let start = || format!("cannot start {}: {what}: {e}", spec.argv[0]);
         return Err(match step {
-            // A `dir:` workspace is the task's; a scratch one lives in the dispatcher's tree.
-            STEP_CHDIR if spec.make_cwd => infra(enter()),
+            // A workspace is the task's: a `dir:` one it names, a scratch one in the Hermes
+            // tree its worker writes (a worker can make its own unenterable). Counting it
+            // trips the breaker on that task alone; as ours it would stop every pass.
             STEP_CHDIR => task(enter()),
             // The binary is the dispatcher's configuration; an argv or environment too big
             // for exec comes from the task's data.

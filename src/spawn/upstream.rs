@@ -148,17 +148,18 @@ pub fn after_complete(bin: &Path, who: &Asker, task: &str, metadata: &str) -> Re
         Duration::from_secs(60),
     )
     .map(drop)
+    .map_err(|e| e.to_string())
 }
 
 /// The workspace of worktree task `task` on board `board`, materialized by upstream:
 /// `Ok(Ok((path, branch)))`, `Ok(Err(upstream's reason why not))`, or `Err` when upstream
-/// could not be asked (the dispatcher's side).
+/// gave no answer (`AskError` says on whose side).
 pub fn worktree(
     bin: &Path,
     who: &Asker,
     board: &str,
     task: &str,
-) -> Result<Result<(PathBuf, String), String>, String> {
+) -> Result<Result<(PathBuf, String), String>, AskError> {
     let out = run(
         bin,
         who,
@@ -167,13 +168,33 @@ pub fn worktree(
         Duration::from_secs(120),
     )?;
     let v: serde_json::Value = serde_json::from_slice(&out)
-        .map_err(|e| format!("upstream's worktree resolver said no JSON: {e}"))?;
+        .map_err(|e| AskError::Failed(format!("upstream's worktree resolver said no JSON: {e}")))?;
     if let Some(e) = v["error"].as_str() {
         return Ok(Err(e.to_string()));
     }
     match (v["path"].as_str(), v["branch"].as_str()) {
         (Some(p), b) => Ok(Ok((PathBuf::from(p), b.unwrap_or_default().to_string()))),
-        _ => Err(format!("upstream's worktree resolver answered {v}")),
+        _ => Err(AskError::Failed(format!(
+            "upstream's worktree resolver answered {v}"
+        ))),
+    }
+}
+
+/// Why upstream's code gave no answer, by whose side it is on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AskError {
+    /// It could not be started: the dispatcher's configuration or machinery.
+    Unavailable(String),
+    /// It ran, on the task's input (its profile, plugins, repository), and failed, gave no
+    /// answer, or ran out of time: the task's.
+    Failed(String),
+}
+
+impl std::fmt::Display for AskError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AskError::Unavailable(s) | AskError::Failed(s) => f.write_str(s),
+        }
     }
 }
 
@@ -184,12 +205,12 @@ fn run(
     snippet: &str,
     args: &[&std::ffi::OsStr],
     timeout: Duration,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, AskError> {
     let python = interpreter(bin).ok_or_else(|| {
-        format!(
+        AskError::Unavailable(format!(
             "{} is not a Python script: cannot ask Hermes' own code",
             bin.display()
-        )
+        ))
     })?;
     let groups: Vec<u32> = who.groups.to_vec();
     let mut cmd = Command::new(&python);
@@ -205,9 +226,9 @@ fn run(
     // Root becomes the worker user; anyone else may only act as themselves.
     let me = nix::unistd::geteuid().as_raw();
     if me != 0 && me != uid {
-        return Err(format!(
+        return Err(AskError::Unavailable(format!(
             "only root or uid {uid} may ask Hermes' own code on this worker's behalf"
-        ));
+        )));
     }
     let as_root = me == 0;
     // Upstream's code imports the plugins and reads the files the worker writes: it is the
@@ -253,10 +274,10 @@ fn run(
 /// error pipe to the parent must stay open until the exec).
 const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
 
-fn finish(mut cmd: Command, timeout: Duration, python: &Path) -> Result<Vec<u8>, String> {
+fn finish(mut cmd: Command, timeout: Duration, python: &Path) -> Result<Vec<u8>, AskError> {
     let mut child = cmd
         .spawn()
-        .map_err(|e| format!("start {}: {e}", python.display()))?;
+        .map_err(|e| AskError::Unavailable(format!("start {}: {e}", python.display())))?;
     // The answers are a few hundred bytes: the pipe holds them until the child is done (no
     // reader thread: the dispatcher forks, and stays single-threaded).
     let mut stdout = child.stdout.take().expect("piped");
@@ -268,18 +289,20 @@ fn finish(mut cmd: Command, timeout: Duration, python: &Path) -> Result<Vec<u8>,
             _ => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!(
+                return Err(AskError::Failed(format!(
                     "Hermes' own code did not answer within {timeout:?}"
-                ));
+                )));
             }
         }
     };
     let mut out = Vec::new();
     Read::take(&mut stdout, 1 << 20)
         .read_to_end(&mut out)
-        .map_err(|e| format!("read Hermes' answer: {e}"))?;
+        .map_err(|e| AskError::Failed(format!("read Hermes' answer: {e}")))?;
     if !status.success() {
-        return Err(format!("Hermes' own code failed ({status})"));
+        return Err(AskError::Failed(format!(
+            "Hermes' own code failed ({status})"
+        )));
     }
     Ok(out)
 }

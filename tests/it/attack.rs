@@ -604,3 +604,49 @@ systemd_test!(
         }
     }
 );
+
+systemd_test!(
+    unenterable_workspaces_are_their_tasks_fault_and_stall_no_other_task,
+    {
+        // Eight tasks whose worker made its own scratch workspace unenterable, then a victim.
+        // Before the fix each was the dispatcher's fault: never counted, the pass stopped at
+        // the first, the board backed off, and the victim never ran.
+        let rig = Rig::new("#!/bin/sh\nexit 0\n", "");
+        let hostile: Vec<String> = (0..8).map(|i| rig.add(&format!("hostile {i}"))).collect();
+        let victim = rig.add("victim");
+        for id in &hostile {
+            as_worker(&format!(
+                "mkdir -p {d}/kanban/workspaces/{id} && chmod 000 {d}/kanban/workspaces/{id}",
+                d = rig.dir.display()
+            ));
+        }
+        let out = rig.dispatch();
+        let spawned: Vec<&str> = out["spawned"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["task_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(spawned, vec![victim.as_str()], "{out}");
+        let failed = out["spawn_failed"].as_array().unwrap();
+        assert_eq!(failed.len(), 8, "{out}");
+        for f in failed {
+            assert_eq!(f["infrastructure"], json!(false), "{out}");
+            assert!(
+                f["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("cannot enter the workspace"),
+                "{out}"
+            );
+        }
+        for id in &hostile {
+            let t = rig.board().require_task(id).unwrap();
+            assert_eq!(
+                (t.status.as_str(), t.consecutive_failures),
+                ("ready", 1),
+                "{id}"
+            );
+        }
+    }
+);

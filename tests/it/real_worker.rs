@@ -7,7 +7,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::harness::{repo, wait_for};
+use crate::harness::repo;
 use crate::rig::Dispatcher;
 use crate::systemd_test;
 
@@ -56,11 +56,21 @@ systemd_test!(
         d.start();
         let scratch = crate::boards::create_on(&d, "default", "a scratch task for a real worker");
         let done = |id: &str| {
-            wait_for(
-                &format!("{id} done by a real worker"),
-                Duration::from_secs(120),
-                || Some(d.task(id)).filter(|t| t.status.as_str() == "done"),
-            )
+            let until = std::time::Instant::now() + Duration::from_secs(120);
+            loop {
+                let t = d.task(id);
+                if t.status.as_str() == "done" {
+                    return t;
+                }
+                assert!(
+                    std::time::Instant::now() < until,
+                    "{id} not done by a real worker within 120 s: {t:?}\nruns: {:?}\ndispatcher:\n{}\nworkers:\n{}",
+                    d.rig.board().runs(id).unwrap(),
+                    crate::rig::journal(crate::rig::SERVICE),
+                    crate::rig::journal("hermes-worker-kanban-*")
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
         };
         done(&scratch);
         let worktree = crate::boards::hermes(
@@ -88,11 +98,17 @@ systemd_test!(
         }
         // The scratch workspace went with its task (Hermes' own completion removes it).
         let ws = d.rig.dir.join("kanban/workspaces").join(&scratch);
-        wait_for(
-            "the scratch workspace removed",
-            Duration::from_secs(20),
-            || (!ws.exists()).then_some(()),
-        );
+        let gone = std::time::Instant::now() + Duration::from_secs(60);
+        while ws.exists() {
+            if std::time::Instant::now() > gone {
+                panic!(
+                    "the scratch workspace is still there 60 s after its task was done: {}\nworker journal:\n{}",
+                    crate::rig::sh(&format!("find {} -printf '%p %u %TT\\n' | head -50", ws.display())),
+                    crate::rig::journal(&format!("hermes-worker-kanban-{scratch}-run-1.scope"))
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         // The worktree stays, on the branch recorded for the task.
         let wt = repo_dir.join(".worktrees").join(&worktree);
         assert!(
