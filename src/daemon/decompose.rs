@@ -106,12 +106,16 @@ impl Daemon {
             room,
         );
         for task in start {
-            let Some(cmd) = self.decompose_command(slug, &task) else {
+            let unit = unit_name::decompose_service(slug, &task);
+            let Some(cmd) = self.decompose_command(slug, &task, &unit) else {
                 return;
             };
-            let unit = unit_name::decompose_service(slug, &task);
             let timeout = Duration::from_secs(self.cfg.start_timeout_seconds);
-            match self.sd.run_command(&unit, &cmd, timeout).await {
+            let started = self.sd.run_command(&unit, &cmd, timeout).await;
+            if started.is_err() {
+                self.forget_env_file(&unit);
+            }
+            match started {
                 Ok(()) => {
                     info!(board = %slug, hermes_kanban_task = %task, unit = %unit, object_systemd_unit = %unit,
                           "decomposing a triage task");
@@ -128,9 +132,10 @@ impl Daemon {
 
     /// `hermes kanban decompose -- <id>` for the worker user: the dispatcher's Hermes home
     /// (its `config.yaml` names the decomposer's model), the board pinned by
-    /// `HERMES_KANBAN_DB`, the environment by the workers' allowlist. `--` keeps a task id
-    /// that starts with `-` from being read as an option.
-    fn decompose_command(&self, slug: &str, task: &str) -> Option<Command> {
+    /// `HERMES_KANBAN_DB`, the environment by the workers' allowlist — whose values (API
+    /// keys) go in a root-only environment file, never in a unit property. `--` keeps a task
+    /// id that starts with `-` from being read as an option.
+    fn decompose_command(&self, slug: &str, task: &str, unit: &str) -> Option<Command> {
         let paths = &self.slots.get(slug)?.paths;
         let bin = match crate::spawn::resolve_binary(&self.cfg.hermes_bin) {
             Ok(b) => b,
@@ -151,12 +156,18 @@ impl Daemon {
             .parent()
             .map(|p| p.to_path_buf())
             .unwrap_or_else(|| paths.root.clone());
-        let mut env: Vec<String> = std::env::vars()
+        let passed: Vec<(String, String)> = std::env::vars()
             .filter(|(k, _)| crate::spawn::passed_through(k, &self.cfg))
-            .map(|(k, v)| format!("{k}={v}"))
             .collect();
+        let env_file = match write_env_file(&self.env_dir(), unit, &passed) {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(unit = %unit, "cannot decompose triage tasks: write their environment file: {e}");
+                return None;
+            }
+        };
         let abs = |p: &std::path::Path| crate::spawn::absolute(p).to_string_lossy().into_owned();
-        env.extend([
+        let env = Vec::from([
             format!("HOME={}", user.dir.to_string_lossy()),
             format!("USER={}", user.name),
             format!("LOGNAME={}", user.name),
@@ -177,6 +188,7 @@ impl Daemon {
             ],
             user: user.name,
             env,
+            env_file: Some(env_file),
             slice: self.cfg.slice.clone(),
             description: format!(
                 "Hermes kanban: decompose triage task {} on board {}",
@@ -199,6 +211,7 @@ impl Daemon {
             return false;
         };
         self.decomp.running.remove(&key);
+        self.forget_env_file(unit);
         let status = self
             .board(&key.0)
             .and_then(|b| b.task(&key.1).ok().flatten())
@@ -226,6 +239,25 @@ impl Daemon {
         for unit in units {
             if let Ok(None) = self.sd.active_state(&unit).await {
                 self.on_decompose_unit_removed(&unit);
+            }
+        }
+    }
+
+    /// Where the decompositions' environment files live: root's alone (0700).
+    fn env_dir(&self) -> std::path::PathBuf {
+        self.cfg.state_dir.join("decompose-env")
+    }
+
+    fn forget_env_file(&self, unit: &str) {
+        let _ = std::fs::remove_file(env_file_path(&self.env_dir(), unit));
+    }
+
+    /// At start: the files of jobs a previous daemon left (their units are not ours to
+    /// track any more, and PID 1 read each file when it started the unit).
+    pub(super) fn clear_env_files(&self) {
+        if let Ok(entries) = std::fs::read_dir(self.env_dir()) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_file(e.path());
             }
         }
     }
@@ -260,9 +292,69 @@ impl Daemon {
     }
 }
 
+fn env_file_path(dir: &std::path::Path, unit: &str) -> std::path::PathBuf {
+    dir.join(format!("{unit}.env"))
+}
+
+/// `vars` as systemd's `EnvironmentFile=` reads them (each value double-quoted, with
+/// `\`, `"`, `` ` `` and `$` escaped; a newline kept as it is). Pure.
+fn env_file_text(vars: &[(String, String)]) -> String {
+    let mut out = String::new();
+    for (k, v) in vars {
+        out.push_str(k);
+        out.push_str("=\"");
+        for c in v.chars() {
+            if matches!(c, '\\' | '"' | '`' | '$') {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push_str("\"\n");
+    }
+    out
+}
+
+/// Write `unit`'s environment file in `dir` (made 0700, root's: the daemon's state
+/// directory is no one else's), the file 0600 and new.
+fn write_env_file(
+    dir: &std::path::Path,
+    unit: &str,
+    vars: &[(String, String)],
+) -> std::io::Result<std::path::PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let path = env_file_path(dir, unit);
+    let _ = std::fs::remove_file(&path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)?;
+    f.write_all(env_file_text(vars).as_bytes())?;
+    Ok(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn env_file_values_are_quoted_as_systemd_reads_them() {
+        let vars = [
+            ("A".to_string(), "plain".to_string()),
+            ("B".to_string(), r#"q"uo\te $HOME `x`"#.to_string()),
+            ("C".to_string(), "two\nlines".to_string()),
+        ];
+        assert_eq!(
+            env_file_text(&vars),
+            "A=\"plain\"\nB=\"q\\\"uo\\\\te \\$HOME \\`x\\`\"\nC=\"two\nlines\"\n"
+        );
+    }
 
     #[test]
     fn pick_skips_running_and_waiting_and_keeps_the_cap() {

@@ -207,6 +207,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         reconciled_once: false,
         decomp: Default::default(),
     };
+    d.clear_env_files();
     d.refresh_boards();
     let watch_root = (!pinned).then_some(root.as_path());
     let hermes_files = crate::hermes_config::Files::from_env();

@@ -220,8 +220,12 @@ pub struct Command {
     /// The program (absolute) and its arguments; never a shell.
     pub argv: Vec<String>,
     pub user: String,
-    /// `NAME=value`, the whole environment.
+    /// `NAME=value`: what is no secret, as the unit's `Environment=` (which any local user
+    /// may read with `systemctl show`, and which systemd writes to a 0644 file).
     pub env: Vec<String>,
+    /// An `EnvironmentFile=` for the rest: read by PID 1, as root, when it starts the unit;
+    /// only its path is a property.
+    pub env_file: Option<std::path::PathBuf>,
     pub slice: String,
     pub description: String,
     /// `RuntimeMaxSec=`: systemd stops it after this long.
@@ -443,7 +447,7 @@ impl Systemd {
     pub async fn run_command(&self, name: &str, c: &Command, timeout: Duration) -> Result<()> {
         let exec: Vec<(String, Vec<String>, bool)> =
             vec![(c.argv[0].clone(), c.argv.to_vec(), false)];
-        let props: Vec<Property> = vec![
+        let mut props: Vec<Property> = vec![
             ("Description", Variant::from(c.description.clone())),
             ("Slice", Variant::from(c.slice.clone())),
             ("ExecStart", Variant::from(exec)),
@@ -462,6 +466,10 @@ impl Systemd {
                 Variant::from(c.runtime_max.as_micros() as u64),
             ),
         ];
+        if let Some(f) = &c.env_file {
+            let files: Vec<(String, bool)> = vec![(f.to_string_lossy().into_owned(), false)];
+            props.push(("EnvironmentFiles", Variant::from(files)));
+        }
         self.start_transient(name, props, timeout).await
     }
 

@@ -53,7 +53,14 @@ systemd_test!(
         let repo_dir = d.rig.dir.join("repo");
         crate::rig::git_repo(&repo_dir, &d.rig.dir);
         d.install();
-        d.start();
+        // Both tasks are made before the dispatcher starts: while a Hermes 0.19 process
+        // checkpoints the board, another one's post-commit "torn-extend" check reads the
+        // header page count before the file has grown and fails a good write (upstream
+        // #60510; 1 run in 6 here under load: `hermes kanban create` printed nothing, its
+        // refusal on stderr, exit code 0). Our own checkpoints grow the file first
+        // (board::open's chunk size); a running worker's do not. The worktree task is the
+        // scratch task's child, so they still run one after the other, and Hermes keeps the
+        // parent's scratch workspace until the child is done (#33774).
         let scratch = crate::boards::create_on(&d, "default", "a scratch task for a real worker");
         let done = |id: &str| {
             let until = std::time::Instant::now() + Duration::from_secs(120);
@@ -72,7 +79,6 @@ systemd_test!(
                 std::thread::sleep(Duration::from_millis(50));
             }
         };
-        done(&scratch);
         let worktree = crate::boards::hermes(
             &d,
             &[
@@ -82,6 +88,8 @@ systemd_test!(
                 "default",
                 "--workspace",
                 &format!("worktree:{}", repo_dir.display()),
+                "--parent",
+                &scratch,
                 "--json",
             ],
         )
@@ -89,6 +97,8 @@ systemd_test!(
             .as_str()
             .unwrap()
             .to_string();
+        d.start();
+        done(&scratch);
         let t = done(&worktree);
         for id in [&scratch, &worktree] {
             let runs = d.rig.board().runs(id).unwrap();
@@ -96,7 +106,8 @@ systemd_test!(
             assert_eq!(runs[0].outcome.as_deref(), Some("completed"));
             assert_eq!(runs[0].summary.as_deref(), Some("done by a real worker"));
         }
-        // The scratch workspace went with its task (Hermes' own completion removes it).
+        // The scratch workspace went with its task (Hermes' own completion removes it, once
+        // its child is done).
         let ws = d.rig.dir.join("kanban/workspaces").join(&scratch);
         let gone = std::time::Instant::now() + Duration::from_secs(60);
         while ws.exists() {

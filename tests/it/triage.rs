@@ -186,3 +186,86 @@ systemd_test!(
         );
     }
 );
+
+systemd_test!(
+    a_decompositions_secrets_are_in_no_unit_property_yet_reach_it,
+    {
+        // `pass_environment` hands the dispatcher's API keys to workers and decompositions.
+        // Before the fix they were the decomposition unit's `Environment=`: any local user
+        // read them with `systemctl show`, and in /run/systemd/transient (0644).
+        const SECRET: &str = "sk-never-in-a-unit-property";
+        let d =
+            Dispatcher::new("tick_seconds = 3600\npass_environment = [\"HERMES_TEST_API_KEY\"]");
+        // A model that takes the request and never answers: the job stays up to be looked at.
+        let port = 30000 + std::process::id() % 20000;
+        let _llm = FakeLlm(
+            Command::new("/usr/bin/python3")
+                .args([
+                    "-c",
+                    "import socket, sys, time\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('127.0.0.1', int(sys.argv[1])))\ns.listen(16)\ntime.sleep(600)",
+                    &port.to_string(),
+                ])
+                .spawn()
+                .unwrap(),
+        );
+        write_config(&d, port, "");
+        d.install();
+        std::fs::write(
+            "/run/systemd/system/hermes-dispatcher.service.d/60-secret.conf",
+            format!("[Service]\nEnvironment=HERMES_TEST_API_KEY={SECRET}\n"),
+        )
+        .unwrap();
+        crate::rig::sh("systemctl daemon-reload");
+        d.start();
+        triage(&d, "default", "a job with a secret");
+        let (unit, pid) = wait_for("the decomposition running", Duration::from_secs(60), || {
+            let units = crate::rig::sh(
+                "systemctl list-units --no-legend --plain --state=active 'hermes-kanban-decompose-*' | cut -d' ' -f1",
+            );
+            let unit = units.lines().next()?.trim().to_string();
+            let pid = crate::rig::systemctl_show(&unit, "MainPID");
+            let pid = pid.trim().strip_prefix("MainPID=")?.parse::<u32>().ok()?;
+            (pid > 0).then_some((unit, pid))
+        });
+        // The job has it…
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        assert!(
+            String::from_utf8_lossy(&environ).contains(&format!("HERMES_TEST_API_KEY={SECRET}")),
+            "the decomposition did not get its environment"
+        );
+        // …and no property of its unit, nor the unit's file, says it.
+        let shown = Command::new("setpriv")
+            .args([
+                "--reuid=nobody",
+                "--regid=nogroup",
+                "--clear-groups",
+                "systemctl",
+                "show",
+                &unit,
+            ])
+            .output()
+            .unwrap();
+        let shown = String::from_utf8_lossy(&shown.stdout);
+        assert!(shown.contains("EnvironmentFiles="), "{shown}");
+        assert!(!shown.contains(SECRET), "{shown}");
+        let transient = std::fs::read_to_string(format!("/run/systemd/transient/{unit}")).unwrap();
+        assert!(!transient.contains(SECRET), "{transient}");
+        // The file systemd read it from is root's alone.
+        let file = shown
+            .lines()
+            .find_map(|l| l.strip_prefix("EnvironmentFiles="))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap()
+            .to_string();
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(&file).unwrap();
+        assert_eq!((m.uid(), m.mode() & 0o777), (0, 0o600), "{file}");
+        let dir = std::fs::metadata(std::path::Path::new(&file).parent().unwrap()).unwrap();
+        assert_eq!(dir.mode() & 0o777, 0o700);
+        // The job ends (stopped here): its file goes with it.
+        crate::rig::sh(&format!("systemctl stop {unit}"));
+        wait_for("the file removed", Duration::from_secs(20), || {
+            (!std::path::Path::new(&file).exists()).then_some(())
+        });
+    }
+);
