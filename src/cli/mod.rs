@@ -704,10 +704,7 @@ fn logs(b: &Board, id: &str, run: Option<i64>, follow: bool) -> anyhow::Result<(
     let unit = crate::systemd::unit_name::worker_scope(&b.paths().slug, id, run);
     let mut j = std::process::Command::new("journalctl");
     j.args(["--no-pager", "-o", "cat", "-u", &unit]);
-    let has_journal = j
-        .output()
-        .map(|o| o.status.success() && !o.stdout.is_empty())
-        .unwrap_or(false);
+    let has_journal = journal_has_entries(&unit);
     let file = b.paths().logs.join(format!(
         "{}.log",
         crate::systemd::unit_name::file_component(id)
@@ -738,6 +735,32 @@ fn logs(b: &Board, id: &str, run: Option<i64>, follow: bool) -> anyhow::Result<(
     r
 }
 
+/// Whether the journal holds any line of `unit`: its first byte is enough (a run's whole
+/// journal may be gigabytes, and one line of it as long as the worker made it).
+fn journal_has_entries(unit: &str) -> bool {
+    use std::io::Read;
+    let Ok(mut child) = std::process::Command::new("journalctl")
+        .args(["--no-pager", "-q", "-o", "cat", "-n", "1", "-u", unit])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+    else {
+        return false;
+    };
+    let mut byte = [0u8; 1];
+    let any = child
+        .stdout
+        .take()
+        .is_some_and(|mut o| matches!(o.read(&mut byte), Ok(1)));
+    let _ = child.kill();
+    let _ = child.wait();
+    any
+}
+
+/// A line longer than this is relayed in pieces of this size: the worker decides how long
+/// its lines are (a 64 GiB sparse log is one line of zeros), the reader's memory does not.
+const RELAY_PIECE: u64 = 64 * 1024;
+
 /// Copy lines through `clean_output`; with `follow`, keep reading what is appended. A
 /// closed stdout (`| head`) ends it quietly.
 fn relay(
@@ -745,10 +768,14 @@ fn relay(
     out: &mut impl std::io::Write,
     follow: bool,
 ) -> anyhow::Result<()> {
+    use std::io::{BufRead, Read};
     let mut line = Vec::new();
     loop {
         line.clear();
-        let n = from.read_until(b'\n', &mut line)?;
+        let n = from
+            .by_ref()
+            .take(RELAY_PIECE)
+            .read_until(b'\n', &mut line)?;
         if n == 0 {
             if !follow {
                 break;

@@ -650,3 +650,55 @@ systemd_test!(
         }
     }
 );
+
+systemd_test!(a_64_gib_line_in_a_worker_log_costs_logs_bounded_memory, {
+    // A silent worker (no journal) whose upstream log is a 64 GiB sparse file: one line of
+    // zeros. The old `logs` read a whole line before writing any of it, and aborted at its
+    // memory limit. Under a 512 MiB address-space limit it must stream the line.
+    let rig = Rig::new("#!/bin/sh\nprintf 'ran\\nEND\\n' > marker\n", "");
+    let id = rig.add("silent");
+    let out = rig.dispatch();
+    assert_eq!(out["spawned"][0]["task_id"], json!(id), "{out}");
+    rig.wait_file(&rig.dir.join("kanban/workspaces").join(&id).join("marker"));
+    let logs = rig.dir.join("kanban/logs");
+    as_worker(&format!(
+        "mkdir -p {l} && truncate -s 64G {l}/{id}.log",
+        l = logs.display()
+    ));
+    // A run of its own making (the board is the worker's to write), whose scope never
+    // existed: its journal is empty, and `logs` turns to upstream's file.
+    let c = rusqlite::Connection::open(&rig.db).unwrap();
+    c.execute(
+        "INSERT INTO task_runs (id, task_id, status, started_at) VALUES (99, ?1, 'done', 0)",
+        [&id],
+    )
+    .unwrap();
+    drop(c);
+    let cmd = format!(
+        "HERMES_KANBAN_HOME={dir} HERMES_HOME={dir} prlimit --as=536870912 {bin} --db {db} --config {cfg} logs {id} --run 99 | head -c 8388608; echo \"logs: ${{PIPESTATUS[0]}}\" >&2",
+        dir = rig.dir.display(),
+        bin = crate::harness::mgr_bin().display(),
+        db = rig.db.display(),
+        cfg = rig.config.display()
+    );
+    let o = run_bounded(
+        {
+            let mut c = Command::new("bash");
+            c.args(["-c", &cmd]);
+            c
+        },
+        Duration::from_secs(120),
+    );
+    // 0, or 141: ended by SIGPIPE once `head` had its fill, as any filter ends.
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("logs: 0") || stderr.contains("logs: 141"),
+        "logs failed: {stderr}"
+    );
+    assert_eq!(
+        o.stdout.len(),
+        8 << 20,
+        "{}",
+        String::from_utf8_lossy(&o.stdout[..o.stdout.len().min(300)])
+    );
+});
