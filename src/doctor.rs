@@ -63,6 +63,7 @@ pub async fn run(paths: &BoardPaths, cfg: anyhow::Result<Config>) -> Vec<Check> 
     out.extend(kanban_settings(&cfg));
     out.extend(board(paths));
     out.push(dispatcher(paths));
+    out.extend(emergency_stop(paths));
     out.extend(board_tree(paths));
     if let Ok(sd) = &sd {
         out.extend(dispatcher_health(sd).await);
@@ -565,6 +566,21 @@ fn board_tree(paths: &BoardPaths) -> Vec<Check> {
             None,
         ),
     }]
+}
+
+/// Hermes' emergency stop (`hermes pause`), said only while it holds: nothing is started.
+fn emergency_stop(paths: &BoardPaths) -> Vec<Check> {
+    crate::hermes_config::estop_of_root(&paths.root)
+        .map(|p| {
+            check(
+                "emergency stop",
+                Level::Warn,
+                crate::text::clean(&crate::hermes_config::estop_text(&p)),
+                Some("hermes resume (or remove the file) when work may start again"),
+            )
+        })
+        .into_iter()
+        .collect()
 }
 
 /// What `hermes-dispatcher.service` last said of itself: it says `FAILING to start workers`

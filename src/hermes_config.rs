@@ -97,6 +97,50 @@ impl Files {
     }
 }
 
+/// The name of Hermes' emergency stop: `hermes pause` (0.22, upstream #81148) writes it in
+/// the Hermes home, `hermes resume` removes it; while it exists nothing new is started.
+pub const ESTOP: &str = "ESTOP";
+
+/// The emergency stop, as upstream's `agent/estop.py` sees it: the first of `dirs` (the
+/// process's Hermes home, then the root it serves) that holds an `ESTOP` of any kind, or
+/// any it cannot tell about (fail safe: an error other than "not there" counts as engaged).
+/// Looked at with `lstat`: nothing there is followed or read.
+pub fn estop(dirs: &[&Path]) -> Option<PathBuf> {
+    dirs.iter().map(|d| d.join(ESTOP)).find(|p| {
+        !matches!(std::fs::symlink_metadata(p), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+    })
+}
+
+/// Where the emergency stop of the Hermes root `root` is looked for, from this process: its
+/// Hermes home (where `hermes pause` writes), then the root served (upstream's canonical
+/// root), once each.
+pub fn estop_dirs(root: &Path) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = Files::from_env()
+        .user
+        .parent()
+        .map(Path::to_path_buf)
+        .into_iter()
+        .collect();
+    if !dirs.iter().any(|d| d == root) {
+        dirs.push(root.to_path_buf());
+    }
+    dirs
+}
+
+/// `estop` of `estop_dirs(root)`.
+pub fn estop_of_root(root: &Path) -> Option<PathBuf> {
+    let dirs = estop_dirs(root);
+    estop(&dirs.iter().map(PathBuf::as_path).collect::<Vec<_>>())
+}
+
+/// What an engaged emergency stop holds back, for a person.
+pub fn estop_text(path: &Path) -> String {
+    format!(
+        "EMERGENCY STOP: {} exists (hermes pause); no worker or decomposition is started until `hermes resume` removes it; running workers are still supervised and booked",
+        path.display()
+    )
+}
+
 /// The `kanban:` mapping of one file; an absent file is empty. The user's file lives in the
 /// Hermes home, which its owner (and so possibly a worker) writes: it is read as that
 /// owner, without following a link, at most 4 MiB.
@@ -396,6 +440,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!((l.kanban.max_spawn, l.kanban.failure_limit), (Some(3), 4));
+    }
+
+    #[test]
+    fn the_emergency_stop_is_any_estop_in_home_or_root_and_fails_safe() {
+        let home = tempfile::tempdir().unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let dirs = [home.path(), root.path()];
+        assert_eq!(estop(&dirs), None);
+        std::fs::write(root.path().join(ESTOP), "{}").unwrap();
+        assert_eq!(estop(&dirs), Some(root.path().join(ESTOP)));
+        // A dangling link or a directory counts (`touch` or `mkdir` would pause upstream too).
+        std::os::unix::fs::symlink("/nonexistent", home.path().join(ESTOP)).unwrap();
+        assert_eq!(estop(&dirs), Some(home.path().join(ESTOP)));
+        // A home it cannot look into (not a directory): engaged, not ignored.
+        let file = home.path().join("plain");
+        std::fs::write(&file, "").unwrap();
+        assert_eq!(estop(&[file.as_path()]), Some(file.join(ESTOP)));
     }
 
     #[test]

@@ -24,6 +24,9 @@ pub struct Snapshot {
     /// What `hermes-dispatcher.service` last said of itself (`STATUS=`), when systemd knows
     /// the service: `FAILING to start workers (…)` while its own side fails.
     pub dispatcher_status: Option<String>,
+    /// Hermes' emergency stop (`hermes pause`) while it holds: its file. Nothing is started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estop: Option<String>,
     /// Every status on the board with its count (exact, whatever `limit` hides).
     pub counts: std::collections::BTreeMap<String, i64>,
     pub tasks: Vec<TaskRow>,
@@ -252,6 +255,8 @@ pub fn snapshot(b: &Board, cfg: &Config, limits: Limits) -> board::Result<Snapsh
         boards: vec![b.paths().slug.clone()],
         dispatcher,
         dispatcher_status: None,
+        estop: crate::hermes_config::estop_of_root(&b.paths().root)
+            .map(|p| p.display().to_string()),
         counts: b.counts()?,
         tasks,
         now,

@@ -461,6 +461,9 @@ fn cmd_dispatch(cli: &Cli, max: &Option<usize>) -> anyhow::Result<()> {
     } else {
         print!("{}", render::pass(&report));
     }
+    if let Some(p) = &report.estop {
+        bail!("{}", crate::hermes_config::estop_text(p));
+    }
     if let Some(u) = report.unbooked.first() {
         bail!(
             "task {} run {} failed to start ({}) and the board would not record it ({}); run `hermes-mgr dispatch --once` again",

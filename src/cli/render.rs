@@ -265,6 +265,15 @@ pub fn status(s: &crate::status::Snapshot, colour: bool) -> String {
             counts.join(" · ")
         }
     );
+    if let Some(p) = &s.estop {
+        o.push_str(&format!(
+            "{}\n",
+            paint(
+                "31",
+                clean(&crate::hermes_config::estop_text(std::path::Path::new(p)))
+            )
+        ));
+    }
     if let Some(failing) = s
         .dispatcher_status
         .as_deref()

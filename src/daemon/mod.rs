@@ -20,7 +20,7 @@ mod reconcile;
 mod watch;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -96,6 +96,10 @@ struct Daemon {
     reconciled_once: bool,
     /// Triage decompositions running and waiting for a retry (`decompose.rs`).
     decomp: decompose::Decompositions,
+    /// Where Hermes' emergency stop is looked for (its home, the root served), and the
+    /// `ESTOP` seen there at the last look: while there is one, no pass runs.
+    estop_dirs: Vec<PathBuf>,
+    estop: Option<PathBuf>,
 }
 
 /// Exit with a clear message: the daemon cannot work at all.
@@ -206,6 +210,8 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         grace_due: None,
         reconciled_once: false,
         decomp: Default::default(),
+        estop_dirs: Vec::new(),
+        estop: None,
     };
     d.clear_env_files();
     d.refresh_boards();
@@ -215,9 +221,12 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         .chain(hermes_files.managed.as_ref())
         .filter_map(|f| f.parent().map(|p| p.to_path_buf()))
         .collect();
+    d.estop_dirs = crate::hermes_config::estop_dirs(&root);
+    d.check_estop();
+    let estop_dirs = d.estop_dirs.clone();
     let follow = |d: &Daemon, w: &mut watch::Watcher| {
         let paths: Vec<_> = d.slots.values().map(|s| s.paths.clone()).collect();
-        w.set_boards(&paths, watch_root, &config_dirs, Some(&owner));
+        w.set_boards(&paths, watch_root, &config_dirs, &estop_dirs, Some(&owner));
     };
     for w in &d.cfg.warnings {
         warn!("{w}");
@@ -401,6 +410,25 @@ impl Daemon {
             .min()
     }
 
+    /// Look at Hermes' emergency stop again; `true` while it holds. Its coming and going are
+    /// said once each, in the journal and the service status.
+    fn check_estop(&mut self) -> bool {
+        let dirs: Vec<&Path> = self.estop_dirs.iter().map(PathBuf::as_path).collect();
+        let now = crate::hermes_config::estop(&dirs);
+        if now != self.estop {
+            match &now {
+                Some(p) => warn!(estop = %p.display(), "{}", crate::hermes_config::estop_text(p)),
+                None => {
+                    info!("emergency stop lifted: dispatching again");
+                    self.mark_all_dirty();
+                }
+            }
+            self.estop = now;
+            self.update_status();
+        }
+        self.estop.is_some()
+    }
+
     fn status_text(&self) -> String {
         let count = |st: &str| -> i64 {
             self.slots
@@ -441,10 +469,14 @@ impl Daemon {
                 }
             })
             .collect();
-        if failing.is_empty() {
+        let line = if failing.is_empty() {
             line
         } else {
             format!("FAILING to start workers ({}); {line}", failing.join("; "))
+        };
+        match &self.estop {
+            Some(p) => format!("{}; {line}", crate::hermes_config::estop_text(p)),
+            None => line,
         }
     }
 
@@ -492,6 +524,15 @@ impl Daemon {
     /// `PASS_BATCH` per board), then the status line. Only the loop calls it, once per
     /// wake-up.
     async fn pass(&mut self) {
+        if self.check_estop() {
+            // Held: the boards are clean until the stop is lifted (which marks them all
+            // dirty); the status line says what waits.
+            for s in self.slots.values_mut() {
+                s.dirty = false;
+            }
+            self.update_status();
+            return;
+        }
         let due: Vec<String> = self
             .slots
             .iter()
@@ -535,6 +576,7 @@ impl Daemon {
         let result = dispatch::once(board, &self.sd, &self.cfg, None, Some(PASS_BATCH)).await;
         match result {
             Ok((report, started)) => {
+                let held = report.estop.is_some();
                 let mut infra_failure = None;
                 for f in &report.spawn_failed {
                     let error = crate::text::clean(&f.error);
@@ -579,6 +621,13 @@ impl Daemon {
                 }
                 // A full batch leaves work: the loop comes back after what else is due.
                 slot.dirty |= report.batch_full;
+                if held {
+                    // An emergency stop the pass saw before the loop did: the board waits,
+                    // dirty, for the moment it is lifted, and the loop says why.
+                    slot.dirty = true;
+                    self.check_estop();
+                    return;
+                }
                 self.decompose(slug).await;
             }
             Err(e) => {
@@ -631,6 +680,9 @@ impl Daemon {
                     // to watch for its files.
                     self.refresh_boards();
                     boards_changed = true;
+                }
+                watch::Change::Estop => {
+                    self.check_estop();
                 }
                 watch::Change::HermesConfig => {
                     // Hermes' kanban settings take effect without a restart, as upstream's

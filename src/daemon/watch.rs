@@ -33,6 +33,8 @@ pub enum Change {
     Boards,
     /// One of Hermes' `config.yaml` files was written.
     HermesConfig,
+    /// An `ESTOP` (Hermes' emergency stop) appeared or went.
+    Estop,
 }
 
 /// What events in one watched directory mean. One directory can play several parts (the
@@ -53,6 +55,8 @@ struct Role {
     candidate: bool,
     /// A directory of Hermes' `config.yaml` (its home, its managed layer).
     config: bool,
+    /// A directory where Hermes' emergency stop (`ESTOP`) is looked for.
+    estop: bool,
 }
 
 pub struct Watcher {
@@ -82,7 +86,7 @@ impl Watcher {
             roles: HashMap::new(),
             runs_dir: runs_dir.to_path_buf(),
         };
-        w.set_boards(&[], None, &[], None);
+        w.set_boards(&[], None, &[], &[], None);
         if w.roles.is_empty() {
             return Err(std::io::Error::other(format!(
                 "cannot watch {}",
@@ -102,6 +106,7 @@ impl Watcher {
         boards: &[BoardPaths],
         root: Option<&Path>,
         configs: &[PathBuf],
+        estops: &[PathBuf],
         owner: Option<&Owner>,
     ) {
         let mut want: Vec<(PathBuf, Role, bool)> = vec![(
@@ -140,6 +145,16 @@ impl Watcher {
                     ..Role::default()
                 },
                 !dir.starts_with("/etc"),
+            ));
+        }
+        for dir in estops {
+            want.push((
+                dir.clone(),
+                Role {
+                    estop: true,
+                    ..Role::default()
+                },
+                true,
             ));
         }
         if let Some(root) = root {
@@ -205,6 +220,7 @@ impl Watcher {
             r.board_json |= role.board_json;
             r.candidate |= role.candidate;
             r.config |= role.config;
+            r.estop |= role.estop;
         }
         for wd in self.roles.keys() {
             if !roles.contains_key(wd) {
@@ -254,6 +270,9 @@ impl Watcher {
                         }
                         if role.config && n == b"config.yaml" {
                             push(Change::HermesConfig);
+                        }
+                        if role.estop && n == crate::hermes_config::ESTOP.as_bytes() {
+                            push(Change::Estop);
                         }
                     }
                     if !out.is_empty() {

@@ -49,6 +49,9 @@ pub struct PassReport {
     pub respawn_guarded: Vec<(String, String)>,
     /// Spawn failures that could not be recorded yet (board locked).
     pub unbooked: Vec<Unbooked>,
+    /// Hermes' emergency stop held the pass (nothing was claimed after it was seen): its file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estop: Option<std::path::PathBuf>,
     /// The pass stopped at its batch size with ready tasks left.
     #[serde(skip)]
     pub batch_full: bool,
@@ -92,6 +95,14 @@ pub async fn once(
         report.skipped_locked = true;
         return Ok((report, Vec::new()));
     };
+    // Hermes' emergency stop (`hermes pause`): nothing is claimed while it holds, looked at
+    // again before every claim, so no start follows the command's return by more than the
+    // one in hand.
+    let estop = || crate::hermes_config::estop_of_root(&board.paths().root);
+    if let Some(p) = estop() {
+        report.estop = Some(p);
+        return Ok((report, Vec::new()));
+    }
     report.promoted = board.recompute_ready(cfg.failure_limit)?;
     // Upstream's caps: `max_spawn`/`max_in_progress` count the board's running tasks (none
     // set: no cap), `max_in_progress_per_profile` those of each assignee.
@@ -160,6 +171,10 @@ pub async fn once(
                 continue;
             }
         }
+        if let Some(p) = estop() {
+            report.estop = Some(p);
+            break;
+        }
         let Some(claim) = board.claim(&task.id, &lock, cfg.claim_ttl_seconds)? else {
             continue;
         };
@@ -207,6 +222,13 @@ pub async fn once(
         if !spawnable(board, &assignee) {
             report.skipped_nonspawnable.push(task.id.clone());
             continue;
+        }
+        if report.estop.is_some() {
+            break;
+        }
+        if let Some(p) = estop() {
+            report.estop = Some(p);
+            break;
         }
         let Some(claim) = board.claim_review(&task.id, &lock, cfg.claim_ttl_seconds)? else {
             continue;

@@ -262,3 +262,86 @@ systemd_test!(
         assert!(r2 > r1);
     }
 );
+
+systemd_test!(
+    hermes_pause_holds_every_start_and_keeps_booking_and_resume_lets_them_go,
+    {
+        // Hermes 0.22's emergency stop (`hermes pause`): an `ESTOP` file in the Hermes home,
+        // JSON as upstream writes it. Before: a task created after it started within
+        // seconds. Every Hermes version gets it: the file is the contract.
+        let d = Dispatcher::new("tick_seconds = 3600");
+        d.install();
+        d.start();
+        let a = d.rig.add("running before the stop");
+        let ra = d.wait_running(&a, 0);
+        let estop = d.rig.dir.join("ESTOP");
+        std::fs::write(
+            &estop,
+            "{\n  \"engaged_at\": \"2026-12-05T00:00:00+00:00\",\n  \"reason\": \"agents burning money\"\n}\n",
+        )
+        .unwrap();
+        std::os::unix::fs::chown(&estop, Some(d.rig.uid), None).unwrap();
+        let status = || systemctl_show(SERVICE, "StatusText");
+        wait_for("the stop seen", Duration::from_secs(10), || {
+            status().contains("EMERGENCY STOP").then_some(())
+        });
+        // A task made now is seen and held: the status line counts it, nothing starts it.
+        let b = d.rig.add("made during the stop");
+        wait_for(
+            "the new task seen and held",
+            Duration::from_secs(10),
+            || {
+                let s = status();
+                (s.contains("EMERGENCY STOP") && s.contains("1 ready")).then_some(())
+            },
+        );
+        assert_eq!(d.task(&b).status.as_str(), "ready");
+        // A running worker is still supervised and booked (upstream's gateway stops booking).
+        d.command(&a, ra, "complete");
+        wait_for(
+            "the run booked during the stop",
+            Duration::from_secs(20),
+            || {
+                let runs = d.rig.board().runs(&a).unwrap();
+                runs.iter()
+                    .any(|r| r.id == ra && r.ended_at.is_some())
+                    .then_some(())
+            },
+        );
+        assert_eq!(d.task(&a).status.as_str(), "done");
+        assert_eq!(d.task(&b).status.as_str(), "ready");
+        // `status` and `doctor` say so.
+        let st = d.rig.mgr(&["status"]);
+        assert!(st.stdout.contains("EMERGENCY STOP"), "{}", st.stdout);
+        let doc = d.rig.mgr(&["doctor", "--json"]);
+        assert!(doc.stdout.contains("emergency stop"), "{}", doc.stdout);
+        // With the service stopped, `dispatch --once` refuses too, naming the file; the
+        // service started again holds as well.
+        crate::rig::sh(&format!("systemctl stop {SERVICE}"));
+        let once = d.rig.mgr(&["dispatch", "--once"]);
+        assert_eq!(once.code, Some(1), "{}", once.stdout);
+        assert!(
+            once.stderr.contains("EMERGENCY STOP") && once.stderr.contains("ESTOP"),
+            "{}",
+            once.stderr
+        );
+        assert_eq!(d.task(&b).status.as_str(), "ready");
+        d.start();
+        wait_for(
+            "the stop seen after a restart",
+            Duration::from_secs(10),
+            || {
+                let s = status();
+                (s.contains("EMERGENCY STOP") && s.contains("1 ready")).then_some(())
+            },
+        );
+        // `hermes resume` removes it: the held task starts at once (inotify, not a tick).
+        std::fs::remove_file(&estop).unwrap();
+        d.wait_running(&b, 0);
+        wait_for(
+            "the status without the stop",
+            Duration::from_secs(10),
+            || (!status().contains("EMERGENCY STOP")).then_some(()),
+        );
+    }
+);
