@@ -187,9 +187,13 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     crate::safe_fs::as_user(&owner, || std::fs::create_dir_all(&life_dir))
         .and_then(|r| r)
         .with_context(|| format!("create {}", life_dir.display()))?;
-    let Some(_life) = FileLock::acquire_or_held(&life_path, &owner)
+    let life = match FileLock::acquire_or_held(&life_path, &owner)
         .with_context(|| format!("open {}", life_path.display()))?
-    else {
+    {
+        Some(l) => Some(l),
+        None => take_from_workers(&life_path, &owner, &cfg.slice),
+    };
+    let Some(_life) = life else {
         bail!("{}", lock_taken(&life_path));
     };
     let (sd, mut removed) = connect_systemd(&notifier).await;
@@ -998,6 +1002,39 @@ impl Daemon {
             self.grace_due = Some(self.grace_due.map_or(due, |d| d.min(due)));
         }
     }
+}
+
+/// `.dispatcher.lock` held only by processes of worker scopes (a worker swapped in a file of
+/// its own and holds it: workers outlive restarts, so it would keep every start out) is no
+/// dispatcher's: said loudly, the file is replaced — as the tree's owner, by name, as any
+/// Hermes process may — and the new one taken. `None`: a real dispatcher (or one we cannot
+/// tell from a worker) holds it.
+fn take_from_workers(path: &Path, owner: &Owner, slice: &str) -> Option<FileLock> {
+    let holders = crate::liveness::flock_holders(path);
+    let workers = crate::liveness::unit_cgroup(slice, "");
+    let in_worker_scope = |pid: u32| {
+        crate::liveness::cgroup_of(pid)
+            .ok()
+            .flatten()
+            .is_some_and(|cg| cg.starts_with(&workers))
+    };
+    if holders.is_empty() || !holders.iter().all(|h| h.certain && in_worker_scope(h.pid)) {
+        return None;
+    }
+    for _ in 0..3 {
+        warn!(lock = %path.display(), holders = %crate::liveness::describe(&holders),
+              "the dispatcher lock is held by a worker's process, not a dispatcher: replacing the file");
+        if let Err(e) =
+            crate::safe_fs::as_user(owner, || std::fs::remove_file(path)).and_then(|r| r)
+        {
+            warn!(lock = %path.display(), "cannot replace the dispatcher lock: {e}");
+            return None;
+        }
+        if let Ok(Some(l)) = FileLock::acquire_or_held(path, owner) {
+            return Some(l);
+        }
+    }
+    None
 }
 
 /// Why the daemon cannot start while `.dispatcher.lock` is held, by whom, and what to do.

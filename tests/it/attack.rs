@@ -702,3 +702,46 @@ systemd_test!(a_64_gib_line_in_a_worker_log_costs_logs_bounded_memory, {
         String::from_utf8_lossy(&o.stdout[..o.stdout.len().min(300)])
     );
 });
+
+systemd_test!(
+    a_worker_holding_a_swapped_dispatcher_lock_does_not_keep_the_dispatcher_down,
+    {
+        // The worker replaces `.dispatcher.lock` with a file of its own and holds it; workers
+        // outlive restarts, so before the fix every start after it failed ("another
+        // dispatcher holds …") and any upgrade was an outage.
+        let stub = "#!/bin/sh\nL=\"$(dirname \"$HERMES_KANBAN_DB\")/kanban/.dispatcher.lock\"\nrm -f \"$L\"\nexec flock \"$L\" sleep 3600\n";
+        let d = crate::rig::Dispatcher::with_stub(stub, "tick_seconds = 3600");
+        d.install();
+        d.start();
+        let lock = d.rig.dir.join("kanban/.dispatcher.lock");
+        let ours = std::fs::metadata(&lock).unwrap().ino();
+        let id = d.rig.add("swaps the lock");
+        d.wait_running(&id, 0);
+        wait_for("the worker's lock held", Duration::from_secs(20), || {
+            let swapped = std::fs::metadata(&lock).is_ok_and(|m| m.ino() != ours);
+            let held = !Command::new("flock")
+                .args(["-n", lock.to_str().unwrap(), "true"])
+                .status()
+                .unwrap()
+                .success();
+            (swapped && held).then_some(())
+        });
+        sh(&format!("systemctl restart {}", crate::rig::SERVICE));
+        assert!(
+            crate::rig::journal(crate::rig::SERVICE)
+                .contains("the dispatcher lock is held by a worker's process"),
+            "{}",
+            crate::rig::journal(crate::rig::SERVICE)
+        );
+        // It dispatches, and holds the root's lock again.
+        let next = d.rig.add("after the restart");
+        d.wait_running(&next, 0);
+        let now = std::fs::metadata(&lock).unwrap().ino();
+        assert_ne!(now, ours);
+        assert!(!Command::new("flock")
+            .args(["-n", lock.to_str().unwrap(), "true"])
+            .status()
+            .unwrap()
+            .success());
+    }
+);
