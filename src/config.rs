@@ -56,6 +56,10 @@ pub struct Config {
     pub rate_limit_cooldown_seconds: i64,
     /// How long the daemon waits for a locked board per attempt before retrying later.
     pub busy_timeout_ms: u64,
+    /// At most this many boards of the Hermes root are served (the default board first, then
+    /// by name); the rest are named in the journal and the status. Anyone who writes the root
+    /// can make boards, and each served one costs a connection and an inotify watch.
+    pub max_boards: usize,
     /// On SIGTERM, stop every worker too (default: leave them running; the next start adopts them).
     pub stop_workers_on_exit: bool,
     /// Variables of the dispatcher's environment that workers get, beside `PATH`, `LANG`,
@@ -103,6 +107,7 @@ impl Default for Config {
             verdict_grace_seconds: 30,
             rate_limit_cooldown_seconds: 300,
             busy_timeout_ms: 2000,
+            max_boards: 100,
             stop_workers_on_exit: false,
             pass_environment: Vec::new(),
             max_in_progress_per_profile: None,
@@ -242,6 +247,7 @@ impl Config {
             "claim_ttl_seconds must be positive"
         );
         anyhow::ensure!(self.failure_limit > 0, "failure_limit must be positive");
+        anyhow::ensure!(self.max_boards > 0, "max_boards must be positive");
         anyhow::ensure!(
             self.stop_timeout_seconds > 0,
             "stop_timeout_seconds must be positive"

@@ -97,7 +97,19 @@ pub(super) enum Opened {
 impl Daemon {
     /// The board set as the disk has it now; `true` when it changed (the watches follow).
     pub(super) fn refresh_boards(&mut self) -> bool {
-        let listed = self.resolver.served_boards();
+        let mut listed = self.resolver.served_boards();
+        // The default board first, then by name (`served_boards`' order): the cap keeps
+        // the same boards from one look to the next.
+        let over = listed.len().saturating_sub(self.cfg.max_boards);
+        listed.truncate(self.cfg.max_boards);
+        if over != self.boards_over {
+            if over > 0 {
+                warn!(max_boards = self.cfg.max_boards, over,
+                      "{over} more boards in the Hermes root than max_boards = {} allows: not served (raise max_boards, or archive boards)",
+                      self.cfg.max_boards);
+            }
+            self.boards_over = over;
+        }
         let names: BTreeSet<String> = listed.iter().map(|p| p.slug.clone()).collect();
         let mut changed = false;
         for p in listed {

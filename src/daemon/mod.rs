@@ -100,6 +100,8 @@ struct Daemon {
     /// `ESTOP` seen there at the last look: while there is one, no pass runs.
     estop_dirs: Vec<PathBuf>,
     estop: Option<PathBuf>,
+    /// How many listed boards `max_boards` leaves unserved.
+    boards_over: usize,
 }
 
 /// Exit with a clear message: the daemon cannot work at all.
@@ -216,6 +218,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
         decomp: Default::default(),
         estop_dirs: Vec::new(),
         estop: None,
+        boards_over: 0,
     };
     d.clear_env_files();
     d.refresh_boards();
@@ -230,7 +233,17 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     let estop_dirs = d.estop_dirs.clone();
     let follow = |d: &Daemon, w: &mut watch::Watcher| {
         let paths: Vec<_> = d.slots.values().map(|s| s.paths.clone()).collect();
-        w.set_boards(&paths, watch_root, &config_dirs, &estop_dirs, Some(&owner));
+        // A directory of `boards/` that is no board yet is watched only while the cap leaves
+        // room for it to become one served.
+        let room = d.cfg.max_boards.saturating_sub(paths.len());
+        w.set_boards(
+            &paths,
+            watch_root,
+            &config_dirs,
+            &estop_dirs,
+            room,
+            Some(&owner),
+        );
     };
     for w in &d.cfg.warnings {
         warn!("{w}");
@@ -452,6 +465,12 @@ impl Daemon {
         let listed = self.slots.values().filter(|s| s.listed).count();
         if listed != 1 {
             line.push_str(&format!(" on {listed} boards"));
+        }
+        if self.boards_over > 0 {
+            line.push_str(&format!(
+                "; {} boards not served (max_boards = {})",
+                self.boards_over, self.cfg.max_boards
+            ));
         }
         for (slug, s) in &self.slots {
             if let Some(b) = &s.broken {

@@ -86,7 +86,7 @@ impl Watcher {
             roles: HashMap::new(),
             runs_dir: runs_dir.to_path_buf(),
         };
-        w.set_boards(&[], None, &[], &[], None);
+        w.set_boards(&[], None, &[], &[], 0, None);
         if w.roles.is_empty() {
             return Err(std::io::Error::other(format!(
                 "cannot watch {}",
@@ -107,6 +107,7 @@ impl Watcher {
         root: Option<&Path>,
         configs: &[PathBuf],
         estops: &[PathBuf],
+        candidates: usize,
         owner: Option<&Owner>,
     ) {
         let mut want: Vec<(PathBuf, Role, bool)> = vec![(
@@ -186,12 +187,17 @@ impl Watcher {
                 Some(o) => crate::safe_fs::as_user(o, list).unwrap_or_default(),
                 None => list(),
             };
+            let mut room = candidates;
             for dir in dirs {
+                if room == 0 {
+                    break;
+                }
                 let named_as_slug = dir
                     .file_name()
                     .and_then(|n| n.to_str())
                     .is_some_and(|n| crate::board::paths::normalize_slug(n).is_ok_and(|s| s == n));
                 if named_as_slug && !served.contains(&dir.as_path()) {
+                    room -= 1;
                     want.push((
                         dir,
                         Role {

@@ -745,3 +745,56 @@ systemd_test!(
             .success());
     }
 );
+
+systemd_test!(
+    two_thousand_boards_made_by_a_worker_cost_the_daemon_a_bounded_share,
+    {
+        // Anyone who writes the Hermes root can make boards: 2,000 of them took the daemon
+        // from 11 MB to 526 MB, 6,018 descriptors and 2,004 inotify watches (root's, host-wide)
+        // before the cap. Now it serves `max_boards` (100), says so, and dispatches.
+        let d = crate::rig::Dispatcher::new("tick_seconds = 3600");
+        as_worker(&format!(
+            "cd {} && mkdir -p kanban/boards && cd kanban/boards && for i in $(seq 1 2000); do mkdir b$i && echo {{}} > b$i/board.json; done && mkdir -p empty1 empty2",
+            d.rig.dir.display()
+        ));
+        d.install_all_boards();
+        d.start();
+        let status = || crate::rig::systemctl_show(crate::rig::SERVICE, "StatusText");
+        wait_for("the cap said", Duration::from_secs(60), || {
+            status()
+                .contains("1901 boards not served (max_boards = 100)")
+                .then_some(())
+        });
+        assert!(crate::rig::journal(crate::rig::SERVICE)
+            .contains("more boards in the Hermes root than max_boards = 100 allows"));
+        let id = d.rig.add("on the default board");
+        d.wait_running(&id, 0);
+        let pid = crate::rig::systemctl_show(crate::rig::SERVICE, "MainPID");
+        let pid = pid.trim().strip_prefix("MainPID=").unwrap().to_string();
+        let fds: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        // Three per served board (database, WAL, shared memory), and a few of its own.
+        assert!(fds.len() < 400, "{} descriptors", fds.len());
+        let watches: usize = fds
+            .iter()
+            .filter(|f| {
+                std::fs::read_link(f).is_ok_and(|t| t.to_string_lossy().contains("inotify"))
+            })
+            .map(|f| {
+                let info = format!(
+                    "/proc/{pid}/fdinfo/{}",
+                    f.file_name().unwrap().to_str().unwrap()
+                );
+                std::fs::read_to_string(info)
+                    .unwrap()
+                    .lines()
+                    .filter(|l| l.starts_with("inotify wd:"))
+                    .count()
+            })
+            .sum();
+        assert!(watches <= 110, "{watches} inotify watches");
+    }
+);
