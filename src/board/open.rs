@@ -135,6 +135,7 @@ pub(super) fn open_conn(
     mode: OpenMode,
     owner: &Owner,
     busy: Duration,
+    init_wait: Duration,
 ) -> Result<Connection> {
     let db = &paths.db;
     let exists = match std::fs::symlink_metadata(db) {
@@ -165,7 +166,7 @@ pub(super) fn open_conn(
         })?;
     }
     check_header(db)?;
-    let init_lock = take_init_lock(paths, owner, INIT_LOCK_WAIT)?;
+    let init_lock = take_init_lock(paths, owner, init_wait)?;
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX
@@ -229,24 +230,35 @@ impl Board {
     /// (`SQLITE_OPEN_NOFOLLOW`), so a linked `kanban.db` cannot make root write another
     /// database.
     pub fn open(paths: &BoardPaths, mode: OpenMode) -> Result<Board> {
-        Board::open_waiting(paths, mode, busy_timeout())
+        Board::open_with(paths, mode, busy_timeout(), INIT_LOCK_WAIT)
     }
 
-    /// `open`, waiting at most `busy` for a writer's lock (upstream's 120 s, or
-    /// `$HERMES_KANBAN_BUSY_TIMEOUT_MS`, is for people; the daemon must answer its watchdog).
+    /// The daemon's `open`: at most `busy` for a writer's lock (upstream's 120 s, or
+    /// `$HERMES_KANBAN_BUSY_TIMEOUT_MS`, is for people; the daemon must answer its watchdog),
+    /// and a held init lock gone around at once, as upstream goes around it after its wait
+    /// (what it guards is idempotent): a worker holding the locks of many boards must not
+    /// cost the loop, or a start, ten seconds a board.
     pub fn open_waiting(paths: &BoardPaths, mode: OpenMode, busy: Duration) -> Result<Board> {
+        Board::open_with(paths, mode, busy, Duration::ZERO)
+    }
+
+    fn open_with(
+        paths: &BoardPaths,
+        mode: OpenMode,
+        busy: Duration,
+        init_wait: Duration,
+    ) -> Result<Board> {
         let owner = Owner::of_tree(&paths.owner_dir).map_err(|source| BoardError::Io {
             path: paths.owner_dir.clone(),
             op: "stat",
             source,
         })?;
-        let conn = safe_fs::as_user(&owner, || open_conn(paths, mode, &owner, busy)).map_err(
-            |source| BoardError::Io {
-                path: paths.db.clone(),
-                op: "open as the board's owner",
-                source,
-            },
-        )??;
+        let conn = safe_fs::as_user(&owner, || open_conn(paths, mode, &owner, busy, init_wait))
+            .map_err(|source| BoardError::Io {
+            path: paths.db.clone(),
+            op: "open as the board's owner",
+            source,
+        })??;
         let mut board = Board {
             conn,
             paths: paths.clone(),

@@ -798,3 +798,78 @@ systemd_test!(
         assert!(watches <= 110, "{watches} inotify watches");
     }
 );
+
+systemd_test!(
+    boards_whose_init_locks_a_worker_holds_cost_the_loop_no_wait,
+    {
+        // A worker holds `kanban.db.init.lock` of boards it makes. The daemon waited 10 s
+        // for each on its loop's thread (the rig's watchdog is 10 s: it was killed, and
+        // again after each restart); it now goes around a held init lock at once, as
+        // upstream goes around it after its wait.
+        let d = crate::rig::Dispatcher::new("tick_seconds = 3600");
+        d.install_all_boards();
+        d.start();
+        let pid = crate::rig::systemctl_show(crate::rig::SERVICE, "MainPID");
+        let boards = d.rig.dir.join("kanban/boards");
+        let _holders: Vec<crate::rig::Killed> = (1..=3)
+            .map(|i| {
+                let dir = boards.join(format!("held{i}"));
+                let lock = dir.join("kanban.db.init.lock");
+                as_worker(&format!(
+                    "mkdir -p {} && touch {}",
+                    dir.display(),
+                    lock.display()
+                ));
+                let child = Command::new("setpriv")
+                    .args([
+                        &format!("--reuid={WORKER_USER}"),
+                        &format!("--regid={WORKER_USER}"),
+                        "--init-groups",
+                    ])
+                    .args(["flock", lock.to_str().unwrap(), "sleep", "3600"])
+                    .spawn()
+                    .unwrap();
+                wait_for("the init lock held", Duration::from_secs(10), || {
+                    (!Command::new("flock")
+                        .args(["-n", lock.to_str().unwrap(), "true"])
+                        .status()
+                        .unwrap()
+                        .success())
+                    .then_some(())
+                });
+                crate::rig::Killed(child)
+            })
+            .collect();
+        for i in 1..=3 {
+            as_worker(&format!(
+                "echo {{}} > {}/held{i}/board.json",
+                boards.display()
+            ));
+        }
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = crate::rig::journal(crate::rig::SERVICE);
+            if (1..=3)
+                .all(|i| log.contains(&format!("held{i}/kanban.db.init.lock not taken within 0 s")))
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < until,
+                "the three boards not opened:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // The same daemon, up, and serving them.
+        assert_eq!(
+            crate::rig::systemctl_show(crate::rig::SERVICE, "MainPID"),
+            pid
+        );
+        let id = crate::boards::create_on(&d, "held2", "on a board whose init lock is held");
+        crate::boards::wait_running(&d, "held2", &id);
+        assert_eq!(
+            crate::rig::systemctl_show(crate::rig::SERVICE, "MainPID"),
+            pid
+        );
+    }
+);

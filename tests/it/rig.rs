@@ -362,3 +362,13 @@ pub fn journal(unit: &str) -> String {
         .unwrap();
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
+
+/// A child process killed and reaped when this goes out of scope.
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
