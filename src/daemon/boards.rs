@@ -34,6 +34,9 @@ pub(super) struct Slot {
     pub backoff: Option<(Instant, Duration)>,
     /// Why the last pass failed on our side; `None` once one succeeds.
     pub failing: Option<String>,
+    /// `(device, inode)` of the board file while it is open: two boards that are one file
+    /// (a hard link) would be served through two WALs.
+    pub file_id: Option<(u64, u64)>,
 }
 
 /// Why a board cannot be served, and the file as it was then.
@@ -63,6 +66,7 @@ impl Slot {
             dirty: true,
             backoff: None,
             failing: None,
+            file_id: None,
         }
     }
 
@@ -163,8 +167,45 @@ impl Daemon {
                 return Opened::NotYet;
             }
         }
-        match Board::open_waiting(&s.paths, OpenMode::CreateIfMissing, busy) {
+        // The file, as its owner sees it, before it is opened: another board that is the
+        // same file (a hard link) is refused — opened under a second name, SQLite would give
+        // the one database a second WAL.
+        let file_id = crate::board::Owner::of_tree(&s.paths.owner_dir)
+            .ok()
+            .and_then(|owner| {
+                crate::safe_fs::as_user(&owner, || std::fs::symlink_metadata(&s.paths.db)).ok()
+            })
+            .and_then(|m| m.ok())
+            .map(|m| (m.dev(), m.ino()));
+        let twin = file_id.and_then(|id| {
+            self.slots
+                .iter()
+                .find(|(other, o)| {
+                    other.as_str() != slug && o.board.is_some() && o.file_id == Some(id)
+                })
+                .map(|(other, _)| other.clone())
+        });
+        let Some(s) = self.slots.get_mut(slug) else {
+            return Opened::NotYet;
+        };
+        let opened = match twin {
+            Some(other) => Err(BoardError::Invalid(format!(
+                "{} is the same file as board {other}'s (a hard link): it is served once, as {other}",
+                s.paths.db.display()
+            ))),
+            None => Board::open_waiting(&s.paths, OpenMode::CreateIfMissing, busy),
+        };
+        // A board made by this open: its file is known now.
+        let file_id = file_id.or_else(|| {
+            let b = opened.as_ref().ok()?;
+            crate::safe_fs::as_user(b.owner(), || std::fs::symlink_metadata(&b.paths().db))
+                .ok()?
+                .ok()
+                .map(|m| (m.dev(), m.ino()))
+        });
+        match opened {
             Ok(b) => {
+                s.file_id = file_id;
                 s.data_version = b.data_version().unwrap_or(0);
                 s.events_seen = None;
                 if s.broken.take().is_some() {
@@ -197,7 +238,10 @@ impl Daemon {
     /// Open every board that is not open yet. The caller reconciles them all next, before
     /// any pass (a board opened by a pass is reconciled there).
     pub(super) fn open_boards(&mut self) {
-        let slugs: Vec<String> = self.slots.keys().cloned().collect();
+        // The default board first: of two boards that are one file, the first opened is
+        // served, and a board's name must not take that from the default one.
+        let mut slugs: Vec<String> = self.slots.keys().cloned().collect();
+        slugs.sort_by_key(|s| s != crate::board::DEFAULT_BOARD);
         for slug in slugs {
             self.open_slot(&slug);
         }

@@ -493,13 +493,16 @@ pub fn after_complete(
 }
 
 /// `Description=`: names task, run and title; task data is untrusted, so control
-/// characters are blanked and the length bounded.
+/// characters are blanked, invisible and bidi-reordering ones escaped (`systemctl status`
+/// and every journal line of the unit show it), and the length bounded.
 pub fn description(task: &str, run: i64, title: &str) -> String {
     let clean = |s: &str, n: usize| {
-        s.chars()
+        let blanked: String = s
+            .chars()
             .map(|c| if c.is_control() { ' ' } else { c })
             .take(n)
-            .collect::<String>()
+            .collect();
+        crate::text::clean(&blanked)
     };
     format!(
         "Hermes kanban worker: task {} run {run}: {}",
@@ -765,5 +768,23 @@ pub async fn start_worker(
             abort(sd, &unit, &mut child, true).await;
             Err(SpawnError::infra(reason))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_description_shows_no_control_invisible_or_reordering_character() {
+        let d = description("t_1", 2, "fix\u{202e}gnp.exe\nrm -rf\u{200b} /");
+        assert_eq!(
+            d,
+            "Hermes kanban worker: task t_1 run 2: fix\\u{202e}gnp.exe rm -rf\\u{200b} /"
+        );
+        assert_eq!(
+            description("t", 1, &"x".repeat(500)).len(),
+            "Hermes kanban worker: task t run 1: ".len() + 160
+        );
     }
 }

@@ -873,3 +873,33 @@ systemd_test!(
         );
     }
 );
+
+systemd_test!(a_board_hard_linked_to_another_is_served_once, {
+    // A board whose kanban.db is a hard link to the default board's: served as a second
+    // board, one database went through two WALs (`kanban.db-wal` under each name).
+    let d = crate::rig::Dispatcher::new("tick_seconds = 3600");
+    let first = d.rig.add("makes the default board");
+    // Named to sort before `default`: the default board is still the one served.
+    let twin = d.rig.dir.join("kanban/boards/aaa");
+    std::fs::create_dir_all(&twin).unwrap();
+    std::fs::hard_link(&d.rig.db, twin.join("kanban.db")).unwrap();
+    std::fs::write(twin.join("board.json"), "{}").unwrap();
+    sh(&format!(
+        "chown -R {WORKER_USER}: {}",
+        d.rig.dir.join("kanban").display()
+    ));
+    d.install_all_boards();
+    d.start();
+    wait_for("the twin refused", Duration::from_secs(20), || {
+        crate::rig::systemctl_show(crate::rig::SERVICE, "StatusText")
+            .contains("board aaa skipped")
+            .then_some(())
+    });
+    assert!(crate::rig::journal(crate::rig::SERVICE)
+        .contains("is the same file as board default's (a hard link)"));
+    assert!(
+        !twin.join("kanban.db-wal").exists(),
+        "a second WAL was made"
+    );
+    d.wait_running(&first, 0);
+});
