@@ -11,6 +11,7 @@ pub mod program;
 pub mod spec;
 pub mod supervise;
 mod upstream;
+pub use upstream::set_keepalive;
 
 use std::ffi::CString;
 use std::os::fd::OwnedFd;

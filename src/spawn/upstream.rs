@@ -35,6 +35,19 @@ struct Entry {
 
 static CACHE: Mutex<Option<HashMap<(PathBuf, PathBuf), Entry>>> = Mutex::new(None);
 
+/// Called about once a second while upstream's code is awaited (the daemon feeds its
+/// watchdog with it).
+type Keepalive = Box<dyn Fn() + Send + Sync>;
+static KEEPALIVE: std::sync::OnceLock<Keepalive> = std::sync::OnceLock::new();
+
+/// Set what runs about once a second while upstream's code is awaited. The wait is bounded
+/// (its timeout), so it is progress, not a hang: a plugin that makes upstream slow costs
+/// its task the wait, never the daemon a watchdog restart — which requeued every run and
+/// met the same plugin again, for ever.
+pub fn set_keepalive(f: impl Fn() + Send + Sync + 'static) {
+    let _ = KEEPALIVE.set(Box::new(f));
+}
+
 const TOOLSETS: &str = r#"
 import json, sys
 from hermes_cli.kanban_db import _resolve_worker_cli_toolsets
@@ -282,10 +295,19 @@ fn finish(mut cmd: Command, timeout: Duration, python: &Path) -> Result<Vec<u8>,
     // reader thread: the dispatcher forks, and stays single-threaded).
     let mut stdout = child.stdout.take().expect("piped");
     let deadline = Instant::now() + timeout;
+    let mut alive_at = Instant::now();
     let status = loop {
         match child.try_wait() {
             Ok(Some(st)) => break st,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Ok(None) if Instant::now() < deadline => {
+                if alive_at.elapsed() >= Duration::from_secs(1) {
+                    if let Some(f) = KEEPALIVE.get() {
+                        f();
+                    }
+                    alive_at = Instant::now();
+                }
+                std::thread::sleep(Duration::from_millis(10))
+            }
             _ => {
                 let _ = child.kill();
                 let _ = child.wait();

@@ -903,3 +903,58 @@ systemd_test!(a_board_hard_linked_to_another_is_served_once, {
     );
     d.wait_running(&first, 0);
 });
+
+systemd_test!(
+    a_plugin_that_makes_upstream_slow_costs_the_daemon_no_watchdog_restart,
+    {
+        // The worker's plugin sleeps 15 s wherever the toolset resolver loads it; the rig's
+        // watchdog is 10 s (and Restart=no). Before the fix the daemon was killed by its
+        // watchdog while it waited, restarted, met the same plugin: a loop for ever.
+        let shim = crate::rig::hermes_python_shim();
+        let d = crate::rig::Dispatcher::with_stub(&shim, "tick_seconds = 3600");
+        let plugin = d.rig.dir.join("plugins/slow");
+        std::fs::create_dir_all(&plugin).unwrap();
+        std::fs::write(
+            plugin.join("plugin.yaml"),
+            "name: slow\nversion: 0.1.0\ndescription: x\nkind: standalone\n",
+        )
+        .unwrap();
+        std::fs::write(
+            plugin.join("__init__.py"),
+            "import sys, time\ndef register(ctx):\n    pass\nif sys.argv[0] == '-c':\n    time.sleep(15)\n",
+        )
+        .unwrap();
+        std::fs::write(
+            d.rig.dir.join("config.yaml"),
+            "plugins:\n  enabled: [slow]\n",
+        )
+        .unwrap();
+        sh(&format!(
+            "chown -R {WORKER_USER}: {} {}",
+            d.rig.dir.join("plugins").display(),
+            d.rig.dir.join("config.yaml").display()
+        ));
+        d.install();
+        d.start();
+        let pid = crate::rig::systemctl_show(crate::rig::SERVICE, "MainPID");
+        let id = d.rig.add("its profile loads the slow plugin");
+        wait_for(
+            "the worker started after the wait",
+            Duration::from_secs(60),
+            || {
+                crate::rig::journal(crate::rig::SERVICE)
+                    .contains("worker started")
+                    .then_some(())
+            },
+        );
+        assert!(!d.rig.board().runs(&id).unwrap().is_empty());
+        assert_eq!(
+            crate::rig::systemctl_show(crate::rig::SERVICE, "MainPID"),
+            pid
+        );
+        assert_eq!(
+            crate::rig::systemctl_show(crate::rig::SERVICE, "ActiveState").trim(),
+            "ActiveState=active"
+        );
+    }
+);
