@@ -25,6 +25,16 @@ fn as_worker(script: &str) {
     ));
 }
 
+/// The tasks a `dispatch --once --json` report says it started.
+fn spawned_ids(out: &serde_json::Value) -> Vec<&str> {
+    out["spawned"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["task_id"].as_str().unwrap())
+        .collect()
+}
+
 /// Owner, group and mode of a path (not following a final symlink).
 fn stat(p: &str) -> (u32, u32, u32) {
     let m = std::fs::symlink_metadata(p).unwrap_or_else(|e| panic!("{p}: {e}"));
@@ -161,12 +171,7 @@ systemd_test!(a_planted_worker_log_is_neither_followed_nor_blocking, {
         Duration::from_secs(60),
     );
     let out: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let spawned: Vec<&str> = out["spawned"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["task_id"].as_str().unwrap())
-        .collect();
+    let spawned = spawned_ids(&out);
     assert!(
         spawned.contains(&linked.as_str()) && spawned.contains(&fifo.as_str()),
         "both workers run without their log file: {out}"
@@ -505,6 +510,30 @@ systemd_test!(
     }
 );
 
+/// Install plugin `name` (its `__init__.py` is `code`) in the Hermes root `dir` and enable it
+/// in its `config.yaml`, as the worker user would (it writes the whole root).
+fn enable_plugin(dir: &Path, name: &str, code: &str) -> PathBuf {
+    let plugin = dir.join("plugins").join(name);
+    std::fs::create_dir_all(&plugin).unwrap();
+    std::fs::write(
+        plugin.join("plugin.yaml"),
+        format!("name: {name}\nversion: 0.1.0\ndescription: x\nkind: standalone\n"),
+    )
+    .unwrap();
+    std::fs::write(plugin.join("__init__.py"), code).unwrap();
+    std::fs::write(
+        dir.join("config.yaml"),
+        format!("plugins:\n  enabled: [{name}]\n"),
+    )
+    .unwrap();
+    sh(&format!(
+        "chown -R {WORKER_USER}: {} {}",
+        dir.join("plugins").display(),
+        dir.join("config.yaml").display()
+    ));
+    plugin
+}
+
 /// A plugin of the worker's, enabled in the `config.yaml` the worker writes: Hermes imports
 /// it wherever its code runs. Run by the toolset resolver (`python -c`, the only caller
 /// that runs it so), it writes what that process could reach to `report-<pid>.json`.
@@ -544,28 +573,9 @@ systemd_test!(
         // set and no no_new_privs.
         let shim = crate::rig::hermes_python_shim();
         let rig = Rig::new(&shim, "");
-        let plugin = rig.dir.join("plugins/spy");
-        std::fs::create_dir_all(&plugin).unwrap();
-        std::fs::write(
-            plugin.join("plugin.yaml"),
-            "name: spy\nversion: 0.1.0\ndescription: x\nkind: standalone\n",
-        )
-        .unwrap();
-        std::fs::write(plugin.join("__init__.py"), SPY_PLUGIN).unwrap();
-        std::fs::write(rig.dir.join("config.yaml"), "plugins:\n  enabled: [spy]\n").unwrap();
-        sh(&format!(
-            "chown -R {WORKER_USER}: {} {}",
-            rig.dir.join("plugins").display(),
-            rig.dir.join("config.yaml").display()
-        ));
+        let plugin = enable_plugin(&rig.dir, "spy", SPY_PLUGIN);
         rig.add("a task whose profile loads the spy");
-        let cmd = format!(
-            "HERMES_KANBAN_HOME={dir} HERMES_HOME={dir} {bin} --db {db} --config {cfg} dispatch --once",
-            dir = rig.dir.display(),
-            bin = crate::harness::mgr_bin().display(),
-            db = rig.db.display(),
-            cfg = rig.config.display()
-        );
+        let cmd = rig.mgr_shell("", "dispatch --once");
         // `script` gives the command a terminal of its own as its controlling terminal.
         let o = Command::new("script")
             .args(["-qec", &cmd, "/dev/null"])
@@ -621,12 +631,7 @@ systemd_test!(
             ));
         }
         let out = rig.dispatch();
-        let spawned: Vec<&str> = out["spawned"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["task_id"].as_str().unwrap())
-            .collect();
+        let spawned = spawned_ids(&out);
         assert_eq!(spawned, vec![victim.as_str()], "{out}");
         let failed = out["spawn_failed"].as_array().unwrap();
         assert_eq!(failed.len(), 8, "{out}");
@@ -675,11 +680,8 @@ systemd_test!(a_64_gib_line_in_a_worker_log_costs_logs_bounded_memory, {
     .unwrap();
     drop(c);
     let cmd = format!(
-        "HERMES_KANBAN_HOME={dir} HERMES_HOME={dir} prlimit --as=536870912 {bin} --db {db} --config {cfg} logs {id} --run 99 | head -c 8388608; echo \"logs: ${{PIPESTATUS[0]}}\" >&2",
-        dir = rig.dir.display(),
-        bin = crate::harness::mgr_bin().display(),
-        db = rig.db.display(),
-        cfg = rig.config.display()
+        "{} | head -c 8388608; echo \"logs: ${{PIPESTATUS[0]}}\" >&2",
+        rig.mgr_shell("prlimit --as=536870912", &format!("logs {id} --run 99"))
     );
     let o = run_bounded(
         {
@@ -912,28 +914,11 @@ systemd_test!(
         // watchdog while it waited, restarted, met the same plugin: a loop for ever.
         let shim = crate::rig::hermes_python_shim();
         let d = crate::rig::Dispatcher::with_stub(&shim, "tick_seconds = 3600");
-        let plugin = d.rig.dir.join("plugins/slow");
-        std::fs::create_dir_all(&plugin).unwrap();
-        std::fs::write(
-            plugin.join("plugin.yaml"),
-            "name: slow\nversion: 0.1.0\ndescription: x\nkind: standalone\n",
-        )
-        .unwrap();
-        std::fs::write(
-            plugin.join("__init__.py"),
+        enable_plugin(
+            &d.rig.dir,
+            "slow",
             "import sys, time\ndef register(ctx):\n    pass\nif sys.argv[0] == '-c':\n    time.sleep(15)\n",
-        )
-        .unwrap();
-        std::fs::write(
-            d.rig.dir.join("config.yaml"),
-            "plugins:\n  enabled: [slow]\n",
-        )
-        .unwrap();
-        sh(&format!(
-            "chown -R {WORKER_USER}: {} {}",
-            d.rig.dir.join("plugins").display(),
-            d.rig.dir.join("config.yaml").display()
-        ));
+        );
         d.install();
         d.start();
         let pid = crate::rig::systemctl_show(crate::rig::SERVICE, "MainPID");

@@ -153,6 +153,18 @@ impl Rig {
         c
     }
 
+    /// `hermes-mgr --db … --config …` with the rig's Hermes root, as one shell command line
+    /// (the rig's paths need no quoting), for `prefix` (`prlimit …`) and `args` to wrap.
+    pub fn mgr_shell(&self, prefix: &str, args: &str) -> String {
+        format!(
+            "HERMES_KANBAN_HOME={dir} HERMES_HOME={dir} {prefix} {bin} --db {db} --config {cfg} {args}",
+            dir = self.dir.display(),
+            bin = crate::harness::mgr_bin().display(),
+            db = self.db.display(),
+            cfg = self.config.display()
+        )
+    }
+
     pub fn mgr(&self, args: &[&str]) -> Ran {
         crate::harness::run(self.mgr_cmd(args))
     }
