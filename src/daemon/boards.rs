@@ -47,9 +47,10 @@ pub(super) struct Broken {
     since: Instant,
 }
 
-/// `(mtime, mtime_nsec, size)` of the board file: a change is worth another try.
+/// `(mtime, mtime_nsec, size)` of the board file: a change is worth another try. Not
+/// through a link (the name is in a tree others write).
 fn fingerprint(paths: &BoardPaths) -> Option<(i64, i64, u64)> {
-    std::fs::metadata(&paths.db)
+    std::fs::symlink_metadata(&paths.db)
         .ok()
         .map(|m| (m.mtime(), m.mtime_nsec(), m.size()))
 }

@@ -71,7 +71,8 @@ fn fingerprint(home: &Path) -> Fingerprint {
     ["config.yaml", ".env"]
         .iter()
         .map(|f| {
-            std::fs::metadata(home.join(f))
+            // Not through a link: the profile's home is the worker's to write.
+            std::fs::symlink_metadata(home.join(f))
                 .ok()
                 .map(|m| (m.mtime(), m.size()))
         })
