@@ -245,13 +245,14 @@ fn run(
         )));
     }
     let as_root = me == 0;
+    let parent = std::process::id();
     // Upstream's code imports the plugins and reads the files the worker writes: it is the
     // worker's code, and runs detached from whoever asked. Its own session (no controlling
     // terminal: nothing can be pushed into the operator's shell with TIOCSTI), no_new_privs
     // (no setuid program regains what was dropped), an empty bounding set, and no descriptor
     // of ours but 0-2 (every other is close-on-exec).
-    // SAFETY: only raw syscalls (setsid, prctl, close_range, setgroups, setresgid, setresuid;
-    // all async-signal-safe) between fork and exec, on values computed before the fork;
+    // SAFETY: only raw syscalls (setsid, prctl, close_range, setgroups, setresgid, setresuid,
+    // getppid; all async-signal-safe) between fork and exec, on values computed before the fork;
     // groups first, while still root (std's own `uid()` would run before us).
     unsafe {
         cmd.pre_exec(move || {
@@ -277,6 +278,15 @@ fn run(
                 {
                     return Err(std::io::Error::last_os_error());
                 }
+            }
+            // It ends with whoever asked (a CLI interrupted at its terminal, which no longer
+            // reaches this session, or a daemon killed): set after the uid change, which
+            // clears it, and checked against a parent that died before it was set.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() as u32 != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
             Ok(())
         });
