@@ -111,17 +111,14 @@ impl Daemon {
                 return;
             };
             let timeout = Duration::from_secs(self.cfg.start_timeout_seconds);
-            let started = self.sd.run_command(&unit, &cmd, timeout).await;
-            if started.is_err() {
-                self.forget_env_file(&unit);
-            }
-            match started {
+            match self.sd.run_command(&unit, &cmd, timeout).await {
                 Ok(()) => {
                     info!(board = %slug, hermes_kanban_task = %task, unit = %unit, object_systemd_unit = %unit,
                           "decomposing a triage task");
                     self.decomp.running.insert(key(&task), unit);
                 }
                 Err(e) => {
+                    self.forget_env_file(&unit);
                     warn!(board = %slug, hermes_kanban_task = %task, unit = %unit, "cannot start the decomposition: {e}; will retry");
                     self.decomposition_failed(key(&task));
                     return;

@@ -265,12 +265,11 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     let mut sighup = signal(SignalKind::hangup())?;
     let mut sigchld = signal(SignalKind::child())?;
     let wd = notify::watchdog_interval();
-    if wd.is_some() {
-        let n = notify::Notifier::from_env();
-        crate::spawn::set_keepalive(move || n.send("WATCHDOG=1"));
-    }
-    // Half of WatchdogSec (watchdog_interval halves it): fed by the loop alone, so a loop
-    // that stops turning is what gets the daemon restarted.
+    let keepalive = notify::Notifier::from_env();
+    crate::spawn::set_keepalive(move || keepalive.alive());
+    // Half of WatchdogSec (watchdog_interval halves it): fed by the loop, and within it only
+    // by work that is bounded and progressing (each board's pass, each second of a bounded
+    // wait on upstream's code), so a loop that stops turning gets the daemon restarted.
     let mut watchdog = tokio::time::interval(wd.unwrap_or(Duration::from_secs(3600)));
     // The start-up reconcile and pass just ran: each timer's first tick is one period away.
     let every = |secs: u64| {
@@ -573,9 +572,7 @@ impl Daemon {
             self.pass_board(&slug).await;
             // Each board's pass is bounded (its batch, and upstream's code by its timeout):
             // many boards are progress, each fed to the watchdog as it ends.
-            if notify::watchdog_interval().is_some() {
-                self.notifier.send("WATCHDOG=1");
-            }
+            self.notifier.alive();
         }
         self.update_status();
     }

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 pub struct Notifier {
     sock: Option<(UnixDatagram, std::os::unix::net::SocketAddr)>,
+    /// systemd watches this process (`watchdog_interval`), read once.
+    watchdog: bool,
 }
 
 impl Notifier {
@@ -20,7 +22,17 @@ impl Notifier {
             };
             Some((UnixDatagram::unbound().ok()?, addr))
         });
-        Notifier { sock }
+        Notifier {
+            sock,
+            watchdog: watchdog_interval().is_some(),
+        }
+    }
+
+    /// `WATCHDOG=1`, when systemd watches this process.
+    pub fn alive(&self) {
+        if self.watchdog {
+            self.send("WATCHDOG=1");
+        }
     }
 
     pub fn send(&self, state: &str) {

@@ -98,9 +98,16 @@ pub async fn once(
     // Hermes' emergency stop (`hermes pause`): nothing is claimed while it holds, looked at
     // again before every claim, so no start follows the command's return by more than the
     // one in hand.
-    let estop = || crate::hermes_config::estop_of_root(&board.paths().root);
-    if let Some(p) = estop() {
-        report.estop = Some(p);
+    let estop_dirs = crate::hermes_config::estop_dirs(&board.paths().root);
+    let estop_dirs: Vec<&std::path::Path> = estop_dirs.iter().map(|d| d.as_path()).collect();
+    let held = |report: &mut PassReport| {
+        report.estop = report
+            .estop
+            .take()
+            .or_else(|| crate::hermes_config::estop(&estop_dirs));
+        report.estop.is_some()
+    };
+    if held(&mut report) {
         return Ok((report, Vec::new()));
     }
     report.promoted = board.recompute_ready(cfg.failure_limit)?;
@@ -171,8 +178,7 @@ pub async fn once(
                 continue;
             }
         }
-        if let Some(p) = estop() {
-            report.estop = Some(p);
+        if held(&mut report) {
             break;
         }
         let Some(claim) = board.claim(&task.id, &lock, cfg.claim_ttl_seconds)? else {
@@ -223,11 +229,7 @@ pub async fn once(
             report.skipped_nonspawnable.push(task.id.clone());
             continue;
         }
-        if report.estop.is_some() {
-            break;
-        }
-        if let Some(p) = estop() {
-            report.estop = Some(p);
+        if held(&mut report) {
             break;
         }
         let Some(claim) = board.claim_review(&task.id, &lock, cfg.claim_ttl_seconds)? else {

@@ -282,19 +282,19 @@ systemd_test!(
         .unwrap();
         std::os::unix::fs::chown(&estop, Some(d.rig.uid), None).unwrap();
         let status = || systemctl_show(SERVICE, "StatusText");
+        // The service says the stop holds the one ready task.
+        let holding_one = |what: &str| {
+            wait_for(what, Duration::from_secs(10), || {
+                let s = status();
+                (s.contains("EMERGENCY STOP") && s.contains("1 ready")).then_some(())
+            })
+        };
         wait_for("the stop seen", Duration::from_secs(10), || {
             status().contains("EMERGENCY STOP").then_some(())
         });
         // A task made now is seen and held: the status line counts it, nothing starts it.
         let b = d.rig.add("made during the stop");
-        wait_for(
-            "the new task seen and held",
-            Duration::from_secs(10),
-            || {
-                let s = status();
-                (s.contains("EMERGENCY STOP") && s.contains("1 ready")).then_some(())
-            },
-        );
+        holding_one("the new task seen and held");
         assert_eq!(d.task(&b).status.as_str(), "ready");
         // A running worker is still supervised and booked (upstream's gateway stops booking).
         d.command(&a, ra, "complete");
@@ -327,14 +327,7 @@ systemd_test!(
         );
         assert_eq!(d.task(&b).status.as_str(), "ready");
         d.start();
-        wait_for(
-            "the stop seen after a restart",
-            Duration::from_secs(10),
-            || {
-                let s = status();
-                (s.contains("EMERGENCY STOP") && s.contains("1 ready")).then_some(())
-            },
-        );
+        holding_one("the stop seen after a restart");
         // `hermes resume` removes it: the held task starts at once (inotify, not a tick).
         std::fs::remove_file(&estop).unwrap();
         d.wait_running(&b, 0);
