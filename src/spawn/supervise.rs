@@ -73,9 +73,11 @@ const STEPS: &[&str] = &[
     "set no_new_privs",
     "enter the workspace",
     "exec",
+    "make the workspace",
 ];
 const STEP_CHDIR: u32 = 8;
 const STEP_EXEC: u32 = 9;
+const STEP_MKDIR: u32 = 10;
 
 /// Why the worker did not start, and whose side that is on (`outcome::Fault`): only its
 /// workspace and the task's own data are the task's.
@@ -177,7 +179,18 @@ fn become_worker(p: &ChildPlan) -> (u32, i32) {
         // The workspace is reached only now, as the worker: a link in the board's tree
         // leads nowhere the worker could not go anyway, and one it may not enter fails.
         for dir in &p.mkdirs {
-            libc::mkdir(dir.as_ptr(), 0o777);
+            // The host's own condition (a full or read-only file system, an I/O error) is
+            // said as such; anything else (it exists, a worker made its path unusable) is
+            // found at the chdir below.
+            if libc::mkdir(dir.as_ptr(), 0o777) < 0 {
+                let e = errno();
+                if matches!(
+                    e,
+                    libc::ENOSPC | libc::EDQUOT | libc::EROFS | libc::EIO | libc::ENOMEM
+                ) {
+                    return (STEP_MKDIR, e);
+                }
+            }
         }
         if libc::chdir(p.cwd.as_ptr()) < 0 {
             return (STEP_CHDIR, errno());
@@ -436,7 +449,8 @@ fn supervise(spec: &WorkerSpec, tmpdir: &Path, journal: &Journal) -> Result<u8, 
         return Err(match step {
             // A workspace is the task's: a `dir:` one it names, a scratch one in the Hermes
             // tree its worker writes (a worker can make its own unenterable). Counting it
-            // trips the breaker on that task alone; as ours it would stop every pass.
+            // trips the breaker on that task alone; as ours it would stop every pass. A host
+            // that cannot make one (full, read-only) is ours: `_` below.
             STEP_CHDIR => task(enter()),
             // The binary is the dispatcher's configuration; an argv or environment too big
             // for exec comes from the task's data.

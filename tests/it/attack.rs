@@ -943,3 +943,39 @@ systemd_test!(
         );
     }
 );
+
+systemd_test!(
+    a_full_file_system_for_workspaces_is_the_dispatchers_fault,
+    {
+        // The other side of a workspace being the task's: a host that cannot make one (here a
+        // workspaces root with no inode left) must not be booked against the task.
+        let rig = Rig::new("#!/bin/sh\nexit 0\n", "");
+        let root = rig.dir.join("full");
+        std::fs::create_dir_all(&root).unwrap();
+        sh(&format!(
+            "mount -t tmpfs -o size=1m,nr_inodes=4 tmpfs {r} && chown {WORKER_USER}: {r} && \
+         i=0; while touch {r}/f$i 2>/dev/null; do i=$((i+1)); done",
+            r = root.display()
+        ));
+        let id = rig.add("innocent");
+        let out = crate::harness::run({
+            let mut c = rig.mgr_cmd(&["dispatch", "--once", "--json"]);
+            c.env("HERMES_KANBAN_WORKSPACES_ROOT", &root);
+            c
+        });
+        sh(&format!("umount {}", root.display()));
+        let out = out.ok().json();
+        let f = &out["spawn_failed"][0];
+        assert_eq!(f["task_id"], json!(id), "{out}");
+        assert_eq!(f["infrastructure"], json!(true), "{out}");
+        assert!(
+            f["error"].as_str().unwrap().contains("make the workspace")
+                && f["error"].as_str().unwrap().contains("No space left"),
+            "{out}"
+        );
+        assert_eq!(
+            rig.board().require_task(&id).unwrap().consecutive_failures,
+            0
+        );
+    }
+);
