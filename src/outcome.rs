@@ -223,6 +223,11 @@ pub fn decide(f: &Facts) -> Decision {
 
 /// The end a supervisor's exit record says.
 fn from_record(st: &RunStatus, max_runtime: Option<i64>) -> RunEnd {
+    // Its process never became the worker: upstream's code, asked first in the scope,
+    // refused or failed (`spawn::upstream::PRELUDE`), on whichever side the record says.
+    if let Some(n) = &st.not_started {
+        return spawn_failure(n.fault, &n.reason);
+    }
     let pid = st.worker_pid;
     let mut details =
         json!({"pid": pid, "exit_code": st.exit_code, "signal": st.signal, "unit": st.unit});
@@ -478,6 +483,7 @@ mod tests {
             sigterm_received: sigterm,
             memory: None,
             usage: None,
+            not_started: None,
         }
     }
 
@@ -565,7 +571,17 @@ mod tests {
         // The supervisor's record comes while systemd still tears the scope down.
         let mut stale_recorded = facts(Some(&termed), Scope::Live);
         stale_recorded.stale = Some(&silent);
+        let refused = |fault| RunStatus {
+            not_started: Some(crate::spawn::spec::NotStarted {
+                reason: "workspace: no repo".into(),
+                fault,
+            }),
+            ..rec(Some(127), None, false, 1)
+        };
+        let (refused_task, refused_infra) = (refused(Fault::Task), refused(Fault::Infrastructure));
         let rows: Vec<(Facts, &str)> = vec![
+            (facts(Some(&refused_task), Scope::Gone), "spawn_failed: workspace: no repo"),
+            (facts(Some(&refused_infra), Scope::Live), "infrastructure: workspace: no repo"),
             (facts(Some(&exit0), Scope::Gone), "protocol_violation: pid 9 exited 0 without kanban_complete or kanban_block"),
             (facts(Some(&exit1), Scope::Live), "crashed: pid 9 exited with code 1"),
             (facts(Some(&exit75), Scope::Gone), "rate_limited: pid 9 exited rate-limited (quota wall) — requeued without counting a failure"),

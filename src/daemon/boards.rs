@@ -34,6 +34,10 @@ pub(super) struct Slot {
     pub backoff: Option<(Instant, Duration)>,
     /// Why the last pass failed on our side; `None` once one succeeds.
     pub failing: Option<String>,
+    /// Runs in a row booked as our failure to start them, found in the scope after the pass
+    /// (Hermes' own code could not be started): the passes that start them succeed, so this,
+    /// not the pass, keeps the backoff growing. Reset by any other end.
+    pub start_failures: u32,
     /// `(device, inode)` of the board file while it is open: two boards that are one file
     /// (a hard link) would be served through two WALs.
     pub file_id: Option<(u64, u64)>,
@@ -67,6 +71,7 @@ impl Slot {
             dirty: true,
             backoff: None,
             failing: None,
+            start_failures: 0,
             file_id: None,
         }
     }
@@ -81,10 +86,13 @@ impl Slot {
 
     /// A failed pass: wait before the next, and say so until one succeeds.
     pub fn back_off(&mut self, why: &str) {
+        let streak = Duration::from_secs(1 << self.start_failures.saturating_sub(1).min(6));
         let delay = self
             .backoff
-            .map(|(_, d)| (d * 2).min(Duration::from_secs(60)))
-            .unwrap_or(Duration::from_secs(1));
+            .map(|(_, d)| d * 2)
+            .unwrap_or(Duration::from_secs(1))
+            .max(streak)
+            .min(Duration::from_secs(60));
         self.backoff = Some((Instant::now() + delay, delay));
         self.failing = Some(why.chars().take(200).collect());
         self.dirty = true;

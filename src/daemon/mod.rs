@@ -265,11 +265,10 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     let mut sighup = signal(SignalKind::hangup())?;
     let mut sigchld = signal(SignalKind::child())?;
     let wd = notify::watchdog_interval();
-    let keepalive = notify::Notifier::from_env();
-    crate::spawn::set_keepalive(move || keepalive.alive());
     // Half of WatchdogSec (watchdog_interval halves it): fed by the loop, and within it only
-    // by work that is bounded and progressing (each board's pass, each second of a bounded
-    // wait on upstream's code), so a loop that stops turning gets the daemon restarted.
+    // by work that is bounded and progressing (each board's pass), so a loop that stops
+    // turning gets the daemon restarted. Upstream's code is never waited on here: it runs
+    // in each run's scope (`spawn::upstream`).
     let mut watchdog = tokio::time::interval(wd.unwrap_or(Duration::from_secs(3600)));
     // The start-up reconcile and pass just ran: each timer's first tick is one period away.
     let every = |secs: u64| {
@@ -570,8 +569,8 @@ impl Daemon {
         }
         for slug in due {
             self.pass_board(&slug).await;
-            // Each board's pass is bounded (its batch, and upstream's code by its timeout):
-            // many boards are progress, each fed to the watchdog as it ends.
+            // Each board's pass is bounded (its batch and time): many boards are progress,
+            // each fed to the watchdog as it ends.
             self.notifier.alive();
         }
         self.update_status();
@@ -805,6 +804,17 @@ impl Daemon {
                 }
                 if let Some(s) = self.slots.get_mut(slug) {
                     s.dirty = true;
+                    // Found in the scope after the pass (Hermes' own code could not be
+                    // started): ours, said loudly, and the board backs off as after a pass
+                    // that failed to start a worker.
+                    if let crate::outcome::RunEnd::Infrastructure { error: why } = &end {
+                        error!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run,
+                               "the dispatcher cannot start workers: {}; the task is requeued, not charged", crate::text::clean(why));
+                        s.start_failures = s.start_failures.saturating_add(1);
+                        s.back_off(why);
+                    } else {
+                        s.start_failures = 0;
+                    }
                 }
             }
             Err(BoardError::Locked { .. }) => {

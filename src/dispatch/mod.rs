@@ -393,13 +393,11 @@ fn settle(
         Ok(s) => {
             // The worker runs now: a board that is locked at this instant must not make
             // us kill it. These are informational for upstream (it records them at spawn).
-            if let Some(b) = &s.branch {
-                if let Err(e) = board.set_branch(&s.task, s.run_id, b) {
-                    tracing::warn!(hermes_kanban_task = %s.task, hermes_kanban_run_id = s.run_id, "branch not recorded: {e}");
+            // A worktree's path and branch are upstream's answer, recorded by its own code.
+            if let Some(ws) = &s.workspace {
+                if let Err(e) = board.set_workspace(&s.task, s.run_id, ws) {
+                    tracing::warn!(hermes_kanban_task = %s.task, hermes_kanban_run_id = s.run_id, "workspace not recorded: {e}");
                 }
-            }
-            if let Err(e) = board.set_workspace(&s.task, s.run_id, &s.workspace) {
-                tracing::warn!(hermes_kanban_task = %s.task, hermes_kanban_run_id = s.run_id, "workspace not recorded: {e}");
             }
             if let Err(e) = board.set_worker_pid(&s.task, s.run_id, s.worker_pid as i64) {
                 tracing::warn!(hermes_kanban_task = %s.task, hermes_kanban_run_id = s.run_id, unit = %s.unit,
@@ -410,7 +408,11 @@ fn settle(
                 run_id: s.run_id,
                 unit: s.unit.clone(),
                 pid: s.worker_pid,
-                workspace: s.workspace.to_string_lossy().into_owned(),
+                workspace: s
+                    .workspace
+                    .as_ref()
+                    .map(|w| w.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
             });
             started.push(s);
             Start::Started

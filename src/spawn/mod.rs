@@ -11,7 +11,6 @@ pub mod program;
 pub mod spec;
 pub mod supervise;
 mod upstream;
-pub use upstream::set_keepalive;
 
 use std::ffi::CString;
 use std::os::fd::OwnedFd;
@@ -86,10 +85,8 @@ pub struct Started {
     pub run_id: i64,
     pub unit: String,
     pub worker_pid: u32,
-    pub workspace: PathBuf,
-    /// A worktree task's branch (upstream's `set_branch_name`): the resolver's, the task's,
-    /// or `wt/<task>`.
-    pub branch: Option<String>,
+    /// `None` for a worktree, which upstream's code resolves in the scope and records itself.
+    pub workspace: Option<PathBuf>,
     /// The supervisor's PID. It is our child: the daemon reaps it on SIGCHLD; a one-shot
     /// CLI lets it go. No descriptor of it is kept (tokio's `Child` would hold a pidfd for
     /// the worker's whole life: one per live worker).
@@ -255,6 +252,7 @@ fn prepare_task(
     let user = &who.user;
     let paths: &BoardPaths = board.paths();
     let task = &claim.task;
+    let python = upstream::interpreter(&bin);
     let assignee = task
         .assignee
         .clone()
@@ -266,7 +264,6 @@ fn prepare_task(
     let workspaces = absolute(&paths.workspaces);
     // The workspace is created (scratch) and entered by the worker's own process, after it
     // dropped root: a path in the board's tree is never followed with root's powers.
-    let mut branch = None;
     let (workspace, make_workspace) = match task.workspace_kind.as_str() {
         // Upstream uses the raw id; a hostile id must not name another directory.
         "scratch" => (workspaces.join(unit_name::file_component(&task.id)), true),
@@ -282,32 +279,17 @@ fn prepare_task(
             (p, false)
         }
         // Materialized by upstream's own resolver (`git worktree add`, its anchors: the
-        // task's path or the board's default_workdir), as the worker user; preserved after.
+        // task's path or the board's default_workdir), as the worker, in the run's scope,
+        // before the worker starts there (`upstream::PRELUDE`); until then its process is
+        // at `/`. Without upstream's code there is no one to ask: the dispatcher's binary.
         "worktree" => {
-            let env = upstream_env(
-                cfg,
-                user,
-                paths,
-                &profile_home(&absolute(&paths.root), &profile),
-            );
-            // Upstream could not be started (no interpreter): ours. It refused, failed or ran
-            // out of time on the task's profile and repository: the task's (a counted
-            // `workspace: …` spawn failure, as upstream books a refusal).
-            let (p, b) = upstream::worktree(&bin, &who.asker(&env), &paths.slug, &task.id)
-                .map_err(|e| match e {
-                    upstream::AskError::Unavailable(e) => SpawnError::infra(e),
-                    upstream::AskError::Failed(e) => SpawnError::task(format!("workspace: {e}")),
-                })?
-                .map_err(|e| SpawnError::task(format!("workspace: {e}")))?;
-            let claimed = task.branch_name.as_deref().map(str::trim).unwrap_or("");
-            branch = Some(if !b.is_empty() {
-                b
-            } else if !claimed.is_empty() {
-                claimed.to_string()
-            } else {
-                format!("wt/{}", task.id)
-            });
-            (p, false)
+            if python.is_none() {
+                return Err(SpawnError::infra(format!(
+                    "{} is not a Python script: cannot ask Hermes' own code for the worktree",
+                    bin.display()
+                )));
+            }
+            (PathBuf::from("/"), false)
         }
         other => return Err(format!("unknown workspace kind {other:?}").into()),
     };
@@ -358,9 +340,10 @@ fn prepare_task(
     if let Some(t) = &task.tenant {
         set("HERMES_TENANT", t.clone());
     }
-    // A worktree's branch as resolved now (upstream's first spawn passes the task object
-    // it claimed, before recording the branch, so only its later runs get it).
-    if let Some(b) = branch.as_ref().or(task.branch_name.as_ref()) {
+    // A worktree's branch is upstream's answer, set by the prelude (upstream's first spawn
+    // passes the task object it claimed, before recording the branch, so only its later
+    // runs get it; ours get it from the first).
+    if let Some(b) = &task.branch_name {
         set("HERMES_KANBAN_BRANCH", b.clone());
     }
     if task.goal_mode {
@@ -408,11 +391,19 @@ fn prepare_task(
     if let Some(m) = &task.model_override {
         argv.extend(["-m".to_string(), m.clone()]);
     }
-    // Upstream pins the profile's CLI toolsets; its own code says which (`upstream.rs`).
-    let home = profile_home(&absolute(&paths.root), &profile);
-    if let Some(ts) = upstream::resolve(&bin, &home, &who.asker(&env)) {
-        argv.extend(["--toolsets".to_string(), ts.join(",")]);
-    }
+    // Upstream pins the profile's CLI toolsets here; its own code says which, asked in the
+    // scope (`upstream.rs`).
+    let prelude = python.map(|python| spec::Prelude {
+        python,
+        toolsets_home: profile_home(&absolute(&paths.root), &profile),
+        toolsets_at: argv.len(),
+        worktree: (task.workspace_kind == "worktree").then(|| spec::WorktreeAsk {
+            board: paths.slug.clone(),
+            task: task.id.clone(),
+            run_id: claim.run_id,
+            kanban_home: absolute(&paths.root),
+        }),
+    });
     argv.extend([
         "chat".to_string(),
         "-q".to_string(),
@@ -436,7 +427,6 @@ fn prepare_task(
         argv,
         env,
         cwd: workspace,
-        branch,
         make_cwd: make_workspace,
         uid: user.uid.as_raw(),
         gid: user.gid.as_raw(),
@@ -444,6 +434,7 @@ fn prepare_task(
         tmp_root: absolute(&cfg.tmp_root),
         status_file: spec::status_path(&cfg.state_dir, &board.paths().slug, &task.id, claim.run_id),
         identifier: "hermes-worker".into(),
+        prelude,
     })
 }
 
@@ -754,8 +745,11 @@ pub async fn start_worker(
             run_id: claim.run_id,
             unit,
             worker_pid,
-            workspace: spec.cwd,
-            branch: spec.branch,
+            workspace: spec
+                .prelude
+                .as_ref()
+                .is_none_or(|p| p.worktree.is_none())
+                .then_some(spec.cwd),
             supervisor_pid: pid,
             lock: claim.lock.clone(),
             max_runtime: task.max_runtime_seconds,

@@ -17,9 +17,6 @@ pub struct WorkerSpec {
     pub env: Vec<(String, String)>,
     /// The workspace: the worker's cwd, entered after the privilege drop.
     pub cwd: PathBuf,
-    /// A worktree's branch, recorded on the task as upstream's dispatcher records it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub branch: Option<String>,
     /// Create the workspace (`mkdir -p`, as the worker) before entering it: a scratch one.
     pub make_cwd: bool,
     pub uid: u32,
@@ -37,6 +34,42 @@ pub struct WorkerSpec {
     /// file system identity, never root's.
     pub log_file: Option<PathBuf>,
     pub log_owner: crate::safe_fs::Owner,
+    /// What only upstream's own code can say about this run, asked in the scope by the
+    /// worker's own process before it becomes the worker (`upstream::PRELUDE`); `None` when
+    /// the binary is no Python script (nothing to ask).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prelude: Option<Prelude>,
+}
+
+/// The questions for upstream's code, asked as the worker in its scope (`upstream.rs`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Prelude {
+    /// The interpreter of the `hermes` script (its `#!` line).
+    pub python: PathBuf,
+    /// `--toolsets` of the profile at this Hermes home, inserted into `argv` at `toolsets_at`.
+    pub toolsets_home: PathBuf,
+    pub toolsets_at: usize,
+    /// A worktree task: upstream materializes its workspace (then `cwd` is only where the
+    /// asking starts, and the path and branch are upstream's answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worktree: Option<WorktreeAsk>,
+}
+
+/// What upstream's worktree resolver needs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WorktreeAsk {
+    pub board: String,
+    pub task: String,
+    pub run_id: i64,
+    /// `HERMES_KANBAN_HOME` while upstream resolves (the root whose boards it reads).
+    pub kanban_home: PathBuf,
+}
+
+/// A run whose worker never started, said by its supervisor from inside the scope.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NotStarted {
+    pub reason: String,
+    pub fault: crate::outcome::Fault,
 }
 
 /// How a worker ended, written by its supervisor the moment it was reaped, so the exit
@@ -64,6 +97,10 @@ pub struct RunStatus {
     /// records written by older supervisors.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// The process ended before it became the worker (upstream's code, asked first, refused
+    /// or failed): a spawn failure, by whose side it is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_started: Option<NotStarted>,
 }
 
 /// A run's cost as its scope's cgroup counted it (what `systemctl status` shows as

@@ -58,6 +58,8 @@ struct ChildPlan {
     stdin: OwnedFd,
     stdout: RawFd,
     stderr: RawFd,
+    /// The prelude's pipe to us, made its descriptor 3 (`upstream::PRELUDE`).
+    said: Option<RawFd>,
 }
 
 /// The steps of the child side, reported by number through the error pipe: the child
@@ -74,10 +76,12 @@ const STEPS: &[&str] = &[
     "enter the workspace",
     "exec",
     "make the workspace",
+    "mark inherited descriptors close-on-exec",
 ];
 const STEP_CHDIR: u32 = 8;
 const STEP_EXEC: u32 = 9;
 const STEP_MKDIR: u32 = 10;
+const STEP_CLOSE_RANGE: u32 = 11;
 
 /// Why the worker did not start, and whose side that is on (`outcome::Fault`): only its
 /// workspace and the task's own data are the task's.
@@ -129,6 +133,30 @@ fn become_worker(p: &ChildPlan) -> (u32, i32) {
             if libc::dup2(fd, to) < 0 {
                 return (1, errno());
             }
+        }
+        // dup2 onto itself would keep close-on-exec: then clear it instead.
+        if let Some(fd) = p.said {
+            let failed = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0) < 0
+            } else {
+                libc::dup2(fd, 3) < 0
+            };
+            if failed {
+                return (1, errno());
+            }
+        }
+        // Nothing else crosses the exec: not a descriptor whoever started us left open
+        // without close-on-exec (a CLI's terminal or its parent's pipes). Marked, not closed:
+        // the error pipe must stay open until the exec.
+        let first = if p.said.is_some() { 4u32 } else { 3 };
+        if libc::syscall(
+            libc::SYS_close_range,
+            first,
+            u32::MAX,
+            super::upstream::CLOSE_RANGE_CLOEXEC,
+        ) < 0
+        {
+            return (STEP_CLOSE_RANGE, errno());
         }
         if libc::setgroups(p.groups.len(), p.groups.as_ptr()) < 0 {
             return (2, errno());
@@ -365,8 +393,36 @@ fn supervise(spec: &WorkerSpec, tmpdir: &Path, journal: &Journal) -> Result<u8, 
     });
     let pipes = Pipes::new().map_err(|e| infra(format!("pipe: {e}")))?;
     let (child_out, child_err) = (pipes.out_w.as_raw_fd(), pipes.err_w.as_raw_fd());
-    let argv: Vec<CString> = spec
-        .argv
+    // With a prelude, the process first runs upstream's code (`upstream::PRELUDE`), which
+    // then execs the worker's own argv.
+    let said = match &spec.prelude {
+        Some(_) => Some(
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|e| infra(format!("pipe: {e}")))?,
+        ),
+        None => None,
+    };
+    let exec_argv: Vec<String> = match &spec.prelude {
+        Some(p) => {
+            let plan = serde_json::json!({
+                "argv": spec.argv,
+                "toolsets_home": p.toolsets_home,
+                "toolsets_at": p.toolsets_at,
+                "worktree": p.worktree,
+                "toolsets_timeout": super::upstream::TOOLSETS_TIMEOUT.as_secs(),
+                "worktree_timeout": super::upstream::WORKTREE_TIMEOUT.as_secs(),
+            });
+            vec![
+                p.python.to_string_lossy().into_owned(),
+                "-I".into(),
+                "-c".into(),
+                super::upstream::PRELUDE.into(),
+                plan.to_string(),
+            ]
+        }
+        None => spec.argv.clone(),
+    };
+    let argv: Vec<CString> = exec_argv
         .iter()
         .map(|a| cstr(a, "an argument"))
         .collect::<Result<_, _>>()?;
@@ -384,7 +440,7 @@ fn supervise(spec: &WorkerSpec, tmpdir: &Path, journal: &Journal) -> Result<u8, 
             .collect::<Vec<_>>()
     };
     let plan = ChildPlan {
-        path: cstr(&spec.argv[0], "worker path")?,
+        path: cstr(&exec_argv[0], "worker path")?,
         argv_ptrs: pointers(&argv),
         envp_ptrs: pointers(&envp),
         _argv: argv,
@@ -405,6 +461,7 @@ fn supervise(spec: &WorkerSpec, tmpdir: &Path, journal: &Journal) -> Result<u8, 
         stdin: devnull.into(),
         stdout: child_out,
         stderr: child_err,
+        said: said.as_ref().map(|(_, w)| w.as_raw_fd()),
     };
     // Exec failures travel back on a close-on-exec pipe: EOF means exec succeeded.
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
@@ -428,6 +485,7 @@ fn supervise(spec: &WorkerSpec, tmpdir: &Path, journal: &Journal) -> Result<u8, 
     };
     drop(err_w);
     drop(plan);
+    let said = said.map(|(r, _w)| r);
     let mut failure = Vec::new();
     let _ = std::fs::File::from(err_r).read_to_end(&mut failure);
     if failure.len() >= 8 {
@@ -445,7 +503,7 @@ fn supervise(spec: &WorkerSpec, tmpdir: &Path, journal: &Journal) -> Result<u8, 
                 spec.uid
             )
         };
-        let start = || format!("cannot start {}: {what}: {e}", spec.argv[0]);
+        let start = || format!("cannot start {}: {what}: {e}", exec_argv[0]);
         return Err(match step {
             // A workspace is the task's: a `dir:` one it names, a scratch one in the Hermes
             // tree its worker writes (a worker can make its own unenterable). Counting it
@@ -461,7 +519,7 @@ fn supervise(spec: &WorkerSpec, tmpdir: &Path, journal: &Journal) -> Result<u8, 
     report(&Report::Started {
         pid: worker.as_raw() as u32,
     });
-    let mut relay = pipes.into_relay(journal, log);
+    let mut relay = pipes.into_relay(journal, log, said);
 
     let mut sigterm = false;
     let status = loop {
@@ -499,6 +557,10 @@ fn supervise(spec: &WorkerSpec, tmpdir: &Path, journal: &Journal) -> Result<u8, 
         // the whole story.
         memory: cgroup.as_deref().and_then(super::spec::MemoryFacts::read),
         usage: cgroup.as_deref().and_then(super::spec::Usage::read),
+        not_started: spec
+            .prelude
+            .as_ref()
+            .and_then(|_| super::upstream::prelude_verdict(&relay.said(), exit_code, signal)),
     };
     if let Err(e) = write_status(spec, &rs) {
         say(
@@ -596,10 +658,18 @@ impl Pipes {
     }
 
     /// After the fork: keep only the read ends (EOF comes when the last writer is gone).
-    fn into_relay(self, journal: &Journal, log: Option<std::fs::File>) -> Relay<'_> {
+    fn into_relay(
+        self,
+        journal: &Journal,
+        log: Option<std::fs::File>,
+        said: Option<OwnedFd>,
+    ) -> Relay<'_> {
         drop(self.out_w);
         drop(self.err_w);
-        for fd in [&self.out_r, &self.err_r] {
+        for fd in [Some(&self.out_r), Some(&self.err_r), said.as_ref()]
+            .into_iter()
+            .flatten()
+        {
             // SAFETY: fcntl on fds we own.
             unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
         }
@@ -611,6 +681,8 @@ impl Pipes {
             ],
             journal,
             log,
+            said,
+            said_bytes: Vec::new(),
         }
     }
 }
@@ -621,7 +693,13 @@ struct Relay<'a> {
     streams: Vec<(Option<OwnedFd>, u8, Lines)>,
     journal: &'a Journal,
     log: Option<std::fs::File>,
+    /// The prelude's pipe and what came through it, kept up to `SAID_MAX` (it is read as
+    /// it comes, so nothing the prelude runs can block on a full pipe).
+    said: Option<OwnedFd>,
+    said_bytes: Vec<u8>,
 }
+
+const SAID_MAX: usize = 4096;
 
 impl Relay<'_> {
     fn done(&self) -> bool {
@@ -632,11 +710,35 @@ impl Relay<'_> {
         self.streams
             .iter()
             .filter_map(|(r, _, _)| r.as_ref().map(|f| f.as_raw_fd()))
+            .chain(self.said.as_ref().map(|f| f.as_raw_fd()))
             .collect()
+    }
+
+    /// Everything the prelude said (what is still in its pipe included).
+    fn said(&mut self) -> Vec<u8> {
+        self.pump_said();
+        self.said_bytes.clone()
+    }
+
+    fn pump_said(&mut self) {
+        let mut buf = [0u8; 1024];
+        while let Some(fd) = self.said.as_ref() {
+            match nix::unistd::read(fd, &mut buf) {
+                Ok(0) => self.said = None,
+                Ok(n) => {
+                    let room = SAID_MAX.saturating_sub(self.said_bytes.len());
+                    self.said_bytes.extend_from_slice(&buf[..n.min(room)]);
+                }
+                Err(nix::Error::EINTR) => {}
+                Err(nix::Error::EAGAIN) => break,
+                Err(_) => self.said = None,
+            }
+        }
     }
 
     /// Copy whatever is readable now, without blocking.
     fn pump(&mut self) {
+        self.pump_said();
         // Small on purpose: the stack pages a supervisor touches stay its own for the run.
         let mut buf = [0u8; 8192];
         let journal = self.journal;

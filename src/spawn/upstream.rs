@@ -1,87 +1,128 @@
-//! What only upstream's own code can say, asked of it: run with the interpreter of the
-//! `hermes` script itself (its `#!` line), as the worker user, with the worker's
-//! environment — never as root, never through a shell. A miss costs an interpreter start
-//! (about a second), paid on the daemon's thread.
+//! What only upstream's own code can say, asked of it with the interpreter of the `hermes`
+//! script itself (its `#!` line), as the worker user, with the worker's environment — never
+//! as root, never through a shell. Upstream's code imports the plugins and reads the files
+//! the worker writes: it is the worker's code, and runs as the worker does.
 //!
-//! - `toolsets`: the `--toolsets` pin of upstream's `_default_spawn`, the assignee profile's
-//!   effective CLI toolsets (`kanban_db._resolve_worker_cli_toolsets`, i.e.
-//!   `tools_config._get_platform_tools(load_config(), "cli")` under the profile's home),
-//!   which depends on Hermes' toolset registry, plugins, MCP servers and credentials. A
-//!   failure means "no pin", as upstream. Cached per profile home while its `config.yaml`
-//!   and `.env` are unchanged, at most five minutes.
-//! - `worktree`: a `worktree` task's workspace, materialized by upstream's
-//!   `_resolve_worktree_workspace` (`git worktree add`, its anchors and its refusals).
+//! For a run, it is asked by the run's own process, in the run's scope, before it becomes
+//! the worker (`PRELUDE`): the supervisor's child drops root as for any worker and execs the
+//! interpreter with `PRELUDE`, which asks, then execs the worker with the answers — the same
+//! PID, the same scope, its runtime limit, its journal. The dispatcher never waits on it.
+//!
+//! - `--toolsets`: the pin of upstream's `_default_spawn`, the assignee profile's effective
+//!   CLI toolsets (`kanban_db._resolve_worker_cli_toolsets`), which depends on Hermes'
+//!   toolset registry, plugins, MCP servers and credentials. A failure or no answer within
+//!   20 s means "no pin", as upstream.
+//! - a `worktree` task's workspace, materialized by upstream's `_resolve_worktree_workspace`
+//!   (`git worktree add`, its anchors and its refusals), recorded on the task with upstream's
+//!   `set_workspace_path`/`set_branch_name`, as its dispatcher does before the spawn.
+//!
+//! Whose fault a failure is follows what ran: before `asking` is said, only the
+//! interpreter and Hermes' installed package have run — the dispatcher's configuration
+//! (`Fault::Infrastructure`); after it, the profile's plugins and the task's repository have
+//! (`Fault::Task`). What it says travels on descriptor 3, a pipe to its supervisor, closed
+//! by the exec of the worker. `hermes-mgr complete` asks from the CLI, detached (`run`).
 
-use std::collections::HashMap;
 use std::io::Read;
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-const TTL: Duration = Duration::from_secs(300);
-const TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the toolset resolver and the worktree resolver may take.
+pub(super) const TOOLSETS_TIMEOUT: Duration = Duration::from_secs(20);
+pub(super) const WORKTREE_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// What the answer depended on that we can see: the files' (mtime, size).
-type Fingerprint = Vec<Option<(i64, u64)>>;
-
-struct Entry {
-    at: Instant,
-    fingerprint: Fingerprint,
-    toolsets: Option<Vec<String>>,
-}
-
-static CACHE: Mutex<Option<HashMap<(PathBuf, PathBuf), Entry>>> = Mutex::new(None);
-
-/// Called about once a second while upstream's code is awaited (the daemon feeds its
-/// watchdog with it).
-type Keepalive = Box<dyn Fn() + Send + Sync>;
-static KEEPALIVE: std::sync::OnceLock<Keepalive> = std::sync::OnceLock::new();
-
-/// Set what runs about once a second while upstream's code is awaited. The wait is bounded
-/// (its timeout), so it is progress, not a hang: a plugin that makes upstream slow costs
-/// its task the wait, never the daemon a watchdog restart — which requeued every run and
-/// met the same plugin again, for ever.
-pub fn set_keepalive(f: impl Fn() + Send + Sync + 'static) {
-    let _ = KEEPALIVE.set(Box::new(f));
-}
-
-const TOOLSETS: &str = r#"
-import json, sys
-from hermes_cli.kanban_db import _resolve_worker_cli_toolsets
-print(json.dumps(_resolve_worker_cli_toolsets(sys.argv[1])))
-"#;
-
-const WORKTREE: &str = r#"
-import json, sys
-from hermes_cli import kanban_db as kb
-board, task_id = sys.argv[1], sys.argv[2]
-with kb.connect_closing(board=board) as conn:
-    task = kb.get_task(conn, task_id)
+/// Run as `python -I -c PRELUDE <plan>` (`-I`: no user site-packages and no `PYTHON*`
+/// variables, which the worker controls, before `asking`); `<plan>` is JSON: `argv` (the
+/// worker's), `toolsets_home`, `toolsets_at`, `worktree` (or null), the two timeouts.
+/// On descriptor 3 it says `asking` once only the interpreter and Hermes' installed package
+/// have run, then at most one JSON line (`{"failed": …}` after it, `{"unavailable": …}`
+/// before it), then `exec` just before the exec of the worker.
+pub(super) const PRELUDE: &str = r#"
+import os, sys
+def say(line):
+    os.write(3, (line + "\n").encode("utf-8", "replace"))
+os.set_inheritable(3, False)
+import json, signal
+def unavailable(reason):
+    say(json.dumps({"unavailable": reason[:500]}))
+    os._exit(127)
+def fail(reason):
+    say(json.dumps({"failed": reason[:500]}))
+    os._exit(127)
+plan = json.loads(sys.argv[1])
+argv = plan["argv"]
+if not os.access(argv[0], os.X_OK):
+    unavailable("%s is not executable" % argv[0])
 try:
-    path, branch = kb._resolve_worktree_workspace(task, board=board)
-    print(json.dumps({"path": str(path), "branch": branch}))
+    from hermes_cli import kanban_db as kb
 except Exception as exc:
-    print(json.dumps({"error": str(exc)[:500]}))
+    why = "import hermes_cli.kanban_db with %s: %s" % (sys.executable, exc)
+    if plan.get("worktree"):
+        unavailable(why)
+    # Only the pin is lost: the worker starts as upstream starts one whose toolsets it
+    # could not resolve, and the unit's journal says why.
+    kb = None
+    sys.stderr.write("hermes-mgr: %s; the worker starts without upstream's --toolsets pin\n" % why)
+    sys.stderr.flush()
+say("asking")
+class Late(BaseException):
+    pass
+def late(signum, frame):
+    raise Late()
+signal.signal(signal.SIGALRM, late)
+env = dict(os.environ)
+wt = plan.get("worktree")
+if wt:
+    os.environ["HERMES_KANBAN_HOME"] = wt["kanban_home"]
+    signal.alarm(plan["worktree_timeout"])
+    try:
+        with kb.connect_closing(board=wt["board"]) as conn:
+            task = kb.get_task(conn, wt["task"])
+        if task is None or task.current_run_id != wt["run_id"]:
+            fail("workspace: run %d is no longer the task's current run" % wt["run_id"])
+        path, branch = kb._resolve_worktree_workspace(task, board=wt["board"])
+        branch = branch or (task.branch_name or "").strip() or "wt/%s" % task.id
+        with kb.connect_closing(board=wt["board"]) as conn:
+            kb.set_workspace_path(conn, task.id, str(path))
+            kb.set_branch_name(conn, task.id, branch)
+    except Late:
+        fail("workspace: Hermes' own code did not answer within %ds" % plan["worktree_timeout"])
+    except Exception as exc:
+        fail("workspace: %s" % exc)
+    finally:
+        signal.alarm(0)
+    del os.environ["HERMES_KANBAN_HOME"]
+    try:
+        os.chdir(path)
+    except OSError as exc:
+        fail("cannot enter the workspace %s: %s" % (path, exc))
+    env["HERMES_KANBAN_WORKSPACE"] = env["TERMINAL_CWD"] = str(path)
+    env["HERMES_KANBAN_BRANCH"] = branch
+toolsets = None
+resolve = getattr(kb, "_resolve_worker_cli_toolsets", None)
+if resolve is not None:
+    signal.alarm(plan["toolsets_timeout"])
+    try:
+        toolsets = resolve(plan["toolsets_home"])
+    except BaseException:
+        toolsets = None
+    finally:
+        signal.alarm(0)
+if toolsets:
+    at = plan["toolsets_at"]
+    argv[at:at] = ["--toolsets", ",".join(toolsets)]
+signal.signal(signal.SIGALRM, signal.SIG_DFL)
+say("exec")
+try:
+    os.execve(argv[0], argv, env)
+except OSError as exc:
+    fail("cannot start %s: exec: %s" % (argv[0], exc))
 "#;
-
-fn fingerprint(home: &Path) -> Fingerprint {
-    ["config.yaml", ".env"]
-        .iter()
-        .map(|f| {
-            // Not through a link: the profile's home is the worker's to write.
-            std::fs::symlink_metadata(home.join(f))
-                .ok()
-                .map(|m| (m.mtime(), m.size()))
-        })
-        .collect()
-}
 
 /// The interpreter of a `#!` script, if it is one (a binary or a shell stub has none that
-/// can import Hermes; then there is no pin).
-fn interpreter(bin: &Path) -> Option<PathBuf> {
+/// can import Hermes; then there is nothing to ask).
+pub(super) fn interpreter(bin: &Path) -> Option<PathBuf> {
     let head = crate::safe_fs::read_capped(bin, 256).ok()??;
     let line = head.split(|b| *b == b'\n').next()?;
     let rest = line.strip_prefix(b"#!")?;
@@ -91,42 +132,68 @@ fn interpreter(bin: &Path) -> Option<PathBuf> {
     (p.is_absolute() && p.file_name()?.to_str()?.starts_with("python")).then_some(p)
 }
 
+/// What the prelude said on descriptor 3, and how its process ended: `None` when it became
+/// the worker (the run is booked as any other), else why no worker started.
+pub(super) fn prelude_verdict(
+    said: &[u8],
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+) -> Option<super::spec::NotStarted> {
+    use crate::outcome::Fault;
+    let text = String::from_utf8_lossy(said);
+    let mut lines = text.lines();
+    let first = lines.next();
+    let word = |l: &str, key: &str| {
+        serde_json::from_str::<serde_json::Value>(l)
+            .ok()
+            .and_then(|v| v[key].as_str().map(str::to_string))
+    };
+    let ended = match (exit_code, signal) {
+        (Some(c), _) => format!("exit code {c}"),
+        (None, Some(s)) => format!("signal {s}"),
+        _ => "ended".into(),
+    };
+    let not_started = |fault, reason: String| Some(super::spec::NotStarted { reason, fault });
+    if first != Some("asking") {
+        // Killed before it said anything (a stop, the runtime limit, the OOM killer): how
+        // it ended is booked as for any run.
+        if first.is_none() && signal.is_some() {
+            return None;
+        }
+        let why = first
+            .and_then(|l| word(l, "unavailable"))
+            .unwrap_or_else(|| {
+                format!("it ended ({ended}) before asking; its words are in the unit's journal")
+            });
+        return not_started(
+            Fault::Infrastructure,
+            format!("Hermes' own code cannot be started: {why}"),
+        );
+    }
+    // From here on the profile's plugins and the task's repository ran: what they say is
+    // the task's, whatever they say.
+    let rest: Vec<&str> = lines.collect();
+    if rest.contains(&"exec") && !rest.iter().any(|l| word(l, "failed").is_some()) {
+        return None;
+    }
+    if let Some(r) = rest.iter().find_map(|l| word(l, "failed")) {
+        return not_started(Fault::Task, r);
+    }
+    if signal.is_some() {
+        return None;
+    }
+    not_started(
+        Fault::Task,
+        format!("Hermes' own code ended ({ended}) before starting the worker, on the task's profile or repository"),
+    )
+}
+
 /// Who asks, and with what environment (the worker's own: allowlist + contract).
 pub struct Asker<'a> {
     pub uid: u32,
     pub gid: u32,
     pub groups: &'a [u32],
     pub env: &'a [(String, String)],
-}
-
-/// The sorted toolsets upstream would pin for a worker of the profile at `home`, or `None`.
-pub fn resolve(bin: &Path, home: &Path, who: &Asker) -> Option<Vec<String>> {
-    let key = (bin.to_path_buf(), home.to_path_buf());
-    let fp = fingerprint(home);
-    {
-        let cache = CACHE.lock().ok()?;
-        if let Some(e) = cache.as_ref().and_then(|c| c.get(&key)) {
-            if e.fingerprint == fp && e.at.elapsed() < TTL {
-                return e.toolsets.clone();
-            }
-        }
-    }
-    let toolsets = run(bin, who, TOOLSETS, &[home.as_os_str()], TIMEOUT)
-        .ok()
-        .and_then(|out| serde_json::from_slice::<Option<Vec<String>>>(&out).ok())
-        .flatten()
-        .filter(|t| !t.is_empty());
-    if let Ok(mut cache) = CACHE.lock() {
-        cache.get_or_insert_with(HashMap::new).insert(
-            key,
-            Entry {
-                at: Instant::now(),
-                fingerprint: fp,
-                toolsets: toolsets.clone(),
-            },
-        );
-    }
-    toolsets
 }
 
 const AFTER_COMPLETE: &str = r#"
@@ -163,35 +230,6 @@ pub fn after_complete(bin: &Path, who: &Asker, task: &str, metadata: &str) -> Re
     )
     .map(drop)
     .map_err(|e| e.to_string())
-}
-
-/// The workspace of worktree task `task` on board `board`, materialized by upstream:
-/// `Ok(Ok((path, branch)))`, `Ok(Err(upstream's reason why not))`, or `Err` when upstream
-/// gave no answer (`AskError` says on whose side).
-pub fn worktree(
-    bin: &Path,
-    who: &Asker,
-    board: &str,
-    task: &str,
-) -> Result<Result<(PathBuf, String), String>, AskError> {
-    let out = run(
-        bin,
-        who,
-        WORKTREE,
-        &[std::ffi::OsStr::new(board), std::ffi::OsStr::new(task)],
-        Duration::from_secs(120),
-    )?;
-    let v: serde_json::Value = serde_json::from_slice(&out)
-        .map_err(|e| AskError::Failed(format!("upstream's worktree resolver said no JSON: {e}")))?;
-    if let Some(e) = v["error"].as_str() {
-        return Ok(Err(e.to_string()));
-    }
-    match (v["path"].as_str(), v["branch"].as_str()) {
-        (Some(p), b) => Ok(Ok((PathBuf::from(p), b.unwrap_or_default().to_string()))),
-        _ => Err(AskError::Failed(format!(
-            "upstream's worktree resolver answered {v}"
-        ))),
-    }
 }
 
 /// Why upstream's code gave no answer, by whose side it is on.
@@ -296,7 +334,7 @@ fn run(
 
 /// `close_range(2)`'s flag: mark the range close-on-exec instead of closing it (std's own
 /// error pipe to the parent must stay open until the exec).
-const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+pub(super) const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
 
 fn finish(mut cmd: Command, timeout: Duration, python: &Path) -> Result<Vec<u8>, AskError> {
     let mut child = cmd
@@ -306,19 +344,10 @@ fn finish(mut cmd: Command, timeout: Duration, python: &Path) -> Result<Vec<u8>,
     // reader thread: the dispatcher forks, and stays single-threaded).
     let mut stdout = child.stdout.take().expect("piped");
     let deadline = Instant::now() + timeout;
-    let mut alive_at = Instant::now();
     let status = loop {
         match child.try_wait() {
             Ok(Some(st)) => break st,
-            Ok(None) if Instant::now() < deadline => {
-                if alive_at.elapsed() >= Duration::from_secs(1) {
-                    if let Some(f) = KEEPALIVE.get() {
-                        f();
-                    }
-                    alive_at = Instant::now();
-                }
-                std::thread::sleep(Duration::from_millis(10))
-            }
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
             _ => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -338,4 +367,53 @@ fn finish(mut cmd: Command, timeout: Duration, python: &Path) -> Result<Vec<u8>,
         )));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outcome::Fault;
+
+    /// What the prelude said and how it ended → whether a worker started, and whose fault.
+    #[test]
+    fn what_the_prelude_said_decides_whose_failure_it_is() {
+        let f = |said: &str, code: Option<i32>, sig: Option<i32>| {
+            prelude_verdict(said.as_bytes(), code, sig).map(|n| {
+                let who = match n.fault {
+                    Fault::Task => "task",
+                    Fault::Infrastructure => "ours",
+                };
+                format!("{who}: {}", n.reason)
+            })
+        };
+        type Row<'a> = ((&'a str, Option<i32>, Option<i32>), Option<&'a str>);
+        let rows: Vec<Row> = vec![
+            // It became the worker: booked as any run (its exit is the worker's).
+            (("asking\nexec\n", Some(3), None), None),
+            (("asking\nexec\n", None, Some(9)), None),
+            // Killed before a word (a stop, the runtime limit): booked as any run.
+            (("", None, Some(15)), None),
+            // Before `asking` only the install ran: ours.
+            (("{\"unavailable\": \"import hermes_cli.kanban_db with /v/python3: no module\"}\n", Some(127), None),
+             Some("ours: Hermes' own code cannot be started: import hermes_cli.kanban_db with /v/python3: no module")),
+            (("", Some(1), None),
+             Some("ours: Hermes' own code cannot be started: it ended (exit code 1) before asking; its words are in the unit's journal")),
+            // After it, the profile's plugins and the task's repository ran: the task's,
+            // whatever they wrote (a plugin may write anything on the pipe).
+            (("asking\n{\"failed\": \"workspace: not a git repo\"}\n", Some(127), None),
+             Some("task: workspace: not a git repo")),
+            (("asking\n{\"unavailable\": \"forged\"}\n", Some(1), None),
+             Some("task: Hermes' own code ended (exit code 1) before starting the worker, on the task's profile or repository")),
+            (("asking\nexec\n{\"failed\": \"cannot start /x: exec: E2BIG\"}\n", Some(127), None),
+             Some("task: cannot start /x: exec: E2BIG")),
+            (("asking\n", None, Some(9)), None),
+        ];
+        for ((said, code, sig), want) in rows {
+            assert_eq!(
+                f(said, code, sig).as_deref(),
+                want,
+                "{said:?} {code:?} {sig:?}"
+            );
+        }
+    }
 }

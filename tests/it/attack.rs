@@ -560,8 +560,11 @@ if sys.argv[0] == "-c":
         except OSError:
             pass
     r["fds"] = fds
-    with open(os.path.join(os.path.dirname(__file__), "report-%d.json" % os.getpid()), "w") as out:
+    r["cgroup"] = open("/proc/self/cgroup").read()
+    path = os.path.join(os.path.dirname(__file__), "report-%d.json" % os.getpid())
+    with open(path + ".tmp", "w") as out:
         json.dump(r, out)
+    os.rename(path + ".tmp", path)
 "#;
 
 systemd_test!(
@@ -582,20 +585,20 @@ systemd_test!(
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
-        let reports: Vec<serde_json::Value> = std::fs::read_dir(&plugin)
-            .unwrap()
-            .filter_map(|e| {
-                let p = e.unwrap().path();
-                let n = p.file_name()?.to_str()?.to_string();
-                (n.starts_with("report-"))
-                    .then(|| serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap())
-            })
-            .collect();
-        assert!(
-            !reports.is_empty(),
-            "the resolver never loaded the plugin: {}",
-            String::from_utf8_lossy(&o.stdout)
-        );
+        // Upstream's code runs in the run's scope, after the command returned.
+        let reports: Vec<serde_json::Value> =
+            wait_for("the plugin's report", Duration::from_secs(60), || {
+                let r: Vec<serde_json::Value> = std::fs::read_dir(&plugin)
+                    .unwrap()
+                    .filter_map(|e| {
+                        let p = e.unwrap().path();
+                        let n = p.file_name()?.to_str()?.to_string();
+                        (n.starts_with("report-") && n.ends_with(".json"))
+                            .then(|| serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap())
+                    })
+                    .collect();
+                (!r.is_empty()).then_some(r)
+            });
         for r in reports {
             assert_eq!(r["tty"], serde_json::Value::Null, "a terminal reached: {r}");
             assert_eq!(r["sid"], r["pid"], "not its own session: {r}");
@@ -604,13 +607,58 @@ systemd_test!(
                 assert_eq!(r[set], "0000000000000000", "{set}: {r}");
             }
             assert_ne!(r["Uid"][0], "0", "{r}");
+            // 0-2, and 3: the prelude's own pipe to its supervisor (what it says; the
+            // exec of the worker closes it). Nothing of the dispatcher's or the operator's.
             for (fd, target) in r["fds"].as_object().unwrap() {
                 let target = target.as_str().unwrap();
+                let fd = fd.parse::<u32>().unwrap();
                 assert!(
-                    fd.parse::<u32>().unwrap() <= 2 || target.starts_with("/proc/"),
+                    fd <= 2
+                        || target.starts_with("/proc/")
+                        || (fd == 3 && target.starts_with("pipe:")),
                     "descriptor {fd} ({target}) inherited: {r}"
                 );
             }
+            // Run in the task's scope, under the workers' slice.
+            let cg = r["cgroup"].as_str().unwrap();
+            assert!(
+                cg.contains("hermes-workers.slice") && cg.contains("hermes-worker-kanban-"),
+                "{r}"
+            );
+        }
+    }
+);
+
+systemd_test!(
+    a_worker_started_from_an_operators_shell_inherits_none_of_its_descriptors,
+    {
+        // The operator's shell holds descriptors without close-on-exec (here 7 and 9, as a
+        // script's redirections leave them); before the fix each crossed the CLI, the
+        // supervisor and both execs into upstream's code and the worker.
+        let marks = PathBuf::from(format!("/var/tmp/hermes-mgr-fds-{}", std::process::id()));
+        std::fs::create_dir_all(&marks).unwrap();
+        let stub = format!(
+            "#!{}\nimport json, os\nfds = {{}}\nfor f in os.listdir('/proc/self/fd'):\n    try:\n        fds[f] = os.readlink('/proc/self/fd/' + f)\n    except OSError:\n        pass\np = os.path.join({:?}, os.environ['HERMES_KANBAN_TASK'])\nopen(p + '.tmp', 'w').write(json.dumps(fds))\nos.rename(p + '.tmp', p)\n",
+            crate::harness::venv().join("bin/python3").display(),
+            marks.display().to_string()
+        );
+        let rig = Rig::new(&stub, "");
+        sh(&format!("chown {WORKER_USER}: {}", marks.display()));
+        let id = rig.add("lists its descriptors");
+        let cmd = rig.mgr_shell("", "dispatch --once");
+        sh(&format!(
+            "exec 7</dev/null 9>{}/held; {cmd}",
+            marks.display()
+        ));
+        let fds: serde_json::Value = wait_for("the worker's list", Duration::from_secs(60), || {
+            serde_json::from_slice(&std::fs::read(marks.join(&id)).ok()?).ok()
+        });
+        for (fd, target) in fds.as_object().unwrap() {
+            let target = target.as_str().unwrap();
+            assert!(
+                fd.parse::<u32>().unwrap() <= 2 || target.starts_with("/proc/"),
+                "descriptor {fd} ({target}) inherited: {fds}"
+            );
         }
     }
 );
@@ -907,32 +955,83 @@ systemd_test!(a_board_hard_linked_to_another_is_served_once, {
 });
 
 systemd_test!(
-    a_plugin_that_makes_upstream_slow_costs_the_daemon_no_watchdog_restart,
+    a_plugin_that_makes_upstream_hang_holds_only_its_own_tasks_in_their_scopes,
     {
-        // The worker's plugin sleeps 15 s wherever the toolset resolver loads it; the rig's
-        // watchdog is 10 s (and Restart=no). Before the fix the daemon was killed by its
-        // watchdog while it waited, restarted, met the same plugin: a loop for ever.
-        let shim = crate::rig::hermes_python_shim();
-        let d = crate::rig::Dispatcher::with_stub(&shim, "tick_seconds = 3600");
+        // The worker's plugin never returns wherever Hermes loads it to resolve toolsets;
+        // the rig's watchdog is 10 s (and Restart=no). Before the fix the daemon waited on
+        // its loop's thread (20 s per start, so its watchdog killed it, and again after each
+        // restart), the plugin's processes lived in the dispatcher's cgroup, and the other
+        // tasks waited. Now each hangs in its own task's scope; another profile's task runs.
+        let marks = PathBuf::from(format!("/var/tmp/hermes-mgr-marks-{}", std::process::id()));
+        std::fs::create_dir_all(&marks).unwrap();
+        let stub = format!(
+            "#!{}\nimport os\nopen(os.path.join({:?}, os.environ['HERMES_KANBAN_TASK']), 'w').close()\n",
+            crate::harness::venv().join("bin/python3").display(),
+            marks.display().to_string()
+        );
+        let d = crate::rig::Dispatcher::with_stub(&stub, "tick_seconds = 3600");
+        sh(&format!("chown {WORKER_USER}: {}", marks.display()));
         enable_plugin(
             &d.rig.dir,
-            "slow",
-            "import sys, time\ndef register(ctx):\n    pass\nif sys.argv[0] == '-c':\n    time.sleep(15)\n",
+            "hang",
+            "import sys, time\ndef register(ctx):\n    pass\nif sys.argv[0] == '-c':\n    time.sleep(3600)\n",
         );
+        let other = d.rig.dir.join("profiles/other");
+        std::fs::create_dir_all(&other).unwrap();
+        sh(&format!(
+            "chown -R {WORKER_USER}: {}",
+            d.rig.dir.join("profiles").display()
+        ));
         d.install();
         d.start();
         let pid = crate::rig::systemctl_show(crate::rig::SERVICE, "MainPID");
-        let id = d.rig.add("its profile loads the slow plugin");
+        let hung: Vec<String> = (0..4)
+            .map(|i| {
+                d.rig
+                    .add(&format!("its profile loads the hanging plugin {i}"))
+            })
+            .collect();
+        let victim = d.rig.add_with_assignee("another profile's task", "other");
         wait_for(
-            "the worker started after the wait",
+            "the other profile's worker ran",
+            Duration::from_secs(60),
+            || marks.join(&victim).exists().then_some(()),
+        );
+        // Past the watchdog: the hung ones are still at it, each in its own scope.
+        wait_for(
+            "the watchdog's period passed",
             Duration::from_secs(60),
             || {
-                crate::rig::journal(crate::rig::SERVICE)
-                    .contains("worker started")
-                    .then_some(())
+                let t = d.task(&hung[0]);
+                let run = d.rig.board().runs(&hung[0]).unwrap();
+                (t.status.as_str() == "running"
+                    && run
+                        .last()
+                        .is_some_and(|r| hermes_mgr::board::now() - r.started_at >= 12))
+                .then_some(())
             },
         );
-        assert!(!d.rig.board().runs(&id).unwrap().is_empty());
+        for id in &hung {
+            let t = d.task(id);
+            assert_eq!(t.status.as_str(), "running", "{id}");
+            assert!(
+                !marks.join(id).exists(),
+                "{id}'s worker ran past the plugin"
+            );
+            let worker = t.worker_pid.expect("the run's process is recorded");
+            let cg = std::fs::read_to_string(format!("/proc/{worker}/cgroup")).unwrap();
+            assert!(
+                cg.contains(&format!("hermes-worker-kanban-{id}-run-"))
+                    && cg.contains("hermes-workers.slice"),
+                "{id}: the plugin runs in {cg}"
+            );
+            let cmdline = std::fs::read(format!("/proc/{worker}/cmdline")).unwrap();
+            assert!(
+                String::from_utf8_lossy(&cmdline).contains("-I\0-c"),
+                "{id}: {}",
+                String::from_utf8_lossy(&cmdline)
+            );
+        }
         assert_eq!(
             crate::rig::systemctl_show(crate::rig::SERVICE, "MainPID"),
             pid
@@ -941,6 +1040,104 @@ systemd_test!(
             crate::rig::systemctl_show(crate::rig::SERVICE, "ActiveState").trim(),
             "ActiveState=active"
         );
+        // Nothing of the plugin's is in the dispatcher's own cgroup.
+        let own = std::fs::read_to_string(format!(
+            "/sys/fs/cgroup/system.slice/{}/cgroup.procs",
+            crate::rig::SERVICE
+        ))
+        .unwrap();
+        assert_eq!(
+            own.lines().count(),
+            1,
+            "the dispatcher's cgroup holds {own}"
+        );
+    }
+);
+
+/// A `worktree` task made before the dispatcher starts (it claims a new task at once).
+fn worktree_task(d: &crate::rig::Dispatcher, title: &str) -> String {
+    let id = d.rig.add(title);
+    d.rig
+        .board()
+        .connection()
+        .execute(
+            "UPDATE tasks SET workspace_kind='worktree', workspace_path=NULL WHERE id=?1",
+            [&id],
+        )
+        .unwrap();
+    id
+}
+
+/// The first run of `id`, once it has ended.
+fn first_run_ended(d: &crate::rig::Dispatcher, id: &str) -> hermes_mgr::board::Run {
+    wait_for(
+        &format!("{id}'s first run ended"),
+        Duration::from_secs(60),
+        || {
+            d.rig
+                .board()
+                .runs(id)
+                .unwrap()
+                .into_iter()
+                .next()
+                .filter(|r| r.ended_at.is_some())
+        },
+    )
+}
+
+systemd_test!(
+    a_worktree_upstream_refuses_in_the_scope_is_the_tasks_counted_spawn_failure,
+    {
+        // Upstream's resolver runs in the run's scope now; its refusal (no path, no board
+        // default_workdir) comes back through the exit record and is booked as upstream's
+        // dispatcher books it: `spawn_failed`, "workspace: …", counted.
+        let stub = format!(
+            "#!{}\nraise SystemExit('never reached')\n",
+            crate::harness::venv().join("bin/python3").display()
+        );
+        let d = crate::rig::Dispatcher::with_stub(&stub, "tick_seconds = 3600");
+        let id = worktree_task(&d, "a worktree with no anchor");
+        d.install();
+        d.start();
+        let run = first_run_ended(&d, &id);
+        assert_eq!(run.outcome.as_deref(), Some("spawn_failed"), "{run:?}");
+        let error = run.error.clone().unwrap_or_default();
+        assert!(
+            error.starts_with(&format!(
+                "workspace: task {id} has workspace_kind=worktree but no workspace_path"
+            )),
+            "{run:?}"
+        );
+        assert!(d.task(&id).consecutive_failures >= 1, "{run:?}");
+    }
+);
+
+systemd_test!(
+    hermes_code_that_cannot_be_started_for_a_worktree_is_the_dispatchers_fault,
+    {
+        // `hermes_bin` a Python script whose interpreter cannot import Hermes: nobody can ask
+        // upstream for the worktree. The dispatcher's configuration: not counted, said loudly,
+        // the board backs off.
+        let d = crate::rig::Dispatcher::with_stub(
+            "#!/usr/bin/python3 -I\nraise SystemExit('never reached')\n",
+            "tick_seconds = 3600",
+        );
+        let id = worktree_task(&d, "a worktree nobody can resolve");
+        d.install();
+        d.start();
+        let run = first_run_ended(&d, &id);
+        assert_eq!(run.outcome.as_deref(), Some("spawn_failed"), "{run:?}");
+        let error = run.error.clone().unwrap_or_default();
+        assert!(
+            error.starts_with("Hermes' own code cannot be started: import hermes_cli.kanban_db with /usr/bin/python3"),
+            "{run:?}"
+        );
+        assert_eq!(d.task(&id).consecutive_failures, 0, "{run:?}");
+        wait_for("the journal says it", Duration::from_secs(20), || {
+            crate::rig::journal(crate::rig::SERVICE)
+                .contains("the dispatcher cannot start workers: Hermes' own code cannot be started")
+                .then_some(())
+        });
     }
 );
 
