@@ -56,6 +56,8 @@ pub enum BoardError {
     NotSqlite { path: PathBuf, header: String },
     #[error("{path}: the board is corrupt ({detail}); the file was left untouched — restore it from a backup or move it aside")]
     Corrupt { path: PathBuf, detail: String },
+    #[error("{path}: the board could not be checked in time (PRAGMA integrity_check, then quick_check, {seconds} s each: a large board, or an index whose expression costs much a row); it is not written until a check completes, and is tried again later")]
+    Unchecked { path: PathBuf, seconds: f64 },
     #[error("{path}: the board is locked by another writer ({detail}); retry, or find the process holding it with `fuser {path}`")]
     Locked { path: PathBuf, detail: String },
     #[error("{path}: this board was made by a Hermes older than 0.19.0 (missing task columns: {missing}); open it once with `hermes kanban list` to migrate it")]

@@ -94,6 +94,10 @@ pub(super) fn sqlite_path(paths: &BoardPaths) -> PathBuf {
 /// Upstream's `_INIT_LOCK_TIMEOUT_SECONDS`.
 const INIT_LOCK_WAIT: Duration = Duration::from_secs(10);
 
+/// What the daemon's loop gives each of a board's two checks when it opens it: two of them
+/// fit well inside the shortest watchdog period it is run with (10 s in the tests).
+const CHECK_BUDGET: Duration = Duration::from_secs(2);
+
 /// Upstream's `_cross_process_init_lock`: `kanban.db.init.lock`, waited for at most `wait`,
 /// then — as upstream does since its #36644 — the open goes on without it, with a warning:
 /// what runs under it (header and integrity checks, `CREATE TABLE IF NOT EXISTS`) is
@@ -130,13 +134,57 @@ fn take_init_lock(
     }
 }
 
+/// How long an open may wait or work, by who opens: people wait, the daemon's loop may not.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Patience {
+    /// For a writer's lock (`busy_timeout`).
+    pub busy: Duration,
+    /// For upstream's `kanban.db.init.lock`.
+    pub init: Duration,
+    /// For each of `integrity_check` and the `quick_check` that stands in for it; `None`:
+    /// as long as it takes.
+    pub check: Option<Duration>,
+}
+
+/// `PRAGMA <check>`'s verdict, or `None` when it ran out of `budget`: the board's schema is
+/// its writers' — a worker can add an index whose expression costs seconds a row, and the
+/// check evaluates it for every row.
+fn check_within(
+    conn: &mut Connection,
+    db: &Path,
+    check: &'static str,
+    budget: Option<Duration>,
+) -> Result<Option<String>> {
+    if let Some(b) = budget {
+        let deadline = std::time::Instant::now() + b;
+        // Every 64 virtual-machine steps: one costly expression is a single step, so a coarser
+        // period let a few rows' worth of them run unchecked.
+        conn.progress_handler(64, Some(move || std::time::Instant::now() >= deadline))
+            .map_err(|e| classify(db, check, e))?;
+    }
+    let verdict = conn.query_row(&format!("PRAGMA {check}"), [], |r| r.get::<_, String>(0));
+    if budget.is_some() {
+        conn.progress_handler(0, None::<fn() -> bool>)
+            .map_err(|e| classify(db, check, e))?;
+    }
+    match verdict {
+        Ok(v) => Ok(Some(v)),
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.code == rusqlite::ErrorCode::OperationInterrupted =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(classify(db, check, e)),
+    }
+}
+
 pub(super) fn open_conn(
     paths: &BoardPaths,
     mode: OpenMode,
     owner: &Owner,
-    busy: Duration,
-    init_wait: Duration,
+    wait: Patience,
 ) -> Result<Connection> {
+    let (busy, init_wait) = (wait.busy, wait.init);
     let db = &paths.db;
     let exists = match std::fs::symlink_metadata(db) {
         Ok(m) if m.is_file() => true,
@@ -171,14 +219,32 @@ pub(super) fn open_conn(
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX
         | OpenFlags::SQLITE_OPEN_NOFOLLOW;
-    let conn = Connection::open_with_flags(sqlite_path(paths), flags)
+    let mut conn = Connection::open_with_flags(sqlite_path(paths), flags)
         .map_err(|e| classify(db, "open", e))?;
     conn.busy_timeout(busy)
         .map_err(|e| classify(db, "busy_timeout", e))?;
     if exists && mode != OpenMode::Inspect {
-        let verdict: String = conn
-            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-            .map_err(|e| classify(db, "integrity_check", e))?;
+        // Out of time, the quicker check (no index against its table) still finds a torn
+        // or garbled file; out of time again, the board waits (the daemon tries it later).
+        let verdict = match check_within(&mut conn, db, "integrity_check", wait.check)? {
+            Some(v) => v,
+            None => match check_within(&mut conn, db, "quick_check", wait.check)
+                .inspect(|_| {
+                    tracing::warn!(
+                        "{}: PRAGMA integrity_check did not finish within {} s; PRAGMA quick_check stands in for it",
+                        db.display(),
+                        wait.check.unwrap_or_default().as_secs_f64()
+                    )
+                })? {
+                Some(v) => v,
+                None => {
+                    return Err(BoardError::Unchecked {
+                        path: db.clone(),
+                        seconds: wait.check.unwrap_or_default().as_secs_f64(),
+                    })
+                }
+            },
+        };
         if verdict != "ok" {
             return Err(BoardError::Corrupt {
                 path: db.clone(),
@@ -230,7 +296,15 @@ impl Board {
     /// (`SQLITE_OPEN_NOFOLLOW`), so a linked `kanban.db` cannot make root write another
     /// database.
     pub fn open(paths: &BoardPaths, mode: OpenMode) -> Result<Board> {
-        Board::open_with(paths, mode, busy_timeout(), INIT_LOCK_WAIT)
+        Board::open_with(
+            paths,
+            mode,
+            Patience {
+                busy: busy_timeout(),
+                init: INIT_LOCK_WAIT,
+                check: None,
+            },
+        )
     }
 
     /// The daemon's `open`: at most `busy` for a writer's lock (upstream's 120 s, or
@@ -239,26 +313,30 @@ impl Board {
     /// (what it guards is idempotent): a worker holding the locks of many boards must not
     /// cost the loop, or a start, ten seconds a board.
     pub fn open_waiting(paths: &BoardPaths, mode: OpenMode, busy: Duration) -> Result<Board> {
-        Board::open_with(paths, mode, busy, Duration::ZERO)
+        Board::open_with(
+            paths,
+            mode,
+            Patience {
+                busy,
+                init: Duration::ZERO,
+                check: Some(CHECK_BUDGET),
+            },
+        )
     }
 
-    fn open_with(
-        paths: &BoardPaths,
-        mode: OpenMode,
-        busy: Duration,
-        init_wait: Duration,
-    ) -> Result<Board> {
+    fn open_with(paths: &BoardPaths, mode: OpenMode, wait: Patience) -> Result<Board> {
         let owner = Owner::of_tree(&paths.owner_dir).map_err(|source| BoardError::Io {
             path: paths.owner_dir.clone(),
             op: "stat",
             source,
         })?;
-        let conn = safe_fs::as_user(&owner, || open_conn(paths, mode, &owner, busy, init_wait))
-            .map_err(|source| BoardError::Io {
-            path: paths.db.clone(),
-            op: "open as the board's owner",
-            source,
-        })??;
+        let conn = safe_fs::as_user(&owner, || open_conn(paths, mode, &owner, wait)).map_err(
+            |source| BoardError::Io {
+                path: paths.db.clone(),
+                op: "open as the board's owner",
+                source,
+            },
+        )??;
         let mut board = Board {
             conn,
             paths: paths.clone(),
@@ -434,6 +512,39 @@ mod tests {
         assert!(take_init_lock(&paths, &me, Duration::from_millis(50))
             .unwrap()
             .is_some());
+    }
+
+    /// A writer of the board (a worker) adds an index whose expression costs ~0.5 s a row:
+    /// `integrity_check` evaluates it for every row, the daemon's budget stops it, and
+    /// `quick_check` (no index against its table) answers at once.
+    #[test]
+    fn a_check_out_of_budget_stops_and_the_quick_check_stands_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("kanban.db");
+        let mut conn = Connection::open(&db).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE t(id INTEGER PRIMARY KEY, title TEXT);
+             INSERT INTO t(title) VALUES ('a'), ('b'), ('c'), ('d'), ('e'), ('f');
+             CREATE INDEX slow ON t(length(printf('%.*c', 50000000, title)));",
+        )
+        .unwrap();
+        let budget = Some(Duration::from_millis(300));
+        let t0 = std::time::Instant::now();
+        assert_eq!(
+            check_within(&mut conn, &db, "integrity_check", budget).unwrap(),
+            None
+        );
+        let spent = t0.elapsed();
+        assert_eq!(
+            check_within(&mut conn, &db, "quick_check", budget).unwrap(),
+            Some("ok".to_string())
+        );
+        // No budget: as long as it takes (a person's command), and the handler is gone.
+        assert_eq!(
+            check_within(&mut conn, &db, "integrity_check", None).unwrap(),
+            Some("ok".to_string())
+        );
+        println!("integrity_check stopped after {spent:?} (budget 300 ms)");
     }
 
     #[test]

@@ -49,6 +49,10 @@ pub(super) struct Broken {
     pub why: String,
     fingerprint: Option<(i64, i64, u64)>,
     since: Instant,
+    /// Tried again only once `BROKEN_RETRY` has passed, changed or not: a check that ran out
+    /// of time costs the loop its budget on every try, and the board's writers change the
+    /// file at will.
+    patient: bool,
 }
 
 /// `(mtime, mtime_nsec, size)` of the board file: a change is worth another try. Not
@@ -172,7 +176,9 @@ impl Daemon {
             return Opened::Already;
         }
         if let Some(b) = &s.broken {
-            if b.fingerprint == fingerprint(&s.paths) && b.since.elapsed() < BROKEN_RETRY {
+            if (b.patient || b.fingerprint == fingerprint(&s.paths))
+                && b.since.elapsed() < BROKEN_RETRY
+            {
                 return Opened::NotYet;
             }
         }
@@ -231,12 +237,19 @@ impl Daemon {
             }
             Err(e) => {
                 let why = format!("{e}");
-                error!(board = %slug, "cannot open board {}: {why}; skipping it until the file changes (other boards go on)",
+                let patient = matches!(e, BoardError::Unchecked { .. });
+                let until = if patient {
+                    "for five minutes"
+                } else {
+                    "until the file changes"
+                };
+                error!(board = %slug, "cannot open board {}: {why}; skipping it {until} (other boards go on)",
                        s.paths.db.display());
                 s.broken = Some(Broken {
                     why,
                     fingerprint: fingerprint(&s.paths),
                     since: Instant::now(),
+                    patient,
                 });
                 self.update_status();
                 Opened::NotYet
