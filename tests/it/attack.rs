@@ -1142,6 +1142,75 @@ systemd_test!(
 );
 
 systemd_test!(
+    a_board_whose_index_costs_seconds_a_row_costs_the_daemon_no_watchdog_restart,
+    {
+        // A worker makes a board with an index whose expression builds 50 MB a row:
+        // integrity_check evaluates it for each of 60 rows (~16 s here; the rig's watchdog is
+        // 10 s, and Restart=no). Before the budget the daemon, opening the new board on its
+        // loop, was killed by its watchdog, and no task of any board ran again.
+        let d = crate::rig::Dispatcher::new("tick_seconds = 3600");
+        d.install_all_boards();
+        d.start();
+        let pid = crate::rig::systemctl_show(crate::rig::SERVICE, "MainPID");
+        // Made aside (a name that is no slug), then renamed in whole: the daemon must not
+        // open it half-made.
+        let staging = d.rig.dir.join("kanban/boards/.staging");
+        std::fs::create_dir_all(&staging).unwrap();
+        let db = staging.join("kanban.db");
+        let slow_task = {
+            let b = hermes_mgr::board::Board::open(
+                &hermes_mgr::board::BoardPaths::for_db(&db),
+                hermes_mgr::board::OpenMode::CreateIfMissing,
+            )
+            .unwrap();
+            let c = b.connection();
+            for i in 0..60 {
+                c.execute(
+                    "INSERT INTO tasks(id, title, status, created_at) VALUES (?1, 'filler', 'done', 0)",
+                    [format!("f{i}")],
+                )
+                .unwrap();
+            }
+            c.execute_batch(
+                "CREATE INDEX costly ON tasks(length(printf('%.*c', 50000000, title)))",
+            )
+            .unwrap();
+            b.create(&hermes_mgr::board::NewTask {
+                title: "on the slow board".into(),
+                assignee: Some("default".into()),
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        sh(&format!(
+            "chown -R --reference={} {}",
+            d.rig.dir.display(),
+            staging.display()
+        ));
+        std::fs::rename(&staging, d.rig.dir.join("kanban/boards/slow")).unwrap();
+        let victim = d.rig.add("a task of the default board");
+        d.wait_running(&victim, 0);
+        // The slow board is served too (`quick_check` stood in), read without its check.
+        let slow_db = d.rig.dir.join("kanban/boards/slow/kanban.db");
+        wait_for("the slow board's task ran", Duration::from_secs(60), || {
+            let c = rusqlite::Connection::open(&slow_db).ok()?;
+            let status: String = c
+                .query_row("SELECT status FROM tasks WHERE id=?1", [&slow_task], |r| {
+                    r.get(0)
+                })
+                .ok()?;
+            (status != "ready").then_some(())
+        });
+        assert!(crate::rig::journal(crate::rig::SERVICE)
+            .contains("PRAGMA quick_check stands in for it"));
+        assert_eq!(
+            crate::rig::systemctl_show(crate::rig::SERVICE, "MainPID"),
+            pid
+        );
+    }
+);
+
+systemd_test!(
     a_full_file_system_for_workspaces_is_the_dispatchers_fault,
     {
         // The other side of a workspace being the task's: a host that cannot make one (here a
