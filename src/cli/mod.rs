@@ -674,7 +674,10 @@ fn cmd_complete(
     }
     // Then what upstream's completion does for a scratch workspace (its own code).
     if let (Ok(cfg), Ok(task)) = (Config::load(cli.config.as_deref()), b.require_task(id)) {
-        if let Err(e) = crate::spawn::after_complete(&b, &cfg, &task, meta.as_ref()) {
+        let done = runtime().map_err(|e| format!("{e:#}")).and_then(|rt| {
+            rt.block_on(crate::spawn::after_complete(&b, &cfg, &task, meta.as_ref()))
+        });
+        if let Err(e) = done {
             eprintln!("hermes-mgr: note: the scratch workspace of {id} was left as it is: {e}");
         }
     }

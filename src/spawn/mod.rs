@@ -464,7 +464,7 @@ fn upstream_env(
 /// does next for a scratch workspace (keep the declared artifacts, remove the workspace
 /// unless children still need it), by upstream's own functions as the worker user.
 /// Best-effort, as upstream's: `Err` says why it could not, the verdict stands.
-pub fn after_complete(
+pub async fn after_complete(
     board: &Board,
     cfg: &Config,
     task: &crate::board::Task,
@@ -481,21 +481,24 @@ pub fn after_complete(
         .cloned()
         .unwrap_or(serde_json::Value::Null)
         .to_string();
-    upstream::after_complete(&bin, &who.asker(&env), &task.id, &md)
+    upstream::after_complete(&bin, &who.asker(&env), &task.id, &md, cfg).await
+}
+
+/// Task data as a unit property shows it: control characters blanked, invisible and
+/// bidi-reordering ones escaped, at most `n` characters.
+fn clean(s: &str, n: usize) -> String {
+    let blanked: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(n)
+        .collect();
+    crate::text::clean(&blanked)
 }
 
 /// `Description=`: names task, run and title; task data is untrusted, so control
 /// characters are blanked, invisible and bidi-reordering ones escaped (`systemctl status`
 /// and every journal line of the unit show it), and the length bounded.
 pub fn description(task: &str, run: i64, title: &str) -> String {
-    let clean = |s: &str, n: usize| {
-        let blanked: String = s
-            .chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
-            .take(n)
-            .collect();
-        crate::text::clean(&blanked)
-    };
     format!(
         "Hermes kanban worker: task {} run {run}: {}",
         clean(task, 80),

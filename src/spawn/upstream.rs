@@ -22,7 +22,7 @@
 //! (`Fault::Task`). What it says travels on descriptor 3, a pipe to its supervisor, closed
 //! by the exec of the worker. `hermes-mgr complete` asks from the CLI, detached (`run`).
 
-use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -212,77 +212,164 @@ with kb.connect_closing() as conn:
     kb._cleanup_workspace(conn, task_id)
 "#;
 
+/// How long upstream's after-completion may take.
+const AFTER_COMPLETE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// What upstream's `complete_task` does once a task is done (`hermes-mgr complete` writes the
 /// verdict itself): keep the scratch workspace's declared artifacts in
 /// `kanban/attachments/<task>/`, then remove the workspace unless children still need it.
-/// Upstream's own functions, as the worker user (the workspace is that user's).
-pub fn after_complete(bin: &Path, who: &Asker, task: &str, metadata: &str) -> Result<(), String> {
+/// Upstream's own functions, as the worker user (the workspace is that user's). Asked by
+/// root, it runs in a scope of its own under the workers' slice, with the workers' limits
+/// and a runtime limit; asked by the worker user itself (a worker completing its own
+/// task), in the caller's own cgroup (its run's scope).
+pub async fn after_complete(
+    bin: &Path,
+    who: &Asker<'_>,
+    task: &str,
+    metadata: &str,
+    cfg: &crate::config::Config,
+) -> Result<(), String> {
     if interpreter(bin).is_none() {
         // Not Hermes (a test's stub worker): there is no upstream code to ask.
         return Ok(());
     }
-    run(
-        bin,
-        who,
-        AFTER_COMPLETE,
-        &[std::ffi::OsStr::new(task), std::ffi::OsStr::new(metadata)],
-        Duration::from_secs(60),
-    )
-    .map(drop)
-    .map_err(|e| e.to_string())
+    let args = [std::ffi::OsStr::new(task), std::ffi::OsStr::new(metadata)];
+    let (mut cmd, hold) = detached(bin, who, AFTER_COMPLETE, &args)?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("start Hermes' own code: {e}"))?;
+    let pid = child.id();
+    let mut scope = None;
+    if let Some((hold_r, hold_w)) = hold {
+        drop(hold_r);
+        let placed = match crate::systemd::Systemd::connect().await {
+            Ok(sd) => into_scope(&sd, cfg, task, pid).await.map(|u| (sd, u)),
+            Err(e) => Err(format!("no systemd to give it a scope: {e}")),
+        };
+        match placed {
+            Ok(unit) => scope = Some(unit),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("Hermes' own code was not run: {e}"));
+            }
+        }
+        // Released: it may go on now that it is in its scope.
+        let _ = nix::unistd::write(&hold_w, b"G");
+    }
+    let deadline = Instant::now() + AFTER_COMPLETE_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break Ok(st),
+            Ok(None) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break Err(format!(
+                    "Hermes' own code did not finish within {AFTER_COMPLETE_TIMEOUT:?}"
+                ));
+            }
+        }
+    };
+    // What it left behind (a git it started) goes with it.
+    if let Some((sd, unit)) = &scope {
+        let _ = sd.stop(unit).await;
+    }
+    match status? {
+        st if st.success() => Ok(()),
+        st => Err(format!("Hermes' own code failed ({st})")),
+    }
 }
 
-/// Why upstream's code gave no answer, by whose side it is on.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AskError {
-    /// It could not be started: the dispatcher's configuration or machinery.
-    Unavailable(String),
-    /// It ran, on the task's input (its profile, plugins, repository), and failed, gave no
-    /// answer, or ran out of time: the task's.
-    Failed(String),
-}
-
-impl std::fmt::Display for AskError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            AskError::Unavailable(s) | AskError::Failed(s) => f.write_str(s),
+/// Put the held process `pid` into a scope of its own under the workers' slice; its name.
+async fn into_scope(
+    sd: &crate::systemd::Systemd,
+    cfg: &crate::config::Config,
+    task: &str,
+    pid: u32,
+) -> Result<String, String> {
+    let unit = crate::systemd::unit_name::upstream_scope(task, pid);
+    let desc = format!(
+        "Hermes' own code after hermes-mgr complete {}",
+        super::clean(task, 80)
+    );
+    let props = || {
+        super::scope_properties(
+            cfg,
+            &unit,
+            desc.clone(),
+            Some(AFTER_COMPLETE_TIMEOUT.as_secs() as i64),
+        )
+    };
+    let timeout = Duration::from_secs(cfg.start_timeout_seconds);
+    super::start_scope(sd, &unit, props, pid, timeout)
+        .await
+        .map_err(|e| format!("create scope {unit}: {e}"))?;
+    let want = crate::liveness::unit_cgroup(
+        &crate::systemd::unit_name::worker_slice(&cfg.slice, &unit),
+        &unit,
+    );
+    match crate::liveness::cgroup_of(pid) {
+        Ok(Some(cg)) if cg == want => Ok(unit),
+        other => {
+            let _ = sd.stop(&unit).await;
+            Err(format!("process {pid} is in {other:?}, not in {want}"))
         }
     }
 }
 
-/// `snippet` with `args`, by the `hermes` script's interpreter, as `who`: its stdout.
-fn run(
+/// Read first when held: the interpreter has run only its own standard library (`-I`) when
+/// it waits for the byte that says it is in its scope; without it (the asker gave up), it
+/// ends.
+const HELD: &str = "import os\nif os.read(3, 1) != b'G':\n    os._exit(125)\nos.close(3)\n";
+
+/// `snippet` with `args`, by the `hermes` script's interpreter, as `who`, detached from the
+/// caller. Run by root, it is also held (`HELD`, on the returned pipe) until it is in its
+/// scope.
+fn detached(
     bin: &Path,
     who: &Asker,
     snippet: &str,
     args: &[&std::ffi::OsStr],
-    timeout: Duration,
-) -> Result<Vec<u8>, AskError> {
+) -> Result<(Command, Option<(OwnedFd, OwnedFd)>), String> {
     let python = interpreter(bin).ok_or_else(|| {
-        AskError::Unavailable(format!(
+        format!(
             "{} is not a Python script: cannot ask Hermes' own code",
             bin.display()
-        ))
+        )
     })?;
     let groups: Vec<u32> = who.groups.to_vec();
+    let me = nix::unistd::geteuid().as_raw();
+    let as_root = me == 0;
+    let code = if as_root {
+        format!("{HELD}{snippet}")
+    } else {
+        snippet.to_string()
+    };
     let mut cmd = Command::new(&python);
-    cmd.args(["-c", snippet])
+    cmd.args(["-I", "-c", &code])
         .args(args)
         .env_clear()
         .envs(who.env.iter().map(|(k, v)| (k, v)))
         .current_dir("/")
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .stdout(Stdio::null())
         .stderr(Stdio::null());
     let (uid, gid) = (who.uid, who.gid);
     // Root becomes the worker user; anyone else may only act as themselves.
-    let me = nix::unistd::geteuid().as_raw();
     if me != 0 && me != uid {
-        return Err(AskError::Unavailable(format!(
+        return Err(format!(
             "only root or uid {uid} may ask Hermes' own code on this worker's behalf"
-        )));
+        ));
     }
-    let as_root = me == 0;
+    let hold = if as_root {
+        Some(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?)
+    } else {
+        None
+    };
+    let hold_fd = hold.as_ref().map(|(r, _)| r.as_raw_fd());
     let parent = std::process::id();
     // Upstream's code imports the plugins and reads the files the worker writes: it is the
     // worker's code, and runs detached from whoever asked. Its own session (no controlling
@@ -290,8 +377,8 @@ fn run(
     // (no setuid program regains what was dropped), an empty bounding set, and no descriptor
     // of ours but 0-2 (every other is close-on-exec).
     // SAFETY: only raw syscalls (setsid, prctl, close_range, setgroups, setresgid, setresuid,
-    // getppid; all async-signal-safe) between fork and exec, on values computed before the fork;
-    // groups first, while still root (std's own `uid()` would run before us).
+    // getppid, fcntl, dup2; all async-signal-safe) between fork and exec, on values computed before
+    // the fork; groups first, while still root (std's own `uid()` would run before us).
     unsafe {
         cmd.pre_exec(move || {
             if libc::setsid() < 0
@@ -326,49 +413,28 @@ fn run(
             if libc::getppid() as u32 != parent {
                 return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
+            // Held until it is in its scope: the pipe becomes its descriptor 3, which `HELD`
+            // reads before anything of Hermes' runs (dup2 onto itself would keep
+            // close-on-exec: cleared instead).
+            if let Some(fd) = hold_fd {
+                let failed = if fd == 3 {
+                    libc::fcntl(3, libc::F_SETFD, 0) < 0
+                } else {
+                    libc::dup2(fd, 3) < 0
+                };
+                if failed {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             Ok(())
         });
     }
-    finish(cmd, timeout, &python)
+    Ok((cmd, hold))
 }
 
 /// `close_range(2)`'s flag: mark the range close-on-exec instead of closing it (std's own
 /// error pipe to the parent must stay open until the exec).
 pub(super) const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
-
-fn finish(mut cmd: Command, timeout: Duration, python: &Path) -> Result<Vec<u8>, AskError> {
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| AskError::Unavailable(format!("start {}: {e}", python.display())))?;
-    // The answers are a few hundred bytes: the pipe holds them until the child is done (no
-    // reader thread: the dispatcher forks, and stays single-threaded).
-    let mut stdout = child.stdout.take().expect("piped");
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(st)) => break st,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(AskError::Failed(format!(
-                    "Hermes' own code did not answer within {timeout:?}"
-                )));
-            }
-        }
-    };
-    let mut out = Vec::new();
-    Read::take(&mut stdout, 1 << 20)
-        .read_to_end(&mut out)
-        .map_err(|e| AskError::Failed(format!("read Hermes' answer: {e}")))?;
-    if !status.success() {
-        return Err(AskError::Failed(format!(
-            "Hermes' own code failed ({status})"
-        )));
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

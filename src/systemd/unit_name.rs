@@ -83,6 +83,15 @@ pub fn decompose_service(board: &str, task: &str) -> String {
     format!("{head}{esc}{tail}")
 }
 
+/// `hermes-mgr-upstream-<task>-<pid>.scope`: where `hermes-mgr complete`, run by root, runs
+/// upstream's after-completion of `task` (`pid`: the process it holds there).
+pub fn upstream_scope(task: &str, pid: u32) -> String {
+    let head = "hermes-mgr-upstream-";
+    let tail = format!("-{pid}.scope");
+    let esc = escaped_within(task, UNIT_NAME_MAX - head.len() - tail.len());
+    format!("{head}{esc}{tail}")
+}
+
 /// The file name of a run's exit record: `<task>-run-<run>.json` on the default board,
 /// `<board>.<task>-run-<run>.json` on others (a plain id has no `.`, an escaped one neither).
 pub fn run_record(board: &str, task: &str, run: i64) -> String {

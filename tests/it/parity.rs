@@ -464,5 +464,17 @@ systemd_test!(
             .join(&id)
             .join("report.txt");
         assert_eq!(std::fs::read_to_string(&kept).unwrap(), "the report\n");
+        // Run by root, upstream's code ran in a scope of its own (it is the worker's code).
+        let pid1 = Command::new("journalctl")
+            .args(["--no-pager", "-o", "cat", "_PID=1"])
+            .output()
+            .unwrap();
+        let pid1 = String::from_utf8_lossy(&pid1.stdout);
+        assert!(
+            pid1.lines()
+                .any(|l| l.starts_with("Started hermes-mgr-upstream-")
+                    && l.ends_with(&format!("Hermes' own code after hermes-mgr complete {id}."))),
+            "{pid1}"
+        );
     }
 );
