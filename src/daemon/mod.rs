@@ -256,6 +256,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     let supervisor = crate::spawn::program::supervisor();
     info!(root = %root.display(), boards = d.slots.len(), pinned, supervisor = %supervisor.path.display(),
           "hermes-dispatcher starting");
+    log_hermes_version(&d.cfg);
     d.open_boards();
     d.reconcile().await?;
     d.notifier.send("READY=1");
@@ -1092,6 +1093,27 @@ pub fn lock_taken(path: &std::path::Path) -> String {
 
 /// The soft `RLIMIT_NOFILE` up to the hard one (systemd gives services 1024 soft, 524288
 /// hard): a thousand live workers must not run the dispatcher out of descriptors.
+/// Which Hermes the workers run, said once at start (doctor says the same).
+fn log_hermes_version(cfg: &crate::config::Config) {
+    use crate::spawn::installed::{self, Contract};
+    let Ok(bin) = crate::spawn::resolve_binary(&cfg.hermes_bin) else {
+        return;
+    };
+    match installed::of_binary(&bin) {
+        Some(h) if h.contract() == Contract::Proven => {
+            info!(hermes_version = %h.version, hermes_package = %h.package, "workers run {h}")
+        }
+        Some(h) => {
+            warn!(hermes_version = %h.version, hermes_package = %h.package,
+                  "workers run {h}; their contract is {}'s, the Hermes hermes-mgr proves (README: Which Hermes)", installed::PROVEN)
+        }
+        None => warn!(
+            "cannot tell which Hermes {} runs: no Hermes package beside its interpreter",
+            bin.display()
+        ),
+    }
+}
+
 fn raise_nofile_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     match getrlimit(Resource::RLIMIT_NOFILE) {

