@@ -656,39 +656,42 @@ fn worker_binary(cfg: &Config) -> Vec<Check> {
 
 /// Which Hermes the workers run, and the contract they get.
 fn hermes_version(bin: &std::path::Path) -> Check {
-    use crate::spawn::installed::{self, Contract};
+    use crate::spawn::installed::{self, Contract, Generation};
+    let proven = installed::PROVEN.join(", ");
     match installed::of_binary(bin) {
-        Some(h) => match h.contract() {
-            Contract::Proven => check(
-                "hermes version",
-                Level::Ok,
-                format!("{h} (its worker contract is proven against its own code)"),
-                None,
-            ),
-            Contract::Newer => check(
-                "hermes version",
-                Level::Warn,
-                format!(
-                    "{h}: newer than {}, the newest Hermes whose worker contract hermes-mgr proves; its workers get {0}'s, with {h}'s own code asked for toolsets and worktrees",
-                    installed::PROVEN
+        Some(h) => {
+            let gets = match h.generation() {
+                Generation::V019 => "0.19.0",
+                Generation::V022 => "0.22.2",
+            };
+            match h.contract() {
+                Contract::Proven => check(
+                    "hermes version",
+                    Level::Ok,
+                    format!("{h}: its workers get its own contract, proven against its own code"),
+                    None,
                 ),
-                Some("see README, \"Which Hermes\""),
-            ),
-            Contract::Older => check(
-                "hermes version",
-                Level::Warn,
-                format!(
-                    "{h}: older than {}, the oldest Hermes hermes-mgr serves",
-                    installed::PROVEN
+                Contract::Unproven => check(
+                    "hermes version",
+                    Level::Warn,
+                    format!(
+                        "{h}: not one of the versions whose contract hermes-mgr proves ({proven}); its workers get {gets}'s, with its own code asked for toolsets and worktrees"
+                    ),
+                    Some("see README, \"Which Hermes\""),
                 ),
-                Some("upgrade hermes-agent"),
-            ),
-        },
+                Contract::Older => check(
+                    "hermes version",
+                    Level::Warn,
+                    format!("{h}: older than {}, the oldest Hermes hermes-mgr serves", installed::PROVEN[0]),
+                    Some("upgrade hermes-agent"),
+                ),
+            }
+        }
         None => check(
             "hermes version",
             Level::Warn,
             format!(
-                "{}: no Hermes package found beside its interpreter (not a Python script, or not installed from a package)",
+                "{}: no Hermes package found beside its interpreter (not a Python script, or not installed from a package); its workers get 0.19.0's contract",
                 bin.display()
             ),
             Some("set hermes_bin to the `hermes` script of a hermes-agent installation"),

@@ -149,6 +149,9 @@ pub struct Task {
     pub current_run_id: Option<i64>,
     pub skills: Option<Value>,
     pub model_override: Option<String>,
+    /// ~0.22's `provider_override` and `reasoning_effort` (absent on older boards).
+    pub provider_override: Option<String>,
+    pub reasoning_effort: Option<String>,
     pub max_retries: Option<i64>,
     pub goal_mode: bool,
     /// Bound of the goal loop (upstream reads NULL and 0 alike: no bound).
@@ -187,6 +190,8 @@ impl Task {
             current_run_id: c.get("current_run_id")?,
             skills: c.json("skills")?,
             model_override: c.get("model_override")?,
+            provider_override: c.get("provider_override")?,
+            reasoning_effort: c.get("reasoning_effort")?,
             max_retries: c.get("max_retries")?,
             goal_mode: c.get::<i64>("goal_mode")?.unwrap_or(0) != 0,
             goal_max_turns: c.get::<i64>("goal_max_turns")?.filter(|n| *n != 0),

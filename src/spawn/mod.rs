@@ -254,6 +254,10 @@ fn prepare_task(
     let paths: &BoardPaths = board.paths();
     let task = &claim.task;
     let python = upstream::interpreter(&bin);
+    // The contract of the Hermes the workers run (`installed`): what its `_default_spawn`
+    // gives a worker.
+    let generation = installed::generation_of(&bin);
+    let v022 = generation == installed::Generation::V022;
     let assignee = task
         .assignee
         .clone()
@@ -338,6 +342,12 @@ fn prepare_task(
         workspaces.to_string_lossy().into_owned(),
     );
     set("HERMES_KANBAN_BOARD", paths.slug.clone());
+    if v022 {
+        // ~0.22 tags the worker's session as a kanban one, and names the user's real home
+        // (`apply_subprocess_home_env`: the worker user's, here).
+        set("HERMES_SESSION_SOURCE", "kanban".into());
+        set("HERMES_REAL_HOME", user.dir.to_string_lossy().into_owned());
+    }
     if let Some(t) = &task.tenant {
         set("HERMES_TENANT", t.clone());
     }
@@ -391,6 +401,13 @@ fn prepare_task(
     }
     if let Some(m) = &task.model_override {
         argv.extend(["-m".to_string(), m.clone()]);
+        // ~0.22 pins the provider with the model.
+        if let Some(p) = task.provider_override.as_ref().filter(|_| v022) {
+            argv.extend(["--provider".to_string(), p.clone()]);
+        }
+    }
+    if let Some(r) = task.reasoning_effort.as_ref().filter(|_| v022) {
+        argv.extend(["--reasoning".to_string(), r.clone()]);
     }
     // Upstream pins the profile's CLI toolsets here; its own code says which, asked in the
     // scope (`upstream.rs`).
@@ -410,7 +427,8 @@ fn prepare_task(
         "-q".to_string(),
         format!("work kanban task {}", task.id),
     ]);
-    if task.goal_mode {
+    // 0.19.0 runs goal mode quiet; ~0.22 keeps the worker log's live tool feed.
+    if task.goal_mode && !v022 {
         argv.push("-Q".into());
     }
 

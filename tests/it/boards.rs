@@ -15,6 +15,11 @@ use crate::systemd_test;
 
 /// The real `hermes kanban ARGS…`, run as the worker user with the rig's Hermes root.
 pub(crate) fn hermes(d: &Dispatcher, args: &[&str]) -> Ran {
+    hermes_with(&hermes_bin(), d, args)
+}
+
+/// `hermes kanban …` of the Hermes at `bin` (0.19.0's or 0.22's), as `hermes`.
+pub(crate) fn hermes_with(bin: &std::path::Path, d: &Dispatcher, args: &[&str]) -> Ran {
     let home = d.rig.dir.join("home");
     std::fs::create_dir_all(&home).unwrap();
     std::os::unix::fs::chown(&home, Some(d.rig.uid), None).unwrap();
@@ -24,7 +29,7 @@ pub(crate) fn hermes(d: &Dispatcher, args: &[&str]) -> Ran {
         &format!("--regid={WORKER_USER}"),
         "--init-groups",
     ])
-    .arg(hermes_bin())
+    .arg(bin)
     .arg("kanban")
     .args(args)
     .env_clear()

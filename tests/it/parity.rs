@@ -11,8 +11,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::boards::{board, hermes};
-use crate::harness::{hermes_bin, repo, venv, wait_for};
+use std::path::{Path, PathBuf};
+
+use crate::boards::{board, hermes_with};
+use crate::harness::{hermes_022_bin, hermes_bin, repo, venv, venv_022, wait_for};
 use crate::rig::Dispatcher;
 use crate::systemd_test;
 
@@ -35,9 +37,35 @@ const CONTRACT: &[&str] = &[
     "HERMES_KANBAN_WORKSPACES_ROOT",
     "HERMES_KANBAN_BOARD",
     "HERMES_PROFILE",
+    "HERMES_SESSION_SOURCE",
+    "HERMES_REAL_HOME",
 ];
 
-fn recording_stub(records: &std::path::Path) -> String {
+/// A Hermes whose own `_default_spawn` is asked: its venv and its `hermes` script.
+struct Hermes {
+    venv: PathBuf,
+    bin: PathBuf,
+    /// It has `kanban create --model/--provider` (~0.22).
+    provider_flags: bool,
+}
+
+fn hermes_019() -> Hermes {
+    Hermes {
+        venv: venv(),
+        bin: hermes_bin(),
+        provider_flags: false,
+    }
+}
+
+fn hermes_022() -> Hermes {
+    Hermes {
+        venv: venv_022(),
+        bin: hermes_022_bin(),
+        provider_flags: true,
+    }
+}
+
+fn recording_stub(records: &Path, h: &Hermes) -> String {
     format!(
         r#"#!{python}
 import json, os, sys
@@ -51,8 +79,8 @@ with open(path + ".tmp", "w") as f:
 os.rename(path + ".tmp", path)
 os.execv(HERMES, [HERMES, "kanban", "complete", task, "--summary", "recorded"])
 "#,
-        python = venv().join("bin/python3").display(),
-        hermes = hermes_bin().display().to_string(),
+        python = h.venv.join("bin/python3").display(),
+        hermes = h.bin.display().to_string(),
         records = records.display().to_string(),
     )
 }
@@ -66,9 +94,13 @@ fn contract(env: &Value) -> BTreeMap<String, Value> {
 
 /// Upstream's answer for `id`'s run `run` on `slug`, asked as the worker user (the user
 /// Hermes' gateway runs as).
-fn upstream(d: &Dispatcher, slug: &str, id: &str, run: i64, lock: &str, lane: &str) -> Value {
+fn upstream(
+    d: &Dispatcher,
+    h: &Hermes,
+    (slug, id, run, lock, lane): (&str, &str, i64, &str, &str),
+) -> Value {
     let stub = d.rig.dir.join("worker");
-    let o = crate::rig::as_worker(venv().join("bin/python3"))
+    let o = crate::rig::as_worker(h.venv.join("bin/python3"))
         .arg(repo().join("tests/fixtures/upstream_spawn.py"))
         .args([slug, id, &run.to_string(), lock, lane])
         .env_clear()
@@ -86,10 +118,21 @@ fn upstream(d: &Dispatcher, slug: &str, id: &str, run: i64, lock: &str, lane: &s
 }
 
 systemd_test!(every_task_shape_gets_upstreams_argv_environment_and_cwd, {
+    every_shape_as_upstream(&hermes_019());
+});
+
+systemd_test!(every_task_shape_gets_022s_argv_environment_and_cwd, {
+    // ~0.22's own `_default_spawn` (its code split into kanban_db_* modules), with a board
+    // its own CLI made and filled.
+    every_shape_as_upstream(&hermes_022());
+});
+
+fn every_shape_as_upstream(h: &Hermes) {
+    let hermes = |d: &Dispatcher, args: &[&str]| hermes_with(&h.bin, d, args);
     let records =
         std::path::PathBuf::from(format!("/var/tmp/hermes-mgr-parity-{}", std::process::id()));
     std::fs::create_dir_all(&records).unwrap();
-    let d = Dispatcher::with_stub(&recording_stub(&records), "tick_seconds = 3600");
+    let d = Dispatcher::with_stub(&recording_stub(&records, h), "tick_seconds = 3600");
     std::os::unix::fs::chown(&records, Some(d.rig.uid), None).unwrap();
     // A second profile, a second board, a directory workspace.
     let coder = d.rig.dir.join("profiles/coder");
@@ -145,6 +188,24 @@ systemd_test!(every_task_shape_gets_upstreams_argv_environment_and_cwd, {
         ("model override", make("default", &[])),
         ("review lane", make("default", &["--skill", "own-skill"])),
     ];
+    let mut shapes = shapes;
+    if h.provider_flags {
+        shapes.insert(
+            0,
+            (
+                "model and provider",
+                make(
+                    "default",
+                    &[
+                        "--model",
+                        "openrouter/other-model",
+                        "--provider",
+                        "openrouter",
+                    ],
+                ),
+            ),
+        );
+    }
     // No CLI flag sets it: written as a newer Hermes or the dashboard would.
     let (_, model_task) = &shapes[shapes.len() - 2].1;
     // A task a worker sent to review: upstream's review lane runs it next.
@@ -200,7 +261,7 @@ systemd_test!(every_task_shape_gets_upstreams_argv_environment_and_cwd, {
             (board(&d, slug).require_task(id).unwrap().status == hermes_mgr::board::Status::Done)
                 .then_some(())
         });
-        let theirs = upstream(&d, slug, id, run, &lock, lane);
+        let theirs = upstream(&d, h, (slug, id, run, &lock, lane));
         if ours["argv"] != theirs["argv"] {
             differences.push(format!(
                 "{shape}: argv\n  ours   {}\n  theirs {}",
@@ -222,7 +283,7 @@ systemd_test!(every_task_shape_gets_upstreams_argv_environment_and_cwd, {
         let _ = board(&d, slug);
     }
     assert!(differences.is_empty(), "{}", differences.join("\n"));
-});
+}
 
 /// A crash of a worker whose PID was 429, in upstream's words.
 const CRASH_OF_PID_429: &str = "a crash of pid 429";
