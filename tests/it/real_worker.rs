@@ -1,4 +1,4 @@
-//! The real thing end to end: hermes-dispatcher runs real Hermes 0.19.0 workers (`hermes -p
+//! The real thing end to end: hermes-dispatcher runs real Hermes workers, 0.19.0's and ~0.22.2's (`hermes -p
 //! default --cli --accept-hooks [--toolsets …] chat -q "work kanban task <id>"`), whose model
 //! is a small OpenAI-compatible server on loopback (`tests/fixtures/fake_llm.py`, the only
 //! fake: no model runs here) that answers with a `kanban_complete` tool call, then a last
@@ -7,7 +7,10 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::harness::repo;
+use std::path::Path;
+
+use crate::boards::hermes_with;
+use crate::harness::{hermes_022_bin, hermes_bin, repo, venv, venv_022};
 use crate::rig::Dispatcher;
 use crate::systemd_test;
 
@@ -29,8 +32,21 @@ const SCRIPT: &str = r#"[
 systemd_test!(
     real_hermes_workers_complete_a_scratch_and_a_worktree_task,
     {
+        real_workers_complete(&venv(), &hermes_bin(), true);
+    }
+);
+
+systemd_test!(real_022_workers_complete_a_scratch_and_a_worktree_task, {
+    // ~0.22.2's workers, its CLI making the board's tasks.
+    real_workers_complete(&venv_022(), &hermes_022_bin(), false);
+});
+
+/// `keeps_worktree`: 0.19.0 keeps a done task's worktree; ~0.22's own completion removes one
+/// that is provably free of work (`_cleanup_workspace`), as this one is.
+fn real_workers_complete(venv: &Path, bin: &Path, keeps_worktree: bool) {
+    {
         // The `hermes` script itself, behind a Python shim (the rig names its own binary).
-        let shim = crate::rig::hermes_python_shim();
+        let shim = crate::rig::hermes_python_shim_of(venv, bin);
         let d = Dispatcher::with_stub(&shim, "tick_seconds = 3600");
         let port = 40000 + std::process::id() % 20000;
         let reply = d.rig.dir.join("reply.txt");
@@ -61,7 +77,21 @@ systemd_test!(
         // (board::open's chunk size); a running worker's do not. The worktree task is the
         // scratch task's child, so they still run one after the other, and Hermes keeps the
         // parent's scratch workspace until the child is done (#33774).
-        let scratch = crate::boards::create_on(&d, "default", "a scratch task for a real worker");
+        let scratch = hermes_with(
+            bin,
+            &d,
+            &[
+                "create",
+                "a scratch task for a real worker",
+                "--assignee",
+                "default",
+                "--json",
+            ],
+        )
+        .json()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
         let done = |id: &str| {
             let until = std::time::Instant::now() + Duration::from_secs(120);
             loop {
@@ -79,7 +109,8 @@ systemd_test!(
                 std::thread::sleep(Duration::from_millis(50));
             }
         };
-        let worktree = crate::boards::hermes(
+        let worktree = hermes_with(
+            bin,
             &d,
             &[
                 "create",
@@ -120,12 +151,14 @@ systemd_test!(
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        // The worktree stays, on the branch recorded for the task.
+        // The worktree stays (0.19.0), on the branch recorded for the task.
         let wt = repo_dir.join(".worktrees").join(&worktree);
-        assert!(
+        assert_eq!(
             wt.join(".git").is_file(),
-            "{} is no linked worktree",
-            wt.display()
+            keeps_worktree,
+            "{} is a linked worktree: {}",
+            wt.display(),
+            wt.join(".git").is_file()
         );
         assert_eq!(
             t.branch_name.as_deref(),
@@ -133,4 +166,4 @@ systemd_test!(
         );
         assert_eq!(t.workspace_path.as_deref(), Some(wt.to_str().unwrap()));
     }
-);
+}

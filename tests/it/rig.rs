@@ -51,10 +51,15 @@ pub fn git_repo(path: &Path, home: &Path) {
 /// The real `hermes` behind a Python shim run by the venv's interpreter: a worker binary
 /// whose `#!` line lets hermes-mgr ask Hermes' own code; argv[1:] and the environment pass.
 pub fn hermes_python_shim() -> String {
-    let real = hermes_bin().display().to_string();
+    hermes_python_shim_of(&crate::harness::venv(), &hermes_bin())
+}
+
+/// The same for the Hermes of the venv at `venv`, whose script is `bin`.
+pub fn hermes_python_shim_of(venv: &Path, bin: &Path) -> String {
+    let real = bin.display().to_string();
     format!(
         "#!{}\nimport os, sys\nos.execv({real:?}, [{real:?}] + sys.argv[1:])\n",
-        crate::harness::venv().join("bin/python3").display()
+        venv.join("bin/python3").display()
     )
 }
 
