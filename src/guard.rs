@@ -33,8 +33,9 @@ static BLOCKER: LazyLock<Regex> = LazyLock::new(|| {
 /// `max_runtime_seconds=403` — are not HTTP statuses, and are taken out before `BLOCKER` is
 /// tried. Upstream 0.19.0 matches them too: a crashed worker whose PID was 403 or 429 parks
 /// its task for ever (no new failure comes to move it), and in a container's PID namespace
-/// PIDs are that small — 1 in ~500 crashes with 1,000 workers. Deliberately not upstream's
-/// behaviour; `tests/it/parity.rs` shows upstream's.
+/// PIDs are that small — 1 in ~500 crashes with 1,000 workers. Deliberately not 0.19.0's
+/// behaviour (`tests/it/parity.rs` shows it); ~0.22's own guard no longer reads the PID, and
+/// agrees with this one in every shape there.
 static OWN_NUMBERS: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"\bpid \d+|\b\w+=\d+").expect("the own-numbers pattern compiles"));
 

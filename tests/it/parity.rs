@@ -291,6 +291,18 @@ const CRASH_OF_PID_429: &str = "a crash of pid 429";
 /// Upstream's `check_respawn_guard` and ours, on the same board, task by task.
 #[test]
 fn respawn_guards_decide_as_upstreams_check_respawn_guard() {
+    respawn_guards_match(&venv(), true);
+}
+
+/// The same against ~0.22.2's own `check_respawn_guard`, which no longer reads a PID as an
+/// HTTP 429: there, every shape agrees.
+#[test]
+fn respawn_guards_decide_as_022s_check_respawn_guard() {
+    respawn_guards_match(&venv_022(), false);
+}
+
+/// `reads_pids_as_429`: 0.19.0 takes "pid 429" in a crash's error for an HTTP 429.
+fn respawn_guards_match(venv: &Path, reads_pids_as_429: bool) {
     use hermes_mgr::board::{Board, BoardPaths, NewTask, OpenMode};
     let dir = crate::harness::scratch();
     let db = dir.path().join("kanban.db");
@@ -399,11 +411,18 @@ fn respawn_guards_decide_as_upstreams_check_respawn_guard() {
     }
     let script = r#"
 import json, sys
-from hermes_cli import kanban_db as kb
-with kb.connect_closing() as conn:
-    print(json.dumps({i: kb.check_respawn_guard(conn, i) for i in sys.argv[1:]}))
+from hermes_cli import kanban_db
+def upstream(name):
+    # 0.19 keeps it in kanban_db; ~0.22 in one of the kanban_db_* modules it imports.
+    for n, m in sorted(list(sys.modules.items())):
+        if (n == "hermes_cli.kanban_db" or n.startswith("hermes_cli.kanban_db_")) and hasattr(m, name):
+            return getattr(m, name)
+    raise AttributeError(name)
+with upstream("connect_closing")() as conn:
+    check = upstream("check_respawn_guard")
+    print(json.dumps({i: check(conn, i) for i in sys.argv[1:]}))
 "#;
-    let o = Command::new(venv().join("bin/python"))
+    let o = Command::new(venv.join("bin/python"))
         .args(["-c", script])
         .args(ids.iter().map(|(_, id)| id.as_str()))
         .env_clear()
@@ -433,7 +452,7 @@ with kb.connect_closing() as conn:
     );
     for (name, id) in &ids {
         let ours = hermes_mgr::guard::respawn_guard(&b.guard_facts(id, now).unwrap(), now, 300);
-        if **name == CRASH_OF_PID_429 {
+        if **name == CRASH_OF_PID_429 && reads_pids_as_429 {
             // Upstream reads the PID as an HTTP 429 and parks the task for ever; we do not
             // (src/guard.rs, OWN_NUMBERS). The one deliberate difference, shown here.
             assert_eq!(theirs[id.as_str()], "blocker_auth", "{theirs}");
