@@ -172,3 +172,79 @@ systemd_test!(
         d.wait_running(&held, 0);
     }
 );
+
+/// The board's columns, table by table.
+fn schema(db: &std::path::Path) -> Vec<(String, Vec<String>)> {
+    let c = rusqlite::Connection::open(db).unwrap();
+    ["tasks", "task_runs", "task_events"]
+        .iter()
+        .map(|t| {
+            let mut st = c
+                .prepare(&format!("SELECT name FROM pragma_table_info('{t}')"))
+                .unwrap();
+            let cols = st
+                .query_map([], |r| r.get::<_, String>(0))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            (t.to_string(), cols)
+        })
+        .collect()
+}
+
+systemd_test!(
+    a_board_022s_cli_made_is_dispatched_booked_and_read_back_by_it,
+    {
+        // 0.22's CLI makes the tasks (and migrates the board to its schema); hermes-dispatcher
+        // runs them; 0.22's CLI reads back the runs and events it booked, and the schema is
+        // left as 0.22 made it.
+        let marks =
+            std::path::PathBuf::from(format!("/var/tmp/hermes-mgr-022io-{}", std::process::id()));
+        std::fs::create_dir_all(&marks).unwrap();
+        let stub = format!(
+        "#!/bin/sh\n[ -e {marks}/\"$HERMES_KANBAN_TASK\".crash ] && exit 3\nexec {hermes} kanban complete \"$HERMES_KANBAN_TASK\" --summary 'done under hermes-mgr'\n",
+        marks = marks.display(),
+        hermes = hermes_022_bin().display()
+    );
+        let d = Dispatcher::with_stub(&stub, "tick_seconds = 3600\nfailure_limit = 1");
+        let hermes = |args: &[&str]| crate::boards::hermes_with(&hermes_022_bin(), &d, args);
+        let create = |title: &str| {
+            hermes(&["create", title, "--assignee", "default", "--json"]).json()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        let ok = create("completes");
+        let crash = create("crashes");
+        std::fs::write(marks.join(format!("{crash}.crash")), "").unwrap();
+        let before = schema(&d.rig.db);
+        d.install();
+        d.start();
+        let show = |id: &str| hermes(&["show", id, "--json"]).json();
+        let done = wait_for("0.22 reads the task done", Duration::from_secs(60), || {
+            let v = show(&ok);
+            (v["task"]["status"] == "done").then_some(v)
+        });
+        assert_eq!(done["runs"][0]["outcome"], "completed", "{done}");
+        assert_eq!(
+            done["runs"][0]["summary"], "done under hermes-mgr",
+            "{done}"
+        );
+        let crashed = wait_for("0.22 reads the crash", Duration::from_secs(60), || {
+            let v = show(&crash);
+            (v["task"]["status"] == "blocked").then_some(v)
+        });
+        assert_eq!(crashed["runs"][0]["outcome"], "crashed", "{crashed}");
+        let kinds: Vec<&str> = crashed["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["kind"].as_str())
+            .collect();
+        assert!(
+            kinds.contains(&"crashed") && kinds.contains(&"gave_up"),
+            "{kinds:?}"
+        );
+        assert_eq!(schema(&d.rig.db), before);
+    }
+);
