@@ -415,12 +415,14 @@ fn prepare_task(
         python,
         toolsets_home: profile_home(&absolute(&paths.root), &profile),
         toolsets_at: argv.len(),
-        worktree: (task.workspace_kind == "worktree").then(|| spec::WorktreeAsk {
+        run: spec::RunRef {
             board: paths.slug.clone(),
             task: task.id.clone(),
             run_id: claim.run_id,
             kanban_home: absolute(&paths.root),
-        }),
+        },
+        worktree: task.workspace_kind == "worktree",
+        fingerprint: v022,
     });
     argv.extend([
         "chat".to_string(),
@@ -770,7 +772,7 @@ pub async fn start_worker(
             workspace: spec
                 .prelude
                 .as_ref()
-                .is_none_or(|p| p.worktree.is_none())
+                .is_none_or(|p| !p.worktree)
                 .then_some(spec.cwd),
             supervisor_pid: pid,
             lock: claim.lock.clone(),

@@ -49,19 +49,23 @@ pub struct Prelude {
     /// `--toolsets` of the profile at this Hermes home, inserted into `argv` at `toolsets_at`.
     pub toolsets_home: PathBuf,
     pub toolsets_at: usize,
+    /// The run it starts.
+    pub run: RunRef,
     /// A worktree task: upstream materializes its workspace (then `cwd` is only where the
     /// asking starts, and the path and branch are upstream's answer).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub worktree: Option<WorktreeAsk>,
+    pub worktree: bool,
+    /// Record upstream's pid fingerprint of this process (~0.22's `worker_started_at`), which
+    /// its own tools check before they call a worker alive or signal it.
+    pub fingerprint: bool,
 }
 
-/// What upstream's worktree resolver needs.
+/// A run, as upstream's code finds it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct WorktreeAsk {
+pub struct RunRef {
     pub board: String,
     pub task: String,
     pub run_id: i64,
-    /// `HERMES_KANBAN_HOME` while upstream resolves (the root whose boards it reads).
+    /// `HERMES_KANBAN_HOME` while upstream is asked (the root whose boards it reads).
     pub kanban_home: PathBuf,
 }
 

@@ -15,6 +15,8 @@
 //! - a `worktree` task's workspace, materialized by upstream's `_resolve_worktree_workspace`
 //!   (`git worktree add`, its anchors and its refusals), recorded on the task with upstream's
 //!   `set_workspace_path`/`set_branch_name`, as its dispatcher does before the spawn.
+//! - ~0.22's pid fingerprint of the worker (`_process_fingerprint`, its `worker_started_at`),
+//!   without which 0.22's own tools take our workers for pre-fingerprint ones.
 //!
 //! Whose fault a failure is follows what ran: before `asking` is said, only the
 //! interpreter and Hermes' installed package have run — the dispatcher's configuration
@@ -34,7 +36,8 @@ pub(super) const WORKTREE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Run as `python -I -c PRELUDE <plan>` (`-I`: no user site-packages and no `PYTHON*`
 /// variables, which the worker controls, before `asking`); `<plan>` is JSON: `argv` (the
-/// worker's), `toolsets_home`, `toolsets_at`, `worktree` (or null), the two timeouts.
+/// worker's), `toolsets_home`, `toolsets_at`, `run`, `worktree`, `fingerprint`, the two
+/// timeouts.
 /// On descriptor 3 it says `asking` once only the interpreter and Hermes' installed package
 /// have run, then at most one JSON line (`{"failed": …}` after it, `{"unavailable": …}`
 /// before it), then `exec` just before the exec of the worker.
@@ -75,9 +78,11 @@ def upstream(name):
             return f
     return None
 kb = {n: upstream(n) for n in ("connect_closing", "get_task", "_resolve_worktree_workspace",
-                               "set_workspace_path", "set_branch_name", "_resolve_worker_cli_toolsets")}
+                               "set_workspace_path", "set_branch_name", "_resolve_worker_cli_toolsets",
+                               "write_txn", "_process_fingerprint")}
 if plan.get("worktree"):
-    missing = [n for n in kb if n != "_resolve_worker_cli_toolsets" and kb[n] is None]
+    missing = [n for n in ("connect_closing", "get_task", "_resolve_worktree_workspace",
+                           "set_workspace_path", "set_branch_name") if kb[n] is None]
     if missing:
         unavailable("this Hermes (%s) has no %s" % (sys.executable, ", ".join(missing)))
 say("asking")
@@ -87,9 +92,26 @@ def late(signum, frame):
     raise Late()
 signal.signal(signal.SIGALRM, late)
 env = dict(os.environ)
-wt = plan.get("worktree")
+run = plan["run"]
+os.environ["HERMES_KANBAN_HOME"] = run["kanban_home"]
+if plan.get("fingerprint") and kb["_process_fingerprint"] and kb["write_txn"] and kb["connect_closing"]:
+    # ~0.22 records its worker's pid fingerprint at spawn, and its own tools call a worker
+    # alive, or signal it, only when pid and fingerprint agree. This process is the worker
+    # to be (same pid, same start time). Best effort: without it, 0.22 reads a legacy row.
+    try:
+        value = kb["_process_fingerprint"](os.getpid())
+        if value:
+            with kb["connect_closing"](board=run["board"]) as conn:
+                with kb["write_txn"](conn):
+                    conn.execute("UPDATE tasks SET worker_started_at = ? WHERE id = ? AND current_run_id = ? AND status = 'running'",
+                                 (value, run["task"], run["run_id"]))
+                    conn.execute("UPDATE task_runs SET worker_started_at = ? WHERE id = ? AND task_id = ?",
+                                 (value, run["run_id"], run["task"]))
+    except Exception as exc:
+        sys.stderr.write("hermes-mgr: the worker's pid fingerprint was not recorded: %s\n" % exc)
+        sys.stderr.flush()
+wt = run if plan.get("worktree") else None
 if wt:
-    os.environ["HERMES_KANBAN_HOME"] = wt["kanban_home"]
     signal.alarm(plan["worktree_timeout"])
     try:
         with kb["connect_closing"](board=wt["board"]) as conn:
@@ -107,7 +129,6 @@ if wt:
         fail("workspace: %s" % exc)
     finally:
         signal.alarm(0)
-    del os.environ["HERMES_KANBAN_HOME"]
     try:
         os.chdir(path)
     except OSError as exc:
@@ -127,6 +148,7 @@ if resolve is not None:
 if toolsets:
     at = plan["toolsets_at"]
     argv[at:at] = ["--toolsets", ",".join(toolsets)]
+del os.environ["HERMES_KANBAN_HOME"]
 signal.signal(signal.SIGALRM, signal.SIG_DFL)
 say("exec")
 try:

@@ -248,3 +248,61 @@ systemd_test!(
         assert_eq!(schema(&d.rig.db), before);
     }
 );
+
+systemd_test!(
+    a_022_worker_carries_022s_own_pid_fingerprint_and_022_calls_it_alive,
+    {
+        // ~0.22 records `worker_started_at` (`<boot epoch>|<start time>`) at spawn, and its own
+        // tools (reclaim, diagnostics, the gateway) call a worker alive, or signal it, only when
+        // pid and fingerprint agree. Before: NULL, a pre-fingerprint row to 0.22.
+        let stub = format!(
+            "#!{}\nimport time\ntime.sleep(3600)\n",
+            venv_022().join("bin/python3").display()
+        );
+        let d = Dispatcher::with_stub(&stub, "tick_seconds = 3600");
+        d.install();
+        d.start();
+        let id = d.rig.add("a live 0.22 worker");
+        let (pid, fp) = wait_for("the fingerprint", Duration::from_secs(60), || {
+            let c = rusqlite::Connection::open(&d.rig.db).ok()?;
+            let (pid, fp): (Option<i64>, Option<String>) = c
+                .query_row(
+                    "SELECT worker_pid, worker_started_at FROM tasks WHERE id=?1",
+                    [&id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .ok()?;
+            Some((pid?, fp?))
+        });
+        let check = as_worker(venv_022().join("bin/python3"))
+        .args([
+            "-c",
+            "import sys\nfrom hermes_cli.kanban_db_dispatch import _worker_alive, _process_fingerprint\npid, fp = int(sys.argv[1]), sys.argv[2]\nprint(_process_fingerprint(pid) == fp, _worker_alive(pid, fp))",
+            &pid.to_string(),
+            &fp,
+        ])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", d.rig.dir.join("home"))
+        .env("HERMES_HOME", &d.rig.dir)
+        .output()
+        .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&check.stdout).trim(),
+            "True True",
+            "{fp}: {}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+        let runs = d.rig.board().runs(&id).unwrap();
+        assert_eq!(runs.len(), 1);
+        let c = rusqlite::Connection::open(&d.rig.db).unwrap();
+        let on_run: Option<String> = c
+            .query_row(
+                "SELECT worker_started_at FROM task_runs WHERE id=?1",
+                [runs[0].id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(on_run.as_deref(), Some(fp.as_str()));
+    }
+);
