@@ -306,3 +306,57 @@ systemd_test!(
         assert_eq!(on_run.as_deref(), Some(fp.as_str()));
     }
 );
+
+systemd_test!(
+    a_022_schedule_is_the_workers_verdict_and_a_022_archive_ends_the_run,
+    {
+        // Two of 0.22's verbs a dispatcher must follow: a worker's `kanban schedule` parks its
+        // task (its verdict, not a crash), and archiving a running task ends its worker's scope
+        // with nothing started again for it.
+        let stub = format!(
+        "#!/bin/sh\nif [ -e {dir}/schedule-\"$HERMES_KANBAN_TASK\" ]; then exec {hermes} kanban schedule \"$HERMES_KANBAN_TASK\" 'waits for tomorrow'; fi\nexec sleep 3600\n",
+        dir = "/var/tmp",
+        hermes = hermes_022_bin().display()
+    );
+        let d = Dispatcher::with_stub(&stub, "tick_seconds = 3600");
+        let hermes = |args: &[&str]| crate::boards::hermes_with(&hermes_022_bin(), &d, args);
+        let create = |title: &str| {
+            hermes(&["create", title, "--assignee", "default", "--json"]).json()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        let parked = create("schedules itself");
+        let archived = create("archived while it runs");
+        let flag = std::path::PathBuf::from(format!("/var/tmp/schedule-{parked}"));
+        std::fs::write(&flag, "").unwrap();
+        d.install();
+        d.start();
+        let show = |id: &str| hermes(&["show", id, "--json"]).json();
+        let v = wait_for("the schedule booked", Duration::from_secs(60), || {
+            let v = show(&parked);
+            (v["task"]["status"] == "scheduled" && v["runs"][0]["ended_at"].is_number())
+                .then_some(v)
+        });
+        std::fs::remove_file(&flag).unwrap();
+        assert_eq!(d.task(&parked).consecutive_failures, 0, "{v}");
+        let run = d.wait_running(&archived, 0);
+        let unit = format!("hermes-worker-kanban-{archived}-run-{run}.scope");
+        hermes(&["archive", &archived]);
+        wait_for(
+            "the archived task's scope gone",
+            Duration::from_secs(60),
+            || {
+                let s = systemctl_show(&unit, "ActiveState");
+                (!s.contains("=active") && !s.contains("=deactivating")).then_some(())
+            },
+        );
+        let v = show(&archived);
+        assert_eq!(v["task"]["status"], "archived", "{v}");
+        assert_eq!(d.rig.board().runs(&archived).unwrap().len(), 1, "{v}");
+        // Nothing starts again for either.
+        d.rig.add("a later task");
+        assert_eq!(d.task(&parked).status.as_str(), "scheduled");
+        assert_eq!(d.rig.board().runs(&parked).unwrap().len(), 1);
+    }
+);
