@@ -56,11 +56,29 @@ fn gateway_log(d: &Dispatcher) -> String {
     std::fs::read_to_string(d.rig.dir.join("logs/gateway.log")).unwrap_or_default()
 }
 
+/// Wait for every needle in the gateway's log; on timeout, say what it logged about kanban.
 fn wait_log(d: &Dispatcher, what: &str, needles: &[&str]) {
-    wait_for(what, Duration::from_secs(60), || {
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
         let log = gateway_log(d);
-        needles.iter().all(|n| log.contains(n)).then_some(())
-    });
+        if needles.iter().all(|n| log.contains(n)) {
+            return;
+        }
+        let said: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                ["kanban", "Kanban", "webhook", "Response"]
+                    .iter()
+                    .any(|k| l.contains(k))
+            })
+            .collect();
+        assert!(
+            std::time::Instant::now() < until,
+            "timed out after 60 s waiting for {what}; the gateway's log about kanban:\n{}",
+            said.join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn subscribe(d: &Dispatcher, slug: &str, id: &str, chat: &str) {
