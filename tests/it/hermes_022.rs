@@ -362,3 +362,82 @@ systemd_test!(
         assert_eq!(d.rig.board().runs(&parked).unwrap().len(), 1);
     }
 );
+
+systemd_test!(a_022_reopened_parent_ends_its_running_descendants_run, {
+    // ~0.22's done-reopen (`invalidate_descendants_for_parent_reopen`, what its dashboard
+    // calls): a running descendant's run is closed `reclaimed` and the task demoted to
+    // `todo`. Its worker's scope must end, 0.22's booking of that run stand, and the task
+    // go on by its dependencies (here its parent is still done: it is promoted and runs
+    // again, in a new run).
+    let marks =
+        std::path::PathBuf::from(format!("/var/tmp/hermes-mgr-022re-{}", std::process::id()));
+    std::fs::create_dir_all(&marks).unwrap();
+    let stub = format!(
+        "#!/bin/sh\n[ -e {marks}/\"$HERMES_KANBAN_TASK\".sleep ] && exec sleep 3600\nexec {hermes} kanban complete \"$HERMES_KANBAN_TASK\" --summary done\n",
+        marks = marks.display(),
+        hermes = hermes_022_bin().display()
+    );
+    let d = Dispatcher::with_stub(&stub, "tick_seconds = 3600");
+    let hermes = |args: &[&str]| crate::boards::hermes_with(&hermes_022_bin(), &d, args);
+    let parent = hermes(&["create", "the parent", "--assignee", "default", "--json"]).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let child = hermes(&[
+        "create",
+        "the child",
+        "--assignee",
+        "default",
+        "--parent",
+        &parent,
+        "--json",
+    ])
+    .json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::fs::write(marks.join(format!("{child}.sleep")), "").unwrap();
+    d.install();
+    d.start();
+    let run = d.wait_running(&child, 0);
+    let unit = format!("hermes-worker-kanban-{child}-run-{run}.scope");
+    let o = as_worker(venv_022().join("bin/python3"))
+        .args([
+            "-c",
+            "import sys\nfrom hermes_cli import kanban_db as kb\nfrom hermes_cli.kanban_db_connect import connect_closing\nwith connect_closing() as conn:\n    r = kb.invalidate_descendants_for_parent_reopen(conn, sys.argv[1], author='test')\nprint(len(r['invalidated']))",
+            &parent,
+        ])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", d.rig.dir.join("home"))
+        .env("HERMES_HOME", &d.rig.dir)
+        .env("HERMES_KANBAN_HOME", &d.rig.dir)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "1",
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    wait_for(
+        "the descendant's scope gone",
+        Duration::from_secs(60),
+        || {
+            let s = systemctl_show(&unit, "ActiveState");
+            (!s.contains("=active") && !s.contains("=deactivating")).then_some(())
+        },
+    );
+    let runs = wait_for("the descendant's next run", Duration::from_secs(60), || {
+        let runs = d.rig.board().runs(&child).unwrap();
+        (runs.len() == 2 && runs[1].ended_at.is_none()).then_some(runs)
+    });
+    assert_eq!(runs[0].id, run);
+    assert_eq!(runs[0].outcome.as_deref(), Some("reclaimed"), "{runs:?}");
+    assert_eq!(
+        runs[0].summary.as_deref(),
+        Some(format!("ancestor {parent} reopened").as_str()),
+        "{runs:?}"
+    );
+    assert_eq!(d.task(&child).consecutive_failures, 0);
+});
