@@ -39,15 +39,19 @@ done
 # The package builder the packaging tests use (pinned: its maintainer-script output is tested).
 ensure_packagers
 
-marker="$VENV/.hermes-agent-$HERMES_AGENT_VERSION"
-if [ ! -e "$marker" ] || [ ! -x "$VENV/bin/hermes" ]; then
-  echo "setup: installing hermes-agent==$HERMES_AGENT_VERSION into $VENV"
-  rm -rf "$VENV"
-  mkdir -p "$(dirname "$VENV")"
-  /usr/bin/python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check "hermes-agent==$HERMES_AGENT_VERSION"
+# make_venv DIR REQUIREMENT: a venv at DIR with REQUIREMENT from PyPI, made once (a marker
+# names what is in it; anything else there is made again).
+make_venv() {
+  local dir=$1 req=$2 marker="$1/.${2/==/-}"
+  [ -e "$marker" ] && [ -x "$dir/bin/hermes" ] && return 0
+  echo "setup: installing $req into $dir"
+  rm -rf "$dir"
+  mkdir -p "$(dirname "$dir")"
+  /usr/bin/python3 -m venv "$dir"
+  "$dir/bin/pip" install -q --disable-pip-version-check "$req"
   touch "$marker"
-fi
+}
+make_venv "$VENV" "hermes-agent==$HERMES_AGENT_VERSION"
 # The gateway test runs Hermes' webhook platform, which needs aiohttp (at hermes-agent's own pin).
 "$VENV/bin/python" -c 'import aiohttp' 2>/dev/null \
   || "$VENV/bin/pip" install -q --disable-pip-version-check "aiohttp==3.14.1"
@@ -61,15 +65,7 @@ esac
 "$VENV/bin/python" -c 'import aiohttp, hermes_cli.kanban_db' 2>/dev/null \
   || { echo "tests/setup.sh: $VENV cannot import aiohttp and hermes_cli.kanban_db: rm -rf $VENV and run again" >&2; exit 1; }
 # The newer Hermes, proven the same way: its CLI names its version, its kanban code imports.
-marker="$VENV_022/.${HERMES_022/==/-}"
-if [ ! -e "$marker" ] || [ ! -x "$VENV_022/bin/hermes" ]; then
-  echo "setup: installing $HERMES_022 into $VENV_022"
-  rm -rf "$VENV_022"
-  mkdir -p "$(dirname "$VENV_022")"
-  /usr/bin/python3 -m venv "$VENV_022"
-  "$VENV_022/bin/pip" install -q --disable-pip-version-check "$HERMES_022"
-  touch "$marker"
-fi
+make_venv "$VENV_022" "$HERMES_022"
 got=$("$VENV_022/bin/hermes" --version 2>&1 </dev/null | head -1) || true
 case $got in
   *"v${HERMES_022#*==}"*) ;;

@@ -12,25 +12,21 @@ use crate::harness::{hermes_022_bin, venv_022, wait_for};
 use crate::rig::{as_worker, sh, systemctl_show, Dispatcher, SERVICE, WORKER_USER};
 use crate::systemd_test;
 
-/// A worker that records its argv, environment and cwd, run by 0.22's interpreter; `hermes
-/// kanban …` goes to 0.22's real CLI.
-fn recording_stub(records: &std::path::Path) -> String {
-    format!(
-        r#"#!{python}
-import json, os, sys
-HERMES = {hermes:?}
-if len(sys.argv) > 1 and sys.argv[1] == "kanban":
-    os.execv(HERMES, [HERMES] + sys.argv[1:])
-task = os.environ["HERMES_KANBAN_TASK"]
-path = os.path.join({records:?}, task + ".json")
-with open(path + ".tmp", "w") as f:
-    json.dump({{"argv": sys.argv, "env": dict(os.environ), "cwd": os.getcwd()}}, f)
-os.rename(path + ".tmp", path)
-"#,
-        python = venv_022().join("bin/python3").display(),
-        hermes = hermes_022_bin().display().to_string(),
-        records = records.display().to_string(),
-    )
+/// `hermes kanban …` of 0.22, as the worker user.
+fn kanban(d: &Dispatcher, args: &[&str]) -> crate::harness::Ran {
+    crate::boards::hermes_with(&hermes_022_bin(), d, args)
+}
+
+/// A task for the default profile, made by 0.22's CLI (`extra`: more `create` flags).
+fn create(d: &Dispatcher, title: &str, extra: &[&str]) -> String {
+    let mut args = vec!["create", title, "--assignee", "default", "--json"];
+    args.extend(extra);
+    kanban(d, &args).json()["id"].as_str().unwrap().to_string()
+}
+
+/// `hermes kanban show ID --json` of 0.22.
+fn show(d: &Dispatcher, id: &str) -> Value {
+    kanban(d, &["show", id, "--json"]).json()
 }
 
 systemd_test!(
@@ -42,7 +38,10 @@ systemd_test!(
         let records =
             std::path::PathBuf::from(format!("/var/tmp/hermes-mgr-022-{}", std::process::id()));
         std::fs::create_dir_all(&records).unwrap();
-        let d = Dispatcher::with_stub(&recording_stub(&records), "tick_seconds = 3600");
+        let d = Dispatcher::with_stub(
+            &crate::parity::recording_stub(&records, &crate::parity::hermes_022()),
+            "tick_seconds = 3600",
+        );
         sh(&format!("chown {WORKER_USER}: {}", records.display()));
         let repo = d.rig.dir.join("repo");
         crate::rig::git_repo(&repo, &d.rig.dir);
@@ -207,22 +206,14 @@ systemd_test!(
         hermes = hermes_022_bin().display()
     );
         let d = Dispatcher::with_stub(&stub, "tick_seconds = 3600\nfailure_limit = 1");
-        let hermes = |args: &[&str]| crate::boards::hermes_with(&hermes_022_bin(), &d, args);
-        let create = |title: &str| {
-            hermes(&["create", title, "--assignee", "default", "--json"]).json()["id"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        };
-        let ok = create("completes");
-        let crash = create("crashes");
+        let ok = create(&d, "completes", &[]);
+        let crash = create(&d, "crashes", &[]);
         std::fs::write(marks.join(format!("{crash}.crash")), "").unwrap();
         let before = schema(&d.rig.db);
         d.install();
         d.start();
-        let show = |id: &str| hermes(&["show", id, "--json"]).json();
         let done = wait_for("0.22 reads the task done", Duration::from_secs(60), || {
-            let v = show(&ok);
+            let v = show(&d, &ok);
             (v["task"]["status"] == "done").then_some(v)
         });
         assert_eq!(done["runs"][0]["outcome"], "completed", "{done}");
@@ -231,7 +222,7 @@ systemd_test!(
             "{done}"
         );
         let crashed = wait_for("0.22 reads the crash", Duration::from_secs(60), || {
-            let v = show(&crash);
+            let v = show(&d, &crash);
             (v["task"]["status"] == "blocked").then_some(v)
         });
         assert_eq!(crashed["runs"][0]["outcome"], "crashed", "{crashed}");
@@ -319,22 +310,14 @@ systemd_test!(
         hermes = hermes_022_bin().display()
     );
         let d = Dispatcher::with_stub(&stub, "tick_seconds = 3600");
-        let hermes = |args: &[&str]| crate::boards::hermes_with(&hermes_022_bin(), &d, args);
-        let create = |title: &str| {
-            hermes(&["create", title, "--assignee", "default", "--json"]).json()["id"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        };
-        let parked = create("schedules itself");
-        let archived = create("archived while it runs");
+        let parked = create(&d, "schedules itself", &[]);
+        let archived = create(&d, "archived while it runs", &[]);
         let flag = std::path::PathBuf::from(format!("/var/tmp/schedule-{parked}"));
         std::fs::write(&flag, "").unwrap();
         d.install();
         d.start();
-        let show = |id: &str| hermes(&["show", id, "--json"]).json();
         let v = wait_for("the schedule booked", Duration::from_secs(60), || {
-            let v = show(&parked);
+            let v = show(&d, &parked);
             (v["task"]["status"] == "scheduled" && v["runs"][0]["ended_at"].is_number())
                 .then_some(v)
         });
@@ -342,7 +325,7 @@ systemd_test!(
         assert_eq!(d.task(&parked).consecutive_failures, 0, "{v}");
         let run = d.wait_running(&archived, 0);
         let unit = format!("hermes-worker-kanban-{archived}-run-{run}.scope");
-        hermes(&["archive", &archived]);
+        kanban(&d, &["archive", &archived]);
         wait_for(
             "the archived task's scope gone",
             Duration::from_secs(60),
@@ -351,7 +334,7 @@ systemd_test!(
                 (!s.contains("=active") && !s.contains("=deactivating")).then_some(())
             },
         );
-        let v = show(&archived);
+        let v = show(&d, &archived);
         assert_eq!(v["task"]["status"], "archived", "{v}");
         assert_eq!(d.rig.board().runs(&archived).unwrap().len(), 1, "{v}");
         // Nothing starts again for either: a pass after both (a later task started) left them.
@@ -378,24 +361,8 @@ systemd_test!(a_022_reopened_parent_ends_its_running_descendants_run, {
         hermes = hermes_022_bin().display()
     );
     let d = Dispatcher::with_stub(&stub, "tick_seconds = 3600");
-    let hermes = |args: &[&str]| crate::boards::hermes_with(&hermes_022_bin(), &d, args);
-    let parent = hermes(&["create", "the parent", "--assignee", "default", "--json"]).json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let child = hermes(&[
-        "create",
-        "the child",
-        "--assignee",
-        "default",
-        "--parent",
-        &parent,
-        "--json",
-    ])
-    .json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let parent = create(&d, "the parent", &[]);
+    let child = create(&d, "the child", &["--parent", &parent]);
     std::fs::write(marks.join(format!("{child}.sleep")), "").unwrap();
     d.install();
     d.start();

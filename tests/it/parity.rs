@@ -42,7 +42,7 @@ const CONTRACT: &[&str] = &[
 ];
 
 /// A Hermes whose own `_default_spawn` is asked: its venv and its `hermes` script.
-struct Hermes {
+pub(crate) struct Hermes {
     venv: PathBuf,
     bin: PathBuf,
     /// It has `kanban create --model/--provider` (~0.22).
@@ -57,7 +57,7 @@ fn hermes_019() -> Hermes {
     }
 }
 
-fn hermes_022() -> Hermes {
+pub(crate) fn hermes_022() -> Hermes {
     Hermes {
         venv: venv_022(),
         bin: hermes_022_bin(),
@@ -65,7 +65,9 @@ fn hermes_022() -> Hermes {
     }
 }
 
-fn recording_stub(records: &Path, h: &Hermes) -> String {
+/// A worker that records its argv, environment and cwd, run by `h`'s interpreter, then
+/// completes its task with `h`'s CLI (`hermes kanban …` goes to it).
+pub(crate) fn recording_stub(records: &Path, h: &Hermes) -> String {
     format!(
         r#"#!{python}
 import json, os, sys
