@@ -514,9 +514,9 @@ mod tests {
             .is_some());
     }
 
-    /// A writer of the board (a worker) adds an index whose expression costs ~0.5 s a row:
-    /// `integrity_check` evaluates it for every row, the daemon's budget stops it, and
-    /// `quick_check` (no index against its table) answers at once.
+    /// A writer of the board (a worker) adds an index whose expression costs about a quarter
+    /// of a second a row: `integrity_check` evaluates it for every row, the daemon's budget
+    /// stops it, and `quick_check` (no index against its table) answers at once.
     #[test]
     fn a_check_out_of_budget_stops_and_the_quick_check_stands_in() {
         let dir = tempfile::tempdir().unwrap();
