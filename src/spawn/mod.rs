@@ -241,6 +241,35 @@ fn look_up_identity(cfg: &Config) -> Result<Identity, String> {
     Ok(Identity { user, groups })
 }
 
+/// The skills a worker is started with (`--skills`, each its own pair): the task's, and on
+/// the review lane upstream's review skill — in place of them (0.19.0) or after them, once
+/// (0.20.1 on: `dict.fromkeys([*skills, "sdlc-review"])`). Empty names are skipped, as
+/// upstream skips them; a name that is not a string is no skill.
+fn worker_skills(task: Option<&serde_json::Value>, review: bool, keeps: bool) -> Vec<String> {
+    let own = task
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().filter_map(|s| s.as_str()).map(str::to_string))
+        .into_iter()
+        .flatten();
+    let mut out: Vec<String> = Vec::new();
+    let wanted: Vec<String> = match (review, keeps) {
+        (false, _) => own.collect(),
+        (true, false) => vec![REVIEW_SKILL.to_string()],
+        (true, true) => own.chain([REVIEW_SKILL.to_string()]).collect(),
+    };
+    for s in wanted {
+        if review && out.contains(&s) {
+            continue;
+        }
+        out.push(s);
+    }
+    out.retain(|s| !s.is_empty());
+    out
+}
+
+/// The skill upstream's review lane loads.
+const REVIEW_SKILL: &str = "sdlc-review";
+
 /// `prepare`'s part that reads the task: assignee, workspace, environment, argv.
 fn prepare_task(
     board: &Board,
@@ -257,7 +286,6 @@ fn prepare_task(
     // The contract of the Hermes the workers run (`installed`): what its `_default_spawn`
     // gives a worker.
     let generation = installed::generation_of(&bin);
-    let v022 = generation == installed::Generation::V022;
     let assignee = task
         .assignee
         .clone()
@@ -342,10 +370,11 @@ fn prepare_task(
         workspaces.to_string_lossy().into_owned(),
     );
     set("HERMES_KANBAN_BOARD", paths.slug.clone());
-    if v022 {
-        // ~0.22 tags the worker's session as a kanban one, and names the user's real home
-        // (`apply_subprocess_home_env`: the worker user's, here).
+    if generation.session_source() {
         set("HERMES_SESSION_SOURCE", "kanban".into());
+    }
+    if generation.real_home() {
+        // `apply_subprocess_home_env`: the worker user's, here.
         set("HERMES_REAL_HOME", user.dir.to_string_lossy().into_owned());
     }
     if let Some(t) = &task.tenant {
@@ -383,30 +412,29 @@ fn prepare_task(
         "--cli".into(),
         "--accept-hooks".into(),
     ];
-    // The review lane forces upstream's review skill in place of the task's own.
-    let review_skills = serde_json::json!(["sdlc-review"]);
-    let skills = if claim.review {
-        Some(&review_skills)
-    } else {
-        task.skills.as_ref()
-    };
-    if let Some(serde_json::Value::Array(skills)) = skills {
-        for s in skills
-            .iter()
-            .filter_map(|s| s.as_str())
-            .filter(|s| !s.is_empty())
-        {
-            argv.extend(["--skills".to_string(), s.to_string()]);
-        }
+    for s in worker_skills(
+        task.skills.as_ref(),
+        claim.review,
+        generation.review_keeps_skills(),
+    ) {
+        argv.extend(["--skills".to_string(), s]);
     }
     if let Some(m) = &task.model_override {
         argv.extend(["-m".to_string(), m.clone()]);
-        // ~0.22 pins the provider with the model.
-        if let Some(p) = task.provider_override.as_ref().filter(|_| v022) {
+        // Newer Hermes pins the provider with the model.
+        if let Some(p) = task
+            .provider_override
+            .as_ref()
+            .filter(|_| generation.provider_and_reasoning())
+        {
             argv.extend(["--provider".to_string(), p.clone()]);
         }
     }
-    if let Some(r) = task.reasoning_effort.as_ref().filter(|_| v022) {
+    if let Some(r) = task
+        .reasoning_effort
+        .as_ref()
+        .filter(|_| generation.provider_and_reasoning())
+    {
         argv.extend(["--reasoning".to_string(), r.clone()]);
     }
     // Upstream pins the profile's CLI toolsets here; its own code says which, asked in the
@@ -422,15 +450,15 @@ fn prepare_task(
             kanban_home: absolute(&paths.root),
         },
         worktree: task.workspace_kind == "worktree",
-        fingerprint: v022,
+        fingerprint: generation.fingerprint(),
     });
     argv.extend([
         "chat".to_string(),
         "-q".to_string(),
         format!("work kanban task {}", task.id),
     ]);
-    // 0.19.0 runs goal mode quiet; ~0.22 keeps the worker log's live tool feed.
-    if task.goal_mode && !v022 {
+    // 0.19.0 and 0.20.1 run goal mode quiet; ~0.22 keeps the worker log's live tool feed.
+    if task.goal_mode && generation.goal_quiet() {
         argv.push("-Q".into());
     }
 
@@ -793,6 +821,53 @@ pub async fn start_worker(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_review_lane_replaces_or_extends_the_tasks_skills_as_each_version_does() {
+        let j = |v: serde_json::Value| Some(v);
+        let rows: [(Option<serde_json::Value>, bool, bool, &[&str]); 8] = [
+            (
+                j(serde_json::json!(["a", "", "a"])),
+                false,
+                false,
+                &["a", "a"],
+            ),
+            (
+                j(serde_json::json!(["a", "", "a"])),
+                false,
+                true,
+                &["a", "a"],
+            ),
+            (
+                j(serde_json::json!(["a", "b"])),
+                true,
+                false,
+                &["sdlc-review"],
+            ),
+            (
+                j(serde_json::json!(["a", "b"])),
+                true,
+                true,
+                &["a", "b", "sdlc-review"],
+            ),
+            (
+                j(serde_json::json!(["sdlc-review", "a", "a"])),
+                true,
+                true,
+                &["sdlc-review", "a"],
+            ),
+            (None, true, true, &["sdlc-review"]),
+            (j(serde_json::json!([1, "a"])), false, true, &["a"]),
+            (j(serde_json::json!("a")), false, true, &[]),
+        ];
+        for (skills, review, keeps, want) in rows {
+            assert_eq!(
+                worker_skills(skills.as_ref(), review, keeps),
+                want,
+                "{skills:?} review={review} keeps={keeps}"
+            );
+        }
+    }
 
     #[test]
     fn a_description_shows_no_control_invisible_or_reordering_character() {

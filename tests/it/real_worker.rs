@@ -1,4 +1,4 @@
-//! The real thing end to end: hermes-dispatcher runs real Hermes workers, 0.19.0's and ~0.22.2's (`hermes -p
+//! The real thing end to end: hermes-dispatcher runs real Hermes workers, 0.19.0's, 0.20.1's and ~0.22.2's (`hermes -p
 //! default --cli --accept-hooks [--toolsets …] chat -q "work kanban task <id>"`), whose model
 //! is a small OpenAI-compatible server on loopback (`tests/fixtures/fake_llm.py`, the only
 //! fake: no model runs here) that answers with a `kanban_complete` tool call, then a last
@@ -10,7 +10,7 @@ use std::time::Duration;
 use std::path::Path;
 
 use crate::boards::hermes_with;
-use crate::harness::{hermes_022_bin, hermes_bin, repo, venv, venv_022};
+use crate::harness::{hermes_020_bin, hermes_022_bin, hermes_bin, repo, venv, venv_020, venv_022};
 use crate::rig::Dispatcher;
 use crate::systemd_test;
 
@@ -35,6 +35,11 @@ systemd_test!(
         real_workers_complete(&venv(), &hermes_bin(), true);
     }
 );
+
+systemd_test!(real_020_workers_complete_a_scratch_and_a_worktree_task, {
+    // v0.20.1's workers (`hermesx`), its CLI making the board's tasks.
+    real_workers_complete(&venv_020(), &hermes_020_bin(), true);
+});
 
 systemd_test!(real_022_workers_complete_a_scratch_and_a_worktree_task, {
     // ~0.22.2's workers, its CLI making the board's tasks.

