@@ -34,8 +34,8 @@ pub struct Config {
     /// here only by installs from before hermes-mgr read Hermes' `config.yaml` (set in both,
     /// this one is used, with a warning).
     pub failure_limit: i64,
-    /// At most this many live workers per board. Hermes' `kanban.max_spawn` (and
-    /// `max_in_progress`); unset = no cap, as upstream. Same rule as `failure_limit`.
+    /// At most this many live workers per board. Hermes' `kanban.max_spawn`; unset = no
+    /// cap, as upstream. Same rule as `failure_limit`.
     pub max_spawn: Option<usize>,
     /// Tasks without an assignee go to this profile; unset = they are skipped. Hermes'
     /// `kanban.default_assignee`; same rule as `failure_limit`.
@@ -66,6 +66,10 @@ pub struct Config {
     /// `LANGUAGE`, `LC_*`, `TZ` and the Hermes contract (e.g. `["OPENROUTER_API_KEY"]`, set
     /// for the service with `Environment=` or `EnvironmentFile=`). Nothing else passes.
     pub pass_environment: Vec<String>,
+    /// Hermes' `kanban.max_in_progress`: per board up to 0.20, for the host from 0.22 on
+    /// (`dispatch::caps`).
+    #[serde(skip)]
+    pub max_in_progress: Option<usize>,
     /// Hermes' `kanban.max_in_progress_per_profile`: live workers per assignee.
     #[serde(skip)]
     pub max_in_progress_per_profile: Option<usize>,
@@ -110,6 +114,7 @@ impl Default for Config {
             max_boards: 100,
             stop_workers_on_exit: false,
             pass_environment: Vec::new(),
+            max_in_progress: None,
             max_in_progress_per_profile: None,
             auto_decompose: true,
             auto_decompose_per_tick: 3,
@@ -204,11 +209,8 @@ impl Config {
         if !ours.contains_key("max_spawn") {
             cfg.max_spawn = k.max_spawn;
         }
-        // Upstream 0.19.0 applies both caps to the same count (running tasks on the board).
-        cfg.max_spawn = match (cfg.max_spawn, k.max_in_progress) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        // How it counts depends on the Hermes served (`dispatch::caps`).
+        cfg.max_in_progress = k.max_in_progress;
         cfg.max_in_progress_per_profile = k.max_in_progress_per_profile;
         cfg.auto_decompose = k.auto_decompose;
         cfg.auto_decompose_per_tick = k.auto_decompose_per_tick;
@@ -311,12 +313,13 @@ mod tests {
         assert_eq!(
             (
                 c.max_spawn,
+                c.max_in_progress,
                 c.failure_limit,
                 c.default_assignee.as_deref(),
                 c.max_in_progress_per_profile,
                 c.auto_decompose
             ),
-            (Some(2), 5, Some("coder"), Some(1), false)
+            (Some(4), Some(2), 5, Some("coder"), Some(1), false)
         );
         assert!(c.sources["failure_limit"].ends_with("config.yaml"));
         let c = with_files("max_spawn = 3", "model: {}\n").unwrap();

@@ -56,7 +56,10 @@ pub async fn run(paths: &BoardPaths, cfg: anyhow::Result<Config>) -> Vec<Check> 
     out.extend(privileges());
     out.extend(cgroup_v2());
     out.extend(cgroup_migration());
-    out.push(memory_monitor(&memory_monitors(), cfg.max_spawn));
+    out.push(memory_monitor(
+        &memory_monitors(),
+        crate::dispatch::caps::of(&cfg).most(),
+    ));
     out.extend(controllers());
     out.extend(slice(&cfg));
     out.push(host_room(&cfg));
@@ -428,7 +431,7 @@ fn host_room(cfg: &Config) -> Check {
         number("/proc/sys/kernel/pid_max").unwrap_or(u64::MAX),
         number("/proc/sys/kernel/threads-max").unwrap_or(u64::MAX),
         slice_pids,
-        cfg.max_spawn,
+        crate::dispatch::caps::of(cfg).most(),
     )
 }
 
@@ -504,10 +507,18 @@ fn kanban_settings(cfg: &Config) -> Vec<Check> {
             .cloned()
             .unwrap_or_else(|| "default".into())
     };
+    // How the Hermes served counts `max_in_progress` (`dispatch::caps`).
+    let caps = crate::dispatch::caps::of(cfg);
+    let in_progress = match (caps.host, cfg.max_in_progress) {
+        (Some(n), Some(_)) => format!("{n} for the host"),
+        (Some(n), None) => format!("{n} for the host, derived from its memory as Hermes 0.22 does"),
+        (None, n) => format!("{} per board", opt(n)),
+    };
     let mut detail = format!(
-        "max_spawn={} ({}), max_in_progress ({}), max_in_progress_per_profile={} ({}), failure_limit={} ({}), default_assignee={} ({}), auto_decompose={} ({}), auto_decompose_per_tick={} ({}), dispatch_stale_timeout_seconds={} ({})",
+        "max_spawn={} ({}), max_in_progress={} ({}), max_in_progress_per_profile={} ({}), failure_limit={} ({}), default_assignee={} ({}), auto_decompose={} ({}), auto_decompose_per_tick={} ({}), dispatch_stale_timeout_seconds={} ({})",
         opt(cfg.max_spawn),
         src("max_spawn"),
+        in_progress,
         src("max_in_progress"),
         opt(cfg.max_in_progress_per_profile),
         src("max_in_progress_per_profile"),

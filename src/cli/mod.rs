@@ -452,9 +452,26 @@ fn cmd_dispatch(cli: &Cli, max: &Option<usize>) -> anyhow::Result<()> {
     let _life = board::lock::FileLock::acquire_or_held(&life, b.owner())
         .with_context(|| format!("open {}", life.display()))?
         .with_context(|| format!("another dispatcher holds {} (hermes-dispatcher.service or a Hermes gateway); it dispatches already", life.display()))?;
+    // A host-wide cap (0.22's `max_in_progress`) counts the other boards' running tasks.
+    let room = crate::dispatch::caps::of(&cfg).host.map(|host| {
+        let res = Resolver::from_env(cli.db.clone(), cli.board.clone());
+        let elsewhere: usize = res
+            .served_boards()
+            .iter()
+            .filter(|p| p.slug != b.paths().slug)
+            .filter_map(|p| Board::open(p, OpenMode::Inspect).ok())
+            .filter_map(|o| o.count("running").ok())
+            .map(|n| usize::try_from(n).unwrap_or(0))
+            .sum();
+        host.saturating_sub(elsewhere)
+    });
+    let max = match (*max, room) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
     let (report, _started) = runtime()?.block_on(async {
         let sd = systemd().await?;
-        crate::dispatch::once(&b, &sd, &cfg, *max, None).await
+        crate::dispatch::once(&b, &sd, &cfg, max, None).await
     })?;
     if cli.json {
         print_json(&report)?;

@@ -30,6 +30,9 @@ pub(super) struct Slot {
     pub events_seen: Option<i64>,
     /// Something changed that a pass over this board should see.
     pub dirty: bool,
+    /// Its last pass left ready tasks for a host-wide cap (0.22's `max_in_progress`): a
+    /// worker ending on any board is a change it must see.
+    pub host_capped: bool,
     /// After a failed pass: none before this instant (doubling, at most a minute).
     pub backoff: Option<(Instant, Duration)>,
     /// Why the last pass failed on our side; `None` once one succeeds.
@@ -73,6 +76,7 @@ impl Slot {
             data_version: 0,
             events_seen: None,
             dirty: true,
+            host_capped: false,
             backoff: None,
             failing: None,
             start_failures: 0,

@@ -403,6 +403,7 @@ impl Daemon {
                 }
                 info!(
                     max_spawn = ?cfg.max_spawn,
+                    max_in_progress = ?cfg.max_in_progress,
                     failure_limit = cfg.failure_limit,
                     default_assignee = ?cfg.default_assignee,
                     max_in_progress_per_profile = ?cfg.max_in_progress_per_profile,
@@ -592,6 +593,11 @@ impl Daemon {
             boards::Opened::Already => {}
             boards::Opened::NotYet => return,
         }
+        // A host-wide cap (0.22's `max_in_progress`) leaves this board what the others'
+        // live workers do not use.
+        let room = dispatch::caps::of(&self.cfg)
+            .host
+            .map(|host| host.saturating_sub(self.live_elsewhere(slug)));
         let Some(slot) = self.slots.get_mut(slug) else {
             return;
         };
@@ -602,7 +608,7 @@ impl Daemon {
         // changes data_version again, and its inotify event triggers the next pass. (Read
         // after, it would swallow a task created while this pass ran.)
         slot.data_version = board.data_version().unwrap_or(slot.data_version);
-        let result = dispatch::once(board, &self.sd, &self.cfg, None, Some(PASS_BATCH)).await;
+        let result = dispatch::once(board, &self.sd, &self.cfg, room, Some(PASS_BATCH)).await;
         match result {
             Ok((report, started)) => {
                 let held = report.estop.is_some();
@@ -624,6 +630,9 @@ impl Daemon {
                     self.runs_of(slug, &s.task)
                         .any(|(_, _, run)| *run != s.run_id)
                 });
+                if let Some(s) = self.slots.get_mut(slug) {
+                    s.host_capped = room.is_some() && report.skipped_capped > 0;
+                }
                 for s in started {
                     self.track_started(slug, s);
                 }
@@ -796,6 +805,11 @@ impl Daemon {
                 }
                 self.pending.remove(key);
                 self.live.remove(key);
+                // A host-wide cap has room again: boards it held see it now.
+                for s in self.slots.values_mut().filter(|s| s.host_capped) {
+                    s.host_capped = false;
+                    s.dirty = true;
+                }
                 crate::spawn::spec::forget_run(&self.cfg.state_dir, slug, task, run);
                 // Leftovers of the worker (daemonized grandchildren) go with the run.
                 if scope == Scope::Live {
@@ -856,6 +870,16 @@ impl Daemon {
     }
 
     /// The live runs we track of one task.
+    /// Our live workers on boards other than `slug`.
+    fn live_elsewhere(&self, slug: &str) -> usize {
+        let here = self
+            .live
+            .range((slug.to_string(), String::new(), i64::MIN)..)
+            .take_while(|(k, _)| k.0 == slug)
+            .count();
+        self.live.len() - here
+    }
+
     fn runs_of<'a>(&'a self, slug: &str, task: &str) -> impl Iterator<Item = &'a Key> + 'a {
         let (lo, hi) = (
             (slug.to_string(), task.to_string(), i64::MIN),

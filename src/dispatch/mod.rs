@@ -1,5 +1,6 @@
 //! Dispatch: one pass over the board (`dispatch --once`), and stopping a task's worker.
 
+pub mod caps;
 pub mod stop;
 
 use serde::Serialize;
@@ -111,11 +112,12 @@ pub async fn once(
         return Ok((report, Vec::new()));
     }
     report.promoted = board.recompute_ready(cfg.failure_limit)?;
-    // Upstream's caps: `max_spawn`/`max_in_progress` count the board's running tasks (none
-    // set: no cap), `max_in_progress_per_profile` those of each assignee.
+    // Upstream's caps: `max_spawn` (and, up to 0.20, `max_in_progress`) count the board's
+    // running tasks (none set: no cap), `max_in_progress_per_profile` those of each
+    // assignee; a host-wide cap (0.22's `max_in_progress`) is the caller's `max`.
     let cap = max
         .unwrap_or(usize::MAX)
-        .min(cfg.max_spawn.unwrap_or(usize::MAX));
+        .min(caps::of(cfg).board.unwrap_or(usize::MAX));
     let live = usize::try_from(board.count("running")?).unwrap_or(0);
     let mut slots = cap.saturating_sub(live);
     let mut per_profile = match cfg.max_in_progress_per_profile {

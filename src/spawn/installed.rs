@@ -66,6 +66,12 @@ impl Generation {
     pub fn fingerprint(self) -> bool {
         self >= Generation::V022
     }
+
+    /// `kanban.max_in_progress` caps the running tasks of every board together (and has a
+    /// default derived from memory), not those of each board.
+    pub fn host_wide_max_in_progress(self) -> bool {
+        self >= Generation::V022
+    }
 }
 
 /// A Hermes installation.
@@ -276,12 +282,13 @@ mod tests {
     fn each_generation_gives_what_its_version_gives() {
         use Generation::*;
         let rows = [
-            // (generation, session source, real home, provider+reasoning, -Q, review keeps skills, fingerprint)
-            (V019, false, false, false, true, false, false),
-            (V020, true, false, true, true, true, false),
-            (V022, true, true, true, false, true, true),
+            // (generation, session source, real home, provider+reasoning, -Q, review keeps
+            // skills, fingerprint, host-wide max_in_progress)
+            (V019, false, false, false, true, false, false, false),
+            (V020, true, false, true, true, true, false, false),
+            (V022, true, true, true, false, true, true, true),
         ];
-        for (g, ss, rh, pr, q, rk, fp) in rows {
+        for (g, ss, rh, pr, q, rk, fp, hw) in rows {
             assert_eq!(
                 (
                     g.session_source(),
@@ -289,9 +296,10 @@ mod tests {
                     g.provider_and_reasoning(),
                     g.goal_quiet(),
                     g.review_keeps_skills(),
-                    g.fingerprint()
+                    g.fingerprint(),
+                    g.host_wide_max_in_progress()
                 ),
-                (ss, rh, pr, q, rk, fp),
+                (ss, rh, pr, q, rk, fp, hw),
                 "{g:?}"
             );
         }

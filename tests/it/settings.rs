@@ -145,27 +145,40 @@ systemd_test!(
 );
 
 /// Upstream's own reading of a `config.yaml`: `load_config()` (PyYAML, defaults, the
-/// merge) and the gateway's `_resolve_auto_decompose_settings`, in the real 0.19.0.
-fn upstream_reading(home: &std::path::Path) -> serde_json::Value {
+/// merge) and the gateway's `_resolve_auto_decompose_settings`, in the real Hermes of
+/// `venv`; where that Hermes has one (~0.22), its gateway's own `_resolve_dispatcher_settings`
+/// for the dispatcher's settings, else the watcher's own expressions, copied.
+fn upstream_reading(venv: &std::path::Path, home: &std::path::Path) -> serde_json::Value {
     let script = r#"
 import json
 from hermes_cli.config import load_config
 from gateway.kanban_watchers import _resolve_auto_decompose_settings
 k = load_config().get("kanban", {})
 enabled, per_tick = _resolve_auto_decompose_settings(load_config)
-# the watcher's own expression (kanban_watchers.py)
+out = {"auto_decompose": enabled, "auto_decompose_per_tick": per_tick,
+       "dispatch_in_gateway": bool(k.get("dispatch_in_gateway", True))}
 try:
-    stale = int(k.get("dispatch_stale_timeout_seconds", 0) or 0)
-except (TypeError, ValueError):
-    stale = 0
-print(json.dumps({"auto_decompose": enabled, "auto_decompose_per_tick": per_tick,
-                  "dispatch_in_gateway": bool(k.get("dispatch_in_gateway", True)),
-                  "max_spawn": k.get("max_spawn", None),
-                  "stale": stale,
-                  # the watcher's own expression (kanban_watchers.py)
-                  "default_assignee": (k.get("default_assignee") or "").strip() or None}))
+    from gateway.kanban_watchers_dispatcher import _resolve_dispatcher_settings
+    from gateway.kanban_watchers_common import _positive_int_setting
+except ImportError:
+    # the watcher's own expressions (0.19.0's, 0.20.1's kanban_watchers.py)
+    try:
+        stale = int(k.get("dispatch_stale_timeout_seconds", 0) or 0)
+    except (TypeError, ValueError):
+        stale = 0
+    out.update({"max_spawn": k.get("max_spawn", None), "stale": stale,
+                "default_assignee": (k.get("default_assignee") or "").strip() or None})
+else:
+    from hermes_cli import kanban_db as kb
+    s = _resolve_dispatcher_settings(k, kb)
+    out.update({"max_spawn": s.max_spawn, "stale": s.stale_timeout_seconds,
+                "default_assignee": s.default_assignee, "failure_limit": s.failure_limit,
+                # as configured; unset, 0.22 derives one from memory (dispatch::caps)
+                "max_in_progress": _positive_int_setting(k, "max_in_progress"),
+                "max_in_progress_per_profile": s.max_in_progress_per_profile})
+print(json.dumps(out))
 "#;
-    let o = std::process::Command::new(crate::harness::venv().join("bin/python"))
+    let o = std::process::Command::new(venv.join("bin/python"))
         .args(["-c", script])
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
@@ -184,6 +197,20 @@ print(json.dumps({"auto_decompose": enabled, "auto_decompose_per_tick": per_tick
 /// the safe side of a toggle that stops runaway fan-out).
 #[test]
 fn hermes_config_yaml_is_read_as_upstream_reads_it() {
+    config_yaml_read_as(&crate::harness::venv());
+}
+
+#[test]
+fn hermes_config_yaml_is_read_as_020_reads_it() {
+    config_yaml_read_as(&crate::harness::venv_020());
+}
+
+#[test]
+fn hermes_config_yaml_is_read_as_022_reads_it() {
+    config_yaml_read_as(&crate::harness::venv_022());
+}
+
+fn config_yaml_read_as(venv: &std::path::Path) {
     let dir = crate::harness::scratch();
     let rows = [
         "kanban:\n  auto_decompose: no\n",
@@ -198,26 +225,37 @@ fn hermes_config_yaml_is_read_as_upstream_reads_it() {
         "kanban:\n  dispatch_stale_timeout_seconds: ~\n",
         "kanban:\n  dispatch_stale_timeout_seconds: abc\n",
         "kanban:\n  dispatch_stale_timeout_seconds: 120\n",
+        "kanban:\n  max_in_progress: 3\n  max_in_progress_per_profile: 2\n  failure_limit: 5\n",
+        "kanban:\n  max_in_progress: 0\n  max_in_progress_per_profile: -1\n  failure_limit: 0\n",
+        "kanban:\n  max_in_progress: abc\n  max_in_progress_per_profile: ~\n  failure_limit: abc\n",
+        "kanban:\n  max_in_progress: 2.7\n  max_in_progress_per_profile: '4'\n  failure_limit: '3'\n",
         "model:\n  default: x\n",
         "",
     ];
     for yaml in rows {
         std::fs::write(dir.path().join("config.yaml"), yaml).unwrap();
-        let theirs = upstream_reading(dir.path());
+        let theirs = upstream_reading(venv, dir.path());
         let ours = hermes_mgr::hermes_config::load(&hermes_mgr::hermes_config::Files {
             user: dir.path().join("config.yaml"),
             managed: None,
         })
         .unwrap()
         .kanban;
-        let ours = serde_json::json!({
+        let mut ours = serde_json::json!({
             "auto_decompose": ours.auto_decompose,
             "auto_decompose_per_tick": ours.auto_decompose_per_tick,
             "dispatch_in_gateway": ours.dispatch_in_gateway,
             "max_spawn": ours.max_spawn,
             "default_assignee": ours.default_assignee,
             "stale": ours.dispatch_stale_timeout_seconds,
+            "failure_limit": ours.failure_limit,
+            "max_in_progress": ours.max_in_progress,
+            "max_in_progress_per_profile": ours.max_in_progress_per_profile,
         });
+        // What this version's code can be asked of (the rest is inline in older gateways).
+        ours.as_object_mut()
+            .unwrap()
+            .retain(|k, _| theirs.get(k).is_some());
         assert_eq!(ours, theirs, "{yaml:?}");
     }
 }
@@ -338,3 +376,130 @@ systemd_test!(
         );
     }
 );
+
+/// ~0.22's cap on running tasks when `kanban.max_in_progress` is unset, derived from the
+/// host's memory by its own `derive_default_max_in_progress`, against ours, sample by sample.
+#[test]
+fn the_default_cap_022_derives_from_memory_is_ours() {
+    let samples: [u64; 9] = [
+        0,
+        1,
+        512 * 1024,
+        1024 * 1024 - 1,
+        1024 * 1024,
+        3 * 1024 * 1024,
+        3 * 1024 * 1024 + 512 * 1024,
+        24 * 1024 * 1024,
+        1024 * 1024 * 1024,
+    ];
+    let script = "import json, sys\nfrom hermes_cli.kanban_db_dispatch import derive_default_max_in_progress as d\nprint(json.dumps([d({'mem_total_kib': int(n)}) for n in sys.argv[1:]]))";
+    let home = crate::harness::scratch();
+    let o = std::process::Command::new(crate::harness::venv_022().join("bin/python"))
+        .args(["-c", script])
+        .args(samples.map(|n| n.to_string()))
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", home.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let theirs: Vec<Option<usize>> = serde_json::from_slice(&o.stdout).unwrap();
+    let ours: Vec<Option<usize>> = samples
+        .iter()
+        .map(|n| hermes_mgr::dispatch::caps::derived_max_in_progress(*n))
+        .collect();
+    assert_eq!(ours, theirs, "{samples:?}");
+}
+
+systemd_test!(max_in_progress_caps_the_host_under_022, {
+    // `kanban.max_in_progress: 1` and a task on each of two boards: ~0.22 caps the host
+    // (one runs; the other starts when it ends)…
+    max_in_progress_counts(&crate::harness::venv_022(), true);
+});
+
+systemd_test!(max_in_progress_caps_each_board_under_019, {
+    // …0.19.0 caps each board (both run).
+    max_in_progress_counts(&crate::harness::venv(), false);
+});
+
+/// Workers run by `venv`'s interpreter (so the Hermes served is that venv's); `host_wide`:
+/// its `max_in_progress` caps every board together.
+fn max_in_progress_counts(venv: &std::path::Path, host_wide: bool) {
+    let stub = format!(
+        "#!{}\nimport time\ntime.sleep(3600)\n",
+        venv.join("bin/python3").display()
+    );
+    let d = Dispatcher::with_stub(&stub, "tick_seconds = 3600");
+    write_hermes_config(&d, "kanban:\n  max_in_progress: 1\n");
+    let hermes =
+        |args: &[&str]| crate::boards::hermes_with(&crate::harness::hermes_bin(), &d, args);
+    hermes(&["boards", "create", "ops"]);
+    let here = d.rig.add("on the default board");
+    let there = hermes(&[
+        "--board",
+        "ops",
+        "create",
+        "on the ops board",
+        "--assignee",
+        "default",
+        "--json",
+    ])
+    .json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Both exist before the first pass, which passes every board.
+    d.install_all_boards();
+    d.start();
+    let status = || systemctl_show(SERVICE, "StatusText");
+    let wait_status = |what: &str, start: &str| {
+        let until = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = status();
+            if s.trim_start_matches("StatusText=").starts_with(start) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "{what}: the service says {s:?}\n{}\nworkers:\n{}",
+                journal(SERVICE),
+                journal("hermes-worker-kanban-*")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    if !host_wide {
+        wait_status("a worker on each board", "2 running (2 in scopes), 0 ready");
+        return;
+    }
+    wait_status(
+        "one worker for the host",
+        "1 running (1 in scopes), 1 ready",
+    );
+    let board_of = |id: &str| if *id == here { "default" } else { "ops" };
+    let running = [&here, &there]
+        .into_iter()
+        .find(|id| {
+            crate::boards::board(&d, board_of(id))
+                .require_task(id)
+                .unwrap()
+                .status
+                == hermes_mgr::board::Status::Running
+        })
+        .unwrap()
+        .clone();
+    let waiting = if running == here { &there } else { &here };
+    crate::boards::mgr(&d, &["stop", &running, "--json"]).ok();
+    wait_for(
+        "the other board's task started",
+        Duration::from_secs(30),
+        || {
+            (crate::boards::board(&d, board_of(waiting))
+                .require_task(waiting)
+                .unwrap()
+                .status
+                == hermes_mgr::board::Status::Running)
+                .then_some(())
+        },
+    );
+}
