@@ -6,6 +6,7 @@
 pub mod board;
 pub mod cli;
 pub mod config;
+pub mod contract;
 pub mod daemon;
 pub mod dispatch;
 pub mod doctor;

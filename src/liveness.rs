@@ -219,6 +219,30 @@ pub fn boot_id() -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
+/// ~0.22's restart-stable identity of a live process (`_process_fingerprint`):
+/// `<boot_id>:<PID 1's start time>|<the process's start time>`, start times in clock ticks
+/// (`/proc/<pid>/stat` field 22). `None` when the process is gone.
+pub fn fingerprint(pid: u32) -> Option<String> {
+    let start = |pid: u32| -> Option<String> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // "<pid> (<comm>) <state> …": comm may hold spaces and parentheses.
+        Some(
+            stat.rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(19)?
+                .to_string(),
+        )
+    };
+    let own = start(pid)?;
+    let epoch = format!(
+        "{}:{}",
+        boot_id().unwrap_or_default(),
+        start(1).unwrap_or_default()
+    );
+    Some(format!("{}|{own}", if epoch == ":" { "" } else { &epoch }))
+}
+
 /// When this boot began (`btime` of `/proc/stat`), in seconds since the epoch.
 pub fn boot_time() -> Option<i64> {
     procfs::boot_time_secs().ok().map(|t| t as i64)

@@ -10,6 +10,7 @@
 
 use serde_json::{json, Map, Value};
 
+use crate::contract::Generation;
 use crate::spawn::spec::RunStatus;
 
 /// Exit code 75 (`EX_TEMPFAIL`): upstream's worker says "rate limited, try later".
@@ -119,6 +120,16 @@ pub struct Facts<'a> {
     pub max_runtime: Option<i64>,
     /// The dispatcher stopped the run for a missing heartbeat (`stale`'s verdict).
     pub stale: Option<&'a Stale>,
+    /// The Hermes whose dispatcher's booking is followed.
+    pub hermes: Generation,
+}
+
+/// The rules a booking follows: the breaker's limit, and the Hermes whose dispatcher's
+/// booking is followed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rules {
+    pub failure_limit: i64,
+    pub hermes: Generation,
 }
 
 /// A run that shows no progress: upstream's `detect_stale_running` verdict, with its
@@ -195,7 +206,7 @@ pub fn decide(f: &Facts) -> Decision {
         });
     }
     if let Some(st) = f.record {
-        return Decision::Ended(from_record(st, f.max_runtime));
+        return Decision::Ended(from_record(st, f.max_runtime, f.hermes));
     }
     Decision::Ended(match f.scope {
         Scope::Live => return Decision::Running,
@@ -221,16 +232,23 @@ pub fn decide(f: &Facts) -> Decision {
     })
 }
 
-/// The end a supervisor's exit record says.
-fn from_record(st: &RunStatus, max_runtime: Option<i64>) -> RunEnd {
+/// The end a supervisor's exit record says, in the words of Hermes `hermes`' dispatcher.
+fn from_record(st: &RunStatus, max_runtime: Option<i64>, hermes: Generation) -> RunEnd {
     // Its process never became the worker: upstream's code, asked first in the scope,
     // refused or failed (`spawn::upstream::PRELUDE`), on whichever side the record says.
     if let Some(n) = &st.not_started {
         return spawn_failure(n.fault, &n.reason);
     }
     let pid = st.worker_pid;
-    let mut details =
-        json!({"pid": pid, "exit_code": st.exit_code, "signal": st.signal, "unit": st.unit});
+    // Upstream's `_classify_worker_exit`: a signal's number stands as the exit code, and a
+    // crash says which kind of exit it was.
+    let mut details = json!({"pid": pid, "exit_code": st.exit_code.or(st.signal),
+                             "signal": st.signal, "unit": st.unit});
+    let exit_kind = match (st.exit_code, st.signal) {
+        (Some(_), _) => json!({"exit_kind": "nonzero_exit"}),
+        (None, Some(_)) => json!({"exit_kind": "signaled"}),
+        (None, None) => json!({}),
+    };
     // The kernel's OOM killer acted in the scope: that, not a SIGTERM systemd may have sent
     // after it, is how the run ended. Counted like a crash.
     if let Some(m) = st.memory.as_ref().filter(|m| m.oom_kills > 0) {
@@ -244,6 +262,7 @@ fn from_record(st: &RunStatus, max_runtime: Option<i64>) -> RunEnd {
             &mut details,
             &json!({"oom_kill": m.oom_kills, "memory_max": m.max, "memory_peak": m.peak}),
         );
+        merge(&mut details, &exit_kind);
         // The worker itself, or one of its processes (a tool): then systemd stops the whole
         // scope (OOMPolicy=stop, see `spawn::start_scope`) and the worker sees a SIGTERM.
         let what = if st.signal == Some(libc::SIGKILL) {
@@ -266,8 +285,15 @@ fn from_record(st: &RunStatus, max_runtime: Option<i64>) -> RunEnd {
     if st.sigterm_received {
         // A stop from outside the worker: systemd's RuntimeMaxSec, a shutdown, a stop.
         if let Some(m) = max_runtime.filter(|m| st.ended_at - st.started_at >= m - 1) {
+            // As upstream's `enforce_max_runtime` words it (`>` even at the limit itself).
+            let elapsed = st.ended_at - st.started_at;
+            merge(
+                &mut details,
+                &json!({"elapsed_seconds": elapsed, "limit_seconds": m,
+                        "sigkill": st.signal == Some(libc::SIGKILL)}),
+            );
             return RunEnd::TimedOut {
-                error: format!("pid {pid} exceeded max_runtime_seconds={m}"),
+                error: format!("elapsed {elapsed}s > limit {m}s"),
                 details,
             };
         }
@@ -277,7 +303,7 @@ fn from_record(st: &RunStatus, max_runtime: Option<i64>) -> RunEnd {
     }
     match (st.exit_code, st.signal) {
         (Some(0), _) => RunEnd::ProtocolViolation {
-            error: format!("pid {pid} exited 0 without kanban_complete or kanban_block"),
+            error: hermes.protocol_violation_error().to_string(),
             details,
         },
         (Some(EXIT_RATE_LIMITED), _) => RunEnd::RateLimited {
@@ -286,20 +312,29 @@ fn from_record(st: &RunStatus, max_runtime: Option<i64>) -> RunEnd {
             ),
             details,
         },
-        (Some(EXIT_TERMINAL_PROVIDER), _) => RunEnd::TerminalProvider {
-            error: format!(
-                "pid {pid} exited 78: terminal provider error (credentials, model or TLS); blocked until an operator fixes it and unblocks"
-            ),
-            details,
-        },
-        (Some(c), _) => RunEnd::Crashed {
-            error: format!("pid {pid} exited with code {c}"),
-            details,
-        },
-        (None, Some(s)) => RunEnd::Crashed {
-            error: format!("pid {pid} killed by signal {s}"),
-            details,
-        },
+        (Some(EXIT_TERMINAL_PROVIDER), _) if hermes.terminal_provider_exit() => {
+            merge(&mut details, &json!({"exit_kind": "terminal_provider"}));
+            RunEnd::TerminalProvider {
+                error: format!(
+                    "pid {pid} exited on a terminal provider error (exit 78): the provider rejected this profile's credential or model — fix the configuration, then unblock."
+                ),
+                details,
+            }
+        }
+        (Some(c), _) => {
+            merge(&mut details, &exit_kind);
+            RunEnd::Crashed {
+                error: format!("pid {pid} exited with code {c}"),
+                details,
+            }
+        }
+        (None, Some(s)) => {
+            merge(&mut details, &exit_kind);
+            RunEnd::Crashed {
+                error: format!("pid {pid} killed by signal {s}"),
+                details,
+            }
+        }
         (None, None) => RunEnd::Crashed {
             error: format!("pid {pid} ended without an exit status"),
             details,
@@ -308,13 +343,28 @@ fn from_record(st: &RunStatus, max_runtime: Option<i64>) -> RunEnd {
 }
 
 /// The task's counters, read in the booking's own transaction.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Counters {
     pub failures: i64,
     pub max_retries: Option<i64>,
     /// Protocol violations in a row before this run (rate-limited runs skipped).
     pub violation_streak: i64,
     pub claimer: Option<String>,
+    /// Where the task goes back to when the run ends without tripping the breaker: `review`
+    /// for a run the review lane claimed (0.20 on), else `ready`.
+    pub retry_status: &'static str,
+}
+
+impl Default for Counters {
+    fn default() -> Counters {
+        Counters {
+            failures: 0,
+            max_retries: None,
+            violation_streak: 0,
+            claimer: None,
+            retry_status: "ready",
+        }
+    }
 }
 
 /// Exactly what is written for an ended run.
@@ -339,9 +389,8 @@ pub struct Booking {
     pub counted: bool,
     /// The task's `last_heartbeat_at` is reset (upstream's stale reclaim does).
     pub clear_heartbeat: bool,
-    /// A `blocked` event follows: the block is sticky (`recompute_ready` keeps it, whatever
-    /// the counter says) until someone unblocks it.
-    pub sticky: bool,
+    /// The task's status afterwards when the breaker did not trip (`Counters::retry_status`).
+    pub retry_status: &'static str,
 }
 
 impl Booking {
@@ -350,7 +399,7 @@ impl Booking {
         if self.gave_up.is_some() {
             "blocked"
         } else {
-            "ready"
+            self.retry_status
         }
     }
 }
@@ -365,7 +414,8 @@ fn merge(into: &mut Value, from: &Value) {
 
 /// What `end` means for the task, as upstream books it: outcome and event names, counted
 /// or not, the protocol-violation streak's own budget, the breaker.
-pub fn booking(end: &RunEnd, c: &Counters, failure_limit: i64) -> Booking {
+pub fn booking(end: &RunEnd, c: &Counters, rules: Rules) -> Booking {
+    let failure_limit = rules.failure_limit;
     let (outcome, event, details, counted) = match end {
         RunEnd::Crashed { details, .. } => ("crashed", "crashed", details.clone(), true),
         RunEnd::TimedOut { details, .. } => ("timed_out", "timed_out", details.clone(), true),
@@ -387,7 +437,7 @@ pub fn booking(end: &RunEnd, c: &Counters, failure_limit: i64) -> Booking {
         RunEnd::ProtocolViolation { details, .. } => {
             let mut d = details.clone();
             merge(&mut d, &json!({"protocol_violation": true}));
-            ("crashed", "crashed", d, false)
+            ("crashed", "protocol_violation", d, false)
         }
         RunEnd::Lost { .. } => ("lost", "reclaimed", json!({"reason": "lost"}), false),
         RunEnd::Stopped { .. } => ("stopped", "reclaimed", json!({"reason": "stopped"}), false),
@@ -396,13 +446,17 @@ pub fn booking(end: &RunEnd, c: &Counters, failure_limit: i64) -> Booking {
     let error: String = end.error().chars().take(ERROR_MAX).collect();
     let mut details = details;
     merge(&mut details, &json!({"claimer": c.claimer}));
+    if rules.hermes.retry_status() {
+        merge(&mut details, &json!({"retry_status": c.retry_status}));
+    }
     let limit = c.max_retries.unwrap_or(failure_limit);
     let mut failures = c.failures;
     let mut trip = false;
-    let terminal = matches!(end, RunEnd::TerminalProvider { .. });
+    // A trip by a policy of its own, not by the counter.
+    let mut forced = matches!(end, RunEnd::TerminalProvider { .. });
     if counted {
         failures += 1;
-        trip = failures >= limit || terminal;
+        trip = failures >= limit || forced;
     } else if matches!(end, RunEnd::ProtocolViolation { .. }) {
         // Clean exits without a verdict have their own streak budget; reaching it counts
         // and trips, as upstream's detect_crashed_workers does.
@@ -411,6 +465,7 @@ pub fn booking(end: &RunEnd, c: &Counters, failure_limit: i64) -> Booking {
         if streak >= vlimit {
             failures += 1;
             trip = true;
+            forced = true;
             merge(
                 &mut details,
                 &json!({"protocol_violations": streak, "protocol_violation_limit": vlimit}),
@@ -433,6 +488,11 @@ pub fn booking(end: &RunEnd, c: &Counters, failure_limit: i64) -> Booking {
         }
         (event, payload)
     });
+    // The protocol-violation budget trips at its own limit.
+    let limit = details
+        .get("protocol_violation_limit")
+        .and_then(Value::as_i64)
+        .unwrap_or(limit);
     let gave_up = trip.then(|| {
         let mut payload = Value::Object(Map::new());
         merge(
@@ -444,6 +504,11 @@ pub fn booking(end: &RunEnd, c: &Counters, failure_limit: i64) -> Booking {
             }),
         );
         merge(&mut payload, &details);
+        // 0.22 holds such a block for an operator (`_has_sticky_block`); before it, the
+        // counter judges it like any other.
+        if forced && rules.hermes.sticky_trips() {
+            merge(&mut payload, &json!({"sticky": true}));
+        }
         payload
     });
     Booking {
@@ -462,13 +527,23 @@ pub fn booking(end: &RunEnd, c: &Counters, failure_limit: i64) -> Booking {
         gave_up_on_run: spawn_tripped,
         counted,
         clear_heartbeat: matches!(end, RunEnd::Stale { .. }),
-        sticky: terminal,
+        retry_status: c.retry_status,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Limit 2, as each version's dispatcher.
+    const V019: Rules = Rules {
+        failure_limit: 2,
+        hermes: Generation::V019,
+    };
+    const V022: Rules = Rules {
+        failure_limit: 2,
+        hermes: Generation::V022,
+    };
 
     fn rec(code: Option<i32>, sig: Option<i32>, sigterm: bool, secs: i64) -> RunStatus {
         RunStatus {
@@ -496,6 +571,7 @@ mod tests {
             operator_stop: None,
             max_runtime: None,
             stale: None,
+            hermes: Generation::V022,
         }
     }
 
@@ -582,13 +658,16 @@ mod tests {
         let rows: Vec<(Facts, &str)> = vec![
             (facts(Some(&refused_task), Scope::Gone), "spawn_failed: workspace: no repo"),
             (facts(Some(&refused_infra), Scope::Live), "infrastructure: workspace: no repo"),
-            (facts(Some(&exit0), Scope::Gone), "protocol_violation: pid 9 exited 0 without kanban_complete or kanban_block"),
+            (facts(Some(&exit0), Scope::Gone), "protocol_violation: worker exited cleanly (rc=0) without kanban_complete, kanban_block or kanban_request_review — protocol violation. If the prior run already did the work, verify it and report it via kanban_complete (or kanban_request_review); a run without a terminal kanban call counts as failed no matter what it did."),
+            (Facts { hermes: Generation::V019, ..facts(Some(&exit0), Scope::Gone) }, "protocol_violation: worker exited cleanly (rc=0) without calling kanban_complete or kanban_block — protocol violation. If the prior run already did the work, verify it and report the result via kanban_complete; a run that ends without a terminal kanban call counts as failed no matter what it did."),
             (facts(Some(&exit1), Scope::Live), "crashed: pid 9 exited with code 1"),
             (facts(Some(&exit75), Scope::Gone), "rate_limited: pid 9 exited rate-limited (quota wall) — requeued without counting a failure"),
             (facts(Some(&killed), Scope::Gone), "crashed: pid 9 killed by signal 9"),
-            (facts(Some(&exit78), Scope::Gone), "terminal_provider: pid 9 exited 78: terminal provider error (credentials, model or TLS); blocked until an operator fixes it and unblocks"),
+            (facts(Some(&exit78), Scope::Gone), "terminal_provider: pid 9 exited on a terminal provider error (exit 78): the provider rejected this profile's credential or model — fix the configuration, then unblock."),
+            // Before 0.22, 78 is one more exit code.
+            (Facts { hermes: Generation::V020, ..facts(Some(&exit78), Scope::Gone) }, "crashed: pid 9 exited with code 78"),
             (facts(Some(&neither), Scope::Gone), "crashed: pid 9 ended without an exit status"),
-            (with_limit, "timed_out: pid 9 exceeded max_runtime_seconds=60"),
+            (with_limit, "timed_out: elapsed 60s > limit 60s"),
             (short_of_limit, "stopped: pid 9 stopped from outside (killed by signal 15 (SIGTERM))"),
             (operator, "stopped: stopped by operator: ended on SIGTERM after 12 ms"),
             (facts(None, Scope::Live), "running"),
@@ -650,12 +729,16 @@ mod tests {
             max_retries: Some(5),
             ..Counters::default()
         };
-        let b = booking(&end, &c, 2);
+        let b = booking(&end, &c, V022);
         assert_eq!(
-            (b.run_outcome, b.counted, b.failures, b.status(), b.sticky),
-            ("crashed", true, 1, "blocked", true)
+            (b.run_outcome, b.counted, b.failures, b.status()),
+            ("crashed", true, 1, "blocked")
         );
-        assert_eq!(b.gave_up.unwrap()["terminal_provider"], true);
+        let gave_up = b.gave_up.unwrap();
+        assert_eq!(
+            (&gave_up["terminal_provider"], &gave_up["sticky"]),
+            (&json!(true), &json!(true))
+        );
     }
 
     #[test]
@@ -670,7 +753,7 @@ mod tests {
                 failures: 1,
                 ..Counters::default()
             },
-            2,
+            V022,
         );
         assert_eq!(
             (b.run_outcome, b.counted, b.failures, b.status()),
@@ -816,7 +899,15 @@ mod tests {
                 0,
                 None,
                 0,
-                ("crashed", Some("crashed"), false, 0, "ready", false, true),
+                (
+                    "crashed",
+                    Some("protocol_violation"),
+                    false,
+                    0,
+                    "ready",
+                    false,
+                    true,
+                ),
             ),
             (
                 RunEnd::ProtocolViolation {
@@ -826,7 +917,15 @@ mod tests {
                 0,
                 None,
                 2,
-                ("crashed", Some("crashed"), false, 1, "blocked", false, true),
+                (
+                    "crashed",
+                    Some("protocol_violation"),
+                    false,
+                    1,
+                    "blocked",
+                    false,
+                    true,
+                ),
             ),
             (
                 RunEnd::Lost { error: e("l") },
@@ -857,8 +956,9 @@ mod tests {
                 max_retries,
                 violation_streak: streak,
                 claimer: Some("h:1".into()),
+                retry_status: "ready",
             };
-            let b = booking(&end, &c, 2);
+            let b = booking(&end, &c, V019);
             let got = (
                 b.run_outcome,
                 b.event.as_ref().map(|(k, _)| *k),
@@ -875,6 +975,37 @@ mod tests {
         }
     }
 
+    /// 0.20 on: a run the review lane claimed goes back to review, and every payload says
+    /// where the task went back to; 0.19 says nothing and goes back to ready.
+    #[test]
+    fn a_review_runs_end_goes_back_to_review_from_020_on() {
+        let end = RunEnd::Crashed {
+            error: "pid 9 exited with code 3".into(),
+            details: json!({"pid": 9}),
+        };
+        let review = Counters {
+            retry_status: "review",
+            ..Counters::default()
+        };
+        let v020 = Rules {
+            failure_limit: 2,
+            hermes: Generation::V020,
+        };
+        let b = booking(&end, &review, v020);
+        assert_eq!(b.status(), "review");
+        assert_eq!(b.event.unwrap().1["retry_status"], "review");
+        assert_eq!(b.run_metadata["retry_status"], "review");
+        let b = booking(&end, &Counters::default(), V019);
+        assert_eq!(b.status(), "ready");
+        assert!(b.event.unwrap().1.get("retry_status").is_none());
+        // Tripped: blocked, whatever the lane.
+        let tripped = Counters {
+            failures: 1,
+            ..review
+        };
+        assert_eq!(booking(&end, &tripped, v020).status(), "blocked");
+    }
+
     #[test]
     fn long_errors_are_cut_and_the_gave_up_payload_says_why() {
         let b = booking(
@@ -887,7 +1018,7 @@ mod tests {
                 max_retries: Some(5),
                 ..Counters::default()
             },
-            2,
+            V019,
         );
         assert_eq!(b.error.len(), 500);
         let g = b.gave_up.unwrap();

@@ -130,3 +130,17 @@ pub(super) fn protocol_violation_streak(c: &Connection, task: &str) -> rusqlite:
     }
     Ok(streak)
 }
+
+/// Whether run `run` of `task` was claimed by the review lane (its `claimed` event says
+/// `source_status: review`, as upstream's and ours do).
+pub(super) fn claimed_for_review(c: &Connection, task: &str, run: i64) -> rusqlite::Result<bool> {
+    c.query_row(
+        "SELECT json_extract(payload, '$.source_status') = 'review' FROM task_events
+         WHERE task_id=?1 AND run_id=?2 AND kind='claimed' AND json_valid(payload)
+         ORDER BY id DESC LIMIT 1",
+        params![task, run],
+        |r| r.get::<_, Option<bool>>(0),
+    )
+    .optional()
+    .map(|v| v.flatten().unwrap_or(false))
+}

@@ -194,9 +194,16 @@ impl Board {
         })
     }
 
-    /// Record the worker's PID on task and run, with upstream's `spawned {pid}` event.
-    /// Guarded by the run id so a late write cannot land on a newer run.
-    pub fn set_worker_pid(&self, id: &str, run_id: i64, pid: i64) -> Result<bool> {
+    /// Record the worker's PID on task and run, with upstream's `spawned {pid}` event (and,
+    /// as ~0.22 writes it, the worker's fingerprint as its `started_at`). Guarded by the run
+    /// id so a late write cannot land on a newer run.
+    pub fn set_worker_pid(
+        &self,
+        id: &str,
+        run_id: i64,
+        pid: i64,
+        started_at: Option<&str>,
+    ) -> Result<bool> {
         self.write("set worker pid", |c| {
             let n = c
                 .execute(
@@ -207,7 +214,11 @@ impl Board {
             if n == 1 {
                 c.execute("UPDATE task_runs SET worker_pid=?1 WHERE id=?2", params![pid, run_id])
                     .map_err(|e| self.err("set worker pid", e))?;
-                append_event(c, id, "spawned", &json!({"pid": pid}), Some(run_id)).map_err(|e| self.err("append event", e))?;
+                let payload = match started_at {
+                    Some(f) => json!({"pid": pid, "started_at": f}),
+                    None => json!({"pid": pid}),
+                };
+                append_event(c, id, "spawned", &payload, Some(run_id)).map_err(|e| self.err("append event", e))?;
             }
             Ok(n == 1)
         })
@@ -286,9 +297,9 @@ impl Board {
         id: &str,
         run_id: i64,
         end: &RunEnd,
-        failure_limit: i64,
+        rules: outcome::Rules,
     ) -> Result<Option<EndResult>> {
-        self.end_run_costed(id, run_id, end, failure_limit, None)
+        self.end_run_costed(id, run_id, end, rules, None)
     }
 
     /// `end_run`, recording in the same transaction what the run cost (`resources`, a JSON
@@ -299,7 +310,7 @@ impl Board {
         id: &str,
         run_id: i64,
         end: &RunEnd,
-        failure_limit: i64,
+        rules: outcome::Rules,
         resources: Option<&Value>,
     ) -> Result<Option<EndResult>> {
         let now = now();
@@ -336,8 +347,14 @@ impl Board {
             } else {
                 0
             };
-            let counters = outcome::Counters { failures, max_retries, violation_streak, claimer };
-            let b = outcome::booking(end, &counters, failure_limit);
+            // A run the review lane claimed goes back to review (0.20 on: `_retry_status_for_run`).
+            let retry_status = if rules.hermes.retry_status() && claimed_for_review(c, id, run_id).map_err(|e| self.err("end run", e))? {
+                "review"
+            } else {
+                "ready"
+            };
+            let counters = outcome::Counters { failures, max_retries, violation_streak, claimer, retry_status };
+            let b = outcome::booking(end, &counters, rules);
             c.execute(
                 "UPDATE tasks SET status=?3, claim_lock=NULL, claim_expires=NULL, worker_pid=NULL, current_run_id=NULL
                  WHERE id=?1 AND status='running' AND current_run_id=?2",
@@ -362,10 +379,6 @@ impl Board {
             }
             if let Some(payload) = &b.gave_up {
                 append_event(c, id, "gave_up", payload, b.gave_up_on_run.then_some(run_id))
-                    .map_err(|e| self.err("append event", e))?;
-            }
-            if b.sticky {
-                append_event(c, id, "blocked", &json!({"reason": b.error, "terminal_provider": true}), Some(run_id))
                     .map_err(|e| self.err("append event", e))?;
             }
             record_cost(c)?;

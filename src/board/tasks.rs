@@ -18,6 +18,10 @@ pub(super) fn new_task_id() -> std::io::Result<String> {
     ))
 }
 
+/// Upstream's `_SCRATCH_TIP_SENTINEL_NAME` and `_SCRATCH_TIP_MESSAGE`.
+const SCRATCH_TIP_SENTINEL: &str = ".scratch_tip_shown";
+const SCRATCH_TIP: &str = "scratch workspaces are ephemeral — they're deleted when the task completes. Use --workspace worktree: (git worktree) or --workspace dir:/abs/path (existing dir) to preserve worker output.";
+
 impl Board {
     /// `create_task`: a new id, `ready` when every parent is done, else `todo`, and a
     /// `created` event. Unknown parents are refused. An `idempotency_key` that a live task
@@ -336,6 +340,43 @@ impl Board {
 
     /// Upstream's `respawn_guarded` event (`{"reason": …}`), unless the task's newest event
     /// already says the same: a pass runs on every change here, not once a minute.
+    /// Upstream's first-use tip (`_maybe_emit_scratch_tip`): once per Hermes root, on the
+    /// first scratch task a dispatcher starts, a `tip_scratch_workspace` event; the root's
+    /// `.scratch_tip_shown` says it was given, by upstream's dispatcher or ours. The file is
+    /// made as the tree's owner, never through a link. Best effort, as upstream's.
+    pub fn scratch_tip(&self, id: &str) {
+        let sentinel = self.paths.root.join(SCRATCH_TIP_SENTINEL);
+        if std::fs::symlink_metadata(&sentinel).is_ok() {
+            return;
+        }
+        let said = self.write("scratch tip", |c| {
+            append_event(
+                c,
+                id,
+                "tip_scratch_workspace",
+                &json!({"message": SCRATCH_TIP}),
+                None,
+            )
+            .map_err(|e| self.err("scratch tip", e))
+        });
+        let made = safe_fs::as_user(&self.owner, || {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&sentinel)
+        });
+        if let Err(e) = said {
+            tracing::warn!(hermes_kanban_task = %id, "the scratch workspace tip: {e}");
+        }
+        match made.and_then(|r| r) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => tracing::warn!("{}: {e}", sentinel.display()),
+        }
+    }
+
     pub fn note_respawn_guarded(&self, id: &str, reason: &str) -> Result<()> {
         let said = |c: &rusqlite::Connection| -> Result<bool> {
             let last: Option<(String, Option<String>)> = c
@@ -404,6 +445,25 @@ impl Board {
                         .optional()
                         .map_err(|e| self.err("recompute ready", e))?;
                     if last.as_deref() == Some("blocked") || failures >= max_retries.unwrap_or(failure_limit) {
+                        continue;
+                    }
+                    // A trip by a policy of its own (0.22 marks its `gave_up` sticky: the
+                    // protocol-violation budget, a terminal provider error) waits for an
+                    // operator too (upstream's `_has_sticky_block`).
+                    let sticky: bool = c
+                        .query_row(
+                            "SELECT coalesce(json_extract(payload, '$.sticky'), 0) FROM task_events
+                             WHERE task_id=?1 AND kind='gave_up' AND json_valid(payload) AND id > coalesce(
+                               (SELECT max(id) FROM task_events WHERE task_id=?1 AND kind='unblocked'), 0)
+                             ORDER BY id DESC LIMIT 1",
+                            [&id],
+                            |r| r.get::<_, Option<i64>>(0),
+                        )
+                        .optional()
+                        .map_err(|e| self.err("recompute ready", e))?
+                        .flatten()
+                        .is_some_and(|v| v != 0);
+                    if sticky {
                         continue;
                     }
                 }

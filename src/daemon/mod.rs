@@ -776,6 +776,7 @@ impl Daemon {
             operator_stop: None,
             max_runtime: live.max_runtime,
             stale: live.stale.as_ref(),
+            hermes: crate::spawn::hermes_generation(&self.cfg),
         };
         // Still running (a UnitRemoved for a name we reuse, a stray event): nothing to do.
         let Decision::Ended(end) = outcome::decide(&facts) else {
@@ -790,7 +791,7 @@ impl Daemon {
             .as_ref()
             .and_then(|r| r.usage.as_ref())
             .and_then(|u| serde_json::to_value(u).ok());
-        match board.end_run_costed(task, run, &end, self.cfg.failure_limit, cost.as_ref()) {
+        match board.end_run_costed(task, run, &end, dispatch::rules(&self.cfg), cost.as_ref()) {
             Ok(result) => {
                 match &result {
                     Some(r) => {
@@ -851,7 +852,7 @@ impl Daemon {
                     let (slug, task, run) = (&key.0, &key.1, key.2);
                     let booked = self
                         .board(slug)
-                        .map(|b| b.end_run(task, run, &end, self.cfg.failure_limit));
+                        .map(|b| b.end_run(task, run, &end, dispatch::rules(&self.cfg)));
                     match booked {
                         Some(Ok(_)) => {
                             crate::spawn::spec::forget_run(&self.cfg.state_dir, slug, task, run);

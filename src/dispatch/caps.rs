@@ -4,7 +4,7 @@
 //! when unset, one derived from the host's memory (`derive_default_max_in_progress`).
 
 use crate::config::Config;
-use crate::spawn::installed::{self, Generation};
+use crate::contract::Generation;
 
 /// How many tasks may run; `None` = no cap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -60,10 +60,8 @@ pub fn derived_max_in_progress(mem_total_kib: u64) -> Option<usize> {
 /// The caps for `cfg`, by the Hermes its workers run (read from its installation) and this
 /// host's memory.
 pub fn of(cfg: &Config) -> Caps {
-    let bin = crate::spawn::resolve_binary(&cfg.hermes_bin)
-        .unwrap_or_else(|_| std::path::PathBuf::from(&cfg.hermes_bin));
     caps(
-        installed::generation_of(&bin),
+        crate::spawn::hermes_generation(cfg),
         cfg.max_spawn,
         cfg.max_in_progress,
         mem_total_kib(),

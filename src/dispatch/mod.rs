@@ -13,6 +13,14 @@ use crate::outcome::{self, Fault};
 use crate::spawn::{self, Started};
 use crate::systemd::Systemd;
 
+/// The booking rules for `cfg`: its breaker limit, and the Hermes its workers run.
+pub fn rules(cfg: &Config) -> outcome::Rules {
+    outcome::Rules {
+        failure_limit: cfg.failure_limit,
+        hermes: spawn::hermes_generation(cfg),
+    }
+}
+
 #[derive(Debug, Default, Serialize)]
 pub struct SpawnedWorker {
     pub task_id: String,
@@ -187,6 +195,9 @@ pub async fn once(
             continue;
         };
         ready.claimed += 1;
+        if claim.task.workspace_kind == "scratch" {
+            board.scratch_tip(&task.id);
+        }
         // The slot is taken now, given back if the start fails.
         slots -= 1;
         *per_profile.entry(assignee.clone()).or_default() += 1;
@@ -238,6 +249,9 @@ pub async fn once(
             continue;
         };
         review.claimed += 1;
+        if claim.task.workspace_kind == "scratch" {
+            board.scratch_tip(&task.id);
+        }
         slots -= 1;
         flight.push(board, sd, cfg, claim, None);
         while flight.len() >= IN_FLIGHT {
@@ -401,7 +415,16 @@ fn settle(
                     tracing::warn!(hermes_kanban_task = %s.task, hermes_kanban_run_id = s.run_id, "workspace not recorded: {e}");
                 }
             }
-            if let Err(e) = board.set_worker_pid(&s.task, s.run_id, s.worker_pid as i64) {
+            let started_at = spawn::hermes_generation(cfg)
+                .fingerprint()
+                .then(|| crate::liveness::fingerprint(s.worker_pid))
+                .flatten();
+            if let Err(e) = board.set_worker_pid(
+                &s.task,
+                s.run_id,
+                s.worker_pid as i64,
+                started_at.as_deref(),
+            ) {
                 tracing::warn!(hermes_kanban_task = %s.task, hermes_kanban_run_id = s.run_id, unit = %s.unit,
                                "worker started but its pid could not be recorded: {e}");
             }
@@ -423,7 +446,7 @@ fn settle(
             let infrastructure = err.fault == Fault::Infrastructure;
             let end = outcome::spawn_failure(err.fault, &err.reason);
             let error = err.reason;
-            match board.end_run(&task.id, claim.run_id, &end, cfg.failure_limit) {
+            match board.end_run(&task.id, claim.run_id, &end, rules(cfg)) {
                 Ok(r) => {
                     crate::spawn::spec::forget_run(
                         &cfg.state_dir,

@@ -117,13 +117,14 @@ pub async fn stop(
         operator_stop: operator_stop.as_deref(),
         max_runtime: task.max_runtime_seconds,
         stale: None,
+        hermes: crate::spawn::hermes_generation(cfg),
     };
     if let outcome::Decision::Ended(end) = outcome::decide(&facts) {
         match (&end, marked) {
             // The run was closed (blocked, sticky) before the signal: say how it went.
             (RunEnd::Stopped { error }, true) => board.annotate_run(run_id, error)?,
             _ => {
-                board.end_run(task_id, run_id, &end, cfg.failure_limit)?;
+                board.end_run(task_id, run_id, &end, super::rules(cfg))?;
             }
         }
     }

@@ -12,67 +12,7 @@ use std::path::{Path, PathBuf};
 /// of them when its first three release numbers are.
 pub const PROVEN: &[&str] = &["0.19.0", "0.20.1", "0.22.2"];
 
-/// The worker contract a version gets: the newest proven one at or below it (0.21, never
-/// run here, gets 0.20.1's).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Generation {
-    /// 0.19.0's `_default_spawn`.
-    V019,
-    /// 0.20.1's: 0.19.0's, plus `HERMES_SESSION_SOURCE=kanban`, `--provider` with `-m`,
-    /// `--reasoning`, and a review lane that keeps the task's own skills.
-    V020,
-    /// ~0.22's: 0.20.1's, plus `HERMES_REAL_HOME` and the worker's pid fingerprint, and no
-    /// `-Q` in goal mode.
-    V022,
-}
-
-impl Generation {
-    /// The proven version whose contract this is, as `doctor` and the journal name it.
-    pub fn version(self) -> &'static str {
-        match self {
-            Generation::V019 => PROVEN[0],
-            Generation::V020 => PROVEN[1],
-            Generation::V022 => PROVEN[2],
-        }
-    }
-
-    /// `HERMES_SESSION_SOURCE=kanban`: the worker's session is tagged a kanban one.
-    pub fn session_source(self) -> bool {
-        self >= Generation::V020
-    }
-
-    /// `HERMES_REAL_HOME`: the user's real home, named to the worker.
-    pub fn real_home(self) -> bool {
-        self >= Generation::V022
-    }
-
-    /// The task's `provider_override` (`--provider`, with `-m`) and `reasoning_effort`
-    /// (`--reasoning`) reach the worker's argv.
-    pub fn provider_and_reasoning(self) -> bool {
-        self >= Generation::V020
-    }
-
-    /// Goal mode runs the worker fully quiet (`-Q`).
-    pub fn goal_quiet(self) -> bool {
-        self < Generation::V022
-    }
-
-    /// The review lane adds `sdlc-review` to the task's skills (0.19.0 replaces them).
-    pub fn review_keeps_skills(self) -> bool {
-        self >= Generation::V020
-    }
-
-    /// The worker's pid fingerprint (`worker_started_at`) is recorded at its start.
-    pub fn fingerprint(self) -> bool {
-        self >= Generation::V022
-    }
-
-    /// `kanban.max_in_progress` caps the running tasks of every board together (and has a
-    /// default derived from memory), not those of each board.
-    pub fn host_wide_max_in_progress(self) -> bool {
-        self >= Generation::V022
-    }
-}
+pub use crate::contract::Generation;
 
 /// A Hermes installation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -274,39 +214,6 @@ mod tests {
         for (v, c, g) in rows {
             assert_eq!((h(v).contract(), h(v).generation()), (c, g), "{v}");
         }
-    }
-
-    /// What each contract gives a worker, as each version's `_default_spawn` and review lane
-    /// do (proven against them, run, in `tests/it/parity.rs`).
-    #[test]
-    fn each_generation_gives_what_its_version_gives() {
-        use Generation::*;
-        let rows = [
-            // (generation, session source, real home, provider+reasoning, -Q, review keeps
-            // skills, fingerprint, host-wide max_in_progress)
-            (V019, false, false, false, true, false, false, false),
-            (V020, true, false, true, true, true, false, false),
-            (V022, true, true, true, false, true, true, true),
-        ];
-        for (g, ss, rh, pr, q, rk, fp, hw) in rows {
-            assert_eq!(
-                (
-                    g.session_source(),
-                    g.real_home(),
-                    g.provider_and_reasoning(),
-                    g.goal_quiet(),
-                    g.review_keeps_skills(),
-                    g.fingerprint(),
-                    g.host_wide_max_in_progress()
-                ),
-                (ss, rh, pr, q, rk, fp, hw),
-                "{g:?}"
-            );
-        }
-        assert_eq!(
-            [V019, V020, V022].map(Generation::version),
-            ["0.19.0", "0.20.1", "0.22.2"]
-        );
     }
 
     #[test]

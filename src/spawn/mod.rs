@@ -137,6 +137,12 @@ pub(crate) fn passed_through(name: &str, cfg: &Config) -> bool {
 
 /// Resolve the worker binary as `execvp` would, but now, so that a missing binary is a
 /// clear spawn failure before any scope exists.
+/// The contract of the Hermes `cfg`'s workers run (`installed::generation_of`).
+pub fn hermes_generation(cfg: &Config) -> installed::Generation {
+    let bin = resolve_binary(&cfg.hermes_bin).unwrap_or_else(|_| PathBuf::from(&cfg.hermes_bin));
+    installed::generation_of(&bin)
+}
+
 pub fn resolve_binary(bin: &str) -> Result<PathBuf, String> {
     let is_exec = |p: &Path| {
         std::fs::metadata(p)

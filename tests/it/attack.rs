@@ -776,7 +776,16 @@ systemd_test!(
                 .success();
             (swapped && held).then_some(())
         });
-        sh(&format!("systemctl restart {}", crate::rig::SERVICE));
+        let restart = Command::new("systemctl")
+            .args(["restart", crate::rig::SERVICE])
+            .output()
+            .unwrap();
+        assert!(
+            restart.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&restart.stderr),
+            crate::rig::journal(crate::rig::SERVICE)
+        );
         assert!(
             crate::rig::journal(crate::rig::SERVICE)
                 .contains("the dispatcher lock is held by a worker's process"),

@@ -9,6 +9,12 @@ use serde_json::json;
 
 use crate::harness::scratch;
 
+/// 0.19.0's booking, at its default limit.
+const RULES: hermes_mgr::outcome::Rules = hermes_mgr::outcome::Rules {
+    failure_limit: DEFAULT_FAILURE_LIMIT,
+    hermes: hermes_mgr::contract::Generation::V019,
+};
+
 fn open(db: &Path) -> Board {
     Board::open(&BoardPaths::for_db(db), OpenMode::CreateIfMissing).expect("open board")
 }
@@ -322,10 +328,7 @@ fn crashes_requeue_then_trip_the_breaker() {
     let b = open(&d.path().join("kanban.db"));
     let id = add(&b, "flaky");
     let r1 = b.claim(&id, "h:1", 60).unwrap().unwrap().run_id;
-    let e = b
-        .end_run(&id, r1, &crash(1), DEFAULT_FAILURE_LIMIT)
-        .unwrap()
-        .unwrap();
+    let e = b.end_run(&id, r1, &crash(1), RULES).unwrap().unwrap();
     assert_eq!(
         (e.status.as_str(), e.failures, e.gave_up),
         ("ready", 1, false)
@@ -344,17 +347,12 @@ fn crashes_requeue_then_trip_the_breaker() {
         Some("crashed")
     );
     assert!(
-        b.end_run(&id, r1, &crash(1), DEFAULT_FAILURE_LIMIT)
-            .unwrap()
-            .is_none(),
+        b.end_run(&id, r1, &crash(1), RULES).unwrap().is_none(),
         "a duplicate report changes nothing"
     );
 
     let r2 = b.claim(&id, "h:1", 60).unwrap().unwrap().run_id;
-    let e = b
-        .end_run(&id, r2, &crash(3), DEFAULT_FAILURE_LIMIT)
-        .unwrap()
-        .unwrap();
+    let e = b.end_run(&id, r2, &crash(3), RULES).unwrap().unwrap();
     assert_eq!(
         (e.status.as_str(), e.failures, e.gave_up),
         ("blocked", 2, true)
@@ -396,10 +394,7 @@ fn per_task_max_retries_beats_the_dispatcher_limit() {
         .unwrap();
     for n in 1..=3 {
         let r = b.claim(&id, "h:1", 60).unwrap().unwrap().run_id;
-        let e = b
-            .end_run(&id, r, &crash(1), DEFAULT_FAILURE_LIMIT)
-            .unwrap()
-            .unwrap();
+        let e = b.end_run(&id, r, &crash(1), RULES).unwrap().unwrap();
         assert_eq!(e.gave_up, n == 3, "after {n} crashes");
     }
 }
@@ -426,7 +421,18 @@ fn infrastructure_endings_are_not_counted() {
         },
     ] {
         let r = b.claim(&id, "h:1", 60).unwrap().unwrap().run_id;
-        let e = b.end_run(&id, r, &end, 1).unwrap().unwrap();
+        let e = b
+            .end_run(
+                &id,
+                r,
+                &end,
+                hermes_mgr::outcome::Rules {
+                    failure_limit: 1,
+                    ..RULES
+                },
+            )
+            .unwrap()
+            .unwrap();
         assert_eq!((e.status.as_str(), e.failures), ("ready", 0), "{end:?}");
     }
     let outcomes: Vec<_> = b
@@ -452,10 +458,7 @@ fn clean_exits_without_a_verdict_trip_after_their_own_streak() {
     };
     for n in 1..=3 {
         let r = b.claim(&id, "h:1", 60).unwrap().unwrap().run_id;
-        let e = b
-            .end_run(&id, r, &pv, DEFAULT_FAILURE_LIMIT)
-            .unwrap()
-            .unwrap();
+        let e = b.end_run(&id, r, &pv, RULES).unwrap().unwrap();
         assert_eq!(e.gave_up, n == 3, "after {n} violations");
         let run = b.run(r).unwrap().unwrap();
         assert_eq!(run.metadata.unwrap()["protocol_violation"], json!(true));
@@ -481,7 +484,7 @@ fn spawn_failure_at_the_limit_closes_the_run_as_gave_up() {
             &RunEnd::SpawnFailed {
                 error: "hermes: not found".into(),
             },
-            2,
+            RULES,
         )
         .unwrap()
         .unwrap();

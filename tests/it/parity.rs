@@ -1,4 +1,8 @@
-//! Worker parity, proven against upstream's own code: for each shape of task, what
+//! Parity, proven against upstream's own code, for each Hermes served (0.19.0, v0.20.1,
+//! ~0.22.2, each in its own venv). The booking: each way a worker can end, booked by that
+//! version's own `dispatch_once` on a board of its own (`tests/fixtures/upstream_booking.py`)
+//! and by hermes-dispatcher — the same runs, outcomes, errors, events and payload values.
+//! Worker parity: for each shape of task, what
 //! hermes-mgr's worker received (a recording stub worker: its argv, environment and cwd)
 //! against what Hermes 0.19.0's `_default_spawn` would have launched for the same claimed
 //! task (`tests/fixtures/upstream_spawn.py`, process creation intercepted). The stub is a
@@ -596,3 +600,308 @@ systemd_test!(
         );
     }
 );
+
+/// Each way a worker can end, as a shell line standing in for the worker: (title, command,
+/// max_runtime). Each repeats on every run of its task, so the breaker's own path is
+/// booked too.
+const ENDS: &[(&str, &str, Option<i64>)] = &[
+    ("crash", "exit 3", None),
+    ("violation", "exit 0", None),
+    ("rate limited", "exit 75", None),
+    ("terminal provider", "exit 78", None),
+    ("signal", "kill -9 $$", None),
+    ("timeout", "sleep 30", Some(2)),
+];
+
+/// Upstream's own booking of `ENDS`: its `dispatch_once`, tick after tick, on a board of
+/// its own (`tests/fixtures/upstream_booking.py`).
+fn upstream_booking(venv: &Path) -> Value {
+    let home = crate::harness::scratch();
+    let cases: Vec<Value> = ENDS
+        .iter()
+        .map(|(title, cmd, rt)| serde_json::json!({"title": title, "cmd": cmd, "max_runtime": rt}))
+        .collect();
+    let o = Command::new(venv.join("bin/python3"))
+        .arg(repo().join("tests/fixtures/upstream_booking.py"))
+        .arg(serde_json::to_string(&cases).unwrap())
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", home.path())
+        .env("HERMES_HOME", home.path())
+        .env("HERMES_KANBAN_CRASH_GRACE_SECONDS", "0")
+        .env("LANG", "C.UTF-8")
+        .current_dir(home.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// hermes-dispatcher's booking of `ENDS`, its workers run by `venv`'s interpreter (so the
+/// Hermes served, and its contract, is that venv's).
+fn our_booking(venv: &Path) -> Value {
+    let marks = std::path::PathBuf::from(format!(
+        "/var/tmp/hermes-mgr-ends-{}-{}",
+        std::process::id(),
+        venv.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::create_dir_all(&marks).unwrap();
+    let stub = format!(
+        "#!{}\nimport os\ncmd = open(os.path.join({:?}, os.environ['HERMES_KANBAN_TASK'])).read()\nos.execv('/bin/sh', ['sh', '-c', cmd])\n",
+        venv.join("bin/python3").display(),
+        marks.display().to_string()
+    );
+    let d = Dispatcher::with_stub(&stub, "tick_seconds = 1");
+    let mut ids = Vec::new();
+    for (title, cmd, rt) in ENDS {
+        let mut args = vec!["create", title, "--assignee", "default", "--json"];
+        let rt = rt.map(|r| r.to_string());
+        if let Some(r) = &rt {
+            args.extend(["--max-runtime", r]);
+        }
+        // Made by that version's own CLI, as upstream's are by its own `create_task`.
+        let cli = [venv.join("bin/hermesx"), venv.join("bin/hermes")]
+            .into_iter()
+            .find(|p| p.exists())
+            .unwrap();
+        let id = hermes_with(&cli, &d, &args).json()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        std::fs::write(marks.join(&id), cmd).unwrap();
+        ids.push((title.to_string(), id));
+    }
+    d.install();
+    d.start();
+    let settled = |id: &str| {
+        let b = d.rig.board();
+        let t = b.require_task(id).unwrap();
+        let last = b
+            .runs(id)
+            .unwrap()
+            .into_iter()
+            .rfind(|r| r.ended_at.is_some());
+        t.status.as_str() == "blocked"
+            || (t.status.as_str() == "ready"
+                && last.is_some_and(|r| r.outcome.as_deref() == Some("rate_limited")))
+    };
+    wait_for("every end booked", Duration::from_secs(120), || {
+        ids.iter().all(|(_, id)| settled(id)).then_some(())
+    });
+    d.stop();
+    let c = rusqlite::Connection::open(&d.rig.db).unwrap();
+    let rows = |sql: &str, id: &str| -> Vec<Value> {
+        let mut st = c.prepare(sql).unwrap();
+        let names: Vec<String> = st.column_names().map(|s| s.to_string()).collect();
+        st.query_map([id], |r| {
+            let mut m = serde_json::Map::new();
+            for (i, n) in names.iter().enumerate() {
+                let v = match r.get_ref(i)? {
+                    rusqlite::types::ValueRef::Null => Value::Null,
+                    rusqlite::types::ValueRef::Integer(x) => Value::from(x),
+                    rusqlite::types::ValueRef::Real(x) => Value::from(x),
+                    rusqlite::types::ValueRef::Text(t) | rusqlite::types::ValueRef::Blob(t) => {
+                        Value::from(String::from_utf8_lossy(t).into_owned())
+                    }
+                };
+                m.insert(n.clone(), v);
+            }
+            Ok(Value::Object(m))
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+    };
+    let mut out = serde_json::Map::new();
+    for (title, id) in &ids {
+        out.insert(
+            title.clone(),
+            serde_json::json!({
+                "task": rows("SELECT * FROM tasks WHERE id = ?1", id)[0],
+                "runs": rows("SELECT * FROM task_runs WHERE task_id = ?1 ORDER BY id", id),
+                "events": rows("SELECT * FROM task_events WHERE task_id = ?1 ORDER BY id", id),
+            }),
+        );
+    }
+    Value::Object(out)
+}
+
+/// A booking's story, as a reader of the board sees it: the task's end state, each run's
+/// outcome and error, the events' kinds and payloads (pids, claimers, times and clock-bound
+/// figures left out).
+fn story(v: &Value) -> BTreeMap<String, Value> {
+    let pid = regex_lite_pid;
+    let strip = |p: &Value| -> Value {
+        let mut p: Value = match p {
+            Value::String(s) => serde_json::from_str(s).unwrap_or(Value::Null),
+            other => other.clone(),
+        };
+        if let Some(m) = p.as_object_mut() {
+            for k in [
+                "pid",
+                "claimer",
+                "lock",
+                "expires",
+                "run_id",
+                "elapsed_seconds",
+            ] {
+                m.remove(k);
+            }
+            if let Some(Value::String(e)) = m.get("error").cloned() {
+                m.insert("error".into(), Value::from(pid(&e)));
+            }
+            // ~0.22's pid fingerprint: its instantiation epoch is the host's; the start time
+            // after `|` is the process's own.
+            if let Some(Value::String(f)) = m.get("started_at").cloned() {
+                let epoch = f.rsplit_once('|').map_or(f.as_str(), |(e, _)| e);
+                m.insert("started_at".into(), Value::from(format!("{epoch}|T")));
+            }
+        }
+        p
+    };
+    let mut out = BTreeMap::new();
+    for (title, t) in v.as_object().unwrap() {
+        let task = &t["task"];
+        let runs: Vec<Value> = t["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "status": r["status"], "outcome": r["outcome"],
+                    "error": r["error"].as_str().map(pid),
+                    "metadata": strip(&r["metadata"]),
+                })
+            })
+            .collect();
+        let events: Vec<Value> = t["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| serde_json::json!([e["kind"], strip(&e["payload"])]))
+            .collect();
+        out.insert(
+            title.clone(),
+            serde_json::json!({
+                "status": task["status"],
+                "consecutive_failures": task["consecutive_failures"],
+                "last_failure_error": task["last_failure_error"].as_str().map(pid),
+                "runs": runs,
+                "events": events,
+            }),
+        );
+    }
+    out
+}
+
+/// `pid 1234` → `pid N`.
+fn regex_lite_pid(s: &str) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find("pid ") {
+        out.push_str(&rest[..i + 4]);
+        rest = &rest[i + 4..];
+        let digits = rest.chars().take_while(char::is_ascii_digit).count();
+        if digits > 0 {
+            out.push('N');
+        }
+        rest = &rest[digits..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Where `ours` does not tell `theirs`' story: the same end state, runs and event kinds
+/// (consecutive `respawn_guarded` as one: hermes-mgr writes it once per reason, upstream on
+/// every tick), and every key of upstream's payloads and run metadata with its value (ours
+/// may add keys: the unit, the signal, the run's resources).
+fn untold(title: &str, ours: &Value, theirs: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for k in ["status", "consecutive_failures", "last_failure_error"] {
+        if ours[k] != theirs[k] {
+            out.push(format!(
+                "{title}: task {k}: ours {} theirs {}",
+                ours[k], theirs[k]
+            ));
+        }
+    }
+    let missing = |what: String, o: &Value, t: &Value, out: &mut Vec<String>| {
+        if let Some(t) = t.as_object() {
+            for (k, v) in t {
+                if o.get(k) != Some(v) {
+                    out.push(format!("{what}: {k}: ours {:?} theirs {v}", o.get(k)));
+                }
+            }
+        }
+    };
+    let (or, tr) = (
+        ours["runs"].as_array().unwrap(),
+        theirs["runs"].as_array().unwrap(),
+    );
+    if or.len() != tr.len() {
+        out.push(format!("{title}: {} runs, upstream {}", or.len(), tr.len()));
+    }
+    for (i, (o, t)) in or.iter().zip(tr).enumerate() {
+        for k in ["status", "outcome", "error"] {
+            if o[k] != t[k] {
+                out.push(format!(
+                    "{title}: run {}: {k}: ours {} theirs {}",
+                    i + 1,
+                    o[k],
+                    t[k]
+                ));
+            }
+        }
+        missing(
+            format!("{title}: run {} metadata", i + 1),
+            &o["metadata"],
+            &t["metadata"],
+            &mut out,
+        );
+    }
+    let collapse = |v: &Value| -> Vec<Value> {
+        let mut e: Vec<Value> = v.as_array().unwrap().clone();
+        e.dedup_by(|a, b| a[0] == "respawn_guarded" && a == b);
+        e
+    };
+    let (oe, te) = (collapse(&ours["events"]), collapse(&theirs["events"]));
+    let kinds = |e: &[Value]| {
+        e.iter()
+            .map(|x| x[0].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    if kinds(&oe) != kinds(&te) {
+        out.push(format!(
+            "{title}: events\n    ours   {:?}\n    theirs {:?}",
+            kinds(&oe),
+            kinds(&te)
+        ));
+    } else {
+        for (o, t) in oe.iter().zip(&te) {
+            missing(format!("{title}: {} event", t[0]), &o[1], &t[1], &mut out);
+        }
+    }
+    out
+}
+
+fn every_end_booked_as(venv: &Path) {
+    let theirs = story(&upstream_booking(venv));
+    let ours = story(&our_booking(venv));
+    let differences: Vec<String> = theirs
+        .iter()
+        .flat_map(|(title, t)| untold(title, &ours[title], t))
+        .collect();
+    assert!(differences.is_empty(), "{}", differences.join("\n"));
+}
+
+systemd_test!(every_end_is_booked_as_019_books_it, {
+    every_end_booked_as(&venv());
+});
+
+systemd_test!(every_end_is_booked_as_020_books_it, {
+    every_end_booked_as(&venv_020());
+});
+
+systemd_test!(every_end_is_booked_as_022_books_it, {
+    every_end_booked_as(&venv_022());
+});

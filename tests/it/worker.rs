@@ -602,11 +602,16 @@ systemd_test!(
             operator_stop: None,
             max_runtime: None,
             stale: None,
+            hermes: hermes_mgr::contract::Generation::V019,
         };
         let hermes_mgr::outcome::Decision::Ended(end) = hermes_mgr::outcome::decide(&facts) else {
             panic!("a run with an exit record is over")
         };
-        let r = rig.board().end_run(&id, run, &end, 2).unwrap().unwrap();
+        let rules = hermes_mgr::outcome::Rules {
+            failure_limit: 2,
+            hermes: hermes_mgr::contract::Generation::V019,
+        };
+        let r = rig.board().end_run(&id, run, &end, rules).unwrap().unwrap();
         assert_eq!((r.status.as_str(), r.failures), ("ready", 1));
         assert_eq!(
             rig.board().runs(&id).unwrap()[0].error.as_deref(),
