@@ -189,11 +189,16 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     crate::safe_fs::as_user(&owner, || std::fs::create_dir_all(&life_dir))
         .and_then(|r| r)
         .with_context(|| format!("create {}", life_dir.display()))?;
-    let life = match FileLock::acquire_or_held(&life_path, &owner)
-        .with_context(|| format!("open {}", life_path.display()))?
-    {
-        Some(l) => Some(l),
-        None => take_from_workers(&life_path, &owner, &cfg.slice),
+    let life = match FileLock::acquire_or_held(&life_path, &owner) {
+        Ok(Some(l)) => Some(l),
+        Ok(None) => take_from_workers(&life_path, &owner, &cfg.slice, false),
+        // A file no Hermes process can lock — one the tree's owner may not open (a worker
+        // runs as the owner: it can chmod it), a symlink, a FIFO — is no one's lock.
+        Err(e) if unlockable(&life_path, &e) => {
+            warn!(lock = %life_path.display(), "the dispatcher lock cannot be taken ({e}); replacing the file");
+            take_from_workers(&life_path, &owner, &cfg.slice, true)
+        }
+        Err(e) => return Err(e).with_context(|| format!("open {}", life_path.display())),
     };
     let Some(_life) = life else {
         bail!("{}", lock_taken(&life_path));
@@ -1069,8 +1074,9 @@ impl Daemon {
 /// its own and holds it: workers outlive restarts, so it would keep every start out) is no
 /// dispatcher's: said loudly, the file is replaced — as the tree's owner, by name, as any
 /// Hermes process may — and the new one taken. `None`: a real dispatcher (or one we cannot
-/// tell from a worker) holds it.
-fn take_from_workers(path: &Path, owner: &Owner, slice: &str) -> Option<FileLock> {
+/// tell from a worker) holds it. `unheld`: a file held by nobody is replaced too (it cannot
+/// be locked at all).
+fn take_from_workers(path: &Path, owner: &Owner, slice: &str, unheld: bool) -> Option<FileLock> {
     let holders = crate::liveness::flock_holders(path);
     let workers = crate::liveness::unit_cgroup(slice, "");
     let in_worker_scope = |pid: u32| {
@@ -1079,12 +1085,16 @@ fn take_from_workers(path: &Path, owner: &Owner, slice: &str) -> Option<FileLock
             .flatten()
             .is_some_and(|cg| cg.starts_with(&workers))
     };
-    if holders.is_empty() || !holders.iter().all(|h| h.certain && in_worker_scope(h.pid)) {
+    if (holders.is_empty() && !unheld)
+        || !holders.iter().all(|h| h.certain && in_worker_scope(h.pid))
+    {
         return None;
     }
     for _ in 0..3 {
-        warn!(lock = %path.display(), holders = %crate::liveness::describe(&holders),
-              "the dispatcher lock is held by a worker's process, not a dispatcher: replacing the file");
+        if !holders.is_empty() {
+            warn!(lock = %path.display(), holders = %crate::liveness::describe(&holders),
+                  "the dispatcher lock is held by a worker's process, not a dispatcher: replacing the file");
+        }
         if let Err(e) =
             crate::safe_fs::as_user(owner, || std::fs::remove_file(path)).and_then(|r| r)
         {
@@ -1096,6 +1106,15 @@ fn take_from_workers(path: &Path, owner: &Owner, slice: &str) -> Option<FileLock
         }
     }
     None
+}
+
+/// Whether opening the lock at `path` failed because of the file itself — the owner may not
+/// open it, or it is no regular file — rather than the file system (full, read-only, gone).
+fn unlockable(path: &Path, e: &std::io::Error) -> bool {
+    let Ok(m) = std::fs::symlink_metadata(path) else {
+        return false;
+    };
+    e.kind() == std::io::ErrorKind::PermissionDenied || !m.file_type().is_file()
 }
 
 /// Why the daemon cannot start while `.dispatcher.lock` is held, by whom, and what to do.

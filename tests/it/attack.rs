@@ -759,7 +759,9 @@ systemd_test!(
         // The worker replaces `.dispatcher.lock` with a file of its own and holds it; workers
         // outlive restarts, so before the fix every start after it failed ("another
         // dispatcher holds …") and any upgrade was an outage.
-        let stub = "#!/bin/sh\nL=\"$(dirname \"$HERMES_KANBAN_DB\")/kanban/.dispatcher.lock\"\nrm -f \"$L\"\nexec flock \"$L\" sleep 3600\n";
+        // Only the first worker swaps it: the one after the restart leaves the dispatcher's
+        // new lock alone, so that the test can see it held.
+        let stub = "#!/bin/sh\nD=\"$(dirname \"$HERMES_KANBAN_DB\")\"\nL=\"$D/kanban/.dispatcher.lock\"\n[ -e \"$D/swapped\" ] && exec sleep 3600\n: > \"$D/swapped\"\nrm -f \"$L\"\nexec flock \"$L\" sleep 3600\n";
         let d = crate::rig::Dispatcher::with_stub(stub, "tick_seconds = 3600");
         d.install();
         d.start();
@@ -767,14 +769,13 @@ systemd_test!(
         let ours = std::fs::metadata(&lock).unwrap().ino();
         let id = d.rig.add("swaps the lock");
         d.wait_running(&id, 0);
+        // Probed without creating the file (a probe run as root once made it root's, in the
+        // moment between the worker's `rm` and its `flock`).
+        let owner = hermes_mgr::board::Owner::of_tree(&d.rig.dir).unwrap();
+        let held = || hermes_mgr::board::lock::held(&lock, &owner);
         wait_for("the worker's lock held", Duration::from_secs(20), || {
             let swapped = std::fs::metadata(&lock).is_ok_and(|m| m.ino() != ours);
-            let held = !Command::new("flock")
-                .args(["-n", lock.to_str().unwrap(), "true"])
-                .status()
-                .unwrap()
-                .success();
-            (swapped && held).then_some(())
+            (swapped && held()).then_some(())
         });
         let restart = Command::new("systemctl")
             .args(["restart", crate::rig::SERVICE])
@@ -797,11 +798,44 @@ systemd_test!(
         d.wait_running(&next, 0);
         let now = std::fs::metadata(&lock).unwrap().ino();
         assert_ne!(now, ours);
-        assert!(!Command::new("flock")
-            .args(["-n", lock.to_str().unwrap(), "true"])
-            .status()
-            .unwrap()
-            .success());
+        assert!(held());
+    }
+);
+
+systemd_test!(
+    a_dispatcher_lock_made_unlockable_by_a_worker_does_not_keep_the_dispatcher_down,
+    {
+        // A worker runs as the tree's owner: it can put in the lock's place a file the owner
+        // may not open, a symlink or a FIFO, and hold nothing. Before the fix the next start
+        // failed ("open …/.dispatcher.lock: Permission denied"), after every restart.
+        let stub = "#!/bin/sh\nD=\"$(dirname \"$HERMES_KANBAN_DB\")\"\nL=\"$D/kanban/.dispatcher.lock\"\nrm -f \"$L\"\ncase \"$(cat \"$D/how\")\" in\n  mode0) : > \"$L\"; chmod 0 \"$L\" ;;\n  symlink) ln -s /etc/shadow \"$L\" ;;\n  fifo) mkfifo \"$L\" ;;\nesac\necho END > \"$D/done.$HERMES_KANBAN_TASK\"\nexec sleep 3600\n";
+        let d = crate::rig::Dispatcher::with_stub(stub, "tick_seconds = 3600");
+        d.install();
+        d.start();
+        let lock = d.rig.dir.join("kanban/.dispatcher.lock");
+        let owner = hermes_mgr::board::Owner::of_tree(&d.rig.dir).unwrap();
+        for how in ["mode0", "symlink", "fifo"] {
+            std::fs::write(d.rig.dir.join("how"), how).unwrap();
+            let id = d.rig.add(&format!("makes the lock {how}"));
+            d.rig.wait_file(&d.rig.dir.join(format!("done.{id}")));
+            let restart = Command::new("systemctl")
+                .args(["restart", crate::rig::SERVICE])
+                .output()
+                .unwrap();
+            assert!(
+                restart.status.success(),
+                "{how}: {}\n{}",
+                String::from_utf8_lossy(&restart.stderr),
+                crate::rig::journal(crate::rig::SERVICE)
+            );
+            // A regular file again, the dispatcher's, held; /etc/shadow untouched.
+            let m = std::fs::symlink_metadata(&lock).unwrap();
+            assert!(m.file_type().is_file(), "{how}: {m:?}");
+            assert!(hermes_mgr::board::lock::held(&lock, &owner), "{how}");
+            let next = d.rig.add(&format!("after {how}"));
+            d.wait_running(&next, 0);
+        }
+        assert!(std::fs::metadata("/etc/shadow").unwrap().len() > 0);
     }
 );
 

@@ -602,15 +602,16 @@ systemd_test!(
 );
 
 /// Each way a worker can end, as a shell line standing in for the worker: (title, command,
-/// max_runtime). Each repeats on every run of its task, so the breaker's own path is
-/// booked too.
-const ENDS: &[(&str, &str, Option<i64>)] = &[
-    ("crash", "exit 3", None),
-    ("violation", "exit 0", None),
-    ("rate limited", "exit 75", None),
-    ("terminal provider", "exit 78", None),
-    ("signal", "kill -9 $$", None),
-    ("timeout", "sleep 30", Some(2)),
+/// max_runtime, review: the task starts in the review column). Each repeats on every run of
+/// its task, so the breaker's own path is booked too.
+const ENDS: &[(&str, &str, Option<i64>, bool)] = &[
+    ("crash", "exit 3", None, false),
+    ("violation", "exit 0", None, false),
+    ("rate limited", "exit 75", None, false),
+    ("terminal provider", "exit 78", None, false),
+    ("signal", "kill -9 $$", None, false),
+    ("timeout", "sleep 30", Some(2), false),
+    ("review crash", "exit 4", None, true),
 ];
 
 /// Upstream's own booking of `ENDS`: its `dispatch_once`, tick after tick, on a board of
@@ -619,7 +620,9 @@ fn upstream_booking(venv: &Path) -> Value {
     let home = crate::harness::scratch();
     let cases: Vec<Value> = ENDS
         .iter()
-        .map(|(title, cmd, rt)| serde_json::json!({"title": title, "cmd": cmd, "max_runtime": rt}))
+        .map(|(title, cmd, rt, review)| {
+            serde_json::json!({"title": title, "cmd": cmd, "max_runtime": rt, "review": review})
+        })
         .collect();
     let o = Command::new(venv.join("bin/python3"))
         .arg(repo().join("tests/fixtures/upstream_booking.py"))
@@ -653,7 +656,7 @@ fn our_booking(venv: &Path) -> Value {
     );
     let d = Dispatcher::with_stub(&stub, "tick_seconds = 1");
     let mut ids = Vec::new();
-    for (title, cmd, rt) in ENDS {
+    for (title, cmd, rt, review) in ENDS {
         let mut args = vec!["create", title, "--assignee", "default", "--json"];
         let rt = rt.map(|r| r.to_string());
         if let Some(r) = &rt {
@@ -669,6 +672,13 @@ fn our_booking(venv: &Path) -> Value {
             .unwrap()
             .to_string();
         std::fs::write(marks.join(&id), cmd).unwrap();
+        if *review {
+            d.rig
+                .board()
+                .connection()
+                .execute("UPDATE tasks SET status='review' WHERE id=?1", [&id])
+                .unwrap();
+        }
         ids.push((title.to_string(), id));
     }
     d.install();
@@ -681,7 +691,15 @@ fn our_booking(venv: &Path) -> Value {
             .unwrap()
             .into_iter()
             .rfind(|r| r.ended_at.is_some());
-        t.status.as_str() == "blocked"
+        // As the fixture's `held`: at the limit (2), or a sticky trip.
+        let sticky = || {
+            b.events(id)
+                .unwrap()
+                .into_iter()
+                .rfind(|e| e.kind == "gave_up")
+                .is_some_and(|e| e.payload.is_some_and(|p| p["sticky"] == true))
+        };
+        (t.status.as_str() == "blocked" && (t.consecutive_failures >= 2 || sticky()))
             || (t.status.as_str() == "ready"
                 && last.is_some_and(|r| r.outcome.as_deref() == Some("rate_limited")))
     };
@@ -794,21 +812,24 @@ fn story(v: &Value) -> BTreeMap<String, Value> {
     out
 }
 
-/// `pid 1234` → `pid N`.
+/// The figures a clock or the kernel chooses: `pid 1234` → `pid N`, `elapsed 3s` →
+/// `elapsed Ns`.
 fn regex_lite_pid(s: &str) -> String {
-    let mut out = String::new();
-    let mut rest = s;
-    while let Some(i) = rest.find("pid ") {
-        out.push_str(&rest[..i + 4]);
-        rest = &rest[i + 4..];
-        let digits = rest.chars().take_while(char::is_ascii_digit).count();
-        if digits > 0 {
-            out.push('N');
+    ["pid ", "elapsed "].iter().fold(s.to_string(), |s, word| {
+        let mut out = String::new();
+        let mut rest = s.as_str();
+        while let Some(i) = rest.find(word) {
+            out.push_str(&rest[..i + word.len()]);
+            rest = &rest[i + word.len()..];
+            let digits = rest.chars().take_while(char::is_ascii_digit).count();
+            if digits > 0 {
+                out.push('N');
+            }
+            rest = &rest[digits..];
         }
-        rest = &rest[digits..];
-    }
-    out.push_str(rest);
-    out
+        out.push_str(rest);
+        out
+    })
 }
 
 /// Where `ours` does not tell `theirs`' story: the same end state, runs and event kinds
