@@ -89,6 +89,12 @@ impl Generation {
         }
     }
 
+    /// A dead worker's end carries its last output (`worker_output`, in the payload and
+    /// after the error).
+    pub fn worker_output(self) -> bool {
+        self >= Generation::V022
+    }
+
     /// `kanban.max_in_progress` caps the running tasks of every board together (and has a
     /// default derived from memory), not those of each board.
     pub fn host_wide_max_in_progress(self) -> bool {

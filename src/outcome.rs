@@ -232,8 +232,135 @@ pub fn decide(f: &Facts) -> Decision {
     })
 }
 
-/// The end a supervisor's exit record says, in the words of Hermes `hermes`' dispatcher.
+/// The end a supervisor's exit record says, in the words of Hermes `hermes`' dispatcher:
+/// from 0.22 on, a dead worker's end (not a rate-limited one, nor one stopped from outside)
+/// carries its last output, as `_classify_dead_worker` adds it.
 fn from_record(st: &RunStatus, max_runtime: Option<i64>, hermes: Generation) -> RunEnd {
+    let mut end = exit_of(st, max_runtime, hermes);
+    let said = st
+        .output_tail
+        .as_deref()
+        .filter(|_| hermes.worker_output())
+        .and_then(last_output);
+    if let (
+        Some((said, note)),
+        RunEnd::Crashed { error, details }
+        | RunEnd::ProtocolViolation { error, details }
+        | RunEnd::TerminalProvider { error, details },
+    ) = (said, &mut end)
+    {
+        error.push_str(&note);
+        merge(details, &json!({ "worker_output": said }));
+    }
+    end
+}
+
+/// A dead worker's last words from the tail of its output, and what follows the error for
+/// them (`" Worker's last output: '…'"`); `None` when it said nothing worth keeping.
+pub fn last_output(raw: &str) -> Option<(String, String)> {
+    let said = worker_final_output(raw);
+    (!said.is_empty()).then(|| {
+        let note = format!(" Worker's last output: {}", py_repr(&said));
+        (said, note)
+    })
+}
+
+/// ~0.22's `_worker_final_output`: a dead worker's last printed text from the tail of its
+/// output — the exit trailer, the CLI's exit summary, panel chrome and its own preamble
+/// lines left out, the rest joined by spaces, its last 400 characters.
+pub fn worker_final_output(raw: &str) -> String {
+    // `^[kanban-worker-exit] rc=<digits>\s*$` lines go.
+    let kept: Vec<&str> = raw
+        .split_inclusive('\n')
+        .filter(|l| {
+            let l = l.trim_end_matches(['\n', '\r', ' ', '\t']);
+            !l.strip_prefix(EXIT_TRAILER)
+                .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .collect();
+    let mut text = kept.concat();
+    if let Some(cut) = text.rfind(EXIT_SUMMARY_MARKER) {
+        text.truncate(cut);
+    }
+    let lines: Vec<String> = text
+        .lines()
+        .map(|l| strip_chrome(l).trim().to_string())
+        .filter(|l| !l.is_empty() && !LOG_NOISE.iter().any(|p| l.starts_with(p)))
+        .collect();
+    let joined = lines.join(" ");
+    let n = joined.chars().count();
+    joined.chars().skip(n.saturating_sub(400)).collect()
+}
+
+/// The trailer a worker CLI writes as its last log line (`KANBAN_WORKER_EXIT_TRAILER`).
+const EXIT_TRAILER: &str = "[kanban-worker-exit] rc=";
+/// `t("cli.session.exit_resume_hint")` and `t("cli.chat.initializing_agent")`: the keys
+/// themselves, as the packaged ~0.22 (without its locale catalogs) gives them.
+const EXIT_SUMMARY_MARKER: &str = "cli.session.exit_resume_hint";
+const LOG_NOISE: [&str; 3] = ["session_id:", "Query:", "cli.chat.initializing_agent"];
+
+/// `_LOG_CHROME` (`[─━═╭╮╰╯│┃┌┐└┘]+|☤\s*Hermes`) removed from a line.
+fn strip_chrome(line: &str) -> String {
+    const BOX: &[char] = &[
+        '─', '━', '═', '╭', '╮', '╰', '╯', '│', '┃', '┌', '┐', '└', '┘',
+    ];
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(c) = rest.chars().next() {
+        if BOX.contains(&c) {
+            rest = &rest[c.len_utf8()..];
+            continue;
+        }
+        if let Some(after) = rest.strip_prefix('☤') {
+            let t = after.trim_start_matches(char::is_whitespace);
+            if let Some(r) = t.strip_prefix("Hermes") {
+                rest = r;
+                continue;
+            }
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+/// Python's `repr()` of a string, as upstream formats the output into the error: quoted
+/// with `'` (with `"` when only `'` occurs), backslashes, quotes and control characters
+/// escaped.
+fn py_repr(s: &str) -> String {
+    let q = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push(q);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c == q => {
+                out.push('\\');
+                out.push(c);
+            }
+            // Not `isprintable()`: controls, and the invisible and separator characters.
+            c if (c as u32) < 0x20 || (0x7f..=0xa0).contains(&(c as u32)) || c == '\u{ad}' => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c if matches!(c as u32, 0x1680 | 0x2000..=0x200f | 0x2028..=0x202f | 0x205f..=0x2064 | 0x3000 | 0xfeff) => {
+                out.push_str(&format!("\\u{:04x}", c as u32))
+            }
+            c => out.push(c),
+        }
+    }
+    out.push(q);
+    out
+}
+
+/// The end the exit itself says.
+fn exit_of(st: &RunStatus, max_runtime: Option<i64>, hermes: Generation) -> RunEnd {
     // Its process never became the worker: upstream's code, asked first in the scope,
     // refused or failed (`spawn::upstream::PRELUDE`), on whichever side the record says.
     if let Some(n) = &st.not_started {
@@ -559,6 +686,7 @@ mod tests {
             memory: None,
             usage: None,
             not_started: None,
+            output_tail: None,
         }
     }
 

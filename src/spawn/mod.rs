@@ -490,6 +490,7 @@ fn prepare_task(
         status_file: spec::status_path(&cfg.state_dir, &board.paths().slug, &task.id, claim.run_id),
         identifier: "hermes-worker".into(),
         prelude,
+        output_tail: generation.worker_output(),
     })
 }
 

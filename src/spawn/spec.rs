@@ -39,7 +39,15 @@ pub struct WorkerSpec {
     /// the binary is no Python script (nothing to ask).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prelude: Option<Prelude>,
+    /// Keep the last `OUTPUT_TAIL` bytes of the worker's output in its exit record: ~0.22
+    /// books a dead worker with its last words (`worker_output`).
+    #[serde(default)]
+    pub output_tail: bool,
 }
+
+/// How much of a worker's last output its exit record keeps (upstream reads the last 4,000
+/// bytes of its log).
+pub const OUTPUT_TAIL: usize = 4000;
 
 /// The questions for upstream's code, asked as the worker in its scope (`upstream.rs`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -105,6 +113,10 @@ pub struct RunStatus {
     /// or failed): a spawn failure, by whose side it is on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_started: Option<NotStarted>,
+    /// The last `OUTPUT_TAIL` bytes the worker (and its processes) wrote, stdout and stderr
+    /// as they came, when the spec asked for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_tail: Option<String>,
 }
 
 /// A run's cost as its scope's cgroup counted it (what `systemctl status` shows as

@@ -522,6 +522,11 @@ fn supervise(spec: &WorkerSpec, tmpdir: &Path, journal: &Journal) -> Result<u8, 
         pid: worker.as_raw() as u32,
     });
     let mut relay = pipes.into_relay(journal, log, said);
+    if spec.output_tail {
+        relay.tail = Some(std::collections::VecDeque::with_capacity(
+            super::spec::OUTPUT_TAIL,
+        ));
+    }
 
     let mut sigterm = false;
     let status = loop {
@@ -538,6 +543,8 @@ fn supervise(spec: &WorkerSpec, tmpdir: &Path, journal: &Journal) -> Result<u8, 
             break st;
         }
     };
+    // What the worker wrote just before it ended is in the pipes by now.
+    relay.pump();
     let (exit_code, signal) = match status {
         WaitStatus::Exited(_, c) => (Some(c), None),
         WaitStatus::Signaled(_, s, _) => (None, Some(s as i32)),
@@ -563,6 +570,7 @@ fn supervise(spec: &WorkerSpec, tmpdir: &Path, journal: &Journal) -> Result<u8, 
             .prelude
             .as_ref()
             .and_then(|_| super::upstream::prelude_verdict(&relay.said(), exit_code, signal)),
+        output_tail: relay.tail(),
     };
     if let Err(e) = write_status(spec, &rs) {
         say(
@@ -685,6 +693,7 @@ impl Pipes {
             log,
             said,
             said_bytes: Vec::new(),
+            tail: None,
         }
     }
 }
@@ -699,6 +708,8 @@ struct Relay<'a> {
     /// it comes, so nothing the prelude runs can block on a full pipe).
     said: Option<OwnedFd>,
     said_bytes: Vec<u8>,
+    /// The last `OUTPUT_TAIL` bytes of output, when kept.
+    tail: Option<std::collections::VecDeque<u8>>,
 }
 
 const SAID_MAX: usize = 4096;
@@ -714,6 +725,13 @@ impl Relay<'_> {
             .filter_map(|(r, _, _)| r.as_ref().map(|f| f.as_raw_fd()))
             .chain(self.said.as_ref().map(|f| f.as_raw_fd()))
             .collect()
+    }
+
+    /// The last output kept, as text (a character cut at its start is replaced).
+    fn tail(&self) -> Option<String> {
+        let t = self.tail.as_ref()?;
+        let (a, b) = t.as_slices();
+        Some(String::from_utf8_lossy(&[a, b].concat()).into_owned())
     }
 
     /// Everything the prelude said (what is still in its pipe included).
@@ -740,7 +758,11 @@ impl Relay<'_> {
 
     /// Copy whatever is readable now, without blocking.
     fn pump(&mut self) {
+        // What came before the prelude's `exec` (its own stderr: upstream's imports warn
+        // there) is not the worker's output; it is in the pipes by the time `exec` is said.
+        let before = self.said_exec();
         self.pump_said();
+        let execed = !before && self.said_exec();
         // Small on purpose: the stack pages a supervisor touches stay its own for the run.
         let mut buf = [0u8; 8192];
         let journal = self.journal;
@@ -753,6 +775,12 @@ impl Relay<'_> {
                     }
                     Ok(n) => {
                         lines.feed(&buf[..n], |l| journal.send(*priority, l));
+                        if let Some(t) = self.tail.as_mut() {
+                            let keep = &buf[n.saturating_sub(super::spec::OUTPUT_TAIL)..n];
+                            t.extend(keep);
+                            let over = t.len().saturating_sub(super::spec::OUTPUT_TAIL);
+                            t.drain(..over);
+                        }
                         if let Some(log) = self.log.as_mut() {
                             let _ = log.write_all(&buf[..n]);
                         }
@@ -766,6 +794,14 @@ impl Relay<'_> {
                 }
             }
         }
+        if let Some(t) = self.tail.as_mut().filter(|_| execed) {
+            t.clear();
+        }
+    }
+
+    /// The prelude has said `exec`: what follows is the worker's.
+    fn said_exec(&self) -> bool {
+        self.said_bytes.ends_with(b"exec\n")
     }
 }
 

@@ -605,8 +605,18 @@ systemd_test!(
 /// max_runtime, review: the task starts in the review column). Each repeats on every run of
 /// its task, so the breaker's own path is booked too.
 const ENDS: &[(&str, &str, Option<i64>, bool)] = &[
-    ("crash", "exit 3", None, false),
-    ("violation", "exit 0", None, false),
+    (
+        "crash",
+        "echo 'I cannot do this: the repo is gone'; exit 3",
+        None,
+        false,
+    ),
+    (
+        "violation",
+        "echo '\u{2500}\u{2500} done, I think'; echo 'session_id: 42'; exit 0",
+        None,
+        false,
+    ),
     ("rate limited", "exit 75", None, false),
     ("terminal provider", "exit 78", None, false),
     ("signal", "kill -9 $$", None, false),
@@ -768,6 +778,7 @@ fn story(v: &Value) -> BTreeMap<String, Value> {
             if let Some(Value::String(e)) = m.get("error").cloned() {
                 m.insert("error".into(), Value::from(pid(&e)));
             }
+
             // ~0.22's pid fingerprint: its instantiation epoch is the host's; the start time
             // after `|` is the process's own.
             if let Some(Value::String(f)) = m.get("started_at").cloned() {
@@ -813,8 +824,11 @@ fn story(v: &Value) -> BTreeMap<String, Value> {
 }
 
 /// The figures a clock or the kernel chooses: `pid 1234` → `pid N`, `elapsed 3s` →
-/// `elapsed Ns`.
+/// `elapsed Ns`; and a dead worker's last output after an error, which the payload's
+/// `worker_output` carries (compared there; its formatting is proven by
+/// `a_dead_workers_last_output_is_read_as_022_reads_it`).
 fn regex_lite_pid(s: &str) -> String {
+    let s = s.split(" Worker's last output: ").next().unwrap_or(s);
     ["pid ", "elapsed "].iter().fold(s.to_string(), |s, word| {
         let mut out = String::new();
         let mut rest = s.as_str();
@@ -849,7 +863,16 @@ fn untold(title: &str, ours: &Value, theirs: &Value) -> Vec<String> {
     let missing = |what: String, o: &Value, t: &Value, out: &mut Vec<String>| {
         if let Some(t) = t.as_object() {
             for (k, v) in t {
-                if o.get(k) != Some(v) {
+                // Upstream reads a dead worker's last words from the task's log, which keeps
+                // every run's output: a later run's begin with the earlier runs'. Ours are the
+                // run's own.
+                let own_words = |o: &Value| {
+                    k == "worker_output"
+                        && o.as_str().is_some_and(|o| {
+                            !o.is_empty() && v.as_str().is_some_and(|t| t.ends_with(o))
+                        })
+                };
+                if o.get(k) != Some(v) && !o.get(k).is_some_and(own_words) {
                     out.push(format!("{what}: {k}: ours {:?} theirs {v}", o.get(k)));
                 }
             }
@@ -926,3 +949,57 @@ systemd_test!(every_end_is_booked_as_020_books_it, {
 systemd_test!(every_end_is_booked_as_022_books_it, {
     every_end_booked_as(&venv_022());
 });
+
+/// A dead worker's last words, as ~0.22's own `_worker_final_output` reads them from the
+/// tail of its log and formats them into the error, against ours, log by log.
+#[test]
+fn a_dead_workers_last_output_is_read_as_022_reads_it() {
+    let long = "word ".repeat(200);
+    let logs: Vec<String> = vec![
+        "".into(),
+        "\n\n  \n".into(),
+        "I cannot do this: the repo is gone\n".into(),
+        "session_id: 20261205_abc\nQuery: work kanban task t_1\nthe real reason\n[kanban-worker-exit] rc=1\n".into(),
+        "╭─ ☤ Hermes ─────╮\n│ it's done, \"mostly\" │\n╰──────────────╯\n".into(),
+        "tab\there and a back\\slash and an 'apostrophe'\n".into(),
+        "zero\u{200b}width and nbsp\u{a0}here\n".into(),
+        format!("{long}\nlast line\n"),
+        "before\ncli.session.exit_resume_hint\nafter the summary\n".into(),
+        "cli.chat.initializing_agent …\nkept\n[kanban-worker-exit] rc=7   \n".into(),
+        "a line\r\nwith crlf\r\n".into(),
+    ];
+    let script = r#"
+import json, sys
+import hermes_cli.kanban_db_dispatch as d
+out = []
+for raw in json.loads(sys.stdin.read()):
+    d._kb.read_worker_log = lambda task_id, tail_bytes=4000, board=None, raw=raw: raw
+    said = d._worker_final_output("t_1", board=None)
+    out.append([said, f" Worker's last output: {said!r}"] if said else None)
+print(json.dumps(out))
+"#;
+    let mut child = Command::new(venv_022().join("bin/python3"))
+        .args(["-c", script])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", crate::harness::scratch().path())
+        .env("LANG", "C.UTF-8")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(serde_json::to_string(&logs).unwrap().as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let theirs: Vec<Option<(String, String)>> = serde_json::from_slice(&o.stdout).unwrap();
+    for (raw, t) in logs.iter().zip(theirs) {
+        assert_eq!(hermes_mgr::outcome::last_output(raw), t, "{raw:?}");
+    }
+}
