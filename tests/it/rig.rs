@@ -265,6 +265,16 @@ exit 9
     )
 }
 
+/// `driven_stub`, run by `venv`'s interpreter: the Hermes its workers run, and so the contract
+/// hermes-mgr follows, is that venv's.
+pub fn driven_stub_of(venv: &Path) -> String {
+    format!(
+        "#!{}\nimport os, sys\nos.execv('/bin/sh', ['sh', '-c', {:?}, 'sh'] + sys.argv[1:])\n",
+        venv.join("bin/python3").display(),
+        driven_stub()
+    )
+}
+
 pub struct Dispatcher {
     pub rig: Rig,
 }
