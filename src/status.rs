@@ -24,6 +24,10 @@ pub struct Snapshot {
     /// What `hermes-dispatcher.service` last said of itself (`STATUS=`), when systemd knows
     /// the service: `FAILING to start workers (…)` while its own side fails.
     pub dispatcher_status: Option<String>,
+    /// The Hermes the workers run (its package and version, from its installation) and the
+    /// contract they get; `None` when no Hermes package is found beside `hermes_bin`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hermes: Option<HermesServed>,
     /// Hermes' emergency stop (`hermes pause`) while it holds: its file. Nothing is started.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub estop: Option<String>,
@@ -31,6 +35,26 @@ pub struct Snapshot {
     pub counts: std::collections::BTreeMap<String, i64>,
     pub tasks: Vec<TaskRow>,
     pub now: i64,
+}
+
+/// Which Hermes the workers run, and whose contract they get.
+#[derive(Debug, Serialize)]
+pub struct HermesServed {
+    pub package: String,
+    pub version: String,
+    /// The proven version whose contract (argv, environment, booking) is followed.
+    pub contract: &'static str,
+}
+
+/// The Hermes `cfg`'s workers run, as its installation says (never run).
+fn hermes_served(cfg: &Config) -> Option<HermesServed> {
+    let bin = crate::spawn::resolve_binary(&cfg.hermes_bin).ok()?;
+    let h = crate::spawn::installed::of_binary(&bin)?;
+    Some(HermesServed {
+        contract: h.generation().version(),
+        package: h.package,
+        version: h.version,
+    })
 }
 
 #[derive(Debug, Serialize)]
@@ -255,6 +279,7 @@ pub fn snapshot(b: &Board, cfg: &Config, limits: Limits) -> board::Result<Snapsh
         boards: vec![b.paths().slug.clone()],
         dispatcher,
         dispatcher_status: None,
+        hermes: hermes_served(cfg),
         estop: crate::hermes_config::estop_of_root(&b.paths().root)
             .map(|p| p.display().to_string()),
         counts: b.counts()?,

@@ -265,6 +265,14 @@ pub fn status(s: &crate::status::Snapshot, colour: bool) -> String {
             counts.join(" · ")
         }
     );
+    if let Some(h) = &s.hermes {
+        o.push_str(&format!(
+            "workers run {} {} (the contract of {})\n",
+            clean(&h.package),
+            clean(&h.version),
+            h.contract
+        ));
+    }
     if let Some(p) = &s.estop {
         o.push_str(&format!(
             "{}\n",

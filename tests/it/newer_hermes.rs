@@ -288,6 +288,14 @@ fn cli_made_board_is_dispatched_and_read_back(h: &Newer) {
             "{}",
             doc.stdout
         );
+        // status says it too, with the contract followed.
+        let st = d.rig.mgr(&["status"]);
+        assert!(
+            st.stdout
+                .contains(&format!("workers run {} (the contract of 0.2", h.named)),
+            "{}",
+            st.stdout
+        );
         d.install();
         d.start();
         let done = wait_for("it reads the task done", Duration::from_secs(60), || {
