@@ -2,6 +2,9 @@
 //! whether it is a zombie. Later liveness verdicts build on these.
 
 use std::io;
+use std::path::Path;
+
+use crate::record::{MemoryFacts, Usage};
 
 /// The cgroup v2 path of `pid` (the `0::` line of `/proc/<pid>/cgroup`), e.g.
 /// `/hermes.slice/hermes-workers.slice/hermes-workers-07.slice/hermes-worker-kanban-t_1-run-1.scope`. `None` when
@@ -72,10 +75,10 @@ pub fn unit_cgroup(slice: &str, unit: &str) -> String {
 }
 
 /// The cgroup of worker scope `unit`, in its child slice of `slice`
-/// (`unit_name::worker_slice`) — or directly in `slice` for a scope started by a version
+/// (`names::worker_slice`) — or directly in `slice` for a scope started by a version
 /// that did not spread them, when that is where it is.
 pub fn worker_cgroup(slice: &str, unit: &str) -> String {
-    let spread = unit_cgroup(&crate::systemd::unit_name::worker_slice(slice, unit), unit);
+    let spread = unit_cgroup(&crate::names::worker_slice(slice, unit), unit);
     let flat = unit_cgroup(slice, unit);
     let exists = |p: &str| {
         std::path::Path::new("/sys/fs/cgroup")
@@ -211,14 +214,6 @@ fn holders_by_fd(path: &std::path::Path) -> Vec<Holder> {
     out
 }
 
-/// This boot's random id (`/proc/sys/kernel/random/boot_id`).
-pub fn boot_id() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .ok()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-}
-
 /// ~0.22's restart-stable identity of a live process (`_process_fingerprint`):
 /// `<boot_id>:<PID 1's start time>|<the process's start time>`, start times in clock ticks
 /// (`/proc/<pid>/stat` field 22). `None` when the process is gone.
@@ -237,20 +232,123 @@ pub fn fingerprint(pid: u32) -> Option<String> {
     let own = start(pid)?;
     let epoch = format!(
         "{}:{}",
-        boot_id().unwrap_or_default(),
+        crate::host::boot_id().unwrap_or_default(),
         start(1).unwrap_or_default()
     );
     Some(format!("{}|{own}", if epoch == ":" { "" } else { &epoch }))
 }
 
-/// When this boot began (`btime` of `/proc/stat`), in seconds since the epoch.
-pub fn boot_time() -> Option<i64> {
-    procfs::boot_time_secs().ok().map(|t| t as i64)
+/// A run's cost for the cgroup at `dir`; `None` when nothing there could be read.
+pub fn usage(dir: &Path) -> Option<Usage> {
+    let text = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
+    let cpu_usec = text("cpu.stat").and_then(|t| {
+        t.lines()
+            .find_map(|l| l.strip_prefix("usage_usec "))
+            .and_then(|v| v.trim().parse().ok())
+    });
+    let memory_peak_bytes = text("memory.peak").and_then(|v| v.trim().parse().ok());
+    // `io.stat`: one line per device, `MAJ:MIN rbytes=N wbytes=N rios=N …`.
+    let io = text("io.stat").map(|t| {
+        let sum = |key: &str| -> u64 {
+            t.split_whitespace()
+                .filter_map(|f| f.strip_prefix(key))
+                .filter_map(|v| v.parse::<u64>().ok())
+                .sum()
+        };
+        (sum("rbytes="), sum("wbytes="))
+    });
+    let u = Usage {
+        cpu_usec,
+        memory_peak_bytes,
+        io_read_bytes: io.map(|i| i.0),
+        io_write_bytes: io.map(|i| i.1),
+    };
+    (u != Usage::default()).then_some(u)
+}
+
+/// The memory controller's account for the cgroup at `dir` (`/sys/fs/cgroup/...`); `None`
+/// without a memory controller there.
+pub fn memory_facts(dir: &Path) -> Option<MemoryFacts> {
+    let events = std::fs::read_to_string(dir.join("memory.events")).ok()?;
+    let oom_kills = events
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let number = |f: &str| {
+        std::fs::read_to_string(dir.join(f))
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    Some(MemoryFacts {
+        oom_kills,
+        max: number("memory.max"),
+        peak: number("memory.peak"),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fake cgroup directory: this sandbox has no memory controller, so the kernel's own
+    /// files cannot be made to show an OOM kill here (the VM tier's job).
+    #[test]
+    fn memory_facts_are_read_from_the_controllers_files() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(memory_facts(dir.path()), None);
+        std::fs::write(
+            dir.path().join("memory.events"),
+            "low 0\nhigh 0\nmax 12\noom 1\noom_kill 1\noom_group_kill 0\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("memory.max"), "67108864\n").unwrap();
+        std::fs::write(dir.path().join("memory.peak"), "67100000\n").unwrap();
+        assert_eq!(
+            memory_facts(dir.path()),
+            Some(MemoryFacts {
+                oom_kills: 1,
+                max: Some(67108864),
+                peak: Some(67100000)
+            })
+        );
+        std::fs::write(dir.path().join("memory.max"), "max\n").unwrap();
+        assert_eq!(memory_facts(dir.path()).unwrap().max, None);
+    }
+
+    /// The same fake directory for the figures of a run's cost (the VM tier reads real ones).
+    #[test]
+    fn usage_is_read_from_cpu_memory_and_io_files() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(usage(dir.path()), None);
+        std::fs::write(
+            dir.path().join("cpu.stat"),
+            "usage_usec 4121000\nuser_usec 4000000\nsystem_usec 121000\n",
+        )
+        .unwrap();
+        assert_eq!(
+            usage(dir.path()),
+            Some(Usage {
+                cpu_usec: Some(4121000),
+                ..Usage::default()
+            })
+        );
+        std::fs::write(dir.path().join("memory.peak"), "67100000\n").unwrap();
+        std::fs::write(
+            dir.path().join("io.stat"),
+            "254:0 rbytes=4096 wbytes=1048576 rios=1 wios=8 dbytes=0 dios=0\n254:16 rbytes=100 wbytes=0 rios=1 wios=0 dbytes=0 dios=0\n",
+        )
+        .unwrap();
+        assert_eq!(
+            usage(dir.path()),
+            Some(Usage {
+                cpu_usec: Some(4121000),
+                memory_peak_bytes: Some(67100000),
+                io_read_bytes: Some(4196),
+                io_write_bytes: Some(1048576),
+            })
+        );
+    }
 
     #[test]
     fn nested_slices_follow_the_dashes() {

@@ -11,7 +11,8 @@
 use serde_json::{json, Map, Value};
 
 use crate::contract::Generation;
-use crate::spawn::spec::RunStatus;
+use crate::record::ExitRecord;
+pub use crate::record::Fault;
 
 /// Exit code 75 (`EX_TEMPFAIL`): upstream's worker says "rate limited, try later".
 pub const EXIT_RATE_LIMITED: i32 = 75;
@@ -71,17 +72,6 @@ impl RunEnd {
     }
 }
 
-/// Whose side a spawn failure is on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Fault {
-    /// The task itself (a `dir:` workspace the worker may not enter, an assignee that is no
-    /// profile, data exec refuses): counted, so a broken task trips the breaker.
-    Task,
-    /// The dispatcher's side: never counted against the task.
-    Infrastructure,
-}
-
 /// A spawn failure's end.
 pub fn spawn_failure(fault: Fault, reason: &str) -> RunEnd {
     match fault {
@@ -111,7 +101,7 @@ pub enum Scope {
 pub struct Facts<'a> {
     pub unit: &'a str,
     /// The supervisor's exit record, if it wrote one.
-    pub record: Option<&'a RunStatus>,
+    pub record: Option<&'a ExitRecord>,
     pub scope: Scope,
     /// This dispatcher watched the run live (it did not only find it after a restart).
     pub watched: bool,
@@ -235,7 +225,7 @@ pub fn decide(f: &Facts) -> Decision {
 /// The end a supervisor's exit record says, in the words of Hermes `hermes`' dispatcher:
 /// from 0.22 on, a dead worker's end (not a rate-limited one, nor one stopped from outside)
 /// carries its last output, as `_classify_dead_worker` adds it.
-fn from_record(st: &RunStatus, max_runtime: Option<i64>, hermes: Generation) -> RunEnd {
+fn from_record(st: &ExitRecord, max_runtime: Option<i64>, hermes: Generation) -> RunEnd {
     let mut end = exit_of(st, max_runtime, hermes);
     let said = st
         .output_tail
@@ -360,7 +350,7 @@ fn py_repr(s: &str) -> String {
 }
 
 /// The end the exit itself says.
-fn exit_of(st: &RunStatus, max_runtime: Option<i64>, hermes: Generation) -> RunEnd {
+fn exit_of(st: &ExitRecord, max_runtime: Option<i64>, hermes: Generation) -> RunEnd {
     // Its process never became the worker: upstream's code, asked first in the scope,
     // refused or failed (`spawn::upstream::PRELUDE`), on whichever side the record says.
     if let Some(n) = &st.not_started {
@@ -391,7 +381,7 @@ fn exit_of(st: &RunStatus, max_runtime: Option<i64>, hermes: Generation) -> RunE
         );
         merge(&mut details, &exit_kind);
         // The worker itself, or one of its processes (a tool): then systemd stops the whole
-        // scope (OOMPolicy=stop, see `spawn::start_scope`) and the worker sees a SIGTERM.
+        // scope (OOMPolicy=stop, see `Systemd::start_scope`) and the worker sees a SIGTERM.
         let what = if st.signal == Some(libc::SIGKILL) {
             "killed by the OOM killer".to_string()
         } else {
@@ -672,8 +662,8 @@ mod tests {
         hermes: Generation::V022,
     };
 
-    fn rec(code: Option<i32>, sig: Option<i32>, sigterm: bool, secs: i64) -> RunStatus {
-        RunStatus {
+    fn rec(code: Option<i32>, sig: Option<i32>, sigterm: bool, secs: i64) -> ExitRecord {
+        ExitRecord {
             task: "t".into(),
             run_id: 1,
             unit: "u.scope".into(),
@@ -690,7 +680,7 @@ mod tests {
         }
     }
 
-    fn facts<'a>(record: Option<&'a RunStatus>, scope: Scope) -> Facts<'a> {
+    fn facts<'a>(record: Option<&'a ExitRecord>, scope: Scope) -> Facts<'a> {
         Facts {
             unit: "u.scope",
             record,
@@ -741,8 +731,8 @@ mod tests {
         short_of_limit.max_runtime = Some(60);
         let mut operator = facts(Some(&termed), Scope::Gone);
         operator.operator_stop = Some("ended on SIGTERM after 12 ms");
-        let oom = |sigterm| RunStatus {
-            memory: Some(crate::spawn::spec::MemoryFacts {
+        let oom = |sigterm| ExitRecord {
+            memory: Some(crate::record::MemoryFacts {
                 oom_kills: 1,
                 max: Some(64 << 20),
                 peak: Some(64 << 20),
@@ -751,18 +741,18 @@ mod tests {
         };
         let (oom_alone, oom_then_term) = (oom(false), oom(true));
         // A tool of the worker was the OOM killer's victim; systemd stopped the scope.
-        let tool_oom = RunStatus {
+        let tool_oom = ExitRecord {
             signal: Some(15),
             ..oom(true)
         };
         // A tool's OOM kill, and the worker exited on its own before the stop reached it.
-        let tool_oom_exit = RunStatus {
+        let tool_oom_exit = ExitRecord {
             exit_code: Some(3),
             signal: None,
             ..oom(false)
         };
-        let no_oom = RunStatus {
-            memory: Some(crate::spawn::spec::MemoryFacts::default()),
+        let no_oom = ExitRecord {
+            memory: Some(crate::record::MemoryFacts::default()),
             ..rec(None, Some(15), true, 5)
         };
         let mut after_restart = facts(None, Scope::Gone);
@@ -775,8 +765,8 @@ mod tests {
         // The supervisor's record comes while systemd still tears the scope down.
         let mut stale_recorded = facts(Some(&termed), Scope::Live);
         stale_recorded.stale = Some(&silent);
-        let refused = |fault| RunStatus {
-            not_started: Some(crate::spawn::spec::NotStarted {
+        let refused = |fault| ExitRecord {
+            not_started: Some(crate::record::NotStarted {
                 reason: "workspace: no repo".into(),
                 fault,
             }),

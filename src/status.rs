@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::board::{self, Board, Run, Task};
 use crate::config::Config;
 use crate::liveness;
-use crate::systemd::unit_name;
+use crate::names;
 
 /// The `--json` document (stable: fields are only ever added).
 #[derive(Debug, Serialize)]
@@ -144,7 +144,7 @@ impl Kernel {
         run: Option<&Run>,
         now: i64,
     ) -> LiveRun {
-        let unit = unit_name::worker_scope(board, &t.id, run_id);
+        let unit = names::worker_scope(board, &t.id, run_id);
         let cgroup_dir = |cgroup: String| Path::new("/sys/fs/cgroup").join(&cgroup[1..]);
         let cpu = |dir: &Path| {
             read_small(&dir.join("cpu.stat")).map(|t| {
@@ -156,7 +156,7 @@ impl Kernel {
         // `cpu.stat` is in every cgroup v2 directory: read, it also says the scope's cgroup
         // exists. A scope of an older version may sit directly in the slice.
         let spread = cgroup_dir(liveness::unit_cgroup(
-            &unit_name::worker_slice(&cfg.slice, &unit),
+            &names::worker_slice(&cfg.slice, &unit),
             &unit,
         ));
         let (dir, cpu_usec) = match cpu(&spread) {

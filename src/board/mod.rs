@@ -26,7 +26,6 @@ mod schema;
 mod tasks;
 
 use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::Connection;
 
@@ -88,23 +87,7 @@ pub enum BoardError {
 
 pub type Result<T, E = BoardError> = std::result::Result<T, E>;
 
-pub fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-/// `"<hostname>:<pid>"` — upstream's `_claimer_id()`; its host-local checks compare the
-/// hostname prefix, so the format must match exactly.
-pub fn claimer_id() -> String {
-    let host = nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "unknown".to_string());
-    format!("{host}:{}", std::process::id())
-}
+pub use crate::host::{claimer_id, now};
 
 /// Whether an operation is allowed to create the board file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use super::BoardError;
 
 /// The board every install has; its database sits at `<root>/kanban.db` for back-compat.
-pub const DEFAULT_BOARD: &str = "default";
+pub use crate::names::DEFAULT_BOARD;
 
 /// Everything hermes-mgr needs to know about one board's files.
 #[derive(Debug, Clone, PartialEq, Eq)]

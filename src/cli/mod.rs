@@ -609,7 +609,7 @@ fn cmd_show(cli: &Cli, id: &str) -> anyhow::Result<()> {
         );
         // The tail of the current or latest run's output, from its scope's journal.
         if let Some(run) = runs.last() {
-            let unit = crate::systemd::unit_name::worker_scope(&b.paths().slug, id, run.id);
+            let unit = crate::names::worker_scope(&b.paths().slug, id, run.id);
             let journal = std::process::Command::new("journalctl")
                 .args(["--no-pager", "-o", "cat", "-n", "10", "-u", &unit])
                 .stderr(std::process::Stdio::null())
@@ -724,14 +724,14 @@ fn logs(b: &Board, id: &str, run: Option<i64>, follow: bool) -> anyhow::Result<(
     if !b.runs(id)?.iter().any(|r| r.id == run) {
         bail!("task {id} has no run {run}; `hermes-mgr show {id}` lists its runs");
     }
-    let unit = crate::systemd::unit_name::worker_scope(&b.paths().slug, id, run);
+    let unit = crate::names::worker_scope(&b.paths().slug, id, run);
     let mut j = std::process::Command::new("journalctl");
     j.args(["--no-pager", "-o", "cat", "-u", &unit]);
     let has_journal = journal_has_entries(&unit);
-    let file = b.paths().logs.join(format!(
-        "{}.log",
-        crate::systemd::unit_name::file_component(id)
-    ));
+    let file = b
+        .paths()
+        .logs
+        .join(format!("{}.log", crate::names::file_component(id)));
     let mut out = std::io::stdout().lock();
     if !has_journal {
         // Upstream's log, read as the board's owner: it sits in the tree workers write.

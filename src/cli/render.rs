@@ -179,7 +179,7 @@ pub fn show(
                 .as_deref()
                 .map(clean)
                 .unwrap_or_else(|| "-".into()),
-            crate::systemd::unit_name::worker_scope(board, &r.task_id, r.id),
+            crate::names::worker_scope(board, &r.task_id, r.id),
             r.error
                 .as_deref()
                 .map(|e| format!("  {}", clean(e)))

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::Daemon;
-use crate::systemd::{unit_name, Command};
+use crate::names;
+use crate::systemd::Command;
 
 const RETRY_FIRST: Duration = Duration::from_secs(60);
 const RETRY_MAX: Duration = Duration::from_secs(3600);
@@ -106,7 +107,7 @@ impl Daemon {
             room,
         );
         for task in start {
-            let unit = unit_name::decompose_service(slug, &task);
+            let unit = names::decompose_service(slug, &task);
             let Some(cmd) = self.decompose_command(slug, &task, &unit) else {
                 return;
             };

@@ -8,19 +8,19 @@ use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
 
 use super::{Key, Live};
-use crate::systemd::unit_name;
+use crate::names;
 
 #[derive(Default)]
 pub(super) struct LiveRuns {
     /// Ordered, so a task's runs are one range (`runs_of`), never a scan of every live run.
     runs: BTreeMap<Key, Live>,
     by_unit: HashMap<String, Key>,
-    /// By the exit record's file name (`unit_name::run_record`).
+    /// By the exit record's file name (`names::run_record`).
     by_record: HashMap<OsString, Key>,
 }
 
 fn record_name(key: &Key) -> OsString {
-    unit_name::run_record(&key.0, &key.1, key.2).into()
+    names::run_record(&key.0, &key.1, key.2).into()
 }
 
 impl LiveRuns {

@@ -33,7 +33,7 @@ use crate::board::{BoardError, Owner, Resolver};
 use crate::config::Config;
 use crate::dispatch;
 use crate::outcome::{self, Decision, RunEnd, Scope};
-use crate::spawn::spec::{status_path, RunStatus};
+use crate::state_dir::record_path;
 use boards::Slot;
 
 /// At most this many workers are started per pass, and none after a second; a full batch
@@ -46,8 +46,9 @@ const PASS_BATCH: dispatch::Batch = dispatch::Batch {
 
 /// The longest a dirty board waits for its pass while events keep the loop busy.
 const PASS_AT_MOST_AFTER: Duration = Duration::from_millis(100);
+use crate::names;
 use crate::spawn::Started;
-use crate::systemd::{unit_name, Systemd};
+use crate::systemd::Systemd;
 
 /// Options of `hermes-mgr dispatcher`.
 #[derive(Debug, Clone, Default)]
@@ -692,7 +693,7 @@ impl Daemon {
                     let key = path
                         .file_name()
                         .and_then(|name| self.live.of_record(name))
-                        .filter(|k| status_path(&self.cfg.state_dir, &k.0, &k.1, k.2) == path)
+                        .filter(|k| record_path(&self.cfg.state_dir, &k.0, &k.1, k.2) == path)
                         .cloned();
                     if let Some(key) = key {
                         self.book(&key).await;
@@ -756,7 +757,7 @@ impl Daemon {
         let Some(live) = self.live.get(key).cloned() else {
             return;
         };
-        let record = match RunStatus::read(&self.cfg.state_dir, slug, task, run) {
+        let record = match crate::state_dir::read_record(&self.cfg.state_dir, slug, task, run) {
             Ok(s) => s,
             Err(e) => {
                 warn!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run, "cannot read the exit record: {e}");
@@ -816,7 +817,7 @@ impl Daemon {
                     s.host_capped = false;
                     s.dirty = true;
                 }
-                crate::spawn::spec::forget_run(&self.cfg.state_dir, slug, task, run);
+                crate::state_dir::forget_run(&self.cfg.state_dir, slug, task, run);
                 // Leftovers of the worker (daemonized grandchildren) go with the run.
                 if scope == Scope::Live {
                     if let Err(e) = self.sd.stop(&live.unit).await {
@@ -860,7 +861,7 @@ impl Daemon {
                         .map(|b| b.end_run(task, run, &end, dispatch::rules(&self.cfg)));
                     match booked {
                         Some(Ok(_)) => {
-                            crate::spawn::spec::forget_run(&self.cfg.state_dir, slug, task, run);
+                            crate::state_dir::forget_run(&self.cfg.state_dir, slug, task, run);
                             info!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run, "recorded: {}", crate::text::clean(end.error()));
                             if let Some(s) = self.slots.get_mut(slug) {
                                 s.dirty = true;
@@ -1173,5 +1174,5 @@ fn raise_nofile_limit() {
 
 /// For `reconcile`: the unit a run of ours has.
 fn unit_of(board: &str, task: &str, run: i64) -> String {
-    unit_name::worker_scope(board, task, run)
+    names::worker_scope(board, task, run)
 }

@@ -29,8 +29,7 @@ use tracing::{debug, info, warn};
 use super::{unit_of, Daemon, Key, Live};
 use crate::board::claimer_id;
 use crate::liveness;
-use crate::spawn::spec::RunStatus;
-use crate::systemd::unit_name::{run_record, WORKER_SCOPE_GLOB};
+use crate::names::{run_record, WORKER_SCOPE_GLOB};
 
 fn is_live(state: &str) -> bool {
     matches!(
@@ -101,7 +100,7 @@ impl Daemon {
     /// Reconcile every open board with the worker scopes systemd has.
     pub(super) async fn reconcile(&mut self) -> anyhow::Result<()> {
         let units = self.worker_units().await?;
-        let records = RunStatus::present(&self.cfg.state_dir);
+        let records = crate::state_dir::records_present(&self.cfg.state_dir);
         let slugs: Vec<String> = self
             .slots
             .iter()
@@ -150,7 +149,7 @@ impl Daemon {
     /// Reconcile one board just opened (before anything is dispatched on it).
     pub(super) async fn reconcile_board(&mut self, slug: &str) -> anyhow::Result<()> {
         let units = self.worker_units().await?;
-        let records = RunStatus::present(&self.cfg.state_dir);
+        let records = crate::state_dir::records_present(&self.cfg.state_dir);
         let mut counts = Counts::default();
         self.reconcile_with(slug, &units, records.as_ref(), &mut counts)
             .await?;
@@ -178,7 +177,7 @@ impl Daemon {
         counts: &mut Counts,
     ) -> anyhow::Result<()> {
         let me = claimer_id();
-        let ours = crate::spawn::spec::claimers_of_this_boot(&self.cfg.state_dir);
+        let ours = crate::state_dir::claimers_of_this_boot(&self.cfg.state_dir);
         let host_prefix = format!("{}:", me.split(':').next().unwrap_or(""));
         let Some(board) = self.board(slug) else {
             return Ok(());
@@ -196,7 +195,10 @@ impl Daemon {
             // Read only when listed (a record written since the listing is seen by inotify).
             let listed = records.is_none_or(|r| r.contains(&run_record(slug, &t.id, run)));
             let record = listed
-                .then(|| RunStatus::read(&self.cfg.state_dir, slug, &t.id, run).unwrap_or(None))
+                .then(|| {
+                    crate::state_dir::read_record(&self.cfg.state_dir, slug, &t.id, run)
+                        .unwrap_or(None)
+                })
                 .flatten();
             let tracked = self.live.get(&key).is_some_and(|l| l.watched);
             // The common case on the safety-net tick, 10,000 times with 10,000 live: a run
@@ -240,7 +242,7 @@ impl Daemon {
                 t.worker_pid.is_none()
                     && !units.contains_key(&unit)
                     && t.claim_expires.is_some_and(|e| e > now)
-                    && claimed_at.is_some_and(|c| c >= liveness::boot_time().unwrap_or(i64::MAX))
+                    && claimed_at.is_some_and(|c| c >= crate::host::boot_time().unwrap_or(i64::MAX))
                     && !t.claim_lock.as_ref().is_some_and(|l| ours.contains(l))
             };
             let unexplained = !scope_live && record.is_none() && local;

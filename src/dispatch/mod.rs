@@ -133,9 +133,9 @@ pub async fn once(
         None => Default::default(),
     };
     let lock = claimer_id();
-    if let Err(e) = spawn::spec::note_claimer(&cfg.state_dir) {
+    if let Err(e) = crate::state_dir::note_claimer(&cfg.state_dir) {
         tracing::warn!("cannot note this dispatcher as a claimer ({}: {e}); should it die between a claim and its worker's start, that run waits for its claim TTL",
-                       spawn::spec::claimers_path(&cfg.state_dir).display());
+                       crate::state_dir::claimers_path(&cfg.state_dir).display());
     }
     let mut started = Vec::new();
     let mut flight = Flight::default();
@@ -448,7 +448,7 @@ fn settle(
             let error = err.reason;
             match board.end_run(&task.id, claim.run_id, &end, rules(cfg)) {
                 Ok(r) => {
-                    crate::spawn::spec::forget_run(
+                    crate::state_dir::forget_run(
                         &cfg.state_dir,
                         &board.paths().slug,
                         &task.id,

@@ -10,9 +10,9 @@ use serde::Serialize;
 
 use crate::board::{Board, RunEnd};
 use crate::config::Config;
+use crate::names;
 use crate::outcome;
-use crate::spawn::spec::RunStatus;
-use crate::systemd::{unit_name, Systemd};
+use crate::systemd::Systemd;
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -56,7 +56,7 @@ pub async fn stop(
             task.status
         );
     };
-    let unit = unit_name::worker_scope(&board.paths().slug, task_id, run_id);
+    let unit = names::worker_scope(&board.paths().slug, task_id, run_id);
     let timeout = timeout.unwrap_or(cfg.stop_timeout_seconds);
     let before = sd
         .active_state(&unit)
@@ -102,8 +102,9 @@ pub async fn stop(
         HowItEnded::AlreadyEnded
     };
     let elapsed_ms = t0.elapsed().as_millis();
-    let status = RunStatus::read(&cfg.state_dir, &board.paths().slug, task_id, run_id)
-        .with_context(|| format!("read the exit status of {unit}"))?;
+    let status =
+        crate::state_dir::read_record(&cfg.state_dir, &board.paths().slug, task_id, run_id)
+            .with_context(|| format!("read the exit status of {unit}"))?;
     let operator_stop = match &how {
         HowItEnded::AlreadyEnded => None,
         HowItEnded::KilledAfterTimeout => Some(format!("SIGKILL after TimeoutStopSec={timeout}s")),

@@ -18,18 +18,17 @@ use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::pipe;
-use zbus::Variant;
 
 use crate::board::{Board, BoardPaths, Claim};
 use crate::config::Config;
 use crate::liveness;
+use crate::names;
 use crate::outcome::Fault;
-use crate::systemd::{unit_name, Property, Systemd, SystemdError};
+use crate::systemd::{ScopeSpec, Systemd, SystemdError};
 use spec::{Report, WorkerSpec};
 
 /// Upstream's `KANBAN_TERMINAL_TIMEOUT_GRACE_SECONDS`.
@@ -305,7 +304,7 @@ fn prepare_task(
     // dropped root: a path in the board's tree is never followed with root's powers.
     let (workspace, make_workspace) = match task.workspace_kind.as_str() {
         // Upstream uses the raw id; a hostile id must not name another directory.
-        "scratch" => (workspaces.join(unit_name::file_component(&task.id)), true),
+        "scratch" => (workspaces.join(names::file_component(&task.id)), true),
         "dir" => {
             let p = task
                 .workspace_path
@@ -469,9 +468,9 @@ fn prepare_task(
     }
 
     // Opened (and rotated) by the supervisor, as the board's owner.
-    let log_file = cfg.worker_log_file.then(|| {
-        absolute(&paths.logs).join(format!("{}.log", unit_name::file_component(&task.id)))
-    });
+    let log_file = cfg
+        .worker_log_file
+        .then(|| absolute(&paths.logs).join(format!("{}.log", names::file_component(&task.id))));
 
     Ok(WorkerSpec {
         log_file,
@@ -487,7 +486,12 @@ fn prepare_task(
         gid: user.gid.as_raw(),
         groups: who.groups.clone(),
         tmp_root: absolute(&cfg.tmp_root),
-        status_file: spec::status_path(&cfg.state_dir, &board.paths().slug, &task.id, claim.run_id),
+        status_file: crate::state_dir::record_path(
+            &cfg.state_dir,
+            &board.paths().slug,
+            &task.id,
+            claim.run_id,
+        ),
         identifier: "hermes-worker".into(),
         prelude,
         output_tail: generation.worker_output(),
@@ -551,6 +555,27 @@ fn clean(s: &str, n: usize) -> String {
     crate::text::clean(&blanked)
 }
 
+/// The scope of a run of `cfg`'s (design §3.2): `unit` in its slice, with the configured
+/// limits and the task's runtime.
+pub fn scope_spec(
+    cfg: &Config,
+    unit: &str,
+    description: String,
+    max_runtime: Option<i64>,
+) -> ScopeSpec {
+    ScopeSpec {
+        description,
+        slice: names::worker_slice(&cfg.slice, unit),
+        stop_timeout_us: cfg.stop_timeout_seconds.saturating_mul(1_000_000),
+        runtime_max_us: max_runtime
+            .filter(|r| *r > 0)
+            .map(|rt| (rt as u64).saturating_mul(1_000_000)),
+        memory_max: cfg.memory_max_bytes,
+        tasks_max: cfg.tasks_max,
+        cpu_quota_per_sec_us: cfg.cpu_quota_percent.map(|q| q.saturating_mul(10_000)),
+    }
+}
+
 /// `Description=`: names task, run and title; task data is untrusted, so control
 /// characters are blanked, invisible and bidi-reordering ones escaped (`systemctl status`
 /// and every journal line of the unit show it), and the length bounded.
@@ -560,140 +585,6 @@ pub fn description(task: &str, run: i64, title: &str) -> String {
         clean(task, 80),
         clean(title, 160)
     )
-}
-
-/// The scope's properties (design §3.2), in layers as systemd-run builds them.
-pub fn scope_properties(
-    cfg: &Config,
-    unit: &str,
-    desc: String,
-    max_runtime: Option<i64>,
-) -> Vec<Property> {
-    let mut p: Vec<Property> = vec![
-        ("Description", Variant::from(desc)),
-        (
-            "Slice",
-            Variant::from(unit_name::worker_slice(&cfg.slice, unit)),
-        ),
-        (
-            "CollectMode",
-            Variant::from("inactive-or-failed".to_string()),
-        ),
-        // On a scope only control-group delivers SIGTERM to the processes: `mixed` means an
-        // immediate SIGKILL and `process` kills nothing (systemd.scope(5), scope.c).
-        ("KillMode", Variant::from("control-group".to_string())),
-        ("KillSignal", Variant::from(libc::SIGTERM)),
-        ("SendSIGKILL", Variant::from(true)),
-        // What the run cost is kept with it (`spec::Usage`): the kernel counts memory and IO
-        // only for a cgroup whose controllers are on, and systemd turns them on per unit.
-        ("MemoryAccounting", Variant::from(true)),
-        ("IOAccounting", Variant::from(true)),
-        ("TasksAccounting", Variant::from(true)),
-        (
-            "TimeoutStopUSec",
-            Variant::from(cfg.stop_timeout_seconds.saturating_mul(1_000_000)),
-        ),
-    ];
-    if let Some(rt) = max_runtime.filter(|r| *r > 0) {
-        p.push((
-            "RuntimeMaxUSec",
-            Variant::from((rt as u64).saturating_mul(1_000_000)),
-        ));
-    }
-    if let Some(m) = cfg.memory_max_bytes {
-        p.push(("MemoryMax", Variant::from(m)));
-    }
-    if let Some(t) = cfg.tasks_max {
-        p.push(("TasksMax", Variant::from(t)));
-    }
-    if let Some(q) = cfg.cpu_quota_percent {
-        // CPUQuota=N% is sent as CPUQuotaPerSecUSec = N * 10 000 µs.
-        p.push(("CPUAccounting", Variant::from(true)));
-        p.push((
-            "CPUQuotaPerSecUSec",
-            Variant::from(q.saturating_mul(10_000)),
-        ));
-    }
-    p
-}
-
-/// 0 = not probed, 1 = systemd takes `PIDFDs`, 2 = it does not (before v255).
-static PIDFDS: AtomicU8 = AtomicU8::new(0);
-
-fn pidfd_open(pid: u32) -> std::io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// 0 = not probed, 1 = systemd takes `OOMPolicy` on scopes, 2 = it does not (before v253).
-static OOM_POLICY: AtomicU8 = AtomicU8::new(0);
-
-/// Create the scope around `pid`: `PIDFDs` (immune to PID reuse) where systemd accepts it,
-/// `PIDs` otherwise, remembering which; the retry is what systemd-run does (#29547). The
-/// same for `OOMPolicy=stop`, which systemd takes on scopes since v253.
-///
-/// `OOMPolicy=stop`, on purpose: `MemoryMax=` is the run's budget, and a run that hits it
-/// ends — whichever of its processes the kernel picked (the agent or one of its tools) —
-/// and is booked as an OOM kill (`outcome`), counted like a crash, so the breaker stops a
-/// task that always runs out of memory. It is also what systemd 252 (Debian 12) does with
-/// every scope and cannot be told otherwise (tests/vm: "Failed with result 'oom-kill'",
-/// then SIGTERM to the agent); saying it explicitly keeps newer systemds the same, whatever
-/// their `DefaultOOMPolicy=`. `continue` would leave an agent running whose tool was
-/// killed, with the memory still at the limit; `kill` would give the agent no SIGTERM.
-async fn start_scope(
-    sd: &Systemd,
-    unit: &str,
-    props: impl Fn() -> Vec<Property>,
-    pid: u32,
-    timeout: Duration,
-) -> Result<(), SystemdError> {
-    loop {
-        let mut all = props();
-        let oom_policy = OOM_POLICY.load(Ordering::Relaxed) != 2;
-        if oom_policy {
-            all.push(("OOMPolicy", Variant::from("stop".to_string())));
-        }
-        let use_fd = PIDFDS.load(Ordering::Relaxed) != 2;
-        if use_fd {
-            match pidfd_open(pid) {
-                Ok(fd) => all.push(("PIDFDs", Variant::from(vec![zbus::Fd::from(fd)]))),
-                Err(_) => {
-                    PIDFDS.store(2, Ordering::Relaxed);
-                    continue;
-                }
-            }
-        } else {
-            all.push(("PIDs", Variant::from(vec![pid])));
-        }
-        match sd.start_transient(unit, all, timeout).await {
-            Err(SystemdError::PropertyRejected { ref msg, .. })
-                if use_fd && msg.contains("PIDFDs") =>
-            {
-                PIDFDS.store(2, Ordering::Relaxed);
-            }
-            Err(SystemdError::PropertyRejected { ref msg, .. })
-                if oom_policy && msg.contains("OOMPolicy") =>
-            {
-                OOM_POLICY.store(2, Ordering::Relaxed);
-            }
-            Ok(()) => {
-                if use_fd {
-                    PIDFDS.store(1, Ordering::Relaxed);
-                }
-                if oom_policy {
-                    OOM_POLICY.store(1, Ordering::Relaxed);
-                }
-                return Ok(());
-            }
-            Err(e) => return Err(e),
-        }
-    }
 }
 
 /// Kill and reap a supervisor that must not go on. `scope_is_ours`: a scope of this name
@@ -719,7 +610,7 @@ pub async fn start_worker(
     claim: &Claim,
 ) -> Result<Started, SpawnError> {
     let task = &claim.task;
-    let unit = unit_name::worker_scope(&board.paths().slug, &task.id, claim.run_id);
+    let unit = names::worker_scope(&board.paths().slug, &task.id, claim.run_id);
     // Everything prepare checks is the task's or its configuration's.
     let spec = prepare(board, cfg, claim, &unit)?;
     let runs_dir = cfg.state_dir.join("runs");
@@ -756,16 +647,14 @@ pub async fn start_worker(
             "hand the spec to the supervisor: {e}"
         )));
     }
-    let props = || {
-        scope_properties(
-            cfg,
-            &unit,
-            description(&task.id, claim.run_id, &task.title),
-            task.max_runtime_seconds,
-        )
-    };
+    let scope = scope_spec(
+        cfg,
+        &unit,
+        description(&task.id, claim.run_id, &task.title),
+        task.max_runtime_seconds,
+    );
     let timeout = Duration::from_secs(cfg.start_timeout_seconds);
-    if let Err(e) = start_scope(sd, &unit, props, pid, timeout).await {
+    if let Err(e) = sd.start_scope(&unit, &scope, pid, timeout).await {
         let ours = matches!(
             e,
             SystemdError::Timeout { .. } | SystemdError::JobFailed { .. }
@@ -774,7 +663,7 @@ pub async fn start_worker(
         return Err(SpawnError::infra(format!("create scope {unit}: {e}")));
     }
     // Read back what systemd did (crun does the same): the held process must be in the scope.
-    let want = liveness::unit_cgroup(&unit_name::worker_slice(&cfg.slice, &unit), &unit);
+    let want = liveness::unit_cgroup(&names::worker_slice(&cfg.slice, &unit), &unit);
     match liveness::cgroup_of(pid) {
         Ok(Some(cg)) if cg == want => {}
         other => {

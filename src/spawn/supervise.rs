@@ -21,9 +21,10 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{ForkResult, Pid};
 
 use super::journal::{Journal, Lines};
-use super::spec::{Report, RunStatus, WorkerSpec};
+use super::spec::{Report, WorkerSpec};
 use crate::board::now;
 use crate::outcome::Fault;
+use crate::record::ExitRecord;
 use crate::safe_fs::{self, Access, Owner};
 
 fn report(r: &Report) {
@@ -228,7 +229,7 @@ fn become_worker(p: &ChildPlan) -> (u32, i32) {
     }
 }
 
-fn write_status(spec: &WorkerSpec, status: &RunStatus) -> std::io::Result<()> {
+fn write_status(spec: &WorkerSpec, status: &ExitRecord) -> std::io::Result<()> {
     let dir = spec.status_file.parent().unwrap_or(Path::new("/"));
     std::fs::create_dir_all(dir)?;
     let tmp = spec.status_file.with_extension("json.tmp");
@@ -551,7 +552,7 @@ fn supervise(spec: &WorkerSpec, tmpdir: &Path, journal: &Journal) -> Result<u8, 
         _ => (None, None),
     };
     let cgroup = own_cgroup();
-    let rs = RunStatus {
+    let rs = ExitRecord {
         task: spec.task.clone(),
         run_id: spec.run_id,
         unit: spec.unit.clone(),
@@ -564,8 +565,8 @@ fn supervise(spec: &WorkerSpec, tmpdir: &Path, journal: &Journal) -> Result<u8, 
         // Read here, in the scope, once the worker is reaped: the kernel has counted an OOM
         // kill by then, and a SIGTERM that followed it (systemd stopping the scope) is not
         // the whole story.
-        memory: cgroup.as_deref().and_then(super::spec::MemoryFacts::read),
-        usage: cgroup.as_deref().and_then(super::spec::Usage::read),
+        memory: cgroup.as_deref().and_then(crate::liveness::memory_facts),
+        usage: cgroup.as_deref().and_then(crate::liveness::usage),
         not_started: spec
             .prelude
             .as_ref()

@@ -175,7 +175,7 @@ pub(super) fn prelude_verdict(
     said: &[u8],
     exit_code: Option<i32>,
     signal: Option<i32>,
-) -> Option<super::spec::NotStarted> {
+) -> Option<crate::record::NotStarted> {
     use crate::outcome::Fault;
     let text = String::from_utf8_lossy(said);
     let mut lines = text.lines();
@@ -190,7 +190,7 @@ pub(super) fn prelude_verdict(
         (None, Some(s)) => format!("signal {s}"),
         _ => "ended".into(),
     };
-    let not_started = |fault, reason: String| Some(super::spec::NotStarted { reason, fault });
+    let not_started = |fault, reason: String| Some(crate::record::NotStarted { reason, fault });
     if first != Some("asking") {
         // Killed before it said anything (a stop, the runtime limit, the OOM killer): how
         // it ended is booked as for any run.
@@ -327,27 +327,22 @@ async fn into_scope(
     task: &str,
     pid: u32,
 ) -> Result<String, String> {
-    let unit = crate::systemd::unit_name::upstream_scope(task, pid);
+    let unit = crate::names::upstream_scope(task, pid);
     let desc = format!(
         "Hermes' own code after hermes-mgr complete {}",
         super::clean(task, 80)
     );
-    let props = || {
-        super::scope_properties(
-            cfg,
-            &unit,
-            desc.clone(),
-            Some(AFTER_COMPLETE_TIMEOUT.as_secs() as i64),
-        )
-    };
+    let scope = super::scope_spec(
+        cfg,
+        &unit,
+        desc,
+        Some(AFTER_COMPLETE_TIMEOUT.as_secs() as i64),
+    );
     let timeout = Duration::from_secs(cfg.start_timeout_seconds);
-    super::start_scope(sd, &unit, props, pid, timeout)
+    sd.start_scope(&unit, &scope, pid, timeout)
         .await
         .map_err(|e| format!("create scope {unit}: {e}"))?;
-    let want = crate::liveness::unit_cgroup(
-        &crate::systemd::unit_name::worker_slice(&cfg.slice, &unit),
-        &unit,
-    );
+    let want = crate::liveness::unit_cgroup(&crate::names::worker_slice(&cfg.slice, &unit), &unit);
     match crate::liveness::cgroup_of(pid) {
         Ok(Some(cg)) if cg == want => Ok(unit),
         other => {

@@ -675,8 +675,7 @@ fn plain_rate(rt: &tokio::runtime::Runtime, n: usize, k: usize) -> f64 {
                         .stdin(std::process::Stdio::piped())
                         .spawn()
                         .unwrap();
-                    let slice =
-                        hermes_mgr::systemd::unit_name::worker_slice("hermes-workers.slice", &name);
+                    let slice = hermes_mgr::names::worker_slice("hermes-workers.slice", &name);
                     let props: Vec<hermes_mgr::systemd::Property> = vec![
                         ("PIDs", zbus::Variant::from(vec![child.id()])),
                         ("Slice", zbus::Variant::from(slice)),
@@ -1039,11 +1038,7 @@ fn scale(n: usize) {
                 },
                 mono,
                 t.elapsed(),
-                hermes_mgr::systemd::unit_name::run_record(
-                    hermes_mgr::board::DEFAULT_BOARD,
-                    &task,
-                    run,
-                ),
+                hermes_mgr::names::run_record(hermes_mgr::board::DEFAULT_BOARD, &task, run),
             ));
             if alone {
                 harness::wait_for("the task running again", Duration::from_secs(30), || {

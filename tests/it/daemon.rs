@@ -177,7 +177,7 @@ systemd_test!(
         d.command(&ids[1], runs[1], "exit 1");
         for (id, run) in ids.iter().zip(&runs).take(2) {
             wait_for("the exit record", Duration::from_secs(30), || {
-                hermes_mgr::spawn::spec::RunStatus::read(
+                hermes_mgr::state_dir::read_record(
                     std::path::Path::new("/run/hermes-mgr-test"),
                     "default",
                     id,
@@ -373,7 +373,7 @@ systemd_test!(
         drop(b);
         // The run's scope as systemd leaves it when the supervisor died before the attach:
         // active, with an empty cgroup (see scope::a_scope_whose_process_died_…).
-        let unit = hermes_mgr::systemd::unit_name::worker_scope("default", &id, claim.run_id);
+        let unit = hermes_mgr::names::worker_scope("default", &id, claim.run_id);
         let mut z = crate::rig::zombie();
         let rt = crate::scope::rt();
         let sd = rt
@@ -630,7 +630,7 @@ systemd_test!(
         d.command(&id, r1, "exit 1");
         // The exit is recorded by the supervisor; the board cannot take it for a minute.
         wait_for("the exit record", Duration::from_secs(20), || {
-            hermes_mgr::spawn::spec::RunStatus::read(
+            hermes_mgr::state_dir::read_record(
                 std::path::Path::new("/run/hermes-mgr-test"),
                 "default",
                 &id,

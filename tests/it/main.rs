@@ -14,6 +14,7 @@ mod docs;
 mod faults;
 mod gateway;
 mod interop;
+mod layers;
 mod newer_board;
 mod newer_hermes;
 mod operator;

@@ -46,7 +46,7 @@ systemd_test!(
         sh("systemctl stop dbus.socket dbus.service");
         d.command(&first, r1, "exit 1");
         wait_for("the exit record", Duration::from_secs(20), || {
-            hermes_mgr::spawn::spec::RunStatus::read(
+            hermes_mgr::state_dir::read_record(
                 std::path::Path::new("/run/hermes-mgr-test"),
                 "default",
                 &first,

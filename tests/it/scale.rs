@@ -102,7 +102,7 @@ systemd_test!(
             .iter()
             .map(|id| {
                 let run = b.require_task(id).unwrap().current_run_id.unwrap();
-                hermes_mgr::systemd::unit_name::worker_scope("default", id, run)
+                hermes_mgr::names::worker_scope("default", id, run)
             })
             .collect();
         let have: BTreeSet<String> = crate::rig::worker_units(false)

@@ -6,7 +6,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use hermes_mgr::liveness;
-use hermes_mgr::systemd::{unit_name, Property, Systemd, SystemdError};
+use hermes_mgr::names;
+use hermes_mgr::systemd::{Property, Systemd, SystemdError};
 use zbus::Variant;
 
 use crate::systemd_test;
@@ -51,7 +52,7 @@ systemd_test!(a_held_child_is_in_its_scope_before_it_runs, {
         .spawn()
         .expect("spawn held child");
     let pid = child.id();
-    let unit = unit_name::worker_scope("default", &format!("t_test{pid}"), 1);
+    let unit = names::worker_scope("default", &format!("t_test{pid}"), 1);
     let want = liveness::unit_cgroup("hermes-workers.slice", &unit);
     assert_ne!(cgroup_of(pid), want);
     let rt = rt();
@@ -115,7 +116,7 @@ systemd_test!(
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let unit = unit_name::worker_scope("default", &format!("t_dup{}", a.id()), 1);
+        let unit = names::worker_scope("default", &format!("t_dup{}", a.id()), 1);
         let rt = rt();
         let sd = rt.block_on(Systemd::connect()).unwrap();
         rt.block_on(sd.start_transient(
@@ -151,7 +152,7 @@ systemd_test!(
         // the start job leaves behind (found by the fault suite): the PID is gone by the
         // time systemd attaches it. A zombie makes that moment reproducible.
         let mut z = crate::rig::zombie();
-        let unit = unit_name::worker_scope("default", &format!("t_husk{}", z.id()), 1);
+        let unit = names::worker_scope("default", &format!("t_husk{}", z.id()), 1);
         let cgroup = liveness::unit_cgroup("hermes-workers.slice", &unit);
         let rt = rt();
         let sd = rt.block_on(Systemd::connect()).unwrap();

@@ -210,7 +210,7 @@ systemd_test!(
         let props = systemctl_show(&unit, "Slice,KillMode,KillSignal,SendSIGKILL,TimeoutStopUSec,CollectMode,MemoryMax,TasksMax,CPUQuotaPerSecUSec,Description");
         let slice = format!(
             "Slice={}",
-            hermes_mgr::systemd::unit_name::worker_slice("hermes-workers.slice", &unit)
+            hermes_mgr::names::worker_slice("hermes-workers.slice", &unit)
         );
         for want in [
             slice.as_str(),
@@ -581,7 +581,7 @@ systemd_test!(
         rig.wait_file(&ws.join("ready"));
         std::fs::write(ws.join("cmd"), "3\n").unwrap();
         let st = wait_for("the exit record", Duration::from_secs(20), || {
-            hermes_mgr::spawn::spec::RunStatus::read(
+            hermes_mgr::state_dir::read_record(
                 Path::new("/run/hermes-mgr-test"),
                 "default",
                 &id,

@@ -90,7 +90,7 @@ fn a_fork_bomb_stops_at_tasks_max_the_dispatcher_goes_on_and_max_runtime_ends_it
     let scope = format!("hermes-worker-kanban-{id}-run-1.scope");
     let cg = format!(
         "/sys/fs/cgroup/hermes.slice/hermes-workers.slice/{}/{scope}",
-        hermes_mgr::systemd::unit_name::worker_slice("hermes-workers.slice", &scope)
+        hermes_mgr::names::worker_slice("hermes-workers.slice", &scope)
     );
     // The bomb fills its scope up to the limit, and no further.
     vm.wait_ok(

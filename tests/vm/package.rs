@@ -40,7 +40,7 @@ fn apt_installs_enables_and_starts_it_upgrades_keep_the_worker_remove_and_purge_
     assert_eq!(
         vm.ok(&format!("systemctl show -p Slice --value {scope}"))
             .trim(),
-        hermes_mgr::systemd::unit_name::worker_slice("hermes-workers.slice", &scope)
+        hermes_mgr::names::worker_slice("hermes-workers.slice", &scope)
     );
     let worker_pid = guest::task_field(&mut vm, &id, "worker_pid");
 

@@ -1,6 +1,10 @@
-//! Unit names built from task data. A task id comes from whoever wrote the board, so it is
-//! untrusted: it must not be able to name another unit, escape the `hermes-worker-` prefix,
-//! or exceed systemd's length limit.
+//! Names: of the boards' default, of units and of files, built from task data. A task id
+//! comes from whoever wrote the board, so it is untrusted: it must not be able to name
+//! another unit, escape the `hermes-worker-` prefix, or exceed systemd's length limit. A
+//! leaf: it imports nothing of the crate.
+
+/// The board a root has without `--board` (upstream's `DEFAULT_BOARD`).
+pub const DEFAULT_BOARD: &str = "default";
 
 /// systemd's `UNIT_NAME_MAX` (256 with the NUL).
 const UNIT_NAME_MAX: usize = 255;
@@ -58,7 +62,7 @@ const SLUG_MAX: usize = 64;
 /// the unit again by name).
 pub fn worker_scope(board: &str, task: &str, run: i64) -> String {
     let tail = format!("-run-{run}.scope");
-    let head = if board == crate::board::DEFAULT_BOARD {
+    let head = if board == DEFAULT_BOARD {
         "hermes-worker-kanban-".to_string()
     } else {
         format!("hermes-worker-kanban-{}-", escaped_within(board, SLUG_MAX))
@@ -71,7 +75,7 @@ pub fn worker_scope(board: &str, task: &str, run: i64) -> String {
 /// board): the transient service of one triage decomposition.
 pub fn decompose_service(board: &str, task: &str) -> String {
     let tail = ".service";
-    let head = if board == crate::board::DEFAULT_BOARD {
+    let head = if board == DEFAULT_BOARD {
         "hermes-kanban-decompose-".to_string()
     } else {
         format!(
@@ -95,7 +99,7 @@ pub fn upstream_scope(task: &str, pid: u32) -> String {
 /// The file name of a run's exit record: `<task>-run-<run>.json` on the default board,
 /// `<board>.<task>-run-<run>.json` on others (a plain id has no `.`, an escaped one neither).
 pub fn run_record(board: &str, task: &str, run: i64) -> String {
-    if board == crate::board::DEFAULT_BOARD {
+    if board == DEFAULT_BOARD {
         format!("{}-run-{run}.json", file_component(task))
     } else {
         format!(
