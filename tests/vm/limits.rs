@@ -123,7 +123,7 @@ fn a_fork_bomb_stops_at_tasks_max_the_dispatcher_goes_on_and_max_runtime_ends_it
         "sqlite3 -readonly {BOARD} \"SELECT outcome || ': ' || error FROM task_runs WHERE task_id='{id}'\""
     ));
     assert!(
-        run.starts_with("timed_out: ") && run.contains("max_runtime_seconds=40"),
+        run.starts_with("timed_out: elapsed ") && run.contains("s > limit 40s"),
         "{run}"
     );
     // Its last processes go with the scope (SIGKILL after the stop timeout, if need be).
