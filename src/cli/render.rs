@@ -438,7 +438,7 @@ pub fn stopped(r: &crate::dispatch::stop::StopReport) -> String {
     let how = match r.how {
         ExitedAfterSigterm => format!("exited after SIGTERM in {} ms{worker}", r.elapsed_ms),
         KilledAfterTimeout => format!(
-            "killed with SIGKILL after TimeoutStopSec={}s{worker}",
+            "killed with SIGKILL after the {}s timeout{worker}",
             r.timeout_seconds
         ),
         AlreadyEnded => format!("had already ended{worker}"),

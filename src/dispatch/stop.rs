@@ -19,7 +19,7 @@ use crate::systemd::Systemd;
 pub enum HowItEnded {
     /// The worker ended on SIGTERM (its handler, or the default action) within the timeout.
     ExitedAfterSigterm,
-    /// Something in the scope outlived `TimeoutStopSec` and systemd sent SIGKILL.
+    /// Something in the scope outlived the stop's timeout, and its SIGKILL (ours) ended it.
     KilledAfterTimeout,
     /// The worker had ended before the stop; nothing was running.
     AlreadyEnded,
@@ -107,7 +107,7 @@ pub async fn stop(
             .with_context(|| format!("read the exit status of {unit}"))?;
     let operator_stop = match &how {
         HowItEnded::AlreadyEnded => None,
-        HowItEnded::KilledAfterTimeout => Some(format!("SIGKILL after TimeoutStopSec={timeout}s")),
+        HowItEnded::KilledAfterTimeout => Some(format!("SIGKILL after its {timeout}s timeout")),
         HowItEnded::ExitedAfterSigterm => Some(format!("ended on SIGTERM after {elapsed_ms} ms")),
     };
     let facts = outcome::Facts {

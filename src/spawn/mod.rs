@@ -59,19 +59,6 @@ impl SpawnError {
     }
 }
 
-/// A plain message from reading the task's own data is the task's fault.
-impl From<String> for SpawnError {
-    fn from(reason: String) -> SpawnError {
-        SpawnError::task(reason)
-    }
-}
-
-impl From<&str> for SpawnError {
-    fn from(reason: &str) -> SpawnError {
-        SpawnError::task(reason)
-    }
-}
-
 impl std::fmt::Display for SpawnError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.reason)
@@ -295,9 +282,11 @@ fn prepare_task(
         .assignee
         .clone()
         .or_else(|| cfg.default_assignee.clone())
-        .ok_or("task has no assignee")?;
-    let profile = profile_name(&assignee)
-        .ok_or_else(|| format!("assignee {assignee:?} is not a valid profile name"))?;
+        .ok_or_else(|| SpawnError::task("task has no assignee"))?;
+    // The task's own data: a bad value is the task's fault.
+    let profile = profile_name(&assignee).ok_or_else(|| {
+        SpawnError::task(format!("assignee {assignee:?} is not a valid profile name"))
+    })?;
 
     let workspaces = absolute(&paths.workspaces);
     // The workspace is created (scratch) and entered by the worker's own process, after it
@@ -309,10 +298,13 @@ fn prepare_task(
             let p = task
                 .workspace_path
                 .as_deref()
-                .ok_or("workspace kind dir without a workspace_path")?;
+                .ok_or_else(|| SpawnError::task("workspace kind dir without a workspace_path"))?;
             let p = PathBuf::from(p);
             if !p.is_absolute() {
-                return Err(format!("workspace {} is not an absolute path", p.display()).into());
+                return Err(SpawnError::task(format!(
+                    "workspace {} is not an absolute path",
+                    p.display()
+                )));
             }
             (p, false)
         }
@@ -329,7 +321,11 @@ fn prepare_task(
             }
             (PathBuf::from("/"), false)
         }
-        other => return Err(format!("unknown workspace kind {other:?}").into()),
+        other => {
+            return Err(SpawnError::task(format!(
+                "unknown workspace kind {other:?}"
+            )))
+        }
     };
 
     let mut env: Vec<(String, String)> = std::env::vars()

@@ -336,7 +336,7 @@ systemd_test!(
         let text = stubborn.mgr(&["stop", &id, "--timeout", "1"]).ok().stdout;
         println!("{text}");
         assert!(
-            text.contains("killed with SIGKILL after TimeoutStopSec=1s"),
+            text.contains("killed with SIGKILL after the 1s timeout"),
             "{text}"
         );
         assert!(
