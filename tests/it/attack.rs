@@ -753,6 +753,20 @@ systemd_test!(a_64_gib_line_in_a_worker_log_costs_logs_bounded_memory, {
     );
 });
 
+/// `systemctl restart` of the service succeeds; else the test fails with what the service said.
+fn restart_succeeds(after: &str) {
+    let restart = Command::new("systemctl")
+        .args(["restart", crate::rig::SERVICE])
+        .output()
+        .unwrap();
+    assert!(
+        restart.status.success(),
+        "after {after}: {}\n{}",
+        String::from_utf8_lossy(&restart.stderr),
+        crate::rig::journal(crate::rig::SERVICE)
+    );
+}
+
 systemd_test!(
     a_worker_holding_a_swapped_dispatcher_lock_does_not_keep_the_dispatcher_down,
     {
@@ -777,16 +791,7 @@ systemd_test!(
             let swapped = std::fs::metadata(&lock).is_ok_and(|m| m.ino() != ours);
             (swapped && held()).then_some(())
         });
-        let restart = Command::new("systemctl")
-            .args(["restart", crate::rig::SERVICE])
-            .output()
-            .unwrap();
-        assert!(
-            restart.status.success(),
-            "{}\n{}",
-            String::from_utf8_lossy(&restart.stderr),
-            crate::rig::journal(crate::rig::SERVICE)
-        );
+        restart_succeeds("a swapped lock");
         assert!(
             crate::rig::journal(crate::rig::SERVICE)
                 .contains("the dispatcher lock is held by a worker's process"),
@@ -818,16 +823,7 @@ systemd_test!(
             std::fs::write(d.rig.dir.join("how"), how).unwrap();
             let id = d.rig.add(&format!("makes the lock {how}"));
             d.rig.wait_file(&d.rig.dir.join(format!("done.{id}")));
-            let restart = Command::new("systemctl")
-                .args(["restart", crate::rig::SERVICE])
-                .output()
-                .unwrap();
-            assert!(
-                restart.status.success(),
-                "{how}: {}\n{}",
-                String::from_utf8_lossy(&restart.stderr),
-                crate::rig::journal(crate::rig::SERVICE)
-            );
+            restart_succeeds(how);
             // A regular file again, the dispatcher's, held; /etc/shadow untouched.
             let m = std::fs::symlink_metadata(&lock).unwrap();
             assert!(m.file_type().is_file(), "{how}: {m:?}");
