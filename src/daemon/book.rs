@@ -1,0 +1,180 @@
+//! Booking: a supervisor reaped or a scope removed, the facts of the run gathered, its end
+//! decided (`outcome`) and written (`Board::end_run`), once; what could not be written yet
+//! retried.
+
+use super::*;
+
+impl Daemon {
+    /// Track a worker that we started. Its supervisor is our child: `reap` collects it.
+    pub(super) fn track_started(&mut self, board: &str, s: Started) {
+        let key = (board.to_string(), s.task.clone(), s.run_id);
+        info!(board = %board, hermes_kanban_task = %s.task, hermes_kanban_run_id = s.run_id, unit = %s.unit, object_systemd_unit = %s.unit,
+              pid = s.worker_pid, "worker started");
+        self.supervisors.insert(s.supervisor_pid, key.clone());
+        self.live.insert(
+            key,
+            Live {
+                unit: s.unit,
+                lock: s.lock,
+                max_runtime: s.max_runtime,
+                closed_since: None,
+                watched: true,
+                stale: None,
+            },
+        );
+    }
+
+    /// SIGCHLD: collect every supervisor that exited (no zombie is left), and book its run
+    /// (its exit record's inotify event usually came first; booking twice changes nothing).
+    pub(super) async fn reap(&mut self) {
+        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(st) => {
+                    let Some(pid) = st.pid() else { continue };
+                    if let Some(key) = self.supervisors.remove(&(pid.as_raw() as u32)) {
+                        self.book(&key).await;
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) async fn on_unit_removed(&mut self, unit: &str) {
+        if self.on_decompose_unit_removed(unit) {
+            return;
+        }
+        if let Some(key) = self.live.of_unit(unit).cloned() {
+            self.book(&key).await;
+        }
+    }
+
+    /// The one place that books a run: gather the facts (the supervisor's exit record, the
+    /// scope as systemd and the kernel see it), let `outcome::decide` say how the run
+    /// ended, and record that. A verdict the worker wrote itself wins: the board then
+    /// refuses the booking (`Ok(None)`). A fact we cannot read (the bus is down) is retried.
+    pub(super) async fn book(&mut self, key: &Key) {
+        let (slug, task, run) = (&key.0, &key.1, key.2);
+        let Some(live) = self.live.get(key).cloned() else {
+            return;
+        };
+        let record = match crate::state_dir::read_record(&self.cfg.state_dir, slug, task, run) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run, "cannot read the exit record: {e}");
+                None
+            }
+        };
+        let scope = match self.sd.active_state(&live.unit).await {
+            Ok(Some(_)) if self.husk(&live.unit).await => Scope::Empty,
+            Ok(Some(_)) => Scope::Live,
+            Ok(None) => Scope::Gone,
+            Err(e) => {
+                warn!(unit = %live.unit, "unit state unknown ({e}); retrying");
+                self.pending.insert(key.clone(), None);
+                return;
+            }
+        };
+        let facts = outcome::Facts {
+            unit: &live.unit,
+            record: record.as_ref(),
+            scope,
+            watched: live.watched,
+            operator_stop: None,
+            max_runtime: live.max_runtime,
+            stale: live.stale.as_ref(),
+            hermes: crate::spawn::hermes_generation(&self.cfg),
+        };
+        // Still running (a UnitRemoved for a name we reuse, a stray event): nothing to do.
+        let Decision::Ended(end) = outcome::decide(&facts) else {
+            return;
+        };
+        let Some(board) = self.board(slug) else {
+            warn!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run, "board not open; will retry booking the run");
+            self.pending.insert(key.clone(), None);
+            return;
+        };
+        let cost = record
+            .as_ref()
+            .and_then(|r| r.usage.as_ref())
+            .and_then(|u| serde_json::to_value(u).ok());
+        match board.end_run_costed(task, run, &end, dispatch::rules(&self.cfg), cost.as_ref()) {
+            Ok(result) => {
+                match &result {
+                    Some(r) => {
+                        info!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run, unit = %live.unit,
+                                     object_systemd_unit = %live.unit, status = %r.status, failures = r.failures,
+                                     gave_up = r.gave_up, "run ended: {}", crate::text::clean(end.error()))
+                    }
+                    None => {
+                        info!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run, unit = %live.unit,
+                                  object_systemd_unit = %live.unit, "run ended; the worker had recorded its own verdict")
+                    }
+                }
+                self.pending.remove(key);
+                self.live.remove(key);
+                // A host-wide cap has room again: boards it held see it now.
+                for s in self.slots.values_mut().filter(|s| s.host_capped) {
+                    s.host_capped = false;
+                    s.dirty = true;
+                }
+                crate::state_dir::forget_run(&self.cfg.state_dir, slug, task, run);
+                // Leftovers of the worker (daemonized grandchildren) go with the run.
+                if scope == Scope::Live {
+                    if let Err(e) = self.sd.stop(&live.unit).await {
+                        warn!(unit = %live.unit, "stop leftovers: {e}");
+                    }
+                }
+                if let Some(s) = self.slots.get_mut(slug) {
+                    s.dirty = true;
+                    // Found in the scope after the pass (Hermes' own code could not be
+                    // started): ours, said loudly, and the board backs off as after a pass
+                    // that failed to start a worker.
+                    if let crate::outcome::RunEnd::Infrastructure { error: why } = &end {
+                        error!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run,
+                               "the dispatcher cannot start workers: {}; the task is requeued, not charged", crate::text::clean(why));
+                        s.start_failures = s.start_failures.saturating_add(1);
+                        s.back_off(why);
+                    } else {
+                        s.start_failures = 0;
+                    }
+                }
+            }
+            Err(BoardError::Locked { .. }) => {
+                warn!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run, "board locked; will retry booking the run");
+                self.pending.insert(key.clone(), None);
+            }
+            Err(e) => {
+                warn!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run, "cannot book the run: {e}; will retry");
+                self.pending.insert(key.clone(), None);
+            }
+        }
+    }
+
+    pub(super) async fn retry_pending(&mut self) {
+        for (key, decided) in std::mem::take(&mut self.pending) {
+            match decided {
+                None => self.book(&key).await,
+                Some(end) => {
+                    let (slug, task, run) = (&key.0, &key.1, key.2);
+                    let booked = self
+                        .board(slug)
+                        .map(|b| b.end_run(task, run, &end, dispatch::rules(&self.cfg)));
+                    match booked {
+                        Some(Ok(_)) => {
+                            crate::state_dir::forget_run(&self.cfg.state_dir, slug, task, run);
+                            info!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run, "recorded: {}", crate::text::clean(end.error()));
+                            if let Some(s) = self.slots.get_mut(slug) {
+                                s.dirty = true;
+                            }
+                        }
+                        _ => {
+                            self.pending.insert(key, Some(end));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

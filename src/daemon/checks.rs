@@ -1,0 +1,182 @@
+//! The checks of live runs that no exit wakes: claims kept alive, silent runs stopped
+//! (`stale`), runs closed by someone else (a worker's own verdict, a reclaim) whose worker
+//! still runs.
+
+use super::*;
+
+impl Daemon {
+    /// Keep our workers' claims alive so upstream's stale-claim sweep never reclaims a
+    /// live worker. The lock stays the one the worker was given.
+    pub(super) fn extend_claims(&mut self) {
+        // One transaction per board. A claim no longer ours was closed by someone else:
+        // check_closed_runs deals with it.
+        let mut by_board: HashMap<&str, Vec<(&str, &str)>> = HashMap::new();
+        for ((slug, task, _), live) in self.live.iter() {
+            by_board
+                .entry(slug.as_str())
+                .or_default()
+                .push((task.as_str(), live.lock.as_str()));
+        }
+        for (slug, claims) in by_board {
+            let Some(board) = self.board(slug) else {
+                continue;
+            };
+            if let Err(e) = board.extend_claims(&claims, self.cfg.claim_ttl_seconds) {
+                warn!(board = %slug, claims = claims.len(), "extend claims: {e}; retrying later");
+            }
+        }
+    }
+
+    /// Upstream's stale detection (`kanban.dispatch_stale_timeout_seconds`, 0 = off): a
+    /// run going for that long with no heartbeat for an hour has its scope stopped, and is
+    /// booked `stale` (requeued, not counted) when it is gone. On the safety-net tick.
+    pub(super) async fn check_stale(&mut self) {
+        let timeout = self.cfg.stale_timeout_seconds;
+        if timeout <= 0 {
+            return;
+        }
+        let now = crate::board::now();
+        let mut found = Vec::new();
+        for (slug, s) in &self.slots {
+            let Some(b) = &s.board else { continue };
+            let Ok(running) = b.running_claims() else {
+                continue;
+            };
+            for t in running {
+                let Some(run) = t.current_run_id else {
+                    continue;
+                };
+                let key: Key = (slug.clone(), t.id.clone(), run);
+                if self.live.get(&key).is_none_or(|l| l.stale.is_some()) {
+                    continue;
+                }
+                // A run starts no earlier than its task first did.
+                if t.started_at.is_some_and(|s| now - s < timeout) {
+                    continue;
+                }
+                let Ok(Some(r)) = b.run(run) else { continue };
+                if let Some(st) = outcome::stale(
+                    r.started_at,
+                    t.last_heartbeat_at,
+                    now,
+                    timeout,
+                    t.worker_pid,
+                ) {
+                    found.push((key, st));
+                }
+            }
+        }
+        for (key, st) in found {
+            let Some(live) = self.live.get_mut(&key) else {
+                continue;
+            };
+            warn!(board = %key.0, hermes_kanban_task = %key.1, hermes_kanban_run_id = key.2, unit = %live.unit,
+                  elapsed = st.elapsed_seconds, "no heartbeat from the worker (dispatch_stale_timeout_seconds); stopping it, the task is requeued");
+            live.stale = Some(st);
+            let unit = live.unit.clone();
+            if let Err(e) = self.sd.stop(&unit).await {
+                warn!(unit = %unit, "stop: {e}");
+            }
+        }
+    }
+
+    /// Runs the board says are over while their scope lives: the worker's own verdict
+    /// (it exits by itself soon), or an operator's reclaim. A task already running on a
+    /// newer run must not have two workers: the old scope is stopped at once; otherwise
+    /// after `verdict_grace_seconds`. Every live run of every board, read in one indexed
+    /// read per board: on the safety-net tick, when a grace runs out, after a pass.
+    pub(super) async fn check_closed_runs(&mut self) {
+        let mut running = HashMap::new();
+        for (slug, s) in &mut self.slots {
+            let Some(b) = &s.board else { continue };
+            // Whatever an event names from here on is looked at again (`check_touched_runs`).
+            s.events_seen = b.last_event_id().ok();
+            match b.running_runs() {
+                Ok(r) => {
+                    running.insert(slug.clone(), r);
+                }
+                Err(e) => warn!(board = %slug, "read the running runs: {e}"),
+            }
+        }
+        self.grace_due = None;
+        let keys: Vec<Key> = self.live.keys().cloned().collect();
+        for key in keys {
+            let Some(on_board) = running.get(&key.0) else {
+                continue;
+            };
+            let now_on = on_board.get(&key.1).copied();
+            self.check_closed(&key, now_on).await;
+        }
+    }
+
+    /// `check_closed_runs` for what another writer just changed on board `slug`: only the
+    /// live runs of tasks with a new event (each commit of 10,000 workers must not read
+    /// 10,000 rows). A write that left no event (a hand `UPDATE`) is seen by the next full
+    /// check, on the safety-net tick at the latest.
+    pub(super) async fn check_touched_runs(&mut self, slug: &str) {
+        let Some(slot) = self.slots.get(slug) else {
+            return;
+        };
+        let Some(board) = slot.board.as_ref() else {
+            return;
+        };
+        let touched = match slot.events_seen {
+            Some(after) => board.tasks_touched_since(after, 1000),
+            None => Ok(None),
+        };
+        let (tasks, last) = match touched {
+            Ok(Some(t)) => t,
+            Ok(None) => return self.check_closed_runs().await,
+            Err(e) => {
+                warn!(board = %slug, "read the board's new events: {e}; checking every run");
+                return self.check_closed_runs().await;
+            }
+        };
+        let mut now = Vec::new();
+        for task in &tasks {
+            let keys: Vec<Key> = self.runs_of(slug, task).cloned().collect();
+            if keys.is_empty() {
+                continue;
+            }
+            match board.current_run(task) {
+                Ok(on) => now.extend(keys.into_iter().map(|k| (k, on))),
+                Err(e) => {
+                    warn!(board = %slug, hermes_kanban_task = %task, "read the task's current run: {e}; checking every run");
+                    return self.check_closed_runs().await;
+                }
+            }
+        }
+        if let Some(s) = self.slots.get_mut(slug) {
+            s.events_seen = Some(last);
+        }
+        for (key, on) in now {
+            self.check_closed(&key, on).await;
+        }
+    }
+
+    /// One live run against the run its task is on now (`None`: not running).
+    pub(super) async fn check_closed(&mut self, key: &Key, now_on: Option<i64>) {
+        let grace = Duration::from_secs(self.cfg.verdict_grace_seconds);
+        let Some(live) = self.live.get_mut(key) else {
+            return;
+        };
+        if now_on == Some(key.2) {
+            live.closed_since = None;
+            return;
+        }
+        let superseded = now_on.is_some();
+        let since = *live.closed_since.get_or_insert_with(Instant::now);
+        if superseded || since.elapsed() >= grace {
+            let unit = live.unit.clone();
+            warn!(board = %key.0, hermes_kanban_task = %key.1, hermes_kanban_run_id = key.2, unit = %unit, superseded,
+                  "the run was closed on the board but its worker still runs; stopping it");
+            if let Err(e) = self.sd.stop(&unit).await {
+                warn!(unit = %unit, "stop: {e}");
+            }
+        } else {
+            // Come back when its grace is over, event or no event.
+            let due = since + grace;
+            self.grace_due = Some(self.grace_due.map_or(due, |d| d.min(due)));
+        }
+    }
+}
