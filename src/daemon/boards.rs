@@ -161,7 +161,9 @@ impl Daemon {
         let live = &self.live;
         let pending = &self.pending;
         self.slots.retain(|slug, s| {
-            s.listed || live.keys().any(|k| k.0 == *slug) || pending.keys().any(|k| k.0 == *slug)
+            s.listed
+                || live.keys().any(|k| k.board == *slug)
+                || pending.keys().any(|k| k.board == *slug)
         });
         if changed && self.reconciled_once {
             self.update_status();

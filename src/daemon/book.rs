@@ -7,7 +7,7 @@ use super::*;
 impl Daemon {
     /// Track a worker that we started. Its supervisor is our child: `reap` collects it.
     pub(super) fn track_started(&mut self, board: &str, s: Started) {
-        let key = (board.to_string(), s.task.clone(), s.run_id);
+        let key = RunKey::new(board, &s.task, s.run_id);
         info!(board = %board, hermes_kanban_task = %s.task, hermes_kanban_run_id = s.run_id, unit = %s.unit, object_systemd_unit = %s.unit,
               pid = s.worker_pid, "worker started");
         self.supervisors.insert(s.supervisor_pid, key.clone());
@@ -54,8 +54,8 @@ impl Daemon {
     /// scope as systemd and the kernel see it), let `outcome::decide` say how the run
     /// ended, and record that. A verdict the worker wrote itself wins: the board then
     /// refuses the booking (`Ok(None)`). A fact we cannot read (the bus is down) is retried.
-    pub(super) async fn book(&mut self, key: &Key) {
-        let (slug, task, run) = (&key.0, &key.1, key.2);
+    pub(super) async fn book(&mut self, key: &RunKey) {
+        let (slug, task, run) = (&key.board, &key.task, key.run);
         let Some(live) = self.live.get(key).cloned() else {
             return;
         };
@@ -157,7 +157,7 @@ impl Daemon {
             match decided {
                 None => self.book(&key).await,
                 Some(end) => {
-                    let (slug, task, run) = (&key.0, &key.1, key.2);
+                    let (slug, task, run) = (&key.board, &key.task, key.run);
                     let booked = self
                         .board(slug)
                         .map(|b| b.end_run(task, run, &end, dispatch::rules(&self.cfg)));

@@ -11,7 +11,13 @@ impl Daemon {
         // One transaction per board. A claim no longer ours was closed by someone else:
         // check_closed_runs deals with it.
         let mut by_board: HashMap<&str, Vec<(&str, &str)>> = HashMap::new();
-        for ((slug, task, _), live) in self.live.iter() {
+        for (
+            RunKey {
+                board: slug, task, ..
+            },
+            live,
+        ) in self.live.iter()
+        {
             by_board
                 .entry(slug.as_str())
                 .or_default()
@@ -46,7 +52,7 @@ impl Daemon {
                 let Some(run) = t.current_run_id else {
                     continue;
                 };
-                let key: Key = (slug.clone(), t.id.clone(), run);
+                let key = RunKey::new(slug, &t.id, run);
                 if self.live.get(&key).is_none_or(|l| l.stale.is_some()) {
                     continue;
                 }
@@ -70,7 +76,7 @@ impl Daemon {
             let Some(live) = self.live.get_mut(&key) else {
                 continue;
             };
-            warn!(board = %key.0, hermes_kanban_task = %key.1, hermes_kanban_run_id = key.2, unit = %live.unit,
+            warn!(board = %key.board, hermes_kanban_task = %key.task, hermes_kanban_run_id = key.run, unit = %live.unit,
                   elapsed = st.elapsed_seconds, "no heartbeat from the worker (dispatch_stale_timeout_seconds); stopping it, the task is requeued");
             live.stale = Some(st);
             let unit = live.unit.clone();
@@ -99,12 +105,12 @@ impl Daemon {
             }
         }
         self.grace_due = None;
-        let keys: Vec<Key> = self.live.keys().cloned().collect();
+        let keys: Vec<RunKey> = self.live.keys().cloned().collect();
         for key in keys {
-            let Some(on_board) = running.get(&key.0) else {
+            let Some(on_board) = running.get(&key.board) else {
                 continue;
             };
-            let now_on = on_board.get(&key.1).copied();
+            let now_on = on_board.get(&key.task).copied();
             self.check_closed(&key, now_on).await;
         }
     }
@@ -134,7 +140,7 @@ impl Daemon {
         };
         let mut now = Vec::new();
         for task in &tasks {
-            let keys: Vec<Key> = self.runs_of(slug, task).cloned().collect();
+            let keys: Vec<RunKey> = self.runs_of(slug, task).cloned().collect();
             if keys.is_empty() {
                 continue;
             }
@@ -155,12 +161,12 @@ impl Daemon {
     }
 
     /// One live run against the run its task is on now (`None`: not running).
-    pub(super) async fn check_closed(&mut self, key: &Key, now_on: Option<i64>) {
+    pub(super) async fn check_closed(&mut self, key: &RunKey, now_on: Option<i64>) {
         let grace = Duration::from_secs(self.cfg.verdict_grace_seconds);
         let Some(live) = self.live.get_mut(key) else {
             return;
         };
-        if now_on == Some(key.2) {
+        if now_on == Some(key.run) {
             live.closed_since = None;
             return;
         }
@@ -168,7 +174,7 @@ impl Daemon {
         let since = *live.closed_since.get_or_insert_with(Instant::now);
         if superseded || since.elapsed() >= grace {
             let unit = live.unit.clone();
-            warn!(board = %key.0, hermes_kanban_task = %key.1, hermes_kanban_run_id = key.2, unit = %unit, superseded,
+            warn!(board = %key.board, hermes_kanban_task = %key.task, hermes_kanban_run_id = key.run, unit = %unit, superseded,
                   "the run was closed on the board but its worker still runs; stopping it");
             if let Err(e) = self.sd.stop(&unit).await {
                 warn!(unit = %unit, "stop: {e}");

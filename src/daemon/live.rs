@@ -7,24 +7,24 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
 
-use super::{Key, Live};
+use super::{Live, RunKey};
 use crate::names;
 
 #[derive(Default)]
 pub(super) struct LiveRuns {
     /// Ordered, so a task's runs are one range (`runs_of`), never a scan of every live run.
-    runs: BTreeMap<Key, Live>,
-    by_unit: HashMap<String, Key>,
+    runs: BTreeMap<RunKey, Live>,
+    by_unit: HashMap<String, RunKey>,
     /// By the exit record's file name (`names::run_record`).
-    by_record: HashMap<OsString, Key>,
+    by_record: HashMap<OsString, RunKey>,
 }
 
-fn record_name(key: &Key) -> OsString {
-    names::run_record(&key.0, &key.1, key.2).into()
+fn record_name(key: &RunKey) -> OsString {
+    names::run_record(&key.board, &key.task, key.run).into()
 }
 
 impl LiveRuns {
-    pub(super) fn insert(&mut self, key: Key, live: Live) {
+    pub(super) fn insert(&mut self, key: RunKey, live: Live) {
         if let Some(old) = self.runs.get(&key) {
             self.by_unit.remove(&old.unit);
         }
@@ -33,7 +33,7 @@ impl LiveRuns {
         self.runs.insert(key, live);
     }
 
-    pub(super) fn remove(&mut self, key: &Key) -> Option<Live> {
+    pub(super) fn remove(&mut self, key: &RunKey) -> Option<Live> {
         let live = self.runs.remove(key)?;
         self.by_unit.remove(&live.unit);
         self.by_record.remove(&record_name(key));
@@ -41,22 +41,22 @@ impl LiveRuns {
     }
 
     /// A live run's entry to change; its `unit` is what it was inserted with, and stays so.
-    pub(super) fn get_mut(&mut self, key: &Key) -> Option<&mut Live> {
+    pub(super) fn get_mut(&mut self, key: &RunKey) -> Option<&mut Live> {
         self.runs.get_mut(key)
     }
 
-    pub(super) fn of_unit(&self, unit: &str) -> Option<&Key> {
+    pub(super) fn of_unit(&self, unit: &str) -> Option<&RunKey> {
         self.by_unit.get(unit)
     }
 
     /// The run whose exit record is the file `name` (in the state directory's `runs/`).
-    pub(super) fn of_record(&self, name: &OsStr) -> Option<&Key> {
+    pub(super) fn of_record(&self, name: &OsStr) -> Option<&RunKey> {
         self.by_record.get(name)
     }
 }
 
 impl std::ops::Deref for LiveRuns {
-    type Target = BTreeMap<Key, Live>;
+    type Target = BTreeMap<RunKey, Live>;
 
     fn deref(&self) -> &Self::Target {
         &self.runs
@@ -81,8 +81,8 @@ mod tests {
     #[test]
     fn a_run_is_found_by_its_scope_and_its_record_until_it_is_removed() {
         let mut l = LiveRuns::default();
-        let a: Key = ("default".into(), "t_1".into(), 1);
-        let b: Key = ("other".into(), "t_1".into(), 1);
+        let a = RunKey::new("default", "t_1", 1);
+        let b = RunKey::new("other", "t_1", 1);
         l.insert(a.clone(), live("a.scope"));
         l.insert(b.clone(), live("b.scope"));
         assert_eq!(l.of_unit("a.scope"), Some(&a));

@@ -76,8 +76,24 @@ struct Live {
     stale: Option<outcome::Stale>,
 }
 
-/// A run: (board, task, run). Task and run ids are only unique within a board.
-type Key = (String, String, i64);
+/// A run the daemon watches. Task and run ids are only unique within a board; ordered by
+/// board, task, run, so that a task's runs are one range (`runs_of`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct RunKey {
+    board: String,
+    task: String,
+    run: i64,
+}
+
+impl RunKey {
+    fn new(board: &str, task: &str, run: i64) -> RunKey {
+        RunKey {
+            board: board.to_string(),
+            task: task.to_string(),
+            run,
+        }
+    }
+}
 
 struct Daemon {
     cfg: Config,
@@ -90,10 +106,10 @@ struct Daemon {
     live: live::LiveRuns,
     /// Runs whose booking failed (board locked): retried on the next timer. `Some` carries
     /// an outcome already decided (a spawn failure), `None` means "decide from the facts".
-    pending: BTreeMap<Key, Option<RunEnd>>,
+    pending: BTreeMap<RunKey, Option<RunEnd>>,
     notifier: notify::Notifier,
     /// Supervisors that are our children, by PID: reaped on SIGCHLD.
-    supervisors: HashMap<u32, Key>,
+    supervisors: HashMap<u32, RunKey>,
     /// When the earliest worker whose run was closed on the board runs out of grace.
     grace_due: Option<Instant>,
     /// The first reconcile (start-up, the one `READY=1` waits for) is always logged.
@@ -383,7 +399,7 @@ async fn run(opts: Options) -> anyhow::Result<()> {
     d.notifier.send("STOPPING=1");
     if d.cfg.stop_workers_on_exit {
         for (key, live) in d.live.clone() {
-            info!(board = %key.0, hermes_kanban_task = %key.1, hermes_kanban_run_id = key.2, unit = %live.unit, "stopping worker on exit");
+            info!(board = %key.board, hermes_kanban_task = %key.task, hermes_kanban_run_id = key.run, unit = %live.unit, "stopping worker on exit");
             let _ = d.sd.stop(&live.unit).await;
         }
     }
@@ -447,7 +463,9 @@ impl Daemon {
                     let key = path
                         .file_name()
                         .and_then(|name| self.live.of_record(name))
-                        .filter(|k| record_path(&self.cfg.state_dir, &k.0, &k.1, k.2) == path)
+                        .filter(|k| {
+                            record_path(&self.cfg.state_dir, &k.board, &k.task, k.run) == path
+                        })
                         .cloned();
                     if let Some(key) = key {
                         self.book(&key).await;
@@ -492,10 +510,10 @@ impl Daemon {
         }
         boards_changed
     }
-    fn runs_of<'a>(&'a self, slug: &str, task: &str) -> impl Iterator<Item = &'a Key> + 'a {
+    fn runs_of<'a>(&'a self, slug: &str, task: &str) -> impl Iterator<Item = &'a RunKey> + 'a {
         let (lo, hi) = (
-            (slug.to_string(), task.to_string(), i64::MIN),
-            (slug.to_string(), task.to_string(), i64::MAX),
+            RunKey::new(slug, task, i64::MIN),
+            RunKey::new(slug, task, i64::MAX),
         );
         self.live.range(lo..=hi).map(|(k, _)| k)
     }

@@ -163,10 +163,9 @@ impl Daemon {
                 }
                 // A task that got a new run while an older run's worker still lives (it was
                 // reclaimed under it): that older worker goes now, not after its grace.
-                let superseded = started.iter().any(|s| {
-                    self.runs_of(slug, &s.task)
-                        .any(|(_, _, run)| *run != s.run_id)
-                });
+                let superseded = started
+                    .iter()
+                    .any(|s| self.runs_of(slug, &s.task).any(|k| k.run != s.run_id));
                 if let Some(s) = self.slots.get_mut(slug) {
                     s.host_capped = room.is_some() && report.skipped_capped > 0;
                 }
@@ -180,7 +179,7 @@ impl Daemon {
                     warn!(board = %slug, hermes_kanban_task = %u.task_id, hermes_kanban_run_id = u.run_id,
                           "spawn failed ({}) and the board would not take the record ({}); retrying", crate::text::clean(&u.error), u.why);
                     self.pending.insert(
-                        (slug.to_string(), u.task_id, u.run_id),
+                        RunKey::new(slug, &u.task_id, u.run_id),
                         Some(crate::outcome::spawn_failure(u.fault, &u.error)),
                     );
                 }
@@ -219,8 +218,8 @@ impl Daemon {
     pub(super) fn live_elsewhere(&self, slug: &str) -> usize {
         let here = self
             .live
-            .range((slug.to_string(), String::new(), i64::MIN)..)
-            .take_while(|(k, _)| k.0 == slug)
+            .range(RunKey::new(slug, "", i64::MIN)..)
+            .take_while(|(k, _)| k.board == slug)
             .count();
         self.live.len() - here
     }

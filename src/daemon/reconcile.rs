@@ -26,7 +26,7 @@ use std::collections::{HashMap, HashSet};
 
 use tracing::{debug, info, warn};
 
-use super::{unit_of, Daemon, Key, Live};
+use super::{unit_of, Daemon, Live, RunKey};
 use crate::board::claimer_id;
 use crate::liveness;
 use crate::names::{run_record, WORKER_SCOPE_GLOB};
@@ -117,11 +117,15 @@ impl Daemon {
             }
         }
         // Runs we tracked whose rows are no longer running (ended while the bus was away).
-        let stale: Vec<Key> = self
+        let stale: Vec<RunKey> = self
             .live
             .keys()
-            .filter(|k| !counts.current_units.contains(&unit_of(&k.0, &k.1, k.2)))
-            .filter(|k| slugs.contains(&k.0))
+            .filter(|k| {
+                !counts
+                    .current_units
+                    .contains(&unit_of(&k.board, &k.task, k.run))
+            })
+            .filter(|k| slugs.contains(&k.board))
             .cloned()
             .collect();
         for key in stale {
@@ -189,7 +193,7 @@ impl Daemon {
                 continue;
             };
             let unit = unit_of(slug, &t.id, run);
-            let key: Key = (slug.to_string(), t.id.clone(), run);
+            let key = RunKey::new(slug, &t.id, run);
             counts.current_units.insert(unit.clone());
             mine.insert(unit.clone());
             // Read only when listed (a record written since the listing is seen by inotify).
