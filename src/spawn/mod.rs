@@ -328,122 +328,28 @@ fn prepare_task(
         }
     };
 
-    let mut env: Vec<(String, String)> = std::env::vars()
+    let places = Places {
+        user,
+        hermes_home: profile_home(&absolute(&paths.root), &profile),
+        profile: &profile,
+        run_id: claim.run_id,
+        lock: &claim.lock,
+        workspace: &workspace,
+        db: absolute(&paths.db),
+        workspaces: &workspaces,
+        board: &paths.slug,
+    };
+    let passed: Vec<(String, String)> = std::env::vars()
         .filter(|(k, _)| passed_through(k, cfg))
         .collect();
-    // Upstream raises these to max_runtime - 30 s unless the worker's environment already
-    // has more; only what passes the allowlist is the worker's environment.
-    let timeouts_passed = ["TERMINAL_TIMEOUT", "TERMINAL_MAX_FOREGROUND_TIMEOUT"].map(|k| {
-        env.iter()
-            .find(|(x, _)| x == k)
-            .and_then(|(_, v)| v.trim().parse::<i64>().ok())
-            .unwrap_or(0)
-    });
-    let mut set = |k: &str, v: String| {
-        env.retain(|(x, _)| x != k);
-        env.push((k.to_string(), v));
-    };
-    set("HOME", user.dir.to_string_lossy().into_owned());
-    set("USER", user.name.clone());
-    set("LOGNAME", user.name.clone());
-    set("SHELL", user.shell.to_string_lossy().into_owned());
-    set(
-        "HERMES_HOME",
-        profile_home(&absolute(&paths.root), &profile)
-            .to_string_lossy()
-            .into_owned(),
-    );
-    set("HERMES_PROFILE", profile.clone());
-    set("HERMES_KANBAN_TASK", task.id.clone());
-    set("HERMES_KANBAN_RUN_ID", claim.run_id.to_string());
-    set("HERMES_KANBAN_CLAIM_LOCK", claim.lock.clone());
-    set(
-        "HERMES_KANBAN_WORKSPACE",
-        workspace.to_string_lossy().into_owned(),
-    );
-    set("TERMINAL_CWD", workspace.to_string_lossy().into_owned());
-    set(
-        "HERMES_KANBAN_DB",
-        absolute(&paths.db).to_string_lossy().into_owned(),
-    );
-    set(
-        "HERMES_KANBAN_WORKSPACES_ROOT",
-        workspaces.to_string_lossy().into_owned(),
-    );
-    set("HERMES_KANBAN_BOARD", paths.slug.clone());
-    if generation.session_source() {
-        set("HERMES_SESSION_SOURCE", "kanban".into());
-    }
-    if generation.real_home() {
-        // `apply_subprocess_home_env`: the worker user's, here.
-        set("HERMES_REAL_HOME", user.dir.to_string_lossy().into_owned());
-    }
-    if let Some(t) = &task.tenant {
-        set("HERMES_TENANT", t.clone());
-    }
-    // A worktree's branch is upstream's answer, set by the prelude (upstream's first spawn
-    // passes the task object it claimed, before recording the branch, so only its later
-    // runs get it; ours get it from the first).
-    if let Some(b) = &task.branch_name {
-        set("HERMES_KANBAN_BRANCH", b.clone());
-    }
-    if task.goal_mode {
-        set("HERMES_KANBAN_GOAL_MODE", "1".into());
-        if let Some(n) = task.goal_max_turns {
-            set("HERMES_KANBAN_GOAL_MAX_TURNS", n.to_string());
-        }
-    }
-    if let Some(rt) = task.max_runtime_seconds.filter(|r| *r > 0) {
-        let want = (rt - TERMINAL_TIMEOUT_GRACE).max(1);
-        for (k, have) in ["TERMINAL_TIMEOUT", "TERMINAL_MAX_FOREGROUND_TIMEOUT"]
-            .into_iter()
-            .zip(timeouts_passed)
-        {
-            if have < want {
-                set(k, want.to_string());
-            }
-        }
-    }
-
-    // Upstream's argv (`_default_spawn`); each value is its own argument, never a shell word.
-    let mut argv = vec![
-        bin.to_string_lossy().into_owned(),
-        "-p".into(),
-        profile.clone(),
-        "--cli".into(),
-        "--accept-hooks".into(),
-    ];
-    for s in worker_skills(
-        task.skills.as_ref(),
-        claim.review,
-        generation.review_keeps_skills(),
-    ) {
-        argv.extend(["--skills".to_string(), s]);
-    }
-    if let Some(m) = &task.model_override {
-        argv.extend(["-m".to_string(), m.clone()]);
-        // Newer Hermes pins the provider with the model.
-        if let Some(p) = task
-            .provider_override
-            .as_ref()
-            .filter(|_| generation.provider_and_reasoning())
-        {
-            argv.extend(["--provider".to_string(), p.clone()]);
-        }
-    }
-    if let Some(r) = task
-        .reasoning_effort
-        .as_ref()
-        .filter(|_| generation.provider_and_reasoning())
-    {
-        argv.extend(["--reasoning".to_string(), r.clone()]);
-    }
+    let env = worker_env(passed, &places, task, generation);
+    let (argv, toolsets_at) = worker_argv(&bin, &profile, task, claim.review, generation);
     // Upstream pins the profile's CLI toolsets here; its own code says which, asked in the
     // scope (`upstream.rs`).
     let prelude = python.map(|python| spec::Prelude {
         python,
         toolsets_home: profile_home(&absolute(&paths.root), &profile),
-        toolsets_at: argv.len(),
+        toolsets_at,
         run: spec::RunRef {
             board: paths.slug.clone(),
             task: task.id.clone(),
@@ -453,16 +359,6 @@ fn prepare_task(
         worktree: task.workspace_kind == "worktree",
         fingerprint: generation.fingerprint(),
     });
-    argv.extend([
-        "chat".to_string(),
-        "-q".to_string(),
-        format!("work kanban task {}", task.id),
-    ]);
-    // 0.19.0 and 0.20.1 run goal mode quiet; ~0.22 keeps the worker log's live tool feed.
-    if task.goal_mode && generation.goal_quiet() {
-        argv.push("-Q".into());
-    }
-
     // Opened (and rotated) by the supervisor, as the board's owner.
     let log_file = cfg
         .worker_log_file
@@ -492,6 +388,150 @@ fn prepare_task(
         prelude,
         output_tail: generation.worker_output(),
     })
+}
+
+/// Where a run lives, for its worker's environment.
+struct Places<'a> {
+    user: &'a nix::unistd::User,
+    hermes_home: PathBuf,
+    profile: &'a str,
+    run_id: i64,
+    lock: &'a str,
+    workspace: &'a Path,
+    db: PathBuf,
+    workspaces: &'a Path,
+    board: &'a str,
+}
+
+/// The worker's environment: what `passed` (the dispatcher's own, through the allowlist)
+/// holds, then upstream's contract for Hermes `g` (`_default_spawn`), set over it.
+fn worker_env(
+    passed: Vec<(String, String)>,
+    p: &Places,
+    task: &crate::board::Task,
+    g: installed::Generation,
+) -> Vec<(String, String)> {
+    let mut env = passed;
+    // Upstream raises these to max_runtime - 30 s unless the worker's environment already
+    // has more; only what passes the allowlist is the worker's environment.
+    let timeouts_passed = ["TERMINAL_TIMEOUT", "TERMINAL_MAX_FOREGROUND_TIMEOUT"].map(|k| {
+        env.iter()
+            .find(|(x, _)| x == k)
+            .and_then(|(_, v)| v.trim().parse::<i64>().ok())
+            .unwrap_or(0)
+    });
+    let mut set = |k: &str, v: String| {
+        env.retain(|(x, _)| x != k);
+        env.push((k.to_string(), v));
+    };
+    set("HOME", p.user.dir.to_string_lossy().into_owned());
+    set("USER", p.user.name.clone());
+    set("LOGNAME", p.user.name.clone());
+    set("SHELL", p.user.shell.to_string_lossy().into_owned());
+    set("HERMES_HOME", p.hermes_home.to_string_lossy().into_owned());
+    set("HERMES_PROFILE", p.profile.to_string());
+    set("HERMES_KANBAN_TASK", task.id.clone());
+    set("HERMES_KANBAN_RUN_ID", p.run_id.to_string());
+    set("HERMES_KANBAN_CLAIM_LOCK", p.lock.to_string());
+    set(
+        "HERMES_KANBAN_WORKSPACE",
+        p.workspace.to_string_lossy().into_owned(),
+    );
+    set("TERMINAL_CWD", p.workspace.to_string_lossy().into_owned());
+    set("HERMES_KANBAN_DB", p.db.to_string_lossy().into_owned());
+    set(
+        "HERMES_KANBAN_WORKSPACES_ROOT",
+        p.workspaces.to_string_lossy().into_owned(),
+    );
+    set("HERMES_KANBAN_BOARD", p.board.to_string());
+    if g.session_source() {
+        set("HERMES_SESSION_SOURCE", "kanban".into());
+    }
+    if g.real_home() {
+        // `apply_subprocess_home_env`: the worker user's, here.
+        set(
+            "HERMES_REAL_HOME",
+            p.user.dir.to_string_lossy().into_owned(),
+        );
+    }
+    if let Some(t) = &task.tenant {
+        set("HERMES_TENANT", t.clone());
+    }
+    // A worktree's branch is upstream's answer, set by the prelude (upstream's first spawn
+    // passes the task object it claimed, before recording the branch, so only its later
+    // runs get it; ours get it from the first).
+    if let Some(b) = &task.branch_name {
+        set("HERMES_KANBAN_BRANCH", b.clone());
+    }
+    if task.goal_mode {
+        set("HERMES_KANBAN_GOAL_MODE", "1".into());
+        if let Some(n) = task.goal_max_turns {
+            set("HERMES_KANBAN_GOAL_MAX_TURNS", n.to_string());
+        }
+    }
+    if let Some(rt) = task.max_runtime_seconds.filter(|r| *r > 0) {
+        let want = (rt - TERMINAL_TIMEOUT_GRACE).max(1);
+        for (k, have) in ["TERMINAL_TIMEOUT", "TERMINAL_MAX_FOREGROUND_TIMEOUT"]
+            .into_iter()
+            .zip(timeouts_passed)
+        {
+            if have < want {
+                set(k, want.to_string());
+            }
+        }
+    }
+    env
+}
+
+/// Upstream's argv for Hermes `g` (`_default_spawn`), and where the profile's `--toolsets`
+/// pin goes (asked of upstream's own code in the scope, `upstream.rs`). Each value is its
+/// own argument, never a shell word.
+fn worker_argv(
+    bin: &Path,
+    profile: &str,
+    task: &crate::board::Task,
+    review: bool,
+    g: installed::Generation,
+) -> (Vec<String>, usize) {
+    let mut argv = vec![
+        bin.to_string_lossy().into_owned(),
+        "-p".into(),
+        profile.to_string(),
+        "--cli".into(),
+        "--accept-hooks".into(),
+    ];
+    for s in worker_skills(task.skills.as_ref(), review, g.review_keeps_skills()) {
+        argv.extend(["--skills".to_string(), s]);
+    }
+    if let Some(m) = &task.model_override {
+        argv.extend(["-m".to_string(), m.clone()]);
+        // Newer Hermes pins the provider with the model.
+        if let Some(p) = task
+            .provider_override
+            .as_ref()
+            .filter(|_| g.provider_and_reasoning())
+        {
+            argv.extend(["--provider".to_string(), p.clone()]);
+        }
+    }
+    if let Some(r) = task
+        .reasoning_effort
+        .as_ref()
+        .filter(|_| g.provider_and_reasoning())
+    {
+        argv.extend(["--reasoning".to_string(), r.clone()]);
+    }
+    let toolsets_at = argv.len();
+    argv.extend([
+        "chat".to_string(),
+        "-q".to_string(),
+        format!("work kanban task {}", task.id),
+    ]);
+    // 0.19.0 and 0.20.1 run goal mode quiet; ~0.22 keeps the worker log's live tool feed.
+    if task.goal_mode && g.goal_quiet() {
+        argv.push("-Q".into());
+    }
+    (argv, toolsets_at)
 }
 
 /// The environment upstream's own code is asked in for this board (`upstream.rs`): the
