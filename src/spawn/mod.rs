@@ -754,6 +754,96 @@ pub async fn start_worker(
 mod tests {
     use super::*;
 
+    fn task(goal: bool) -> crate::board::Task {
+        crate::board::Task {
+            id: "t_1".into(),
+            title: "t".into(),
+            body: None,
+            assignee: Some("coder".into()),
+            status: crate::board::Status::Running,
+            priority: 0,
+            created_by: None,
+            created_at: 0,
+            started_at: None,
+            completed_at: None,
+            workspace_kind: "scratch".into(),
+            workspace_path: None,
+            branch_name: None,
+            tenant: None,
+            result: None,
+            claim_lock: None,
+            claim_expires: None,
+            consecutive_failures: 0,
+            worker_pid: None,
+            last_failure_error: None,
+            max_runtime_seconds: None,
+            last_heartbeat_at: None,
+            current_run_id: None,
+            skills: Some(serde_json::json!(["a"])),
+            model_override: Some("m".into()),
+            provider_override: Some("p".into()),
+            reasoning_effort: Some("high".into()),
+            max_retries: None,
+            goal_mode: goal,
+            goal_max_turns: None,
+            session_id: None,
+            block_kind: None,
+            block_recurrences: 0,
+        }
+    }
+
+    /// What each generation's `_default_spawn` puts on the command line (proven against
+    /// each version's own code, run, in `tests/it/parity.rs`).
+    #[test]
+    fn the_argv_is_each_generations() {
+        use installed::Generation::*;
+        let bin = Path::new("/usr/bin/hermes");
+        let head = [
+            "/usr/bin/hermes",
+            "-p",
+            "coder",
+            "--cli",
+            "--accept-hooks",
+            "--skills",
+            "a",
+            "-m",
+            "m",
+        ];
+        let tail = ["chat", "-q", "work kanban task t_1"];
+        let rows: [(installed::Generation, bool, &[&str], &[&str]); 4] = [
+            (V019, true, &[], &["-Q"]),
+            (
+                V020,
+                true,
+                &["--provider", "p", "--reasoning", "high"],
+                &["-Q"],
+            ),
+            (V022, true, &["--provider", "p", "--reasoning", "high"], &[]),
+            (
+                V022,
+                false,
+                &["--provider", "p", "--reasoning", "high"],
+                &[],
+            ),
+        ];
+        for (g, goal, middle, end) in rows {
+            let (argv, at) = worker_argv(bin, "coder", &task(goal), false, g);
+            let want: Vec<&str> = head
+                .iter()
+                .chain(middle)
+                .chain(&tail)
+                .chain(end)
+                .copied()
+                .collect();
+            assert_eq!(argv, want, "{g:?}");
+            assert_eq!(
+                at,
+                head.len() + middle.len(),
+                "{g:?}: the --toolsets pin goes before chat"
+            );
+        }
+    }
+
     #[test]
     fn the_review_lane_replaces_or_extends_the_tasks_skills_as_each_version_does() {
         let j = |v: serde_json::Value| Some(v);
