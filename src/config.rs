@@ -44,6 +44,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Parent of each run's private `TMPDIR` (removed when the run ends).
     pub tmp_root: PathBuf,
+    /// Operators' holds (`hermes-mgr pause`): kept across restarts and reboots, root's.
+    pub holds_file: PathBuf,
     /// Also append worker output to upstream's `<root>/kanban/logs/<task>.log` (rotated at
     /// 2 MiB, one `.log.1` kept), so `hermes kanban log` keeps working.
     pub worker_log_file: bool,
@@ -106,6 +108,7 @@ impl Default for Config {
             default_assignee: None,
             state_dir: "/run/hermes-mgr".into(),
             tmp_root: "/tmp".into(),
+            holds_file: "/var/lib/hermes-mgr/holds.json".into(),
             worker_log_file: false,
             tick_seconds: 30,
             verdict_grace_seconds: 30,

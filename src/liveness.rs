@@ -287,6 +287,50 @@ pub fn memory_facts(dir: &Path) -> Option<MemoryFacts> {
     })
 }
 
+/// A DAMON instance watching physical memory: who it is and how to turn it off.
+#[derive(Debug)]
+pub struct MemoryMonitor {
+    pub name: String,
+    pub off: String,
+}
+
+/// Every running DAMON instance that samples physical memory (`paddr`): those set up in
+/// `/sys/kernel/mm/damon/admin`, and the DAMON_RECLAIM, DAMON_LRU_SORT and DAMON_STAT
+/// modules (always `paddr`).
+pub fn memory_monitors() -> Vec<MemoryMonitor> {
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    let mut out = Vec::new();
+    let admin = std::path::Path::new("/sys/kernel/mm/damon/admin/kdamonds");
+    for k in std::fs::read_dir(admin).into_iter().flatten().flatten() {
+        let dir = k.path();
+        let physical = std::fs::read_dir(dir.join("contexts"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|c| read(&c.path().join("operations")).trim() == "paddr");
+        if read(&dir.join("state")).trim() == "on" && physical {
+            out.push(MemoryMonitor {
+                name: format!(
+                    "kdamond {} (pid {})",
+                    dir.display(),
+                    read(&dir.join("pid")).trim()
+                ),
+                off: format!("echo off > {}/state", dir.display()),
+            });
+        }
+    }
+    for module in ["damon_reclaim", "damon_lru_sort", "damon_stat"] {
+        let enabled = format!("/sys/module/{module}/parameters/enabled");
+        if read(std::path::Path::new(&enabled)).trim() == "Y" {
+            out.push(MemoryMonitor {
+                name: format!("the {module} module"),
+                off: format!("echo N > {enabled}"),
+            });
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

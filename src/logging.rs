@@ -5,9 +5,18 @@
 //! `journalctl HERMES_KANBAN_TASK=t_5e0db6b2` shows a task's whole story and
 //! `journalctl UNIT=<scope>` the dispatcher's lines about one worker.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
+
+static TO_JOURNAL: AtomicBool = AtomicBool::new(false);
+
+/// Whether `init` sent the logs to journald (else they go to stderr).
+pub fn to_journal() -> bool {
+    TO_JOURNAL.load(Ordering::Relaxed)
+}
 
 /// Install the subscriber. Journald when stderr is connected to it (`$JOURNAL_STREAM`, as
 /// under systemd) or when asked; stderr otherwise. Level from `$HERMES_MGR_LOG` (`info`).
@@ -27,7 +36,7 @@ pub fn init(identifier: &str) {
                 .try_init()
                 .is_ok()
             {
-                return;
+                TO_JOURNAL.store(true, Ordering::Relaxed);
             }
             return;
         }

@@ -1,7 +1,10 @@
-//! Names: of the boards' default, of units and of files, built from task data. A task id
+//! Names: of the boards' default, of profiles (and their homes), of units and of files,
+//! built from task data. A task id
 //! comes from whoever wrote the board, so it is untrusted: it must not be able to name
 //! another unit, escape the `hermes-worker-` prefix, or exceed systemd's length limit. A
 //! leaf: it imports nothing of the crate.
+
+use std::path::{Path, PathBuf};
 
 /// The board a root has without `--board` (upstream's `DEFAULT_BOARD`).
 pub const DEFAULT_BOARD: &str = "default";
@@ -69,6 +72,15 @@ pub fn worker_scope(board: &str, task: &str, run: i64) -> String {
     };
     let esc = escaped_within(task, UNIT_NAME_MAX - head.len() - tail.len());
     format!("{head}{esc}{tail}")
+}
+
+/// The run id a worker scope's name ends in (`…-run-<run>.scope`, `worker_scope`'s
+/// shape); whose run it is, the board says: the name is only a candidate until
+/// `worker_scope` of that run's task gives it back.
+pub fn run_of_worker_scope(unit: &str) -> Option<i64> {
+    unit.strip_suffix(".scope")
+        .and_then(|u| u.rsplit_once("-run-"))
+        .and_then(|(_, n)| n.parse::<i64>().ok())
 }
 
 /// `hermes-kanban-decompose-<task>.service` (`-<board>-` before the task off the default
@@ -167,9 +179,56 @@ pub fn worker_slice(slice: &str, unit: &str) -> String {
     }
 }
 
+/// Upstream's profile rule (`normalize_profile_name` + `validate_profile_name`).
+pub fn profile_name(assignee: &str) -> Option<String> {
+    let p = assignee.trim();
+    let p = if p.eq_ignore_ascii_case("default") {
+        "default".to_string()
+    } else {
+        p.to_lowercase()
+    };
+    let ok = !p.is_empty()
+        && p.len() <= 64
+        && p.bytes().enumerate().all(|(i, b)| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || (i > 0 && (b == b'-' || b == b'_'))
+        });
+    ok.then_some(p)
+}
+
+/// `HERMES_HOME` of a profile: the root for `default`, `<root>/profiles/<name>` otherwise.
+pub fn profile_home(root: &Path, profile: &str) -> PathBuf {
+    if profile == "default" {
+        root.to_path_buf()
+    } else {
+        root.join("profiles").join(profile)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_worker_scope_names_its_run() {
+        for (board, task, run) in [
+            ("default", "t_1", 7),
+            ("b", "x-run-3", 12),
+            ("default", "é\u{202e}", 1),
+        ] {
+            assert_eq!(
+                run_of_worker_scope(&worker_scope(board, task, run)),
+                Some(run)
+            );
+        }
+        assert_eq!(
+            run_of_worker_scope("hermes-worker-kanban-t-run-x.scope"),
+            None
+        );
+        assert_eq!(
+            run_of_worker_scope("hermes-worker-kanban-t-run-3.service"),
+            None
+        );
+    }
 
     #[test]
     fn worker_scopes_are_spread_over_child_slices_of_the_configured_one() {

@@ -399,11 +399,13 @@ fn exit_of(st: &ExitRecord, max_runtime: Option<i64>, hermes: Generation) -> Run
             details,
         };
     }
-    if st.sigterm_received {
-        // A stop from outside the worker: systemd's RuntimeMaxSec, a shutdown, a stop.
-        if let Some(m) = max_runtime.filter(|m| st.ended_at - st.started_at >= m - 1) {
+    if st.sigterm_received || st.timed_out {
+        // Its supervisor ended it at the runtime limit, or a stop came from outside the
+        // worker (a shutdown, a stop; an older supervisor's scope's RuntimeMaxSec). The time
+        // a pause kept it frozen is not its runtime.
+        let elapsed = (st.ended_at - st.started_at).saturating_sub(st.paused_seconds as i64);
+        if let Some(m) = max_runtime.filter(|m| st.timed_out || elapsed >= m - 1) {
             // As upstream's `enforce_max_runtime` words it (`>` even at the limit itself).
-            let elapsed = st.ended_at - st.started_at;
             merge(
                 &mut details,
                 &json!({"elapsed_seconds": elapsed, "limit_seconds": m,
@@ -677,6 +679,8 @@ mod tests {
             usage: None,
             not_started: None,
             output_tail: None,
+            paused_seconds: 0,
+            timed_out: false,
         }
     }
 
@@ -729,6 +733,21 @@ mod tests {
         with_limit.max_runtime = Some(60);
         let mut short_of_limit = facts(Some(&termed), Scope::Gone);
         short_of_limit.max_runtime = Some(60);
+        // Ended by its supervisor at the limit: 90 s of wall time, 30 of them paused.
+        let limit_hit = ExitRecord {
+            timed_out: true,
+            paused_seconds: 30,
+            ..rec(None, Some(15), false, 90)
+        };
+        let mut by_supervisor = facts(Some(&limit_hit), Scope::Gone);
+        by_supervisor.max_runtime = Some(60);
+        // Stopped after a long pause, short of its limit in active time.
+        let paused_long = ExitRecord {
+            paused_seconds: 50,
+            ..rec(None, Some(15), true, 70)
+        };
+        let mut stopped_after_pause = facts(Some(&paused_long), Scope::Gone);
+        stopped_after_pause.max_runtime = Some(60);
         let mut operator = facts(Some(&termed), Scope::Gone);
         operator.operator_stop = Some("ended on SIGTERM after 12 ms");
         let oom = |sigterm| ExitRecord {
@@ -786,6 +805,8 @@ mod tests {
             (Facts { hermes: Generation::V020, ..facts(Some(&exit78), Scope::Gone) }, "crashed: pid 9 exited with code 78"),
             (facts(Some(&neither), Scope::Gone), "crashed: pid 9 ended without an exit status"),
             (with_limit, "timed_out: elapsed 60s > limit 60s"),
+            (by_supervisor, "timed_out: elapsed 60s > limit 60s"),
+            (stopped_after_pause, "stopped: pid 9 stopped from outside (killed by signal 15 (SIGTERM))"),
             (short_of_limit, "stopped: pid 9 stopped from outside (killed by signal 15 (SIGTERM))"),
             (operator, "stopped: stopped by operator: ended on SIGTERM after 12 ms"),
             (facts(None, Scope::Live), "running"),

@@ -56,6 +56,55 @@ pub struct ExitRecord {
     /// as they came, when the spec asked for them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_tail: Option<String>,
+    /// Seconds the run spent frozen (`hermes-mgr pause`): not charged to its runtime.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub paused_seconds: u64,
+    /// The supervisor ended the run at its runtime limit (`max_runtime_seconds`, paused
+    /// time not counted): SIGTERM to every process of the scope, SIGKILL after the stop
+    /// timeout.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub timed_out: bool,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// The time a run spent frozen, kept beside its exit record by whoever pauses and resumes
+/// it (before the freeze, before the thaw), read by its supervisor: its runtime limit does
+/// not charge it.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Paused {
+    /// Seconds of the pauses that ended.
+    pub seconds: u64,
+    /// When the pause in progress began (wall clock seconds), if one is.
+    pub since: Option<i64>,
+}
+
+impl Paused {
+    /// Every second paused by `now`, the pause in progress included.
+    pub fn total(&self, now: i64) -> u64 {
+        self.seconds
+            + self
+                .since
+                .map_or(0, |s| now.saturating_sub(s).max(0) as u64)
+    }
+
+    /// A pause begins at `now` (again: nothing changes).
+    pub fn begin(self, now: i64) -> Paused {
+        Paused {
+            since: self.since.or(Some(now)),
+            ..self
+        }
+    }
+
+    /// The pause in progress ends at `now`.
+    pub fn end(self, now: i64) -> Paused {
+        Paused {
+            seconds: self.total(now),
+            since: None,
+        }
+    }
 }
 
 /// A run's cost as its scope's cgroup counted it (what `systemctl status` shows as

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::record::ExitRecord;
+use crate::record::{ExitRecord, Paused};
 
 /// `<state_dir>/runs/<task>-run-<run>.json`, `<board>.` in front off the default board
 /// (`names::run_record`: bounded, one component, whatever the ids are).
@@ -61,9 +61,35 @@ pub fn claimers_of_this_boot(state_dir: &Path) -> std::collections::HashSet<Stri
         .collect()
 }
 
-/// A booked run's file in the runtime directory: its exit record.
+/// A booked run's files in the runtime directory: its exit record, its pauses.
 pub fn forget_run(state_dir: &Path, board: &str, task: &str, run_id: i64) {
     let _ = std::fs::remove_file(record_path(state_dir, board, task, run_id));
+    let _ = std::fs::remove_file(paused_path(state_dir, board, task, run_id));
+}
+
+/// `record_path` with `.paused` for `.json`: the run's pauses (`record::Paused`).
+pub fn paused_path(state_dir: &Path, board: &str, task: &str, run_id: i64) -> PathBuf {
+    record_path(state_dir, board, task, run_id).with_extension("paused")
+}
+
+/// The pauses in `path`; none when it is missing or unreadable (at most 4 KiB is read).
+pub fn read_paused(path: &Path) -> Paused {
+    crate::safe_fs::read_capped(path, 4096)
+        .ok()
+        .flatten()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// Change the pauses in `path` (replaced whole: the supervisor reads a whole one).
+pub fn update_paused(path: &Path, change: impl FnOnce(Paused) -> Paused) -> std::io::Result<()> {
+    let next = change(read_paused(path));
+    let tmp = path.with_extension("paused.tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec(&next).map_err(std::io::Error::other)?,
+    )?;
+    std::fs::rename(&tmp, path)
 }
 
 /// The names of the exit records there are (`names::run_record`), in one listing; `None`

@@ -31,10 +31,33 @@ pub struct Snapshot {
     /// Hermes' emergency stop (`hermes pause`) while it holds: its file. Nothing is started.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub estop: Option<String>,
+    /// Boards an operator holds from new starts (`hermes-mgr pause --board`/`--all`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub paused: Vec<PausedBoard>,
     /// Every status on the board with its count (exact, whatever `limit` hides).
     pub counts: std::collections::BTreeMap<String, i64>,
     pub tasks: Vec<TaskRow>,
     pub now: i64,
+}
+
+/// A board held by an operator.
+#[derive(Debug, Serialize)]
+pub struct PausedBoard {
+    pub board: String,
+    pub since: i64,
+    /// Its running workers were frozen too (`--freeze`).
+    pub freeze: bool,
+    /// Held by `pause --all` (every board), not by its own pause.
+    pub all: bool,
+}
+
+/// A task's pause (`hermes-mgr pause ID`), or its board's with `--freeze`.
+#[derive(Debug, Serialize)]
+pub struct PausedTask {
+    pub since: i64,
+    /// The kernel's word on its run's cgroup (`cgroup.events`: `frozen 1`); `None` when
+    /// nothing runs.
+    pub frozen: Option<bool>,
 }
 
 /// Which Hermes the workers run, and whose contract they get.
@@ -74,6 +97,9 @@ pub struct TaskRow {
     pub run: Option<LiveRun>,
     /// The newest finished run.
     pub last_run: Option<EndedRun>,
+    /// Paused: held, its worker frozen while it runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub paused: Option<PausedTask>,
 }
 
 #[derive(Debug, Serialize)]
@@ -85,6 +111,9 @@ pub struct LiveRun {
     pub state: Option<String>,
     /// The scope has a cgroup (the worker's processes are there).
     pub in_scope: bool,
+    /// The scope's cgroup directory, for a further look (not in `--json`).
+    #[serde(skip)]
+    pub cgroup: std::path::PathBuf,
     pub memory_current: Option<u64>,
     pub memory_peak: Option<u64>,
     pub cpu_usec: Option<u64>,
@@ -186,6 +215,7 @@ impl Kernel {
             memory_peak: memory("memory.peak"),
             cpu_usec: cpu_usec.flatten(),
             uptime_seconds: run.map(|r| now - r.started_at).unwrap_or(0),
+            cgroup: dir,
             unit,
         }
     }
@@ -228,6 +258,11 @@ pub struct Limits {
 pub fn snapshot(b: &Board, cfg: &Config, limits: Limits) -> board::Result<Snapshot> {
     let now = board::now();
     let kernel = Kernel::default();
+    // The operators' holds: a file anyone may read; one that cannot be read shows none
+    // (`status` answers whatever else is wrong).
+    let holds = crate::holds::read(&cfg.holds_file).unwrap_or_default();
+    let db = crate::holds::board_key(&b.paths().db);
+    let board_hold = holds.board(&db);
     let mut tasks = Vec::new();
     for (status, cap) in [
         ("running", limits.running),
@@ -253,6 +288,14 @@ pub fn snapshot(b: &Board, cfg: &Config, limits: Limits) -> board::Result<Snapsh
                 .as_ref()
                 .filter(|r| r.ended_at.is_some())
                 .map(ended_run);
+            let own = holds.task(&db, &t.id).map(|h| h.since);
+            let by_board = board_hold
+                .filter(|h| h.hold().freeze && run.is_some())
+                .map(|h| h.hold().since);
+            let paused = own.or(by_board).map(|since| PausedTask {
+                since,
+                frozen: run.as_ref().map(|r| frozen(&r.cgroup)),
+            });
             tasks.push(TaskRow {
                 board: b.paths().slug.clone(),
                 attempts: listed.attempts,
@@ -266,6 +309,7 @@ pub fn snapshot(b: &Board, cfg: &Config, limits: Limits) -> board::Result<Snapsh
                 priority: t.priority,
                 run,
                 last_run,
+                paused,
             });
         }
     }
@@ -282,10 +326,24 @@ pub fn snapshot(b: &Board, cfg: &Config, limits: Limits) -> board::Result<Snapsh
         hermes: hermes_served(cfg),
         estop: crate::hermes_config::estop_of_root(&b.paths().root)
             .map(|p| p.display().to_string()),
+        paused: board_hold
+            .map(|h| PausedBoard {
+                board: b.paths().slug.clone(),
+                since: h.hold().since,
+                freeze: h.hold().freeze,
+                all: matches!(h, crate::holds::BoardHeld::All(_)),
+            })
+            .into_iter()
+            .collect(),
         counts: b.counts()?,
         tasks,
         now,
     })
+}
+
+/// Whether the kernel has the cgroup at `dir` frozen (`cgroup.events`).
+fn frozen(dir: &Path) -> bool {
+    read_small(&dir.join("cgroup.events")).is_some_and(|e| e.lines().any(|l| l == "frozen 1"))
 }
 
 /// `snapshot` of several boards, as one: the first board's file and dispatcher, every
@@ -299,6 +357,7 @@ pub fn snapshot_all(boards: &[Board], cfg: &Config, limits: Limits) -> board::Re
             None => all = Some(one),
             Some(acc) => {
                 acc.boards.extend(one.boards);
+                acc.paused.extend(one.paused);
                 acc.tasks.extend(one.tasks);
                 for (k, v) in one.counts {
                     *acc.counts.entry(k).or_default() += v;

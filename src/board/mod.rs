@@ -33,7 +33,8 @@ use crate::outcome;
 pub use crate::outcome::RunEnd;
 use crate::safe_fs;
 pub use crate::safe_fs::Owner;
-pub use model::{Claim, EndResult, Event, Listed, NewTask, Run, Status, Task, BLOCK_KINDS};
+pub use crate::transitions::{BLOCK_KINDS, BLOCK_RECURRENCE_LIMIT};
+pub use model::{Claim, EndResult, Event, Listed, NewTask, Run, Status, Task};
 use open::classify;
 pub use paths::{BoardPaths, Resolver, DEFAULT_BOARD};
 
@@ -42,9 +43,6 @@ pub const DEFAULT_CLAIM_TTL: i64 = 15 * 60;
 
 /// Upstream's `DEFAULT_FAILURE_LIMIT`: consecutive failures before the breaker trips.
 pub const DEFAULT_FAILURE_LIMIT: i64 = 2;
-
-/// Upstream's `BLOCK_RECURRENCE_LIMIT`: re-blocks for one cause before `triage`.
-pub const BLOCK_RECURRENCE_LIMIT: i64 = 2;
 
 /// Upstream's default busy timeout; `HERMES_KANBAN_BUSY_TIMEOUT_MS` overrides it.
 pub const DEFAULT_BUSY_TIMEOUT_MS: u64 = 120_000;

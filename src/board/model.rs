@@ -84,9 +84,6 @@ impl Serialize for Status {
     }
 }
 
-/// Upstream's block kinds (`VALID_BLOCK_KINDS`).
-pub const BLOCK_KINDS: &[&str] = &["dependency", "needs_input", "capability", "transient"];
-
 /// A row's columns by name, looked up once per row: rusqlite's `column_index` asks SQLite
 /// for every column's name on each lookup, which made reading 10,000 running tasks (~30
 /// columns each) the daemon's main idle cost.

@@ -144,3 +144,37 @@ pub(super) fn claimed_for_review(c: &Connection, task: &str, run: i64) -> rusqli
     .optional()
     .map(|v| v.flatten().unwrap_or(false))
 }
+
+/// Invariant recovery (upstream's): a run a task still points at while its status says no
+/// run is open (`ready`, `blocked`, `scheduled`) is closed `reclaimed` before the task moves
+/// on; `on` names the verb that found it (`re-claim`, `unblock`).
+pub(super) fn recover_dangling_run(
+    c: &Connection,
+    run: i64,
+    on: &str,
+    now: i64,
+) -> rusqlite::Result<()> {
+    c.execute(
+        "UPDATE task_runs SET status='reclaimed', outcome='reclaimed',
+            summary=COALESCE(summary, ?3), ended_at=?1,
+            claim_lock=NULL, claim_expires=NULL, worker_pid=NULL
+         WHERE id=?2 AND ended_at IS NULL",
+        params![now, run, format!("invariant recovery on {on}")],
+    )?;
+    Ok(())
+}
+
+/// A `gave_up` since the task's last `unblocked` that ~0.22 marked sticky (`"sticky": 1`).
+pub(super) fn sticky_gave_up(c: &Connection, task: &str) -> rusqlite::Result<bool> {
+    Ok(c.query_row(
+        "SELECT coalesce(json_extract(payload, '$.sticky'), 0) FROM task_events
+             WHERE task_id=?1 AND kind='gave_up' AND json_valid(payload) AND id > coalesce(
+               (SELECT max(id) FROM task_events WHERE task_id=?1 AND kind='unblocked'), 0)
+             ORDER BY id DESC LIMIT 1",
+        [task],
+        |r| r.get::<_, Option<i64>>(0),
+    )
+    .optional()?
+    .flatten()
+    .is_some_and(|v| v != 0))
+}

@@ -57,14 +57,7 @@ impl Board {
                 .map_err(|e| self.err("claim", e))?
                 .flatten();
             if let Some(run) = stale {
-                c.execute(
-                    "UPDATE task_runs SET status='reclaimed', outcome='reclaimed',
-                        summary=COALESCE(summary,'invariant recovery on re-claim'), ended_at=?1,
-                        claim_lock=NULL, claim_expires=NULL, worker_pid=NULL
-                     WHERE id=?2 AND ended_at IS NULL",
-                    params![now, run],
-                )
-                .map_err(|e| self.err("claim", e))?;
+                recover_dangling_run(c, run, "re-claim", now).map_err(|e| self.err("claim", e))?;
             }
             let n = c
                 .execute(

@@ -6,6 +6,7 @@ use serde_json::{json, Value};
 
 use super::rows::*;
 use super::*;
+use crate::transitions;
 
 /// `t_` + 8 hex digits from the kernel's CSPRNG, as upstream's `secrets.token_hex(4)`.
 pub(super) fn new_task_id() -> std::io::Result<String> {
@@ -129,8 +130,9 @@ impl Board {
 
     /// `complete_task`: `running|ready|blocked → done`, the open run closed `completed` (or a
     /// zero-length run synthesized when there was none and there is something to record), a
-    /// `completed` event, the failure counter reset, and children promoted. With
-    /// `expected_run` the write only lands while that run is still the current one.
+    /// `completed` event, the failure counter reset, and children promoted (parent gating
+    /// with `failure_limit`, in the same transaction). With `expected_run` the write only
+    /// lands while that run is still the current one.
     pub fn complete(
         &self,
         id: &str,
@@ -138,6 +140,7 @@ impl Board {
         summary: Option<&str>,
         metadata: Option<&Value>,
         expected_run: Option<i64>,
+        failure_limit: i64,
     ) -> Result<bool> {
         let now = now();
         let summary = summary.or(result);
@@ -165,20 +168,14 @@ impl Board {
                         .map_err(|e| self.err("close run", e))?,
                 );
             }
-            let first_line = summary
-                .and_then(|s| s.trim().lines().next())
-                .map(|l| l.chars().take(400).collect::<String>());
-            let payload = json!({
-                "result_len": result.map(|r| r.chars().count()).unwrap_or(0),
-                "summary": first_line.filter(|s| !s.is_empty()),
-            });
+            let payload = transitions::completed_payload(result, summary);
             append_event(c, id, "completed", &payload, run_id)
                 .map_err(|e| self.err("append event", e))?;
+            // Its children see it `done` in the same transaction: none is left in `todo`
+            // by a crash between the two, and a blocked one is held by the configured limit.
+            self.promote_ready(c, failure_limit)?;
             Ok(true)
         })?;
-        if done {
-            self.recompute_ready(DEFAULT_FAILURE_LIMIT)?;
-        }
         Ok(done)
     }
 
@@ -210,16 +207,8 @@ impl Board {
                 .optional()
                 .map_err(|e| self.err("block", e))?;
             let Some((prev_kind, prev_rec)) = cur else { return Ok(None) };
-            let (to, recurrences, event) = if kind == Some("dependency") {
-                ("todo", prev_rec, "dependency_wait")
-            } else {
-                let rec = if prev_kind.as_deref() == kind { prev_rec + 1 } else { 1 };
-                if rec >= BLOCK_RECURRENCE_LIMIT {
-                    ("triage", rec, "block_loop_detected")
-                } else {
-                    ("blocked", rec, "blocked")
-                }
-            };
+            let route = transitions::block_route(kind, prev_kind.as_deref(), prev_rec);
+            let (to, recurrences) = (route.to, route.recurrences);
             let n = c
                 .execute(
                     "UPDATE tasks SET status=?1, claim_lock=NULL, claim_expires=NULL, worker_pid=NULL,
@@ -236,12 +225,8 @@ impl Board {
             if run_id.is_none() && reason.is_some() {
                 run_id = Some(synthesize_run(c, id, "blocked", reason, None, None, now).map_err(|e| self.err("close run", e))?);
             }
-            let payload = match event {
-                "dependency_wait" => json!({"reason": reason, "kind": kind}),
-                "block_loop_detected" => json!({"reason": reason, "kind": kind, "recurrences": recurrences, "limit": BLOCK_RECURRENCE_LIMIT}),
-                _ => json!({"reason": reason, "kind": kind, "recurrences": recurrences}),
-            };
-            append_event(c, id, event, &payload, run_id).map_err(|e| self.err("append event", e))?;
+            let payload = transitions::block_payload(&route, reason, kind);
+            append_event(c, id, route.event, &payload, run_id).map_err(|e| self.err("append event", e))?;
             Ok(Some(to.to_string()))
         })
     }
@@ -259,14 +244,7 @@ impl Board {
                 .map_err(|e| self.err("unblock", e))?
                 .flatten();
             if let Some(run) = stale {
-                c.execute(
-                    "UPDATE task_runs SET status='reclaimed', outcome='reclaimed',
-                        summary=COALESCE(summary,'invariant recovery on unblock'), ended_at=?1,
-                        claim_lock=NULL, claim_expires=NULL, worker_pid=NULL
-                     WHERE id=?2 AND ended_at IS NULL",
-                    params![now, run],
-                )
-                .map_err(|e| self.err("unblock", e))?;
+                recover_dangling_run(c, run, "unblock", now).map_err(|e| self.err("unblock", e))?;
             }
             let open_parent: bool = c
                 .query_row(
@@ -413,69 +391,96 @@ impl Board {
         })
     }
 
+    /// An operator's pause or resume of a task (`paused`, `resumed`), as an event Hermes'
+    /// own tools show; the task's status is not changed (a frozen run stays `running`).
+    pub fn note_pause(
+        &self,
+        id: &str,
+        kind: &str,
+        payload: &Value,
+        run: Option<i64>,
+    ) -> Result<()> {
+        debug_assert!(matches!(kind, "paused" | "resumed"));
+        self.write("pause", |c| {
+            append_event(c, id, kind, payload, run).map_err(|e| self.err("append event", e))
+        })
+    }
+
     /// `recompute_ready`: promote `todo` (and non-sticky, under-the-limit `blocked`) tasks
     /// whose parents are all done or archived. Returns how many were promoted.
     pub fn recompute_ready(&self, failure_limit: i64) -> Result<usize> {
-        self.write("recompute ready", |c| {
-            let mut st = c
-                .prepare(
-                    "SELECT t.id, t.status, t.consecutive_failures, t.max_retries FROM tasks t
-                     WHERE t.status IN ('todo','blocked')
-                       AND NOT EXISTS (SELECT 1 FROM task_links l JOIN tasks p ON p.id=l.parent_id
-                                       WHERE l.child_id=t.id AND p.status NOT IN ('done','archived'))",
-                )
-                .map_err(|e| self.err("recompute ready", e))?;
-            let rows: Vec<(String, String, i64, Option<i64>)> = st
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, Option<i64>>(2)?.unwrap_or(0), r.get(3)?)))
-                .and_then(|r| r.collect())
-                .map_err(|e| self.err("recompute ready", e))?;
-            drop(st);
-            let mut promoted = 0;
-            for (id, status, failures, max_retries) in rows {
-                if status == "blocked" {
-                    // An explicit block is sticky until unblocked (#28712); a tripped
-                    // breaker stays blocked while at its limit (#35072).
-                    let last: Option<String> = c
-                        .query_row(
-                            "SELECT kind FROM task_events WHERE task_id=?1 AND kind IN ('blocked','unblocked')
-                             ORDER BY id DESC LIMIT 1",
-                            [&id],
-                            |r| r.get(0),
-                        )
-                        .optional()
-                        .map_err(|e| self.err("recompute ready", e))?;
-                    if last.as_deref() == Some("blocked") || failures >= max_retries.unwrap_or(failure_limit) {
-                        continue;
+        self.write("recompute ready", |c| self.promote_ready(c, failure_limit))
+    }
+
+    /// `recompute_ready` inside a write transaction already open on `c`.
+    fn promote_ready(&self, c: &rusqlite::Connection, failure_limit: i64) -> Result<usize> {
+        let err = |e| self.err("recompute ready", e);
+        let mut st = c
+            .prepare(
+                "SELECT t.id, t.status, t.consecutive_failures, t.max_retries FROM tasks t
+                 WHERE t.status IN ('todo','blocked')
+                   AND NOT EXISTS (SELECT 1 FROM task_links l JOIN tasks p ON p.id=l.parent_id
+                                   WHERE l.child_id=t.id AND p.status NOT IN ('done','archived'))",
+            )
+            .map_err(err)?;
+        let rows: Vec<(String, String, i64, Option<i64>)> = st
+            .query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get::<_, Option<i64>>(2)?.unwrap_or(0),
+                    r.get(3)?,
+                ))
+            })
+            .and_then(|r| r.collect())
+            .map_err(err)?;
+        drop(st);
+        let mut promoted = 0;
+        for (id, status, failures, max_retries) in rows {
+            if status == "blocked" {
+                let last: Option<String> = c
+                    .query_row(
+                        "SELECT kind FROM task_events WHERE task_id=?1 AND kind IN ('blocked','unblocked')
+                         ORDER BY id DESC LIMIT 1",
+                        [&id],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(err)?;
+                let mut sticky_err = None;
+                let sticky = || match sticky_gave_up(c, &id) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        sticky_err = Some(e);
+                        true
                     }
-                    // A trip by a policy of its own (0.22 marks its `gave_up` sticky: the
-                    // protocol-violation budget, a terminal provider error) waits for an
-                    // operator too (upstream's `_has_sticky_block`).
-                    let sticky: bool = c
-                        .query_row(
-                            "SELECT coalesce(json_extract(payload, '$.sticky'), 0) FROM task_events
-                             WHERE task_id=?1 AND kind='gave_up' AND json_valid(payload) AND id > coalesce(
-                               (SELECT max(id) FROM task_events WHERE task_id=?1 AND kind='unblocked'), 0)
-                             ORDER BY id DESC LIMIT 1",
-                            [&id],
-                            |r| r.get::<_, Option<i64>>(0),
-                        )
-                        .optional()
-                        .map_err(|e| self.err("recompute ready", e))?
-                        .flatten()
-                        .is_some_and(|v| v != 0);
-                    if sticky {
-                        continue;
-                    }
+                };
+                let stays = transitions::stays_blocked(
+                    last.as_deref(),
+                    failures,
+                    max_retries,
+                    failure_limit,
+                    sticky,
+                );
+                if let Some(e) = sticky_err {
+                    return Err(err(e));
                 }
-                let n = c
-                    .execute("UPDATE tasks SET status='ready' WHERE id=?1 AND status=?2", params![id, status])
-                    .map_err(|e| self.err("recompute ready", e))?;
-                if n == 1 {
-                    append_event(c, &id, "promoted", &Value::Null, None).map_err(|e| self.err("append event", e))?;
-                    promoted += 1;
+                if stays.is_some() {
+                    continue;
                 }
             }
-            Ok(promoted)
-        })
+            let n = c
+                .execute(
+                    "UPDATE tasks SET status='ready' WHERE id=?1 AND status=?2",
+                    params![id, status],
+                )
+                .map_err(err)?;
+            if n == 1 {
+                append_event(c, &id, "promoted", &Value::Null, None)
+                    .map_err(|e| self.err("append event", e))?;
+                promoted += 1;
+            }
+        }
+        Ok(promoted)
     }
 }

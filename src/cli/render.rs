@@ -53,7 +53,36 @@ pub fn task_table(tasks: &[Task]) -> String {
 }
 
 fn ts(epoch: Option<i64>) -> String {
-    epoch.map(|e| e.to_string()).unwrap_or_else(|| "-".into())
+    epoch.map(local_time).unwrap_or_else(|| "-".into())
+}
+
+/// Epoch seconds as the local time a person reads (`2026-12-05 10:43:17`, in the zone
+/// `TZ` or `/etc/localtime` names); the seconds themselves when the C library cannot say.
+/// `--json` keeps the board's epoch seconds.
+fn local_time(epoch: i64) -> String {
+    extern "C" {
+        fn tzset();
+    }
+    static TZ: std::sync::Once = std::sync::Once::new();
+    // SAFETY: tzset(3) reads the environment and the zone file once, before any
+    // localtime_r(3) here, on the CLI's one thread.
+    TZ.call_once(|| unsafe { tzset() });
+    let t: libc::time_t = epoch;
+    // SAFETY: an all-zero `tm` is a valid value for localtime_r to overwrite.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are to live locals for the duration of the call.
+    if unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
+        return epoch.to_string();
+    }
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        i64::from(tm.tm_year) + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
 }
 
 /// A run's `resources` (what its scope counted) in one line: `cpu 4.1s, memory peak 64M,
@@ -121,7 +150,7 @@ pub fn show(
     }
     o.push_str(&format!(
         "  created:    {}  started: {}  completed: {}\n",
-        t.created_at,
+        local_time(t.created_at),
         ts(t.started_at),
         ts(t.completed_at)
     ));
@@ -153,46 +182,7 @@ pub fn show(
     }
     o.push_str(&format!("\nRuns ({}):\n", runs.len()));
     for r in runs {
-        let dur = r.ended_at.unwrap_or(now) - r.started_at;
-        let outcome = r.outcome.as_deref().unwrap_or(if r.ended_at.is_none() {
-            "(running)"
-        } else {
-            &r.status
-        });
-        let meta = |k: &str| {
-            r.metadata
-                .as_ref()
-                .and_then(|m| m.get(k))
-                .and_then(|v| v.as_i64())
-        };
-        let exit = match (meta("exit_code"), meta("signal")) {
-            (Some(c), _) => format!(" exit {c}"),
-            (None, Some(sig)) => format!(" signal {sig}"),
-            _ => String::new(),
-        };
-        o.push_str(&format!(
-            "  #{:<4} {:12} {:>6}s  {}{exit}  {}{}\n",
-            r.id,
-            clean(outcome),
-            dur,
-            r.profile
-                .as_deref()
-                .map(clean)
-                .unwrap_or_else(|| "-".into()),
-            crate::names::worker_scope(board, &r.task_id, r.id),
-            r.error
-                .as_deref()
-                .map(|e| format!("  {}", clean(e)))
-                .unwrap_or_default()
-        ));
-        if let Some(c) = r
-            .metadata
-            .as_ref()
-            .and_then(|m| m.get("resources"))
-            .and_then(cost)
-        {
-            o.push_str(&format!("         cost: {c}\n"));
-        }
+        o.push_str(&run_lines(board, r, now));
     }
     o.push_str(&format!("\nEvents ({}):\n", events.len()));
     for e in events {
@@ -204,11 +194,57 @@ pub fn show(
             .unwrap_or_default();
         o.push_str(&format!(
             "  [{}] {}{}{}\n",
-            e.created_at,
+            local_time(e.created_at),
             run,
             clean(&e.kind),
             payload
         ));
+    }
+    o
+}
+
+/// One run of `show`: its line, and its cost when it was kept.
+fn run_lines(board: &str, r: &Run, now: i64) -> String {
+    let mut o = String::new();
+    let dur = r.ended_at.unwrap_or(now) - r.started_at;
+    let outcome = r.outcome.as_deref().unwrap_or(if r.ended_at.is_none() {
+        "(running)"
+    } else {
+        &r.status
+    });
+    let meta = |k: &str| {
+        r.metadata
+            .as_ref()
+            .and_then(|m| m.get(k))
+            .and_then(|v| v.as_i64())
+    };
+    let exit = match (meta("exit_code"), meta("signal")) {
+        (Some(c), _) => format!(" exit {c}"),
+        (None, Some(sig)) => format!(" signal {sig}"),
+        _ => String::new(),
+    };
+    o.push_str(&format!(
+        "  #{:<4} {:12} {:>6}s  {}{exit}  {}{}\n",
+        r.id,
+        clean(outcome),
+        dur,
+        r.profile
+            .as_deref()
+            .map(clean)
+            .unwrap_or_else(|| "-".into()),
+        crate::names::worker_scope(board, &r.task_id, r.id),
+        r.error
+            .as_deref()
+            .map(|e| format!("  {}", clean(e)))
+            .unwrap_or_default()
+    ));
+    if let Some(c) = r
+        .metadata
+        .as_ref()
+        .and_then(|m| m.get("resources"))
+        .and_then(cost)
+    {
+        o.push_str(&format!("         cost: {c}\n"));
     }
     o
 }
@@ -282,6 +318,9 @@ pub fn status(s: &crate::status::Snapshot, colour: bool) -> String {
             )
         ));
     }
+    if let Some(p) = paused_line(&s.paused) {
+        o.push_str(&format!("{}\n", paint("33", p)));
+    }
     if let Some(failing) = s
         .dispatcher_status
         .as_deref()
@@ -301,41 +340,7 @@ pub fn status(s: &crate::status::Snapshot, colour: bool) -> String {
         "ID", "STATUS", "PRI", "ASSIGNEE", "AGE", "TRIES", "WORKER / LAST ERROR"
     ));
     for t in &s.tasks {
-        let status = match t.status.as_str() {
-            "running" => paint("32", format!("{:<8}", t.status)),
-            "blocked" => paint("31", format!("{:<8}", t.status)),
-            _ => format!("{:<8}", clean(&t.status)),
-        };
-        let detail = match &t.run {
-            Some(r) => format!(
-                "{} pid {} {} mem {} peak {} cpu {} up {}",
-                r.unit,
-                r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-                r.state.as_deref().unwrap_or("gone"),
-                bytes(r.memory_current),
-                bytes(r.memory_peak),
-                r.cpu_usec
-                    .map(|u| format!("{:.1}s", u as f64 / 1e6))
-                    .unwrap_or_else(|| "-".into()),
-                dur(r.uptime_seconds)
-            ),
-            None => t.last_error.as_deref().map(clean).unwrap_or_default(),
-        };
-        if many {
-            o.push_str(&format!("{:<12} ", clean(&t.board)));
-        }
-        o.push_str(&format!(
-            "{:<12} {status} {:>4} {:<12} {:>5} {:>5}  {}\n",
-            clean(&t.id),
-            t.priority,
-            t.assignee
-                .as_deref()
-                .map(clean)
-                .unwrap_or_else(|| "-".into()),
-            dur(t.age_seconds),
-            t.attempts,
-            detail
-        ));
+        o.push_str(&task_row(t, many, &paint));
     }
     // What `--limit` left out, said, so that a partial table never passes for the board.
     let more: Vec<String> = ["running", "ready", "blocked", "triage", "todo"]
@@ -352,6 +357,80 @@ pub fn status(s: &crate::status::Snapshot, colour: bool) -> String {
             more.join(", ")
         ));
     }
+    o
+}
+
+/// One task of `status`: its row, its run's live facts or its last error.
+/// The operators' board holds, for the status header.
+fn paused_line(p: &[crate::status::PausedBoard]) -> Option<String> {
+    let first = p.first()?;
+    let frozen = |f: bool| if f { ", workers frozen" } else { "" };
+    Some(if first.all {
+        format!(
+            "PAUSED: every board (hermes-mgr pause --all{}, since {}); `hermes-mgr resume --all` lifts it",
+            frozen(first.freeze),
+            first.since
+        )
+    } else {
+        let boards: Vec<String> = p
+            .iter()
+            .map(|b| format!("{}{}", clean(&b.board), frozen(b.freeze)))
+            .collect();
+        format!(
+            "PAUSED: board {} (hermes-mgr pause); `hermes-mgr resume --board SLUG` lifts it",
+            boards.join(", ")
+        )
+    })
+}
+
+fn task_row(
+    t: &crate::status::TaskRow,
+    many: bool,
+    paint: &dyn Fn(&str, String) -> String,
+) -> String {
+    let mut o = String::new();
+    let status = match t.status.as_str() {
+        _ if t.paused.is_some() => paint("33", format!("{:<8}", "paused")),
+        "running" => paint("32", format!("{:<8}", t.status)),
+        "blocked" => paint("31", format!("{:<8}", t.status)),
+        _ => format!("{:<8}", clean(&t.status)),
+    };
+    let detail = match &t.run {
+        Some(r) => format!(
+            "{} pid {} {} mem {} peak {} cpu {} up {}",
+            r.unit,
+            r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            r.state.as_deref().unwrap_or("gone"),
+            bytes(r.memory_current),
+            bytes(r.memory_peak),
+            r.cpu_usec
+                .map(|u| format!("{:.1}s", u as f64 / 1e6))
+                .unwrap_or_else(|| "-".into()),
+            dur(r.uptime_seconds)
+        ),
+        None => t.last_error.as_deref().map(clean).unwrap_or_default(),
+    };
+    let detail = match &t.paused {
+        Some(p) if p.frozen == Some(true) => format!("FROZEN {detail}"),
+        Some(p) if p.frozen == Some(false) => format!("freezing {detail}"),
+        Some(_) => format!("held {detail}"),
+        None => detail,
+    };
+    if many {
+        o.push_str(&format!("{:<12} ", clean(&t.board)));
+    }
+    o.push_str(&format!(
+        "{:<12} {status} {:>4} {:<12} {:>5} {:>5}  {}\n",
+        clean(&t.id),
+        t.priority,
+        t.assignee
+            .as_deref()
+            .map(clean)
+            .unwrap_or_else(|| "-".into()),
+        dur(t.age_seconds),
+        t.attempts,
+        detail
+    ));
     o
 }
 
@@ -428,6 +507,46 @@ pub fn pass(r: &crate::dispatch::PassReport) -> String {
     o
 }
 
+/// One task paused (`pause`) or resumed.
+pub fn task_paused(r: &crate::dispatch::pause::TaskPaused, pause: bool) -> String {
+    let what = match (pause, &r.unit, r.already) {
+        (true, _, true) => "was already paused".to_string(),
+        (true, Some(u), _) => format!("paused: held, its worker frozen ({u})"),
+        (true, None, _) => "paused: held (nothing was running)".to_string(),
+        (false, Some(u), _) => format!("resumed: its worker goes on ({u})"),
+        (false, None, _) => "resumed".to_string(),
+    };
+    format!("{} {what}", clean(&r.task_id))
+}
+
+/// Boards held (`pause --board`/`--all`) or released.
+pub fn boards_paused(r: &crate::dispatch::pause::BoardsPaused, pause: bool) -> String {
+    let which = if r.all {
+        "every board".to_string()
+    } else {
+        format!("board {}", clean(&r.boards.join(", ")))
+    };
+    let mut o = if pause {
+        format!("{which} paused: no new worker starts until `hermes-mgr resume`")
+    } else {
+        format!("{which} resumed")
+    };
+    if !r.runs.is_empty() {
+        let tasks: Vec<String> = r.runs.iter().map(|t| clean(&t.task_id)).collect();
+        o.push_str(&format!(
+            "; {} {}: {}",
+            r.runs.len(),
+            if pause {
+                "worker(s) frozen"
+            } else {
+                "worker(s) thawed"
+            },
+            tasks.join(", ")
+        ));
+    }
+    o
+}
+
 pub fn stopped(r: &crate::dispatch::stop::StopReport) -> String {
     use crate::dispatch::stop::HowItEnded::*;
     let worker = r
@@ -455,6 +574,15 @@ pub fn stopped(r: &crate::dispatch::stop::StopReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_times_read_as_local_time() {
+        // SAFETY: the test sets TZ before the first tzset of this process's CLI code;
+        // tests that read the zone run nowhere else in this binary.
+        unsafe { std::env::set_var("TZ", "UTC") };
+        assert_eq!(local_time(1_796_427_594), "2026-12-04 23:39:54");
+        assert_eq!(ts(None), "-");
+    }
 
     #[test]
     fn control_characters_are_escaped() {

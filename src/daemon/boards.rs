@@ -67,6 +67,11 @@ fn fingerprint(paths: &BoardPaths) -> Option<(i64, i64, u64)> {
 }
 
 impl Slot {
+    /// This board's key in the operators' holds.
+    pub fn db_key(&self) -> String {
+        crate::holds::board_key(&self.paths.db)
+    }
+
     pub fn new(paths: BoardPaths) -> Slot {
         Slot {
             paths,

@@ -67,9 +67,9 @@ impl Daemon {
             }
         };
         let scope = match self.sd.active_state(&live.unit).await {
-            Ok(Some(_)) if self.husk(&live.unit).await => Scope::Empty,
-            Ok(Some(_)) => Scope::Live,
-            Ok(None) => Scope::Gone,
+            Ok(Some(s)) if s.is_live() && self.husk(&live.unit).await => Scope::Empty,
+            Ok(Some(s)) if s.is_live() => Scope::Live,
+            Ok(_) => Scope::Gone,
             Err(e) => {
                 warn!(unit = %live.unit, "unit state unknown ({e}); retrying");
                 self.pending.insert(key.clone(), None);

@@ -1,10 +1,28 @@
 //! The checks of live runs that no exit wakes: claims kept alive, silent runs stopped
 //! (`stale`), runs closed by someone else (a worker's own verdict, a reclaim) whose worker
-//! still runs.
+//! still runs, and scopes systemd calls live with nothing left in them (`husk`).
 
 use super::*;
+use crate::liveness;
 
 impl Daemon {
+    /// A scope systemd calls live while the kernel says its cgroup is empty (see
+    /// `liveness::cgroup_populated`: the daemon died while starting that worker). It is
+    /// stopped so systemd lets go of the name, and counts as gone. Without a verdict from
+    /// the kernel (no such cgroup, unreadable) the unit state stands.
+    pub(super) async fn husk(&self, unit: &str) -> bool {
+        let cgroup = liveness::worker_cgroup(&self.cfg.slice, unit);
+        if liveness::cgroup_populated(&cgroup) != Some(false) {
+            return false;
+        }
+        warn!(unit = %unit, object_systemd_unit = %unit,
+              "systemd reports the scope live but its cgroup {cgroup} is empty; stopping it");
+        if let Err(e) = self.sd.stop(unit).await {
+            warn!(unit = %unit, "stop: {e}");
+        }
+        true
+    }
+
     /// Keep our workers' claims alive so upstream's stale-claim sweep never reclaims a
     /// live worker. The lock stays the one the worker was given.
     pub(super) fn extend_claims(&mut self) {
@@ -60,11 +78,24 @@ impl Daemon {
                 if t.started_at.is_some_and(|s| now - s < timeout) {
                     continue;
                 }
+                // A frozen run cannot beat (`hermes-mgr pause`); and the time it was
+                // paused is not charged after it resumes: the rule is asked on a clock that
+                // stood still while it was frozen.
+                if self.holds.look().frozen(&s.db_key(), &t.id, run) {
+                    continue;
+                }
                 let Ok(Some(r)) = b.run(run) else { continue };
+                let paused = crate::state_dir::read_paused(&crate::state_dir::paused_path(
+                    &self.cfg.state_dir,
+                    slug,
+                    &t.id,
+                    run,
+                ))
+                .total(now);
                 if let Some(st) = outcome::stale(
                     r.started_at,
                     t.last_heartbeat_at,
-                    now,
+                    now - paused as i64,
                     timeout,
                     t.worker_pid,
                 ) {

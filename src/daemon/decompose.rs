@@ -79,11 +79,19 @@ impl Daemon {
         if room == 0 {
             return;
         }
+        self.holds.look();
         let Some(board) = self.board(slug) else {
             return;
         };
+        let db = crate::holds::board_key(&board.paths().db);
+        let holds = self.holds.current();
         let triage: Vec<String> = match board.in_status("triage", 1000) {
-            Ok(t) => t.into_iter().map(|t| t.id).collect(),
+            // A task paused on its own is not decomposed either.
+            Ok(t) => t
+                .into_iter()
+                .map(|t| t.id)
+                .filter(|id| holds.task(&db, id).is_none())
+                .collect(),
             Err(e) => {
                 warn!(board = %slug, "read the triage tasks: {e}");
                 return;

@@ -1,7 +1,9 @@
-//! Passes: each dirty board's dispatch pass (held by Hermes' emergency stop, capped for the
-//! host when the Hermes served counts so), and the status line the service shows.
+//! Passes: each dirty board's dispatch pass (held by Hermes' emergency stop or an
+//! operator's pause, capped for the host when the Hermes served counts so), and the status
+//! line the service shows.
 
 use super::*;
+use tracing::debug;
 
 impl Daemon {
     /// Look at Hermes' emergency stop again; `true` while it holds. Its coming and going are
@@ -74,10 +76,37 @@ impl Daemon {
         } else {
             format!("FAILING to start workers ({}); {line}", failing.join("; "))
         };
+        let line = match self.paused_text() {
+            Some(p) => format!("{p}; {line}"),
+            None => line,
+        };
         match &self.estop {
             Some(p) => format!("{}; {line}", crate::hermes_config::estop_text(p)),
             None => line,
         }
+    }
+
+    /// What the operators' holds keep back, for the service status: every board, some
+    /// boards, some tasks.
+    fn paused_text(&self) -> Option<String> {
+        if let Some(e) = &self.holds.broken {
+            return Some(format!(
+                "PAUSED: the holds cannot be read ({e}): nothing is started"
+            ));
+        }
+        let h = self.holds.current();
+        if let Some(all) = h.all {
+            return Some(crate::holds::describe(&crate::holds::BoardHeld::All(all)));
+        }
+        let boards = self
+            .slots
+            .values()
+            .filter(|s| h.board(&s.db_key()).is_some())
+            .count();
+        let tasks: usize = h.tasks.values().map(|t| t.len()).sum();
+        (boards + tasks > 0).then(|| {
+            format!("PAUSED: {boards} board(s) and {tasks} task(s) held (hermes-mgr status shows which)")
+        })
     }
 
     pub(super) fn update_status(&self) {
@@ -202,6 +231,12 @@ impl Daemon {
                     self.check_estop();
                     return;
                 }
+                if let Some(why) = &report.paused {
+                    // An operator's hold: no decomposition either. Its lifting is a write
+                    // of the holds file, which marks every board dirty.
+                    debug!(board = %slug, "held, nothing started: {why}");
+                    return;
+                }
                 self.decompose(slug).await;
             }
             Err(e) => {
@@ -213,7 +248,6 @@ impl Daemon {
         }
     }
 
-    /// The live runs we track of one task.
     /// Our live workers on boards other than `slug`.
     pub(super) fn live_elsewhere(&self, slug: &str) -> usize {
         let here = self

@@ -29,13 +29,14 @@ use tracing::{debug, info, warn};
 use super::{unit_of, Daemon, Live, RunKey};
 use crate::board::claimer_id;
 use crate::liveness;
-use crate::names::{run_record, WORKER_SCOPE_GLOB};
+use crate::names::{run_of_worker_scope, run_record, WORKER_SCOPE_GLOB};
+use crate::systemd::UnitState;
 
-fn is_live(state: &str) -> bool {
-    matches!(
-        state,
-        "active" | "activating" | "deactivating" | "reloading"
-    )
+/// This host's claims, as reconcile tells them apart: the claimers of this boot, and the
+/// prefix of this host's claim locks.
+struct Here {
+    ours: HashSet<String>,
+    host_prefix: String,
 }
 
 /// What reconcile knows about one `running` row and its current run.
@@ -164,7 +165,7 @@ impl Daemon {
         Ok(())
     }
 
-    async fn worker_units(&self) -> anyhow::Result<HashMap<String, String>> {
+    async fn worker_units(&self) -> anyhow::Result<HashMap<String, UnitState>> {
         Ok(self
             .sd
             .list_units(WORKER_SCOPE_GLOB)
@@ -176,140 +177,165 @@ impl Daemon {
     async fn reconcile_with(
         &mut self,
         slug: &str,
-        units: &HashMap<String, String>,
+        units: &HashMap<String, UnitState>,
         records: Option<&HashSet<String>>,
         counts: &mut Counts,
     ) -> anyhow::Result<()> {
         let me = claimer_id();
-        let ours = crate::state_dir::claimers_of_this_boot(&self.cfg.state_dir);
-        let host_prefix = format!("{}:", me.split(':').next().unwrap_or(""));
+        let ctx = Here {
+            ours: crate::state_dir::claimers_of_this_boot(&self.cfg.state_dir),
+            host_prefix: format!("{}:", me.split(':').next().unwrap_or("")),
+        };
         let Some(board) = self.board(slug) else {
             return Ok(());
         };
         let running = board.running_claims()?;
         let mut mine = HashSet::new();
         for t in running {
-            let Some(run) = t.current_run_id else {
-                continue;
-            };
-            let unit = unit_of(slug, &t.id, run);
-            let key = RunKey::new(slug, &t.id, run);
-            counts.current_units.insert(unit.clone());
-            mine.insert(unit.clone());
-            // Read only when listed (a record written since the listing is seen by inotify).
-            let listed = records.is_none_or(|r| r.contains(&run_record(slug, &t.id, run)));
-            let record = listed
-                .then(|| {
-                    crate::state_dir::read_record(&self.cfg.state_dir, slug, &t.id, run)
-                        .unwrap_or(None)
-                })
-                .flatten();
-            let tracked = self.live.get(&key).is_some_and(|l| l.watched);
-            // The common case on the safety-net tick, 10,000 times with 10,000 live: a run
-            // we watch, its scope live, no record. Rule 1 again: nothing to change.
-            if tracked && record.is_none() && units.get(&unit).is_some_and(|s| is_live(s)) {
-                continue;
+            if let Some(run) = t.current_run_id {
+                mine.insert(unit_of(slug, &t.id, run));
             }
-            let live = Live {
-                unit: unit.clone(),
-                lock: t.claim_lock.clone().unwrap_or_default(),
-                max_runtime: t.max_runtime_seconds,
-                closed_since: None,
-                watched: tracked,
-                stale: self.live.get(&key).and_then(|l| l.stale.clone()),
-            };
-            // Facts, gathered only as far as the rules need them.
-            // A scope we watch had its cgroup seen populated when it started, so it cannot
-            // be a husk: only the others cost a read of their `cgroup.events`.
-            let scope_live = units.get(&unit).is_some_and(|s| is_live(s))
-                && (tracked || !self.husk(&unit).await);
-            let local = t
-                .claim_lock
-                .as_deref()
-                .is_none_or(|l| l.starts_with(&host_prefix));
-            let foreign_worker = || {
-                t.worker_pid.filter(|p| *p > 0).is_some_and(|pid| {
-                    let cg = liveness::cgroup_of(pid as u32).unwrap_or(None);
-                    let in_ours = cg
-                        .as_deref()
-                        .is_some_and(|c| c.contains("/hermes-worker-kanban-"));
-                    cg.is_some() && !in_ours && liveness::is_alive(pid as u32)
-                })
-            };
-            let by_hand = || {
-                let now = crate::board::now();
-                let claimed_at = self
-                    .board(slug)
-                    .and_then(|b| b.run(run).ok().flatten())
-                    .map(|r| r.started_at);
-                // A scope of ours by the run's name, even an empty one, says it was ours.
-                t.worker_pid.is_none()
-                    && !units.contains_key(&unit)
-                    && t.claim_expires.is_some_and(|e| e > now)
-                    && claimed_at.is_some_and(|c| c >= crate::host::boot_time().unwrap_or(i64::MAX))
-                    && !t.claim_lock.as_ref().is_some_and(|l| ours.contains(l))
-            };
-            let unexplained = !scope_live && record.is_none() && local;
-            let foreign_worker = unexplained && foreign_worker();
-            let facts = RowFacts {
-                scope_live,
-                record: record.is_some(),
-                local,
-                foreign_worker,
-                by_hand: unexplained && !foreign_worker && !tracked && by_hand(),
-            };
-            match rule(&facts) {
-                Rule::Adopt => {
-                    if !self.live.contains_key(&key) {
-                        info!(board = %slug, hermes_kanban_task = %t.id, hermes_kanban_run_id = run, unit = %unit, object_systemd_unit = %unit, "adopted a running worker");
-                        counts.adopted += 1;
-                    }
-                    self.live.insert(
-                        key.clone(),
-                        Live {
-                            watched: true,
-                            ..live
-                        },
-                    );
-                    if facts.record {
-                        self.book(&key).await;
-                    }
+            self.reconcile_row(slug, &t, units, records, &ctx, counts)
+                .await;
+        }
+        self.stop_strays(slug, units, &mine).await;
+        Ok(())
+    }
+
+    /// One `running` row: its facts, gathered only as far as the rules need them, and what
+    /// its rule says.
+    async fn reconcile_row(
+        &mut self,
+        slug: &str,
+        t: &crate::board::Task,
+        units: &HashMap<String, UnitState>,
+        records: Option<&HashSet<String>>,
+        ctx: &Here,
+        counts: &mut Counts,
+    ) {
+        let (ours, host_prefix) = (&ctx.ours, &ctx.host_prefix);
+        let Some(run) = t.current_run_id else {
+            return;
+        };
+        let unit = unit_of(slug, &t.id, run);
+        let key = RunKey::new(slug, &t.id, run);
+        counts.current_units.insert(unit.clone());
+        // Read only when listed (a record written since the listing is seen by inotify).
+        let listed = records.is_none_or(|r| r.contains(&run_record(slug, &t.id, run)));
+        let record = listed
+            .then(|| {
+                crate::state_dir::read_record(&self.cfg.state_dir, slug, &t.id, run).unwrap_or(None)
+            })
+            .flatten();
+        let tracked = self.live.get(&key).is_some_and(|l| l.watched);
+        // The common case on the safety-net tick, 10,000 times with 10,000 live: a run
+        // we watch, its scope live, no record. Rule 1 again: nothing to change.
+        if tracked && record.is_none() && units.get(&unit).is_some_and(UnitState::is_live) {
+            return;
+        }
+        let live = Live {
+            unit: unit.clone(),
+            lock: t.claim_lock.clone().unwrap_or_default(),
+            max_runtime: t.max_runtime_seconds,
+            closed_since: None,
+            watched: tracked,
+            stale: self.live.get(&key).and_then(|l| l.stale.clone()),
+        };
+        // Facts, gathered only as far as the rules need them.
+        // A scope we watch had its cgroup seen populated when it started, so it cannot
+        // be a husk: only the others cost a read of their `cgroup.events`.
+        let scope_live = units.get(&unit).is_some_and(UnitState::is_live)
+            && (tracked || !self.husk(&unit).await);
+        let local = t
+            .claim_lock
+            .as_deref()
+            .is_none_or(|l| l.starts_with(host_prefix.as_str()));
+        let foreign_worker = || {
+            t.worker_pid.filter(|p| *p > 0).is_some_and(|pid| {
+                let cg = liveness::cgroup_of(pid as u32).unwrap_or(None);
+                let in_ours = cg
+                    .as_deref()
+                    .is_some_and(|c| c.contains("/hermes-worker-kanban-"));
+                cg.is_some() && !in_ours && liveness::is_alive(pid as u32)
+            })
+        };
+        let by_hand = || {
+            let now = crate::board::now();
+            let claimed_at = self
+                .board(slug)
+                .and_then(|b| b.run(run).ok().flatten())
+                .map(|r| r.started_at);
+            // A scope of ours by the run's name, even an empty one, says it was ours.
+            t.worker_pid.is_none()
+                && !units.contains_key(&unit)
+                && t.claim_expires.is_some_and(|e| e > now)
+                && claimed_at.is_some_and(|c| c >= crate::host::boot_time().unwrap_or(i64::MAX))
+                && !t.claim_lock.as_ref().is_some_and(|l| ours.contains(l))
+        };
+        let unexplained = !scope_live && record.is_none() && local;
+        let foreign_worker = unexplained && foreign_worker();
+        let facts = RowFacts {
+            scope_live,
+            record: record.is_some(),
+            local,
+            foreign_worker,
+            by_hand: unexplained && !foreign_worker && !tracked && by_hand(),
+        };
+        match rule(&facts) {
+            Rule::Adopt => {
+                if !self.live.contains_key(&key) {
+                    info!(board = %slug, hermes_kanban_task = %t.id, hermes_kanban_run_id = run, unit = %unit, object_systemd_unit = %unit, "adopted a running worker");
+                    counts.adopted += 1;
                 }
-                Rule::EndedWhileAway => {
-                    self.live.insert(key.clone(), live);
-                    counts.ended += 1;
+                self.live.insert(
+                    key.clone(),
+                    Live {
+                        watched: true,
+                        ..live
+                    },
+                );
+                if facts.record {
                     self.book(&key).await;
                 }
-                Rule::NotOurs => {}
-                Rule::ClaimedByHand => {
-                    debug!(board = %slug, hermes_kanban_task = %t.id, hermes_kanban_run_id = run,
-                           "claimed by hand (no worker, not claimed by hermes-mgr); left to its claim");
-                }
-                Rule::SomeoneElsesWorker => {
-                    warn!(board = %slug, hermes_kanban_task = %t.id, hermes_kanban_run_id = run, pid = t.worker_pid,
-                          "running worker was not started by hermes-mgr (its PID lives outside any worker scope); leaving it alone");
-                }
-                Rule::Gone => {
-                    // Booked from those facts: lost, unless we watched it live and it was
-                    // killed with its supervisor.
-                    self.live.insert(key.clone(), live);
-                    self.book(&key).await;
-                    if !self.live.contains_key(&key) {
-                        counts.lost += 1;
-                    }
+            }
+            Rule::EndedWhileAway => {
+                self.live.insert(key.clone(), live);
+                counts.ended += 1;
+                self.book(&key).await;
+            }
+            Rule::NotOurs => {}
+            Rule::ClaimedByHand => {
+                debug!(board = %slug, hermes_kanban_task = %t.id, hermes_kanban_run_id = run,
+                       "claimed by hand (no worker, not claimed by hermes-mgr); left to its claim");
+            }
+            Rule::SomeoneElsesWorker => {
+                warn!(board = %slug, hermes_kanban_task = %t.id, hermes_kanban_run_id = run, pid = t.worker_pid,
+                      "running worker was not started by hermes-mgr (its PID lives outside any worker scope); leaving it alone");
+            }
+            Rule::Gone => {
+                // Booked from those facts: lost, unless we watched it live and it was
+                // killed with its supervisor.
+                self.live.insert(key.clone(), live);
+                self.book(&key).await;
+                if !self.live.contains_key(&key) {
+                    counts.lost += 1;
                 }
             }
         }
-        // Scopes of this board's runs that are not current: never two workers for one task.
+    }
+
+    /// Scopes of this board's runs that are not current: never two workers for one task.
+    async fn stop_strays(
+        &mut self,
+        slug: &str,
+        units: &HashMap<String, UnitState>,
+        mine: &HashSet<String>,
+    ) {
         for (unit, state) in units {
-            if mine.contains(unit) || !is_live(state) {
+            if mine.contains(unit) || !state.is_live() {
                 continue;
             }
-            let Some(run) = unit
-                .strip_suffix(".scope")
-                .and_then(|u| u.rsplit_once("-run-"))
-                .and_then(|(_, n)| n.parse::<i64>().ok())
-            else {
+            let Some(run) = run_of_worker_scope(unit) else {
                 continue;
             };
             let Some(board) = self.board(slug) else { break };
@@ -323,24 +349,6 @@ impl Daemon {
                 }
             }
         }
-        Ok(())
-    }
-
-    /// A scope systemd calls live while the kernel says its cgroup is empty (see
-    /// `liveness::cgroup_populated`: the daemon died while starting that worker). It is
-    /// stopped so systemd lets go of the name, and counts as gone. Without a verdict from
-    /// the kernel (no such cgroup, unreadable) the unit state stands.
-    pub(super) async fn husk(&self, unit: &str) -> bool {
-        let cgroup = liveness::worker_cgroup(&self.cfg.slice, unit);
-        if liveness::cgroup_populated(&cgroup) != Some(false) {
-            return false;
-        }
-        warn!(unit = %unit, object_systemd_unit = %unit,
-              "systemd reports the scope live but its cgroup {cgroup} is empty; stopping it");
-        if let Err(e) = self.sd.stop(unit).await {
-            warn!(unit = %unit, "stop: {e}");
-        }
-        true
     }
 }
 

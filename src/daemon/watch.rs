@@ -35,6 +35,8 @@ pub enum Change {
     HermesConfig,
     /// An `ESTOP` (Hermes' emergency stop) appeared or went.
     Estop,
+    /// The operators' holds file was replaced (`hermes-mgr pause`/`resume`).
+    Holds,
 }
 
 /// What events in one watched directory mean. One directory can play several parts (the
@@ -57,6 +59,25 @@ struct Role {
     config: bool,
     /// A directory where Hermes' emergency stop (`ESTOP`) is looked for.
     estop: bool,
+    /// The directory of the holds file: its name.
+    holds: Option<OsString>,
+}
+
+/// What the watches follow besides the boards served.
+#[derive(Clone, Copy)]
+pub struct Around<'a> {
+    /// The Hermes root, where boards come and go (`None`: one board is pinned).
+    pub root: Option<&'a Path>,
+    /// The directories of Hermes' `config.yaml`.
+    pub configs: &'a [PathBuf],
+    /// Where Hermes' `ESTOP` is looked for.
+    pub estops: &'a [PathBuf],
+    /// The operators' holds file.
+    pub holds: &'a Path,
+    /// At most this many directories of `boards/` that are no board yet.
+    pub candidates: usize,
+    /// The board tree's owner, as whom its directories are watched.
+    pub owner: Option<&'a Owner>,
 }
 
 pub struct Watcher {
@@ -86,7 +107,17 @@ impl Watcher {
             roles: HashMap::new(),
             runs_dir: runs_dir.to_path_buf(),
         };
-        w.set_boards(&[], None, &[], &[], 0, None);
+        w.set_boards(
+            &[],
+            &Around {
+                root: None,
+                configs: &[],
+                estops: &[],
+                holds: Path::new(""),
+                candidates: 0,
+                owner: None,
+            },
+        );
         if w.roles.is_empty() {
             return Err(std::io::Error::other(format!(
                 "cannot watch {}",
@@ -101,15 +132,15 @@ impl Watcher {
     /// are watched as its `owner`: the tree is the workers' to write, and inotify follows a
     /// symlinked directory with the caller's file system identity. A directory that cannot
     /// be watched yet (not created) is retried on the next call.
-    pub fn set_boards(
-        &mut self,
-        boards: &[BoardPaths],
-        root: Option<&Path>,
-        configs: &[PathBuf],
-        estops: &[PathBuf],
-        candidates: usize,
-        owner: Option<&Owner>,
-    ) {
+    pub fn set_boards(&mut self, boards: &[BoardPaths], around: &Around) {
+        let Around {
+            root,
+            configs,
+            estops,
+            holds,
+            candidates,
+            owner,
+        } = *around;
         let mut want: Vec<(PathBuf, Role, bool)> = vec![(
             self.runs_dir.clone(),
             Role {
@@ -158,56 +189,21 @@ impl Watcher {
                 true,
             ));
         }
-        if let Some(root) = root {
-            let kanban = root.join("kanban");
-            want.push((
-                kanban.clone(),
-                Role {
-                    kanban_dir: true,
-                    ..Role::default()
-                },
-                true,
-            ));
-            want.push((
-                kanban.join("boards"),
-                Role {
-                    boards_dir: true,
-                    ..Role::default()
-                },
-                true,
-            ));
-            let served: Vec<&std::path::Path> =
-                boards.iter().filter_map(|b| b.db.parent()).collect();
-            let list = || -> Vec<PathBuf> {
-                std::fs::read_dir(kanban.join("boards"))
-                    .map(|d| d.flatten().map(|e| e.path()).collect())
-                    .unwrap_or_default()
-            };
-            let dirs = match owner {
-                Some(o) => crate::safe_fs::as_user(o, list).unwrap_or_default(),
-                None => list(),
-            };
-            let mut room = candidates;
-            for dir in dirs {
-                if room == 0 {
-                    break;
-                }
-                let named_as_slug = dir
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| crate::board::paths::normalize_slug(n).is_ok_and(|s| s == n));
-                if named_as_slug && !served.contains(&dir.as_path()) {
-                    room -= 1;
-                    want.push((
-                        dir,
-                        Role {
-                            candidate: true,
-                            ..Role::default()
-                        },
-                        true,
-                    ));
-                }
+        if let (Some(dir), Some(name)) = (holds.parent(), holds.file_name()) {
+            // Root's directory, outside the board tree: watched with our own powers.
+            if !dir.as_os_str().is_empty() {
+                want.push((
+                    dir.to_path_buf(),
+                    Role {
+                        holds: Some(name.to_os_string()),
+                        ..Role::default()
+                    },
+                    false,
+                ));
             }
+        }
+        if let Some(root) = root {
+            want.extend(root_watches(root, boards, candidates, owner));
         }
         let ino = &self.fd.get_ref().0;
         let mut roles: HashMap<WatchDescriptor, Role> = HashMap::new();
@@ -227,6 +223,7 @@ impl Watcher {
             r.candidate |= role.candidate;
             r.config |= role.config;
             r.estop |= role.estop;
+            r.holds = r.holds.take().or(role.holds);
         }
         for wd in self.roles.keys() {
             if !roles.contains_key(wd) {
@@ -280,6 +277,13 @@ impl Watcher {
                         if role.estop && n == crate::hermes_config::ESTOP.as_bytes() {
                             push(Change::Estop);
                         }
+                        if role
+                            .holds
+                            .as_ref()
+                            .is_some_and(|h| h.as_encoded_bytes() == n)
+                        {
+                            push(Change::Holds);
+                        }
                     }
                     if !out.is_empty() {
                         return Ok(out);
@@ -290,4 +294,65 @@ impl Watcher {
             }
         }
     }
+}
+
+/// The watches the Hermes root needs: `kanban/`, `kanban/boards/`, and each directory of
+/// `boards/` named as a board but not served yet (at most `candidates` of them), listed as
+/// the tree's owner.
+fn root_watches(
+    root: &Path,
+    boards: &[BoardPaths],
+    candidates: usize,
+    owner: Option<&Owner>,
+) -> Vec<(PathBuf, Role, bool)> {
+    let mut out = Vec::new();
+    let kanban = root.join("kanban");
+    out.push((
+        kanban.clone(),
+        Role {
+            kanban_dir: true,
+            ..Role::default()
+        },
+        true,
+    ));
+    out.push((
+        kanban.join("boards"),
+        Role {
+            boards_dir: true,
+            ..Role::default()
+        },
+        true,
+    ));
+    let served: Vec<&std::path::Path> = boards.iter().filter_map(|b| b.db.parent()).collect();
+    let list = || -> Vec<PathBuf> {
+        std::fs::read_dir(kanban.join("boards"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    let dirs = match owner {
+        Some(o) => crate::safe_fs::as_user(o, list).unwrap_or_default(),
+        None => list(),
+    };
+    let mut room = candidates;
+    for dir in dirs {
+        if room == 0 {
+            break;
+        }
+        let named_as_slug = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| crate::board::paths::normalize_slug(n).is_ok_and(|s| s == n));
+        if named_as_slug && !served.contains(&dir.as_path()) {
+            room -= 1;
+            out.push((
+                dir,
+                Role {
+                    candidate: true,
+                    ..Role::default()
+                },
+                true,
+            ));
+        }
+    }
+    out
 }

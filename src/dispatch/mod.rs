@@ -1,6 +1,7 @@
 //! Dispatch: one pass over the board (`dispatch --once`), and stopping a task's worker.
 
 pub mod caps;
+pub mod pause;
 pub mod stop;
 
 use serde::Serialize;
@@ -9,6 +10,7 @@ use crate::board::lock::FileLock;
 use crate::board::{claimer_id, Board, Claim};
 use crate::config::Config;
 use crate::guard;
+use crate::names;
 use crate::outcome::{self, Fault};
 use crate::spawn::{self, Started};
 use crate::systemd::Systemd;
@@ -61,6 +63,12 @@ pub struct PassReport {
     /// Hermes' emergency stop held the pass (nothing was claimed after it was seen): its file.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub estop: Option<std::path::PathBuf>,
+    /// An operator's hold (`hermes-mgr pause --board`/`--all`) held the pass: why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub paused: Option<String>,
+    /// Ready tasks held back by their own pause (`hermes-mgr pause ID`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub paused_tasks: Vec<String>,
     /// The pass stopped at its batch size with ready tasks left.
     #[serde(skip)]
     pub batch_full: bool,
@@ -96,30 +104,33 @@ pub async fn once(
     max: Option<usize>,
     batch: Option<Batch>,
 ) -> anyhow::Result<(PassReport, Vec<Started>)> {
-    let t0 = std::time::Instant::now();
-    let full = |starts: usize| batch.is_some_and(|b| starts >= b.starts || t0.elapsed() >= b.time);
     let mut report = PassReport::default();
     let lock_path = board.paths().sibling("dispatch.lock");
     let Some(_lock) = FileLock::try_acquire(&lock_path, board.owner())? else {
         report.skipped_locked = true;
         return Ok((report, Vec::new()));
     };
-    // Hermes' emergency stop (`hermes pause`): nothing is claimed while it holds, looked at
-    // again before every claim, so no start follows the command's return by more than the
-    // one in hand.
-    let estop_dirs = crate::hermes_config::estop_dirs(&board.paths().root);
-    let estop_dirs: Vec<&std::path::Path> = estop_dirs.iter().map(|d| d.as_path()).collect();
-    let held = |report: &mut PassReport| {
-        report.estop = report
-            .estop
-            .take()
-            .or_else(|| crate::hermes_config::estop(&estop_dirs));
-        report.estop.is_some()
+    let mut pass = Pass {
+        board,
+        sd,
+        cfg,
+        t0: std::time::Instant::now(),
+        batch,
+        estop_dirs: crate::hermes_config::estop_dirs(&board.paths().root),
+        holds: crate::holds::View::new(&cfg.holds_file),
+        db: crate::holds::board_key(&board.paths().db),
+        report,
+        started: Vec::new(),
+        flight: Flight::default(),
+        slots: 0,
+        per_profile: Default::default(),
+        stopped: false,
+        lock: claimer_id(),
     };
-    if held(&mut report) {
-        return Ok((report, Vec::new()));
+    if pass.held() {
+        return Ok((pass.report, Vec::new()));
     }
-    report.promoted = board.recompute_ready(cfg.failure_limit)?;
+    pass.report.promoted = board.recompute_ready(cfg.failure_limit)?;
     // Upstream's caps: `max_spawn` (and, up to 0.20, `max_in_progress`) count the board's
     // running tasks (none set: no cap), `max_in_progress_per_profile` those of each
     // assignee; a host-wide cap (0.22's `max_in_progress`) is the caller's `max`.
@@ -127,149 +138,203 @@ pub async fn once(
         .unwrap_or(usize::MAX)
         .min(caps::of(cfg).board.unwrap_or(usize::MAX));
     let live = usize::try_from(board.count("running")?).unwrap_or(0);
-    let mut slots = cap.saturating_sub(live);
-    let mut per_profile = match cfg.max_in_progress_per_profile {
-        Some(_) => board.running_per_assignee()?,
-        None => Default::default(),
-    };
-    let lock = claimer_id();
+    pass.slots = cap.saturating_sub(live);
+    if cfg.max_in_progress_per_profile.is_some() {
+        pass.per_profile = board.running_per_assignee()?;
+    }
     if let Err(e) = crate::state_dir::note_claimer(&cfg.state_dir) {
         tracing::warn!("cannot note this dispatcher as a claimer ({}: {e}); should it die between a claim and its worker's start, that run waits for its claim TTL",
                        crate::state_dir::claimers_path(&cfg.state_dir).display());
     }
-    let mut started = Vec::new();
-    let mut flight = Flight::default();
-    // A spawn failure that stops the pass (the board refuses writes, systemd fails us).
-    let mut stopped = false;
-    let mut ready = Lane::new(Board::ready_tasks, slots);
-    while let Some(task) = ready.next(board)? {
-        if stopped {
-            break;
-        }
-        if full(started.len() + flight.len()) {
-            report.batch_full = true;
-            break;
-        }
-        if slots == 0 {
-            report.skipped_capped += 1 + ready.unseen(board, "ready")?;
-            break;
-        }
-        // Upstream's respawn guards (`guard.rs`), with its `respawn_guarded` event — written
-        // once per reason, not on every pass (passes follow events here, not a minute's tick).
-        let now = crate::board::now();
-        let facts = board.guard_facts(&task.id, now)?;
-        if let Some(reason) = guard::respawn_guard(&facts, now, cfg.rate_limit_cooldown_seconds) {
-            if reason == "rate_limit_cooldown" {
-                report.cooling_down.push(task.id.clone());
-            }
-            report
-                .respawn_guarded
-                .push((task.id.clone(), reason.to_string()));
-            if let Err(e) = board.note_respawn_guarded(&task.id, reason) {
-                tracing::warn!(hermes_kanban_task = %task.id, "respawn_guarded event not written: {e}");
-            }
-            continue;
-        }
-        let Some(assignee) = task
-            .assignee
-            .clone()
-            .or_else(|| cfg.default_assignee.clone())
-        else {
-            report.skipped_unassigned.push(task.id.clone());
-            continue;
-        };
-        if !spawnable(board, &assignee) {
-            report.skipped_nonspawnable.push(task.id.clone());
-            continue;
-        }
-        if let Some(per) = cfg.max_in_progress_per_profile {
-            if per_profile.get(&assignee).copied().unwrap_or(0) >= per {
-                report.skipped_per_profile_capped.push(task.id.clone());
-                continue;
-            }
-        }
-        if held(&mut report) {
-            break;
-        }
-        let Some(claim) = board.claim(&task.id, &lock, cfg.claim_ttl_seconds)? else {
-            continue;
-        };
-        ready.claimed += 1;
-        if claim.task.workspace_kind == "scratch" {
-            board.scratch_tip(&task.id);
-        }
-        // The slot is taken now, given back if the start fails.
-        slots -= 1;
-        *per_profile.entry(assignee.clone()).or_default() += 1;
-        flight.push(board, sd, cfg, claim, Some(assignee));
-        while flight.len() >= IN_FLIGHT || (stopped && flight.len() > 0) {
-            let Some(done) = flight.next().await else {
-                break;
-            };
-            let assignee = done.assignee.clone();
-            match settle(board, cfg, done, &mut report, &mut started) {
-                Start::Started => {}
-                Start::NotStarted => {
-                    slots += 1;
-                    if let Some(n) = assignee.and_then(|a| per_profile.get_mut(&a)) {
-                        *n = n.saturating_sub(1);
-                    }
-                }
-                Start::StopPass => stopped = true,
-            }
-        }
-    }
+    pass.lane(LaneKind::Ready).await?;
     // Upstream's review lane: `review` tasks, claimed back to `running`, counted against
-    // the same cap; no default assignee, per-profile cap or respawn guard applies there.
-    let mut review = Lane::new(Board::review_tasks, slots);
-    while let Some(task) = review.next(board)? {
-        if stopped {
-            break;
+    // the same cap.
+    pass.lane(LaneKind::Review).await?;
+    // What is still starting finishes, whatever stopped the pass.
+    while let Some(done) = pass.flight.next().await {
+        settle(board, cfg, done, &mut pass.report, &mut pass.started);
+    }
+    Ok((pass.report, pass.started))
+}
+
+/// The two lanes a pass claims from, in this order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LaneKind {
+    /// `ready` tasks: upstream's respawn guards, its default assignee and its per-profile
+    /// cap apply.
+    Ready,
+    /// `review` tasks, claimed back to `running`: none of those applies there.
+    Review,
+}
+
+/// One pass in progress.
+struct Pass<'a> {
+    board: &'a Board,
+    sd: &'a Systemd,
+    cfg: &'a Config,
+    t0: std::time::Instant,
+    batch: Option<Batch>,
+    estop_dirs: Vec<std::path::PathBuf>,
+    /// The operators' holds, looked at before each claim as the emergency stop is.
+    holds: crate::holds::View,
+    /// The board's key in the holds.
+    db: String,
+    report: PassReport,
+    started: Vec<Started>,
+    flight: Flight<'a>,
+    /// Starts the caps still allow (a slot is taken at the claim, given back if the start
+    /// fails).
+    slots: usize,
+    /// Running workers per assignee, when `max_in_progress_per_profile` is set.
+    per_profile: std::collections::HashMap<String, usize>,
+    /// A spawn failure stopped the pass (the board refuses writes, systemd fails us).
+    stopped: bool,
+    /// This dispatcher's claim lock.
+    lock: String,
+}
+
+impl<'a> Pass<'a> {
+    /// Hermes' emergency stop (`hermes pause`) or an operator's hold of the board
+    /// (`hermes-mgr pause`): nothing is claimed while either holds, looked at again before
+    /// every claim, so no start follows the command's return by more than the one in hand
+    /// (and `hermes-mgr pause` waits for that one: it takes the board's dispatch lock).
+    fn held(&mut self) -> bool {
+        let dirs: Vec<&std::path::Path> = self.estop_dirs.iter().map(|d| d.as_path()).collect();
+        self.report.estop = self
+            .report
+            .estop
+            .take()
+            .or_else(|| crate::hermes_config::estop(&dirs));
+        if self.report.paused.is_none() {
+            self.report.paused = self.holds.board_held(&self.db);
         }
-        if full(started.len() + flight.len()) {
-            report.batch_full = true;
-            break;
+        self.report.estop.is_some() || self.report.paused.is_some()
+    }
+
+    fn full(&self) -> bool {
+        let starts = self.started.len() + self.flight.len();
+        self.batch
+            .is_some_and(|b| starts >= b.starts || self.t0.elapsed() >= b.time)
+    }
+
+    /// Claim and start the lane's tasks until it, the caps or the batch run out.
+    async fn lane(&mut self, kind: LaneKind) -> anyhow::Result<()> {
+        let (board, cfg) = (self.board, self.cfg);
+        let (read, status): (fn(&Board, usize) -> _, _) = match kind {
+            LaneKind::Ready => (Board::ready_tasks, "ready"),
+            LaneKind::Review => (Board::review_tasks, "review"),
+        };
+        let mut lane = Lane::new(read, self.slots);
+        while let Some(task) = lane.next(board)? {
+            if self.stopped {
+                break;
+            }
+            if self.full() {
+                self.report.batch_full = true;
+                break;
+            }
+            if self.slots == 0 {
+                self.report.skipped_capped += 1 + lane.unseen(board, status)?;
+                break;
+            }
+            let Some(assignee) = self.admit(&task, kind)? else {
+                continue;
+            };
+            if self.held() {
+                break;
+            }
+            let claimed = match kind {
+                LaneKind::Ready => board.claim(&task.id, &self.lock, cfg.claim_ttl_seconds)?,
+                LaneKind::Review => {
+                    board.claim_review(&task.id, &self.lock, cfg.claim_ttl_seconds)?
+                }
+            };
+            let Some(claim) = claimed else {
+                continue;
+            };
+            lane.claimed += 1;
+            if claim.task.workspace_kind == "scratch" {
+                board.scratch_tip(&task.id);
+            }
+            self.slots -= 1;
+            let counted = (kind == LaneKind::Ready).then_some(assignee);
+            if let Some(a) = &counted {
+                *self.per_profile.entry(a.clone()).or_default() += 1;
+            }
+            self.flight.push(board, self.sd, cfg, claim, counted);
+            while self.flight.len() >= IN_FLIGHT || (self.stopped && self.flight.len() > 0) {
+                let Some(done) = self.flight.next().await else {
+                    break;
+                };
+                let counted = done.assignee.clone();
+                match settle(board, cfg, done, &mut self.report, &mut self.started) {
+                    Start::Started => {}
+                    Start::NotStarted => {
+                        self.slots += 1;
+                        if let Some(n) = counted.and_then(|a| self.per_profile.get_mut(&a)) {
+                            *n = n.saturating_sub(1);
+                        }
+                    }
+                    Start::StopPass => self.stopped = true,
+                }
+            }
         }
-        if slots == 0 {
-            report.skipped_capped += 1 + review.unseen(board, "review")?;
-            break;
+        Ok(())
+    }
+
+    /// Whether `task` may be claimed now, and for whom: the report says why not.
+    fn admit(
+        &mut self,
+        task: &crate::board::Task,
+        kind: LaneKind,
+    ) -> anyhow::Result<Option<String>> {
+        let (board, cfg, report) = (self.board, self.cfg, &mut self.report);
+        // The holds as this pass last looked (before its last claim): a task paused since
+        // waits for the pass's end (`pause` takes the dispatch lock) and freezes what it started.
+        if self.holds.current().task(&self.db, &task.id).is_some() {
+            report.paused_tasks.push(task.id.clone());
+            return Ok(None);
         }
-        let Some(assignee) = task.assignee.clone() else {
+        if kind == LaneKind::Ready {
+            // Upstream's respawn guards (`guard.rs`), with its `respawn_guarded` event —
+            // written once per reason, not on every pass (passes follow events here, not a
+            // minute's tick).
+            let now = crate::board::now();
+            let facts = board.guard_facts(&task.id, now)?;
+            if let Some(reason) = guard::respawn_guard(&facts, now, cfg.rate_limit_cooldown_seconds)
+            {
+                if reason == "rate_limit_cooldown" {
+                    report.cooling_down.push(task.id.clone());
+                }
+                report
+                    .respawn_guarded
+                    .push((task.id.clone(), reason.to_string()));
+                if let Err(e) = board.note_respawn_guarded(&task.id, reason) {
+                    tracing::warn!(hermes_kanban_task = %task.id, "respawn_guarded event not written: {e}");
+                }
+                return Ok(None);
+            }
+        }
+        let default = match kind {
+            LaneKind::Ready => cfg.default_assignee.clone(),
+            LaneKind::Review => None,
+        };
+        let Some(assignee) = task.assignee.clone().or(default) else {
             report.skipped_unassigned.push(task.id.clone());
-            continue;
+            return Ok(None);
         };
         if !spawnable(board, &assignee) {
             report.skipped_nonspawnable.push(task.id.clone());
-            continue;
+            return Ok(None);
         }
-        if held(&mut report) {
-            break;
-        }
-        let Some(claim) = board.claim_review(&task.id, &lock, cfg.claim_ttl_seconds)? else {
-            continue;
-        };
-        review.claimed += 1;
-        if claim.task.workspace_kind == "scratch" {
-            board.scratch_tip(&task.id);
-        }
-        slots -= 1;
-        flight.push(board, sd, cfg, claim, None);
-        while flight.len() >= IN_FLIGHT {
-            let Some(done) = flight.next().await else {
-                break;
-            };
-            match settle(board, cfg, done, &mut report, &mut started) {
-                Start::Started => {}
-                Start::NotStarted => slots += 1,
-                Start::StopPass => stopped = true,
+        if let (LaneKind::Ready, Some(per)) = (kind, cfg.max_in_progress_per_profile) {
+            if self.per_profile.get(&assignee).copied().unwrap_or(0) >= per {
+                report.skipped_per_profile_capped.push(task.id.clone());
+                return Ok(None);
             }
         }
+        Ok(Some(assignee))
     }
-    // What is still starting finishes, whatever stopped the pass.
-    while let Some(done) = flight.next().await {
-        settle(board, cfg, done, &mut report, &mut started);
-    }
-    Ok((report, started))
 }
 
 /// One lane's unclaimed tasks in upstream's order, read a page at a time: a pass that has a
@@ -382,8 +447,8 @@ impl<'a> Flight<'a> {
 
 /// Upstream skips assignees that are not profiles on this host.
 fn spawnable(board: &Board, assignee: &str) -> bool {
-    spawn::profile_name(assignee)
-        .is_some_and(|p| p == "default" || spawn::profile_home(&board.paths().root, &p).is_dir())
+    names::profile_name(assignee)
+        .is_some_and(|p| p == "default" || names::profile_home(&board.paths().root, &p).is_dir())
 }
 
 /// What became of a claimed task's start.

@@ -12,7 +12,7 @@ use crate::board::{Board, RunEnd};
 use crate::config::Config;
 use crate::names;
 use crate::outcome;
-use crate::systemd::Systemd;
+use crate::systemd::{Systemd, UnitState};
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -62,18 +62,28 @@ pub async fn stop(
         .active_state(&unit)
         .await
         .with_context(|| format!("task {task_id}: look up {unit}"))?;
-    let live = before
-        .as_deref()
-        .is_some_and(|s| s == "active" || s == "activating" || s == "deactivating");
+    let live = before.as_ref().is_some_and(UnitState::is_live);
     // Close the run on the board first (blocked, sticky): a dispatcher that sees the worker
     // exit must find nothing left to requeue.
     let marked =
         live && board.stop_run(task_id, run_id, "stopped by operator (hermes-mgr stop)")?;
     let t0 = Instant::now();
-    let how = if before
-        .as_deref()
-        .is_some_and(|s| s == "active" || s == "activating" || s == "deactivating")
-    {
+    let frozen = matches!(
+        sd.freezer_state(&unit).await?.as_deref(),
+        Some("frozen" | "freezing")
+    );
+    if live && frozen {
+        // Paused (`hermes-mgr pause`): thawed, so the worker gets its SIGTERM as any
+        // stopped worker does (a frozen process only dies of SIGKILL); the stop ends the
+        // task's own hold, its block holds it now.
+        super::pause::note_paused_time(board, cfg, task_id, run_id, false)?;
+        sd.thaw(&unit)
+            .await
+            .with_context(|| format!("task {task_id}: thaw {unit}"))?;
+        let db = crate::holds::board_key(&board.paths().db);
+        crate::holds::update(&cfg.holds_file, |h| h.release_task(&db, task_id))?;
+    }
+    let how = if live {
         // SIGTERM to every process of the scope; what is left after the timeout gets
         // SIGKILL. Our own timer, so the report says exactly which of the two it took.
         let term = sd

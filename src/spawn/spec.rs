@@ -43,6 +43,15 @@ pub struct WorkerSpec {
     /// books a dead worker with its last words (`worker_output`).
     #[serde(default)]
     pub output_tail: bool,
+    /// The task's runtime limit in seconds, enforced by the supervisor (paused time not
+    /// counted): SIGTERM to every process of the scope, SIGKILL `stop_timeout` later.
+    #[serde(default)]
+    pub max_runtime: Option<u64>,
+    #[serde(default)]
+    pub stop_timeout: u64,
+    /// Where the run's pauses are kept (`state_dir::paused_path`).
+    #[serde(default)]
+    pub paused_file: PathBuf,
 }
 
 /// How much of a worker's last output its exit record keeps (upstream reads the last 4,000

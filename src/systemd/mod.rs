@@ -13,7 +13,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -52,6 +51,11 @@ pub trait Manager {
     fn kill_unit(&self, name: &str, whom: &str, signal: i32) -> zbus::Result<()>;
 
     fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
+
+    /// Answered once the unit's cgroup is frozen (systemd ≥ 246, cgroup v2).
+    fn freeze_unit(&self, name: &str) -> zbus::Result<()>;
+
+    fn thaw_unit(&self, name: &str) -> zbus::Result<()>;
 
     fn get_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
 
@@ -102,6 +106,8 @@ pub trait Unit {
     fn sub_state(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn description(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn freezer_state(&self) -> zbus::Result<String>;
 }
 
 #[zbus::proxy(
@@ -213,101 +219,64 @@ impl SystemdError {
 
 pub type Result<T, E = SystemdError> = std::result::Result<T, E>;
 
-/// A command `run_command` runs as a transient service.
-#[derive(Debug, Clone)]
-pub struct Command {
-    /// The program (absolute) and its arguments; never a shell.
-    pub argv: Vec<String>,
-    pub user: String,
-    /// `NAME=value`: what is no secret, as the unit's `Environment=` (which any local user
-    /// may read with `systemctl show`, and which systemd writes to a 0644 file).
-    pub env: Vec<String>,
-    /// An `EnvironmentFile=` for the rest: read by PID 1, as root, when it starts the unit;
-    /// only its path is a property.
-    pub env_file: Option<std::path::PathBuf>,
-    pub slice: String,
-    pub description: String,
-    /// `RuntimeMaxSec=`: systemd stops it after this long.
-    pub runtime_max: Duration,
-}
+mod transient;
+use transient::Takes;
+pub use transient::{Command, Property, ScopeSpec};
 
-/// A property of a transient unit, as sent on the bus (`(sv)`).
-pub type Property = (&'static str, Variant<'static>);
-
-/// A run's scope in systemd's terms (design §3.2): everything but its process.
+/// A loaded unit's `ActiveState` (systemd.unit(5)).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ScopeSpec {
-    pub description: String,
-    pub slice: String,
-    /// `TimeoutStopSec=`, in µs.
-    pub stop_timeout_us: u64,
-    /// `RuntimeMaxSec=`, in µs.
-    pub runtime_max_us: Option<u64>,
-    pub memory_max: Option<u64>,
-    pub tasks_max: Option<u64>,
-    /// `CPUQuota=N%` as systemd takes it: N × 10,000 µs per second.
-    pub cpu_quota_per_sec_us: Option<u64>,
+pub enum UnitState {
+    Active,
+    Reloading,
+    Inactive,
+    Failed,
+    Activating,
+    Deactivating,
+    Maintenance,
+    Refreshing,
+    /// A state this code does not know (a newer systemd's).
+    Other(String),
 }
 
-impl ScopeSpec {
-    /// Its properties, in layers as systemd-run builds them.
-    pub fn properties(&self) -> Vec<Property> {
-        let mut p: Vec<Property> = vec![
-            ("Description", Variant::from(self.description.clone())),
-            ("Slice", Variant::from(self.slice.clone())),
-            (
-                "CollectMode",
-                Variant::from("inactive-or-failed".to_string()),
-            ),
-            // On a scope only control-group delivers SIGTERM to the processes: `mixed` means
-            // an immediate SIGKILL and `process` kills nothing (systemd.scope(5), scope.c).
-            ("KillMode", Variant::from("control-group".to_string())),
-            ("KillSignal", Variant::from(libc::SIGTERM)),
-            ("SendSIGKILL", Variant::from(true)),
-            // What the run cost is kept with it (`record::Usage`): the kernel counts memory
-            // and IO only for a cgroup whose controllers are on, and systemd turns them on
-            // per unit.
-            ("MemoryAccounting", Variant::from(true)),
-            ("IOAccounting", Variant::from(true)),
-            ("TasksAccounting", Variant::from(true)),
-            ("TimeoutStopUSec", Variant::from(self.stop_timeout_us)),
-        ];
-        if let Some(rt) = self.runtime_max_us {
-            p.push(("RuntimeMaxUSec", Variant::from(rt)));
+impl UnitState {
+    pub fn parse(s: &str) -> UnitState {
+        match s {
+            "active" => UnitState::Active,
+            "reloading" => UnitState::Reloading,
+            "inactive" => UnitState::Inactive,
+            "failed" => UnitState::Failed,
+            "activating" => UnitState::Activating,
+            "deactivating" => UnitState::Deactivating,
+            "maintenance" => UnitState::Maintenance,
+            "refreshing" => UnitState::Refreshing,
+            other => UnitState::Other(other.to_string()),
         }
-        if let Some(m) = self.memory_max {
-            p.push(("MemoryMax", Variant::from(m)));
-        }
-        if let Some(t) = self.tasks_max {
-            p.push(("TasksMax", Variant::from(t)));
-        }
-        if let Some(q) = self.cpu_quota_per_sec_us {
-            p.push(("CPUAccounting", Variant::from(true)));
-            p.push(("CPUQuotaPerSecUSec", Variant::from(q)));
-        }
-        p
     }
-}
 
-/// What this connection's systemd turned out to take (`Systemd::start_scope`): 0 = not
-/// probed, 1 = it takes it, 2 = it does not.
-#[derive(Default)]
-struct Takes {
-    /// `PIDFDs` (v255 on).
-    pidfds: AtomicU8,
-    /// `OOMPolicy` on scopes (v253 on).
-    oom_policy: AtomicU8,
-}
-
-fn pidfd_open(pid: u32) -> std::io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
+    /// Its processes may still run: the one meaning of a "live" scope (reconcile, booking
+    /// and `stop` ask this; whether its cgroup still has a process is the kernel's answer,
+    /// `liveness::cgroup_populated`). An unknown state counts as live: nothing is booked
+    /// over a worker that may still run.
+    pub fn is_live(&self) -> bool {
+        !matches!(
+            self,
+            UnitState::Inactive | UnitState::Failed | UnitState::Maintenance
+        )
     }
-    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            UnitState::Active => "active",
+            UnitState::Reloading => "reloading",
+            UnitState::Inactive => "inactive",
+            UnitState::Failed => "failed",
+            UnitState::Activating => "activating",
+            UnitState::Deactivating => "deactivating",
+            UnitState::Maintenance => "maintenance",
+            UnitState::Refreshing => "refreshing",
+            UnitState::Other(s) => s,
+        }
+    }
 }
 
 /// A connection to PID 1's manager on the system bus.
@@ -429,73 +398,6 @@ impl Systemd {
         })
     }
 
-    /// Create the scope `unit` of `spec` around `pid`: `PIDFDs` (immune to PID reuse) where
-    /// systemd accepts it, `PIDs` otherwise, remembering which for this connection; the
-    /// retry is what systemd-run does (#29547). The same for `OOMPolicy=stop`, which
-    /// systemd takes on scopes since v253.
-    ///
-    /// `OOMPolicy=stop`, on purpose: `MemoryMax=` is the run's budget, and a run that hits it
-    /// ends — whichever of its processes the kernel picked (the agent or one of its tools) —
-    /// and is booked as an OOM kill (`outcome`), counted like a crash, so the breaker stops
-    /// a task that always runs out of memory. It is also what systemd 252 (Debian 12) does
-    /// with every scope and cannot be told otherwise (tests/vm: "Failed with result
-    /// 'oom-kill'", then SIGTERM to the agent); saying it explicitly keeps newer systemds the
-    /// same, whatever their `DefaultOOMPolicy=`. `continue` would leave an agent running
-    /// whose tool was killed, with the memory still at the limit; `kill` would give the
-    /// agent no SIGTERM.
-    pub async fn start_scope(
-        &self,
-        unit: &str,
-        spec: &ScopeSpec,
-        pid: u32,
-        timeout: Duration,
-    ) -> Result<()> {
-        let takes = &self.takes;
-        loop {
-            let mut all = spec.properties();
-            let oom_policy = takes.oom_policy.load(Ordering::Relaxed) != 2;
-            if oom_policy {
-                all.push(("OOMPolicy", Variant::from("stop".to_string())));
-            }
-            let use_fd = takes.pidfds.load(Ordering::Relaxed) != 2;
-            if use_fd {
-                match pidfd_open(pid) {
-                    Ok(fd) => all.push(("PIDFDs", Variant::from(vec![zbus::Fd::from(fd)]))),
-                    Err(_) => {
-                        takes.pidfds.store(2, Ordering::Relaxed);
-                        continue;
-                    }
-                }
-            } else {
-                all.push(("PIDs", Variant::from(vec![pid])));
-            }
-            // A systemd too old for a property names it in its refusal (`PropertyRejected`
-            // is the bus's UnknownProperty/PropertyReadOnly).
-            match self.start_transient(unit, all, timeout).await {
-                Err(SystemdError::PropertyRejected { ref msg, .. })
-                    if use_fd && msg.contains("PIDFDs") =>
-                {
-                    takes.pidfds.store(2, Ordering::Relaxed);
-                }
-                Err(SystemdError::PropertyRejected { ref msg, .. })
-                    if oom_policy && msg.contains("OOMPolicy") =>
-                {
-                    takes.oom_policy.store(2, Ordering::Relaxed);
-                }
-                Ok(()) => {
-                    if use_fd {
-                        takes.pidfds.store(1, Ordering::Relaxed);
-                    }
-                    if oom_policy {
-                        takes.oom_policy.store(1, Ordering::Relaxed);
-                    }
-                    return Ok(());
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
     /// Unit names as systemd removes them, from now on; ends when the connection does.
     fn subscribe_removed(&self) -> mpsc::UnboundedReceiver<String> {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -562,61 +464,6 @@ impl Systemd {
         }
     }
 
-    /// `StartTransientUnit(name, "fail", props)` and wait for its job: the reply only means
-    /// "queued", and a scope's PIDs move when the job runs.
-    pub async fn start_transient(
-        &self,
-        name: &str,
-        props: Vec<Property>,
-        timeout: Duration,
-    ) -> Result<()> {
-        let op = "StartTransientUnit";
-        let call = self
-            .manager
-            .start_transient_unit(name, "fail", props, Vec::new());
-        match self.run_job(op, name, call, timeout).await? {
-            r if r == "done" => Ok(()),
-            result => Err(SystemdError::JobFailed {
-                op,
-                unit: name.into(),
-                result,
-            }),
-        }
-    }
-
-    /// A one-shot command as a transient service: systemd forks, drops to `c.user` (no
-    /// capabilities, `no_new_privs`), execs `c.argv` with exactly `c.env`, logs its output
-    /// to the journal, and forgets the unit when it ends (`UnitRemoved`). Returns once it
-    /// was started.
-    pub async fn run_command(&self, name: &str, c: &Command, timeout: Duration) -> Result<()> {
-        let exec: Vec<(String, Vec<String>, bool)> =
-            vec![(c.argv[0].clone(), c.argv.to_vec(), false)];
-        let mut props: Vec<Property> = vec![
-            ("Description", Variant::from(c.description.clone())),
-            ("Slice", Variant::from(c.slice.clone())),
-            ("ExecStart", Variant::from(exec)),
-            ("User", Variant::from(c.user.clone())),
-            ("Environment", Variant::from(c.env.clone())),
-            ("WorkingDirectory", Variant::from("/".to_string())),
-            ("NoNewPrivileges", Variant::from(true)),
-            ("CapabilityBoundingSet", Variant::from(0u64)),
-            ("RemainAfterExit", Variant::from(false)),
-            (
-                "CollectMode",
-                Variant::from("inactive-or-failed".to_string()),
-            ),
-            (
-                "RuntimeMaxUSec",
-                Variant::from(c.runtime_max.as_micros() as u64),
-            ),
-        ];
-        if let Some(f) = &c.env_file {
-            let files: Vec<(String, bool)> = vec![(f.to_string_lossy().into_owned(), false)];
-            props.push(("EnvironmentFiles", Variant::from(files)));
-        }
-        self.start_transient(name, props, timeout).await
-    }
-
     /// `StopUnit(name, "replace")`, returning once the stop job has finished (for a scope:
     /// every process is gone, or SIGKILL was sent and `TimeoutStopSec` ran out again).
     pub async fn stop_and_wait(&self, name: &str, timeout: Duration) -> Result<String> {
@@ -655,6 +502,53 @@ impl Systemd {
             .kill_unit(name, "all", signal)
             .await
             .map_err(|e| SystemdError::from_zbus("KillUnit", name, e))
+    }
+
+    /// `FreezeUnit`: every process of the unit frozen by the kernel's cgroup freezer, its
+    /// descendants in other sessions too; returns once they are.
+    pub async fn freeze(&self, name: &str) -> Result<()> {
+        self.manager
+            .freeze_unit(name)
+            .await
+            .map_err(|e| SystemdError::from_zbus("FreezeUnit", name, e))
+    }
+
+    /// `ThawUnit`: the same processes go on where they stopped.
+    pub async fn thaw(&self, name: &str) -> Result<()> {
+        self.manager
+            .thaw_unit(name)
+            .await
+            .map_err(|e| SystemdError::from_zbus("ThawUnit", name, e))
+    }
+
+    /// A proxy of a loaded unit (properties read afresh each time); `None` when systemd has
+    /// no such unit.
+    async fn unit_proxy(&self, name: &str) -> Result<Option<UnitProxy<'static>>> {
+        let Some(path) = self.unit_path(name).await? else {
+            return Ok(None);
+        };
+        UnitProxy::builder(&self.conn)
+            .cache_properties(CacheProperties::No)
+            .path(path)
+            .build()
+            .await
+            .map(Some)
+            .map_err(|e| SystemdError::from_zbus("GetUnit", name, e))
+    }
+
+    /// A loaded unit's `FreezerState` (`running`, `freezing`, `frozen`, `thawing`); `None`
+    /// when systemd has no such unit.
+    pub async fn freezer_state(&self, name: &str) -> Result<Option<String>> {
+        let Some(unit) = self.unit_proxy(name).await? else {
+            return Ok(None);
+        };
+        match unit.freezer_state().await {
+            Ok(s) => Ok(Some(s)),
+            Err(e) => match SystemdError::from_zbus("FreezerState", name, e) {
+                SystemdError::NoSuchUnit { .. } => Ok(None),
+                other => Err(other),
+            },
+        }
     }
 
     /// `KillUnit(name, "all", signal)`, then wait until systemd has removed the unit (every
@@ -707,18 +601,12 @@ impl Systemd {
 
     /// `ActiveState` of a loaded unit; `None` when systemd has no such unit (never
     /// started, or collected after it ended).
-    pub async fn active_state(&self, name: &str) -> Result<Option<String>> {
-        let Some(path) = self.unit_path(name).await? else {
+    pub async fn active_state(&self, name: &str) -> Result<Option<UnitState>> {
+        let Some(unit) = self.unit_proxy(name).await? else {
             return Ok(None);
         };
-        let unit = UnitProxy::builder(&self.conn)
-            .cache_properties(CacheProperties::No)
-            .path(path)
-            .build()
-            .await
-            .map_err(|e| SystemdError::from_zbus("GetUnit", name, e))?;
         match unit.active_state().await {
-            Ok(s) => Ok(Some(s)),
+            Ok(s) => Ok(Some(UnitState::parse(&s))),
             Err(e) => match SystemdError::from_zbus("ActiveState", name, e) {
                 SystemdError::NoSuchUnit { .. } => Ok(None),
                 other => Err(other),
@@ -746,12 +634,40 @@ impl Systemd {
     }
 
     /// Names of loaded units matching `pattern` (e.g. `names::WORKER_SCOPE_GLOB`).
-    pub async fn list_units(&self, pattern: &str) -> Result<Vec<(String, String)>> {
+    pub async fn list_units(&self, pattern: &str) -> Result<Vec<(String, UnitState)>> {
         let units = self
             .manager
             .list_units_by_patterns(Vec::new(), vec![pattern])
             .await
             .map_err(|e| SystemdError::from_zbus("ListUnitsByPatterns", pattern, e))?;
-        Ok(units.into_iter().map(|u| (u.0, u.3)).collect())
+        Ok(units
+            .into_iter()
+            .map(|u| (u.0, UnitState::parse(&u.3)))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_unit_is_live_unless_systemd_says_it_ended() {
+        let rows = [
+            ("active", true),
+            ("activating", true),
+            ("deactivating", true),
+            ("reloading", true),
+            ("refreshing", true),
+            ("inactive", false),
+            ("failed", false),
+            ("maintenance", false),
+            ("a-state-of-a-newer-systemd", true),
+        ];
+        for (text, live) in rows {
+            let state = UnitState::parse(text);
+            assert_eq!(state.is_live(), live, "{text}");
+            assert_eq!(state.as_str(), text);
+        }
     }
 }

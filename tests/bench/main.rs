@@ -818,7 +818,7 @@ fn scale(n: usize) {
     d.install_logging("info");
     // The host's DAMON sampling physical memory makes every exit wait behind its rmap walks
     // once thousands of processes map the same libraries (BENCHMARKS.md, 8): say which.
-    let damon: Vec<String> = hermes_mgr::doctor::memory_monitors()
+    let damon: Vec<String> = hermes_mgr::liveness::memory_monitors()
         .into_iter()
         .map(|m| m.name)
         .collect();

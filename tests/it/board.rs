@@ -162,8 +162,15 @@ fn complete_closes_the_run_promotes_children_and_honours_the_fence() {
         .unwrap();
     let claim = b.claim(&p, "h:1", 60).unwrap().unwrap();
     assert!(
-        !b.complete(&p, Some("r"), None, None, Some(claim.run_id + 1))
-            .unwrap(),
+        !b.complete(
+            &p,
+            Some("r"),
+            None,
+            None,
+            Some(claim.run_id + 1),
+            DEFAULT_FAILURE_LIMIT
+        )
+        .unwrap(),
         "a stale run id must not complete"
     );
     assert_eq!(b.require_task(&p).unwrap().status.as_str(), "running");
@@ -173,7 +180,8 @@ fn complete_closes_the_run_promotes_children_and_honours_the_fence() {
             Some("the result"),
             Some("did it\nmore"),
             Some(&json!({"x": 1})),
-            Some(claim.run_id)
+            Some(claim.run_id),
+            DEFAULT_FAILURE_LIMIT
         )
         .unwrap());
     let t = b.require_task(&p).unwrap();
@@ -209,7 +217,8 @@ fn complete_closes_the_run_promotes_children_and_honours_the_fence() {
     assert_eq!(b.require_task(&c).unwrap().status.as_str(), "ready");
     assert!(kinds(&b, &c).contains(&"promoted".to_string()));
     assert!(
-        !b.complete(&p, None, None, None, None).unwrap(),
+        !b.complete(&p, None, None, None, None, DEFAULT_FAILURE_LIMIT)
+            .unwrap(),
         "done is terminal"
     );
 }
@@ -219,7 +228,16 @@ fn complete_of_an_unclaimed_task_synthesizes_a_run() {
     let d = scratch();
     let b = open(&d.path().join("kanban.db"));
     let id = add(&b, "manual");
-    assert!(b.complete(&id, None, Some("by hand"), None, None).unwrap());
+    assert!(b
+        .complete(
+            &id,
+            None,
+            Some("by hand"),
+            None,
+            None,
+            DEFAULT_FAILURE_LIMIT
+        )
+        .unwrap());
     let runs = b.runs(&id).unwrap();
     assert_eq!(runs.len(), 1);
     assert_eq!(
@@ -565,7 +583,9 @@ fn newer_upstream_columns_are_tolerated_and_kept() {
         )
         .unwrap();
     let r = b.claim(&id, "h:1", 60).unwrap().unwrap().run_id;
-    assert!(b.complete(&id, None, Some("ok"), None, Some(r)).unwrap());
+    assert!(b
+        .complete(&id, None, Some("ok"), None, Some(r), DEFAULT_FAILURE_LIMIT)
+        .unwrap());
     assert_eq!(b.require_task(&id).unwrap().status.as_str(), "done");
     let kept: String = b
         .connection()
@@ -637,4 +657,44 @@ fn a_board_created_here_is_upstreams_schema() {
         })
         .unwrap();
     assert_eq!(ncols, 35);
+}
+
+/// A completion promotes the children it frees in its own transaction, by the configured
+/// breaker limit: a task the breaker tripped at a limit of 1 stays blocked, where
+/// upstream's default limit (2) would have let it run again.
+#[test]
+fn a_completion_promotes_by_the_configured_limit() {
+    let d = scratch();
+    let b = open(&d.path().join("kanban.db"));
+    let one = hermes_mgr::outcome::Rules {
+        failure_limit: 1,
+        ..RULES
+    };
+    let tripped = add(&b, "tripped at one failure");
+    let r = b.claim(&tripped, "h:1", 60).unwrap().unwrap().run_id;
+    let e = b.end_run(&tripped, r, &crash(1), one).unwrap().unwrap();
+    assert_eq!((e.status.as_str(), e.gave_up), ("blocked", true));
+    let parent = add(&b, "parent");
+    let child = b
+        .create(&NewTask {
+            title: "child".into(),
+            assignee: Some("default".into()),
+            parents: vec![parent.clone()],
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(b.require_task(&child).unwrap().status.as_str(), "todo");
+    assert!(b
+        .complete(&parent, None, Some("done"), None, None, 1)
+        .unwrap());
+    assert_eq!(
+        b.require_task(&child).unwrap().status.as_str(),
+        "ready",
+        "the child its parent freed"
+    );
+    assert_eq!(
+        b.require_task(&tripped).unwrap().status.as_str(),
+        "blocked",
+        "a task at the configured limit stays blocked"
+    );
 }

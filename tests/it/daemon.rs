@@ -387,8 +387,8 @@ systemd_test!(
         .unwrap();
         z.wait().unwrap();
         assert_eq!(
-            rt.block_on(sd.active_state(&unit)).unwrap().as_deref(),
-            Some("active")
+            rt.block_on(sd.active_state(&unit)).unwrap(),
+            Some(hermes_mgr::systemd::UnitState::Active)
         );
         d.start();
         let r2 = d.wait_running(&id, claim.run_id);

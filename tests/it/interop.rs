@@ -164,7 +164,8 @@ fn boards_written_by_hermes_mgr_read_correctly_in_hermes() {
             Some("the result"),
             Some("all good"),
             None,
-            Some(claim.run_id)
+            Some(claim.run_id),
+            hermes_mgr::board::DEFAULT_FAILURE_LIMIT
         )
         .unwrap());
     drop(b);
@@ -348,7 +349,14 @@ fn both_tools_writing_at_once_lose_nothing() {
         if i < POOL {
             if let Some(c) = b.claim(&sorted[i], "rs:1", 600).unwrap() {
                 assert!(b
-                    .complete(&sorted[i], None, Some("rs"), None, Some(c.run_id))
+                    .complete(
+                        &sorted[i],
+                        None,
+                        Some("rs"),
+                        None,
+                        Some(c.run_id),
+                        hermes_mgr::board::DEFAULT_FAILURE_LIMIT
+                    )
                     .unwrap());
                 ours.insert(sorted[i].clone());
             }

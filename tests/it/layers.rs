@@ -21,9 +21,11 @@ const FLOORS: &[&str] = &[
     "systemd",
     // Pure policy, and facts from the kernel and the state directory.
     "outcome",
+    "transitions",
     "hermes_config",
     "liveness",
     "state_dir",
+    "holds",
     // The board; the configuration that merges Hermes' own.
     "board",
     "config",
@@ -151,4 +153,115 @@ fn the_bus_sqlite_and_the_command_line_are_each_one_modules() {
         }
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// Rooms with one job each stay small: no production file over 700 lines, no production
+/// function over 120 (a file's `#[cfg(test)] mod tests` left out). Functions are found by
+/// their `fn` line and measured to the brace that closes them.
+#[test]
+fn no_production_file_over_700_lines_nor_function_over_120() {
+    const FILE_MAX: usize = 700;
+    const FN_MAX: usize = 120;
+    let mut wrong = Vec::new();
+    let mut functions = 0;
+    for (path, text) in every_source_file() {
+        let lines: Vec<&str> = text.lines().collect();
+        let end = lines
+            .windows(2)
+            .position(|w| w[0].starts_with("#[cfg(test)]") && w[1].starts_with("mod tests"))
+            .unwrap_or(lines.len());
+        if end > FILE_MAX {
+            wrong.push(format!(
+                "{path}: {end} production lines (at most {FILE_MAX})"
+            ));
+        }
+        let mut i = 0;
+        while i < end {
+            let Some(name) = fn_name(lines[i]) else {
+                i += 1;
+                continue;
+            };
+            let (mut depth, mut opened, mut j) = (0i64, false, i);
+            while j < end {
+                for c in code(lines[j]).chars() {
+                    match c {
+                        '{' => (depth, opened) = (depth + 1, true),
+                        '}' => depth -= 1,
+                        _ => {}
+                    }
+                }
+                // A declaration without a body (a trait's) ends at its `;`.
+                if (opened && depth == 0) || (!opened && lines[j].trim_end().ends_with(';')) {
+                    break;
+                }
+                j += 1;
+            }
+            functions += 1;
+            let length = j - i + 1;
+            if length > FN_MAX {
+                wrong.push(format!(
+                    "{path}:{}: fn {name} is {length} lines (at most {FN_MAX})",
+                    i + 1
+                ));
+            }
+            i += 1;
+        }
+    }
+    assert!(
+        functions > 500,
+        "only {functions} functions found: the scan broke"
+    );
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// Every `.rs` file under `src/`, by its path from the repository.
+fn every_source_file() -> Vec<(String, String)> {
+    let mut stack = vec![repo().join("src")];
+    let mut out = Vec::new();
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                let rel = p
+                    .strip_prefix(repo())
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                out.push((rel, std::fs::read_to_string(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The function a line starts, if it does: `[pub[(…)]] [const] [async] [unsafe] fn name`.
+fn fn_name(line: &str) -> Option<String> {
+    let mut rest = line.trim_start();
+    loop {
+        let before = rest;
+        if let Some(r) = rest.strip_prefix("pub") {
+            rest = match r.strip_prefix('(') {
+                Some(r) => r.split_once(')')?.1,
+                None => r,
+            }
+            .trim_start();
+        }
+        for word in ["const ", "async ", "unsafe ", "extern \"C\" "] {
+            if let Some(r) = rest.strip_prefix(word) {
+                rest = r.trim_start();
+            }
+        }
+        if rest == before {
+            break;
+        }
+    }
+    let name: String = rest
+        .strip_prefix("fn ")?
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect();
+    (!name.is_empty()).then_some(name)
 }

@@ -20,6 +20,7 @@ mod newer_hermes;
 mod operator;
 mod package;
 mod parity;
+mod pause;
 mod pipeline;
 mod real_worker;
 mod scale;

@@ -172,3 +172,100 @@ fn real_workers_complete(venv: &Path, bin: &Path, keeps_worktree: bool) {
         assert_eq!(t.workspace_path.as_deref(), Some(wt.to_str().unwrap()));
     }
 }
+
+systemd_test!(
+    a_real_022_worker_paused_inside_its_model_call_completes_after_resume,
+    {
+        paused_in_its_model_call(&venv_022(), &hermes_022_bin());
+    }
+);
+
+systemd_test!(
+    a_real_019_worker_paused_inside_its_model_call_completes_after_resume,
+    {
+        paused_in_its_model_call(&venv(), &hermes_bin());
+    }
+);
+
+/// A real worker frozen while it waits for its model's answer: the answer arrives while it
+/// is frozen (it sits in the socket), nothing of the worker moves, and once resumed the
+/// same worker reads it and completes its task, in one run.
+fn paused_in_its_model_call(venv: &Path, bin: &Path) {
+    let shim = crate::rig::hermes_python_shim_of(venv, bin);
+    let d = Dispatcher::with_stub(&shim, "tick_seconds = 3600");
+    let port = 40000 + std::process::id() % 20000;
+    let reply = d.rig.dir.join("reply.txt");
+    std::fs::write(&reply, SCRIPT).unwrap();
+    // Held at the model until the test lets it answer.
+    let gate = d.rig.dir.join("reply.txt.gate");
+    std::fs::write(&gate, "").unwrap();
+    let _llm = Llm(Command::new("/usr/bin/python3")
+        .arg(repo().join("tests/fixtures/fake_llm.py"))
+        .arg(port.to_string())
+        .arg(&reply)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap());
+    let cfg = d.rig.dir.join("config.yaml");
+    std::fs::write(
+        &cfg,
+        format!("model:\n  default: fake\n  provider: custom\n  base_url: http://127.0.0.1:{port}/v1\n  api_key: test\n"),
+    )
+    .unwrap();
+    std::os::unix::fs::chown(&cfg, Some(d.rig.uid), None).unwrap();
+    d.install();
+    let id = hermes_with(
+        bin,
+        &d,
+        &[
+            "create",
+            "paused in its model call",
+            "--assignee",
+            "default",
+            "--json",
+        ],
+    )
+    .json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    d.start();
+    let run = d.wait_running(&id, 0);
+    // A real worker's start (its Python, its imports) takes seconds, more under load.
+    let inflight = d.rig.dir.join("reply.txt.inflight");
+    crate::harness::wait_for(
+        "the worker inside its model call",
+        Duration::from_secs(120),
+        || inflight.exists().then_some(()),
+    );
+    let unit = format!("hermes-worker-kanban-{id}-run-{run}.scope");
+    d.rig.mgr(&["pause", &id]).ok();
+    assert!(crate::pause::kernel_frozen(&unit));
+    let requests = || {
+        std::fs::read_to_string(d.rig.dir.join("reply.txt.requests"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let asked = requests();
+    std::fs::remove_file(&gate).unwrap();
+    // The answer is in the frozen worker's socket: it asks nothing more, books nothing.
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_secs(1) {
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(requests(), asked, "a frozen worker asked its model again");
+        assert_eq!(d.task(&id).status.as_str(), "running");
+    }
+    d.rig.mgr(&["resume", &id]).ok();
+    let t = crate::harness::wait_for(
+        "the resumed worker's verdict",
+        Duration::from_secs(120),
+        || Some(d.task(&id)).filter(|t| t.status.as_str() == "done"),
+    );
+    assert_eq!(t.current_run_id, None);
+    let runs = d.rig.board().runs(&id).unwrap();
+    // One run: the worker that was frozen is the one that finished.
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(runs[0].outcome.as_deref(), Some("completed"));
+    assert_eq!(runs[0].summary.as_deref(), Some("done by a real worker"));
+}

@@ -103,10 +103,15 @@ impl Rig {
         std::fs::write(&stub_path, stub).unwrap();
         std::fs::set_permissions(&stub_path, std::fs::Permissions::from_mode(0o755)).unwrap();
         let config = dir.join("config.toml");
+        // The operators' holds: root's, outside the tree the worker user writes, one file
+        // per rig.
+        let holds = Path::new("/var/tmp/hermes-mgr-holds")
+            .join(dir.file_name().unwrap())
+            .join("holds.json");
         std::fs::write(
             &config,
             format!(
-                "hermes_bin = {stub_path:?}\nworker_user = \"{WORKER_USER}\"\nstop_timeout_seconds = 5\nstate_dir = \"/run/hermes-mgr-test\"\n{extra}\n"
+                "hermes_bin = {stub_path:?}\nworker_user = \"{WORKER_USER}\"\nstop_timeout_seconds = 5\nstate_dir = \"/run/hermes-mgr-test\"\nholds_file = {holds:?}\n{extra}\n"
             ),
         )
         .unwrap();

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use hermes_mgr::liveness;
 use hermes_mgr::names;
-use hermes_mgr::systemd::{Property, Systemd, SystemdError};
+use hermes_mgr::systemd::{Property, Systemd, SystemdError, UnitState};
 use zbus::Variant;
 
 use crate::systemd_test;
@@ -72,8 +72,8 @@ systemd_test!(a_held_child_is_in_its_scope_before_it_runs, {
         "cgroup.procs: {procs}"
     );
     assert_eq!(
-        rt.block_on(sd.active_state(&unit)).unwrap().as_deref(),
-        Some("active")
+        rt.block_on(sd.active_state(&unit)).unwrap(),
+        Some(UnitState::Active)
     );
     assert_eq!(liveness::cgroup_populated(&want), Some(true));
 

@@ -5,7 +5,11 @@ use serde::Serialize;
 
 use crate::board::{Board, BoardPaths, OpenMode};
 use crate::config::Config;
+use crate::liveness::memory_monitors;
 use crate::systemd::Systemd;
+
+mod host;
+use host::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -33,21 +37,6 @@ fn check(name: &'static str, level: Level, detail: impl Into<String>, fix: Optio
     }
 }
 
-/// Whether the cgroup2 mount at `/sys/fs/cgroup` has the `favordynmods` super option (from
-/// `/proc/self/mountinfo`); `None` when there is no such mount.
-fn favordynmods(mountinfo: &str) -> Option<bool> {
-    mountinfo.lines().find_map(|line| {
-        let (mount, fs) = line.split_once(" - ")?;
-        let mut fs = fs.split_whitespace();
-        let (fstype, _source, superopts) = (fs.next()?, fs.next()?, fs.next().unwrap_or(""));
-        (mount.split_whitespace().nth(4)? == "/sys/fs/cgroup" && fstype == "cgroup2")
-            .then(|| superopts.split(',').any(|o| o == "favordynmods"))
-    })
-}
-
-/// cgroup2's statfs magic (`CGROUP2_SUPER_MAGIC`).
-const CGROUP2_MAGIC: i64 = 0x6367_7270;
-
 /// Every check, in the order `doctor` prints them; each is one function below.
 pub async fn run(paths: &BoardPaths, cfg: anyhow::Result<Config>) -> Vec<Check> {
     let (mut out, cfg) = config(cfg);
@@ -56,6 +45,7 @@ pub async fn run(paths: &BoardPaths, cfg: anyhow::Result<Config>) -> Vec<Check> 
     out.extend(privileges());
     out.extend(cgroup_v2());
     out.extend(cgroup_migration());
+    out.push(freezer());
     out.push(memory_monitor(
         &memory_monitors(),
         crate::dispatch::caps::of(&cfg).most(),
@@ -67,6 +57,7 @@ pub async fn run(paths: &BoardPaths, cfg: anyhow::Result<Config>) -> Vec<Check> 
     out.extend(board(paths));
     out.push(dispatcher(paths));
     out.extend(emergency_stop(paths));
+    out.extend(paused(paths, &cfg));
     out.extend(board_tree(paths));
     if let Ok(sd) = &sd {
         out.extend(dispatcher_health(sd).await);
@@ -159,280 +150,6 @@ async fn systemd(sd: &Result<Systemd, crate::systemd::SystemdError>) -> Vec<Chec
         )),
     }
     out
-}
-
-/// Root, or what is missing without it.
-fn privileges() -> Vec<Check> {
-    let mut out = Vec::new();
-    out.push(if nix::unistd::geteuid().is_root() {
-        check(
-            "privileges",
-            Level::Ok,
-            "running as root: may create scopes and switch to the worker user",
-            None,
-        )
-    } else {
-        check(
-            "privileges",
-            Level::Warn,
-            "not root: creating scopes needs a polkit rule, switching users needs CAP_SETUID",
-            Some("run the dispatcher as root (hermes-dispatcher.service does)"),
-        )
-    });
-    out
-}
-
-/// The unified hierarchy.
-fn cgroup_v2() -> Vec<Check> {
-    let mut out = Vec::new();
-    match nix::sys::statfs::statfs("/sys/fs/cgroup") {
-        Ok(fs) if fs.filesystem_type().0 == CGROUP2_MAGIC => out.push(check(
-            "cgroup v2",
-            Level::Ok,
-            "unified hierarchy at /sys/fs/cgroup",
-            None,
-        )),
-        Ok(_) => out.push(check(
-            "cgroup v2",
-            Level::Fail,
-            "/sys/fs/cgroup is not cgroup2 (legacy or hybrid mode)",
-            Some("boot with systemd.unified_cgroup_hierarchy=1"),
-        )),
-        Err(e) => out.push(check(
-            "cgroup v2",
-            Level::Fail,
-            format!("statfs /sys/fs/cgroup: {e}"),
-            Some("mount cgroup2 at /sys/fs/cgroup"),
-        )),
-    }
-    out
-}
-
-/// Whether moving a worker into its scope waits for an RCU grace period.
-fn cgroup_migration() -> Vec<Check> {
-    let mut out = Vec::new();
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    match favordynmods(&mountinfo) {
-        Some(true) => out.push(check(
-            "cgroup migration",
-            Level::Ok,
-            "cgroup2 mounted with favordynmods",
-            None,
-        )),
-        Some(false) => out.push(check(
-            "cgroup migration",
-            Level::Warn,
-            "cgroup2 is mounted without favordynmods: each worker start waits for an RCU grace period \
-             while the kernel moves it into its scope (claim -> exec p50 17 ms instead of 6 ms in BENCHMARKS.md)",
-            Some("mount -o remount,favordynmods /sys/fs/cgroup, or boot with cgroup_favordynmods=true (forks and exits get slightly costlier)"),
-        )),
-        None => {}
-    }
-    out
-}
-
-/// A DAMON instance watching physical memory: who it is and how to turn it off.
-#[derive(Debug)]
-pub struct MemoryMonitor {
-    pub name: String,
-    pub off: String,
-}
-
-/// Every running DAMON instance that samples physical memory (`paddr`): those set up in
-/// `/sys/kernel/mm/damon/admin`, and the DAMON_RECLAIM, DAMON_LRU_SORT and DAMON_STAT
-/// modules (always `paddr`).
-pub fn memory_monitors() -> Vec<MemoryMonitor> {
-    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
-    let mut out = Vec::new();
-    let admin = std::path::Path::new("/sys/kernel/mm/damon/admin/kdamonds");
-    for k in std::fs::read_dir(admin).into_iter().flatten().flatten() {
-        let dir = k.path();
-        let physical = std::fs::read_dir(dir.join("contexts"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|c| read(&c.path().join("operations")).trim() == "paddr");
-        if read(&dir.join("state")).trim() == "on" && physical {
-            out.push(MemoryMonitor {
-                name: format!(
-                    "kdamond {} (pid {})",
-                    dir.display(),
-                    read(&dir.join("pid")).trim()
-                ),
-                off: format!("echo off > {}/state", dir.display()),
-            });
-        }
-    }
-    for module in ["damon_reclaim", "damon_lru_sort", "damon_stat"] {
-        let enabled = format!("/sys/module/{module}/parameters/enabled");
-        if read(std::path::Path::new(&enabled)).trim() == "Y" {
-            out.push(MemoryMonitor {
-                name: format!("the {module} module"),
-                off: format!("echo N > {enabled}"),
-            });
-        }
-    }
-    out
-}
-
-/// A DAMON instance sampling physical memory checks whether a page was used by walking every
-/// mapping of it with the mapping's lock of its file held. A page of a library that every
-/// worker and every supervisor maps is a walk over all of them, and every process that maps
-/// or unmaps that file — each worker's start and each exit — waits behind it. Nothing at a
-/// few hundred workers; tens of ms per start and exit at many thousands (BENCHMARKS.md, 8).
-fn memory_monitor(monitors: &[MemoryMonitor], cap: Option<usize>) -> Check {
-    const NAME: &str = "memory monitor";
-    if monitors.is_empty() {
-        return check(
-            NAME,
-            Level::Ok,
-            "no DAMON instance samples physical memory",
-            None,
-        );
-    }
-    let join = |part: fn(&MemoryMonitor) -> &str, sep: &str| {
-        monitors.iter().map(part).collect::<Vec<_>>().join(sep)
-    };
-    let names = join(|m| &m.name, ", ");
-    let cap_is = cap.map_or("unset (no cap)".to_string(), |c| c.to_string());
-    if cap.is_some_and(|c| c < 1000) {
-        return check(
-            NAME,
-            Level::Ok,
-            format!("{names} samples physical memory; harmless at kanban.max_spawn {cap_is}"),
-            None,
-        );
-    }
-    let off = join(|m| &m.off, "; ");
-    check(
-        NAME,
-        Level::Warn,
-        format!(
-            "{names} samples physical memory: each sample walks every mapping of a shared \
-             library's page with its lock held, and with thousands of live workers every worker \
-             start and exit waits behind it (20,000 processes: exit p99 65 ms with it, 0.8 ms \
-             without); kanban.max_spawn is {cap_is}"
-        ),
-        Some(&format!(
-            "{off} (if it reclaims memory for a VM host, ask the host's owner first); \
-             or keep kanban.max_spawn under 1,000"
-        )),
-    )
-}
-
-/// The controllers that enforce the per-scope limits.
-fn controllers() -> Vec<Check> {
-    let mut out = Vec::new();
-    let controllers =
-        std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").unwrap_or_default();
-    let missing: Vec<&str> = ["memory", "pids", "cpu"]
-        .into_iter()
-        .filter(|c| !controllers.split_whitespace().any(|x| x == *c))
-        .collect();
-    out.push(if missing.is_empty() {
-        check(
-            "controllers",
-            Level::Ok,
-            format!("available: {}", controllers.trim()),
-            None,
-        )
-    } else {
-        check(
-            "controllers",
-            Level::Warn,
-            format!(
-                "missing: {} — MemoryMax/TasksMax/CPUQuota are accepted but not enforced",
-                missing.join(", ")
-            ),
-            Some("enable the controllers for systemd (they are off inside containers)"),
-        )
-    });
-    out
-}
-
-/// The workers' slice has a unit file (and so its budgets).
-fn slice(cfg: &Config) -> Vec<Check> {
-    let mut out = Vec::new();
-    let slice_file = [
-        "/etc/systemd/system",
-        "/usr/lib/systemd/system",
-        "/lib/systemd/system",
-        "/run/systemd/system",
-    ]
-    .iter()
-    .map(|d| std::path::Path::new(d).join(&cfg.slice))
-    .find(|p| p.exists());
-    out.push(match slice_file {
-        Some(p) => check(
-            "slice",
-            Level::Ok,
-            format!("{} ({})", cfg.slice, p.display()),
-            None,
-        ),
-        None => check(
-            "slice",
-            Level::Warn,
-            format!(
-                "{} has no unit file: systemd creates it on demand, without budgets",
-                cfg.slice
-            ),
-            Some("install units/hermes-workers.slice"),
-        ),
-    });
-    out
-}
-
-/// Tasks (processes and threads) a live worker needs at the least: its supervisor and
-/// the worker; a real agent and its tools need more.
-const TASKS_PER_WORKER: u64 = 2;
-
-/// How many live workers the kernel's limits leave room for, against the configured cap:
-/// `kernel.pid_max` and `kernel.threads-max` for the host, the slice's `pids.max` (its
-/// `TasksMax=`) for all workers together.
-fn room(pid_max: u64, threads_max: u64, slice_pids: Option<u64>, cap: Option<usize>) -> Check {
-    let (limit, what) = [
-        (pid_max, "kernel.pid_max"),
-        (threads_max, "kernel.threads-max"),
-        (
-            slice_pids.unwrap_or(u64::MAX),
-            "TasksMax of the workers' slice",
-        ),
-    ]
-    .into_iter()
-    .min_by_key(|(n, _)| *n)
-    .unwrap_or((u64::MAX, ""));
-    let workers = limit / TASKS_PER_WORKER;
-    let detail = format!(
-        "room for at most ~{workers} live workers ({what} = {limit}, {TASKS_PER_WORKER} tasks per worker at the least)"
-    );
-    match cap {
-        Some(cap) if cap as u64 > workers => check(
-            "host limits",
-            Level::Warn,
-            format!("kanban.max_spawn is {cap}, but there is {detail}"),
-            Some(match what {
-                "kernel.pid_max" => "raise it: echo kernel.pid_max=4194304 > /etc/sysctl.d/90-hermes.conf && sysctl --system",
-                "kernel.threads-max" => "raise kernel.threads-max (sysctl), or lower kanban.max_spawn",
-                _ => "raise it: systemctl edit hermes-workers.slice, [Slice] TasksMax=…; or lower kanban.max_spawn",
-            }),
-        ),
-        _ => check("host limits", Level::Ok, detail, None),
-    }
-}
-
-fn host_room(cfg: &Config) -> Check {
-    let number =
-        |path: &str| -> Option<u64> { std::fs::read_to_string(path).ok()?.trim().parse().ok() };
-    let slice_pids = number(&format!(
-        "/sys/fs/cgroup{}/pids.max",
-        crate::liveness::unit_cgroup(&cfg.slice, "").trim_end_matches('/')
-    ));
-    room(
-        number("/proc/sys/kernel/pid_max").unwrap_or(u64::MAX),
-        number("/proc/sys/kernel/threads-max").unwrap_or(u64::MAX),
-        slice_pids,
-        crate::dispatch::caps::of(cfg).most(),
-    )
 }
 
 /// The board opens and is intact; a dispatcher serves it.
@@ -594,6 +311,44 @@ fn emergency_stop(paths: &BoardPaths) -> Vec<Check> {
         .collect()
 }
 
+/// The operators' holds on this board (`hermes-mgr pause`), said only while they hold.
+fn paused(paths: &BoardPaths, cfg: &Config) -> Vec<Check> {
+    let holds = match crate::holds::read(&cfg.holds_file) {
+        Ok(h) => h,
+        Err(e) => {
+            return vec![check(
+                "paused",
+                Level::Fail,
+                format!("{e:#}: every board counts as held"),
+                Some("fix or remove the file (hermes-mgr resume rewrites it)"),
+            )]
+        }
+    };
+    let db = crate::holds::board_key(&paths.db);
+    let mut out: Vec<Check> = holds
+        .board(&db)
+        .map(|b| {
+            check(
+                "paused",
+                Level::Warn,
+                crate::holds::describe(&b),
+                Some("hermes-mgr resume --board SLUG (or --all) when work may start again"),
+            )
+        })
+        .into_iter()
+        .collect();
+    let tasks = holds.tasks.get(&db).map_or(0, |t| t.len());
+    if tasks > 0 {
+        out.push(check(
+            "paused tasks",
+            Level::Warn,
+            format!("{tasks} task(s) held by hermes-mgr pause (hermes-mgr status shows which)"),
+            Some("hermes-mgr resume ID when each may go on"),
+        ));
+    }
+    out
+}
+
 /// What `hermes-dispatcher.service` last said of itself: it says `FAILING to start workers`
 /// while its own side (systemd, D-Bus, descriptors, its directories) fails — never the
 /// tasks' fault, and never counted against them, but nothing runs meanwhile.
@@ -709,7 +464,8 @@ fn hermes_version(bin: &std::path::Path) -> Check {
 
 #[cfg(test)]
 mod tests {
-    use super::{favordynmods, memory_monitor, room, Level, MemoryMonitor};
+    use super::{favordynmods, memory_monitor, room, Level};
+    use crate::liveness::MemoryMonitor;
 
     #[test]
     fn the_smallest_kernel_limit_bounds_the_workers_a_cap_may_ask_for() {

@@ -1,0 +1,297 @@
+//! The worker's side of the fork: everything it needs allocated before (`ChildPlan`), raw
+//! system calls only after (`become_worker`), and why it did not become the worker read
+//! back through a close-on-exec pipe (`start`).
+
+use std::ffi::CString;
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::Path;
+
+use nix::sys::wait::waitpid;
+use nix::unistd::{ForkResult, Pid};
+
+use super::{infra, task, Failure};
+use crate::spawn::spec::WorkerSpec;
+
+fn cstr(s: &str, what: &str) -> Result<CString, Failure> {
+    CString::new(s).map_err(|_| task(format!("{what} contains a NUL byte")))
+}
+
+/// Everything the forked child needs, allocated before the fork.
+pub(super) struct ChildPlan {
+    path: CString,
+    /// Owners of the strings `argv_ptrs` and `envp_ptrs` point into.
+    _argv: Vec<CString>,
+    _envp: Vec<CString>,
+    cwd: CString,
+    /// `cwd` and its ancestors, outermost first, to create (`mkdir -p`) as the worker.
+    mkdirs: Vec<CString>,
+    /// `argv` and `envp` as the NULL-terminated pointer arrays `execve(2)` takes, built
+    /// before the fork (they point into `argv` and `envp`, which live as long).
+    argv_ptrs: Vec<*const libc::c_char>,
+    envp_ptrs: Vec<*const libc::c_char>,
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    groups: Vec<libc::gid_t>,
+    stdin: OwnedFd,
+    stdout: RawFd,
+    stderr: RawFd,
+    /// The prelude's pipe to us, made its descriptor 3 (`upstream::PRELUDE`).
+    said: Option<RawFd>,
+}
+
+impl ChildPlan {
+    /// The plan for `spec`'s worker, exec'ing `exec_argv` with the run's `tmpdir`; `out`
+    /// are the write ends of its stdout and stderr pipes, `said` the prelude's.
+    pub(super) fn new(
+        spec: &WorkerSpec,
+        exec_argv: &[String],
+        tmpdir: &Path,
+        stdin: OwnedFd,
+        out: (RawFd, RawFd),
+        said: Option<RawFd>,
+    ) -> Result<ChildPlan, Failure> {
+        let argv: Vec<CString> = exec_argv
+            .iter()
+            .map(|a| cstr(a, "an argument"))
+            .collect::<Result<_, _>>()?;
+        let envp: Vec<CString> = spec
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .chain(["TMPDIR", "TMUX_TMPDIR"].map(|k| (k, tmpdir.to_string_lossy().into_owned())))
+            .map(|(k, v)| cstr(&format!("{k}={v}"), "the environment"))
+            .collect::<Result<_, _>>()?;
+        let pointers = |v: &[CString]| {
+            v.iter()
+                .map(|c| c.as_ptr())
+                .chain([std::ptr::null()])
+                .collect::<Vec<_>>()
+        };
+        Ok(ChildPlan {
+            path: cstr(&exec_argv[0], "worker path")?,
+            argv_ptrs: pointers(&argv),
+            envp_ptrs: pointers(&envp),
+            _argv: argv,
+            _envp: envp,
+            cwd: cstr(&spec.cwd.to_string_lossy(), "the workspace path")?,
+            mkdirs: if spec.make_cwd {
+                let mut v: Vec<&Path> = spec.cwd.ancestors().collect();
+                v.reverse();
+                v.into_iter()
+                    .map(|d| cstr(&d.to_string_lossy(), "the workspace path"))
+                    .collect::<Result<_, _>>()?
+            } else {
+                Vec::new()
+            },
+            uid: spec.uid,
+            gid: spec.gid,
+            groups: spec.groups.clone(),
+            stdin,
+            stdout: out.0,
+            stderr: out.1,
+            said,
+        })
+    }
+}
+
+/// Fork the worker from `plan` (`program` names it in errors): its PID once it has exec'd,
+/// or why it did not become the worker, and whose fault that is.
+pub(super) fn start(plan: ChildPlan, spec: &WorkerSpec, program: &str) -> Result<Pid, Failure> {
+    // Exec failures travel back on a close-on-exec pipe: EOF means exec succeeded.
+    let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| infra(format!("pipe: {e}")))?;
+    // SAFETY: this process is single-threaded (the supervisor never starts a thread), and
+    // the child makes only raw system calls on what `plan` allocated before the fork.
+    let worker = match unsafe { nix::unistd::fork() }.map_err(|e| infra(format!("fork: {e}")))? {
+        ForkResult::Child => {
+            drop(err_r);
+            let (step, e) = become_worker(&plan);
+            let mut msg = [0u8; 8];
+            msg[..4].copy_from_slice(&step.to_ne_bytes());
+            msg[4..].copy_from_slice(&e.to_ne_bytes());
+            // SAFETY: write(2) of a stack buffer to a pipe this process owns.
+            unsafe { libc::write(err_w.as_raw_fd(), msg.as_ptr().cast(), msg.len()) };
+            // SAFETY: leave without running the parent's atexit handlers or destructors.
+            unsafe { libc::_exit(127) }
+        }
+        ForkResult::Parent { child } => child,
+    };
+    drop(err_w);
+    drop(plan);
+    let mut failure = Vec::new();
+    let _ = std::fs::File::from(err_r).read_to_end(&mut failure);
+    if failure.len() < 8 {
+        return Ok(worker);
+    }
+    // The child never became the worker; reap it and say why.
+    let _ = waitpid(worker, None);
+    let step = u32::from_ne_bytes(failure[..4].try_into().unwrap_or_default());
+    let e = std::io::Error::from_raw_os_error(i32::from_ne_bytes(
+        failure[4..8].try_into().unwrap_or_default(),
+    ));
+    let what = STEPS.get(step as usize).copied().unwrap_or("?");
+    let enter = || {
+        format!(
+            "cannot enter the workspace {} as uid {}: {e}",
+            spec.cwd.display(),
+            spec.uid
+        )
+    };
+    let start = || format!("cannot start {program}: {what}: {e}");
+    Err(match step {
+        // A workspace is the task's: a `dir:` one it names, a scratch one in the Hermes
+        // tree its worker writes (a worker can make its own unenterable). Counting it
+        // trips the breaker on that task alone; as ours it would stop every pass. A host
+        // that cannot make one (full, read-only) is ours: `_` below.
+        STEP_CHDIR => task(enter()),
+        // The binary is the dispatcher's configuration; an argv or environment too big
+        // for exec comes from the task's data.
+        STEP_EXEC if e.raw_os_error() == Some(libc::E2BIG) => task(start()),
+        _ => infra(start()),
+    })
+}
+
+/// The steps of the child side, reported by number through the error pipe: the child
+/// writes 8 bytes (step, errno) and formats nothing.
+const STEPS: &[&str] = &[
+    "setsid",
+    "dup2",
+    "setgroups",
+    "setresgid",
+    "clear the capability bounding set",
+    "setresuid",
+    "clear capabilities",
+    "set no_new_privs",
+    "enter the workspace",
+    "exec",
+    "make the workspace",
+    "mark inherited descriptors close-on-exec",
+];
+const STEP_CHDIR: u32 = 8;
+const STEP_EXEC: u32 = 9;
+const STEP_MKDIR: u32 = 10;
+const STEP_CLOSE_RANGE: u32 = 11;
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+/// The child side, between fork and exec: raw system calls only (async-signal-safe, no
+/// allocation), on data `ChildPlan` prepared. Returns only on failure: (step, errno).
+fn become_worker(p: &ChildPlan) -> (u32, i32) {
+    // SAFETY (whole function): each call is a plain system call on this process, with
+    // pointers into `p`, which outlives the calls; nothing here allocates or locks.
+    unsafe {
+        // Ignored or blocked signals survive exec: give the worker default dispositions
+        // (the Rust runtime ignores SIGPIPE; this supervisor blocks SIGTERM and SIGCHLD).
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        for sig in 1..libc::SIGRTMAX() {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+        // A session of its own, as upstream starts workers (`start_new_session=True`).
+        if libc::setsid() < 0 {
+            return (0, errno());
+        }
+        for (fd, to) in [(p.stdin.as_raw_fd(), 0), (p.stdout, 1), (p.stderr, 2)] {
+            if libc::dup2(fd, to) < 0 {
+                return (1, errno());
+            }
+        }
+        // dup2 onto itself would keep close-on-exec: then clear it instead.
+        if let Some(fd) = p.said {
+            let failed = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0) < 0
+            } else {
+                libc::dup2(fd, 3) < 0
+            };
+            if failed {
+                return (1, errno());
+            }
+        }
+        // Nothing else crosses the exec: not a descriptor whoever started us left open
+        // without close-on-exec (a CLI's terminal or its parent's pipes). Marked, not closed:
+        // the error pipe must stay open until the exec.
+        let first = if p.said.is_some() { 4u32 } else { 3 };
+        if libc::syscall(
+            libc::SYS_close_range,
+            first,
+            u32::MAX,
+            crate::spawn::upstream::CLOSE_RANGE_CLOEXEC,
+        ) < 0
+        {
+            return (STEP_CLOSE_RANGE, errno());
+        }
+        if libc::setgroups(p.groups.len(), p.groups.as_ptr()) < 0 {
+            return (2, errno());
+        }
+        if libc::setresgid(p.gid, p.gid, p.gid) < 0 {
+            return (3, errno());
+        }
+        // Still root here: empty the bounding set so nothing exec'd later can regain a
+        // capability (EINVAL past the kernel's last capability ends the loop).
+        for cap in 0..64 {
+            if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 {
+                if errno() == libc::EINVAL {
+                    break;
+                }
+                return (4, errno());
+            }
+        }
+        // Then leave root for good.
+        if libc::setresuid(p.uid, p.uid, p.uid) < 0 {
+            return (5, errno());
+        }
+        // Leaving uid 0 emptied the permitted, effective and ambient sets; the inheritable
+        // set survives a uid change, so clear all of them (and the ambient set) explicitly.
+        #[repr(C)]
+        struct CapHeader {
+            version: u32,
+            pid: i32,
+        }
+        let header = CapHeader {
+            version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+            pid: 0,
+        };
+        let data = [0u32; 6]; // two __user_cap_data_struct {effective, permitted, inheritable}
+        if libc::syscall(libc::SYS_capset, &header, data.as_ptr()) < 0
+            || libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            ) < 0
+        {
+            return (6, errno());
+        }
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
+            return (7, errno());
+        }
+        // The workspace is reached only now, as the worker: a link in the board's tree
+        // leads nowhere the worker could not go anyway, and one it may not enter fails.
+        for dir in &p.mkdirs {
+            // The host's own condition (a full or read-only file system, an I/O error) is
+            // said as such; anything else (it exists, a worker made its path unusable) is
+            // found at the chdir below.
+            if libc::mkdir(dir.as_ptr(), 0o777) < 0 {
+                let e = errno();
+                if matches!(
+                    e,
+                    libc::ENOSPC | libc::EDQUOT | libc::EROFS | libc::EIO | libc::ENOMEM
+                ) {
+                    return (STEP_MKDIR, e);
+                }
+            }
+        }
+        if libc::chdir(p.cwd.as_ptr()) < 0 {
+            return (STEP_CHDIR, errno());
+        }
+        libc::execve(p.path.as_ptr(), p.argv_ptrs.as_ptr(), p.envp_ptrs.as_ptr());
+        (STEP_EXEC, errno())
+    }
+}
