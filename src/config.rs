@@ -64,6 +64,14 @@ pub struct Config {
     pub max_boards: usize,
     /// On SIGTERM, stop every worker too (default: leave them running; the next start adopts them).
     pub stop_workers_on_exit: bool,
+    /// How often the daemon gathers its metrics and writes them out, in seconds.
+    pub metrics_interval_seconds: u64,
+    /// node_exporter's textfile collector directory: `hermes-mgr.prom` is written there
+    /// when the directory exists (Debian's `prometheus-node-exporter` makes it).
+    pub metrics_textfile_dir: PathBuf,
+    /// Serve the metrics over HTTP too: `127.0.0.1:PORT`, `[::1]:PORT` or `unix:PATH`;
+    /// unset = no listening socket.
+    pub metrics_listen: Option<String>,
     /// Variables of the dispatcher's environment that workers get, beside `PATH`, `LANG`,
     /// `LANGUAGE`, `LC_*`, `TZ` and the Hermes contract (e.g. `["OPENROUTER_API_KEY"]`, set
     /// for the service with `Environment=` or `EnvironmentFile=`). Nothing else passes.
@@ -116,6 +124,9 @@ impl Default for Config {
             busy_timeout_ms: 2000,
             max_boards: 100,
             stop_workers_on_exit: false,
+            metrics_interval_seconds: 15,
+            metrics_textfile_dir: "/var/lib/prometheus/node-exporter".into(),
+            metrics_listen: None,
             pass_environment: Vec::new(),
             max_in_progress: None,
             max_in_progress_per_profile: None,
@@ -261,6 +272,14 @@ impl Config {
             self.start_timeout_seconds > 0,
             "start_timeout_seconds must be positive"
         );
+        anyhow::ensure!(
+            self.metrics_interval_seconds > 0,
+            "metrics_interval_seconds must be positive"
+        );
+        if let Some(l) = &self.metrics_listen {
+            l.parse::<crate::metrics::serve::Listen>()
+                .map_err(|e| anyhow::anyhow!("metrics_listen: {e}"))?;
+        }
         Ok(())
     }
 }

@@ -16,6 +16,7 @@ pub mod holds;
 pub mod host;
 pub mod liveness;
 pub mod logging;
+pub mod metrics;
 pub mod names;
 pub mod outcome;
 pub mod record;

@@ -241,22 +241,9 @@ pub fn fingerprint(pid: u32) -> Option<String> {
 /// A run's cost for the cgroup at `dir`; `None` when nothing there could be read.
 pub fn usage(dir: &Path) -> Option<Usage> {
     let text = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
-    let cpu_usec = text("cpu.stat").and_then(|t| {
-        t.lines()
-            .find_map(|l| l.strip_prefix("usage_usec "))
-            .and_then(|v| v.trim().parse().ok())
-    });
-    let memory_peak_bytes = text("memory.peak").and_then(|v| v.trim().parse().ok());
-    // `io.stat`: one line per device, `MAJ:MIN rbytes=N wbytes=N rios=N …`.
-    let io = text("io.stat").map(|t| {
-        let sum = |key: &str| -> u64 {
-            t.split_whitespace()
-                .filter_map(|f| f.strip_prefix(key))
-                .filter_map(|v| v.parse::<u64>().ok())
-                .sum()
-        };
-        (sum("rbytes="), sum("wbytes="))
-    });
+    let cpu_usec = cpu_usec(dir);
+    let memory_peak_bytes = read_number(dir, "memory.peak");
+    let io = text("io.stat").map(|t| io_bytes(&t));
     let u = Usage {
         cpu_usec,
         memory_peak_bytes,
@@ -264,6 +251,122 @@ pub fn usage(dir: &Path) -> Option<Usage> {
         io_write_bytes: io.map(|i| i.1),
     };
     (u != Usage::default()).then_some(u)
+}
+
+/// `io.stat`'s bytes read and written, summed over its devices (one line per device,
+/// `MAJ:MIN rbytes=N wbytes=N rios=N …`).
+fn io_bytes(text: &str) -> (u64, u64) {
+    let sum = |key: &str| -> u64 {
+        text.split_whitespace()
+            .filter_map(|f| f.strip_prefix(key))
+            .filter_map(|v| v.parse::<u64>().ok())
+            .sum()
+    };
+    (sum("rbytes="), sum("wbytes="))
+}
+
+/// What a live cgroup uses now: CPU so far, memory in use, bytes read and written so far;
+/// each absent where its controller is not enabled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CgroupUse {
+    pub cpu_usec: Option<u64>,
+    pub memory_bytes: Option<u64>,
+    pub io_read_bytes: Option<u64>,
+    pub io_write_bytes: Option<u64>,
+}
+
+fn read_number(dir: &Path, file: &str) -> Option<u64> {
+    std::fs::read_to_string(dir.join(file))
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn cpu_usec(dir: &Path) -> Option<u64> {
+    std::fs::read_to_string(dir.join("cpu.stat"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("usage_usec "))
+                .and_then(|v| v.trim().parse().ok())
+        })
+}
+
+/// A live cgroup's use (three small reads); `None` when it is gone.
+pub fn cgroup_use(dir: &Path) -> Option<CgroupUse> {
+    let io = std::fs::read_to_string(dir.join("io.stat"))
+        .ok()
+        .map(|t| io_bytes(&t));
+    let u = CgroupUse {
+        cpu_usec: cpu_usec(dir),
+        memory_bytes: read_number(dir, "memory.current"),
+        io_read_bytes: io.map(|i| i.0),
+        io_write_bytes: io.map(|i| i.1),
+    };
+    (u != CgroupUse::default()).then_some(u)
+}
+
+/// The workers' slice: what it uses, its limits (absent when unlimited or without the
+/// controller), and how long its tasks stalled (PSI: resource, `some`/`full`, µs).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SliceFacts {
+    pub cpu_usec: Option<u64>,
+    pub memory_bytes: Option<u64>,
+    pub memory_max: Option<u64>,
+    pub tasks: Option<u64>,
+    pub tasks_max: Option<u64>,
+    pub cpu_max_cores: Option<f64>,
+    pub pressure: Vec<(&'static str, &'static str, u64)>,
+}
+
+/// The stall totals of a `*.pressure` file: `some avg10=… total=N` and `full … total=N`.
+fn pressure_totals(text: &str) -> Vec<(&'static str, u64)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let kind = match f.next()? {
+                "some" => "some",
+                "full" => "full",
+                _ => return None,
+            };
+            let total = f.find_map(|x| x.strip_prefix("total="))?.parse().ok()?;
+            Some((kind, total))
+        })
+        .collect()
+}
+
+/// `cpu.max` (`QUOTA PERIOD`, or `max PERIOD`) as cores.
+fn cpu_max_cores(text: &str) -> Option<f64> {
+    let mut f = text.split_whitespace();
+    let quota: f64 = f.next()?.parse().ok()?;
+    let period: f64 = f.next()?.parse().ok()?;
+    (period > 0.0).then(|| quota / period)
+}
+
+/// The slice's facts from its cgroup at `dir`; `None` when it does not exist.
+pub fn slice_facts(dir: &Path) -> Option<SliceFacts> {
+    if !dir.is_dir() {
+        return None;
+    }
+    let mut pressure = Vec::new();
+    for resource in ["cpu", "memory", "io"] {
+        if let Ok(t) = std::fs::read_to_string(dir.join(format!("{resource}.pressure"))) {
+            for (kind, total) in pressure_totals(&t) {
+                pressure.push((resource, kind, total));
+            }
+        }
+    }
+    Some(SliceFacts {
+        cpu_usec: cpu_usec(dir),
+        memory_bytes: read_number(dir, "memory.current"),
+        // "max" does not parse: unlimited.
+        memory_max: read_number(dir, "memory.max"),
+        tasks: read_number(dir, "pids.current"),
+        tasks_max: read_number(dir, "pids.max"),
+        cpu_max_cores: std::fs::read_to_string(dir.join("cpu.max"))
+            .ok()
+            .and_then(|t| cpu_max_cores(&t)),
+        pressure,
+    })
 }
 
 /// The memory controller's account for the cgroup at `dir` (`/sys/fs/cgroup/...`); `None`
@@ -334,6 +437,50 @@ pub fn memory_monitors() -> Vec<MemoryMonitor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pressure_and_cpu_limits_are_read_as_the_kernel_writes_them() {
+        let psi = "some avg10=0.00 avg60=0.00 avg300=0.00 total=1234\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=56\n";
+        assert_eq!(pressure_totals(psi), vec![("some", 1234), ("full", 56)]);
+        // cpu.pressure before 5.13 has no `full` line; garbage is skipped.
+        assert_eq!(pressure_totals("some total=7\nnoise\n"), vec![("some", 7)]);
+        for (text, want) in [
+            ("max 100000\n", None),
+            ("150000 100000\n", Some(1.5)),
+            ("50000 0", None),
+            ("", None),
+        ] {
+            assert_eq!(cpu_max_cores(text), want, "{text:?}");
+        }
+        assert_eq!(
+            io_bytes("8:0 rbytes=10 wbytes=2 rios=1\n8:16 rbytes=5 wbytes=1\n"),
+            (15, 3)
+        );
+    }
+
+    /// A slice directory as the kernel lays it out, limits and all; "max" is no limit.
+    #[test]
+    fn a_slices_facts_are_its_files_and_unlimited_is_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        let put = |f: &str, t: &str| std::fs::write(dir.path().join(f), t).unwrap();
+        put("cpu.stat", "usage_usec 2500000\nuser_usec 1\n");
+        put("memory.current", "4096\n");
+        put("memory.max", "max\n");
+        put("pids.current", "7\n");
+        put("pids.max", "512\n");
+        put("cpu.max", "200000 100000\n");
+        put("memory.pressure", "some avg10=0.00 avg60=0.00 avg300=0.00 total=9\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=3\n");
+        let f = slice_facts(dir.path()).unwrap();
+        assert_eq!(f.cpu_usec, Some(2_500_000));
+        assert_eq!((f.memory_bytes, f.memory_max), (Some(4096), None));
+        assert_eq!((f.tasks, f.tasks_max), (Some(7), Some(512)));
+        assert_eq!(f.cpu_max_cores, Some(2.0));
+        assert_eq!(
+            f.pressure,
+            vec![("memory", "some", 9), ("memory", "full", 3)]
+        );
+        assert_eq!(slice_facts(&dir.path().join("none")), None);
+    }
 
     /// A fake cgroup directory: this sandbox has no memory controller, so the kernel's own
     /// files cannot be made to show an OOM kill here (the VM tier's job).

@@ -118,3 +118,23 @@ pub fn read_record(
         Err(e) => Err(e),
     }
 }
+
+/// When the run's exit record was written (its file's time, to the nanosecond): the
+/// moment its worker's end was known.
+pub fn record_written(
+    state_dir: &Path,
+    board: &str,
+    task: &str,
+    run_id: i64,
+) -> Option<std::time::SystemTime> {
+    std::fs::metadata(record_path(state_dir, board, task, run_id))
+        .and_then(|m| m.modified())
+        .ok()
+}
+
+/// Where the daemon keeps its latest metrics (`hermes-mgr metrics` prints them).
+pub fn metrics_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(METRICS_FILE)
+}
+
+pub const METRICS_FILE: &str = "metrics.prom";

@@ -304,6 +304,8 @@ pub struct Claim {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct EndResult {
     pub run_id: Option<i64>,
+    /// The run's outcome as booked (`crashed`, `gave_up`, …).
+    pub outcome: String,
     pub status: String,
     pub failures: i64,
     pub gave_up: bool,

@@ -212,6 +212,20 @@ impl Board {
     }
 
     /// How many tasks have `status` (an index lookup; no row is read).
+    /// When the oldest ready task last changed — its latest event (its promotion, a
+    /// requeue), else its creation: how long the board's queue has waited. `None` with no
+    /// ready task. One index lookup per ready task.
+    pub fn oldest_ready_since(&self) -> Result<Option<i64>> {
+        self.conn
+            .query_row(
+                "SELECT MIN(coalesce((SELECT max(e.created_at) FROM task_events e WHERE e.task_id = t.id), t.created_at))
+                 FROM tasks t WHERE t.status = 'ready'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err("oldest ready task", e))
+    }
+
     pub fn count(&self, status: &str) -> Result<i64> {
         self.conn
             .query_row(

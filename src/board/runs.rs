@@ -375,7 +375,7 @@ impl Board {
                     .map_err(|e| self.err("append event", e))?;
             }
             record_cost(c)?;
-            Ok(Some(EndResult { run_id: Some(run_id), status: b.status().to_string(), failures: b.failures, gave_up: b.gave_up.is_some() }))
+            Ok(Some(EndResult { run_id: Some(run_id), outcome: b.run_outcome.to_string(), status: b.status().to_string(), failures: b.failures, gave_up: b.gave_up.is_some() }))
         })
     }
 }

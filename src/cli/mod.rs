@@ -184,6 +184,9 @@ pub enum Command {
     },
     /// Check what the dispatcher needs; one line per check, non-zero exit when one fails.
     Doctor,
+    /// Print the dispatcher's metrics once, in Prometheus' text format: what it last
+    /// gathered (every metrics_interval_seconds) and gives node_exporter and metrics_listen.
+    Metrics,
     /// Shell completions.
     Completions {
         #[arg(value_enum)]
@@ -250,6 +253,7 @@ pub fn main() -> ExitCode {
             | Command::Status { .. }
             | Command::Logs { .. }
             | Command::Doctor
+            | Command::Metrics
             | Command::Completions { .. }
             | Command::Manpage
     ) {
@@ -275,6 +279,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status { limit, watch } => verbs::cmd_status(&cli, limit, watch),
         Command::Logs { id, follow, run } => logs::cmd_logs(&cli, id, follow, run),
         Command::Doctor => verbs::cmd_doctor(&cli),
+        Command::Metrics => verbs::cmd_metrics(&cli),
         Command::Manpage => verbs::cmd_manpage(),
         Command::Completions { shell } => verbs::cmd_completions(shell),
         Command::Dispatch { once: _, max } => verbs::cmd_dispatch(&cli, max),

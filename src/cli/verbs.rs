@@ -155,6 +155,35 @@ pub(super) fn cmd_doctor(cli: &Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `metrics`: what the dispatcher last wrote to its state directory — its counters live in
+/// it, so this prints its word, and says so when that word is old.
+pub(super) fn cmd_metrics(cli: &Cli) -> anyhow::Result<()> {
+    let cfg = Config::load(cli.config.as_deref())?;
+    let path = crate::state_dir::metrics_path(&cfg.state_dir);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "no metrics at {}: the dispatcher writes them while it runs (systemctl status hermes-dispatcher)",
+            path.display()
+        ),
+        Err(e) => bail!("read {}: {e}", path.display()),
+    };
+    let age = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .unwrap_or_default()
+        .as_secs();
+    let every = cfg.metrics_interval_seconds;
+    if age > 3 * every + 5 {
+        eprintln!(
+            "hermes-mgr: warning: these metrics were written {age} s ago (the dispatcher writes them every {every} s): is it running?"
+        );
+    }
+    print!("{text}");
+    Ok(())
+}
+
 /// `manpage`: hermes-mgr(1) from the CLI itself.
 pub(super) fn cmd_manpage() -> anyhow::Result<()> {
     use clap::CommandFactory;

@@ -20,6 +20,7 @@ impl Daemon {
                 closed_since: None,
                 watched: true,
                 stale: None,
+                profile: s.profile,
             },
         );
     }
@@ -99,8 +100,21 @@ impl Daemon {
             .as_ref()
             .and_then(|r| r.usage.as_ref())
             .and_then(|u| serde_json::to_value(u).ok());
+        let written = crate::state_dir::record_written(&self.cfg.state_dir, slug, task, run);
         match board.end_run_costed(task, run, &end, dispatch::rules(&self.cfg), cost.as_ref()) {
             Ok(result) => {
+                // The worker's own verdict, when it wrote one, is the run's outcome.
+                let outcome = match &result {
+                    Some(r) => r.outcome.clone(),
+                    None => board
+                        .run(run)
+                        .ok()
+                        .flatten()
+                        .and_then(|r| r.outcome)
+                        .unwrap_or_default(),
+                };
+                let gave_up = result.as_ref().is_some_and(|r| r.gave_up);
+                self.count_booking(key, &outcome, gave_up, record.as_ref(), written);
                 match &result {
                     Some(r) => {
                         info!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run, unit = %live.unit,
@@ -162,7 +176,10 @@ impl Daemon {
                         .board(slug)
                         .map(|b| b.end_run(task, run, &end, dispatch::rules(&self.cfg)));
                     match booked {
-                        Some(Ok(_)) => {
+                        Some(Ok(r)) => {
+                            let (outcome, gave_up) =
+                                r.map_or((String::new(), false), |r| (r.outcome, r.gave_up));
+                            self.count_booking(&key, &outcome, gave_up, None, None);
                             crate::state_dir::forget_run(&self.cfg.state_dir, slug, task, run);
                             info!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run, "recorded: {}", crate::text::clean(end.error()));
                             if let Some(s) = self.slots.get_mut(slug) {

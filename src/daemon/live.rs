@@ -75,6 +75,7 @@ mod tests {
             closed_since: None,
             watched: true,
             stale: None,
+            profile: "default".into(),
         }
     }
 

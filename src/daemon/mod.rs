@@ -17,6 +17,7 @@ mod book;
 mod checks;
 mod decompose;
 mod live;
+mod metrics;
 mod notify;
 mod passes;
 mod reconcile;
@@ -74,6 +75,8 @@ struct Live {
     watched: bool,
     /// We stopped it for showing no heartbeat (`check_stale`): booked `stale` when it ends.
     stale: Option<outcome::Stale>,
+    /// Its Hermes profile, for the metrics.
+    profile: String,
 }
 
 /// A run the daemon watches. Task and run ids are only unique within a board; ordered by
@@ -124,6 +127,8 @@ struct Daemon {
     boards_over: usize,
     /// The operators' holds (`hermes-mgr pause`), as last read.
     holds: crate::holds::View,
+    /// The metrics, and where they go (`metrics.rs`).
+    exposition: metrics::Exposition,
 }
 
 /// Exit with a clear message: the daemon cannot work at all. Said once: as a structured
@@ -214,6 +219,7 @@ impl Daemon {
         let mut tick = every(d.cfg.tick_seconds);
         let mut extend = every(extend_every(&d.cfg));
         let mut retry = every(1);
+        let mut gather = every(d.cfg.metrics_interval_seconds);
         let mut last_pass = Instant::now();
         loop {
             // One pass per board after the events that are there have been handled — a pass
@@ -233,10 +239,14 @@ impl Daemon {
                 _ = sigint.recv() => return Ok(()),
                 _ = sighup.recv() => {
                     let (old_tick, old_extend) = (d.cfg.tick_seconds, extend_every(&d.cfg));
+                    let old_gather = d.cfg.metrics_interval_seconds;
                     d.reload();
                     // Timers whose period changed start over with the new one.
                     if d.cfg.tick_seconds != old_tick {
                         tick = every(d.cfg.tick_seconds);
+                    }
+                    if d.cfg.metrics_interval_seconds != old_gather {
+                        gather = every(d.cfg.metrics_interval_seconds);
                     }
                     if extend_every(&d.cfg) != old_extend {
                         extend = every(extend_every(&d.cfg));
@@ -270,6 +280,7 @@ impl Daemon {
                 _ = extend.tick() => d.extend_claims(),
                 _ = retry.tick(), if !d.pending.is_empty() => d.retry_pending().await,
                 _ = tick.tick() => d.on_tick(follow, &mut watcher).await,
+                _ = gather.tick() => d.publish_metrics(),
                 // Nothing else is ready: a dirty board's pass (also one cut short by its
                 // batch size, or whose backoff ran out).
                 _ = async {}, if due_now => {
@@ -341,6 +352,7 @@ impl Daemon {
                     "configuration reloaded"
                 );
                 self.cfg = cfg;
+                self.metrics_reloaded();
             }
             Err(e) => warn!("configuration not reloaded, keeping the old one: {e:#}"),
         }
@@ -430,6 +442,15 @@ impl Daemon {
         );
         self.live.range(lo..=hi).map(|(k, _)| k)
     }
+}
+
+/// The profile a run's worker runs as, for the metrics: its task's assignee, else the
+/// default assignee; `other` for what is no profile name.
+fn profile_of(assignee: Option<&str>, cfg: &Config) -> String {
+    assignee
+        .or(cfg.default_assignee.as_deref())
+        .and_then(names::profile_name)
+        .unwrap_or_else(|| "other".into())
 }
 
 /// For `reconcile`: the unit a run of ours has.

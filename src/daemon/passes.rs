@@ -177,6 +177,7 @@ impl Daemon {
         let result = dispatch::once(board, &self.sd, &self.cfg, room, Some(PASS_BATCH)).await;
         match result {
             Ok((report, started)) => {
+                self.count_pass(slug, &report);
                 let held = report.estop.is_some();
                 let mut infra_failure = None;
                 for f in &report.spawn_failed {

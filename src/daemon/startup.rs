@@ -92,6 +92,7 @@ pub(super) async fn run(opts: Options) -> anyhow::Result<()> {
             );
         }
     }
+    let exposition = super::metrics::Exposition::start(&cfg).await;
     let mut d = Daemon {
         cfg,
         opts,
@@ -109,6 +110,7 @@ pub(super) async fn run(opts: Options) -> anyhow::Result<()> {
         estop: None,
         boards_over: 0,
         holds: crate::holds::View::new(&cfg_holds),
+        exposition,
     };
     d.clear_env_files();
     d.refresh_boards();
@@ -145,6 +147,8 @@ pub(super) async fn run(opts: Options) -> anyhow::Result<()> {
         "READY=1\nSTATUS={}",
         d.status_text().replace('\n', " ")
     ));
+    // The metrics are there from the start: `hermes-mgr metrics` and a first scrape.
+    d.publish_metrics();
     d.serve(watcher, removed, &follow).await?;
     d.notifier.send("STOPPING=1");
     if d.cfg.stop_workers_on_exit {

@@ -30,6 +30,9 @@ pub struct SpawnedWorker {
     pub unit: String,
     pub pid: u32,
     pub workspace: String,
+    /// From the claim to the worker running in its scope (the daemon's metrics).
+    #[serde(skip)]
+    pub start_seconds: f64,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -406,6 +409,8 @@ struct Starting {
     /// The assignee counted against `max_in_progress_per_profile` (the ready lane).
     assignee: Option<String>,
     result: Result<Started, spawn::SpawnError>,
+    /// Since the claim (made just before the start was pushed).
+    took: std::time::Duration,
 }
 
 /// The starts in flight in one pass.
@@ -425,12 +430,14 @@ impl<'a> Flight<'a> {
         claim: Claim,
         assignee: Option<String>,
     ) {
+        let t0 = std::time::Instant::now();
         self.starts.push(Box::pin(async move {
             let result = spawn::start_worker(board, sd, cfg, &claim).await;
             Starting {
                 claim,
                 assignee,
                 result,
+                took: t0.elapsed(),
             }
         }));
     }
@@ -503,6 +510,7 @@ fn settle(
                     .as_ref()
                     .map(|w| w.to_string_lossy().into_owned())
                     .unwrap_or_default(),
+                start_seconds: done.took.as_secs_f64(),
             });
             started.push(s);
             Start::Started

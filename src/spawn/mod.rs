@@ -80,6 +80,8 @@ pub struct Started {
     /// The claim the worker was given, and its task's runtime limit.
     pub lock: String,
     pub max_runtime: Option<i64>,
+    /// The Hermes profile it runs as (its task's assignee, or the default assignee).
+    pub profile: String,
 }
 
 /// Task data as a unit property shows it: control characters blanked, invisible and
@@ -213,6 +215,12 @@ pub async fn start_worker(
                 supervisor_pid,
                 lock: claim.lock.clone(),
                 max_runtime: task.max_runtime_seconds,
+                profile: task
+                    .assignee
+                    .as_deref()
+                    .or(cfg.default_assignee.as_deref())
+                    .and_then(names::profile_name)
+                    .unwrap_or_default(),
             })
         }
         Err(Failed {

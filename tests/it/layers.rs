@@ -26,6 +26,8 @@ const FLOORS: &[&str] = &[
     "liveness",
     "state_dir",
     "holds",
+    // What the daemon counts and gauges, in Prometheus' format.
+    "metrics",
     // The board; the configuration that merges Hermes' own.
     "board",
     "config",
@@ -46,6 +48,7 @@ const OWNERS: &[(&str, &str)] = &[
     ("clap", "cli"),
     ("clap_complete", "cli"),
     ("clap_mangen", "cli"),
+    ("prometheus", "metrics"),
 ];
 
 /// Every source file of the library with the top module it belongs to (`src/lib.rs` and

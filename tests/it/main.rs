@@ -15,6 +15,7 @@ mod faults;
 mod gateway;
 mod interop;
 mod layers;
+mod metrics;
 mod newer_board;
 mod newer_hermes;
 mod operator;

@@ -1,0 +1,203 @@
+//! The daemon's metrics (`crate::metrics`): counted where things happen (a booking, a
+//! pass), gathered every `metrics_interval_seconds` — the boards' queues, the live workers'
+//! cgroups, the workers' slice, the holds — and written out: to the state directory
+//! (`hermes-mgr metrics` prints it), to node_exporter's textfile directory when it exists,
+//! and to the HTTP endpoint when `metrics_listen` is set.
+
+use std::sync::Arc;
+
+use super::*;
+use crate::metrics::{known_or_other, BoardFacts, LiveWorker, Metrics, Snapshot};
+
+/// What the daemon keeps for its metrics.
+pub(super) struct Exposition {
+    pub(super) metrics: Metrics,
+    /// The latest text, for the HTTP endpoint's clients.
+    latest: tokio::sync::watch::Sender<Arc<String>>,
+    /// What the endpoint was started with: a change takes a restart.
+    listening: Option<String>,
+    /// The textfile directory was written last time: its loss (or a failed write) is said
+    /// once, not every interval.
+    textfile_ok: Option<bool>,
+}
+
+impl Exposition {
+    /// The metrics, and the HTTP endpoint when `cfg` asks for one. An endpoint that cannot
+    /// listen is said and left: the metrics are a view, not a reason to stop dispatching.
+    pub(super) async fn start(cfg: &Config) -> Exposition {
+        let (latest, rx) = tokio::sync::watch::channel(Arc::new(String::new()));
+        if let Some(listen) = &cfg.metrics_listen {
+            match listen.parse::<crate::metrics::serve::Listen>() {
+                Ok(l) => match crate::metrics::serve::bind(&l).await {
+                    Ok(listener) => {
+                        info!(metrics_listen = %l, "serving metrics at {l}/metrics");
+                        tokio::spawn(crate::metrics::serve::serve(listener, rx));
+                    }
+                    Err(e) => error!(metrics_listen = %l, "cannot serve metrics at {l}: {e}"),
+                },
+                Err(e) => error!("metrics_listen: {e}"),
+            }
+        }
+        Exposition {
+            metrics: Metrics::new(),
+            latest,
+            listening: cfg.metrics_listen.clone(),
+            textfile_ok: None,
+        }
+    }
+}
+
+/// Seconds from `then` to now; 0 for a time in the future (a clock stepped back).
+fn seconds_since(then: std::time::SystemTime) -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(then)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+impl Daemon {
+    /// What the gauges show now.
+    fn snapshot(&self) -> Snapshot {
+        let now = crate::host::now();
+        let holds = self.holds.current();
+        let all_held = holds.all.is_some() || self.holds.broken.is_some();
+        let boards = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.listed)
+            .map(|(slug, s)| {
+                let key = s.db_key();
+                let mut tasks = std::collections::BTreeMap::new();
+                let mut oldest_ready_seconds = None;
+                if let Some(b) = &s.board {
+                    for (status, n) in b.counts().unwrap_or_default() {
+                        let status = known_or_other(&status, crate::board::Status::KNOWN);
+                        *tasks.entry(status.to_string()).or_insert(0) += n;
+                    }
+                    oldest_ready_seconds = b
+                        .oldest_ready_since()
+                        .ok()
+                        .flatten()
+                        .map(|t| now.saturating_sub(t).max(0) as f64);
+                }
+                BoardFacts {
+                    board: slug.clone(),
+                    tasks,
+                    oldest_ready_seconds,
+                    failing: s.failing.is_some(),
+                    broken: s.broken.is_some(),
+                    paused: all_held || holds.board(&key).is_some(),
+                    paused_tasks: holds.tasks.get(&key).map_or(0, |t| t.len()),
+                }
+            })
+            .collect();
+        let cgroups = std::path::Path::new("/sys/fs/cgroup");
+        let live = self
+            .live
+            .iter()
+            .map(|(k, l)| LiveWorker {
+                board: k.board.clone(),
+                profile: l.profile.clone(),
+                usage: crate::liveness::cgroup_use(
+                    &cgroups.join(&crate::liveness::worker_cgroup(&self.cfg.slice, &l.unit)[1..]),
+                ),
+            })
+            .collect();
+        let slice_dir = crate::liveness::unit_cgroup(&self.cfg.slice, "");
+        let slice = crate::liveness::slice_facts(&cgroups.join(slice_dir.trim_matches('/')));
+        let hermes = crate::spawn::resolve_binary(&self.cfg.hermes_bin)
+            .ok()
+            .and_then(|b| crate::spawn::installed::of_binary(&b));
+        Snapshot {
+            at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+            boards,
+            live,
+            slice,
+            estop: self.estop.is_some(),
+            hermes_version: hermes
+                .as_ref()
+                .map_or_else(|| "unknown".into(), |h| h.version.clone()),
+            hermes_contract: crate::spawn::hermes_generation(&self.cfg)
+                .version()
+                .to_string(),
+        }
+    }
+
+    /// Gather, render and write out the metrics.
+    pub(super) fn publish_metrics(&mut self) {
+        let snapshot = self.snapshot();
+        let x = &mut self.exposition;
+        x.metrics.set(&snapshot);
+        let text = x.metrics.render();
+        if let Err(e) = crate::metrics::write_atomically(
+            &self.cfg.state_dir,
+            crate::state_dir::METRICS_FILE,
+            &text,
+        ) {
+            warn!(state_dir = %self.cfg.state_dir.display(), "cannot write the metrics: {e}");
+        }
+        let dir = &self.cfg.metrics_textfile_dir;
+        if dir.is_dir() {
+            let result = crate::metrics::write_atomically(dir, "hermes-mgr.prom", &text);
+            match (&result, x.textfile_ok) {
+                (Err(e), Some(true) | None) => {
+                    warn!(dir = %dir.display(), "cannot write the metrics for node_exporter: {e}")
+                }
+                (Ok(()), Some(false) | None) => {
+                    info!(dir = %dir.display(), "metrics written for node_exporter's textfile collector")
+                }
+                _ => {}
+            }
+            x.textfile_ok = Some(result.is_ok());
+        }
+        x.latest.send_replace(Arc::new(text));
+    }
+
+    /// After a reload: a new endpoint takes a restart, which is said.
+    pub(super) fn metrics_reloaded(&self) {
+        if self.cfg.metrics_listen != self.exposition.listening {
+            warn!(
+                metrics_listen = ?self.cfg.metrics_listen,
+                "metrics_listen changed: it takes effect when the dispatcher restarts"
+            );
+        }
+    }
+
+    /// A run booked: count how it ended, and how long its booking took after its end.
+    pub(super) fn count_booking(
+        &self,
+        key: &RunKey,
+        outcome: &str,
+        gave_up: bool,
+        record: Option<&crate::record::ExitRecord>,
+        written: Option<std::time::SystemTime>,
+    ) {
+        let oom = record
+            .and_then(|r| r.memory.as_ref())
+            .map_or(0, |m| m.oom_kills);
+        let m = &self.exposition.metrics;
+        m.run_ended(&key.board, outcome, gave_up, oom);
+        if let Some(w) = written {
+            m.booked(seconds_since(w));
+        }
+    }
+
+    /// A pass's starts and spawn failures.
+    pub(super) fn count_pass(&self, slug: &str, report: &dispatch::PassReport) {
+        let m = &self.exposition.metrics;
+        for s in &report.spawned {
+            m.started(s.start_seconds);
+        }
+        for f in &report.spawn_failed {
+            m.spawn_failed(slug, f.infrastructure);
+            let outcome = if f.gave_up { "gave_up" } else { "spawn_failed" };
+            m.run_ended(slug, outcome, f.gave_up, 0);
+        }
+        for u in &report.unbooked {
+            // Booked later (`retry_pending`), counted there as a run that ended.
+            m.spawn_failed(slug, u.fault == crate::record::Fault::Infrastructure);
+        }
+    }
+}
