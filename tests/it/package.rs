@@ -273,6 +273,7 @@ fn the_rpm_has_the_files_the_dependencies_and_the_scriptlets() {
         "/usr/share/man/man1/hermes-mgr.1",
         "/usr/share/man/man8/hermes-dispatcher.8",
         "/usr/share/man/man5/hermes-mgr.toml.5",
+        "/usr/share/doc/hermes-mgr/examples/hermes-mgr-rules.yml",
         "/etc/hermes-mgr/config.toml",
     ] {
         assert!(
