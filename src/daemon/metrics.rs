@@ -127,9 +127,11 @@ impl Daemon {
 
     /// Gather, render and write out the metrics.
     pub(super) fn publish_metrics(&mut self) {
+        let t0 = Instant::now();
         let snapshot = self.snapshot();
         let x = &mut self.exposition;
         x.metrics.set(&snapshot);
+        x.metrics.gathered_in(t0.elapsed().as_secs_f64());
         let text = x.metrics.render();
         if let Err(e) = crate::metrics::write_atomically(
             &self.cfg.state_dir,
@@ -165,7 +167,8 @@ impl Daemon {
         }
     }
 
-    /// A run booked: count how it ended, and how long its booking took after its end.
+    /// A run booked: count how it ended (and a start that failed inside its scope), and how
+    /// long its booking took after its end.
     pub(super) fn count_booking(
         &self,
         key: &RunKey,
@@ -179,6 +182,10 @@ impl Daemon {
             .map_or(0, |m| m.oom_kills);
         let m = &self.exposition.metrics;
         m.run_ended(&key.board, outcome, gave_up, oom);
+        // A start that failed in the scope (upstream's code, asked first, refused).
+        if let Some(n) = record.and_then(|r| r.not_started.as_ref()) {
+            m.spawn_failed(&key.board, n.fault == crate::record::Fault::Infrastructure);
+        }
         if let Some(w) = written {
             m.booked(seconds_since(w));
         }

@@ -178,6 +178,7 @@ pub struct Metrics {
     slice_cpu_max: GaugeVec,
     build_info: IntGaugeVec,
     snapshot_at: Gauge,
+    gather_seconds: Gauge,
     /// The slice's cumulative counters as last read: the counters go up by the difference
     /// (a slice made again starts from zero: counted from there).
     last_slice_cpu: Option<u64>,
@@ -236,6 +237,7 @@ impl Metrics {
             slice_cpu_max: add(&r, gauge("slice_cpu_limit_cores", "The workers' slice's CPU quota in cores (cpu.max); absent when unlimited.", &[])),
             build_info: add(&r, igauge("build_info", "1, labelled with hermes-mgr's version, and the Hermes version and contract its workers get.", &["version", "hermes_version", "hermes_contract"])),
             snapshot_at: add(&r, Gauge::with_opts(opts("snapshot_timestamp_seconds", "When the gauges were last gathered (Unix time): a stale textfile shows here.")).unwrap()),
+            gather_seconds: add(&r, Gauge::with_opts(opts("gather_seconds", "How long the last gathering of the gauges took the dispatcher's loop (board queries, the live workers' cgroups, the slice).")).unwrap()),
             last_slice_cpu: None,
             last_pressure: BTreeMap::new(),
             registry: r,
@@ -385,6 +387,11 @@ impl Metrics {
         }
     }
 
+    /// How long gathering the snapshot took.
+    pub fn gathered_in(&self, seconds: f64) {
+        self.gather_seconds.set(seconds);
+    }
+
     /// Every metric, in the text format (`CONTENT_TYPE`).
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -397,12 +404,19 @@ impl Metrics {
 
 /// Replace `dir/name` with `text` at once (a temporary file beside it, renamed over it): a
 /// reader — node_exporter's textfile collector, `hermes-mgr metrics` — never sees half of it.
-/// The temporary's name does not end in `.prom`, which the collector skips.
+/// The temporary has a new, unguessable name, made with `O_EXCL|O_NOFOLLOW`, and does not end
+/// in `.prom` (the collector skips it); the rename replaces whatever `name` was without
+/// following it. Nothing else in `dir` is touched.
 pub fn write_atomically(dir: &std::path::Path, name: &str, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
+    let mut r = [0u8; 8];
+    // SAFETY: getrandom writes at most `r.len()` bytes into `r`.
+    let n = unsafe { libc::getrandom(r.as_mut_ptr().cast(), r.len(), 0) };
+    if n != r.len() as isize {
+        return Err(std::io::Error::last_os_error());
+    }
+    let tmp = dir.join(format!(".{name}.{:016x}.tmp", u64::from_ne_bytes(r)));
     let result = (|| {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -413,8 +427,11 @@ pub fn write_atomically(dir: &std::path::Path, name: &str, text: &str) -> std::i
         f.write_all(text.as_bytes())?;
         std::fs::rename(&tmp, dir.join(name))
     })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    if let Err(e) = &result {
+        // Ours to remove only if we made it.
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            let _ = std::fs::remove_file(&tmp);
+        }
     }
     result
 }
@@ -434,6 +451,28 @@ mod tests {
                 io_write_bytes: None,
             }),
         }
+    }
+
+    #[test]
+    fn a_write_replaces_the_file_whole_and_leaves_nothing_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        // A link where the file goes is replaced, not followed.
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::write(&elsewhere, "keep").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dir.path().join("m.prom")).unwrap();
+        write_atomically(dir.path(), "m.prom", "a 1\n").unwrap();
+        write_atomically(dir.path(), "m.prom", "a 2\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("m.prom")).unwrap(),
+            "a 2\n"
+        );
+        assert_eq!(std::fs::read_to_string(&elsewhere).unwrap(), "keep");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(write_atomically(&dir.path().join("none"), "m.prom", "x").is_err());
     }
 
     #[test]

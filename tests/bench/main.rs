@@ -1233,6 +1233,118 @@ fn scale(n: usize) {
         .status();
 }
 
+/// `GET /metrics` of the daemon's endpoint: the body, and how long the whole request took.
+fn scrape(port: u16) -> (String, Duration) {
+    use std::io::{Read, Write};
+    let t = Instant::now();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let took = t.elapsed();
+    let body = out.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    (body.to_string(), took)
+}
+
+/// 10. The metrics with `n` sleeping workers live (`BENCH_METRICS_N`, default 10,000), the
+/// endpoint on and gathering every 5 s: what one gathering costs the loop (the daemon's own
+/// `hermes_mgr_gather_seconds`, 12 gatherings), a scrape's wall time (50 `GET /metrics`), the
+/// text's size, and the daemon's CPU over 60 s idle gathering every 5 s, then (after a
+/// SIGHUP) hourly.
+fn metrics_cost(n: usize) {
+    let _ = std::process::Command::new("systemctl")
+        .args(["stop", rig::SERVICE])
+        .status();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let settings = |every: u64| {
+        format!("tick_seconds = 30\nbusy_timeout_ms = 300\nmetrics_listen = \"127.0.0.1:{port}\"\nmetrics_interval_seconds = {every}")
+    };
+    let d = rig::Dispatcher::new(&settings(5));
+    std::fs::write(
+        d.rig.dir.join("config.yaml"),
+        format!("kanban:\n  max_spawn: {}\n", n + 10),
+    )
+    .unwrap();
+    std::fs::write(d.rig.dir.join("worker"), "#!/bin/sh\nexec sleep 36000\n").unwrap();
+    let b = d.rig.board();
+    seed(&b, n);
+    d.install_logging("info");
+    let t0 = Instant::now();
+    d.start();
+    harness::wait_for("every worker running", Duration::from_secs(600), || {
+        (count(
+            b.connection(),
+            "SELECT count(*) FROM tasks WHERE status='running' AND worker_pid IS NOT NULL",
+        ) as usize
+            == n)
+            .then_some(())
+    });
+    println!(
+        "10. metrics: {n} live after {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let gather_of = |text: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix("hermes_mgr_gather_seconds "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap()
+    };
+    let mut gathers = Vec::new();
+    let mut last = f64::NAN;
+    while gathers.len() < 12 {
+        std::thread::sleep(Duration::from_millis(500));
+        let (text, _) = scrape(port);
+        let g = gather_of(&text);
+        // A new gathering (equal durations twice in a row are next to impossible).
+        if g != last
+            && text.contains(&format!(
+                "hermes_mgr_live_workers{{board=\"default\",profile=\"default\"}} {n}"
+            ))
+        {
+            gathers.push(Duration::from_secs_f64(g));
+            last = g;
+        }
+    }
+    summary(&format!("10. metrics: one gathering, {n} live"), gathers);
+    let mut scrapes = Vec::new();
+    let mut size = 0;
+    for _ in 0..50 {
+        let (text, took) = scrape(port);
+        size = text.len();
+        scrapes.push(took);
+    }
+    summary(
+        &format!("10. metrics: GET /metrics, {n} live ({size} bytes)"),
+        scrapes,
+    );
+    let (_, busy5, secs5) = daemon_idle(Duration::from_secs(2), Duration::from_secs(60));
+    std::fs::write(&d.rig.config, {
+        let c = std::fs::read_to_string(&d.rig.config).unwrap();
+        c.replace(
+            "metrics_interval_seconds = 5",
+            "metrics_interval_seconds = 3600",
+        )
+    })
+    .unwrap();
+    rig::sh(&format!("systemctl reload {}", rig::SERVICE));
+    let (_, busy_h, secs_h) = daemon_idle(Duration::from_secs(2), Duration::from_secs(60));
+    row(
+        &format!("10. metrics: daemon CPU, idle 60 s, {n} live"),
+        format!(
+            "{:.3} % gathering every 5 s, {:.3} % hourly",
+            100.0 * busy5 / secs5,
+            100.0 * busy_h / secs_h
+        ),
+    );
+    let _ = std::process::Command::new("systemctl")
+        .args(["stop", rig::SERVICE, "hermes-workers.slice"])
+        .status();
+}
+
 /// What one live run costs, sampled over `n` live runs: the supervisor's Pss (mean over up
 /// to 200 of them, from `smaps_rollup`), journald's descriptors, PID 1's RSS.
 fn per_run_cost(n: usize) {
@@ -1303,6 +1415,12 @@ fn main() {
                         .and_then(|v| v.parse().ok())
                         .unwrap_or(64),
                 ),
+                "metrics" => metrics_cost(
+                    std::env::var("BENCH_METRICS_N")
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(10_000),
+                ),
                 "scale" => scale(
                     std::env::var("BENCH_SCALE_N")
                         .ok()
@@ -1310,7 +1428,7 @@ fn main() {
                         .unwrap_or(10_000),
                 ),
                 other => panic!(
-                    "unknown benchmark {other:?} (requeue, spawn, throughput, idle, status, upstream, boards, scale, ceiling)"
+                    "unknown benchmark {other:?} (requeue, spawn, throughput, idle, status, upstream, boards, scale, ceiling, metrics)"
                 ),
             }
         }

@@ -169,5 +169,24 @@ fn a_tool_killed_by_the_oom_killer_ends_its_whole_run_and_the_run_says_so() {
         format!("crashed: pid {} killed by signal 15 (SIGTERM): the OOM killer killed 1 process of the run at MemoryMax=64M, peak 64M",
                 run.split_whitespace().nth(2).unwrap()),
     );
-    eprintln!("{run}{journal}");
+    // What an operator's alert reads: the kernel's kill and the breaker's trip, counted
+    // (the metrics are gathered every 15 s).
+    let want = [
+        "hermes_mgr_oom_kills_total{board=\"default\"} 1",
+        "hermes_mgr_breaker_trips_total{board=\"default\"} 1",
+        "hermes_mgr_runs_ended_total{board=\"default\",outcome=\"crashed\"} 1",
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let metrics = loop {
+        let m = vm.ok("hermes-mgr metrics");
+        if want.iter().all(|w| m.contains(w)) {
+            break m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{want:?} not in:\n{m}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    eprintln!("{run}{journal}{metrics}");
 }
