@@ -264,19 +264,31 @@ fn held_boards(cli: &Cli, all: bool) -> anyhow::Result<Vec<Board>> {
     Ok(vec![open(cli, OpenMode::MustExist)?])
 }
 
-/// `pause`: tasks (held, their workers frozen), else a board or every board.
-pub(super) fn cmd_pause(cli: &Cli, ids: &[String], all: bool, freeze: bool) -> anyhow::Result<()> {
+/// `pause` (`hold`) and `resume` (not `hold`): tasks (held and their workers frozen, or
+/// undone), else a board or every board.
+pub(super) fn cmd_hold(
+    cli: &Cli,
+    ids: &[String],
+    all: bool,
+    freeze: bool,
+    hold: bool,
+) -> anyhow::Result<()> {
+    use crate::dispatch::pause;
     let cfg = Config::load(cli.config.as_deref())?;
     if ids.is_empty() {
         let boards = held_boards(cli, all)?;
         let r = runtime()?.block_on(async {
             let sd = systemd().await?;
-            crate::dispatch::pause::pause_boards(&boards, &sd, &cfg, all, freeze).await
+            if hold {
+                pause::pause_boards(&boards, &sd, &cfg, all, freeze).await
+            } else {
+                pause::resume_boards(&boards, &sd, &cfg, all).await
+            }
         })?;
         return if cli.json {
             print_json(&r)
         } else {
-            println!("{}", render::boards_paused(&r, true));
+            println!("{}", render::boards_paused(&r, hold));
             Ok(())
         };
     }
@@ -288,7 +300,11 @@ pub(super) fn cmd_pause(cli: &Cli, ids: &[String], all: bool, freeze: bool) -> a
         let mut out = Vec::new();
         for id in ids {
             let b = open_with_task(cli, id, OpenMode::MustExist)?;
-            out.push(crate::dispatch::pause::pause_task(&b, &sd, &cfg, id).await?);
+            out.push(if hold {
+                pause::pause_task(&b, &sd, &cfg, id).await?
+            } else {
+                pause::resume_task(&b, &sd, &cfg, id).await?
+            });
         }
         anyhow::Ok(out)
     })?;
@@ -296,41 +312,7 @@ pub(super) fn cmd_pause(cli: &Cli, ids: &[String], all: bool, freeze: bool) -> a
         return print_json(&reports);
     }
     for r in &reports {
-        println!("{}", render::task_paused(r, true));
-    }
-    Ok(())
-}
-
-/// `resume`: what `pause` did, undone.
-pub(super) fn cmd_resume(cli: &Cli, ids: &[String], all: bool) -> anyhow::Result<()> {
-    let cfg = Config::load(cli.config.as_deref())?;
-    if ids.is_empty() {
-        let boards = held_boards(cli, all)?;
-        let r = runtime()?.block_on(async {
-            let sd = systemd().await?;
-            crate::dispatch::pause::resume_boards(&boards, &sd, &cfg, all).await
-        })?;
-        return if cli.json {
-            print_json(&r)
-        } else {
-            println!("{}", render::boards_paused(&r, false));
-            Ok(())
-        };
-    }
-    let reports = runtime()?.block_on(async {
-        let sd = systemd().await?;
-        let mut out = Vec::new();
-        for id in ids {
-            let b = open_with_task(cli, id, OpenMode::MustExist)?;
-            out.push(crate::dispatch::pause::resume_task(&b, &sd, &cfg, id).await?);
-        }
-        anyhow::Ok(out)
-    })?;
-    if cli.json {
-        return print_json(&reports);
-    }
-    for r in &reports {
-        println!("{}", render::task_paused(r, false));
+        println!("{}", render::task_paused(r, hold));
     }
     Ok(())
 }
