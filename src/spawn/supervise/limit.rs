@@ -61,21 +61,22 @@ impl Limit {
     }
 
     /// Act on the limit if it is due: SIGTERM, then SIGKILL, to every process of the scope
-    /// but this one. The pauses are read only when the limit looks due.
-    pub(super) fn check(&mut self) {
+    /// but this one. The pauses are read only when the limit looks due. `Some`: what went
+    /// wrong, for the journal (the signals went out as root, which may not be allowed).
+    pub(super) fn check(&mut self) -> Option<String> {
         if self.wait() != Some(Duration::ZERO) {
-            return;
+            return None;
         }
         if self.termed.is_some() {
-            signal_scope(libc::SIGKILL, self.uid);
             self.killed = Some(Instant::now());
-            return;
+            return signal_scope(libc::SIGKILL, self.uid).err();
         }
         self.paused = self.paused_seconds();
         if self.wait() == Some(Duration::ZERO) {
-            signal_scope(libc::SIGTERM, self.uid);
             self.termed = Some(Instant::now());
+            return signal_scope(libc::SIGTERM, self.uid).err();
         }
+        None
     }
 
     /// After a timeout: processes of the scope other than this one remain, and are still
@@ -103,19 +104,21 @@ fn others() -> Vec<i32> {
 /// meanwhile is found by the next). Sent as the worker user `uid`, whose processes they all
 /// are (`no_new_privs`: none became anyone else): the dispatcher's service gives root no
 /// `CAP_KILL`, and needs none for anything else.
-fn signal_scope(sig: i32, uid: libc::uid_t) {
-    let _as_worker = AsUser::new(uid);
+/// `Err` when this process could not become the worker user: the signals were sent as root.
+fn signal_scope(sig: i32, uid: libc::uid_t) -> Result<(), String> {
+    let as_worker = AsUser::new(uid);
     let mut seen = std::collections::HashSet::new();
     for _ in 0..64 {
         let fresh: Vec<i32> = others().into_iter().filter(|p| seen.insert(*p)).collect();
         if fresh.is_empty() {
-            return;
+            break;
         }
         for pid in fresh {
             // SAFETY: kill(2) of a PID of our own scope; ESRCH (it ended) is harmless.
             unsafe { libc::kill(pid, sig) };
         }
     }
+    as_worker.map(drop)
 }
 
 /// This process's effective uid as `uid` while it lives (real and saved stay root, so the
@@ -123,10 +126,15 @@ fn signal_scope(sig: i32, uid: libc::uid_t) {
 struct AsUser;
 
 impl AsUser {
-    fn new(uid: libc::uid_t) -> AsUser {
+    fn new(uid: libc::uid_t) -> Result<AsUser, String> {
         // SAFETY: setresuid(2) with -1 (unchanged) for the real and saved uid.
-        unsafe { libc::setresuid(libc::uid_t::MAX, uid, libc::uid_t::MAX) };
-        AsUser
+        if unsafe { libc::setresuid(libc::uid_t::MAX, uid, libc::uid_t::MAX) } != 0 {
+            return Err(format!(
+                "runtime limit: cannot become uid {uid} to signal the run's processes ({}); signalled as root",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(AsUser)
     }
 }
 

@@ -240,7 +240,7 @@ fn supervise(spec: &WorkerSpec, tmpdir: &Path, journal: &Journal) -> Result<u8, 
             super::spec::OUTPUT_TAIL,
         ));
     }
-    let (status, sigterm) = wait_worker(&sfd, &mut relay, worker, &mut limit)?;
+    let (status, sigterm) = wait_worker(&sfd, &mut relay, worker, &mut limit, journal, spec)?;
     // What the worker wrote just before it ended is in the pipes by now.
     relay.pump();
     let mut rs = exit_record(spec, worker, started_at, status, sigterm, &mut relay);
@@ -264,7 +264,9 @@ fn supervise(spec: &WorkerSpec, tmpdir: &Path, journal: &Journal) -> Result<u8, 
         if wait_readable(&sfd, &relay, look)? {
             let _ = sfd.read_signal();
         }
-        limit.check();
+        if let Some(why) = limit.check() {
+            say(journal, spec, &why);
+        }
         relay.pump();
         let _ = reap(worker);
     }
@@ -335,11 +337,15 @@ fn wait_worker(
     relay: &mut Relay,
     worker: Pid,
     limit: &mut limit::Limit,
+    journal: &Journal,
+    spec: &WorkerSpec,
 ) -> Result<(WaitStatus, bool), Failure> {
     let mut sigterm = false;
     loop {
         let woke = wait_readable(sfd, relay, limit.wait())?;
-        limit.check();
+        if let Some(why) = limit.check() {
+            say(journal, spec, &why);
+        }
         if woke {
             match sfd.read_signal() {
                 Ok(Some(info)) if info.ssi_signo == libc::SIGTERM as u32 => sigterm = true,
