@@ -2,7 +2,7 @@
 # Installs what the test suite needs, idempotently, on Debian 12 (run as root):
 #   - systemd, dbus, util-linux (unshare/nsenter): the real-systemd sandbox (tests/sdharness)
 #   - python3-venv: a venv for the real Hermes CLI
-#   - prometheus (server and promtool): the metrics tests
+#   - prometheus (server and promtool), prometheus-node-exporter: the metrics tests
 #   - man-db, lintian, rpm: the man page and package checks; cargo-deb and
 #     cargo-generate-rpm (crates.io) build the packages
 #   - hermes-agent==0.19.0 from PyPI in target/hermes-venv (built with /usr/bin/python3, so
@@ -33,9 +33,10 @@ TOOLS=(
   dpkg-deb:dpkg:--version rpm:rpm:--version /usr/bin/python3:python3:--version
 )
 ensure_tools "${TOOLS[@]}"
-# Prometheus, for the metrics tests (`promtool check metrics` and `test rules`, a real server
-# scraping the daemon); node-exporter, which it recommends, is not needed.
-METRICS_TOOLS=(prometheus:prometheus:--version promtool:prometheus:--version)
+# Prometheus and node_exporter, for the metrics tests (`promtool check metrics` and `test
+# rules`; a real server scraping the daemon, and node_exporter reading its textfile).
+METRICS_TOOLS=(prometheus:prometheus:--version promtool:prometheus:--version
+  prometheus-node-exporter:prometheus-node-exporter:--version)
 ensure_tools --no-install-recommends "${METRICS_TOOLS[@]}"
 /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || apt_install python3-venv
 /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null \

@@ -1,7 +1,8 @@
 //! The metrics as an operator's Prometheus sees them: a real Prometheus (Debian's) scrapes the
-//! daemon's endpoint in the sandbox, and PromQL counts what the board did — a run completed,
-//! one crashed, one blocked; `promtool check metrics` passes on `hermes-mgr metrics` and on
-//! the textfile node_exporter would read; the shipped alert rules pass `promtool test rules`.
+//! daemon's endpoint and a real node_exporter reading the daemon's textfile, in the sandbox,
+//! and PromQL counts what the board did through both — a run completed, one crashed, one
+//! blocked; `promtool check metrics` passes on `hermes-mgr metrics` and on the textfile; the
+//! shipped alert rules pass `promtool test rules`.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -93,16 +94,30 @@ fn promtool_check(text: &str) -> Result<(), String> {
     }
 }
 
-/// Start Debian's Prometheus in the sandbox, scraping the daemon's endpoint every second
-/// as the README's example job does; its own port.
-fn start_prometheus(dir: &Path, target: u16) -> u16 {
+/// Start Debian's node_exporter in the sandbox with only its textfile collector, reading
+/// `dir`; its port.
+fn start_node_exporter(dir: &Path) -> u16 {
+    let port = free_port();
+    sh(&format!(
+        "systemd-run --unit=node-exporter-test --collect /usr/bin/prometheus-node-exporter --collector.disable-defaults --collector.textfile --collector.textfile.directory={} --web.listen-address=127.0.0.1:{port}",
+        dir.display()
+    ));
+    wait_for("node_exporter to answer", Duration::from_secs(60), || {
+        get(port, "/metrics").filter(|(s, _)| s.contains("200"))
+    });
+    port
+}
+
+/// Start Debian's Prometheus in the sandbox, scraping every second the daemon's endpoint, as
+/// the README's example job does (`hermes-mgr`), and node_exporter (`node`); its own port.
+fn start_prometheus(dir: &Path, target: u16, node: u16) -> u16 {
     let port = free_port();
     std::fs::create_dir_all(dir).unwrap();
     let cfg = dir.join("prometheus.yml");
     std::fs::write(
         &cfg,
         format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: hermes-mgr\n    static_configs:\n      - targets: ['127.0.0.1:{target}']\n"
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: hermes-mgr\n    static_configs:\n      - targets: ['127.0.0.1:{target}']\n  - job_name: node\n    static_configs:\n      - targets: ['127.0.0.1:{node}']\n"
         ),
     )
     .unwrap();
@@ -146,7 +161,8 @@ systemd_test!(
         d.wait_task("done", |t| t.status.as_str() == "done", &done);
         d.wait_task("blocked", |t| t.status.as_str() == "blocked", &blocked);
 
-        let prom = start_prometheus(&d.rig.dir.join("prom"), target);
+        let node = start_node_exporter(textfile);
+        let prom = start_prometheus(&d.rig.dir.join("prom"), target, node);
         let want = |q: &str, expected: &[(&str, f64)]| {
             wait_for(
                 &format!("{q} to be {expected:?}"),
@@ -166,7 +182,7 @@ systemd_test!(
             )
         };
         want(
-            "sum by (outcome) (hermes_mgr_runs_ended_total)",
+            "sum by (outcome) (hermes_mgr_runs_ended_total{job=\"hermes-mgr\"})",
             &[
                 ("outcome=completed", 1.0),
                 ("outcome=crashed", 1.0),
@@ -174,19 +190,46 @@ systemd_test!(
             ],
         );
         want(
-            "hermes_mgr_tasks{board=\"default\"} > 0",
+            "hermes_mgr_tasks{job=\"hermes-mgr\",board=\"default\"} > 0",
             &[
                 ("status=done", 1.0),
                 ("status=blocked", 1.0),
                 ("status=running", 1.0),
             ],
         );
-        want("sum(hermes_mgr_live_workers)", &[("", 1.0)]);
-        want("hermes_mgr_breaker_trips_total", &[("board=default", 0.0)]);
-        want("hermes_mgr_start_seconds_count", &[("", 4.0)]);
-        want("hermes_mgr_booking_seconds_count", &[("", 3.0)]);
-        want("hermes_mgr_estop", &[("", 0.0)]);
-        want("hermes_mgr_board_paused", &[("board=default", 0.0)]);
+        want(
+            "sum(hermes_mgr_live_workers{job=\"hermes-mgr\"})",
+            &[("", 1.0)],
+        );
+        want(
+            "hermes_mgr_breaker_trips_total{job=\"hermes-mgr\"}",
+            &[("board=default", 0.0)],
+        );
+        want(
+            "hermes_mgr_start_seconds_count{job=\"hermes-mgr\"}",
+            &[("", 4.0)],
+        );
+        want(
+            "hermes_mgr_booking_seconds_count{job=\"hermes-mgr\"}",
+            &[("", 3.0)],
+        );
+        want("hermes_mgr_estop{job=\"hermes-mgr\"}", &[("", 0.0)]);
+        want(
+            "hermes_mgr_board_paused{job=\"hermes-mgr\"}",
+            &[("board=default", 0.0)],
+        );
+
+        // The same counts through node_exporter's textfile collector, which took the file
+        // without a parse error.
+        want(
+            "sum by (outcome) (hermes_mgr_runs_ended_total{job=\"node\"})",
+            &[
+                ("outcome=completed", 1.0),
+                ("outcome=crashed", 1.0),
+                ("outcome=blocked", 1.0),
+            ],
+        );
+        want("node_textfile_scrape_error{job=\"node\"}", &[("", 0.0)]);
 
         // What `hermes-mgr metrics` prints, and the textfile node_exporter would read, are
         // Prometheus' text format, clean by promtool's lint.
@@ -203,7 +246,7 @@ systemd_test!(
         // The endpoint answers only GET of its path.
         let (status, _) = get(target, "/nothing").unwrap();
         assert!(status.contains("404"), "{status}");
-        sh("systemctl stop prometheus-test");
+        sh("systemctl stop prometheus-test node-exporter-test");
     }
 );
 
