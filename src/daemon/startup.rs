@@ -141,14 +141,15 @@ pub(super) async fn run(opts: Options) -> anyhow::Result<()> {
     log_hermes_version(&d.cfg);
     d.open_boards();
     d.reconcile().await?;
+    // The metrics are there from the start (before READY=1: `systemctl start` returns then):
+    // `hermes-mgr metrics`, `doctor` and a first scrape find them.
+    d.publish_metrics();
     // Ready with a status line: `systemctl status` right after a start shows what runs,
     // whether or not a pass follows at once.
     d.notifier.send(&format!(
         "READY=1\nSTATUS={}",
         d.status_text().replace('\n', " ")
     ));
-    // The metrics are there from the start: `hermes-mgr metrics` and a first scrape.
-    d.publish_metrics();
     d.serve(watcher, removed, &follow).await?;
     d.notifier.send("STOPPING=1");
     if d.cfg.stop_workers_on_exit {

@@ -62,6 +62,7 @@ pub async fn run(paths: &BoardPaths, cfg: anyhow::Result<Config>) -> Vec<Check> 
     if let Ok(sd) = &sd {
         out.extend(dispatcher_health(sd).await);
     }
+    out.push(metrics(&cfg));
     out.extend(worker_user(&cfg));
     out.extend(worker_binary(&cfg));
     out
@@ -371,6 +372,55 @@ async fn dispatcher_health(sd: &Systemd) -> Vec<Check> {
     }
 }
 
+/// Where the metrics go, and whether the dispatcher's latest are fresh.
+fn metrics(cfg: &Config) -> Check {
+    let age = std::fs::metadata(crate::state_dir::metrics_path(&cfg.state_dir))
+        .and_then(|m| m.modified())
+        .ok()
+        .map(|t| t.elapsed().unwrap_or_default().as_secs());
+    let textfile = cfg.metrics_textfile_dir.is_dir();
+    metrics_check(
+        age,
+        cfg.metrics_interval_seconds,
+        textfile.then_some(cfg.metrics_textfile_dir.as_path()),
+        cfg.metrics_listen.as_deref(),
+    )
+}
+
+/// `metrics`, from the facts: the latest metrics' age, how often they are written, the
+/// textfile directory when it exists, the endpoint when one is set.
+fn metrics_check(
+    age: Option<u64>,
+    every: u64,
+    textfile: Option<&std::path::Path>,
+    listen: Option<&str>,
+) -> Check {
+    let mut to = vec!["hermes-mgr metrics".to_string()];
+    to.extend(textfile.map(|d| format!("node_exporter ({})", d.join("hermes-mgr.prom").display())));
+    to.extend(listen.map(|l| format!("http://{l}/metrics")));
+    let to = to.join(", ");
+    match age {
+        None => check(
+            "metrics",
+            Level::Warn,
+            format!("none written yet; once the dispatcher runs, every {every} s to {to}"),
+            Some("systemctl start hermes-dispatcher"),
+        ),
+        Some(a) if a > 3 * every + 5 => check(
+            "metrics",
+            Level::Warn,
+            format!("last written {a} s ago, though every {every} s is due: the dispatcher is down or stuck; to {to}"),
+            Some("systemctl status hermes-dispatcher"),
+        ),
+        Some(a) => check(
+            "metrics",
+            Level::Ok,
+            format!("written {a} s ago, every {every} s, to {to}"),
+            None,
+        ),
+    }
+}
+
 /// The worker user exists and is not root.
 fn worker_user(cfg: &Config) -> Vec<Check> {
     let mut out = Vec::new();
@@ -464,8 +514,48 @@ fn hermes_version(bin: &std::path::Path) -> Check {
 
 #[cfg(test)]
 mod tests {
-    use super::{favordynmods, memory_monitor, room, Level};
+    use super::{favordynmods, memory_monitor, metrics_check, room, Level};
     use crate::liveness::MemoryMonitor;
+
+    #[test]
+    fn metrics_are_fresh_stale_or_not_yet_there_and_say_where_they_go() {
+        let dir = std::path::Path::new("/var/lib/prometheus/node-exporter");
+        for (age, textfile, listen, level, says) in [
+            (
+                Some(3),
+                None,
+                None,
+                Level::Ok,
+                "written 3 s ago, every 15 s, to hermes-mgr metrics",
+            ),
+            (
+                Some(50),
+                Some(dir),
+                None,
+                Level::Ok,
+                "node_exporter (/var/lib/prometheus/node-exporter/hermes-mgr.prom)",
+            ),
+            (
+                Some(51),
+                None,
+                Some("127.0.0.1:9469"),
+                Level::Warn,
+                "last written 51 s ago",
+            ),
+            (
+                Some(0),
+                None,
+                Some("127.0.0.1:9469"),
+                Level::Ok,
+                "http://127.0.0.1:9469/metrics",
+            ),
+            (None, None, None, Level::Warn, "none written yet"),
+        ] {
+            let c = metrics_check(age, 15, textfile, listen);
+            assert_eq!(c.level, level, "{age:?}");
+            assert!(c.detail.contains(says), "{}", c.detail);
+        }
+    }
 
     #[test]
     fn the_smallest_kernel_limit_bounds_the_workers_a_cap_may_ask_for() {

@@ -256,4 +256,35 @@ mod tests {
         let refused = ask(big).await;
         assert!(refused.starts_with("HTTP/1.1 431"), "{refused}");
     }
+
+    /// A unix socket: served, world-connectable (its directory decides), a stale one left
+    /// by an earlier daemon replaced, any other file at the path refused and kept.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_unix_socket_is_served_and_only_a_socket_is_replaced() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.sock");
+        let listen = Listen::Unix(path.clone());
+        drop(bind(&listen).await.unwrap());
+        // The socket file of that listener is left behind: taken over.
+        let l = bind(&listen).await.unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o666
+        );
+        let (_tx, rx) = watch::channel(Arc::new("hermes_mgr_estop 0\n".to_string()));
+        tokio::spawn(serve(l, rx));
+        let mut s = tokio::net::UnixStream::connect(&path).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(
+            out.starts_with("HTTP/1.1 200 OK\r\n") && out.ends_with("hermes_mgr_estop 0\n"),
+            "{out}"
+        );
+        let file = dir.path().join("not-a-socket");
+        std::fs::write(&file, "keep").unwrap();
+        assert!(bind(&Listen::Unix(file.clone())).await.is_err());
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
+    }
 }

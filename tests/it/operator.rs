@@ -114,6 +114,7 @@ systemd_test!(
             "ok   board tree",
             "ok   worker user",
             "ok   worker binary",
+            "ok   metrics",
         ] {
             assert!(ok.stdout.contains(line), "{line} missing:\n{}", ok.stdout);
         }
