@@ -64,6 +64,14 @@ pub struct Config {
     pub max_boards: usize,
     /// On SIGTERM, stop every worker too (default: leave them running; the next start adopts them).
     pub stop_workers_on_exit: bool,
+    /// Admission by pressure: a worker starts only while the workers' slice's and the host's
+    /// `some avg10` of memory (CPU, IO) is at most this percent; unset = not looked at.
+    pub admit_memory_pressure_percent: Option<f64>,
+    pub admit_cpu_pressure_percent: Option<f64>,
+    pub admit_io_pressure_percent: Option<f64>,
+    /// A worker starts only while the host's `MemAvailable` is at least this; unset = not
+    /// looked at.
+    pub admit_memory_available_bytes: Option<u64>,
     /// How often the daemon gathers its metrics and writes them out, in seconds.
     pub metrics_interval_seconds: u64,
     /// node_exporter's textfile collector directory: `hermes-mgr.prom` is written there
@@ -124,6 +132,10 @@ impl Default for Config {
             busy_timeout_ms: 2000,
             max_boards: 100,
             stop_workers_on_exit: false,
+            admit_memory_pressure_percent: None,
+            admit_cpu_pressure_percent: None,
+            admit_io_pressure_percent: None,
+            admit_memory_available_bytes: None,
             metrics_interval_seconds: 15,
             metrics_textfile_dir: "/var/lib/prometheus/node-exporter".into(),
             metrics_listen: None,
@@ -247,6 +259,16 @@ impl Config {
         Ok(cfg)
     }
 
+    /// The thresholds of admission by pressure.
+    pub fn admission(&self) -> crate::admission::Limits {
+        crate::admission::Limits {
+            memory_pressure: self.admit_memory_pressure_percent,
+            cpu_pressure: self.admit_cpu_pressure_percent,
+            io_pressure: self.admit_io_pressure_percent,
+            memory_available: self.admit_memory_available_bytes,
+        }
+    }
+
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(!self.worker_user.is_empty(), "worker_user must name a user");
         anyhow::ensure!(
@@ -272,6 +294,24 @@ impl Config {
             self.start_timeout_seconds > 0,
             "start_timeout_seconds must be positive"
         );
+        for (key, v) in [
+            (
+                "admit_memory_pressure_percent",
+                self.admit_memory_pressure_percent,
+            ),
+            (
+                "admit_cpu_pressure_percent",
+                self.admit_cpu_pressure_percent,
+            ),
+            ("admit_io_pressure_percent", self.admit_io_pressure_percent),
+        ] {
+            if let Some(v) = v {
+                anyhow::ensure!(
+                    (0.0..=100.0).contains(&v),
+                    "{key} = {v}: a percent, 0 to 100"
+                );
+            }
+        }
         anyhow::ensure!(
             self.metrics_interval_seconds > 0,
             "metrics_interval_seconds must be positive"

@@ -3,6 +3,7 @@
 //! The daemon, the CLI and the tests share this library. See `ARCHITECTURE.md` for the
 //! module map and the invariants.
 
+pub mod admission;
 pub mod board;
 pub mod cli;
 pub mod config;

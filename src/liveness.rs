@@ -334,6 +334,52 @@ fn pressure_totals(text: &str) -> Vec<(&'static str, u64)> {
         .collect()
 }
 
+/// `some avg10` of a pressure file's text (percent of the last 10 s).
+fn some_avg10(text: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with("some "))?
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("avg10="))?
+        .parse()
+        .ok()
+}
+
+/// `some avg10` of memory, CPU and IO for the cgroup at `cgroup` (its `*.pressure` files) and
+/// for the host (`/proc/pressure/*`), as `(scope, resource, percent)`; what cannot be read
+/// is left out (a kernel without PSI).
+pub fn pressure(cgroup: &Path) -> Vec<(&'static str, &'static str, f64)> {
+    let mut out = Vec::new();
+    for resource in ["memory", "cpu", "io"] {
+        let files = [
+            ("slice", cgroup.join(format!("{resource}.pressure"))),
+            ("host", Path::new("/proc/pressure").join(resource)),
+        ];
+        for (scope, file) in files {
+            if let Some(v) = std::fs::read_to_string(file)
+                .ok()
+                .and_then(|t| some_avg10(&t))
+            {
+                out.push((scope, resource, v));
+            }
+        }
+    }
+    out
+}
+
+/// The host's `MemAvailable`, in bytes.
+pub fn memory_available() -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(|kb| kb * 1024)
+}
+
 /// `cpu.max` (`QUOTA PERIOD`, or `max PERIOD`) as cores.
 fn cpu_max_cores(text: &str) -> Option<f64> {
     let mut f = text.split_whitespace();
@@ -444,6 +490,12 @@ mod tests {
         assert_eq!(pressure_totals(psi), vec![("some", 1234), ("full", 56)]);
         // cpu.pressure before 5.13 has no `full` line; garbage is skipped.
         assert_eq!(pressure_totals("some total=7\nnoise\n"), vec![("some", 7)]);
+        assert_eq!(some_avg10(psi), Some(0.0));
+        assert_eq!(
+            some_avg10("full avg10=9.00\nsome avg10=31.25 avg60=1.00 total=5\n"),
+            Some(31.25)
+        );
+        assert_eq!(some_avg10("garbage"), None);
         for (text, want) in [
             ("max 100000\n", None),
             ("150000 100000\n", Some(1.5)),

@@ -461,6 +461,12 @@ pub fn pass(r: &crate::dispatch::PassReport) -> String {
         o.push_str("Another dispatcher holds this board's dispatch lock; nothing done.\n");
         return o;
     }
+    if let Some(why) = &r.pressure {
+        o.push_str(&format!(
+            "Holding new workers: {}; nothing claimed.\n",
+            clean(why)
+        ));
+    }
     for s in &r.spawned {
         o.push_str(&format!(
             "Spawned {} run {} in {} (pid {})\n",

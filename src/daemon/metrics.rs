@@ -149,6 +149,7 @@ impl Daemon {
             live,
             slice,
             estop: self.estop.is_some(),
+            pressure_held: self.pressure.is_some(),
             hermes_version: hermes
                 .as_ref()
                 .map_or_else(|| "unknown".into(), |h| h.version.clone()),

@@ -129,6 +129,8 @@ struct Daemon {
     holds: crate::holds::View,
     /// The metrics, and where they go (`metrics.rs`).
     exposition: metrics::Exposition,
+    /// Admission by pressure holds new workers: why, and when the boards are looked at again.
+    pressure: Option<(String, Instant)>,
 }
 
 /// Exit with a clear message: the daemon cannot work at all. Said once: as a structured
@@ -365,10 +367,13 @@ impl Daemon {
     /// When the loop must come back for a pass with no event: now (a pass cut short by its
     /// batch), or when the earliest backoff runs out. `None`: only events bring it back.
     fn next_wake(&self) -> Option<Instant> {
+        // While pressure holds new workers, not before its next look.
+        let held = self.pressure.as_ref().map(|(_, at)| *at);
         self.slots
             .values()
             .filter(|s| s.listed && s.dirty)
             .map(|s| s.backoff.map_or_else(Instant::now, |(until, _)| until))
+            .map(|w| held.map_or(w, |h| w.max(h)))
             .min()
     }
     /// Handle what inotify saw; `true` when the set of boards may have changed (the watches

@@ -80,9 +80,39 @@ impl Daemon {
             Some(p) => format!("{p}; {line}"),
             None => line,
         };
+        let line = match &self.pressure {
+            Some((why, _)) => format!("HOLDING new workers: {}; {line}", crate::text::clean(why)),
+            None => line,
+        };
         match &self.estop {
             Some(p) => format!("{}; {line}", crate::hermes_config::estop_text(p)),
             None => line,
+        }
+    }
+
+    /// Admission by pressure said `why` new workers wait (`Some`), or let a pass run
+    /// (`None`). Its coming and going are said once each; while it holds, the boards are
+    /// looked at again every `PRESSURE_LOOK` (PSI's averages move continuously: a start waits
+    /// at most that long after they fall below the threshold).
+    pub(super) fn on_pressure(&mut self, why: Option<String>) {
+        const PRESSURE_LOOK: Duration = Duration::from_millis(250);
+        match (why, &self.pressure) {
+            (Some(why), was) => {
+                let changed = was.as_ref().is_none_or(|(w, _)| *w != why);
+                if was.is_none() {
+                    warn!("holding new workers: {why}");
+                }
+                self.pressure = Some((why, Instant::now() + PRESSURE_LOOK));
+                if changed {
+                    self.update_status();
+                }
+            }
+            (None, Some(_)) => {
+                info!("pressure below the thresholds: starting workers again");
+                self.pressure = None;
+                self.update_status();
+            }
+            (None, None) => {}
         }
     }
 
@@ -213,6 +243,15 @@ impl Daemon {
                         Some(crate::outcome::spawn_failure(u.fault, &u.error)),
                     );
                 }
+                if let Some(why) = report.pressure.clone() {
+                    // Admission by pressure: the board waits, dirty, for the next look.
+                    if let Some(s) = self.slots.get_mut(slug) {
+                        s.dirty = true;
+                    }
+                    self.on_pressure(Some(why));
+                    return;
+                }
+                self.on_pressure(None);
                 let Some(slot) = self.slots.get_mut(slug) else {
                     return;
                 };

@@ -111,6 +111,7 @@ pub(super) async fn run(opts: Options) -> anyhow::Result<()> {
         boards_over: 0,
         holds: crate::holds::View::new(&cfg_holds),
         exposition,
+        pressure: None,
     };
     d.clear_env_files();
     d.refresh_boards();

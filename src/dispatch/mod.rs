@@ -69,6 +69,9 @@ pub struct PassReport {
     /// An operator's hold (`hermes-mgr pause --board`/`--all`) held the pass: why.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub paused: Option<String>,
+    /// Admission by pressure held the pass (nothing was claimed): why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pressure: Option<String>,
     /// Ready tasks held back by their own pause (`hermes-mgr pause ID`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub paused_tasks: Vec<String>,
@@ -93,6 +96,29 @@ pub struct Unbooked {
 pub struct Batch {
     pub starts: usize,
     pub time: std::time::Duration,
+}
+
+/// Whether the host can take a worker now (`admission`), from the kernel's figures for the
+/// workers' slice and the host; `None` at once when no threshold is set (nothing is read).
+pub fn pressure_hold(cfg: &Config) -> Option<String> {
+    let limits = cfg.admission();
+    if limits.none() {
+        return None;
+    }
+    let slice = crate::liveness::unit_cgroup(&cfg.slice, "");
+    let slice = std::path::Path::new("/sys/fs/cgroup").join(slice.trim_matches('/'));
+    let facts = crate::admission::Facts {
+        pressure: crate::liveness::pressure(&slice)
+            .into_iter()
+            .map(|(scope, resource, some_avg10)| crate::admission::Pressure {
+                scope,
+                resource,
+                some_avg10,
+            })
+            .collect(),
+        memory_available: crate::liveness::memory_available(),
+    };
+    crate::admission::hold(&limits, &facts)
 }
 
 /// One dispatch pass: promote what parent gating allows, then claim ready tasks in
@@ -130,6 +156,7 @@ pub async fn once(
         stopped: false,
         lock: claimer_id(),
     };
+    pass.report.pressure = pressure_hold(cfg);
     if pass.held() {
         return Ok((pass.report, Vec::new()));
     }
@@ -211,7 +238,9 @@ impl<'a> Pass<'a> {
         if self.report.paused.is_none() {
             self.report.paused = self.holds.board_held(&self.db);
         }
-        self.report.estop.is_some() || self.report.paused.is_some()
+        self.report.estop.is_some()
+            || self.report.paused.is_some()
+            || self.report.pressure.is_some()
     }
 
     fn full(&self) -> bool {

@@ -62,6 +62,7 @@ pub async fn run(paths: &BoardPaths, cfg: anyhow::Result<Config>) -> Vec<Check> 
     if let Ok(sd) = &sd {
         out.extend(dispatcher_health(sd).await);
     }
+    out.push(admission(&cfg));
     out.push(metrics(&cfg));
     out.extend(worker_user(&cfg));
     out.extend(worker_binary(&cfg));
@@ -369,6 +370,32 @@ async fn dispatcher_health(sd: &Systemd) -> Vec<Check> {
             None,
         )],
         _ => Vec::new(),
+    }
+}
+
+/// Admission by pressure: off, admitting, or holding new workers (and why), now.
+fn admission(cfg: &Config) -> Check {
+    if cfg.admission().none() {
+        return check(
+            "admission",
+            Level::Ok,
+            "by pressure: off (no admit_* threshold set)",
+            None,
+        );
+    }
+    match crate::dispatch::pressure_hold(cfg) {
+        Some(why) => check(
+            "admission",
+            Level::Warn,
+            format!("holding new workers: {why}"),
+            Some("the host is busy: ready tasks wait and start once it is not; or raise the threshold (hermes-mgr.toml(5))"),
+        ),
+        None => check(
+            "admission",
+            Level::Ok,
+            "by pressure: admitting (every figure within its threshold)",
+            None,
+        ),
     }
 }
 

@@ -94,6 +94,8 @@ pub struct Snapshot {
     pub slice: Option<SliceFacts>,
     /// Hermes' emergency stop holds every board.
     pub estop: bool,
+    /// Admission by pressure holds new workers.
+    pub pressure_held: bool,
     /// The hermes-agent version the workers run (`unknown` when not found), and the
     /// contract they get.
     pub hermes_version: String,
@@ -167,6 +169,7 @@ pub struct Metrics {
     paused: IntGaugeVec,
     paused_tasks: IntGaugeVec,
     estop: IntGauge,
+    pressure_held: IntGauge,
     live_workers: IntGaugeVec,
     live_cpu: GaugeVec,
     live_memory: IntGaugeVec,
@@ -226,6 +229,7 @@ impl Metrics {
             paused: add(&r, igauge("board_paused", "1 while an operator's hold (hermes-mgr pause --board or --all) keeps every task of the board.", &["board"])),
             paused_tasks: add(&r, igauge("paused_tasks", "Tasks held one by one (hermes-mgr pause ID).", &["board"])),
             estop: add(&r, IntGauge::with_opts(opts("estop", "1 while Hermes' emergency stop (ESTOP) holds every board.")).unwrap()),
+            pressure_held: add(&r, IntGauge::with_opts(opts("admission_held", "1 while admission by pressure (admit_* thresholds) holds new workers.")).unwrap()),
             live_workers: add(&r, igauge("live_workers", "Workers running in their scopes, by board and profile.", &["board", "profile"])),
             live_cpu: add(&r, gauge("live_worker_cpu_seconds", "CPU seconds the live workers of a profile have used so far (their scopes' cpu.stat); falls when workers end.", &["profile"])),
             live_memory: add(&r, igauge("live_worker_memory_bytes", "Memory the live workers of a profile use now (their scopes' memory.current).", &["profile"])),
@@ -319,6 +323,7 @@ impl Metrics {
                 .set(b.paused_tasks as i64);
         }
         self.estop.set(s.estop as i64);
+        self.pressure_held.set(s.pressure_held as i64);
         let sums = sum_by_profile(&s.live);
         for ((board, profile), n) in &sums.workers {
             self.live_workers

@@ -49,6 +49,11 @@ fn every_config_key_is_documented() {
         tasks_max: Some(1),
         cpu_quota_percent: Some(1),
         default_assignee: Some("x".into()),
+        metrics_listen: Some("127.0.0.1:9469".into()),
+        admit_memory_pressure_percent: Some(1.0),
+        admit_cpu_pressure_percent: Some(1.0),
+        admit_io_pressure_percent: Some(1.0),
+        admit_memory_available_bytes: Some(1),
         ..Default::default()
     })
     .unwrap();

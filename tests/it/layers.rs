@@ -21,6 +21,7 @@ const FLOORS: &[&str] = &[
     "systemd",
     // Pure policy, and facts from the kernel and the state directory.
     "outcome",
+    "admission",
     "transitions",
     "hermes_config",
     "liveness",

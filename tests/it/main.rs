@@ -5,6 +5,7 @@ mod deb;
 mod harness;
 mod rig;
 
+mod admission;
 mod attack;
 mod board;
 mod boards;
