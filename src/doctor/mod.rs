@@ -383,6 +383,18 @@ fn admission(cfg: &Config) -> Check {
             None,
         );
     }
+    let limits = cfg.admission();
+    let wants_psi = limits.memory_pressure.is_some()
+        || limits.cpu_pressure.is_some()
+        || limits.io_pressure.is_some();
+    if wants_psi && crate::liveness::pressure(std::path::Path::new("/nonexistent")).is_empty() {
+        return check(
+            "admission",
+            Level::Warn,
+            "admit_*_pressure_percent is set, but this kernel gives no pressure figures (/proc/pressure): those thresholds hold nothing",
+            Some("boot with psi=1 (a kernel built with CONFIG_PSI_DEFAULT_DISABLED), or use admit_memory_available_bytes"),
+        );
+    }
     match crate::dispatch::pressure_hold(cfg) {
         Some(why) => check(
             "admission",
