@@ -279,8 +279,52 @@ pub(super) fn open_conn(
         conn.execute_batch(schema::DDL)
             .map_err(|e| classify(db, "create schema", e))?;
     }
+    if mode != OpenMode::Inspect {
+        // A hint: a board whose file cannot grow now still works (SQLite grows it later).
+        if let Err(e) = keep_ahead(&conn) {
+            tracing::debug!(board = %db.display(), "file not grown ahead: {e}");
+        }
+    }
     drop(init_lock);
     Ok(conn)
+}
+
+/// How far the file is kept ahead of the pages its header counts.
+pub(super) const AHEAD_BYTES: i64 = 1 << 20;
+
+/// Grow the file now, in one step, `AHEAD_BYTES` past the pages it holds (the header and the
+/// WAL's newest), so that checkpoints write pages into a file that is already long enough.
+/// hermes-agent 0.19.0's "torn-extend" check reads the file's size *before* its header: a
+/// checkpoint that grows the file and raises the header's page count between those two
+/// reads — even one that grows the file first (`set_chunk_size`) — makes its write fail
+/// (counted in `interop::both_tools_writing_at_once_lose_nothing`). With the file ahead,
+/// checkpoints leave its size alone until the board has grown by `AHEAD_BYTES`. An empty
+/// file (no schema yet) is left as it is: zeros where the header goes are no database.
+fn keep_ahead(conn: &Connection) -> rusqlite::Result<()> {
+    let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+    let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    if pages == 0 {
+        return Ok(());
+    }
+    let mut hint: i64 = pages * page + AHEAD_BYTES;
+    // SAFETY: `handle()` is the live connection owned by `conn`; the file control reads one
+    // i64 from a pointer that outlives the call and keeps no reference to it.
+    let rc = unsafe {
+        rusqlite::ffi::sqlite3_file_control(
+            conn.handle(),
+            c"main".as_ptr(),
+            rusqlite::ffi::SQLITE_FCNTL_SIZE_HINT,
+            (&mut hint as *mut i64).cast(),
+        )
+    };
+    if rc == rusqlite::ffi::SQLITE_OK {
+        Ok(())
+    } else {
+        Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rc),
+            Some("SQLITE_FCNTL_SIZE_HINT".into()),
+        ))
+    }
 }
 
 impl Board {
