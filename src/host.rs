@@ -3,6 +3,17 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// 64 bits from the kernel's random pool: names nobody can guess in advance.
+pub fn random_u64() -> std::io::Result<u64> {
+    let mut r = [0u8; 8];
+    // SAFETY: getrandom writes at most `r.len()` bytes into `r`.
+    let n = unsafe { libc::getrandom(r.as_mut_ptr().cast(), r.len(), 0) };
+    if n != r.len() as isize {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(u64::from_ne_bytes(r))
+}
+
 /// Seconds since the epoch, as upstream stores times.
 pub fn now() -> i64 {
     SystemTime::now()

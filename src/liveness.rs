@@ -366,6 +366,12 @@ pub fn pressure(cgroup: &Path) -> Vec<(&'static str, &'static str, f64)> {
     out
 }
 
+/// This kernel gives pressure stall information (`/proc/pressure`; not with
+/// `CONFIG_PSI_DEFAULT_DISABLED` unless booted with `psi=1`).
+pub fn has_psi() -> bool {
+    Path::new("/proc/pressure/memory").exists()
+}
+
 /// The host's `MemAvailable`, in bytes.
 pub fn memory_available() -> Option<u64> {
     std::fs::read_to_string("/proc/meminfo")

@@ -179,6 +179,15 @@ pub fn worker_slice(slice: &str, unit: &str) -> String {
     }
 }
 
+/// The profile a run's worker runs as, for the metrics: its task's assignee, else the
+/// default assignee; `other` for what is no profile name.
+pub fn profile_of(assignee: Option<&str>, default_assignee: Option<&str>) -> String {
+    assignee
+        .or(default_assignee)
+        .and_then(profile_name)
+        .unwrap_or_else(|| "other".into())
+}
+
 /// Upstream's profile rule (`normalize_profile_name` + `validate_profile_name`).
 pub fn profile_name(assignee: &str) -> Option<String> {
     let p = assignee.trim();

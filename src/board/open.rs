@@ -307,14 +307,25 @@ fn keep_ahead(conn: &Connection) -> rusqlite::Result<()> {
         return Ok(());
     }
     let mut hint: i64 = pages * page + AHEAD_BYTES;
+    file_control(
+        conn,
+        rusqlite::ffi::SQLITE_FCNTL_SIZE_HINT,
+        &mut hint,
+        "SQLITE_FCNTL_SIZE_HINT",
+    )
+}
+
+/// `sqlite3_file_control` of the main database with one value (`int` or `i64`, as `op` reads).
+fn file_control<T>(conn: &Connection, op: i32, value: &mut T, name: &str) -> rusqlite::Result<()> {
     // SAFETY: `handle()` is the live connection owned by `conn`; the file control reads one
-    // i64 from a pointer that outlives the call and keeps no reference to it.
+    // value of the type `op` expects from a pointer that outlives the call and keeps no
+    // reference to it.
     let rc = unsafe {
         rusqlite::ffi::sqlite3_file_control(
             conn.handle(),
             c"main".as_ptr(),
-            rusqlite::ffi::SQLITE_FCNTL_SIZE_HINT,
-            (&mut hint as *mut i64).cast(),
+            op,
+            (value as *mut T).cast(),
         )
     };
     if rc == rusqlite::ffi::SQLITE_OK {
@@ -322,7 +333,7 @@ fn keep_ahead(conn: &Connection) -> rusqlite::Result<()> {
     } else {
         Err(rusqlite::Error::SqliteFailure(
             rusqlite::ffi::Error::new(rc),
-            Some("SQLITE_FCNTL_SIZE_HINT".into()),
+            Some(name.into()),
         ))
     }
 }
@@ -516,24 +527,12 @@ pub(super) const CHUNK_BYTES: i32 = 64 * 1024;
 /// Hermes workers crash, so the file is always at least as long as its header says.
 pub(super) fn set_chunk_size(conn: &Connection, bytes: i32) -> rusqlite::Result<()> {
     let mut size: std::os::raw::c_int = bytes;
-    // SAFETY: `handle()` is the live connection owned by `conn`; the file control reads
-    // one int from a pointer that outlives the call and keeps no reference to it.
-    let rc = unsafe {
-        rusqlite::ffi::sqlite3_file_control(
-            conn.handle(),
-            c"main".as_ptr(),
-            rusqlite::ffi::SQLITE_FCNTL_CHUNK_SIZE,
-            (&mut size as *mut std::os::raw::c_int).cast(),
-        )
-    };
-    if rc == rusqlite::ffi::SQLITE_OK {
-        Ok(())
-    } else {
-        Err(rusqlite::Error::SqliteFailure(
-            rusqlite::ffi::Error::new(rc),
-            Some("SQLITE_FCNTL_CHUNK_SIZE".into()),
-        ))
-    }
+    file_control(
+        conn,
+        rusqlite::ffi::SQLITE_FCNTL_CHUNK_SIZE,
+        &mut size,
+        "SQLITE_FCNTL_CHUNK_SIZE",
+    )
 }
 
 #[cfg(test)]

@@ -138,9 +138,10 @@ impl Daemon {
             .collect();
         let slice_dir = crate::liveness::unit_cgroup(&self.cfg.slice, "");
         let slice = crate::liveness::slice_facts(&cgroups.join(slice_dir.trim_matches('/')));
-        let hermes = crate::spawn::resolve_binary(&self.cfg.hermes_bin)
-            .ok()
-            .and_then(|b| crate::spawn::installed::of_binary(&b));
+        // As `spawn::hermes_generation` finds it, from the same minute-long cache.
+        let bin = crate::spawn::resolve_binary(&self.cfg.hermes_bin)
+            .unwrap_or_else(|_| std::path::PathBuf::from(&self.cfg.hermes_bin));
+        let hermes = crate::spawn::installed::of_binary_kept(&bin);
         Snapshot {
             at: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -153,7 +154,9 @@ impl Daemon {
             hermes_version: hermes
                 .as_ref()
                 .map_or_else(|| "unknown".into(), |h| h.version.clone()),
-            hermes_contract: crate::spawn::hermes_generation(&self.cfg)
+            hermes_contract: hermes
+                .as_ref()
+                .map_or(crate::contract::Generation::V019, |h| h.generation())
                 .version()
                 .to_string(),
         }

@@ -359,6 +359,10 @@ impl Daemon {
             Err(e) => warn!("configuration not reloaded, keeping the old one: {e:#}"),
         }
     }
+    /// The profile a run of an assignee runs as (`names::profile_of`), for the metrics.
+    fn profile_of(&self, assignee: Option<&str>) -> String {
+        names::profile_of(assignee, self.cfg.default_assignee.as_deref())
+    }
     fn mark_all_dirty(&mut self) {
         for s in self.slots.values_mut() {
             s.dirty = true;
@@ -447,15 +451,6 @@ impl Daemon {
         );
         self.live.range(lo..=hi).map(|(k, _)| k)
     }
-}
-
-/// The profile a run's worker runs as, for the metrics: its task's assignee, else the
-/// default assignee; `other` for what is no profile name.
-fn profile_of(assignee: Option<&str>, cfg: &Config) -> String {
-    assignee
-        .or(cfg.default_assignee.as_deref())
-        .and_then(names::profile_name)
-        .unwrap_or_else(|| "other".into())
 }
 
 /// For `reconcile`: the unit a run of ours has.

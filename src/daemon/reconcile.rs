@@ -26,7 +26,7 @@ use std::collections::{HashMap, HashSet};
 
 use tracing::{debug, info, warn};
 
-use super::{profile_of, unit_of, Daemon, Live, RunKey};
+use super::{unit_of, Daemon, Live, RunKey};
 use crate::board::claimer_id;
 use crate::liveness;
 use crate::names::{run_of_worker_scope, run_record, WORKER_SCOPE_GLOB};
@@ -240,7 +240,7 @@ impl Daemon {
             closed_since: None,
             watched: tracked,
             stale: self.live.get(&key).and_then(|l| l.stale.clone()),
-            profile: profile_of(t.assignee.as_deref(), &self.cfg),
+            profile: self.profile_of(t.assignee.as_deref()),
         };
         // Facts, gathered only as far as the rules need them.
         // A scope we watch had its cgroup seen populated when it started, so it cannot

@@ -387,7 +387,7 @@ fn admission(cfg: &Config) -> Check {
     let wants_psi = limits.memory_pressure.is_some()
         || limits.cpu_pressure.is_some()
         || limits.io_pressure.is_some();
-    if wants_psi && crate::liveness::pressure(std::path::Path::new("/nonexistent")).is_empty() {
+    if wants_psi && !crate::liveness::has_psi() {
         return check(
             "admission",
             Level::Warn,

@@ -415,13 +415,7 @@ impl Metrics {
 pub fn write_atomically(dir: &std::path::Path, name: &str, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut r = [0u8; 8];
-    // SAFETY: getrandom writes at most `r.len()` bytes into `r`.
-    let n = unsafe { libc::getrandom(r.as_mut_ptr().cast(), r.len(), 0) };
-    if n != r.len() as isize {
-        return Err(std::io::Error::last_os_error());
-    }
-    let tmp = dir.join(format!(".{name}.{:016x}.tmp", u64::from_ne_bytes(r)));
+    let tmp = dir.join(format!(".{name}.{:016x}.tmp", crate::host::random_u64()?));
     let result = (|| {
         let mut f = std::fs::OpenOptions::new()
             .write(true)

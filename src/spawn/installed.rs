@@ -66,20 +66,26 @@ pub enum Contract {
     Older,
 }
 
-/// The contract the workers of `bin` get: its installation's, looked up again at most once a
-/// minute (`V019` when none is found: a stub or a non-packaged Hermes).
+/// The contract the workers of `bin` get: its installation's (`V019` when none is found: a
+/// stub or a non-packaged Hermes).
 pub fn generation_of(bin: &Path) -> Generation {
-    type Kept = Option<(PathBuf, std::time::Instant, Generation)>;
+    of_binary_kept(bin).map_or(Generation::V019, |h| h.generation())
+}
+
+/// `of_binary`, looked up again at most once a minute: what the daemon asks on every booking
+/// and every gathering of its metrics.
+pub fn of_binary_kept(bin: &Path) -> Option<Hermes> {
+    type Kept = Option<(PathBuf, std::time::Instant, Option<Hermes>)>;
     static KEPT: std::sync::Mutex<Kept> = std::sync::Mutex::new(None);
     let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((b, at, g)) = kept.as_ref() {
+    if let Some((b, at, h)) = kept.as_ref() {
         if b == bin && at.elapsed() < std::time::Duration::from_secs(60) {
-            return *g;
+            return h.clone();
         }
     }
-    let g = of_binary(bin).map_or(Generation::V019, |h| h.generation());
-    *kept = Some((bin.to_path_buf(), std::time::Instant::now(), g));
-    g
+    let h = of_binary(bin);
+    *kept = Some((bin.to_path_buf(), std::time::Instant::now(), h.clone()));
+    h
 }
 
 /// Release numbers compared as upstream's are: numeric components in order, a component

@@ -215,12 +215,10 @@ pub async fn start_worker(
                 supervisor_pid,
                 lock: claim.lock.clone(),
                 max_runtime: task.max_runtime_seconds,
-                profile: task
-                    .assignee
-                    .as_deref()
-                    .or(cfg.default_assignee.as_deref())
-                    .and_then(names::profile_name)
-                    .unwrap_or_default(),
+                profile: names::profile_of(
+                    task.assignee.as_deref(),
+                    cfg.default_assignee.as_deref(),
+                ),
             })
         }
         Err(Failed {

@@ -82,13 +82,11 @@ fn write_status(spec: &WorkerSpec, status: &ExitRecord) -> std::io::Result<()> {
 fn make_tmpdir(spec: &WorkerSpec) -> std::io::Result<PathBuf> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
     for _ in 0..16 {
-        let mut r = [0u8; 12];
-        // SAFETY: getrandom writes at most `r.len()` bytes into `r`.
-        let n = unsafe { libc::getrandom(r.as_mut_ptr().cast(), r.len(), 0) };
-        if n != r.len() as isize {
-            return Err(std::io::Error::last_os_error());
-        }
-        let name: String = r.iter().map(|b| format!("{b:02x}")).collect();
+        let name = format!(
+            "{:016x}{:08x}",
+            crate::host::random_u64()?,
+            crate::host::random_u64()? as u32
+        );
         let dir = spec.tmp_root.join(format!("hermes-run.{name}"));
         match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => {}
