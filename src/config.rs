@@ -84,6 +84,10 @@ pub struct Config {
     /// `LANGUAGE`, `LC_*`, `TZ` and the Hermes contract (e.g. `["OPENROUTER_API_KEY"]`, set
     /// for the service with `Environment=` or `EnvironmentFile=`). Nothing else passes.
     pub pass_environment: Vec<String>,
+    /// Named capacity pools (`[pools.NAME]`): each a slice of its own under `slice`, with its
+    /// limits, its cap on running workers (across every board) and its own admission; a task
+    /// goes to the pool that lists its profile (assignee), else to `slice` as without pools.
+    pub pools: std::collections::BTreeMap<String, Pool>,
     /// Hermes' `kanban.max_in_progress`: per board up to 0.20, for the host from 0.22 on
     /// (`dispatch::caps`).
     #[serde(skip)]
@@ -140,6 +144,7 @@ impl Default for Config {
             metrics_textfile_dir: "/var/lib/prometheus/node-exporter".into(),
             metrics_listen: None,
             pass_environment: Vec::new(),
+            pools: Default::default(),
             max_in_progress: None,
             max_in_progress_per_profile: None,
             auto_decompose: true,
@@ -149,6 +154,119 @@ impl Default for Config {
             warnings: Vec::new(),
         }
     }
+}
+
+/// One capacity pool (`[pools.NAME]`): the slice `<slice stem>-NAME.slice`, a child of the
+/// workers' slice, whose limits cover every worker of the profiles it lists, on every board.
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Pool {
+    /// The Hermes profiles (task assignees) whose workers run in this pool.
+    pub profiles: Vec<String>,
+    /// At most this many of its workers run at once, every board counted; unset = no cap.
+    pub max_workers: Option<usize>,
+    /// The slice's `MemoryMax=`: what all its workers together may use.
+    pub memory_max_bytes: Option<u64>,
+    /// What one worker of the pool is expected to need: a worker starts only while the
+    /// pool's workers, each counted at least this much, leave room for it under
+    /// `memory_max_bytes` (which it requires). The kernel's averages cannot see a burst
+    /// coming; this can.
+    pub memory_per_worker_bytes: Option<u64>,
+    /// The slice's `CPUQuota=`, in percent of one CPU.
+    pub cpu_quota_percent: Option<u64>,
+    /// The slice's `CPUWeight=` (1–10000; systemd's default 100).
+    pub cpu_weight: Option<u64>,
+    /// The slice's `TasksMax=`.
+    pub tasks_max: Option<u64>,
+    /// Admission by the pool slice's own pressure (`some avg10`, percent), as the `admit_*`
+    /// keys do for the workers' slice.
+    pub admit_memory_pressure_percent: Option<f64>,
+    pub admit_cpu_pressure_percent: Option<f64>,
+    pub admit_io_pressure_percent: Option<f64>,
+}
+
+/// At most this many pools: each is a slice, read on the passes that start its workers.
+pub const MAX_POOLS: usize = 32;
+
+impl Pool {
+    /// The thresholds of admission by the pool slice's pressure.
+    pub fn admission(&self) -> crate::admission::Limits {
+        crate::admission::Limits {
+            memory_pressure: self.admit_memory_pressure_percent,
+            cpu_pressure: self.admit_cpu_pressure_percent,
+            io_pressure: self.admit_io_pressure_percent,
+            memory_available: None,
+        }
+    }
+
+    fn validate(&self, name: &str) -> anyhow::Result<()> {
+        let ok = name.len() <= 32
+            && name.starts_with(|c: char| c.is_ascii_lowercase())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        anyhow::ensure!(
+            ok,
+            "pool {name:?}: a pool's name is a lowercase letter, then letters, digits or _ (at most 32): it names a slice, where - would nest it"
+        );
+        anyhow::ensure!(
+            !self.profiles.is_empty(),
+            "pool {name}: profiles is empty, so no task would ever run in it"
+        );
+        for p in &self.profiles {
+            anyhow::ensure!(
+                crate::names::profile_name(p).as_deref() == Some(p.as_str()),
+                "pool {name}: {p:?} is not a Hermes profile name (lowercase letters, digits, - and _)"
+            );
+        }
+        anyhow::ensure!(
+            self.max_workers != Some(0),
+            "pool {name}: max_workers = 0 would never start a worker; remove the pool instead"
+        );
+        if let Some(per) = self.memory_per_worker_bytes {
+            let Some(max) = self.memory_max_bytes else {
+                anyhow::bail!("pool {name}: memory_per_worker_bytes is counted against memory_max_bytes, which is not set");
+            };
+            anyhow::ensure!(
+                per > 0 && per <= max,
+                "pool {name}: memory_per_worker_bytes = {per} must be between 1 and memory_max_bytes = {max}"
+            );
+        }
+        anyhow::ensure!(
+            self.cpu_quota_percent != Some(0),
+            "pool {name}: cpu_quota_percent = 0 would starve its workers"
+        );
+        if let Some(w) = self.cpu_weight {
+            anyhow::ensure!(
+                (1..=10_000).contains(&w),
+                "pool {name}: cpu_weight = {w}: 1 to 10000"
+            );
+        }
+        percents(&[
+            (
+                "admit_memory_pressure_percent",
+                self.admit_memory_pressure_percent,
+            ),
+            (
+                "admit_cpu_pressure_percent",
+                self.admit_cpu_pressure_percent,
+            ),
+            ("admit_io_pressure_percent", self.admit_io_pressure_percent),
+        ])
+        .map_err(|e| anyhow::anyhow!("pool {name}: {e}"))
+    }
+}
+
+fn percents(keys: &[(&str, Option<f64>)]) -> anyhow::Result<()> {
+    for (key, v) in keys {
+        if let Some(v) = v {
+            anyhow::ensure!(
+                (0.0..=100.0).contains(v),
+                "{key} = {v}: a percent, 0 to 100"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The keys both files know. Hermes' `config.yaml` is where they belong.
@@ -269,6 +387,48 @@ impl Config {
         }
     }
 
+    /// The pool a worker of `profile` runs in, if any.
+    pub fn pool_of(&self, profile: &str) -> Option<(&str, &Pool)> {
+        self.pools
+            .iter()
+            .find(|(_, p)| p.profiles.iter().any(|x| x == profile))
+            .map(|(n, p)| (n.as_str(), p))
+    }
+
+    /// The slice of pool `name`.
+    pub fn pool_slice(&self, name: &str) -> String {
+        crate::names::pool_slice(&self.slice, name)
+    }
+
+    /// The slice a worker scope `unit` of `profile` goes into: its pool's, or one of the
+    /// workers' slice's children (`names::worker_slice`).
+    pub fn worker_slice(&self, profile: Option<&str>, unit: &str) -> String {
+        match profile.and_then(|p| self.pool_of(p)) {
+            Some((name, _)) => self.pool_slice(name),
+            None => crate::names::worker_slice(&self.slice, unit),
+        }
+    }
+
+    /// The cgroup (`/hermes.slice/…/unit`) of a live worker scope `unit` of `profile`:
+    /// where this configuration puts it, else wherever one of its slices holds it (started
+    /// before a pool was added, changed or removed; or flat in `slice`, by an older version).
+    pub fn worker_cgroup(&self, profile: Option<&str>, unit: &str) -> String {
+        let mut slices = vec![self.worker_slice(profile, unit)];
+        for s in std::iter::once(crate::names::worker_slice(&self.slice, unit))
+            .chain(self.pools.keys().map(|n| self.pool_slice(n)))
+            .chain(std::iter::once(self.slice.clone()))
+        {
+            if !slices.contains(&s) {
+                slices.push(s);
+            }
+        }
+        let candidates: Vec<String> = slices
+            .iter()
+            .map(|s| crate::liveness::unit_cgroup(s, unit))
+            .collect();
+        crate::liveness::first_existing(&candidates)
+    }
+
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(!self.worker_user.is_empty(), "worker_user must name a user");
         anyhow::ensure!(
@@ -294,7 +454,7 @@ impl Config {
             self.start_timeout_seconds > 0,
             "start_timeout_seconds must be positive"
         );
-        for (key, v) in [
+        percents(&[
             (
                 "admit_memory_pressure_percent",
                 self.admit_memory_pressure_percent,
@@ -304,12 +464,19 @@ impl Config {
                 self.admit_cpu_pressure_percent,
             ),
             ("admit_io_pressure_percent", self.admit_io_pressure_percent),
-        ] {
-            if let Some(v) = v {
-                anyhow::ensure!(
-                    (0.0..=100.0).contains(&v),
-                    "{key} = {v}: a percent, 0 to 100"
-                );
+        ])?;
+        anyhow::ensure!(
+            self.pools.len() <= MAX_POOLS,
+            "{} pools: at most {MAX_POOLS}",
+            self.pools.len()
+        );
+        let mut owner: std::collections::HashMap<&str, &str> = Default::default();
+        for (name, pool) in &self.pools {
+            pool.validate(name)?;
+            for p in &pool.profiles {
+                if let Some(other) = owner.insert(p, name) {
+                    anyhow::bail!("profile {p} is in two pools, {other} and {name}: a worker runs in one slice");
+                }
             }
         }
         anyhow::ensure!(
@@ -348,6 +515,65 @@ mod tests {
             ..Config::default()
         };
         assert!(root.validate().is_err());
+    }
+
+    #[test]
+    fn pools_parse_and_what_cannot_work_is_refused() {
+        let ok = |t: &str| -> anyhow::Result<Config> {
+            let c: Config = toml::from_str(t)?;
+            c.validate()?;
+            Ok(c)
+        };
+        let c = ok("[pools.build]\nprofiles = [\"builder\", \"ci\"]\nmax_workers = 2\nmemory_max_bytes = 4096\nmemory_per_worker_bytes = 1024\n[pools.gpu]\nprofiles = [\"local\"]\n").unwrap();
+        assert_eq!(c.pool_of("ci").map(|(n, _)| n), Some("build"));
+        assert_eq!(c.pool_of("local").map(|(n, _)| n), Some("gpu"));
+        assert_eq!(c.pool_of("default"), None);
+        assert_eq!(
+            c.worker_slice(Some("ci"), "u.scope"),
+            "hermes-workers-build.slice"
+        );
+        assert_eq!(
+            c.worker_slice(Some("default"), "u.scope"),
+            crate::names::worker_slice("hermes-workers.slice", "u.scope")
+        );
+        for (bad, says) in [
+            ("[pools.Build]\nprofiles = [\"a\"]", "lowercase letter"),
+            ("[pools.a-b]\nprofiles = [\"a\"]", "nest"),
+            ("[pools.07]\nprofiles = [\"a\"]", "lowercase letter"),
+            ("[pools.a]\n", "profiles is empty"),
+            ("[pools.a]\nprofiles = [\"A B\"]", "not a Hermes profile"),
+            (
+                "[pools.a]\nprofiles = [\"x\"]\n[pools.b]\nprofiles = [\"x\"]",
+                "two pools",
+            ),
+            (
+                "[pools.a]\nprofiles = [\"x\"]\nmax_workers = 0",
+                "max_workers = 0",
+            ),
+            (
+                "[pools.a]\nprofiles = [\"x\"]\nmemory_per_worker_bytes = 1",
+                "not set",
+            ),
+            (
+                "[pools.a]\nprofiles = [\"x\"]\nmemory_max_bytes = 1\nmemory_per_worker_bytes = 2",
+                "between 1 and",
+            ),
+            (
+                "[pools.a]\nprofiles = [\"x\"]\ncpu_weight = 0",
+                "1 to 10000",
+            ),
+            (
+                "[pools.a]\nprofiles = [\"x\"]\nadmit_io_pressure_percent = 101.0",
+                "0 to 100",
+            ),
+            (
+                "[pools.a]\nprofiles = [\"x\"]\nmax_wrokers = 1",
+                "unknown field",
+            ),
+        ] {
+            let e = format!("{:#}", ok(bad).unwrap_err());
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
     }
 
     fn with_files(toml: &str, yaml: &str) -> anyhow::Result<Config> {

@@ -74,22 +74,20 @@ pub fn unit_cgroup(slice: &str, unit: &str) -> String {
     path
 }
 
-/// The cgroup of worker scope `unit`, in its child slice of `slice`
-/// (`names::worker_slice`) — or directly in `slice` for a scope started by a version
-/// that did not spread them, when that is where it is.
-pub fn worker_cgroup(slice: &str, unit: &str) -> String {
-    let spread = unit_cgroup(&crate::names::worker_slice(slice, unit), unit);
-    let flat = unit_cgroup(slice, unit);
+/// The first of `cgroups` (`/a.slice/b.scope`) that exists, else the first; one `stat` each
+/// until one does (`config::Config::worker_cgroup` lists where a worker scope may be).
+pub fn first_existing(cgroups: &[String]) -> String {
     let exists = |p: &str| {
         std::path::Path::new("/sys/fs/cgroup")
-            .join(&p[1..])
+            .join(p.trim_start_matches('/'))
             .exists()
     };
-    if !exists(&spread) && exists(&flat) {
-        flat
-    } else {
-        spread
-    }
+    cgroups
+        .iter()
+        .find(|c| exists(c))
+        .or(cgroups.first())
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// A process that holds (or likely holds) a lock file.
@@ -364,6 +362,29 @@ pub fn pressure(cgroup: &Path) -> Vec<(&'static str, &'static str, f64)> {
         }
     }
     out
+}
+
+/// `some avg10` of memory, CPU and IO of one cgroup (a pool's slice), by resource.
+pub fn cgroup_pressure(cgroup: &Path) -> Vec<(&'static str, f64)> {
+    ["memory", "cpu", "io"]
+        .into_iter()
+        .filter_map(|r| {
+            let t = std::fs::read_to_string(cgroup.join(format!("{r}.pressure"))).ok()?;
+            Some((r, some_avg10(&t)?))
+        })
+        .collect()
+}
+
+/// The scopes directly in a slice's cgroup, each with its `memory.current` (0 when there is
+/// none: no memory controller, or the scope just went). One `readdir` and a read per scope.
+pub fn scopes_memory(slice: &Path) -> Vec<u64> {
+    let Ok(dir) = std::fs::read_dir(slice) else {
+        return Vec::new();
+    };
+    dir.filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".scope"))
+        .map(|e| read_number(&e.path(), "memory.current").unwrap_or(0))
+        .collect()
 }
 
 /// This kernel gives pressure stall information (`/proc/pressure`; not with

@@ -179,6 +179,19 @@ pub fn worker_slice(slice: &str, unit: &str) -> String {
     }
 }
 
+/// The slice of capacity pool `pool` (`config::Pool`): a child of the workers' slice
+/// (`hermes-workers-build.slice` under `hermes-workers.slice`). A pool's name starts with a
+/// letter, so it is never one of `worker_slice`'s numbered children.
+pub fn pool_slice(slice: &str, pool: &str) -> String {
+    match slice
+        .strip_suffix(".slice")
+        .filter(|s| !s.is_empty() && *s != "-")
+    {
+        Some(stem) => format!("{stem}-{pool}.slice"),
+        None => format!("{pool}.slice"),
+    }
+}
+
 /// The profile a run's worker runs as, for the metrics: its task's assignee, else the
 /// default assignee; `other` for what is no profile name.
 pub fn profile_of(assignee: Option<&str>, default_assignee: Option<&str>) -> String {

@@ -8,7 +8,6 @@ use serde::Serialize;
 
 use crate::board::{self, Board, Run, Task};
 use crate::config::Config;
-use crate::liveness;
 use crate::names;
 
 /// The `--json` document (stable: fields are only ever added).
@@ -34,6 +33,9 @@ pub struct Snapshot {
     /// Boards an operator holds from new starts (`hermes-mgr pause --board`/`--all`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub paused: Vec<PausedBoard>,
+    /// The capacity pools (`[pools.NAME]`), as the kernel shows their slices now.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<crate::dispatch::pools::View>,
     /// Every status on the board with its count (exact, whatever `limit` hides).
     pub counts: std::collections::BTreeMap<String, i64>,
     pub tasks: Vec<TaskRow>,
@@ -183,19 +185,10 @@ impl Kernel {
             })
         };
         // `cpu.stat` is in every cgroup v2 directory: read, it also says the scope's cgroup
-        // exists. A scope of an older version may sit directly in the slice.
-        let spread = cgroup_dir(liveness::unit_cgroup(
-            &names::worker_slice(&cfg.slice, &unit),
-            &unit,
-        ));
-        let (dir, cpu_usec) = match cpu(&spread) {
-            Some(c) => (spread, Some(c)),
-            None => {
-                let flat = cgroup_dir(liveness::unit_cgroup(&cfg.slice, &unit));
-                let c = cpu(&flat);
-                (flat, c)
-            }
-        };
+        // exists (where the configuration puts it, else in another of its slices).
+        let profile = names::profile_of(t.assignee.as_deref(), cfg.default_assignee.as_deref());
+        let dir = cgroup_dir(cfg.worker_cgroup(Some(&profile), &unit));
+        let cpu_usec = cpu(&dir);
         let memory = |f: &str| {
             if cpu_usec.is_none() || self.memory.get() == Some(false) {
                 return None;
@@ -335,6 +328,7 @@ pub fn snapshot(b: &Board, cfg: &Config, limits: Limits) -> board::Result<Snapsh
             })
             .into_iter()
             .collect(),
+        pools: crate::dispatch::pools::look(cfg, &Default::default()),
         counts: b.counts()?,
         tasks,
         now,

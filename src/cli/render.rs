@@ -259,6 +259,39 @@ fn dur(secs: i64) -> String {
     }
 }
 
+/// `pool build (builder, ci): 1/2 workers · memory 312M of 8G · pressure memory 0.0 %, …`,
+/// and why its next worker would wait.
+fn pool_line(p: &crate::dispatch::pools::View, paint: &dyn Fn(&str, String) -> String) -> String {
+    let mut line = format!(
+        "pool {} ({}): {}{} workers",
+        clean(&p.name),
+        clean(&p.profiles.join(", ")),
+        p.workers,
+        p.max_workers.map(|m| format!("/{m}")).unwrap_or_default()
+    );
+    if p.memory_current.is_some() || p.memory_max.is_some() {
+        line.push_str(&format!(" · memory {}", bytes(p.memory_current)));
+        if let Some(m) = p.memory_max {
+            line.push_str(&format!(" of {}", bytes(Some(m))));
+        }
+    }
+    if !p.pressure.is_empty() {
+        let pr: Vec<String> = p
+            .pressure
+            .iter()
+            .map(|(r, v)| format!("{r} {v:.1} %"))
+            .collect();
+        line.push_str(&format!(" · pressure {}", pr.join(", ")));
+    }
+    match &p.waiting {
+        Some(w) => format!(
+            "{line}\n{}\n",
+            paint("33", format!("  waiting: {}", clean(w)))
+        ),
+        None => format!("{line}\n"),
+    }
+}
+
 fn bytes(b: Option<u64>) -> String {
     match b {
         None => "-".into(),
@@ -320,6 +353,9 @@ pub fn status(s: &crate::status::Snapshot, colour: bool) -> String {
     }
     if let Some(p) = paused_line(&s.paused) {
         o.push_str(&format!("{}\n", paint("33", p)));
+    }
+    for p in &s.pools {
+        o.push_str(&pool_line(p, &paint));
     }
     if let Some(failing) = s
         .dispatcher_status

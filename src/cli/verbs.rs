@@ -234,7 +234,11 @@ pub(super) fn cmd_dispatch(cli: &Cli, max: &Option<usize>) -> anyhow::Result<()>
     };
     let (report, _started) = runtime()?.block_on(async {
         let sd = systemd().await?;
-        crate::dispatch::once(&b, &sd, &cfg, max, None).await
+        let pool_faults = crate::dispatch::pools::apply(&sd, &cfg).await;
+        for (pool, why) in &pool_faults {
+            eprintln!("warning: pool {pool}: {why}: none of its tasks is started");
+        }
+        crate::dispatch::once(&b, &sd, &cfg, max, None, &pool_faults).await
     })?;
     if cli.json {
         print_json(&report)?;

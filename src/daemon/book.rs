@@ -68,7 +68,9 @@ impl Daemon {
             }
         };
         let scope = match self.sd.active_state(&live.unit).await {
-            Ok(Some(s)) if s.is_live() && self.husk(&live.unit).await => Scope::Empty,
+            Ok(Some(s)) if s.is_live() && self.husk(&live.unit, &live.profile).await => {
+                Scope::Empty
+            }
             Ok(Some(s)) if s.is_live() => Scope::Live,
             Ok(_) => Scope::Gone,
             Err(e) => {

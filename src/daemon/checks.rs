@@ -10,8 +10,8 @@ impl Daemon {
     /// `liveness::cgroup_populated`: the daemon died while starting that worker). It is
     /// stopped so systemd lets go of the name, and counts as gone. Without a verdict from
     /// the kernel (no such cgroup, unreadable) the unit state stands.
-    pub(super) async fn husk(&self, unit: &str) -> bool {
-        let cgroup = liveness::worker_cgroup(&self.cfg.slice, unit);
+    pub(super) async fn husk(&self, unit: &str, profile: &str) -> bool {
+        let cgroup = self.cfg.worker_cgroup(Some(profile), unit);
         if liveness::cgroup_populated(&cgroup) != Some(false) {
             return false;
         }

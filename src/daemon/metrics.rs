@@ -83,7 +83,7 @@ impl Daemon {
                 x.cursor = Some(k.clone());
                 break;
             }
-            let dir = crate::liveness::worker_cgroup(&self.cfg.slice, &l.unit);
+            let dir = self.cfg.worker_cgroup(Some(&l.profile), &l.unit);
             match crate::liveness::cgroup_use(&cgroups.join(&dir[1..])) {
                 Some(u) => x.usage.insert(k.clone(), u),
                 None => x.usage.remove(k),
@@ -151,6 +151,20 @@ impl Daemon {
             slice,
             estop: self.estop.is_some(),
             pressure_held: self.pressure.is_some(),
+            pools: {
+                let waits = self.pool_waits();
+                crate::dispatch::pools::look(&self.cfg, &self.pools.faults)
+                    .into_iter()
+                    .map(|v| crate::metrics::PoolGauges {
+                        waiting: waits.contains_key(&v.name),
+                        workers: v.workers as i64,
+                        max_workers: v.max_workers.map(|m| m as i64),
+                        memory_current: v.memory_current,
+                        memory_max: v.memory_max,
+                        pool: v.name,
+                    })
+                    .collect()
+            },
             hermes_version: hermes
                 .as_ref()
                 .map_or_else(|| "unknown".into(), |h| h.version.clone()),

@@ -20,6 +20,7 @@ mod live;
 mod metrics;
 mod notify;
 mod passes;
+mod pools;
 mod reconcile;
 mod startup;
 mod watch;
@@ -131,6 +132,8 @@ struct Daemon {
     exposition: metrics::Exposition,
     /// Admission by pressure holds new workers: why, and when the boards are looked at again.
     pressure: Option<(String, Instant)>,
+    /// The capacity pools: their limits as set, what waits for them (`pools.rs`).
+    pools: pools::Pools,
 }
 
 /// Exit with a clear message: the daemon cannot work at all. Said once: as a structured
@@ -322,6 +325,7 @@ impl Daemon {
         self.check_closed_runs().await;
         self.check_decompositions().await;
         self.check_stale().await;
+        self.retry_pools();
         self.mark_all_dirty();
     }
 }
@@ -371,8 +375,12 @@ impl Daemon {
     /// When the loop must come back for a pass with no event: now (a pass cut short by its
     /// batch), or when the earliest backoff runs out. `None`: only events bring it back.
     fn next_wake(&self) -> Option<Instant> {
-        // While pressure holds new workers, not before its next look.
-        let held = self.pressure.as_ref().map(|(_, at)| *at);
+        // While pressure (the host's, or a pool's) holds new workers, not before its next look.
+        let held = self
+            .pressure
+            .as_ref()
+            .map(|(_, at)| *at)
+            .max(self.pools.look);
         self.slots
             .values()
             .filter(|s| s.listed && s.dirty)

@@ -80,6 +80,13 @@ impl Daemon {
             Some(p) => format!("{p}; {line}"),
             None => line,
         };
+        let waits = self.pool_waits();
+        let line = if waits.is_empty() {
+            line
+        } else {
+            let w: Vec<String> = waits.values().map(|w| crate::text::clean(w)).collect();
+            format!("WAITING for pools: {}; {line}", w.join("; "))
+        };
         let line = match &self.pressure {
             Some((why, _)) => format!("HOLDING new workers: {}; {line}", crate::text::clean(why)),
             None => line,
@@ -147,6 +154,7 @@ impl Daemon {
     /// `PASS_BATCH` per board), then the status line. Only the loop calls it, once per
     /// wake-up.
     pub(super) async fn pass(&mut self) {
+        self.apply_pools().await;
         if self.check_estop() {
             // Held: the boards are clean until the stop is lifted (which marks them all
             // dirty); the status line says what waits.
@@ -204,23 +212,20 @@ impl Daemon {
         // changes data_version again, and its inotify event triggers the next pass. (Read
         // after, it would swallow a task created while this pass ran.)
         slot.data_version = board.data_version().unwrap_or(slot.data_version);
-        let result = dispatch::once(board, &self.sd, &self.cfg, room, Some(PASS_BATCH)).await;
+        let result = dispatch::once(
+            board,
+            &self.sd,
+            &self.cfg,
+            room,
+            Some(PASS_BATCH),
+            &self.pools.faults,
+        )
+        .await;
         match result {
             Ok((report, started)) => {
                 self.count_pass(slug, &report);
                 let held = report.estop.is_some();
-                let mut infra_failure = None;
-                for f in &report.spawn_failed {
-                    let error = crate::text::clean(&f.error);
-                    if f.infrastructure {
-                        // Ours, not the task's: said loudly, not counted, retried later.
-                        error!(board = %slug, hermes_kanban_task = %f.task_id, hermes_kanban_run_id = f.run_id,
-                               "the dispatcher cannot start workers: {error}; the task is requeued, not charged");
-                        infra_failure = Some(error);
-                    } else {
-                        warn!(board = %slug, hermes_kanban_task = %f.task_id, hermes_kanban_run_id = f.run_id, gave_up = f.gave_up, "spawn failed: {error}");
-                    }
-                }
+                let infra_failure = spawn_failures(slug, &report);
                 // A task that got a new run while an older run's worker still lives (it was
                 // reclaimed under it): that older worker goes now, not after its grace.
                 let superseded = started
@@ -229,6 +234,7 @@ impl Daemon {
                 if let Some(s) = self.slots.get_mut(slug) {
                     s.host_capped = room.is_some() && report.skipped_capped > 0;
                 }
+                self.on_pool_waits(slug, report.pools.clone());
                 for s in started {
                     self.track_started(slug, s);
                 }
@@ -297,4 +303,21 @@ impl Daemon {
             .count();
         self.live.len() - here
     }
+}
+
+/// Say a pass's spawn failures; the last that was the dispatcher's own, if any.
+fn spawn_failures(slug: &str, report: &dispatch::PassReport) -> Option<String> {
+    let mut infra_failure = None;
+    for f in &report.spawn_failed {
+        let error = crate::text::clean(&f.error);
+        if f.infrastructure {
+            // Ours, not the task's: said loudly, not counted, retried later.
+            error!(board = %slug, hermes_kanban_task = %f.task_id, hermes_kanban_run_id = f.run_id,
+                   "the dispatcher cannot start workers: {error}; the task is requeued, not charged");
+            infra_failure = Some(error);
+        } else {
+            warn!(board = %slug, hermes_kanban_task = %f.task_id, hermes_kanban_run_id = f.run_id, gave_up = f.gave_up, "spawn failed: {error}");
+        }
+    }
+    infra_failure
 }

@@ -246,7 +246,7 @@ impl Daemon {
         // A scope we watch had its cgroup seen populated when it started, so it cannot
         // be a husk: only the others cost a read of their `cgroup.events`.
         let scope_live = units.get(&unit).is_some_and(UnitState::is_live)
-            && (tracked || !self.husk(&unit).await);
+            && (tracked || !self.husk(&unit, &live.profile).await);
         let local = t
             .claim_lock
             .as_deref()

@@ -112,6 +112,7 @@ pub(super) async fn run(opts: Options) -> anyhow::Result<()> {
         holds: crate::holds::View::new(&cfg_holds),
         exposition,
         pressure: None,
+        pools: Default::default(),
     };
     d.clear_env_files();
     d.refresh_boards();

@@ -2,6 +2,7 @@
 
 pub mod caps;
 pub mod pause;
+pub mod pools;
 pub mod stop;
 
 use serde::Serialize;
@@ -72,6 +73,9 @@ pub struct PassReport {
     /// Admission by pressure held the pass (nothing was claimed): why.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pressure: Option<String>,
+    /// Capacity pools that kept tasks waiting in this pass, and why.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub pools: std::collections::BTreeMap<String, pools::Held>,
     /// Ready tasks held back by their own pause (`hermes-mgr pause ID`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub paused_tasks: Vec<String>,
@@ -125,13 +129,15 @@ pub fn pressure_hold(cfg: &Config) -> Option<String> {
 /// priority order up to the cap and start each in its scope. Holds upstream's per-board
 /// `kanban.db.dispatch.lock` for the pass; a pass that finds it taken does nothing.
 /// `batch` bounds the workers started in this pass (the daemon's loop keeps its turns
-/// short); `batch_full` in the report says it stopped there with work left.
+/// short); `batch_full` in the report says it stopped there with work left. Nothing starts
+/// in a pool of `pool_faults` (its limits are not on its slice: `pools::apply`).
 pub async fn once(
     board: &Board,
     sd: &Systemd,
     cfg: &Config,
     max: Option<usize>,
     batch: Option<Batch>,
+    pool_faults: &std::collections::BTreeMap<String, String>,
 ) -> anyhow::Result<(PassReport, Vec<Started>)> {
     let mut report = PassReport::default();
     let lock_path = board.paths().sibling("dispatch.lock");
@@ -153,6 +159,7 @@ pub async fn once(
         flight: Flight::default(),
         slots: 0,
         per_profile: Default::default(),
+        pools: pools::InPass::new(cfg, pool_faults),
         stopped: false,
         lock: claimer_id(),
     };
@@ -217,6 +224,8 @@ struct Pass<'a> {
     slots: usize,
     /// Running workers per assignee, when `max_in_progress_per_profile` is set.
     per_profile: std::collections::HashMap<String, usize>,
+    /// The capacity pools, as this pass counts them.
+    pools: pools::InPass<'a>,
     /// A spawn failure stopped the pass (the board refuses writes, systemd fails us).
     stopped: bool,
     /// This dispatcher's claim lock.
@@ -269,7 +278,7 @@ impl<'a> Pass<'a> {
                 self.report.skipped_capped += 1 + lane.unseen(board, status)?;
                 break;
             }
-            let Some(assignee) = self.admit(&task, kind)? else {
+            let Some((assignee, pool)) = self.admit(&task, kind)? else {
                 continue;
             };
             if self.held() {
@@ -293,18 +302,25 @@ impl<'a> Pass<'a> {
             if let Some(a) = &counted {
                 *self.per_profile.entry(a.clone()).or_default() += 1;
             }
-            self.flight.push(board, self.sd, cfg, claim, counted);
+            if let Some(p) = &pool {
+                self.pools.started(p);
+            }
+            self.flight.push(board, self.sd, cfg, claim, counted, pool);
             while self.flight.len() >= IN_FLIGHT || (self.stopped && self.flight.len() > 0) {
                 let Some(done) = self.flight.next().await else {
                     break;
                 };
                 let counted = done.assignee.clone();
+                let pool = done.pool.clone();
                 match settle(board, cfg, done, &mut self.report, &mut self.started) {
                     Start::Started => {}
                     Start::NotStarted => {
                         self.slots += 1;
                         if let Some(n) = counted.and_then(|a| self.per_profile.get_mut(&a)) {
                             *n = n.saturating_sub(1);
+                        }
+                        if let Some(p) = pool {
+                            self.pools.not_started(&p);
                         }
                     }
                     Start::StopPass => self.stopped = true,
@@ -314,12 +330,13 @@ impl<'a> Pass<'a> {
         Ok(())
     }
 
-    /// Whether `task` may be claimed now, and for whom: the report says why not.
+    /// Whether `task` may be claimed now, for whom and in which capacity pool: the report
+    /// says why not.
     fn admit(
         &mut self,
         task: &crate::board::Task,
         kind: LaneKind,
-    ) -> anyhow::Result<Option<String>> {
+    ) -> anyhow::Result<Option<(String, Option<String>)>> {
         let (board, cfg, report) = (self.board, self.cfg, &mut self.report);
         // The holds as this pass last looked (before its last claim): a task paused since
         // waits for the pass's end (`pause` takes the dispatch lock) and freezes what it started.
@@ -327,6 +344,20 @@ impl<'a> Pass<'a> {
             report.paused_tasks.push(task.id.clone());
             return Ok(None);
         }
+        let default = match kind {
+            LaneKind::Ready => cfg.default_assignee.as_deref(),
+            LaneKind::Review => None,
+        };
+        // Its pool first: the answer is the pass's (one read of the kernel per pool), and
+        // the many tasks of a pool that waits cost no guard's query each.
+        let profile = task.assignee.as_deref().or(default);
+        let profile = profile.map(|a| names::profile_of(Some(a), None));
+        let Ok(pool) = self
+            .pools
+            .admit_or_wait(profile, &task.id, &mut report.pools)
+        else {
+            return Ok(None);
+        };
         if kind == LaneKind::Ready {
             // Upstream's respawn guards (`guard.rs`), with its `respawn_guarded` event —
             // written once per reason, not on every pass (passes follow events here, not a
@@ -347,11 +378,7 @@ impl<'a> Pass<'a> {
                 return Ok(None);
             }
         }
-        let default = match kind {
-            LaneKind::Ready => cfg.default_assignee.clone(),
-            LaneKind::Review => None,
-        };
-        let Some(assignee) = task.assignee.clone().or(default) else {
+        let Some(assignee) = task.assignee.clone().or(default.map(str::to_string)) else {
             report.skipped_unassigned.push(task.id.clone());
             return Ok(None);
         };
@@ -365,7 +392,7 @@ impl<'a> Pass<'a> {
                 return Ok(None);
             }
         }
-        Ok(Some(assignee))
+        Ok(Some((assignee, pool)))
     }
 }
 
@@ -437,6 +464,8 @@ struct Starting {
     claim: Claim,
     /// The assignee counted against `max_in_progress_per_profile` (the ready lane).
     assignee: Option<String>,
+    /// The capacity pool it counts in.
+    pool: Option<String>,
     result: Result<Started, spawn::SpawnError>,
     /// Since the claim (made just before the start was pushed).
     took: std::time::Duration,
@@ -458,6 +487,7 @@ impl<'a> Flight<'a> {
         cfg: &'a Config,
         claim: Claim,
         assignee: Option<String>,
+        pool: Option<String>,
     ) {
         let t0 = std::time::Instant::now();
         self.starts.push(Box::pin(async move {
@@ -465,6 +495,7 @@ impl<'a> Flight<'a> {
             Starting {
                 claim,
                 assignee,
+                pool,
                 result,
                 took: t0.elapsed(),
             }

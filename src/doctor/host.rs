@@ -1,5 +1,5 @@
 //! The host's checks: privileges, the kernel's cgroups (v2, migration, controllers, the
-//! freezer), DAMON, the workers' slice and the room the kernel's limits leave.
+//! freezer), DAMON, the workers' slice and its capacity pools, and the room the kernel's limits leave.
 
 use super::{check, Check, Level};
 use crate::config::Config;
@@ -288,4 +288,69 @@ pub(super) fn freezer() -> Check {
             Some("a cgroup v2 host with Linux 5.2 or newer"),
         )
     }
+}
+
+/// Each capacity pool: its slice's limits where the kernel enforces them (once its first
+/// worker made the slice's cgroup), and whether its next worker would wait now.
+pub(super) fn pools(cfg: &Config) -> Vec<Check> {
+    let views = crate::dispatch::pools::look(cfg, &Default::default());
+    views
+        .iter()
+        .map(|v| {
+            let pool = &cfg.pools[&v.name];
+            let dir = crate::dispatch::pools::slice_dir(cfg, &v.name);
+            let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
+            let want = |v: Option<u64>| v.map_or("max".to_string(), |v| v.to_string());
+            let mut differ = Vec::new();
+            let mut seen = Vec::new();
+            let quota = pool
+                .cpu_quota_percent
+                .map_or("max".to_string(), |q| (q * 1000).to_string());
+            for (file, want) in [
+                ("memory.max", want(pool.memory_max_bytes)),
+                ("pids.max", want(pool.tasks_max)),
+                ("cpu.max", quota),
+            ] {
+                // `cpu.max` is "QUOTA PERIOD" (systemd's period is 100 ms: 1 % = 1000 µs).
+                if let Some(have) = read(file) {
+                    let have = have.split_whitespace().next().unwrap_or("").to_string();
+                    if have != want {
+                        differ.push(format!("{file} {have}, configured {want}"));
+                    } else {
+                        seen.push(file);
+                    }
+                }
+            }
+            let name = format!("pool {} ({})", v.name, v.slice);
+            if !differ.is_empty() {
+                return check(
+                    "pool",
+                    Level::Warn,
+                    format!("{name}: the kernel has {}", differ.join("; ")),
+                    Some("the dispatcher sets them at its next pass after a change: systemctl reload hermes-dispatcher"),
+                );
+            }
+            let enforced = if !dir.exists() {
+                "its slice starts with its first worker".to_string()
+            } else if seen.is_empty() {
+                "no controller enforces its limits on this host".to_string()
+            } else {
+                format!("the kernel enforces {}", seen.join(", "))
+            };
+            match &v.waiting {
+                Some(w) => check(
+                    "pool",
+                    Level::Warn,
+                    format!("{name}: {enforced}; its tasks wait: {w}"),
+                    Some("they start once it has room; or change the pool (hermes-mgr.toml(5))"),
+                ),
+                None => check(
+                    "pool",
+                    Level::Ok,
+                    format!("{name}: {} worker(s); {enforced}", v.workers),
+                    None,
+                ),
+            }
+        })
+        .collect()
 }

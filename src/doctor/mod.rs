@@ -63,6 +63,7 @@ pub async fn run(paths: &BoardPaths, cfg: anyhow::Result<Config>) -> Vec<Check> 
         out.extend(dispatcher_health(sd).await);
     }
     out.push(admission(&cfg));
+    out.extend(pools(&cfg));
     out.push(metrics(&cfg));
     out.extend(worker_user(&cfg));
     out.extend(worker_binary(&cfg));

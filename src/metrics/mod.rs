@@ -96,10 +96,25 @@ pub struct Snapshot {
     pub estop: bool,
     /// Admission by pressure holds new workers.
     pub pressure_held: bool,
+    /// The capacity pools.
+    pub pools: Vec<PoolGauges>,
     /// The hermes-agent version the workers run (`unknown` when not found), and the
     /// contract they get.
     pub hermes_version: String,
     pub hermes_contract: String,
+}
+
+/// A capacity pool, as its slice shows it (labelled by the pool's configured name: bounded
+/// by `config::MAX_POOLS`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PoolGauges {
+    pub pool: String,
+    pub workers: i64,
+    pub max_workers: Option<i64>,
+    pub memory_current: Option<u64>,
+    pub memory_max: Option<u64>,
+    /// Tasks wait for it now.
+    pub waiting: bool,
 }
 
 /// Per-profile sums of the live workers.
@@ -170,6 +185,10 @@ pub struct Metrics {
     paused_tasks: IntGaugeVec,
     estop: IntGauge,
     pressure_held: IntGauge,
+    pool_workers: IntGaugeVec,
+    pool_max_workers: IntGaugeVec,
+    pool_memory: IntGaugeVec,
+    pool_waiting: IntGaugeVec,
     live_workers: IntGaugeVec,
     live_cpu: GaugeVec,
     live_memory: IntGaugeVec,
@@ -230,6 +249,10 @@ impl Metrics {
             paused_tasks: add(&r, igauge("paused_tasks", "Tasks held one by one (hermes-mgr pause ID).", &["board"])),
             estop: add(&r, IntGauge::with_opts(opts("estop", "1 while Hermes' emergency stop (ESTOP) holds every board.")).unwrap()),
             pressure_held: add(&r, IntGauge::with_opts(opts("admission_held", "1 while admission by pressure (admit_* thresholds) holds new workers.")).unwrap()),
+            pool_workers: add(&r, igauge("pool_workers", "Worker scopes in a capacity pool's slice now, every board counted.", &["pool"])),
+            pool_max_workers: add(&r, igauge("pool_max_workers", "A capacity pool's max_workers; absent when it has none.", &["pool"])),
+            pool_memory: add(&r, igauge("pool_memory_bytes", "A capacity pool's slice's memory: in use now (current) and its limit (max; absent when unlimited).", &["pool", "kind"])),
+            pool_waiting: add(&r, igauge("pool_waiting", "1 while tasks wait for a capacity pool (its cap, its memory, its pressure, or its limits not set).", &["pool"])),
             live_workers: add(&r, igauge("live_workers", "Workers running in their scopes, by board and profile.", &["board", "profile"])),
             live_cpu: add(&r, gauge("live_worker_cpu_seconds", "CPU seconds the live workers of a profile have used so far (their scopes' cpu.stat); falls when workers end.", &["profile"])),
             live_memory: add(&r, igauge("live_worker_memory_bytes", "Memory the live workers of a profile use now (their scopes' memory.current).", &["profile"])),
@@ -292,6 +315,10 @@ impl Metrics {
             &self.slice_memory,
             &self.slice_tasks,
             &self.build_info,
+            &self.pool_workers,
+            &self.pool_max_workers,
+            &self.pool_memory,
+            &self.pool_waiting,
         ] {
             g.reset();
         }
@@ -324,6 +351,23 @@ impl Metrics {
         }
         self.estop.set(s.estop as i64);
         self.pressure_held.set(s.pressure_held as i64);
+        for p in &s.pools {
+            let l = [p.pool.as_str()];
+            self.pool_workers.with_label_values(&l).set(p.workers);
+            self.pool_waiting
+                .with_label_values(&l)
+                .set(p.waiting as i64);
+            if let Some(m) = p.max_workers {
+                self.pool_max_workers.with_label_values(&l).set(m);
+            }
+            for (kind, v) in [("current", p.memory_current), ("max", p.memory_max)] {
+                if let Some(v) = v {
+                    self.pool_memory
+                        .with_label_values(&[&p.pool, kind])
+                        .set(v as i64);
+                }
+            }
+        }
         let sums = sum_by_profile(&s.live);
         for ((board, profile), n) in &sums.workers {
             self.live_workers

@@ -101,12 +101,13 @@ fn clean(s: &str, n: usize) -> String {
 pub fn scope_spec(
     cfg: &Config,
     unit: &str,
+    profile: Option<&str>,
     description: String,
     max_runtime: Option<i64>,
 ) -> ScopeSpec {
     ScopeSpec {
         description,
-        slice: names::worker_slice(&cfg.slice, unit),
+        slice: cfg.worker_slice(profile, unit),
         stop_timeout_us: cfg.stop_timeout_seconds.saturating_mul(1_000_000),
         runtime_max_us: max_runtime
             .filter(|r| *r > 0)
@@ -269,9 +270,11 @@ async fn launch(
     // No `RuntimeMaxSec`: the task's runtime limit is the supervisor's (`spec.max_runtime`),
     // which does not charge the time a pause kept the run frozen — systemd's timer would,
     // and cannot be moved on a running scope.
+    let profile = names::profile_of(task.assignee.as_deref(), cfg.default_assignee.as_deref());
     let scope = scope_spec(
         cfg,
         unit,
+        Some(&profile),
         description(&task.id, claim.run_id, &task.title),
         None,
     );
@@ -287,7 +290,7 @@ async fn launch(
         ));
     }
     // Read back what systemd did (crun does the same): the held process must be in the scope.
-    let want = liveness::unit_cgroup(&names::worker_slice(&cfg.slice, unit), unit);
+    let want = liveness::unit_cgroup(&scope.slice, unit);
     match liveness::cgroup_of(pid) {
         Ok(Some(cg)) if cg == want => {}
         other => {

@@ -335,6 +335,7 @@ async fn into_scope(
     let scope = super::scope_spec(
         cfg,
         &unit,
+        None,
         desc,
         Some(AFTER_COMPLETE_TIMEOUT.as_secs() as i64),
     );
@@ -342,7 +343,7 @@ async fn into_scope(
     sd.start_scope(&unit, &scope, pid, timeout)
         .await
         .map_err(|e| format!("create scope {unit}: {e}"))?;
-    let want = crate::liveness::unit_cgroup(&crate::names::worker_slice(&cfg.slice, &unit), &unit);
+    let want = crate::liveness::unit_cgroup(&scope.slice, &unit);
     match crate::liveness::cgroup_of(pid) {
         Ok(Some(cg)) if cg == want => Ok(unit),
         other => {

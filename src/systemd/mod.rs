@@ -52,6 +52,13 @@ pub trait Manager {
 
     fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
 
+    fn set_unit_properties(
+        &self,
+        name: &str,
+        runtime: bool,
+        properties: Vec<(&str, Variant<'_>)>,
+    ) -> zbus::Result<()>;
+
     /// Answered once the unit's cgroup is frozen (systemd ≥ 246, cgroup v2).
     fn freeze_unit(&self, name: &str) -> zbus::Result<()>;
 
@@ -221,7 +228,7 @@ pub type Result<T, E = SystemdError> = std::result::Result<T, E>;
 
 mod transient;
 use transient::Takes;
-pub use transient::{Command, Property, ScopeSpec};
+pub use transient::{Command, Property, ScopeSpec, SliceLimits};
 
 /// A loaded unit's `ActiveState` (systemd.unit(5)).
 #[derive(Debug, Clone, PartialEq, Eq)]

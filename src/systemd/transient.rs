@@ -1,5 +1,6 @@
 //! Transient units: a run's scope (`ScopeSpec`, started with what this systemd takes) and
-//! one-shot commands as services (`Command`).
+//! one-shot commands as services (`Command`); and a pool's slice's limits (`SliceLimits`),
+//! set at runtime.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
@@ -81,6 +82,35 @@ impl ScopeSpec {
             p.push(("CPUQuotaPerSecUSec", Variant::from(q)));
         }
         p
+    }
+}
+
+/// A slice's budgets (a capacity pool's), as `systemctl set-property --runtime` sets them:
+/// every one is sent, an unset one as systemd's "no limit" (`infinity`, or the default
+/// weight), so a limit taken out of the configuration is taken off the slice too.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SliceLimits {
+    pub memory_max: Option<u64>,
+    /// `CPUQuota=N%` as systemd takes it: N × 10,000 µs per second.
+    pub cpu_quota_per_sec_us: Option<u64>,
+    pub cpu_weight: Option<u64>,
+    pub tasks_max: Option<u64>,
+}
+
+impl SliceLimits {
+    pub fn properties(&self) -> Vec<Property> {
+        // u64::MAX is systemd's `infinity` (CGROUP_LIMIT_MAX, USEC_INFINITY) and its "unset"
+        // weight (CGROUP_WEIGHT_INVALID).
+        let or_max = |v: Option<u64>| Variant::from(v.unwrap_or(u64::MAX));
+        vec![
+            ("MemoryAccounting", Variant::from(true)),
+            ("CPUAccounting", Variant::from(true)),
+            ("TasksAccounting", Variant::from(true)),
+            ("MemoryMax", or_max(self.memory_max)),
+            ("CPUQuotaPerSecUSec", or_max(self.cpu_quota_per_sec_us)),
+            ("CPUWeight", or_max(self.cpu_weight)),
+            ("TasksMax", or_max(self.tasks_max)),
+        ]
     }
 }
 
@@ -171,6 +201,16 @@ impl Systemd {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// `SetUnitProperties(slice, runtime, limits)`: the limits in `/run` (gone at reboot, set
+    /// again by the daemon's start), applied to the slice's cgroup at once; the slice is
+    /// loaded if it was not (a slice needs no unit file).
+    pub async fn set_slice_limits(&self, slice: &str, limits: &SliceLimits) -> Result<()> {
+        self.manager
+            .set_unit_properties(slice, true, limits.properties())
+            .await
+            .map_err(|e| SystemdError::from_zbus("SetUnitProperties", slice, e))
     }
 
     /// `StartTransientUnit(name, "fail", props)` and wait for its job: the reply only means

@@ -54,15 +54,33 @@ fn every_config_key_is_documented() {
         admit_cpu_pressure_percent: Some(1.0),
         admit_io_pressure_percent: Some(1.0),
         admit_memory_available_bytes: Some(1),
+        pools: [(
+            "build".to_string(),
+            hermes_mgr::config::Pool {
+                profiles: vec!["x".into()],
+                max_workers: Some(1),
+                memory_max_bytes: Some(1),
+                memory_per_worker_bytes: Some(1),
+                cpu_quota_percent: Some(1),
+                cpu_weight: Some(1),
+                tasks_max: Some(1),
+                admit_memory_pressure_percent: Some(1.0),
+                admit_cpu_pressure_percent: Some(1.0),
+                admit_io_pressure_percent: Some(1.0),
+            },
+        )]
+        .into(),
         ..Default::default()
     })
     .unwrap();
     let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
     let man5 = std::fs::read_to_string(repo().join("man/hermes-mgr.toml.5")).unwrap();
-    for key in cfg
-        .lines()
-        .filter_map(|l| l.split_once(" = ").map(|(k, _)| k.trim()))
-    {
+    for key in cfg.lines().filter_map(|l| {
+        // A table (`[pools.build]`) is documented by its key (`pools`).
+        l.strip_prefix('[')
+            .and_then(|t| t.split(['.', ']']).next())
+            .or_else(|| l.split_once(" = ").map(|(k, _)| k.trim()))
+    }) {
         assert!(
             readme.contains(&format!("`{key}`")),
             "README.md does not document {key}"

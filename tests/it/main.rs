@@ -24,6 +24,7 @@ mod package;
 mod parity;
 mod pause;
 mod pipeline;
+mod pools;
 mod real_worker;
 mod scale;
 mod scope;

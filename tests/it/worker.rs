@@ -78,7 +78,7 @@ systemd_test!(
         );
 
         // Every process of the task is in the scope, also the child forked at once.
-        let cg = liveness::worker_cgroup("hermes-workers.slice", &unit);
+        let cg = hermes_mgr::config::Config::default().worker_cgroup(None, &unit);
         let procs = std::fs::read_to_string(format!("/sys/fs/cgroup{cg}/cgroup.procs")).unwrap();
         for p in [pid, child] {
             assert!(
@@ -327,7 +327,7 @@ systemd_test!(
         let ws = PathBuf::from(out["spawned"][0]["workspace"].as_str().unwrap());
         let ready = stubborn.wait_file(&ws.join("ready"));
         let (pid, grandchild) = (field(&ready, "pid"), field(&ready, "grandchild"));
-        let cg = liveness::worker_cgroup("hermes-workers.slice", &unit);
+        let cg = hermes_mgr::config::Config::default().worker_cgroup(None, &unit);
         assert_eq!(
             liveness::cgroup_of(grandchild).unwrap().as_deref(),
             Some(cg.as_str()),
