@@ -375,15 +375,21 @@ pub fn cgroup_pressure(cgroup: &Path) -> Vec<(&'static str, f64)> {
         .collect()
 }
 
-/// The scopes directly in a slice's cgroup, each with its `memory.current` (0 when there is
-/// none: no memory controller, or the scope just went). One `readdir` and a read per scope.
-pub fn scopes_memory(slice: &Path) -> Vec<u64> {
+/// The scopes directly in a slice's cgroup, each with its `memory.current` when `memory` (0
+/// when not asked, or there is none: no memory controller, or the scope just went). One
+/// `readdir`, and a read per scope only when asked.
+pub fn scopes_memory(slice: &Path, memory: bool) -> Vec<u64> {
     let Ok(dir) = std::fs::read_dir(slice) else {
         return Vec::new();
     };
     dir.filter_map(Result::ok)
         .filter(|e| e.file_name().to_string_lossy().ends_with(".scope"))
-        .map(|e| read_number(&e.path(), "memory.current").unwrap_or(0))
+        .map(|e| {
+            memory
+                .then(|| read_number(&e.path(), "memory.current"))
+                .flatten()
+                .unwrap_or(0)
+        })
         .collect()
 }
 

@@ -104,7 +104,13 @@ impl Daemon {
     /// Why each pool keeps tasks waiting now (the latest pass of any board), by pool.
     pub(super) fn pool_waits(&self) -> BTreeMap<String, String> {
         let mut out = BTreeMap::new();
-        for (pool, h) in self.pools.waits.values().flat_map(|w| w.iter()) {
+        // A board no longer served (archived, removed) has nothing waiting.
+        let served = self
+            .pools
+            .waits
+            .iter()
+            .filter(|(slug, _)| self.slots.contains_key(*slug));
+        for (pool, h) in served.flat_map(|(_, w)| w.iter()) {
             out.entry(pool.clone()).or_insert_with(|| h.why.clone());
         }
         for (pool, f) in &self.pools.faults {

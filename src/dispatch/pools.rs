@@ -42,11 +42,17 @@ pub fn slice_dir(cfg: &Config, name: &str) -> PathBuf {
     PathBuf::from("/sys/fs/cgroup").join(cg.trim_matches('/'))
 }
 
-/// What the kernel says of pool `name` now.
+/// What the kernel says of pool `name` now. Each worker's memory is read only for a pool
+/// with a reservation (whose workers are bounded by it: `memory_max_bytes` over
+/// `memory_per_worker_bytes`); others' scopes are only counted.
 pub fn facts(cfg: &Config, name: &str) -> PoolFacts {
     let dir = slice_dir(cfg, name);
+    let reserves = cfg
+        .pools
+        .get(name)
+        .is_some_and(|p| p.memory_per_worker_bytes.is_some());
     PoolFacts {
-        workers: crate::liveness::scopes_memory(&dir),
+        workers: crate::liveness::scopes_memory(&dir, reserves),
         pressure: crate::liveness::cgroup_pressure(&dir)
             .into_iter()
             .map(|(resource, some_avg10)| Pressure {

@@ -8,5 +8,6 @@ mod deb;
 mod guest;
 mod limits;
 mod package;
+mod pools;
 mod power;
 mod qemu;
