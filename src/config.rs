@@ -88,6 +88,9 @@ pub struct Config {
     /// limits, its cap on running workers (across every board) and its own admission; a task
     /// goes to the pool that lists its profile (assignee), else to `slice` as without pools.
     pub pools: std::collections::BTreeMap<String, Pool>,
+    /// The worker sandbox (`spawn::sandbox`): `true` for every worker, or the profiles whose
+    /// workers get it (`["coder"]`); default `false`.
+    pub sandbox: SandboxSetting,
     /// Hermes' `kanban.max_in_progress`: per board up to 0.20, for the host from 0.22 on
     /// (`dispatch::caps`).
     #[serde(skip)]
@@ -145,6 +148,7 @@ impl Default for Config {
             metrics_listen: None,
             pass_environment: Vec::new(),
             pools: Default::default(),
+            sandbox: SandboxSetting::All(false),
             max_in_progress: None,
             max_in_progress_per_profile: None,
             auto_decompose: true,
@@ -183,6 +187,30 @@ pub struct Pool {
     pub admit_memory_pressure_percent: Option<f64>,
     pub admit_cpu_pressure_percent: Option<f64>,
     pub admit_io_pressure_percent: Option<f64>,
+}
+
+/// `sandbox`: every worker (`true`), none (`false`), or those of the profiles listed.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum SandboxSetting {
+    All(bool),
+    Profiles(Vec<String>),
+}
+
+impl Default for SandboxSetting {
+    fn default() -> Self {
+        SandboxSetting::All(false)
+    }
+}
+
+impl SandboxSetting {
+    /// Whether workers of `profile` run in the sandbox.
+    pub fn covers(&self, profile: &str) -> bool {
+        match self {
+            SandboxSetting::All(on) => *on,
+            SandboxSetting::Profiles(p) => p.iter().any(|x| x == profile),
+        }
+    }
 }
 
 /// At most this many pools: each is a slice, read on the passes that start its workers.

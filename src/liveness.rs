@@ -393,6 +393,36 @@ pub fn scopes_memory(slice: &Path, memory: bool) -> Vec<u64> {
         .collect()
 }
 
+/// The layers of the worker sandbox this kernel gives: the new mount API (`open_tree`,
+/// `move_mount`, `fsopen`: Linux 5.2; `mount_setattr`: 5.12) and Landlock's ABI version
+/// (`None`: no Landlock, or not enabled among the kernel's security modules).
+pub fn sandbox_layers() -> (bool, Option<i32>) {
+    // SAFETY: probes with invalid or harmless arguments; each returns a new descriptor
+    // (closed) or an error.
+    unsafe {
+        let exists = |r: libc::c_long| {
+            r >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOSYS)
+        };
+        let t = libc::syscall(libc::SYS_open_tree, -1, c"".as_ptr(), 0x1000u32);
+        let s = libc::syscall(
+            libc::SYS_mount_setattr,
+            -1,
+            c"".as_ptr(),
+            0u32,
+            std::ptr::null::<u8>(),
+            0usize,
+        );
+        let mount = exists(t) && exists(s);
+        let abi = libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<u8>(),
+            0usize,
+            1u32,
+        );
+        (mount, (abi >= 1).then_some(abi as i32))
+    }
+}
+
 /// This kernel gives pressure stall information (`/proc/pressure`; not with
 /// `CONFIG_PSI_DEFAULT_DISABLED` unless booted with `psi=1`).
 pub fn has_psi() -> bool {

@@ -354,3 +354,28 @@ pub(super) fn pools(cfg: &Config) -> Vec<Check> {
         })
         .collect()
 }
+
+/// The worker sandbox: off, or which of its layers this kernel gives.
+pub(super) fn sandbox(cfg: &Config) -> Check {
+    let (mount, landlock) = crate::liveness::sandbox_layers();
+    let on = cfg.sandbox != crate::config::SandboxSetting::All(false);
+    let layers = match landlock {
+        Some(abi) => format!("a mount namespace, then Landlock (ABI {abi})"),
+        None => "a mount namespace only (this kernel has no Landlock enabled)".to_string(),
+    };
+    match (on, mount) {
+        (false, _) => check(
+            "sandbox",
+            Level::Ok,
+            format!("off; this host would give {layers}"),
+            None,
+        ),
+        (true, true) => check("sandbox", Level::Ok, format!("on: {layers}"), None),
+        (true, false) => check(
+            "sandbox",
+            Level::Fail,
+            "on, but this kernel lacks the mount API it is built with (Linux 5.12): no sandboxed worker can start",
+            Some("a newer kernel, or sandbox = false"),
+        ),
+    }
+}

@@ -64,6 +64,7 @@ pub async fn run(paths: &BoardPaths, cfg: anyhow::Result<Config>) -> Vec<Check> 
     }
     out.push(admission(&cfg));
     out.extend(pools(&cfg));
+    out.push(sandbox(&cfg));
     out.push(metrics(&cfg));
     out.extend(worker_user(&cfg));
     out.extend(worker_binary(&cfg));

@@ -110,6 +110,17 @@ pub fn of_binary(bin: &Path) -> Option<Hermes> {
     site_dirs(&python).iter().find_map(|d| in_site(d))
 }
 
+/// The install the worker binary `bin` runs from: its `#!` interpreter's venv (the directory
+/// with `pyvenv.cfg` above the interpreter's `bin/`); `None` for a system interpreter (the
+/// system is read-only in a sandbox anyway). For the sandbox: shown read-only.
+pub fn install_dir(bin: &Path) -> Option<PathBuf> {
+    let python = super::upstream::interpreter(bin)?;
+    let venv = python.parent()?.parent()?;
+    venv.join("pyvenv.cfg")
+        .exists()
+        .then(|| super::prepare::absolute(venv))
+}
+
 /// Where an interpreter at `python` finds its packages: a venv's `lib/python3*/site-packages`
 /// (the interpreter's `bin/` is the venv's), or the system's.
 fn site_dirs(python: &Path) -> Vec<PathBuf> {

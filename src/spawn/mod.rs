@@ -10,6 +10,7 @@ pub mod installed;
 mod journal;
 mod prepare;
 pub mod program;
+pub mod sandbox;
 pub mod spec;
 pub mod supervise;
 mod upstream;

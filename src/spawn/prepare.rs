@@ -230,6 +230,37 @@ fn prepare_task(
         worktree: task.workspace_kind == "worktree",
         fingerprint: generation.fingerprint(),
     });
+    let sandbox = if cfg.sandbox.covers(&profile) {
+        // A worktree is made in its repository during the run (by Hermes' own code): the
+        // repository is the workspace there. Without one named, Hermes would take the
+        // board's `default_workdir`, which only its own code reads.
+        let repository = (task.workspace_kind == "worktree")
+            .then(|| {
+                task.workspace_path
+                    .as_deref()
+                    .map(PathBuf::from)
+                    .filter(|p| p.is_absolute())
+                    .ok_or_else(|| {
+                        SpawnError::task(
+                            "a worktree task in the sandbox needs its repository as its workspace path (worktree:/path/to/repo)",
+                        )
+                    })
+            })
+            .transpose()?;
+        let root = absolute(&paths.root);
+        let db = absolute(&paths.db);
+        Some(super::sandbox::plan(&super::sandbox::Where {
+            root: &root,
+            board_dir: db.parent().unwrap_or(&root),
+            workspace: &workspace,
+            repository: repository.as_deref(),
+            home: &user.dir,
+            install: installed::install_dir(&bin).as_deref(),
+            steering: super::sandbox::steering(&root),
+        }))
+    } else {
+        None
+    };
     // Opened (and rotated) by the supervisor, as the board's owner.
     let log_file = cfg
         .worker_log_file
@@ -269,6 +300,7 @@ fn prepare_task(
             &task.id,
             claim.run_id,
         ),
+        sandbox,
     })
 }
 

@@ -52,6 +52,36 @@ pub struct WorkerSpec {
     /// Where the run's pauses are kept (`state_dir::paused_path`).
     #[serde(default)]
     pub paused_file: PathBuf,
+    /// The worker's sandbox (`sandbox` in the configuration): built by the supervisor's child,
+    /// as root, before it becomes the worker; `None`: the worker sees the host as its user may.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<Sandbox>,
+}
+
+/// What a sandboxed worker sees (`spawn::sandbox::plan`): a mount namespace of its own in
+/// which everything is read-only but `writable`, the `hidden` directories are empty tmpfs
+/// (their `exposed` paths put back), and — where the kernel has Landlock — a second layer
+/// that allows writes only beneath the writable paths.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Sandbox {
+    /// Replaced by an empty tmpfs: read-only (`/home`, other tasks' workspaces), or a fresh
+    /// writable one of the worker's alone (`/tmp`, `/var/tmp`, `/dev/shm`).
+    pub hidden: Vec<Hidden>,
+    /// Paths shown as they are on the host — under a hidden directory, or inside a writable
+    /// one — read-only or writable (the workspace, the board, `config.yaml` read-only).
+    pub exposed: Vec<Exposed>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Hidden {
+    pub path: PathBuf,
+    pub writable: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Exposed {
+    pub path: PathBuf,
+    pub writable: bool,
 }
 
 /// How much of a worker's last output its exit record keeps (upstream reads the last 4,000

@@ -26,6 +26,7 @@ mod pause;
 mod pipeline;
 mod pools;
 mod real_worker;
+mod sandbox;
 mod scale;
 mod scope;
 mod settings;

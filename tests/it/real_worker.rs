@@ -32,27 +32,42 @@ const SCRIPT: &str = r#"[
 systemd_test!(
     real_hermes_workers_complete_a_scratch_and_a_worktree_task,
     {
-        real_workers_complete(&venv(), &hermes_bin(), true);
+        real_workers_complete(&venv(), &hermes_bin(), true, false);
     }
 );
 
 systemd_test!(real_020_workers_complete_a_scratch_and_a_worktree_task, {
     // v0.20.1's workers (`hermesx`), its CLI making the board's tasks.
-    real_workers_complete(&venv_020(), &hermes_020_bin(), true);
+    real_workers_complete(&venv_020(), &hermes_020_bin(), true, false);
 });
 
 systemd_test!(real_022_workers_complete_a_scratch_and_a_worktree_task, {
     // ~0.22.2's workers, its CLI making the board's tasks.
-    real_workers_complete(&venv_022(), &hermes_022_bin(), false);
+    real_workers_complete(&venv_022(), &hermes_022_bin(), false, false);
 });
 
 /// `keeps_worktree`: 0.19.0 keeps a done task's worktree; ~0.22's own completion removes one
-/// that is provably free of work (`_cleanup_workspace`), as this one is.
-fn real_workers_complete(venv: &Path, bin: &Path, keeps_worktree: bool) {
+/// that is provably free of work (`_cleanup_workspace`), as this one is. `sandboxed`: every
+/// worker in the sandbox (`sandbox.rs`); the worktree task is then made once the scratch one
+/// is done, not as its child (a child's sandbox does not show its parent's workspace, which
+/// Hermes removes at the child's completion).
+pub(crate) fn real_workers_complete(
+    venv: &Path,
+    bin: &Path,
+    keeps_worktree: bool,
+    sandboxed: bool,
+) {
     {
         // The `hermes` script itself, behind a Python shim (the rig names its own binary).
         let shim = crate::rig::hermes_python_shim_of(venv, bin);
-        let d = Dispatcher::with_stub(&shim, "tick_seconds = 3600");
+        let d = Dispatcher::with_stub(
+            &shim,
+            if sandboxed {
+                "tick_seconds = 3600\nsandbox = true"
+            } else {
+                "tick_seconds = 3600"
+            },
+        );
         let port = 40000 + std::process::id() % 20000;
         let reply = d.rig.dir.join("reply.txt");
         std::fs::write(&reply, SCRIPT).unwrap();
@@ -114,28 +129,37 @@ fn real_workers_complete(venv: &Path, bin: &Path, keeps_worktree: bool) {
                 std::thread::sleep(Duration::from_millis(50));
             }
         };
-        let worktree = hermes_with(
-            bin,
-            &d,
-            &[
+        let create_worktree = |parent: Option<&str>| {
+            let workspace = format!("worktree:{}", repo_dir.display());
+            let mut args = vec![
                 "create",
                 "a worktree task for a real worker",
                 "--assignee",
                 "default",
                 "--workspace",
-                &format!("worktree:{}", repo_dir.display()),
-                "--parent",
-                &scratch,
+                &workspace,
                 "--json",
-            ],
-        )
-        .json()["id"]
-            .as_str()
-            .unwrap()
-            .to_string();
+            ];
+            args.extend(parent.map(|p| ["--parent", p]).into_iter().flatten());
+            hermes_with(bin, &d, &args).json()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        let worktree = (!sandboxed).then(|| create_worktree(Some(&scratch)));
         d.start();
         done(&scratch);
+        let worktree = worktree.unwrap_or_else(|| create_worktree(None));
         let t = done(&worktree);
+        if sandboxed {
+            let j = crate::rig::journal("hermes-worker-kanban-*");
+            assert_eq!(
+                j.matches("the worker runs in its sandbox: a mount namespace")
+                    .count(),
+                2,
+                "{j}"
+            );
+        }
         for id in [&scratch, &worktree] {
             let runs = d.rig.board().runs(id).unwrap();
             assert_eq!(runs.len(), 1, "{runs:?}");
@@ -156,15 +180,20 @@ fn real_workers_complete(venv: &Path, bin: &Path, keeps_worktree: bool) {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        // The worktree stays (0.19.0), on the branch recorded for the task.
+        // The worktree stays (0.19.0), on the branch recorded for the task; ~0.22 removes it,
+        // in its worker's process, after the completion it wrote.
         let wt = repo_dir.join(".worktrees").join(&worktree);
-        assert_eq!(
-            wt.join(".git").is_file(),
-            keeps_worktree,
-            "{} is a linked worktree: {}",
-            wt.display(),
-            wt.join(".git").is_file()
-        );
+        let until = std::time::Instant::now() + Duration::from_secs(30);
+        while wt.join(".git").is_file() != keeps_worktree {
+            assert!(
+                std::time::Instant::now() < until,
+                "{} is a linked worktree: {} 30 s after its task was done\nworker journal:\n{}",
+                wt.display(),
+                wt.join(".git").is_file(),
+                crate::rig::journal(&format!("hermes-worker-kanban-{worktree}-run-1.scope"))
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
         assert_eq!(
             t.branch_name.as_deref(),
             Some(format!("wt/{worktree}").as_str())

@@ -38,6 +38,8 @@ pub(super) struct ChildPlan {
     stderr: RawFd,
     /// The prelude's pipe to us, made its descriptor 3 (`upstream::PRELUDE`).
     said: Option<RawFd>,
+    /// The worker's sandbox, when it has one.
+    sandbox: Option<super::sandbox::Prepared>,
 }
 
 impl ChildPlan {
@@ -91,6 +93,11 @@ impl ChildPlan {
             stdout: out.0,
             stderr: out.1,
             said,
+            sandbox: spec
+                .sandbox
+                .as_ref()
+                .map(|s| super::sandbox::Prepared::new(s, tmpdir))
+                .transpose()?,
         })
     }
 }
@@ -118,6 +125,7 @@ pub(super) fn start(plan: ChildPlan, spec: &WorkerSpec, program: &str) -> Result
         ForkResult::Parent { child } => child,
     };
     drop(err_w);
+    let sandboxed = plan.sandbox.as_ref().map(|s| s.paths.clone());
     drop(plan);
     let mut failure = Vec::new();
     let _ = std::fs::File::from(err_r).read_to_end(&mut failure);
@@ -130,6 +138,9 @@ pub(super) fn start(plan: ChildPlan, spec: &WorkerSpec, program: &str) -> Result
     let e = std::io::Error::from_raw_os_error(i32::from_ne_bytes(
         failure[4..8].try_into().unwrap_or_default(),
     ));
+    if let Some(paths) = step.checked_sub(STEP_SANDBOX).and(sandboxed.as_ref()) {
+        return Err(sandbox_failure(step - STEP_SANDBOX, e, paths, spec));
+    }
     let what = STEPS.get(step as usize).copied().unwrap_or("?");
     let enter = || {
         format!(
@@ -168,6 +179,8 @@ const STEPS: &[&str] = &[
     "make the workspace",
     "mark inherited descriptors close-on-exec",
 ];
+/// Steps of the sandbox (`sandbox::STEP_*`), on which item: `STEP_SANDBOX + step << 16 + item`.
+const STEP_SANDBOX: u32 = 0x1000_0000;
 const STEP_CHDIR: u32 = 8;
 const STEP_EXEC: u32 = 9;
 const STEP_MKDIR: u32 = 10;
@@ -175,6 +188,85 @@ const STEP_CLOSE_RANGE: u32 = 11;
 
 fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+/// Why the sandbox could not be built: the workspace's own condition (not there, not a
+/// directory, a link) is the task's, as entering it is; anything else is the dispatcher's —
+/// never a worker started without the sandbox it was configured with.
+fn sandbox_failure(
+    code: u32,
+    e: std::io::Error,
+    paths: &[std::path::PathBuf],
+    spec: &WorkerSpec,
+) -> Failure {
+    let (step, item) = ((code >> 16) as usize, (code & 0xffff) as usize);
+    let what = super::sandbox::STEPS.get(step).copied().unwrap_or("?");
+    let path = paths.get(item);
+    let said = match path {
+        Some(p) => format!("cannot build the sandbox: {what} {}: {e}", p.display()),
+        None => format!("cannot build the sandbox: {what}: {e}"),
+    };
+    let workspace = path.is_some_and(|p| *p == spec.cwd);
+    if workspace && step as u16 == super::sandbox::STEP_OPEN {
+        task(format!(
+            "cannot enter the workspace {} as uid {}: {said}",
+            spec.cwd.display(),
+            spec.uid
+        ))
+    } else {
+        infra(said)
+    }
+}
+
+/// `sandbox::Failed` as the child reports it.
+fn sandbox_code(f: super::sandbox::Failed) -> (u32, i32) {
+    (
+        STEP_SANDBOX + ((f.step as u32) << 16) + f.item as u32,
+        f.errno,
+    )
+}
+
+/// The sandbox's mount namespace, when the run has one (as root). The scratch workspace is
+/// made first (it is mounted into the sandbox), with the worker's file-system identity: a
+/// path in its tree gets nothing of root's.
+///
+/// SAFETY: raw system calls on what `p` prepared before the fork.
+unsafe fn sandbox(
+    p: &ChildPlan,
+    mounts: &mut [i32; super::sandbox::MAX_ITEMS],
+) -> Result<(), (u32, i32)> {
+    let Some(sb) = &p.sandbox else {
+        return Ok(());
+    };
+    if !p.mkdirs.is_empty() {
+        libc::setfsgid(p.gid);
+        libc::setfsuid(p.uid);
+        let made = make_workspace(p);
+        libc::setfsuid(0);
+        libc::setfsgid(0);
+        made.map_err(|e| (STEP_MKDIR, e))?;
+    }
+    super::sandbox::enter(sb, mounts).map_err(sandbox_code)
+}
+
+/// `mkdir -p` of the scratch workspace, with this process's file-system identity. The host's
+/// own condition (a full or read-only file system, an I/O error) is said as such; anything
+/// else (it exists, a worker made its path unusable) is found when it is entered.
+///
+/// SAFETY: raw system calls on strings `p` prepared before the fork.
+unsafe fn make_workspace(p: &ChildPlan) -> Result<(), i32> {
+    for dir in &p.mkdirs {
+        if libc::mkdir(dir.as_ptr(), 0o777) < 0 {
+            let e = errno();
+            if matches!(
+                e,
+                libc::ENOSPC | libc::EDQUOT | libc::EROFS | libc::EIO | libc::ENOMEM
+            ) {
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The child side, between fork and exec: raw system calls only (async-signal-safe, no
@@ -226,6 +318,10 @@ fn become_worker(p: &ChildPlan) -> (u32, i32) {
         {
             return (STEP_CLOSE_RANGE, errno());
         }
+        let mut mounts = [-1i32; super::sandbox::MAX_ITEMS];
+        if let Err(e) = sandbox(p, &mut mounts) {
+            return e;
+        }
         if libc::setgroups(p.groups.len(), p.groups.as_ptr()) < 0 {
             return (2, errno());
         }
@@ -272,18 +368,16 @@ fn become_worker(p: &ChildPlan) -> (u32, i32) {
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
             return (7, errno());
         }
-        // The workspace is reached only now, as the worker: a link in the board's tree
-        // leads nowhere the worker could not go anyway, and one it may not enter fails.
-        for dir in &p.mkdirs {
-            // The host's own condition (a full or read-only file system, an I/O error) is
-            // said as such; anything else (it exists, a worker made its path unusable) is
-            // found at the chdir below.
-            if libc::mkdir(dir.as_ptr(), 0o777) < 0 {
-                let e = errno();
-                if matches!(
-                    e,
-                    libc::ENOSPC | libc::EDQUOT | libc::EROFS | libc::EIO | libc::ENOMEM
-                ) {
+        match &p.sandbox {
+            Some(sb) => {
+                if let Err(f) = super::sandbox::landlock(sb, &mounts) {
+                    return sandbox_code(f);
+                }
+            }
+            // The workspace is reached only now, as the worker: a link in the board's tree
+            // leads nowhere the worker could not go anyway, and one it may not enter fails.
+            None => {
+                if let Err(e) = make_workspace(p) {
                     return (STEP_MKDIR, e);
                 }
             }

@@ -28,6 +28,7 @@ use crate::record::ExitRecord;
 mod child;
 mod limit;
 mod relay;
+mod sandbox;
 
 use child::ChildPlan;
 use relay::{open_log, wait_readable, Pipes, Relay};
@@ -190,6 +191,13 @@ fn run(spec: &WorkerSpec, journal: &Journal) -> Result<u8, Failure> {
     // The worker has ended (or never started): its TMPDIR goes. remove_dir_all opens each
     // level without following links, so what the worker left there cannot redirect it.
     let _ = std::fs::remove_dir_all(&tmpdir);
+    // In the sandbox the scratch workspace was a mount point: Hermes' own completion emptied
+    // it but could not remove it. Removed here when empty (as the board's owner; `rmdir`
+    // follows no link and removes nothing else): what Hermes meant, and a later run makes it
+    // again.
+    if spec.sandbox.is_some() && spec.make_cwd {
+        let _ = crate::safe_fs::as_user(&spec.log_owner, || std::fs::remove_dir(&spec.cwd));
+    }
     result
 }
 
@@ -228,6 +236,21 @@ fn supervise(spec: &WorkerSpec, tmpdir: &Path, journal: &Journal) -> Result<u8, 
     let started_at = now();
     let mut limit = limit::Limit::new(spec, std::time::Instant::now());
     let worker = child::start(plan, spec, &exec_argv[0])?;
+    if spec.sandbox.is_some() {
+        // The child's layers are this kernel's (it says nothing once it has exec'd).
+        let layers = match crate::liveness::sandbox_layers().1 {
+            Some(abi) => format!("a mount namespace, then Landlock (ABI {abi})"),
+            None => "a mount namespace (no Landlock on this kernel)".into(),
+        };
+        journal.send(
+            6,
+            format!(
+                "hermes-mgr supervise: {}: the worker runs in its sandbox: {layers}",
+                spec.unit
+            )
+            .as_bytes(),
+        );
+    }
     let said = said.map(|(r, _w)| r);
     report(&Report::Started {
         pid: worker.as_raw() as u32,
