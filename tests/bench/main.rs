@@ -213,6 +213,66 @@ fn spawn_latency(n: usize) {
     );
 }
 
+/// 12. What the worker sandbox adds to a start: claim -> the worker's first command in its
+/// scope, the sandbox off and on in alternating batches (a reload switches it), one daemon.
+fn sandbox_cost(n: usize) {
+    let _ = std::process::Command::new("systemctl")
+        .args(["stop", rig::SERVICE])
+        .status();
+    let d = rig::Dispatcher::new("tick_seconds = 3600\nmax_spawn = 1000");
+    std::fs::write(
+        d.rig.dir.join("worker"),
+        "#!/bin/sh\ndate +%s%N > stamp\nexec sleep 3600\n",
+    )
+    .unwrap();
+    let base = std::fs::read_to_string(&d.rig.config).unwrap();
+    d.install_logging("info");
+    d.start();
+    let ro = rusqlite::Connection::open_with_flags(
+        &d.rig.db,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let claimed = |id: &str| -> bool {
+        ro.query_row(
+            "SELECT status = 'running' FROM tasks WHERE id=?1",
+            [id],
+            |r| r.get(0),
+        )
+        .unwrap_or(false)
+    };
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    let batch = 25;
+    for round in 0..(n / batch).max(2) {
+        let sandboxed = round % 2 == 1;
+        std::fs::write(&d.rig.config, format!("{base}\nsandbox = {sandboxed}\n")).unwrap();
+        rig::sh(&format!("systemctl reload {}", rig::SERVICE));
+        std::thread::sleep(Duration::from_millis(500));
+        for i in 0..batch {
+            let id = d.rig.add(&format!("sandbox {sandboxed} {i}"));
+            while !claimed(&id) {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            let t_claim = ns_now();
+            let ws = d.rig.dir.join("kanban/workspaces").join(&id);
+            let t1 = read_ns(&ws.join("stamp"));
+            let took = Duration::from_nanos((t1 - t_claim) as u64);
+            if sandboxed {
+                on.push(took)
+            } else {
+                off.push(took)
+            }
+            d.rig.mgr(&["stop", &id]).ok();
+        }
+    }
+    let a = summary("12. claim -> worker's first command, no sandbox", off);
+    let b = summary("12. claim -> worker's first command, in the sandbox", on);
+    row(
+        "12. the sandbox's cost per start, p50 (on - off)",
+        format!("{:.2} ms", (b.as_secs_f64() - a.as_secs_f64()) * 1e3),
+    );
+}
+
 /// 3. Trivial tasks from `ready` to `done` through the daemon: n tasks whose workers
 /// complete at once (`hermes-mgr complete`), all created before the daemon starts.
 fn throughput(n: usize) {
@@ -1408,6 +1468,7 @@ fn main() {
                 "status" => status_on_big_board(),
                 "upstream" => upstream(n),
                 "boards" => many_boards(100),
+                "sandbox" => sandbox_cost(n),
                 "ceiling" => ceiling(
                     n.max(1000),
                     std::env::var("BENCH_CEILING_K")
@@ -1428,7 +1489,7 @@ fn main() {
                         .unwrap_or(10_000),
                 ),
                 other => panic!(
-                    "unknown benchmark {other:?} (requeue, spawn, throughput, idle, status, upstream, boards, scale, ceiling, metrics)"
+                    "unknown benchmark {other:?} (requeue, spawn, throughput, idle, status, upstream, boards, scale, ceiling, metrics, sandbox)"
                 ),
             }
         }

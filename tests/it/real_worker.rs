@@ -29,6 +29,17 @@ const SCRIPT: &str = r#"[
   {"content": "All done."}
 ]"#;
 
+/// In the sandbox, the worker's terminal tool first writes a file in its workspace (a command
+/// Hermes' approval lets through unattended; the attacks are `sandbox.rs`'s), then the task is
+/// completed.
+const SANDBOX_SCRIPT: &str = r#"[
+  {"content": null, "tool_calls": [{"id": "call_0", "type": "function",
+    "function": {"name": "terminal", "arguments": "{\"command\": \"echo ok > made-by-tool\"}"}}]},
+  {"content": null, "tool_calls": [{"id": "call_1", "type": "function",
+    "function": {"name": "kanban_complete", "arguments": "{\"summary\": \"done by a real worker\"}"}}]},
+  {"content": "All done."}
+]"#;
+
 systemd_test!(
     real_hermes_workers_complete_a_scratch_and_a_worktree_task,
     {
@@ -70,7 +81,7 @@ pub(crate) fn real_workers_complete(
         );
         let port = 40000 + std::process::id() % 20000;
         let reply = d.rig.dir.join("reply.txt");
-        std::fs::write(&reply, SCRIPT).unwrap();
+        std::fs::write(&reply, if sandboxed { SANDBOX_SCRIPT } else { SCRIPT }).unwrap();
         let _llm = Llm(Command::new("/usr/bin/python3")
             .arg(repo().join("tests/fixtures/fake_llm.py"))
             .arg(port.to_string())
@@ -199,6 +210,61 @@ pub(crate) fn real_workers_complete(
             Some(format!("wt/{worktree}").as_str())
         );
         assert_eq!(t.workspace_path.as_deref(), Some(wt.to_str().unwrap()));
+        if sandboxed {
+            // The terminal tool wrote its workspace (a dirty worktree is work: kept); then a
+            // `dir:` task, its workspace in a directory the sandbox hides.
+            let requests =
+                std::fs::read_to_string(d.rig.dir.join("reply.txt.requests")).unwrap_or_default();
+            let tail: String = requests
+                .match_indices("\"role\": \"tool\"")
+                .chain(requests.match_indices("\"role\":\"tool\""))
+                .map(|(i, _)| requests[i..].chars().take(1200).collect::<String>())
+                .collect::<Vec<_>>()
+                .join("\n---\n");
+            assert_eq!(
+                std::fs::read_to_string(wt.join("made-by-tool"))
+                    .ok()
+                    .as_deref(),
+                Some("ok\n"),
+                "the model's requests end with: {tail}\nworkers:\n{}",
+                crate::rig::journal(&format!("hermes-worker-kanban-{worktree}-run-1.scope"))
+            );
+            let dir_ws = d.rig.dir.parent().unwrap().join(format!(
+                "dir-{}",
+                d.rig.dir.file_name().unwrap().to_string_lossy()
+            ));
+            std::fs::create_dir_all(&dir_ws).unwrap();
+            std::os::unix::fs::chown(&dir_ws, Some(d.rig.uid), None).unwrap();
+            let id = hermes_with(
+                bin,
+                &d,
+                &[
+                    "create",
+                    "a dir task for a real worker",
+                    "--assignee",
+                    "default",
+                    "--workspace",
+                    &format!("dir:{}", dir_ws.display()),
+                    "--json",
+                ],
+            )
+            .json()["id"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            done(&id);
+            assert_eq!(
+                std::fs::read_to_string(dir_ws.join("made-by-tool")).unwrap(),
+                "ok\n"
+            );
+            let j = crate::rig::journal("hermes-worker-kanban-*");
+            assert_eq!(
+                j.matches("the worker runs in its sandbox: a mount namespace")
+                    .count(),
+                3,
+                "{j}"
+            );
+        }
     }
 }
 

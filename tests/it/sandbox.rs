@@ -75,8 +75,29 @@ systemd_test!(
         std::fs::create_dir_all(root.join("kanban/boards/ops")).unwrap();
         std::fs::write("/home/hermes-sandbox-visible", "on the host").unwrap();
         let _ = std::fs::remove_file("/tmp/hermes-sandbox-private");
+        // A `dir:` workspace of its own, in a directory the sandbox hides (/var/tmp).
+        let dir_ws =
+            Path::new("/var/tmp").join(format!("hermes-sandbox-dir-{}", std::process::id()));
+        std::fs::create_dir_all(&dir_ws).unwrap();
+        chown(&dir_ws);
         d.install();
         let id = d.rig.add("attack the host");
+        let dir_task = crate::boards::hermes(
+            &d,
+            &[
+                "create",
+                "attack from a dir workspace",
+                "--assignee",
+                "default",
+                "--workspace",
+                &format!("dir:{}", dir_ws.display()),
+                "--json",
+            ],
+        )
+        .json()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
         d.start();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         let t = loop {
@@ -99,31 +120,37 @@ systemd_test!(
             "{}\n{worker}\n{runs:?}",
             journal(SERVICE),
         );
-        let results = wait_for("the results", std::time::Duration::from_secs(10), || {
-            std::fs::read_to_string(root.join(format!("results-{id}"))).ok()
-        });
-        let got: Vec<&str> = results.lines().collect();
-        assert_eq!(
-            got,
-            [
-                "etc no",
-                "usr no",
-                "venv no",
-                "config no",
-                "config_replaced no",
-                "other_read no",
-                "other_write no",
-                "other_board no",
-                "home_read no",
-                "home_write no",
-                "own yes",
-                "tmpdir yes",
-                "tmp yes",
-                "hermes_root yes",
-                "dev_null yes",
-            ],
-            "{results}"
-        );
+        let want = [
+            "etc no",
+            "usr no",
+            "venv no",
+            "config no",
+            "config_replaced no",
+            "other_read no",
+            "other_write no",
+            "other_board no",
+            "home_read no",
+            "home_write no",
+            "own yes",
+            "tmpdir yes",
+            "tmp yes",
+            "hermes_root yes",
+            "dev_null yes",
+        ];
+        for task in [&id, &dir_task] {
+            d.wait_task("done", |t| t.status.as_str() == "done", task);
+            let results = wait_for("the results", std::time::Duration::from_secs(10), || {
+                std::fs::read_to_string(root.join(format!("results-{task}"))).ok()
+            });
+            assert_eq!(
+                results.lines().collect::<Vec<_>>(),
+                want,
+                "{task}: {results}"
+            );
+        }
+        // The `dir:` workspace was written through, on the host.
+        assert_eq!(std::fs::read_to_string(dir_ws.join("own")).unwrap(), "ok\n");
+        let _ = std::fs::remove_dir_all(&dir_ws);
         // Nothing crossed to the host, nothing was lost there.
         assert_eq!(
             std::fs::read_to_string(root.join("config.yaml")).unwrap(),
@@ -146,8 +173,9 @@ systemd_test!(
 );
 
 // Real Hermes workers in the sandbox: their agent loop, tools, sessions and kanban writes are
-// Hermes' own (`real_worker.rs`); a scratch task and a worktree task complete, the scratch
-// workspace goes, the worktree is made in its repository.
+// Hermes' own (`real_worker.rs`); a scratch, a worktree and a `dir:` task complete, their
+// terminal tool writing in the workspace, the scratch
+// workspace goes, the worktree is made in its repository (and kept: the tool's file is work).
 systemd_test!(
     real_019_workers_complete_a_scratch_and_a_worktree_task_in_the_sandbox,
     {
@@ -161,7 +189,7 @@ systemd_test!(
         crate::real_worker::real_workers_complete(
             &crate::harness::venv_022(),
             &crate::harness::hermes_022_bin(),
-            false,
+            true,
             true,
         );
     }

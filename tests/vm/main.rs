@@ -11,3 +11,4 @@ mod package;
 mod pools;
 mod power;
 mod qemu;
+mod sandbox;
