@@ -249,6 +249,13 @@ fn prepare_task(
             .transpose()?;
         let root = absolute(&paths.root);
         let db = absolute(&paths.db);
+        // Hermes' own directories of what steers it, made now (as the tree's owner; one that
+        // exists is left as it is) so they are shown read-only from the first run on.
+        let _ = crate::safe_fs::as_user(board.owner(), || {
+            for d in super::sandbox::STEERING_DIRS {
+                let _ = std::fs::create_dir(root.join(d));
+            }
+        });
         Some(super::sandbox::plan(&super::sandbox::Where {
             root: &root,
             board_dir: db.parent().unwrap_or(&root),

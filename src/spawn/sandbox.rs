@@ -6,8 +6,8 @@
 //! `/media` and `/srv` empty; `/tmp`, `/var/tmp` and `/dev/shm` fresh tmpfs of the worker's
 //! own; other tasks' workspaces, other boards and the worker logs not visible. Writable: its
 //! workspace, its `TMPDIR`, the Hermes root (the default board's WAL lives beside
-//! `kanban.db`, and Hermes writes its sessions and logs there) — with Hermes' steering files
-//! (`config.yaml`, `.env`, `plugins/`, each profile's) and the Hermes install read-only.
+//! `kanban.db`, and Hermes writes its sessions, logs and caches there) — with what steers
+//! Hermes (`STEERING`, the root's and each profile's) and the Hermes install read-only.
 //! Shown read-only where they sit under a hidden directory: the worker user's `HOME` and the
 //! Hermes install.
 
@@ -38,12 +38,28 @@ const HIDDEN: [&str; 5] = ["/home", "/root", "/mnt", "/media", "/srv"];
 /// Fresh, writable, the worker's own.
 const PRIVATE: [&str; 3] = ["/tmp", "/var/tmp", "/dev/shm"];
 
-/// Where, under the Hermes root, Hermes keeps what steers it (and so what a worker must not
-/// write): relative to the root and to each profile's home.
-pub const STEERING: [&str; 3] = ["config.yaml", ".env", "plugins"];
+/// Where, under the Hermes root and each profile's home, Hermes keeps what steers it — its
+/// settings and secrets, and code or jobs that run later outside this worker (plugins, hooks,
+/// the gateway's cron jobs, tools it installs, the agent's persona) — and so what a worker
+/// must not write. (Found by listing what real 0.19.0 and ~0.22.2 workers write in the root:
+/// much else — sessions, logs, memories, caches, skills, `state.db` — is theirs to write.)
+pub const STEERING: [&str; 7] = [
+    "config.yaml",
+    ".env",
+    "plugins",
+    "hooks",
+    "cron",
+    "bin",
+    "SOUL.md",
+];
 
-/// The steering paths of `root` that exist: its own and each profile's (`profiles/*/`).
-/// Looked at with `symlink_metadata` only (a name in a tree others write is never followed).
+/// Directories of `STEERING` Hermes makes at a worker's first start: made first (as the
+/// board's owner, by the caller) so that the first sandboxed worker cannot fill them.
+pub const STEERING_DIRS: [&str; 4] = ["plugins", "hooks", "cron", "bin"];
+
+/// The steering paths of `root` that exist: its own (and `kanban/current`, the CLI's board)
+/// and each profile's (`profiles/*/`). Looked at with `symlink_metadata` only (a name in a
+/// tree others write is never followed); links are left out (the sandbox refuses them).
 pub fn steering(root: &Path) -> Vec<PathBuf> {
     let mut homes = vec![root.to_path_buf()];
     if let Ok(dir) = std::fs::read_dir(root.join("profiles")) {
@@ -57,7 +73,8 @@ pub fn steering(root: &Path) -> Vec<PathBuf> {
     homes
         .iter()
         .flat_map(|h| STEERING.iter().map(move |s| h.join(s)))
-        .filter(|p| std::fs::symlink_metadata(p).is_ok())
+        .chain(std::iter::once(root.join("kanban/current")))
+        .filter(|p| std::fs::symlink_metadata(p).is_ok_and(|m| !m.file_type().is_symlink()))
         .collect()
 }
 

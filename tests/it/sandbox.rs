@@ -26,6 +26,8 @@ try usr "touch /usr/hermes-sandbox-test"
 try venv "touch {venv}/hermes-sandbox-test"
 try config "echo 'kanban: {{max_spawn: 99}}' >> {root}/config.yaml"
 try config_replaced "mv {root}/config.yaml {root}/config.old"
+try hooks "touch {root}/hooks/run-me-later"
+try cron "touch {root}/cron/run-me-later"
 try other_read "cat {root}/kanban/workspaces/t_other/secret"
 try other_write "touch {root}/kanban/workspaces/t_other/x"
 try other_board "ls {root}/kanban/boards/ops"
@@ -126,6 +128,8 @@ systemd_test!(
             "venv no",
             "config no",
             "config_replaced no",
+            "hooks no",
+            "cron no",
             "other_read no",
             "other_write no",
             "other_board no",

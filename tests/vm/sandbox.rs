@@ -3,7 +3,6 @@
 //! file in `/home`, to write `config.yaml`, and writes its workspace, a private `/tmp` and
 //! the Hermes root, then completes its task.
 
-use std::time::Duration;
 
 use crate::guest::{self, BOARD};
 use crate::qemu::Vm;
@@ -27,7 +26,7 @@ fn a_sandboxed_worker_on_debian_12_reads_and_writes_only_what_it_may() {
     vm.ok(
         "install -d -o hermes -g hermes /var/lib/hermes/kanban/workspaces/t_other && \
          echo 'not yours' > /var/lib/hermes/kanban/workspaces/t_other/secret && \
-         chown hermes: /var/lib/hermes/kanban/workspaces/t_other/secret && \
+         chown -R hermes: /var/lib/hermes/kanban && \
          printf 'kanban:\\n  failure_limit: 2\\n' > /var/lib/hermes/config.yaml && \
          chown hermes: /var/lib/hermes/config.yaml && \
          echo 'on the host' > /home/visible",
@@ -35,7 +34,15 @@ fn a_sandboxed_worker_on_debian_12_reads_and_writes_only_what_it_may() {
     guest::configure(&mut vm, ATTACKER, "sandbox = true");
     let doctor = vm.ok("hermes-mgr doctor 2>&1 || true");
     let id = guest::add(&mut vm, "attack the host");
-    guest::wait_status(&mut vm, &id, "done", Duration::from_secs(120));
+    let done = vm.sh(&format!(
+        "for i in $(seq 240); do test \"$(sqlite3 -readonly {BOARD} \"SELECT status FROM tasks WHERE id='{id}'\")\" = done && exit 0; sleep 0.5; done; exit 1"
+    ));
+    assert!(
+        done.code == 0,
+        "{id} not done within 120 s\n{}\n{}",
+        vm.ok(&format!("sqlite3 -readonly {BOARD} \"SELECT * FROM task_runs WHERE task_id='{id}'\"")),
+        vm.ok("journalctl --no-pager -o cat -n 60 -u hermes-dispatcher -u 'hermes-worker-kanban-*'")
+    );
     let results = vm.ok(&format!("cat /var/lib/hermes/results-{id}"));
     let journal = vm.ok(&format!(
         "journalctl -o cat --no-pager -u hermes-worker-kanban-{id}-run-1.scope"
