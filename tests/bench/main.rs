@@ -266,8 +266,14 @@ fn sandbox_cost(n: usize) {
         }
     }
     // The "on" starts were sandboxed, each (the supervisor says so in the run's journal).
-    let said = rig::sh("journalctl -o cat --no-pager -t hermes-worker | grep -c 'runs in its sandbox' || true");
-    assert_eq!(said.trim().parse::<usize>().unwrap_or(0), on.len(), "sandboxed starts");
+    let said = rig::sh(
+        "journalctl -o cat --no-pager -t hermes-worker | grep -c 'runs in its sandbox' || true",
+    );
+    assert_eq!(
+        said.trim().parse::<usize>().unwrap_or(0),
+        on.len(),
+        "sandboxed starts"
+    );
     let a = summary("12. claim -> worker's first command, no sandbox", off);
     let b = summary("12. claim -> worker's first command, in the sandbox", on);
     row(

@@ -3,7 +3,6 @@
 //! file in `/home`, to write `config.yaml`, and writes its workspace, a private `/tmp` and
 //! the Hermes root, then completes its task.
 
-
 use crate::guest::{self, BOARD};
 use crate::qemu::Vm;
 
@@ -40,8 +39,12 @@ fn a_sandboxed_worker_on_debian_12_reads_and_writes_only_what_it_may() {
     assert!(
         done.code == 0,
         "{id} not done within 120 s\n{}\n{}",
-        vm.ok(&format!("sqlite3 -readonly {BOARD} \"SELECT * FROM task_runs WHERE task_id='{id}'\"")),
-        vm.ok("journalctl --no-pager -o cat -n 60 -u hermes-dispatcher -u 'hermes-worker-kanban-*'")
+        vm.ok(&format!(
+            "sqlite3 -readonly {BOARD} \"SELECT * FROM task_runs WHERE task_id='{id}'\""
+        )),
+        vm.ok(
+            "journalctl --no-pager -o cat -n 60 -u hermes-dispatcher -u 'hermes-worker-kanban-*'"
+        )
     );
     let results = vm.ok(&format!("cat /var/lib/hermes/results-{id}"));
     let journal = vm.ok(&format!(
