@@ -231,40 +231,7 @@ fn prepare_task(
         fingerprint: generation.fingerprint(),
     });
     let sandbox = if cfg.sandbox.covers(&profile) {
-        // A worktree is made in its repository during the run (by Hermes' own code): the
-        // repository is the workspace there. Without one named, Hermes would take the
-        // board's `default_workdir`, which only its own code reads.
-        let repository = (task.workspace_kind == "worktree")
-            .then(|| {
-                task.workspace_path
-                    .as_deref()
-                    .map(PathBuf::from)
-                    .filter(|p| p.is_absolute())
-                    .ok_or_else(|| {
-                        SpawnError::task(
-                            "a worktree task in the sandbox needs its repository as its workspace path (worktree:/path/to/repo)",
-                        )
-                    })
-            })
-            .transpose()?;
-        let root = absolute(&paths.root);
-        let db = absolute(&paths.db);
-        // Hermes' own directories of what steers it, made now (as the tree's owner; one that
-        // exists is left as it is) so they are shown read-only from the first run on.
-        let _ = crate::safe_fs::as_user(board.owner(), || {
-            for d in super::sandbox::STEERING_DIRS {
-                let _ = std::fs::create_dir(root.join(d));
-            }
-        });
-        Some(super::sandbox::plan(&super::sandbox::Where {
-            root: &root,
-            board_dir: db.parent().unwrap_or(&root),
-            workspace: &workspace,
-            repository: repository.as_deref(),
-            home: &user.dir,
-            install: installed::install_dir(&bin).as_deref(),
-            steering: super::sandbox::steering(&root),
-        }))
+        Some(sandbox_of(board, task, &workspace, user, &bin)?)
     } else {
         None
     };
@@ -309,6 +276,54 @@ fn prepare_task(
         ),
         sandbox,
     })
+}
+
+/// The sandbox of a run (`spawn::sandbox`): a worktree task's repository is its workspace
+/// there (the task's error when it names none).
+fn sandbox_of(
+    board: &Board,
+    task: &crate::board::Task,
+    workspace: &Path,
+    user: &nix::unistd::User,
+    bin: &Path,
+) -> Result<spec::Sandbox, SpawnError> {
+    let paths = board.paths();
+    // A worktree is made in its repository during the run (by Hermes' own code): the
+    // repository is the workspace there (once made, Hermes records the worktree,
+    // `<repository>/.worktrees/<task>`, whose git data is the repository's). Without one
+    // named, Hermes would take the board's `default_workdir`, which only its own code reads.
+    let repository = (task.workspace_kind == "worktree")
+        .then(|| {
+            task.workspace_path
+                .as_deref()
+                .map(|p| p.split("/.worktrees/").next().unwrap_or(p))
+                .map(PathBuf::from)
+                .filter(|p| p.is_absolute())
+                .ok_or_else(|| {
+                    SpawnError::task(
+                        "a worktree task in the sandbox needs its repository as its workspace path (worktree:/path/to/repo)",
+                    )
+                })
+        })
+        .transpose()?;
+    let root = absolute(&paths.root);
+    let db = absolute(&paths.db);
+    // Hermes' own directories of what steers it, made now (as the tree's owner; one that
+    // exists is left as it is) so they are shown read-only from the first run on.
+    let _ = crate::safe_fs::as_user(board.owner(), || {
+        for d in super::sandbox::STEERING_DIRS {
+            let _ = std::fs::create_dir(root.join(d));
+        }
+    });
+    Ok(super::sandbox::plan(&super::sandbox::Where {
+        root: &root,
+        board_dir: db.parent().unwrap_or(&root),
+        workspace,
+        repository: repository.as_deref(),
+        home: &user.dir,
+        install: installed::install_dir(bin).as_deref(),
+        steering: super::sandbox::steering(&root),
+    }))
 }
 
 /// The run's workspace, and whether the worker makes it: created (scratch) and entered
