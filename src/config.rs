@@ -270,26 +270,20 @@ impl Pool {
                 "pool {name}: cpu_weight = {w}: 1 to 10000"
             );
         }
-        percents(&[
-            (
-                "admit_memory_pressure_percent",
-                self.admit_memory_pressure_percent,
-            ),
-            (
-                "admit_cpu_pressure_percent",
-                self.admit_cpu_pressure_percent,
-            ),
-            ("admit_io_pressure_percent", self.admit_io_pressure_percent),
-        ])
-        .map_err(|e| anyhow::anyhow!("pool {name}: {e}"))
+        percents(&self.admission()).map_err(|e| anyhow::anyhow!("pool {name}: {e}"))
     }
 }
 
-fn percents(keys: &[(&str, Option<f64>)]) -> anyhow::Result<()> {
-    for (key, v) in keys {
+/// The pressure thresholds of `l` are percents.
+fn percents(l: &crate::admission::Limits) -> anyhow::Result<()> {
+    for (key, v) in [
+        ("admit_memory_pressure_percent", l.memory_pressure),
+        ("admit_cpu_pressure_percent", l.cpu_pressure),
+        ("admit_io_pressure_percent", l.io_pressure),
+    ] {
         if let Some(v) = v {
             anyhow::ensure!(
-                (0.0..=100.0).contains(v),
+                (0.0..=100.0).contains(&v),
                 "{key} = {v}: a percent, 0 to 100"
             );
         }
@@ -482,17 +476,7 @@ impl Config {
             self.start_timeout_seconds > 0,
             "start_timeout_seconds must be positive"
         );
-        percents(&[
-            (
-                "admit_memory_pressure_percent",
-                self.admit_memory_pressure_percent,
-            ),
-            (
-                "admit_cpu_pressure_percent",
-                self.admit_cpu_pressure_percent,
-            ),
-            ("admit_io_pressure_percent", self.admit_io_pressure_percent),
-        ])?;
+        percents(&self.admission())?;
         anyhow::ensure!(
             self.pools.len() <= MAX_POOLS,
             "{} pools: at most {MAX_POOLS}",
