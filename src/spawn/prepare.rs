@@ -231,7 +231,8 @@ fn prepare_task(
         fingerprint: generation.fingerprint(),
     });
     let sandbox = if cfg.sandbox.covers(&profile) {
-        Some(sandbox_of(board, task, &workspace, user, &bin)?)
+        let home = profile_home(&absolute(&paths.root), &profile);
+        Some(sandbox_of(board, task, &workspace, &home, user, &bin)?)
     } else {
         None
     };
@@ -284,6 +285,7 @@ fn sandbox_of(
     board: &Board,
     task: &crate::board::Task,
     workspace: &Path,
+    profile_home: &Path,
     user: &nix::unistd::User,
     bin: &Path,
 ) -> Result<spec::Sandbox, SpawnError> {
@@ -320,9 +322,10 @@ fn sandbox_of(
         board_dir: db.parent().unwrap_or(&root),
         workspace,
         repository: repository.as_deref(),
+        profile_home,
         home: &user.dir,
         install: installed::install_dir(bin).as_deref(),
-        steering: super::sandbox::steering(&root),
+        steering: super::sandbox::steering(&root, profile_home),
     }))
 }
 

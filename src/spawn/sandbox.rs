@@ -7,7 +7,8 @@
 //! own; other tasks' workspaces, other boards and the worker logs not visible. Writable: its
 //! workspace, its `TMPDIR`, the Hermes root (the default board's WAL lives beside
 //! `kanban.db`, and Hermes writes its sessions, logs and caches there) — with what steers
-//! Hermes (`STEERING`, the root's and each profile's) and the Hermes install read-only.
+//! Hermes (`STEERING`, the root's and the run's profile's), other profiles' homes and the
+//! Hermes install read-only.
 //! Shown read-only where they sit under a hidden directory: the worker user's `HOME` and the
 //! Hermes install.
 
@@ -25,6 +26,8 @@ pub struct Where<'a> {
     pub workspace: &'a Path,
     /// A worktree task's repository (its worktree is made there, during the run).
     pub repository: Option<&'a Path>,
+    /// The profile's home (`HERMES_HOME`: the root for `default`, `profiles/<name>` else).
+    pub profile_home: &'a Path,
     /// The worker user's `HOME`.
     pub home: &'a Path,
     /// The Hermes install the worker runs (a venv), when there is one.
@@ -57,18 +60,14 @@ pub const STEERING: [&str; 7] = [
 /// board's owner, by the caller) so that the first sandboxed worker cannot fill them.
 pub const STEERING_DIRS: [&str; 4] = ["plugins", "hooks", "cron", "bin"];
 
-/// The steering paths of `root` that exist: its own (and `kanban/current`, the CLI's board)
-/// and each profile's (`profiles/*/`). Looked at with `symlink_metadata` only (a name in a
-/// tree others write is never followed); links are left out (the sandbox refuses them).
-pub fn steering(root: &Path) -> Vec<PathBuf> {
-    let mut homes = vec![root.to_path_buf()];
-    if let Ok(dir) = std::fs::read_dir(root.join("profiles")) {
-        homes.extend(
-            dir.filter_map(Result::ok)
-                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                .map(|e| e.path())
-                .take(1000),
-        );
+/// The steering paths that exist of the root (and `kanban/current`, the CLI's board) and of
+/// the run's profile home — other profiles' homes are read-only whole (`plan`). Looked at
+/// with `symlink_metadata` only (a name in a tree others write is never followed); links are
+/// left out (the sandbox refuses them). At most 15 paths, whatever the root holds.
+pub fn steering(root: &Path, profile_home: &Path) -> Vec<PathBuf> {
+    let mut homes = vec![root];
+    if profile_home != root {
+        homes.push(profile_home);
     }
     homes
         .iter()
@@ -96,6 +95,16 @@ pub fn plan(w: &Where) -> Sandbox {
     let mut exposed = vec![
         Exposed {
             path: w.root.to_path_buf(),
+            writable: true,
+        },
+        // Other profiles' homes (their settings, sessions, memories): read-only; its own
+        // profile's home writable again below.
+        Exposed {
+            path: w.root.join("profiles"),
+            writable: false,
+        },
+        Exposed {
+            path: w.profile_home.to_path_buf(),
             writable: true,
         },
         Exposed {
@@ -167,9 +176,10 @@ mod tests {
             board_dir: root,
             workspace: &root.join("kanban/workspaces/t_1"),
             repository: None,
+            profile_home: root,
             home: Path::new("/home/ann"),
             install: Some(Path::new("/home/ann/.hermes/hermes-agent")),
-            steering: vec![root.join("config.yaml"), root.join("profiles/coder/.env")],
+            steering: vec![root.join("config.yaml")],
         };
         let s = plan(&w);
         let hidden: Vec<(String, bool)> = s
@@ -198,11 +208,11 @@ mod tests {
             shown(&s),
             [
                 ("/home/ann/.hermes", true),
+                ("/home/ann/.hermes/profiles", false),
                 ("/home/ann/.hermes/kanban/workspaces/t_1", true),
                 ("/home/ann", false),
                 ("/home/ann/.hermes/hermes-agent", false),
                 ("/home/ann/.hermes/config.yaml", false),
-                ("/home/ann/.hermes/profiles/coder/.env", false),
             ]
             .map(|(p, w)| (p.to_string(), w))
         );
@@ -219,6 +229,7 @@ mod tests {
             board_dir: &root.join("kanban/boards/ops"),
             workspace: Path::new("/"),
             repository: Some(Path::new("/srv/repo")),
+            profile_home: &root.join("profiles/coder"),
             home: root,
             install: Some(Path::new("/opt/hermes")),
             steering: vec![],
@@ -228,6 +239,8 @@ mod tests {
             shown(&s),
             [
                 ("/var/lib/hermes", true),
+                ("/var/lib/hermes/profiles", false),
+                ("/var/lib/hermes/profiles/coder", true),
                 ("/var/lib/hermes/kanban/boards/ops", true),
                 ("/srv/repo", true),
             ]

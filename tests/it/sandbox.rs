@@ -28,6 +28,7 @@ try config "echo 'kanban: {{max_spawn: 99}}' >> {root}/config.yaml"
 try config_replaced "mv {root}/config.yaml {root}/config.old"
 try hooks "touch {root}/hooks/run-me-later"
 try cron "touch {root}/cron/run-me-later"
+try other_profile "echo 'model: {{}}' > {root}/profiles/other/config.yaml"
 try other_read "cat {root}/kanban/workspaces/t_other/secret"
 try other_write "touch {root}/kanban/workspaces/t_other/x"
 try other_board "ls {root}/kanban/boards/ops"
@@ -75,6 +76,10 @@ systemd_test!(
             chown(&p);
         }
         std::fs::create_dir_all(root.join("kanban/boards/ops")).unwrap();
+        // Another profile's home, the worker user's.
+        std::fs::create_dir_all(root.join("profiles/other")).unwrap();
+        chown(&root.join("profiles"));
+        chown(&root.join("profiles/other"));
         std::fs::write("/home/hermes-sandbox-visible", "on the host").unwrap();
         let _ = std::fs::remove_file("/tmp/hermes-sandbox-private");
         // A `dir:` workspace of its own, in a directory the sandbox hides (/var/tmp).
@@ -130,6 +135,7 @@ systemd_test!(
             "config_replaced no",
             "hooks no",
             "cron no",
+            "other_profile no",
             "other_read no",
             "other_write no",
             "other_board no",
