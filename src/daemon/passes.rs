@@ -102,7 +102,6 @@ impl Daemon {
     /// looked at again every `PRESSURE_LOOK` (PSI's averages move continuously: a start waits
     /// at most that long after they fall below the threshold).
     pub(super) fn on_pressure(&mut self, why: Option<String>) {
-        const PRESSURE_LOOK: Duration = Duration::from_millis(250);
         match (why, &self.pressure) {
             (Some(why), was) => {
                 let changed = was.as_ref().is_none_or(|(w, _)| *w != why);
@@ -321,3 +320,8 @@ fn spawn_failures(slug: &str, report: &dispatch::PassReport) -> Option<String> {
     }
     infra_failure
 }
+
+/// While pressure (the host's or a pool's) or a pool's memory holds new workers, the boards
+/// are looked at again this often: PSI's averages move continuously, so a waiting task starts
+/// at most this long after they fall below the threshold.
+pub(super) const PRESSURE_LOOK: Duration = Duration::from_millis(250);

@@ -23,10 +23,6 @@ pub(super) struct Pools {
     pub look: Option<Instant>,
 }
 
-/// PSI's averages move continuously: a waiting task starts at most this long after its pool's
-/// pressure or memory falls below its limit.
-const POOL_LOOK: Duration = Duration::from_millis(250);
-
 impl Daemon {
     /// Set the pools' limits on their slices when the configuration changed them (or a
     /// setting failed before).
@@ -61,7 +57,7 @@ impl Daemon {
 
     /// What board `slug`'s pass left waiting for its pools. A pool at its cap waits for a
     /// worker's end on any board (`host_capped`); one held by memory or pressure is looked at
-    /// again in `POOL_LOOK`. Each pool's start and end of waiting are said once.
+    /// again in `passes::PRESSURE_LOOK`. Each pool's start and end of waiting are said once.
     pub(super) fn on_pool_waits(&mut self, slug: &str, waits: BTreeMap<String, Held>) {
         let before = self.pool_waits();
         if waits.is_empty() {
@@ -78,7 +74,7 @@ impl Daemon {
             s.dirty |= held;
         }
         if held {
-            self.pools.look = Some(Instant::now() + POOL_LOOK);
+            self.pools.look = Some(Instant::now() + passes::PRESSURE_LOOK);
         } else if !self
             .pools
             .waits

@@ -52,19 +52,26 @@ pub(crate) fn hermes_with(bin: &std::path::Path, d: &Dispatcher, args: &[&str]) 
 }
 
 pub(crate) fn create_on(d: &Dispatcher, board: &str, title: &str) -> String {
-    let r = hermes(
-        d,
-        &[
-            "--board",
-            board,
-            "create",
-            title,
-            "--assignee",
-            "default",
-            "--json",
-        ],
-    );
-    r.json()["id"].as_str().unwrap().to_string()
+    create_with(&hermes_bin(), d, &["--board", board], title, &[])
+}
+
+/// `hermes kanban [BEFORE…] create TITLE --assignee default [AFTER…] --json` of the Hermes at
+/// `bin`, as the worker user; the new task's id.
+pub(crate) fn create_with(
+    bin: &std::path::Path,
+    d: &Dispatcher,
+    before: &[&str],
+    title: &str,
+    after: &[&str],
+) -> String {
+    let mut args = before.to_vec();
+    args.extend(["create", title, "--assignee", "default"]);
+    args.extend(after);
+    args.push("--json");
+    hermes_with(bin, d, &args).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 pub(crate) fn board(d: &Dispatcher, slug: &str) -> Board {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use std::path::Path;
 
-use crate::boards::hermes_with;
+use crate::boards::create_with;
 use crate::harness::{hermes_020_bin, hermes_022_bin, hermes_bin, repo, venv, venv_020, venv_022};
 use crate::rig::Dispatcher;
 use crate::systemd_test;
@@ -108,21 +108,7 @@ pub(crate) fn real_workers_complete(
         // (board::open's chunk size); a running worker's do not. The worktree task is the
         // scratch task's child, so they still run one after the other, and Hermes keeps the
         // parent's scratch workspace until the child is done (#33774).
-        let scratch = hermes_with(
-            bin,
-            &d,
-            &[
-                "create",
-                "a scratch task for a real worker",
-                "--assignee",
-                "default",
-                "--json",
-            ],
-        )
-        .json()["id"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let scratch = create_with(bin, &d, &[], "a scratch task for a real worker", &[]);
         let done = |id: &str| {
             let until = std::time::Instant::now() + Duration::from_secs(120);
             loop {
@@ -142,20 +128,9 @@ pub(crate) fn real_workers_complete(
         };
         let create_worktree = |parent: Option<&str>| {
             let workspace = format!("worktree:{}", repo_dir.display());
-            let mut args = vec![
-                "create",
-                "a worktree task for a real worker",
-                "--assignee",
-                "default",
-                "--workspace",
-                &workspace,
-                "--json",
-            ];
-            args.extend(parent.map(|p| ["--parent", p]).into_iter().flatten());
-            hermes_with(bin, &d, &args).json()["id"]
-                .as_str()
-                .unwrap()
-                .to_string()
+            let mut after = vec!["--workspace", &workspace];
+            after.extend(parent.map(|p| ["--parent", p]).into_iter().flatten());
+            create_with(bin, &d, &[], "a worktree task for a real worker", &after)
         };
         let worktree = (!sandboxed).then(|| create_worktree(Some(&scratch)));
         d.start();
@@ -235,23 +210,13 @@ pub(crate) fn real_workers_complete(
             ));
             std::fs::create_dir_all(&dir_ws).unwrap();
             std::os::unix::fs::chown(&dir_ws, Some(d.rig.uid), None).unwrap();
-            let id = hermes_with(
+            let id = create_with(
                 bin,
                 &d,
-                &[
-                    "create",
-                    "a dir task for a real worker",
-                    "--assignee",
-                    "default",
-                    "--workspace",
-                    &format!("dir:{}", dir_ws.display()),
-                    "--json",
-                ],
-            )
-            .json()["id"]
-                .as_str()
-                .unwrap()
-                .to_string();
+                &[],
+                "a dir task for a real worker",
+                &["--workspace", &format!("dir:{}", dir_ws.display())],
+            );
             done(&id);
             assert_eq!(
                 std::fs::read_to_string(dir_ws.join("made-by-tool")).unwrap(),
@@ -309,21 +274,7 @@ fn paused_in_its_model_call(venv: &Path, bin: &Path) {
     .unwrap();
     std::os::unix::fs::chown(&cfg, Some(d.rig.uid), None).unwrap();
     d.install();
-    let id = hermes_with(
-        bin,
-        &d,
-        &[
-            "create",
-            "paused in its model call",
-            "--assignee",
-            "default",
-            "--json",
-        ],
-    )
-    .json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = create_with(bin, &d, &[], "paused in its model call", &[]);
     d.start();
     let run = d.wait_running(&id, 0);
     // A real worker's start (its Python, its imports) takes seconds, more under load.

@@ -89,22 +89,13 @@ systemd_test!(
         chown(&dir_ws);
         d.install();
         let id = d.rig.add("attack the host");
-        let dir_task = crate::boards::hermes(
+        let dir_task = crate::boards::create_with(
+            &hermes_bin(),
             &d,
-            &[
-                "create",
-                "attack from a dir workspace",
-                "--assignee",
-                "default",
-                "--workspace",
-                &format!("dir:{}", dir_ws.display()),
-                "--json",
-            ],
-        )
-        .json()["id"]
-            .as_str()
-            .unwrap()
-            .to_string();
+            &[],
+            "attack from a dir workspace",
+            &["--workspace", &format!("dir:{}", dir_ws.display())],
+        );
         d.start();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         let t = loop {
