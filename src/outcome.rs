@@ -112,6 +112,10 @@ pub struct Facts<'a> {
     pub stale: Option<&'a Stale>,
     /// The Hermes whose dispatcher's booking is followed.
     pub hermes: Generation,
+    /// The board's filesystem was full when the run ended (its booking failed for want of
+    /// space): a worker that failed then, failed writing its verdict — the disk's fault,
+    /// not the task's.
+    pub board_full: bool,
 }
 
 /// The rules a booking follows: the breaker's limit, and the Hermes whose dispatcher's
@@ -196,7 +200,18 @@ pub fn decide(f: &Facts) -> Decision {
         });
     }
     if let Some(st) = f.record {
-        return Decision::Ended(from_record(st, f.max_runtime, f.hermes));
+        return Decision::Ended(match from_record(st, f.max_runtime, f.hermes) {
+            RunEnd::Crashed { error, .. } | RunEnd::ProtocolViolation { error, .. }
+                if f.board_full =>
+            {
+                RunEnd::Lost {
+                    error: format!(
+                        "{error}, while its board's filesystem was full (the worker could not write its verdict); requeued, not charged"
+                    ),
+                }
+            }
+            end => end,
+        });
     }
     Decision::Ended(match f.scope {
         Scope::Live => return Decision::Running,
@@ -694,6 +709,7 @@ mod tests {
             max_runtime: None,
             stale: None,
             hermes: Generation::V022,
+            board_full: false,
         }
     }
 
@@ -798,6 +814,10 @@ mod tests {
             (facts(Some(&exit0), Scope::Gone), "protocol_violation: worker exited cleanly (rc=0) without kanban_complete, kanban_block or kanban_request_review — protocol violation. If the prior run already did the work, verify it and report it via kanban_complete (or kanban_request_review); a run without a terminal kanban call counts as failed no matter what it did."),
             (Facts { hermes: Generation::V019, ..facts(Some(&exit0), Scope::Gone) }, "protocol_violation: worker exited cleanly (rc=0) without calling kanban_complete or kanban_block — protocol violation. If the prior run already did the work, verify it and report the result via kanban_complete; a run that ends without a terminal kanban call counts as failed no matter what it did."),
             (facts(Some(&exit1), Scope::Live), "crashed: pid 9 exited with code 1"),
+            // Failed while its board could not be written: the disk's fault, not charged.
+            (Facts { board_full: true, ..facts(Some(&exit1), Scope::Gone) }, "lost: pid 9 exited with code 1, while its board's filesystem was full (the worker could not write its verdict); requeued, not charged"),
+            (Facts { board_full: true, ..facts(Some(&exit75), Scope::Gone) }, "rate_limited: pid 9 exited rate-limited (quota wall) — requeued without counting a failure"),
+            (Facts { board_full: true, max_runtime: Some(60), ..facts(Some(&termed_late), Scope::Gone) }, "timed_out: elapsed 60s > limit 60s"),
             (facts(Some(&exit75), Scope::Gone), "rate_limited: pid 9 exited rate-limited (quota wall) — requeued without counting a failure"),
             (facts(Some(&killed), Scope::Gone), "crashed: pid 9 killed by signal 9"),
             (facts(Some(&exit78), Scope::Gone), "terminal_provider: pid 9 exited on a terminal provider error (exit 78): the provider rejected this profile's credential or model — fix the configuration, then unblock."),

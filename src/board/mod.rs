@@ -85,6 +85,23 @@ pub enum BoardError {
 
 pub type Result<T, E = BoardError> = std::result::Result<T, E>;
 
+impl BoardError {
+    /// The write failed for want of space (`SQLITE_FULL`, `ENOSPC`, `EDQUOT`): nothing was
+    /// written, and the same write succeeds once the board's filesystem has room again.
+    pub fn is_full(&self) -> bool {
+        match self {
+            BoardError::Sqlite {
+                source: rusqlite::Error::SqliteFailure(f, _),
+                ..
+            } => f.code == rusqlite::ErrorCode::DiskFull,
+            BoardError::Io { source, .. } => {
+                matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+            }
+            _ => false,
+        }
+    }
+}
+
 pub use crate::host::{claimer_id, now};
 
 /// Whether an operation is allowed to create the board file.

@@ -37,6 +37,9 @@ pub(super) struct Slot {
     pub backoff: Option<(Instant, Duration)>,
     /// Why the last pass failed on our side; `None` once one succeeds.
     pub failing: Option<String>,
+    /// Runs could not be booked for want of space on the board's filesystem (the error);
+    /// `None` once a booking succeeds. Said in the service status until then.
+    pub full: Option<String>,
     /// Runs in a row booked as our failure to start them, found in the scope after the pass
     /// (Hermes' own code could not be started): the passes that start them succeed, so this,
     /// not the pass, keeps the backoff growing. Reset by any other end.
@@ -84,6 +87,7 @@ impl Slot {
             host_capped: false,
             backoff: None,
             failing: None,
+            full: None,
             start_failures: 0,
             file_id: None,
         }

@@ -21,6 +21,7 @@ impl Daemon {
                 watched: true,
                 stale: None,
                 profile: s.profile,
+                board_full: false,
             },
         );
     }
@@ -88,6 +89,7 @@ impl Daemon {
             max_runtime: live.max_runtime,
             stale: live.stale.as_ref(),
             hermes: crate::spawn::hermes_generation(&self.cfg),
+            board_full: live.board_full,
         };
         // Still running (a UnitRemoved for a name we reuse, a stray event): nothing to do.
         let Decision::Ended(end) = outcome::decide(&facts) else {
@@ -130,11 +132,7 @@ impl Daemon {
                 }
                 self.pending.remove(key);
                 self.live.remove(key);
-                // A host-wide cap has room again: boards it held see it now.
-                for s in self.slots.values_mut().filter(|s| s.host_capped) {
-                    s.host_capped = false;
-                    s.dirty = true;
-                }
+                self.room_again(slug);
                 crate::state_dir::forget_run(&self.cfg.state_dir, slug, task, run);
                 // Leftovers of the worker (daemonized grandchildren) go with the run.
                 if scope == Scope::Live {
@@ -161,10 +159,48 @@ impl Daemon {
                 warn!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run, "board locked; will retry booking the run");
                 self.pending.insert(key.clone(), None);
             }
+            Err(e) if e.is_full() => self.on_board_full(key, &e),
             Err(e) => {
                 warn!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run, "cannot book the run: {e}; will retry");
                 self.pending.insert(key.clone(), None);
             }
+        }
+    }
+
+    /// A booking failed for want of space: the run is kept (its exit record stays until it
+    /// is booked) and retried; said once, loudly, and in the service status until a booking
+    /// on that board succeeds.
+    fn on_board_full(&mut self, key: &RunKey, e: &BoardError) {
+        let (slug, task, run) = (&key.board, &key.task, key.run);
+        if let Some(l) = self.live.get_mut(key) {
+            l.board_full = true;
+        }
+        if let Some(s) = self.slots.get_mut(slug) {
+            if s.full.is_none() {
+                error!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run,
+                       "cannot book runs: the board's filesystem is full ({e}); every ended run is kept and booked once there is room");
+                s.full = Some(crate::text::clean(&e.to_string()));
+                self.update_status();
+            }
+        }
+        self.pending.insert(key.clone(), None);
+    }
+
+    /// A run of `slug` was booked: a host-wide cap has room again (the boards it held see
+    /// it now), and so has the board's filesystem, if it was full.
+    fn room_again(&mut self, slug: &str) {
+        for s in self.slots.values_mut().filter(|s| s.host_capped) {
+            s.host_capped = false;
+            s.dirty = true;
+        }
+        if self
+            .slots
+            .get_mut(slug)
+            .and_then(|s| s.full.take())
+            .is_some()
+        {
+            info!(board = %slug, "the board's filesystem has room again: runs are booked");
+            self.update_status();
         }
     }
 

@@ -75,6 +75,7 @@ mod tests {
             closed_since: None,
             watched: true,
             stale: None,
+            board_full: false,
             profile: "default".into(),
         }
     }

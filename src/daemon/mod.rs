@@ -78,6 +78,9 @@ struct Live {
     stale: Option<outcome::Stale>,
     /// Its Hermes profile, for the metrics.
     profile: String,
+    /// Its booking failed once for want of space on the board's filesystem: a worker that
+    /// failed then most likely failed to write its own verdict (`outcome::Facts::board_full`).
+    board_full: bool,
 }
 
 /// A run the daemon watches. Task and run ids are only unique within a board; ordered by

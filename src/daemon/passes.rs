@@ -76,6 +76,19 @@ impl Daemon {
         } else {
             format!("FAILING to start workers ({}); {line}", failing.join("; "))
         };
+        let full: Vec<String> = self
+            .slots
+            .iter()
+            .filter_map(|(slug, s)| s.full.as_ref().map(|w| format!("board {slug}: {w}")))
+            .collect();
+        let line = if full.is_empty() {
+            line
+        } else {
+            format!(
+                "FAILING to book runs, the board's filesystem is FULL ({}; ended runs are kept until there is room); {line}",
+                full.join("; ")
+            )
+        };
         let line = match self.paused_text() {
             Some(p) => format!("{p}; {line}"),
             None => line,

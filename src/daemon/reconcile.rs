@@ -30,6 +30,7 @@ use super::{unit_of, Daemon, Live, RunKey};
 use crate::board::claimer_id;
 use crate::liveness;
 use crate::names::{run_of_worker_scope, run_record, WORKER_SCOPE_GLOB};
+use crate::state_dir::read_record;
 use crate::systemd::UnitState;
 
 /// This host's claims, as reconcile tells them apart: the claimers of this boot, and the
@@ -222,12 +223,11 @@ impl Daemon {
         counts.current_units.insert(unit.clone());
         // Read only when listed (a record written since the listing is seen by inotify).
         let listed = records.is_none_or(|r| r.contains(&run_record(slug, &t.id, run)));
-        let record = listed
-            .then(|| {
-                crate::state_dir::read_record(&self.cfg.state_dir, slug, &t.id, run).unwrap_or(None)
-            })
-            .flatten();
-        let tracked = self.live.get(&key).is_some_and(|l| l.watched);
+        let state = &self.cfg.state_dir;
+        let record = listed.then(|| read_record(state, slug, &t.id, run).ok().flatten());
+        let record = record.flatten();
+        let known = self.live.get(&key);
+        let tracked = known.is_some_and(|l| l.watched);
         // The common case on the safety-net tick, 10,000 times with 10,000 live: a run
         // we watch, its scope live, no record. Rule 1 again: nothing to change.
         if tracked && record.is_none() && units.get(&unit).is_some_and(UnitState::is_live) {
@@ -239,8 +239,9 @@ impl Daemon {
             max_runtime: t.max_runtime_seconds,
             closed_since: None,
             watched: tracked,
-            stale: self.live.get(&key).and_then(|l| l.stale.clone()),
+            stale: known.and_then(|l| l.stale.clone()),
             profile: self.profile_of(t.assignee.as_deref()),
+            board_full: known.is_some_and(|l| l.board_full),
         };
         // Facts, gathered only as far as the rules need them.
         // A scope we watch had its cgroup seen populated when it started, so it cannot

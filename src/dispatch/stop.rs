@@ -129,6 +129,8 @@ pub async fn stop(
         max_runtime: task.max_runtime_seconds,
         stale: None,
         hermes: crate::spawn::hermes_generation(cfg),
+        // An operator's stop is booked as such, full disk or not.
+        board_full: false,
     };
     if let outcome::Decision::Ended(end) = outcome::decide(&facts) {
         match (&end, marked) {

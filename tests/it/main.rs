@@ -13,6 +13,7 @@ mod cli;
 mod daemon;
 mod docs;
 mod faults;
+mod full_disk;
 mod gateway;
 mod interop;
 mod layers;

@@ -603,6 +603,7 @@ systemd_test!(
             max_runtime: None,
             stale: None,
             hermes: hermes_mgr::contract::Generation::V019,
+            board_full: false,
         };
         let hermes_mgr::outcome::Decision::Ended(end) = hermes_mgr::outcome::decide(&facts) else {
             panic!("a run with an exit record is over")

@@ -68,12 +68,52 @@ fn write_status(spec: &WorkerSpec, status: &ExitRecord) -> std::io::Result<()> {
     let dir = spec.status_file.parent().unwrap_or(Path::new("/"));
     std::fs::create_dir_all(dir)?;
     let tmp = spec.status_file.with_extension("json.tmp");
-    std::fs::write(
+    let written = std::fs::write(
         &tmp,
         serde_json::to_vec(status).map_err(std::io::Error::other)?,
-    )?;
+    )
     // rename: a reader sees no status or a whole one, never half of one.
-    std::fs::rename(&tmp, &spec.status_file)
+    .and_then(|()| std::fs::rename(&tmp, &spec.status_file));
+    if written.is_err() {
+        // What a full filesystem let us write of it is given back.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// Write the exit record: `false` when it must be written again (no space yet), said.
+fn record(spec: &WorkerSpec, rs: &ExitRecord, journal: &Journal) -> bool {
+    let Err(e) = write_status(spec, rs) else {
+        return true;
+    };
+    let keep = for_want_of_space(&e);
+    let then = if keep {
+        "; kept, and written once there is room (the run stays open until then)"
+    } else {
+        ""
+    };
+    say(
+        journal,
+        spec,
+        &format!(
+            "cannot record the exit status in {}: {e}{then}",
+            spec.status_file.display()
+        ),
+    );
+    !keep
+}
+
+/// A record that could not be written for want of space is kept, and written again this
+/// often, until it is: the scope lives on meanwhile, so the dispatcher books the run from
+/// the record — the worker's own exit — once there is room, never a guess without it.
+const RECORD_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The write failed for want of space (or of memory for the tmpfs): worth trying again.
+fn for_want_of_space(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOSPC | libc::EDQUOT | libc::ENOMEM)
+    )
 }
 
 /// The run's private `TMPDIR`: a new directory with an unguessable name in `tmp_root`,
@@ -267,21 +307,17 @@ fn supervise(spec: &WorkerSpec, tmpdir: &Path, journal: &Journal) -> Result<u8, 
     let mut rs = exit_record(spec, worker, started_at, status, sigterm, &mut relay);
     rs.timed_out = limit.timed_out();
     rs.paused_seconds = limit.paused_seconds();
-    if let Err(e) = write_status(spec, &rs) {
-        say(
-            journal,
-            spec,
-            &format!(
-                "cannot record the exit status in {}: {e}",
-                spec.status_file.display()
-            ),
-        );
-    }
+    let mut unrecorded = !record(spec, &rs, journal);
     // Copy what descendants still write until they close the pipes (a stop of the scope
     // ends them), and after a timeout until none is left (its SIGKILL is due); the exit
-    // status is already on record.
-    while !relay.done() || limit.leftovers() {
+    // status is already on record, or kept until it can be.
+    while !relay.done() || limit.leftovers() || unrecorded {
         let look = limit.wait().or(limit.timed_out().then_some(LEFTOVER_LOOK));
+        let look = match (unrecorded, look) {
+            (true, Some(l)) => Some(l.min(RECORD_RETRY)),
+            (true, None) => Some(RECORD_RETRY),
+            (false, l) => l,
+        };
         if wait_readable(&sfd, &relay, look)? {
             let _ = sfd.read_signal();
         }
@@ -290,6 +326,23 @@ fn supervise(spec: &WorkerSpec, tmpdir: &Path, journal: &Journal) -> Result<u8, 
         }
         relay.pump();
         let _ = reap(worker);
+        if unrecorded {
+            match write_status(spec, &rs) {
+                Ok(()) => {
+                    unrecorded = false;
+                    say(journal, spec, "the exit status is recorded after all");
+                }
+                Err(e) if for_want_of_space(&e) => {}
+                Err(e) => {
+                    unrecorded = false;
+                    say(
+                        journal,
+                        spec,
+                        &format!("cannot record the exit status: {e}"),
+                    );
+                }
+            }
+        }
     }
     Ok(match (rs.exit_code, rs.signal) {
         (Some(c), _) => c.clamp(0, 255) as u8,
