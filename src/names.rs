@@ -115,11 +115,29 @@ pub fn run_record(board: &str, task: &str, run: i64) -> String {
         format!("{}-run-{run}.json", file_component(task))
     } else {
         format!(
-            "{}.{}-run-{run}.json",
-            escaped_within(board, SLUG_MAX),
+            "{}{}-run-{run}.json",
+            record_prefix(board),
             component_within(task, 150)
         )
     }
+}
+
+/// What the names of `board`'s exit records start with (`run_record`).
+pub fn record_prefix(board: &str) -> String {
+    if board == DEFAULT_BOARD {
+        String::new()
+    } else {
+        format!("{}.", escaped_within(board, SLUG_MAX))
+    }
+}
+
+/// The board's task and run an exit record's file name names, if it is one of `board`'s:
+/// a candidate given back only when `run_record` makes the very same name of it.
+pub fn record_of(board: &str, name: &str) -> Option<(String, i64)> {
+    let rest = name.strip_prefix(&record_prefix(board))?;
+    let (task, run) = rest.strip_suffix(".json")?.rsplit_once("-run-")?;
+    let run = run.parse::<i64>().ok()?;
+    (run_record(board, task, run) == name).then(|| (task.to_string(), run))
 }
 
 /// A single, bounded file-name component for `task`: the id itself when it is plain
@@ -228,6 +246,38 @@ pub fn profile_home(root: &Path, profile: &str) -> PathBuf {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn exit_record_names_are_read_back_only_when_made_so() {
+        use super::{record_of, run_record};
+        type Row<'a> = (&'a str, String, Option<(&'a str, i64)>);
+        let rows: Vec<Row> = vec![
+            (
+                "default",
+                run_record("default", "t_ab12", 7),
+                Some(("t_ab12", 7)),
+            ),
+            ("ops", run_record("ops", "t_ab12", 7), Some(("t_ab12", 7))),
+            // Another board's record is not this board's.
+            ("default", run_record("ops", "t_ab12", 7), None),
+            ("ops", run_record("default", "t_ab12", 7), None),
+            ("ops", run_record("ops-2", "t_ab12", 7), None),
+            // An escaped id, a pause file, a file being written, junk.
+            ("default", run_record("default", "../x", 3), None),
+            ("default", "t_ab12-run-7.paused".into(), None),
+            ("default", "t_ab12-run-7.json.tmp".into(), None),
+            ("default", "t_ab12-run-x.json".into(), None),
+            ("default", "-run-1.json".into(), None),
+        ];
+        for (board, name, want) in rows {
+            let got = record_of(board, &name);
+            assert_eq!(
+                got.as_ref().map(|(t, r)| (t.as_str(), *r)),
+                want,
+                "{board} {name}"
+            );
+        }
+    }
+
     use super::*;
 
     #[test]

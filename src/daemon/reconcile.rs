@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 use super::{unit_of, Daemon, Live, RunKey};
 use crate::board::claimer_id;
 use crate::liveness;
-use crate::names::{run_of_worker_scope, run_record, WORKER_SCOPE_GLOB};
+use crate::names::{record_of, run_of_worker_scope, run_record, WORKER_SCOPE_GLOB};
 use crate::state_dir::read_record;
 use crate::systemd::UnitState;
 
@@ -98,6 +98,9 @@ fn rule(f: &RowFacts) -> Rule {
     }
 }
 
+/// Exit records looked up on their boards per reconcile (`forget_ended_records`).
+const RECORDS_LOOKED: usize = 1000;
+
 impl Daemon {
     /// Reconcile every open board with the worker scopes systemd has.
     pub(super) async fn reconcile(&mut self) -> anyhow::Result<()> {
@@ -135,6 +138,9 @@ impl Daemon {
             // tracked until `check_closed_runs` stops it.
             self.book(&key).await;
         }
+        if let Some(records) = &records {
+            self.forget_ended_records(records);
+        }
         // The safety-net tick reconciles too: say so only when it found something.
         if counts.adopted + counts.ended + counts.lost > 0 || !self.reconciled_once {
             info!(
@@ -150,6 +156,37 @@ impl Daemon {
         }
         self.reconciled_once = true;
         Ok(())
+    }
+
+    /// Exit records of runs their board has closed: a worker that booked its own verdict and
+    /// ended while no dispatcher ran leaves one that no booking reads, and so none removes.
+    /// Only a record whose name is exactly one of an open board's runs (`names::record_of`),
+    /// that run ended on that board and not tracked; at most `RECORDS_LOOKED` looked up per
+    /// reconcile (the rest on the next tick).
+    fn forget_ended_records(&self, records: &HashSet<String>) {
+        let mut looked = 0;
+        for name in records.iter().filter(|n| n.ends_with(".json")) {
+            for (slug, s) in &self.slots {
+                let (Some(board), Some((task, run))) = (&s.board, record_of(slug, name)) else {
+                    continue;
+                };
+                if self.live.contains_key(&RunKey::new(slug, &task, run)) {
+                    break;
+                }
+                looked += 1;
+                if let Ok(Some(r)) = board.run(run) {
+                    if r.task_id == task && r.ended_at.is_some() {
+                        debug!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run,
+                               "removed the exit record of a run its board had closed");
+                        crate::state_dir::forget_run(&self.cfg.state_dir, slug, &task, run);
+                    }
+                }
+                break;
+            }
+            if looked >= RECORDS_LOOKED {
+                return;
+            }
+        }
     }
 
     /// Reconcile one board just opened (before anything is dispatched on it).

@@ -10,13 +10,13 @@ use crate::rig::{journal, sh, Dispatcher, SERVICE};
 use crate::systemd_test;
 
 /// A tmpfs of `size` mounted on `dir` with what `dir` held copied in; unmounted on drop.
-struct SmallFs {
+pub(crate) struct SmallFs {
     dir: PathBuf,
     filler: PathBuf,
 }
 
 impl SmallFs {
-    fn over(dir: &Path, size: &str, owner: Option<u32>) -> SmallFs {
+    pub(crate) fn over(dir: &Path, size: &str, owner: Option<u32>) -> SmallFs {
         let aside = PathBuf::from(format!("{}.aside", dir.display()));
         sh(&format!(
             "rm -rf {a} && cp -a {d} {a} && mount -t tmpfs -o size={size},mode=0755 tmpfs {d} && cp -a {a}/. {d}/ && rm -rf {a}",
@@ -33,7 +33,7 @@ impl SmallFs {
     }
 
     /// Fill it to the last byte (root's file: the worker user cannot free it).
-    fn fill(&self) {
+    pub(crate) fn fill(&self) {
         let _ = Command::new("dd")
             .args(["if=/dev/zero", "bs=64k", "status=none"])
             .arg(format!("of={}", self.filler.display()))
@@ -48,7 +48,7 @@ impl SmallFs {
             .status();
     }
 
-    fn free(&self) {
+    pub(crate) fn free(&self) {
         let _ = std::fs::remove_file(&self.filler);
     }
 }
@@ -61,10 +61,11 @@ impl Drop for SmallFs {
 
 /// A worker that waits for `go` beside the board, then does what its task's body says:
 /// `complete` (the board's own command books its verdict) or `exit N`.
-fn gated_stub() -> String {
+pub(crate) fn gated_stub() -> String {
     format!(
         r#"#!/bin/sh
 m={m}
+echo "$TMPDIR" > tmpdir
 while [ ! -e "$(dirname "$HERMES_KANBAN_DB")/go" ]; do sleep 0.05; done
 kind=$($m --db "$HERMES_KANBAN_DB" show "$HERMES_KANBAN_TASK" | sed -n 's/^  do: //p')
 case "$kind" in
@@ -77,7 +78,7 @@ exit 9
     )
 }
 
-fn add(d: &Dispatcher, title: &str, what: &str) -> String {
+pub(crate) fn add(d: &Dispatcher, title: &str, what: &str) -> String {
     d.rig
         .board()
         .create(&hermes_mgr::board::NewTask {
@@ -94,7 +95,7 @@ fn status_text() -> String {
 }
 
 /// Outcomes and errors of a task's runs, in order.
-fn runs(d: &Dispatcher, id: &str) -> Vec<(String, String)> {
+pub(crate) fn runs(d: &Dispatcher, id: &str) -> Vec<(String, String)> {
     d.rig
         .board()
         .runs(id)

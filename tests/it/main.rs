@@ -31,5 +31,6 @@ mod sandbox;
 mod scale;
 mod scope;
 mod settings;
+mod soak_found;
 mod triage;
 mod worker;

@@ -86,7 +86,8 @@ fn record(spec: &WorkerSpec, rs: &ExitRecord, journal: &Journal) -> bool {
     let Err(e) = write_status(spec, rs) else {
         return true;
     };
-    let keep = for_want_of_space(&e);
+    // Not kept once the scope is being stopped (`retry_record`).
+    let keep = for_want_of_space(&e) && !rs.sigterm_received;
     let then = if keep {
         "; kept, and written once there is room (the run stays open until then)"
     } else {
@@ -101,6 +102,28 @@ fn record(spec: &WorkerSpec, rs: &ExitRecord, journal: &Journal) -> bool {
         ),
     );
     !keep
+}
+
+/// Another try at a kept record: `true` once it is written, or given up — on another
+/// error, or once the scope is being stopped (`stopping`): whoever stops it books the run
+/// without the record, and the supervisor must end before the stop's SIGKILL would end it
+/// with the run's TMPDIR left behind.
+fn retry_record(spec: &WorkerSpec, rs: &ExitRecord, journal: &Journal, stopping: bool) -> bool {
+    let why = match write_status(spec, rs) {
+        Ok(()) => {
+            say(journal, spec, "the exit status is recorded after all");
+            return true;
+        }
+        Err(e) if for_want_of_space(&e) && !stopping => return false,
+        Err(e) if stopping => format!("{e}; the scope is being stopped: not recorded"),
+        Err(e) => e.to_string(),
+    };
+    say(
+        journal,
+        spec,
+        &format!("cannot record the exit status: {why}"),
+    );
+    true
 }
 
 /// A record that could not be written for want of space is kept, and written again this
@@ -318,30 +341,15 @@ fn supervise(spec: &WorkerSpec, tmpdir: &Path, journal: &Journal) -> Result<u8, 
             (true, None) => Some(RECORD_RETRY),
             (false, l) => l,
         };
-        if wait_readable(&sfd, &relay, look)? {
-            let _ = sfd.read_signal();
-        }
+        let stopping = wait_readable(&sfd, &relay, look)?
+            && matches!(sfd.read_signal(), Ok(Some(i)) if i.ssi_signo == libc::SIGTERM as u32);
         if let Some(why) = limit.check() {
             say(journal, spec, &why);
         }
         relay.pump();
         let _ = reap(worker);
         if unrecorded {
-            match write_status(spec, &rs) {
-                Ok(()) => {
-                    unrecorded = false;
-                    say(journal, spec, "the exit status is recorded after all");
-                }
-                Err(e) if for_want_of_space(&e) => {}
-                Err(e) => {
-                    unrecorded = false;
-                    say(
-                        journal,
-                        spec,
-                        &format!("cannot record the exit status: {e}"),
-                    );
-                }
-            }
+            unrecorded = !retry_record(spec, &rs, journal, stopping);
         }
     }
     Ok(match (rs.exit_code, rs.signal) {

@@ -1,0 +1,105 @@
+//! What the chaos soak (`tests/soak`, issue 31) found, each its own test.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::full_disk::{add, gated_stub, runs, SmallFs};
+use crate::harness::wait_for;
+use crate::rig::{sh, Dispatcher, SERVICE};
+use crate::systemd_test;
+
+const STATE: &str = "/run/hermes-mgr-test";
+
+fn record(d: &Dispatcher, id: &str) -> std::path::PathBuf {
+    let run = d.task(id).current_run_id.unwrap();
+    hermes_mgr::state_dir::record_path(Path::new(STATE), "default", id, run)
+}
+
+// Found at 3,000 tasks: a worker that booked its own verdict and ended while the daemon was
+// down left its exit record in the state directory for good (the row was no longer running,
+// so no booking read it, and none removed it) — one more file in `/run` per such run.
+systemd_test!(
+    an_exit_record_of_a_run_ended_while_the_daemon_was_down_is_removed,
+    {
+        let d = Dispatcher::with_stub(&gated_stub(), "tick_seconds = 1");
+        d.install();
+        let id = add(&d, "ends while the daemon is down", "complete");
+        d.start();
+        let run = d.wait_running(&id, 0);
+        let path = record(&d, &id);
+        sh(&format!("systemctl kill --signal=KILL {SERVICE}"));
+        wait_for("the daemon dead", Duration::from_secs(10), || {
+            (!crate::rig::systemctl_show(SERVICE, "ActiveState").contains("=active")).then_some(())
+        });
+        sh(&format!("touch {}", d.rig.dir.join("go").display()));
+        // The worker booked its verdict; its supervisor wrote the record; nobody read it.
+        d.wait_task("done", |t| t.status.as_str() == "done", &id);
+        wait_for("the exit record", Duration::from_secs(20), || {
+            path.exists().then_some(())
+        });
+        sh(&format!(
+            "systemctl reset-failed {SERVICE} 2>/dev/null || true"
+        ));
+        d.start();
+        wait_for("the record removed", Duration::from_secs(20), || {
+            (!path.exists()).then_some(())
+        });
+        let r = runs(&d, &id);
+        assert_eq!(r.len(), 1, "run {run}: {r:?}");
+        assert_eq!(r[0].0, "completed", "{r:?}");
+        d.stop();
+    }
+);
+
+// Found at 3,000 tasks with the state directory full for 15 s: a supervisor keeping an exit
+// record it could not write ignored the SIGTERM of its scope's stop (the worker had booked its
+// own verdict and the dispatcher stopped the lingering scope): systemd's SIGKILL then ended
+// it, and the run's TMPDIR was never removed (92 of them in /tmp).
+systemd_test!(
+    a_supervisor_keeping_its_record_ends_at_its_scopes_stop_and_removes_the_tmpdir,
+    {
+        let d = Dispatcher::with_stub(&gated_stub(), "tick_seconds = 1\nverdict_grace_seconds = 1");
+        std::fs::create_dir_all(STATE).unwrap();
+        let fs = SmallFs::over(Path::new(STATE), "256k", None);
+        d.install();
+        let id = add(
+            &d,
+            "books its verdict, then its record finds no room",
+            "complete",
+        );
+        d.start();
+        d.wait_running(&id, 0);
+        let ws = d.rig.dir.join("kanban/workspaces").join(&id);
+        let tmpdir = wait_for("the worker's TMPDIR", Duration::from_secs(20), || {
+            std::fs::read_to_string(ws.join("tmpdir"))
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+        });
+        let unit = crate::rig::worker_units(false)
+            .lines()
+            .find(|l| l.contains(&id))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap()
+            .to_string();
+        assert!(Path::new(&tmpdir).is_dir(), "{tmpdir}");
+        fs.fill();
+        sh(&format!("touch {}", d.rig.dir.join("go").display()));
+        d.wait_task("done", |t| t.status.as_str() == "done", &id);
+        // The dispatcher stops the lingering scope after its grace; the supervisor ends at the
+        // SIGTERM (the verdict is on the board) and removes the TMPDIR.
+        wait_for("the TMPDIR removed", Duration::from_secs(20), || {
+            (!Path::new(&tmpdir).exists()).then_some(())
+        });
+        wait_for("the scope gone", Duration::from_secs(20), || {
+            (!crate::rig::worker_units(false).contains(&unit)).then_some(())
+        });
+        let said = sh(&format!("journalctl -o cat --no-pager -u {unit}"));
+        assert!(!said.contains("Stopping timed out"), "{said}");
+        let r = runs(&d, &id);
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(r[0].0, "completed", "{r:?}");
+        d.stop();
+        drop(fs);
+    }
+);
