@@ -40,6 +40,10 @@ pub(super) struct Slot {
     /// Runs could not be booked for want of space on the board's filesystem (the error);
     /// `None` once a booking succeeds. Said in the service status until then.
     pub full: Option<String>,
+    /// When a write to the board last failed for want of space (a booking, a pass): a worker
+    /// that failed within `FULL_WINDOW` of it most likely failed writing its verdict, even
+    /// if room came back before its run was booked.
+    pub full_seen: Option<Instant>,
     /// Runs in a row booked as our failure to start them, found in the scope after the pass
     /// (Hermes' own code could not be started): the passes that start them succeed, so this,
     /// not the pass, keeps the backoff growing. Reset by any other end.
@@ -48,6 +52,11 @@ pub(super) struct Slot {
     /// (a hard link) would be served through two WALs.
     pub file_id: Option<(u64, u64)>,
 }
+
+/// How long after a write to a board failed for want of space a worker's failure is taken
+/// for the disk's (`Slot::recently_full`): the worker's own write and ours race for the
+/// room that comes back.
+pub(super) const FULL_WINDOW: Duration = Duration::from_secs(10);
 
 /// Why a board cannot be served, and the file as it was then.
 #[derive(Debug, Clone)]
@@ -88,9 +97,15 @@ impl Slot {
             backoff: None,
             failing: None,
             full: None,
+            full_seen: None,
             start_failures: 0,
             file_id: None,
         }
+    }
+
+    /// A write to the board failed for want of space within `FULL_WINDOW`.
+    pub fn recently_full(&self) -> bool {
+        self.full_seen.is_some_and(|t| t.elapsed() < FULL_WINDOW)
     }
 
     pub fn may_pass(&self) -> bool {

@@ -89,7 +89,11 @@ impl Daemon {
             max_runtime: live.max_runtime,
             stale: live.stale.as_ref(),
             hermes: crate::spawn::hermes_generation(&self.cfg),
-            board_full: live.board_full,
+            board_full: live.board_full
+                || self
+                    .slots
+                    .get(slug.as_str())
+                    .is_some_and(|s| s.recently_full()),
         };
         // Still running (a UnitRemoved for a name we reuse, a stray event): nothing to do.
         let Decision::Ended(end) = outcome::decide(&facts) else {
@@ -176,6 +180,7 @@ impl Daemon {
             l.board_full = true;
         }
         if let Some(s) = self.slots.get_mut(slug) {
+            s.full_seen = Some(Instant::now());
             if s.full.is_none() {
                 error!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run,
                        "cannot book runs: the board's filesystem is full ({e}); every ended run is kept and booked once there is room");

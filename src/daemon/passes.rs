@@ -301,6 +301,10 @@ impl Daemon {
                 warn!(board = %slug, "dispatch pass failed: {e:#}");
                 if let Some(slot) = self.slots.get_mut(slug) {
                     slot.back_off(&format!("{e:#}"));
+                    let full = e.downcast_ref::<crate::board::BoardError>();
+                    if full.is_some_and(|e| e.is_full()) {
+                        slot.full_seen = Some(Instant::now());
+                    }
                 }
             }
         }

@@ -70,6 +70,9 @@ while [ ! -e "$(dirname "$HERMES_KANBAN_DB")/go" ]; do sleep 0.05; done
 kind=$($m --db "$HERMES_KANBAN_DB" show "$HERMES_KANBAN_TASK" | sed -n 's/^  do: //p')
 case "$kind" in
   complete) exec $m --db "$HERMES_KANBAN_DB" complete "$HERMES_KANBAN_TASK" --summary gated ;;
+  complete-or-wait) $m --db "$HERMES_KANBAN_DB" complete "$HERMES_KANBAN_TASK" --summary gated && exit 0
+    : > verdict-failed
+    while [ ! -e "$(dirname "$HERMES_KANBAN_DB")/go2" ]; do sleep 0.05; done; exit 1 ;;
   exit*) exit ${{kind#exit }} ;;
 esac
 exit 9
@@ -244,5 +247,63 @@ systemd_test!(
         assert_eq!(b.require_task(&limited).unwrap().consecutive_failures, 0);
         d.stop();
         drop(fs);
+    }
+);
+
+// Found by the soak (15,000 tasks): a worker whose verdict failed while the board's
+// filesystem was full, and that ended only once there was room again, was charged a crash —
+// the dispatcher's own booking then succeeded, so nothing said the disk had been full.
+systemd_test!(
+    a_worker_failing_just_after_the_board_had_room_again_is_not_charged,
+    {
+        let d = Dispatcher::with_stub(&gated_stub(), "tick_seconds = 1\nmax_spawn = 4");
+        let fs = SmallFs::over(&d.rig.dir, "8m", Some(d.rig.uid));
+        d.install();
+        let first = add(&d, "fails at once", "complete");
+        let later = add(&d, "fails once there is room", "complete-or-wait");
+        d.start();
+        let b = d.rig.board();
+        wait_for("both workers recorded", Duration::from_secs(20), || {
+            [&first, &later]
+                .iter()
+                .all(|id| b.require_task(id).unwrap().worker_pid.is_some())
+                .then_some(())
+        });
+        let c = rusqlite::Connection::open(&d.rig.db).unwrap();
+        let wal = PathBuf::from(format!("{}-wal", d.rig.db.display()));
+        wait_for("the WAL emptied", Duration::from_secs(10), || {
+            let busy: i64 = c
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+                .unwrap();
+            (busy == 0 && std::fs::metadata(&wal).is_ok_and(|m| m.len() == 0)).then_some(())
+        });
+        drop(c);
+        fs.fill();
+        sh(&format!("touch {}", d.rig.dir.join("go").display()));
+        wait_for(
+            "the status says the disk is full",
+            Duration::from_secs(20),
+            || Some(status_text()).filter(|s| s.contains("FULL")),
+        );
+        // The second worker's verdict failed too before there is room again.
+        let ws = d.rig.dir.join("kanban/workspaces").join(&later);
+        wait_for("the second verdict failed", Duration::from_secs(20), || {
+            ws.join("verdict-failed").exists().then_some(())
+        });
+        fs.free();
+        d.wait_task(
+            "the first requeued",
+            |t| t.status.as_str() != "running",
+            &first,
+        );
+        // Now the second worker ends, its verdict lost to the full disk a moment ago.
+        sh(&format!("touch {}", d.rig.dir.join("go2").display()));
+        for id in [&first, &later] {
+            d.wait_task("done", |t| t.status.as_str() == "done", id);
+            let r = runs(&d, id);
+            assert_eq!(r[0].0, "lost", "{id}: {r:?}");
+            assert!(!r.iter().any(|(o, _)| o == "crashed"), "{id}: {r:?}");
+        }
+        d.stop();
     }
 );

@@ -615,7 +615,7 @@ fn check(soak: &Soak, boards: &[Board]) {
         breach("a run left open", q("SELECT id || ' ' || task_id FROM task_runs WHERE ended_at IS NULL OR outcome IS NULL"));
         breach(
             "a run of a worker that never fails booked as a failure",
-            q("SELECT r.task_id || ' run ' || r.id || ' ' || r.outcome || ': ' || COALESCE(r.error, '') FROM task_runs r JOIN tasks t ON t.id = r.task_id WHERE t.assignee != 'crasher' AND r.outcome IN ('crashed','gave_up','timed_out','spawn_failed')"),
+            q("SELECT r.task_id || ' run ' || r.id || ' ' || r.outcome || ': ' || COALESCE(r.error, '') FROM task_runs r JOIN tasks t ON t.id = r.task_id WHERE t.assignee != 'crasher' AND (r.outcome IN ('crashed','gave_up','timed_out') OR (r.outcome = 'spawn_failed' AND NOT EXISTS (SELECT 1 FROM task_events e WHERE e.run_id = r.id AND e.kind = 'spawn_failed' AND json_extract(e.payload, '$.infrastructure') = 1)))"),
         );
         breach(
             "a run booked other than once",
