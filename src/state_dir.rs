@@ -61,6 +61,19 @@ pub fn claimers_of_this_boot(state_dir: &Path) -> std::collections::HashSet<Stri
         .collect()
 }
 
+/// Less room than this in the state directory's filesystem is too little for a supervisor's
+/// exit record (a few KiB, with the worker's last output).
+const ROOM_NEEDED: u64 = 64 * 1024;
+
+/// The state directory's filesystem has no room for an exit record: its free bytes, then.
+/// Supervisors keep what they cannot write and retry; the service status says why runs stay
+/// open meanwhile.
+pub fn full(state_dir: &Path) -> Option<u64> {
+    let s = nix::sys::statvfs::statvfs(state_dir).ok()?;
+    let free = s.blocks_available() as u64 * s.fragment_size() as u64;
+    (free < ROOM_NEEDED).then_some(free)
+}
+
 /// A booked run's files in the runtime directory: its exit record, its pauses.
 pub fn forget_run(state_dir: &Path, board: &str, task: &str, run_id: i64) {
     let _ = std::fs::remove_file(record_path(state_dir, board, task, run_id));

@@ -76,6 +76,13 @@ impl Daemon {
         } else {
             format!("FAILING to start workers ({}); {line}", failing.join("; "))
         };
+        let line = match crate::state_dir::full(&self.cfg.state_dir) {
+            Some(free) => format!(
+                "FAILING to record exits, the state directory {} is FULL ({free} bytes free; ended runs stay open until there is room); {line}",
+                self.cfg.state_dir.display()
+            ),
+            None => line,
+        };
         let full: Vec<String> = self
             .slots
             .iter()

@@ -224,6 +224,16 @@ systemd_test!(
         }
         fs.fill();
         sh(&format!("touch {}", d.rig.dir.join("go").display()));
+        // The service says what is full, and what that holds.
+        let said = wait_for("the status says so", Duration::from_secs(20), || {
+            Some(status_text()).filter(|s| s.contains("FULL"))
+        });
+        assert!(
+            said.contains(
+                "FAILING to record exits, the state directory /run/hermes-mgr-test is FULL"
+            ),
+            "{said}"
+        );
         // The workers end; their supervisors cannot write the exit records and keep them: the
         // runs stay open (their scopes live), nothing is guessed.
         wait_for("the supervisors said so", Duration::from_secs(20), || {
