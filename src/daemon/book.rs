@@ -8,6 +8,9 @@ impl Daemon {
     /// Track a worker that we started. Its supervisor is our child: `reap` collects it.
     pub(super) fn track_started(&mut self, board: &str, s: Started) {
         let key = RunKey::new(board, &s.task, s.run_id);
+        if let Some(t) = s.tmpdir {
+            self.tmpdirs.insert(s.unit.clone(), t);
+        }
         info!(board = %board, hermes_kanban_task = %s.task, hermes_kanban_run_id = s.run_id, unit = %s.unit, object_systemd_unit = %s.unit,
               pid = s.worker_pid, "worker started");
         self.supervisors.insert(s.supervisor_pid, key.clone());
@@ -50,6 +53,7 @@ impl Daemon {
         if let Some(key) = self.live.of_unit(unit).cloned() {
             self.book(&key).await;
         }
+        self.tmpdir_gone_with(unit).await;
     }
 
     /// The one place that books a run: gather the facts (the supervisor's exit record, the
@@ -167,6 +171,34 @@ impl Daemon {
             Err(e) => {
                 warn!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run, "cannot book the run: {e}; will retry");
                 self.pending.insert(key.clone(), None);
+            }
+        }
+    }
+
+    /// Once the scope `unit` is gone, and with it its supervisor, a TMPDIR it left (it was
+    /// killed before it could remove it) is removed, as the worker user whose it is. Only for
+    /// a booked run, and only once systemd says the scope is gone: a `UnitRemoved` can be
+    /// stray (a name looked up and unloaded while the scope starts).
+    pub(super) async fn tmpdir_gone_with(&mut self, unit: &str) {
+        if !self.tmpdirs.contains_key(unit) || self.live.of_unit(unit).is_some() {
+            return;
+        }
+        match self.sd.active_state(unit).await {
+            Ok(Some(s)) if s.is_live() => return,
+            Err(_) => return,
+            _ => {}
+        }
+        let Some((dir, owner)) = self.tmpdirs.remove(unit) else {
+            return;
+        };
+        match crate::safe_fs::remove_left_dir(&dir, &owner) {
+            Ok(true) => {
+                info!(unit = %unit, object_systemd_unit = %unit, tmpdir = %dir.display(),
+                      "removed the run's TMPDIR its supervisor left (it was killed first)")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                warn!(unit = %unit, tmpdir = %dir.display(), "cannot remove the run's TMPDIR: {e}")
             }
         }
     }

@@ -123,6 +123,9 @@ struct Daemon {
     reconciled_once: bool,
     /// Triage decompositions running and waiting for a retry (`decompose.rs`).
     decomp: decompose::Decompositions,
+    /// The TMPDIR of each worker scope we started, by unit, and its owner: its supervisor
+    /// removes it, unless killed first (a stop's SIGKILL); then we do, once the scope is gone.
+    tmpdirs: HashMap<String, (PathBuf, crate::safe_fs::Owner)>,
     /// Where Hermes' emergency stop is looked for (its home, the root served), and the
     /// `ESTOP` seen there at the last look: while there is one, no pass runs.
     estop_dirs: Vec<PathBuf>,

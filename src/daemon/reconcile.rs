@@ -141,6 +141,16 @@ impl Daemon {
         if let Some(records) = &records {
             self.forget_ended_records(records);
         }
+        // A scope whose removal we did not hear of (the bus was away): its TMPDIR too.
+        let gone: Vec<String> = self
+            .tmpdirs
+            .keys()
+            .filter(|u| !units.contains_key(*u))
+            .cloned()
+            .collect();
+        for unit in gone {
+            self.tmpdir_gone_with(&unit).await;
+        }
         // The safety-net tick reconciles too: say so only when it found something.
         if counts.adopted + counts.ended + counts.lost > 0 || !self.reconciled_once {
             info!(

@@ -106,6 +106,7 @@ pub(super) async fn run(opts: Options) -> anyhow::Result<()> {
         grace_due: None,
         reconciled_once: false,
         decomp: Default::default(),
+        tmpdirs: HashMap::new(),
         estop_dirs: Vec::new(),
         estop: None,
         boards_over: 0,

@@ -83,6 +83,8 @@ pub struct Started {
     pub max_runtime: Option<i64>,
     /// The Hermes profile it runs as (its task's assignee, or the default assignee).
     pub profile: String,
+    /// The run's TMPDIR and the worker user owning it (`Report::Started`).
+    pub tmpdir: Option<(PathBuf, crate::safe_fs::Owner)>,
 }
 
 /// Task data as a unit property shows it: control characters blanked, invisible and
@@ -201,7 +203,7 @@ pub async fn start_worker(
             .map_err(|e| SpawnError::infra(format!("start the supervisor: {e}")))?,
     ));
     match launch(sd, cfg, claim, &unit, &spec_line, held.child()).await {
-        Ok(worker_pid) => {
+        Ok((worker_pid, tmpdir)) => {
             let supervisor_pid = held.child().id();
             held.release();
             Ok(Started {
@@ -221,6 +223,7 @@ pub async fn start_worker(
                     task.assignee.as_deref(),
                     cfg.default_assignee.as_deref(),
                 ),
+                tmpdir: tmpdir.map(|t| (t, crate::safe_fs::Owner::new(spec.uid, spec.gid))),
             })
         }
         Err(Failed {
@@ -248,7 +251,7 @@ async fn launch(
     unit: &str,
     spec_line: &str,
     child: &mut std::process::Child,
-) -> Result<u32, Failed> {
+) -> Result<(u32, Option<PathBuf>), Failed> {
     let task = &claim.task;
     let pid = child.id();
     let pipes = match (child.stdin.take(), child.stdout.take()) {
@@ -318,7 +321,7 @@ async fn launch(
         Err(_) => Err(format!("no word from the supervisor within {timeout:?}")),
     };
     match report {
-        Ok(Report::Started { pid }) => Ok(pid),
+        Ok(Report::Started { pid, tmpdir }) => Ok((pid, tmpdir)),
         Ok(Report::Failed { reason, fault }) => Err(failed(SpawnError { reason, fault }, true)),
         // A silent or garbled supervisor is ours to answer for, not the task's.
         Err(reason) => Err(failed(SpawnError::infra(reason), true)),

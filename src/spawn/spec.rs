@@ -122,6 +122,10 @@ pub struct RunRef {
 pub enum Report {
     Started {
         pid: u32,
+        /// The run's TMPDIR: removed by the supervisor when the worker has ended, by the
+        /// dispatcher when the supervisor was killed first (a stop's SIGKILL).
+        #[serde(default)]
+        tmpdir: Option<std::path::PathBuf>,
     },
     Failed {
         reason: String,

@@ -82,7 +82,11 @@ systemd_test!(
             .and_then(|l| l.split_whitespace().next())
             .unwrap()
             .to_string();
-        assert!(Path::new(&tmpdir).is_dir(), "{tmpdir}");
+        assert!(
+            Path::new(&tmpdir).is_dir(),
+            "{tmpdir}\n{}",
+            crate::rig::journal(SERVICE)
+        );
         fs.fill();
         sh(&format!("touch {}", d.rig.dir.join("go").display()));
         d.wait_task("done", |t| t.status.as_str() == "done", &id);
@@ -101,5 +105,44 @@ systemd_test!(
         assert_eq!(r[0].0, "completed", "{r:?}");
         d.stop();
         drop(fs);
+    }
+);
+
+/// A worker that ignores SIGTERM (as its children do) and says where its TMPDIR is.
+const STUBBORN: &str = r#"#!/bin/sh
+trap '' TERM
+echo "$TMPDIR" > tmpdir
+exec sleep 3600
+"#;
+
+// Found while fixing the one above: any stop whose SIGKILL ends the scope (a worker that
+// ignores SIGTERM) ends its supervisor too, before it can remove the run's TMPDIR — one
+// directory left in /tmp per such stop. The dispatcher now removes it once the scope is gone.
+systemd_test!(
+    a_tmpdir_left_by_a_killed_supervisor_is_removed_with_its_scope,
+    {
+        let d = Dispatcher::with_stub(STUBBORN, "tick_seconds = 3600");
+        d.install();
+        let id = d.rig.add("ignores SIGTERM");
+        d.start();
+        d.wait_running(&id, 0);
+        let ws = d.rig.dir.join("kanban/workspaces").join(&id);
+        let tmpdir = wait_for("the worker's TMPDIR", Duration::from_secs(20), || {
+            std::fs::read_to_string(ws.join("tmpdir"))
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+        });
+        let stop = d.rig.mgr(&["stop", &id, "--timeout", "1"]).ok().stdout;
+        assert!(stop.contains("SIGKILL"), "{stop}");
+        wait_for("the TMPDIR removed", Duration::from_secs(20), || {
+            (!Path::new(&tmpdir).exists()).then_some(())
+        });
+        assert!(
+            crate::rig::journal(SERVICE).contains("removed the run's TMPDIR its supervisor left"),
+            "{}",
+            crate::rig::journal(SERVICE)
+        );
+        d.stop();
     }
 );

@@ -317,6 +317,7 @@ fn supervise(spec: &WorkerSpec, tmpdir: &Path, journal: &Journal) -> Result<u8, 
     let said = said.map(|(r, _w)| r);
     report(&Report::Started {
         pid: worker.as_raw() as u32,
+        tmpdir: Some(tmpdir.to_path_buf()),
     });
     let mut relay = pipes.into_relay(journal, log, said);
     if spec.output_tail {
