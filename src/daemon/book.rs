@@ -180,7 +180,15 @@ impl Daemon {
     /// a booked run, and only once systemd says the scope is gone: a `UnitRemoved` can be
     /// stray (a name looked up and unloaded while the scope starts).
     pub(super) async fn tmpdir_gone_with(&mut self, unit: &str) {
-        if !self.tmpdirs.contains_key(unit) || self.live.of_unit(unit).is_some() {
+        let Some((dir, _)) = self.tmpdirs.get(unit) else {
+            return;
+        };
+        if self.live.of_unit(unit).is_some() {
+            return;
+        }
+        // The common end: the supervisor removed it. No question to systemd then.
+        if std::fs::symlink_metadata(dir).is_err() {
+            self.tmpdirs.remove(unit);
             return;
         }
         match self.sd.active_state(unit).await {
