@@ -415,16 +415,26 @@ impl Board {
     /// `recompute_ready` inside a write transaction already open on `c`.
     fn promote_ready(&self, c: &rusqlite::Connection, failure_limit: i64) -> Result<usize> {
         let err = |e| self.err("recompute ready", e);
+        // Every pass runs this: a blocked task that stays blocked whatever its events say (at
+        // its breaker's limit) or by its last block event (an explicit block) is left out in
+        // the query itself, so a board's pile of blocked tasks costs no statement each (the
+        // soak saw the daemon's CPU per task grow tenfold with it). The rest get
+        // `stays_blocked`'s whole rule below, as before.
         let mut st = c
             .prepare(
                 "SELECT t.id, t.status, t.consecutive_failures, t.max_retries FROM tasks t
-                 WHERE t.status IN ('todo','blocked')
+                 WHERE (t.status = 'todo'
+                        OR (t.status = 'blocked'
+                            AND coalesce(t.consecutive_failures, 0) < coalesce(t.max_retries, ?1)
+                            AND coalesce((SELECT e.kind FROM task_events e
+                                          WHERE e.task_id = t.id AND e.kind IN ('blocked','unblocked')
+                                          ORDER BY e.id DESC LIMIT 1), '') != 'blocked'))
                    AND NOT EXISTS (SELECT 1 FROM task_links l JOIN tasks p ON p.id=l.parent_id
                                    WHERE l.child_id=t.id AND p.status NOT IN ('done','archived'))",
             )
             .map_err(err)?;
         let rows: Vec<(String, String, i64, Option<i64>)> = st
-            .query_map([], |r| {
+            .query_map([failure_limit], |r| {
                 Ok((
                     r.get(0)?,
                     r.get(1)?,

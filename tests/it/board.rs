@@ -698,3 +698,84 @@ fn a_completion_promotes_by_the_configured_limit() {
         "a task at the configured limit stays blocked"
     );
 }
+
+/// Statements SQLite began on the connection `statements_of` watches (only one test
+/// watches one).
+static STATEMENTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+unsafe extern "C" fn count_statement(
+    _: std::ffi::c_uint,
+    _: *mut std::ffi::c_void,
+    _: *mut std::ffi::c_void,
+    _: *mut std::ffi::c_void,
+) -> std::ffi::c_int {
+    STATEMENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    0
+}
+
+/// How many statements `f` has `b`'s connection run.
+fn statements_of(b: &Board, f: impl FnOnce()) -> usize {
+    use rusqlite::ffi;
+    // SAFETY: the board's own open handle; the callback touches only an atomic counter.
+    unsafe {
+        ffi::sqlite3_trace_v2(
+            b.connection().handle(),
+            ffi::SQLITE_TRACE_STMT as std::ffi::c_uint,
+            Some(count_statement),
+            std::ptr::null_mut(),
+        )
+    };
+    STATEMENTS.store(0, std::sync::atomic::Ordering::Relaxed);
+    f();
+    let n = STATEMENTS.load(std::sync::atomic::Ordering::Relaxed);
+    // SAFETY: as above; no callback from here on.
+    unsafe { ffi::sqlite3_trace_v2(b.connection().handle(), 0, None, std::ptr::null_mut()) };
+    n
+}
+
+// Found by the chaos soak (issue 31): every dispatch pass (one per board commit) asked the
+// event log about each blocked task, so the daemon's CPU per task grew tenfold as crashers'
+// tasks piled up blocked. The tasks that stay blocked whatever (at their breaker's limit, or
+// explicitly blocked) now cost no statement of their own.
+#[test]
+fn blocked_tasks_that_stay_blocked_cost_a_pass_no_statement_each() {
+    let dir = scratch();
+    let b = open(&dir.path().join("kanban.db"));
+    let count = |b: &Board| {
+        statements_of(b, || {
+            b.recompute_ready(DEFAULT_FAILURE_LIMIT).unwrap();
+        })
+    };
+    let empty = count(&b);
+    for i in 0..60 {
+        let id = add(&b, &format!("at its limit {i}"));
+        b.connection()
+            .execute(
+                "UPDATE tasks SET status='blocked', consecutive_failures=?2 WHERE id=?1",
+                rusqlite::params![id, DEFAULT_FAILURE_LIMIT],
+            )
+            .unwrap();
+        let id = add(&b, &format!("blocked by a worker {i}"));
+        b.block(&id, Some("which key?"), Some("needs_input"), None)
+            .unwrap();
+    }
+    let with_blocked = count(&b);
+    assert_eq!(
+        b.recompute_ready(DEFAULT_FAILURE_LIMIT).unwrap(),
+        0,
+        "they stay blocked"
+    );
+    assert_eq!(
+        with_blocked, empty,
+        "a pass with 120 blocked tasks ran {with_blocked} statements, {empty} with none"
+    );
+    // One that may go on is still promoted: below its limit, blocked by no one.
+    let id = add(&b, "below its limit");
+    b.connection()
+        .execute(
+            "UPDATE tasks SET status='blocked', consecutive_failures=1 WHERE id=?1",
+            [&id],
+        )
+        .unwrap();
+    assert_eq!(b.recompute_ready(DEFAULT_FAILURE_LIMIT).unwrap(), 1);
+}

@@ -93,6 +93,21 @@ pub(crate) fn add(d: &Dispatcher, title: &str, what: &str) -> String {
         .unwrap()
 }
 
+/// The board's WAL emptied (checkpointed and truncated): SQLite reuses a WAL's frames once
+/// checkpointed, so a write could still fit in it; from an empty one, every write needs new
+/// blocks. Its path.
+fn empty_wal(d: &Dispatcher) -> PathBuf {
+    let c = rusqlite::Connection::open(&d.rig.db).unwrap();
+    let wal = PathBuf::from(format!("{}-wal", d.rig.db.display()));
+    wait_for("the WAL emptied", Duration::from_secs(10), || {
+        let busy: i64 = c
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+            .unwrap();
+        (busy == 0 && std::fs::metadata(&wal).is_ok_and(|m| m.len() == 0)).then_some(())
+    });
+    wal
+}
+
 fn status_text() -> String {
     crate::rig::systemctl_show(SERVICE, "StatusText")
 }
@@ -130,17 +145,7 @@ systemd_test!(
                 .all(|id| b.require_task(id).unwrap().worker_pid.is_some())
                 .then_some(())
         });
-        // The WAL emptied first: SQLite reuses a WAL's frames once checkpointed, so a write
-        // could still fit in it; from an empty one, every write needs new blocks.
-        let c = rusqlite::Connection::open(&d.rig.db).unwrap();
-        let wal = PathBuf::from(format!("{}-wal", d.rig.db.display()));
-        wait_for("the WAL emptied", Duration::from_secs(10), || {
-            let busy: i64 = c
-                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
-                .unwrap();
-            (busy == 0 && std::fs::metadata(&wal).is_ok_and(|m| m.len() == 0)).then_some(())
-        });
-        drop(c);
+        let wal = empty_wal(&d);
         fs.fill();
         let wal_len = std::fs::metadata(&wal).unwrap().len();
         assert_eq!(
@@ -279,15 +284,7 @@ systemd_test!(
                 .all(|id| b.require_task(id).unwrap().worker_pid.is_some())
                 .then_some(())
         });
-        let c = rusqlite::Connection::open(&d.rig.db).unwrap();
-        let wal = PathBuf::from(format!("{}-wal", d.rig.db.display()));
-        wait_for("the WAL emptied", Duration::from_secs(10), || {
-            let busy: i64 = c
-                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
-                .unwrap();
-            (busy == 0 && std::fs::metadata(&wal).is_ok_and(|m| m.len() == 0)).then_some(())
-        });
-        drop(c);
+        empty_wal(&d);
         fs.fill();
         sh(&format!("touch {}", d.rig.dir.join("go").display()));
         wait_for(

@@ -10,6 +10,17 @@ use crate::systemd_test;
 
 const STATE: &str = "/run/hermes-mgr-test";
 
+/// The TMPDIR the worker of `id` said it has (in `tmpdir`, in its workspace).
+fn tmpdir_of(d: &Dispatcher, id: &str) -> String {
+    let ws = d.rig.dir.join("kanban/workspaces").join(id);
+    wait_for("the worker's TMPDIR", Duration::from_secs(20), || {
+        std::fs::read_to_string(ws.join("tmpdir"))
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    })
+}
+
 fn record(d: &Dispatcher, id: &str) -> std::path::PathBuf {
     let run = d.task(id).current_run_id.unwrap();
     hermes_mgr::state_dir::record_path(Path::new(STATE), "default", id, run)
@@ -69,13 +80,7 @@ systemd_test!(
         );
         d.start();
         d.wait_running(&id, 0);
-        let ws = d.rig.dir.join("kanban/workspaces").join(&id);
-        let tmpdir = wait_for("the worker's TMPDIR", Duration::from_secs(20), || {
-            std::fs::read_to_string(ws.join("tmpdir"))
-                .ok()
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty())
-        });
+        let tmpdir = tmpdir_of(&d, &id);
         let unit = crate::rig::worker_units(false)
             .lines()
             .find(|l| l.contains(&id))
@@ -126,13 +131,7 @@ systemd_test!(
         let id = d.rig.add("ignores SIGTERM");
         d.start();
         d.wait_running(&id, 0);
-        let ws = d.rig.dir.join("kanban/workspaces").join(&id);
-        let tmpdir = wait_for("the worker's TMPDIR", Duration::from_secs(20), || {
-            std::fs::read_to_string(ws.join("tmpdir"))
-                .ok()
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty())
-        });
+        let tmpdir = tmpdir_of(&d, &id);
         let stop = d.rig.mgr(&["stop", &id, "--timeout", "1"]).ok().stdout;
         assert!(stop.contains("SIGKILL"), "{stop}");
         wait_for("the TMPDIR removed", Duration::from_secs(20), || {
