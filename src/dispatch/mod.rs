@@ -163,7 +163,16 @@ pub async fn once(
         stopped: false,
         lock: claimer_id(),
     };
-    pass.report.pressure = pressure_hold(cfg);
+    // A state directory with no room for an exit record holds new workers as pressure does:
+    // each would end with its record kept by its supervisor, its scope living on.
+    pass.report.pressure = crate::state_dir::full(&cfg.state_dir)
+        .map(|free| {
+            format!(
+                "the state directory {} is FULL ({free} bytes free): no exit record can be written",
+                cfg.state_dir.display()
+            )
+        })
+        .or_else(|| pressure_hold(cfg));
     if pass.held() {
         return Ok((pass.report, Vec::new()));
     }

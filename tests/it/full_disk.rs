@@ -239,6 +239,16 @@ systemd_test!(
             ),
             "{said}"
         );
+        // No new worker while no record could be written: a task made now waits, unclaimed.
+        let waiting = add(&d, "made while the state directory is full", "complete");
+        let said = wait_for("the status says it holds", Duration::from_secs(20), || {
+            Some(status_text()).filter(|s| s.contains("HOLDING new workers"))
+        });
+        assert!(
+            said.contains("the state directory /run/hermes-mgr-test is FULL"),
+            "{said}"
+        );
+        assert_eq!(d.task(&waiting).status.as_str(), "ready");
         // The workers end; their supervisors cannot write the exit records and keep them: the
         // runs stay open (their scopes live), nothing is guessed.
         wait_for("the supervisors said so", Duration::from_secs(20), || {
@@ -253,6 +263,8 @@ systemd_test!(
         d.wait_task("requeued", |t| t.status.as_str() != "running", &limited);
         d.wait_task("requeued", |t| t.status.as_str() != "running", &crashed);
         d.wait_task("done", |t| t.status.as_str() == "done", &done);
+        // Room again: the waiting task runs.
+        d.wait_task("done", |t| t.status.as_str() == "done", &waiting);
         let (l, c) = (runs(&d, &limited), runs(&d, &crashed));
         // As their exit statuses say: rate-limited (not charged), and a crash with its code —
         // not "ended without an exit status".
