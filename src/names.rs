@@ -74,6 +74,25 @@ pub fn worker_scope(board: &str, task: &str, run: i64) -> String {
     format!("{head}{esc}{tail}")
 }
 
+/// Whether `unit` has the shape of `board`'s worker scopes (`worker_scope`): a filter before
+/// the board is asked about a scope, so that a reconcile of many boards does not ask each
+/// board about every board's scopes.
+pub fn is_worker_scope_of(board: &str, unit: &str) -> bool {
+    let Some((head, _)) = unit
+        .strip_prefix("hermes-worker-kanban-")
+        .and_then(|r| r.rsplit_once("-run-"))
+    else {
+        return false;
+    };
+    if board == DEFAULT_BOARD {
+        !head.contains('-')
+    } else {
+        head.strip_prefix(&escaped_within(board, SLUG_MAX))
+            .and_then(|t| t.strip_prefix('-'))
+            .is_some_and(|task| !task.contains('-'))
+    }
+}
+
 /// The run id a worker scope's name ends in (`…-run-<run>.scope`, `worker_scope`'s
 /// shape); whose run it is, the board says: the name is only a candidate until
 /// `worker_scope` of that run's task gives it back.
@@ -246,6 +265,29 @@ pub fn profile_home(root: &Path, profile: &str) -> PathBuf {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_worker_scope_is_of_one_board_only() {
+        use super::{is_worker_scope_of, worker_scope};
+        let rows = [
+            ("default", worker_scope("default", "t_ab12", 7), true),
+            ("ops", worker_scope("ops", "t_ab12", 7), true),
+            ("ops-2", worker_scope("ops-2", "t_ab12", 7), true),
+            ("default", worker_scope("ops", "t_ab12", 7), false),
+            ("ops", worker_scope("default", "t_ab12", 7), false),
+            ("ops", worker_scope("ops-2", "t_ab12", 7), false),
+            ("ops-2", worker_scope("ops", "t_ab12", 7), false),
+            ("default", worker_scope("default", "a-b", 7), true),
+            (
+                "default",
+                "hermes-kanban-decompose-t_1.service".to_string(),
+                false,
+            ),
+        ];
+        for (board, unit, want) in rows {
+            assert_eq!(is_worker_scope_of(board, &unit), want, "{board} {unit}");
+        }
+    }
+
     #[test]
     fn exit_record_names_are_read_back_only_when_made_so() {
         use super::{record_of, run_record};

@@ -29,7 +29,9 @@ use tracing::{debug, info, warn};
 use super::{unit_of, Daemon, Live, RunKey};
 use crate::board::claimer_id;
 use crate::liveness;
-use crate::names::{record_of, run_of_worker_scope, run_record, WORKER_SCOPE_GLOB};
+use crate::names::{
+    is_worker_scope_of, record_of, run_of_worker_scope, run_record, WORKER_SCOPE_GLOB,
+};
 use crate::state_dir::read_record;
 use crate::systemd::UnitState;
 
@@ -380,13 +382,20 @@ impl Daemon {
         units: &HashMap<String, UnitState>,
         mine: &HashSet<String>,
     ) {
+        let mut asked = 0u32;
         for (unit, state) in units {
-            if mine.contains(unit) || !state.is_live() {
+            if mine.contains(unit) || !state.is_live() || !is_worker_scope_of(slug, unit) {
                 continue;
             }
             let Some(run) = run_of_worker_scope(unit) else {
                 continue;
             };
+            // Thousands of strays (a restart after many ended runs) are progress: each hundred
+            // fed to the watchdog.
+            asked += 1;
+            if asked.is_multiple_of(100) {
+                self.notifier.alive();
+            }
             let Some(board) = self.board(slug) else { break };
             if let Ok(Some(r)) = board.run(run) {
                 if unit_of(slug, &r.task_id, run) == *unit {
