@@ -37,6 +37,9 @@ systemd_test!(
         let id = add(&d, "ends while the daemon is down", "complete");
         d.start();
         let run = d.wait_running(&id, 0);
+        // The worker itself started (it wrote its TMPDIR down), not only its claim: a daemon
+        // killed between the claim and the spawn leaves no worker to end while it is down.
+        tmpdir_of(&d, &id);
         let path = record(&d, &id);
         sh(&format!("systemctl kill --signal=KILL {SERVICE}"));
         wait_for("the daemon dead", Duration::from_secs(10), || {
