@@ -181,6 +181,16 @@ fn component_within(task: &str, max: usize) -> String {
     escaped_within(task, max)
 }
 
+/// `hermes-tmpdir-<name>.service`: the one-shot that removes a run's TMPDIR its supervisor
+/// left (`<name>`: the directory's own name, escaped and bounded).
+pub fn tmpdir_service(dir_name: &str) -> String {
+    let (head, tail) = ("hermes-tmpdir-", ".service");
+    format!(
+        "{head}{}{tail}",
+        escaped_within(dir_name, UNIT_NAME_MAX - head.len() - tail.len())
+    )
+}
+
 /// The glob that matches every worker scope, for `ListUnitsByPatterns`.
 pub const WORKER_SCOPE_GLOB: &str = "hermes-worker-kanban-*.scope";
 
@@ -265,6 +275,34 @@ pub fn profile_home(root: &Path, profile: &str) -> PathBuf {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_tmpdir_service_is_one_bounded_unit_name_whatever_the_directory() {
+        for (dir, want) in [
+            (
+                "hermes-run.1a9475c1f5986b1761d5a85f",
+                Some("hermes-tmpdir-hermes\\x2drun\\x2e1a9475c1f5986b1761d5a85f.service"),
+            ),
+            ("../../etc", None),
+            (&"x".repeat(400), None),
+            ("", None),
+        ] {
+            let n = super::tmpdir_service(dir);
+            if let Some(w) = want {
+                assert_eq!(n, w);
+            }
+            assert!(
+                n.starts_with("hermes-tmpdir-") && n.ends_with(".service"),
+                "{n}"
+            );
+            assert!(n.len() <= super::UNIT_NAME_MAX, "{n}");
+            assert!(!n.contains('/'), "{n}");
+        }
+        assert_ne!(
+            super::tmpdir_service(&"x".repeat(400)),
+            super::tmpdir_service(&format!("{}y", "x".repeat(399)))
+        );
+    }
+
     #[test]
     fn a_worker_scope_is_of_one_board_only() {
         use super::{is_worker_scope_of, worker_scope};

@@ -164,18 +164,6 @@ impl Drop for Restore {
 /// `who` is not). Nests: an inner call for the same owner changes nothing, and each call
 /// puts back what it found. `Err` when the switch itself failed: then `f` did not run,
 /// because running it as root is exactly what must not happen.
-/// Remove the directory `dir` and what is in it, as `who` (whose it is), if it is still
-/// there: `Ok(false)` when it is not, or is not a directory (a link put in its place is left,
-/// never followed). `remove_dir_all` opens each level without following links.
-pub fn remove_left_dir(dir: &Path, who: &Owner) -> io::Result<bool> {
-    as_user(who, || match std::fs::symlink_metadata(dir) {
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(dir).map(|()| true),
-        Ok(_) => Ok(false),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(e),
-    })?
-}
-
 pub fn as_user<R>(who: &Owner, f: impl FnOnce() -> R) -> io::Result<R> {
     if !who.needs_switch() || (fsuid_now() == who.uid && fsgid_now() == who.gid) {
         return Ok(f());

@@ -178,7 +178,9 @@ impl Daemon {
     /// Once the scope `unit` is gone, and with it its supervisor, a TMPDIR it left (it was
     /// killed before it could remove it) is removed, as the worker user whose it is. Only for
     /// a booked run, and only once systemd says the scope is gone: a `UnitRemoved` can be
-    /// stray (a name looked up and unloaded while the scope starts).
+    /// stray (a name looked up and unloaded while the scope starts). What is in it is the
+    /// worker's — any number of files, any depth — so it is removed by a one-shot of its own
+    /// (`rm`, in the workers' slice, with its runtime limit), never on the loop's thread.
     pub(super) async fn tmpdir_gone_with(&mut self, unit: &str) {
         let Some((dir, _)) = self.tmpdirs.get(unit) else {
             return;
@@ -199,12 +201,34 @@ impl Daemon {
         let Some((dir, owner)) = self.tmpdirs.remove(unit) else {
             return;
         };
-        match crate::safe_fs::remove_left_dir(&dir, &owner) {
-            Ok(true) => {
-                info!(unit = %unit, object_systemd_unit = %unit, tmpdir = %dir.display(),
-                      "removed the run's TMPDIR its supervisor left (it was killed first)")
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let service = crate::names::tmpdir_service(&name);
+        let cmd = crate::systemd::Command {
+            // `rm` removes a link in the directory's place, never what it points to, and
+            // stays on the directory's filesystem.
+            argv: vec![
+                "/bin/rm".into(),
+                "-rf".into(),
+                "--one-file-system".into(),
+                "--".into(),
+                dir.to_string_lossy().into_owned(),
+            ],
+            user: owner.uid.to_string(),
+            env: Vec::new(),
+            env_file: None,
+            slice: self.cfg.slice.clone(),
+            description: format!("Remove the TMPDIR {unit} left"),
+            runtime_max: Duration::from_secs(300),
+        };
+        let timeout = Duration::from_secs(self.cfg.start_timeout_seconds);
+        match self.sd.run_command(&service, &cmd, timeout).await {
+            Ok(()) => {
+                info!(unit = %unit, object_systemd_unit = %unit, tmpdir = %dir.display(), cleanup = %service,
+                      "removing the run's TMPDIR its supervisor left (it was killed first)")
             }
-            Ok(false) => {}
             Err(e) => {
                 warn!(unit = %unit, tmpdir = %dir.display(), "cannot remove the run's TMPDIR: {e}")
             }

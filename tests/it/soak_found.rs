@@ -116,9 +116,12 @@ systemd_test!(
     }
 );
 
-/// A worker that ignores SIGTERM (as its children do) and says where its TMPDIR is.
+/// A worker that ignores SIGTERM (as its children do), fills its TMPDIR (a tree, a link
+/// out of it) and says where it is.
 const STUBBORN: &str = r#"#!/bin/sh
 trap '' TERM
+mkdir -p "$TMPDIR/a/b/c" && : > "$TMPDIR/a/b/c/f"
+ln -s "$(dirname "$HERMES_KANBAN_DB")/outside" "$TMPDIR/link"
 echo "$TMPDIR" > tmpdir
 exec sleep 3600
 "#;
@@ -130,6 +133,9 @@ systemd_test!(
     a_tmpdir_left_by_a_killed_supervisor_is_removed_with_its_scope,
     {
         let d = Dispatcher::with_stub(STUBBORN, "tick_seconds = 3600");
+        let outside = d.rig.dir.join("outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("keep"), "not the worker's to remove").unwrap();
         d.install();
         let id = d.rig.add("ignores SIGTERM");
         d.start();
@@ -141,9 +147,67 @@ systemd_test!(
             (!Path::new(&tmpdir).exists()).then_some(())
         });
         assert!(
-            crate::rig::journal(SERVICE).contains("removed the run's TMPDIR its supervisor left"),
+            crate::rig::journal(SERVICE).contains("removing the run's TMPDIR its supervisor left"),
             "{}",
             crate::rig::journal(SERVICE)
+        );
+        // The link the worker left in it is removed, not followed.
+        assert!(outside.join("keep").exists());
+        d.stop();
+    }
+);
+
+// Found at 100,000 tasks: under a board that never stops changing (workers ending every few
+// milliseconds), the loop's events always came first and its safety-net tick never came —
+// no reconcile, so exit records left by runs booked elsewhere piled up until the state
+// directory was full and held every new worker. Here a writer commits to the board without
+// pause while an exit record of a run the board closed waits for the tick to remove it.
+systemd_test!(
+    the_safety_net_tick_comes_while_the_board_never_stops_changing,
+    {
+        let d = Dispatcher::with_stub(&gated_stub(), "tick_seconds = 1");
+        d.install();
+        sh(&format!("touch {}", d.rig.dir.join("go").display()));
+        let id = add(&d, "done before the storm", "complete");
+        d.start();
+        let t = d.wait_task("done", |t| t.status.as_str() == "done", &id);
+        let run = d.rig.board().runs(&id).unwrap()[0].id;
+        wait_for("its scope gone", Duration::from_secs(20), || {
+            crate::rig::worker_units(false).is_empty().then_some(())
+        });
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (stop, db, id) = (stop.clone(), d.rig.db.clone(), id.clone());
+            std::thread::spawn(move || {
+                let c = rusqlite::Connection::open(db).unwrap();
+                let mut commits = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if c.execute("UPDATE tasks SET title = title WHERE id = ?1", [&id])
+                        .is_ok()
+                    {
+                        commits += 1;
+                    }
+                }
+                commits
+            })
+        };
+        // What a supervisor leaves when its run was booked without it (the board closed the
+        // run first): no booking will read it.
+        let path = hermes_mgr::state_dir::record_path(Path::new(STATE), "default", &id, run);
+        std::fs::write(&path, "{}").unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while path.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let removed = !path.exists();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let commits = writer.join().unwrap();
+        assert!(commits > 1000, "the board changed only {commits} times");
+        assert!(
+            removed,
+            "the exit record of run {run} ({}) is still there after 20 s of 1 s ticks \
+             ({commits} commits meanwhile)",
+            t.status
         );
         d.stop();
     }

@@ -341,9 +341,17 @@ fn sample(soak: &Soak, boards: &[Board], out: &mut std::fs::File) -> i64 {
         all.flatten()
             .find(|p| p.stat().is_ok_and(|s| s.comm == "systemd-journal"))
     });
+    let free_kb = |dir: &Path| {
+        nix::sys::statvfs::statvfs(dir)
+            .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64 / 1024)
+            .unwrap_or(0)
+    };
+    let records = std::fs::read_dir(format!("{STATE}/runs"))
+        .map(|d| d.count())
+        .unwrap_or(0);
     let _ = writeln!(
         out,
-        "{:.1},{},{},{},{},{},{},{:.2},{},{},{}",
+        "{:.1},{},{},{},{},{},{},{:.2},{},{},{},{},{},{}",
         soak.t0.elapsed().as_secs_f64(),
         soak.created.load(Ordering::Relaxed),
         done,
@@ -354,7 +362,10 @@ fn sample(soak: &Soak, boards: &[Board], out: &mut std::fs::File) -> i64 {
         cpu,
         rss_of(procfs::process::Process::new(1).ok()),
         rss_of(journald),
-        count_scopes(Path::new("/sys/fs/cgroup"), 0)
+        count_scopes(Path::new("/sys/fs/cgroup"), 0),
+        records,
+        free_kb(Path::new(STATE)),
+        free_kb(&soak.d.rig.dir)
     );
     done
 }
@@ -489,7 +500,7 @@ fn run(n: u64, every: u64, seed: u64, out: &Path) {
         let path = out.join("samples.csv");
         std::thread::spawn(move || {
             let mut f = std::fs::File::create(path).unwrap();
-            writeln!(f, "seconds,created,settled,daemon_pid,daemon_rss_kb,daemon_fds,daemon_watches,daemon_cpu_s,pid1_rss_kb,journald_rss_kb,scopes").unwrap();
+            writeln!(f, "seconds,created,settled,daemon_pid,daemon_rss_kb,daemon_fds,daemon_watches,daemon_cpu_s,pid1_rss_kb,journald_rss_kb,scopes,records,state_free_kb,rig_free_kb").unwrap();
             let boards: Vec<Board> = BOARDS
                 .iter()
                 .map(|s| open_board(&soak.d.rig.dir, s))
@@ -689,7 +700,33 @@ fn check(soak: &Soak, boards: &[Board]) {
         let n = std::fs::read_dir(format!("{STATE}/runs"))
             .map(|d| d.count())
             .unwrap_or(0);
-        soak.finding(format!("exit records left ({n}): {records:?}"));
+        // Each named record against its run on its board: written after its booking, or
+        // never booked, and what the supervisor saw.
+        let mut seen = Vec::new();
+        for name in &records {
+            let path = Path::new(STATE).join("runs").join(name);
+            let Some((slug, (task, run))) = BOARDS.iter().zip(boards).find_map(|(slug, _)| {
+                hermes_mgr::names::record_of(slug, name).map(|tr| (*slug, tr))
+            }) else {
+                seen.push(format!("{name}: no board's"));
+                continue;
+            };
+            let b = &boards[BOARDS.iter().position(|s| *s == slug).unwrap()];
+            let r = b.run(run).ok().flatten();
+            let written = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs_f64());
+            let body = std::fs::read_to_string(&path).unwrap_or_default();
+            seen.push(format!(
+                "{name}: run of {task} {:?} ended {:?}, record written {written:?}: {}",
+                r.as_ref().map(|r| r.outcome.clone()),
+                r.as_ref().map(|r| r.ended_at),
+                body.chars().take(300).collect::<String>()
+            ));
+        }
+        soak.finding(format!("exit records left ({n}):\n  {}", seen.join("\n  ")));
     }
     let daemon = rig::systemctl_show(rig::SERVICE, "ActiveState,NRestarts");
     println!("daemon at the end: {}", daemon.replace('\n', " "));
