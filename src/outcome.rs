@@ -202,7 +202,7 @@ pub fn decide(f: &Facts) -> Decision {
     if let Some(st) = f.record {
         return Decision::Ended(match from_record(st, f.max_runtime, f.hermes) {
             RunEnd::Crashed { error, .. } | RunEnd::ProtocolViolation { error, .. }
-                if f.board_full =>
+                if f.board_full || st.board_full =>
             {
                 RunEnd::Lost {
                     error: format!(
@@ -696,6 +696,7 @@ mod tests {
             output_tail: None,
             paused_seconds: 0,
             timed_out: false,
+            board_full: false,
         }
     }
 
@@ -739,6 +740,10 @@ mod tests {
     fn every_fact_pattern_decides_one_end() {
         let exit0 = rec(Some(0), None, false, 5);
         let exit1 = rec(Some(1), None, false, 5);
+        let exit1_on_full = ExitRecord {
+            board_full: true,
+            ..exit1.clone()
+        };
         let exit75 = rec(Some(75), None, false, 5);
         let exit78 = rec(Some(78), None, false, 5);
         let killed = rec(None, Some(9), false, 5);
@@ -816,6 +821,8 @@ mod tests {
             (facts(Some(&exit1), Scope::Live), "crashed: pid 9 exited with code 1"),
             // Failed while its board could not be written: the disk's fault, not charged.
             (Facts { board_full: true, ..facts(Some(&exit1), Scope::Gone) }, "lost: pid 9 exited with code 1, while its board's filesystem was full (the worker could not write its verdict); requeued, not charged"),
+            // … as seen by its supervisor when it ended (booked after room came back).
+            (facts(Some(&exit1_on_full), Scope::Gone), "lost: pid 9 exited with code 1, while its board's filesystem was full (the worker could not write its verdict); requeued, not charged"),
             (Facts { board_full: true, ..facts(Some(&exit75), Scope::Gone) }, "rate_limited: pid 9 exited rate-limited (quota wall) — requeued without counting a failure"),
             (Facts { board_full: true, max_runtime: Some(60), ..facts(Some(&termed_late), Scope::Gone) }, "timed_out: elapsed 60s > limit 60s"),
             (facts(Some(&exit75), Scope::Gone), "rate_limited: pid 9 exited rate-limited (quota wall) — requeued without counting a failure"),

@@ -64,6 +64,12 @@ pub struct ExitRecord {
     /// timeout.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub timed_out: bool,
+    /// The board's filesystem had no room for a write when the worker ended: a worker that
+    /// failed then most likely failed writing its verdict (`outcome`: not charged). Seen by
+    /// the supervisor at that moment — the dispatcher may book the run much later, once
+    /// there is room again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub board_full: bool,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -176,7 +176,7 @@ impl Daemon {
     /// that run ended on that board and not tracked; at most `RECORDS_LOOKED` looked up per
     /// reconcile (the rest on the next tick).
     fn forget_ended_records(&self, records: &HashSet<String>) {
-        let mut looked = 0;
+        let (mut looked, mut removed) = (0, 0);
         for name in records.iter().filter(|n| n.ends_with(".json")) {
             for (slug, s) in &self.slots {
                 let (Some(board), Some((task, run))) = (&s.board, record_of(slug, name)) else {
@@ -191,13 +191,22 @@ impl Daemon {
                         debug!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run,
                                "removed the exit record of a run its board had closed");
                         crate::state_dir::forget_run(&self.cfg.state_dir, slug, &task, run);
+                        removed += 1;
                     }
                 }
                 break;
             }
             if looked >= RECORDS_LOOKED {
-                return;
+                break;
             }
+        }
+        if removed > 0 {
+            info!(
+                removed,
+                looked,
+                records = records.len(),
+                "removed exit records of runs their boards had closed"
+            );
         }
     }
 

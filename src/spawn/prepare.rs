@@ -276,6 +276,7 @@ fn prepare_task(
             claim.run_id,
         ),
         sandbox,
+        board_dir: absolute(&paths.db).parent().map(Path::to_path_buf),
     })
 }
 

@@ -56,6 +56,10 @@ pub struct WorkerSpec {
     /// as root, before it becomes the worker; `None`: the worker sees the host as its user may.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox: Option<Sandbox>,
+    /// The board's directory: the supervisor looks at its filesystem's room when the worker
+    /// ends (`ExitRecord::board_full`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub board_dir: Option<PathBuf>,
 }
 
 /// What a sandboxed worker sees (`spawn::sandbox::plan`): a mount namespace of its own in

@@ -326,3 +326,55 @@ systemd_test!(
         d.stop();
     }
 );
+
+// Found by the 100,000-task soak: with `/run` full as well, a worker whose verdict failed on
+// the full board kept its exit record until `/run` had room — by then the board had room
+// too, nothing of ours had failed to write to it, and the run was charged a crash. The
+// supervisor now says in the record that the board's filesystem was full when the worker
+// ended.
+systemd_test!(
+    a_worker_failing_on_a_full_board_is_not_charged_when_it_is_booked_after_room_came_back,
+    {
+        let d = Dispatcher::with_stub(&gated_stub(), "tick_seconds = 3600");
+        let board_fs = SmallFs::over(&d.rig.dir, "8m", Some(d.rig.uid));
+        let state = Path::new("/run/hermes-mgr-test");
+        std::fs::create_dir_all(state).unwrap();
+        let state_fs = SmallFs::over(state, "256k", None);
+        d.install();
+        let id = add(&d, "fails on the full board", "complete");
+        d.start();
+        let b = d.rig.board();
+        wait_for("the worker recorded", Duration::from_secs(20), || {
+            b.require_task(&id)
+                .unwrap()
+                .worker_pid
+                .is_some()
+                .then_some(())
+        });
+        empty_wal(&d);
+        board_fs.fill();
+        state_fs.fill();
+        sh(&format!("touch {}", d.rig.dir.join("go").display()));
+        wait_for(
+            "the supervisor kept the record",
+            Duration::from_secs(20),
+            || {
+                let said =
+                    sh("journalctl -o cat --no-pager -t hermes-mgr-supervise -t hermes-worker");
+                said.contains("kept, and written once there is room")
+                    .then_some(())
+            },
+        );
+        // Room on the board first: the record, and so the booking, come after.
+        board_fs.free();
+        state_fs.free();
+        d.wait_task("done", |t| t.status.as_str() == "done", &id);
+        let r = runs(&d, &id);
+        assert_eq!(r[0].0, "lost", "{r:?}");
+        assert!(r[0].1.contains("filesystem was full"), "{r:?}");
+        assert_eq!(r.len(), 2, "{r:?}");
+        d.stop();
+        drop(state_fs);
+        drop(board_fs);
+    }
+);

@@ -481,7 +481,29 @@ fn exit_record(
         output_tail: relay.tail(),
         paused_seconds: 0,
         timed_out: false,
+        board_full: spec.board_dir.as_deref().is_some_and(no_room),
     }
+}
+
+/// Less room than this for an unprivileged writer on a board's filesystem: no SQLite write
+/// (a page, its WAL frame) is sure to fit.
+const BOARD_ROOM_NEEDED: u64 = 64 * 1024;
+
+/// The filesystem of `dir` (the board's directory; opened without following a link in its
+/// place) has less than `BOARD_ROOM_NEEDED` for an unprivileged writer (`f_bavail`: what
+/// root keeps for itself is no room for the worker).
+fn no_room(dir: &std::path::Path) -> bool {
+    use nix::fcntl::{open, OFlag};
+    let Ok(fd) = open(
+        dir,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    ) else {
+        return false;
+    };
+    nix::sys::statvfs::fstatvfs(&fd).is_ok_and(|s| {
+        (s.blocks_available() as u64) * (s.fragment_size() as u64) < BOARD_ROOM_NEEDED
+    })
 }
 
 /// This process's cgroup directory (the run's scope), from `/proc/self/cgroup`.
