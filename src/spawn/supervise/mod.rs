@@ -501,9 +501,8 @@ fn no_room(dir: &std::path::Path) -> bool {
     ) else {
         return false;
     };
-    nix::sys::statvfs::fstatvfs(&fd).is_ok_and(|s| {
-        (s.blocks_available() as u64) * (s.fragment_size() as u64) < BOARD_ROOM_NEEDED
-    })
+    nix::sys::statvfs::fstatvfs(&fd)
+        .is_ok_and(|s| s.blocks_available().saturating_mul(s.fragment_size()) < BOARD_ROOM_NEEDED)
 }
 
 /// This process's cgroup directory (the run's scope), from `/proc/self/cgroup`.
