@@ -126,6 +126,9 @@ struct Daemon {
     /// The TMPDIR of each worker scope we started, by unit, and its owner: its supervisor
     /// removes it, unless killed first (a stop's SIGKILL); then we do, once the scope is gone.
     tmpdirs: HashMap<String, (PathBuf, crate::safe_fs::Owner)>,
+    /// The last exit record `forget_ended_records` looked up: the next reconcile goes on
+    /// after it, so however many there are, each is looked at within a few reconciles.
+    records_after: String,
     /// Where Hermes' emergency stop is looked for (its home, the root served), and the
     /// `ESTOP` seen there at the last look: while there is one, no pass runs.
     estop_dirs: Vec<PathBuf>,

@@ -174,10 +174,16 @@ impl Daemon {
     /// ended while no dispatcher ran leaves one that no booking reads, and so none removes.
     /// Only a record whose name is exactly one of an open board's runs (`names::record_of`),
     /// that run ended on that board and not tracked; at most `RECORDS_LOOKED` looked up per
-    /// reconcile (the rest on the next tick).
-    fn forget_ended_records(&self, records: &HashSet<String>) {
+    /// reconcile, in name order from where the last one stopped (`records_after`), so each is
+    /// looked at within a few reconciles however many there are.
+    fn forget_ended_records(&mut self, records: &HashSet<String>) {
+        let mut names: Vec<&String> = records.iter().filter(|n| n.ends_with(".json")).collect();
+        names.sort_unstable();
+        let from = names.partition_point(|n| **n <= self.records_after);
         let (mut looked, mut removed) = (0, 0);
-        for name in records.iter().filter(|n| n.ends_with(".json")) {
+        let mut last = String::new();
+        for name in names[from..].iter().chain(&names[..from]) {
+            last.clone_from(name);
             for (slug, s) in &self.slots {
                 let (Some(board), Some((task, run))) = (&s.board, record_of(slug, name)) else {
                     continue;
@@ -200,6 +206,7 @@ impl Daemon {
                 break;
             }
         }
+        self.records_after = last;
         if removed > 0 {
             info!(
                 removed,

@@ -107,6 +107,7 @@ pub(super) async fn run(opts: Options) -> anyhow::Result<()> {
         reconciled_once: false,
         decomp: Default::default(),
         tmpdirs: HashMap::new(),
+        records_after: String::new(),
         estop_dirs: Vec::new(),
         estop: None,
         boards_over: 0,

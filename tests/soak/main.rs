@@ -301,6 +301,19 @@ impl Soak {
     }
 }
 
+/// Where the daemon writes its metrics (`hermes-mgr.prom`): the runs it tracks as live.
+const METRICS: &str = "/run/hermes-mgr-soak-metrics";
+
+/// The live workers the daemon's last metrics said it tracks.
+fn tracked_live() -> i64 {
+    std::fs::read_to_string(format!("{METRICS}/hermes-mgr.prom"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("hermes_mgr_live_workers{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as i64
+}
+
 /// One sample of the daemon and its neighbours; the tasks settled so far.
 fn sample(soak: &Soak, boards: &[Board], out: &mut std::fs::File) -> i64 {
     let done: i64 = boards
@@ -351,7 +364,7 @@ fn sample(soak: &Soak, boards: &[Board], out: &mut std::fs::File) -> i64 {
         .unwrap_or(0);
     let _ = writeln!(
         out,
-        "{:.1},{},{},{},{},{},{},{:.2},{},{},{},{},{},{}",
+        "{:.1},{},{},{},{},{},{},{:.2},{},{},{},{},{},{},{}",
         soak.t0.elapsed().as_secs_f64(),
         soak.created.load(Ordering::Relaxed),
         done,
@@ -365,7 +378,8 @@ fn sample(soak: &Soak, boards: &[Board], out: &mut std::fs::File) -> i64 {
         count_scopes(Path::new("/sys/fs/cgroup"), 0),
         records,
         free_kb(Path::new(STATE)),
-        free_kb(&soak.d.rig.dir)
+        free_kb(&soak.d.rig.dir),
+        tracked_live()
     );
     done
 }
@@ -393,12 +407,13 @@ fn count_scopes(dir: &Path, depth: usize) -> usize {
 
 fn run(n: u64, every: u64, seed: u64, out: &Path) {
     std::fs::create_dir_all(out).unwrap();
+    std::fs::create_dir_all(METRICS).unwrap();
     let _ = std::process::Command::new("systemctl")
         .args(["stop", rig::SERVICE])
         .status();
     let d = rig::Dispatcher::with_stub(
         &stub(),
-        "tick_seconds = 5\nmax_spawn = 24\nbusy_timeout_ms = 500\nfailure_limit = 2",
+        &format!("tick_seconds = 5\nmax_spawn = 24\nbusy_timeout_ms = 500\nfailure_limit = 2\nmetrics_textfile_dir = \"{METRICS}\"\nmetrics_interval_seconds = 5"),
     );
     // The Hermes root (every board) on a filesystem of its own, to fill; the state
     // directory too.
@@ -500,7 +515,7 @@ fn run(n: u64, every: u64, seed: u64, out: &Path) {
         let path = out.join("samples.csv");
         std::thread::spawn(move || {
             let mut f = std::fs::File::create(path).unwrap();
-            writeln!(f, "seconds,created,settled,daemon_pid,daemon_rss_kb,daemon_fds,daemon_watches,daemon_cpu_s,pid1_rss_kb,journald_rss_kb,scopes,records,state_free_kb,rig_free_kb").unwrap();
+            writeln!(f, "seconds,created,settled,daemon_pid,daemon_rss_kb,daemon_fds,daemon_watches,daemon_cpu_s,pid1_rss_kb,journald_rss_kb,scopes,records,state_free_kb,rig_free_kb,tracked_live").unwrap();
             let boards: Vec<Board> = BOARDS
                 .iter()
                 .map(|s| open_board(&soak.d.rig.dir, s))
