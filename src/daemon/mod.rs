@@ -200,6 +200,23 @@ impl Follow {
 
 /// A timer of `secs` (at least 1 s), its first tick one period away: the start-up reconcile
 /// and pass just ran.
+/// What woke the loop (`serve`).
+enum Wake {
+    Watchdog,
+    Hup,
+    Changes(std::io::Result<Vec<watch::Change>>),
+    Removed(Option<String>),
+    Child,
+    Grace,
+    Decompose,
+    Extend,
+    Retry,
+    Tick,
+    Gather,
+    Pass,
+    Due,
+}
+
 fn every(secs: u64) -> tokio::time::Interval {
     let p = Duration::from_secs(secs.max(1));
     let mut t = tokio::time::interval_at(tokio::time::Instant::now() + p, p);
@@ -246,12 +263,46 @@ impl Daemon {
                 last_pass = Instant::now();
                 continue;
             }
-            tokio::select! {
+            // The watchdog and the signals that end the daemon first; then whatever else is
+            // ready, chosen fairly (tokio's random order): under a load that keeps one source
+            // always ready (inotify at ~150 ended runs a second), a fixed order starved the
+            // sources after it — SIGCHLD (supervisors left as zombies), the timers (no
+            // reconcile, no retried bookings) — found by the soak. Only when nothing else
+            // is ready, a pass.
+            let (grace_due, decomp_due) = (d.grace_due, d.decomp.next_retry());
+            let pending = !d.pending.is_empty();
+            let at = |t: Option<Instant>| {
+                tokio::time::sleep_until(tokio::time::Instant::from_std(
+                    t.unwrap_or_else(Instant::now),
+                ))
+            };
+            let woke = tokio::select! {
                 biased;
-                _ = watchdog.tick(), if wd.is_some() => d.notifier.send("WATCHDOG=1"),
+                _ = watchdog.tick(), if wd.is_some() => Wake::Watchdog,
                 _ = sigterm.recv() => return Ok(()),
                 _ = sigint.recv() => return Ok(()),
-                _ = sighup.recv() => {
+                w = async {
+                    tokio::select! {
+                        _ = sighup.recv() => Wake::Hup,
+                        changes = watcher.next() => Wake::Changes(changes),
+                        sig = removed.next() => Wake::Removed(sig),
+                        _ = sigchld.recv() => Wake::Child,
+                        _ = at(grace_due), if grace_due.is_some() => Wake::Grace,
+                        _ = at(decomp_due), if decomp_due.is_some() => Wake::Decompose,
+                        _ = extend.tick() => Wake::Extend,
+                        _ = retry.tick(), if pending => Wake::Retry,
+                        _ = tick.tick() => Wake::Tick,
+                        _ = gather.tick() => Wake::Gather,
+                    }
+                } => w,
+                // Nothing else is ready: a dirty board's pass (also one cut short by its
+                // batch size, or whose backoff ran out).
+                _ = async {}, if due_now => Wake::Pass,
+                _ = at(wake), if wake.is_some() && !due_now => Wake::Due,
+            };
+            match woke {
+                Wake::Watchdog => d.notifier.send("WATCHDOG=1"),
+                Wake::Hup => {
                     let (old_tick, old_extend) = (d.cfg.tick_seconds, extend_every(&d.cfg));
                     let old_gather = d.cfg.metrics_interval_seconds;
                     d.reload();
@@ -267,41 +318,31 @@ impl Daemon {
                     }
                     d.mark_all_dirty();
                 }
-                changes = watcher.next() => match changes {
-                    Ok(changes) => {
-                        if d.on_changes(changes).await {
+                Wake::Changes(Ok(changes)) => {
+                    if d.on_changes(changes).await {
+                        follow.apply(d, &mut watcher);
+                        // What changed between the scan and the new watches (a board's
+                        // files written just after its directory) is seen now.
+                        if d.refresh_boards() {
                             follow.apply(d, &mut watcher);
-                            // What changed between the scan and the new watches (a board's
-                            // files written just after its directory) is seen now.
-                            if d.refresh_boards() {
-                                follow.apply(d, &mut watcher);
-                            }
                         }
                     }
-                    Err(e) => warn!("inotify: {e}, ignoring"),
-                },
-                sig = removed.next() => match sig {
-                    Some(unit) => d.on_unit_removed(&unit).await,
-                    None => removed = d.on_bus_lost().await,
-                },
-                _ = sigchld.recv() => d.reap().await,
-                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d.grace_due.unwrap_or_else(Instant::now))), if d.grace_due.is_some() => {
-                    d.check_closed_runs().await;
                 }
-                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d.decomp.next_retry().unwrap_or_else(Instant::now))), if d.decomp.next_retry().is_some() => {
-                    d.decompositions_due();
-                }
-                _ = extend.tick() => d.extend_claims(),
-                _ = retry.tick(), if !d.pending.is_empty() => d.retry_pending().await,
-                _ = tick.tick() => d.on_tick(follow, &mut watcher).await,
-                _ = gather.tick() => d.publish_metrics(),
-                // Nothing else is ready: a dirty board's pass (also one cut short by its
-                // batch size, or whose backoff ran out).
-                _ = async {}, if due_now => {
+                Wake::Changes(Err(e)) => warn!("inotify: {e}, ignoring"),
+                Wake::Removed(Some(unit)) => d.on_unit_removed(&unit).await,
+                Wake::Removed(None) => removed = d.on_bus_lost().await,
+                Wake::Child => d.reap().await,
+                Wake::Grace => d.check_closed_runs().await,
+                Wake::Decompose => d.decompositions_due(),
+                Wake::Extend => d.extend_claims(),
+                Wake::Retry => d.retry_pending().await,
+                Wake::Tick => d.on_tick(follow, &mut watcher).await,
+                Wake::Gather => d.publish_metrics(),
+                Wake::Pass => {
                     d.pass().await;
                     last_pass = Instant::now();
                 }
-                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake.unwrap_or_else(Instant::now))), if wake.is_some() && !due_now => {}
+                Wake::Due => {}
             }
         }
     }
@@ -456,6 +497,22 @@ impl Daemon {
                     // auto_decompose toggle does.
                     self.reload();
                     self.mark_all_dirty();
+                }
+                watch::Change::Overflow => {
+                    // Events were lost (a loop busier than the kernel's queue is long): what
+                    // they would have said is looked up instead — every board, the runs
+                    // that may have ended, the emergency stop, the holds.
+                    warn!("inotify's queue overflowed: events were lost; looking at every board and run");
+                    self.refresh_boards();
+                    boards_changed = true;
+                    self.check_estop();
+                    self.holds.look();
+                    self.mark_all_dirty();
+                    if let Err(e) = self.reconcile().await {
+                        warn!("reconcile after an overflow: {e:#}");
+                    }
+                    self.check_closed_runs().await;
+                    self.update_status();
                 }
             }
         }

@@ -37,6 +37,9 @@ pub enum Change {
     Estop,
     /// The operators' holds file was replaced (`hermes-mgr pause`/`resume`).
     Holds,
+    /// The kernel's queue of events overflowed (`IN_Q_OVERFLOW`): some were lost, so any
+    /// of the above may have happened.
+    Overflow,
 }
 
 /// What events in one watched directory mean. One directory can play several parts (the
@@ -246,6 +249,10 @@ impl Watcher {
                         }
                     };
                     for e in events {
+                        if e.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+                            push(Change::Overflow);
+                            continue;
+                        }
                         let Some(name) = e.name else { continue };
                         let Some(role) = self.roles.get(&e.wd) else {
                             continue;
