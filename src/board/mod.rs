@@ -120,6 +120,8 @@ pub enum OpenMode {
 /// An open board.
 pub struct Board {
     conn: Connection,
+    /// Counted among this process's open board files while `conn` lives (dropped after it).
+    _file: open::OpenFile,
     paths: BoardPaths,
     owner: Owner,
     /// The select list for tasks read on the dispatch path (`hot_projection`).

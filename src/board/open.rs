@@ -183,11 +183,19 @@ pub(super) fn open_conn(
     mode: OpenMode,
     owner: &Owner,
     wait: Patience,
-) -> Result<Connection> {
+) -> Result<(Connection, OpenFile)> {
+    use std::os::unix::fs::MetadataExt;
     let (busy, init_wait) = (wait.busy, wait.init);
     let db = &paths.db;
+    // Held until this connection is counted (`OpenFile`): no other thread of this process
+    // opens a connection to the file between the header check's open and its close.
+    let mut open_files = OPEN_FILES.lock().unwrap_or_else(|e| e.into_inner());
+    let mut known = false;
     let exists = match std::fs::symlink_metadata(db) {
-        Ok(m) if m.is_file() => true,
+        Ok(m) if m.is_file() => {
+            known = open_files.contains_key(&(m.dev(), m.ino()));
+            true
+        }
         Ok(_) => {
             return Err(BoardError::Invalid(format!(
                 "{}: not a regular file (a symlink, directory or device); hermes-mgr opens a board only as a plain file, and left it untouched",
@@ -213,7 +221,11 @@ pub(super) fn open_conn(
             source,
         })?;
     }
-    check_header(db)?;
+    // A file this process has a connection to is SQLite, and must not be opened and closed
+    // here: a close drops every POSIX lock the process holds on it (`OPEN_FILES`).
+    if !known {
+        check_header(db)?;
+    }
     let init_lock = take_init_lock(paths, owner, init_wait)?;
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
@@ -286,7 +298,41 @@ pub(super) fn open_conn(
         }
     }
     drop(init_lock);
-    Ok(conn)
+    let m = std::fs::symlink_metadata(db).map_err(|source| BoardError::Io {
+        path: db.clone(),
+        op: "stat",
+        source,
+    })?;
+    let id = (m.dev(), m.ino());
+    *open_files.entry(id).or_default() += 1;
+    Ok((conn, OpenFile(id)))
+}
+
+/// The board files this process has SQLite connections to (device, inode), and how many.
+/// A file of these is never opened outside SQLite: closing any descriptor of a file drops
+/// every POSIX lock the process holds on it — among them the SHARED lock each connection in
+/// WAL mode holds while open, which tells another process closing its own connection that
+/// it is not the last. Without it, that process checkpoints and removes the WAL under our
+/// open connections, and the board is corrupt (SQLite's "How To Corrupt", 2.2; found by
+/// the chaos soak).
+static OPEN_FILES: std::sync::Mutex<std::collections::BTreeMap<(u64, u64), usize>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// One connection to a board file, counted in `OPEN_FILES` until it is dropped (after the
+/// connection: `Board` declares it after `conn`).
+#[derive(Debug)]
+pub(super) struct OpenFile((u64, u64));
+
+impl Drop for OpenFile {
+    fn drop(&mut self) {
+        let mut open_files = OPEN_FILES.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open_files.get_mut(&self.0) {
+            *n -= 1;
+            if *n == 0 {
+                open_files.remove(&self.0);
+            }
+        }
+    }
 }
 
 /// How far the file is kept ahead of the pages its header counts.
@@ -392,8 +438,10 @@ impl Board {
                 source,
             },
         )??;
+        let (conn, file) = conn;
         let mut board = Board {
             conn,
+            _file: file,
             paths: paths.clone(),
             owner,
             hot: String::new(),
@@ -538,6 +586,45 @@ pub(super) fn set_chunk_size(conn: &Connection, bytes: i32) -> rusqlite::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Found by the chaos soak (a board corrupt: "row … missing from index"): the header check
+    // opened the board's file and closed it, and a close drops every POSIX lock this process
+    // holds on the file — among them the SHARED lock that each of its SQLite connections in
+    // WAL mode holds while open. Another process closing its connection then took itself for
+    // the last one and checkpointed and removed the WAL under our open connections.
+    #[test]
+    fn a_second_open_of_a_board_in_this_process_keeps_the_locks_of_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = BoardPaths::for_db(&dir.path().join("kanban.db"));
+        let first = Board::open(&paths, OpenMode::CreateIfMissing).unwrap();
+        let new = |b: &Board| {
+            b.create(&NewTask {
+                title: "t".into(),
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        new(&first);
+        let wal = dir.path().join("kanban.db-wal");
+        assert!(wal.exists());
+        let second = Board::open(&paths, OpenMode::MustExist).unwrap();
+        // Another process (upstream's Python, as a worker's `hermes kanban` is) reads the
+        // board and closes it: it removes the WAL only if it finds itself the last user.
+        let st = std::process::Command::new("python3")
+            .arg("-c")
+            .arg("import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute('SELECT count(*) FROM tasks').fetchall(); c.close()")
+            .arg(&paths.db)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        assert!(
+            wal.exists(),
+            "another process took itself for the board's last user and removed its WAL under our two open connections"
+        );
+        new(&second);
+        new(&first);
+        assert_eq!(first.integrity_check().unwrap(), "ok");
+    }
 
     #[test]
     fn an_init_lock_held_past_the_wait_is_gone_around_as_upstream_does() {

@@ -119,6 +119,16 @@ fn daemon_pid() -> Option<u32> {
         .filter(|p| *p != 0)
 }
 
+fn open_paths(dir: &Path, slug: &str) -> hermes_mgr::board::BoardPaths {
+    Resolver {
+        kanban_home: Some(dir.to_string_lossy().into()),
+        board_flag: Some(slug.into()),
+        ..Default::default()
+    }
+    .resolve()
+    .unwrap()
+}
+
 fn open_board(dir: &Path, slug: &str) -> Board {
     let paths = Resolver {
         kanban_home: Some(dir.to_string_lossy().into()),
@@ -571,6 +581,34 @@ fn run(n: u64, every: u64, seed: u64, out: &Path) {
         "fed {n} tasks in {:.0} s: {kinds:?}",
         soak.t0.elapsed().as_secs_f64()
     );
+    // A corrupt board cannot be opened (its integrity is checked first): said, its files
+    // kept beside the samples, the journal too, and nothing else checked.
+    let corrupt: Vec<String> = BOARDS
+        .iter()
+        .filter_map(|slug| {
+            let db = open_paths(&soak.d.rig.dir, slug).db;
+            let c = rusqlite::Connection::open(&db).ok()?;
+            let ok: String = c
+                .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+                .unwrap_or_else(|e| e.to_string());
+            (ok != "ok").then(|| {
+                let _ = sh_ok(&format!(
+                    "cp {d} {d}-wal {o}/ 2>/dev/null; cp {d} {o}/{slug}.kanban.db",
+                    d = db.display(),
+                    o = out.display()
+                ));
+                format!("board {slug} is corrupt: {ok}")
+            })
+        })
+        .collect();
+    if !corrupt.is_empty() {
+        stop.store(true, Ordering::Relaxed);
+        let _ = sh_ok(&format!(
+            "journalctl -o short-monotonic --no-pager > {}/journal.txt",
+            out.display()
+        ));
+        panic!("{}", corrupt.join("\n"));
+    }
     let settled_by = Instant::now() + Duration::from_secs(900);
     let boards: Vec<Board> = BOARDS
         .iter()
