@@ -184,33 +184,16 @@ pub(super) fn open_conn(
     owner: &Owner,
     wait: Patience,
 ) -> Result<(Connection, OpenFile)> {
-    use std::os::unix::fs::MetadataExt;
     let (busy, init_wait) = (wait.busy, wait.init);
     let db = &paths.db;
     // Held until this connection is counted (`OpenFile`): no other thread of this process
     // opens a connection to the file between the header check's open and its close.
     let mut open_files = OPEN_FILES.lock().unwrap_or_else(|e| e.into_inner());
-    let mut known = false;
-    let exists = match std::fs::symlink_metadata(db) {
-        Ok(m) if m.is_file() => {
-            known = open_files.contains_key(&(m.dev(), m.ino()));
-            true
-        }
-        Ok(_) => {
-            return Err(BoardError::Invalid(format!(
-                "{}: not a regular file (a symlink, directory or device); hermes-mgr opens a board only as a plain file, and left it untouched",
-                db.display()
-            )))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-        Err(source) => {
-            return Err(BoardError::Io {
-                path: db.clone(),
-                op: "stat",
-                source,
-            })
-        }
-    };
+    let file = file_id(db)?;
+    let (exists, known) = (
+        file.is_some(),
+        file.is_some_and(|f| open_files.contains_key(&f)),
+    );
     if !exists && mode != OpenMode::CreateIfMissing {
         return Err(BoardError::Missing { path: db.clone() });
     }
@@ -298,14 +281,30 @@ pub(super) fn open_conn(
         }
     }
     drop(init_lock);
-    let m = std::fs::symlink_metadata(db).map_err(|source| BoardError::Io {
-        path: db.clone(),
-        op: "stat",
-        source,
-    })?;
-    let id = (m.dev(), m.ino());
+    let Some(id) = file_id(db)? else {
+        return Err(BoardError::Missing { path: db.clone() });
+    };
     *open_files.entry(id).or_default() += 1;
     Ok((conn, OpenFile(id)))
+}
+
+/// The board file's identity (device, inode); `None` when there is none yet. Only a plain
+/// file is a board.
+fn file_id(db: &Path) -> Result<Option<(u64, u64)>> {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::symlink_metadata(db) {
+        Ok(m) if m.is_file() => Ok(Some((m.dev(), m.ino()))),
+        Ok(_) => Err(BoardError::Invalid(format!(
+            "{}: not a regular file (a symlink, directory or device); hermes-mgr opens a board only as a plain file, and left it untouched",
+            db.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(BoardError::Io {
+            path: db.into(),
+            op: "stat",
+            source,
+        }),
+    }
 }
 
 /// The board files this process has SQLite connections to (device, inode), and how many.

@@ -65,13 +65,14 @@ impl Daemon {
         let Some(live) = self.live.get(key).cloned() else {
             return;
         };
-        let record = match crate::state_dir::read_record(&self.cfg.state_dir, slug, task, run) {
+        let read = || match crate::state_dir::read_record(&self.cfg.state_dir, slug, task, run) {
             Ok(s) => s,
             Err(e) => {
                 warn!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run, "cannot read the exit record: {e}");
                 None
             }
         };
+        let mut record = read();
         let scope = match self.sd.active_state(&live.unit).await {
             Ok(Some(s)) if s.is_live() && self.husk(&live.unit, &live.profile).await => {
                 Scope::Empty
@@ -84,6 +85,12 @@ impl Daemon {
                 return;
             }
         };
+        // The supervisor writes its record before it ends, and the scope empties after: a
+        // scope seen empty or gone after the record was looked for may have it now (the
+        // supervisor finished between the two looks).
+        if record.is_none() && scope != Scope::Live {
+            record = read();
+        }
         let facts = outcome::Facts {
             unit: &live.unit,
             record: record.as_ref(),
