@@ -85,9 +85,8 @@ impl Daemon {
                 return;
             }
         };
-        // The supervisor writes its record before it ends, and the scope empties after: a
-        // scope seen empty or gone after the record was looked for may have it now (the
-        // supervisor finished between the two looks).
+        // The supervisor writes its record before it ends and the scope empties: one seen
+        // empty or gone may have it now (the supervisor finished between the two looks).
         if record.is_none() && scope != Scope::Live {
             record = read();
         }
