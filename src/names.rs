@@ -74,22 +74,25 @@ pub fn worker_scope(board: &str, task: &str, run: i64) -> String {
     format!("{head}{esc}{tail}")
 }
 
-/// Whether `unit` has the shape of `board`'s worker scopes (`worker_scope`): a filter before
+/// Whether a unit has the shape of `board`'s worker scopes (`worker_scope`): a filter before
 /// the board is asked about a scope, so that a reconcile of many boards does not ask each
-/// board about every board's scopes.
-pub fn is_worker_scope_of(board: &str, unit: &str) -> bool {
-    let Some((head, _)) = unit
-        .strip_prefix("hermes-worker-kanban-")
-        .and_then(|r| r.rsplit_once("-run-"))
-    else {
-        return false;
-    };
-    if board == DEFAULT_BOARD {
-        !head.contains('-')
-    } else {
-        head.strip_prefix(&escaped_within(board, SLUG_MAX))
-            .and_then(|t| t.strip_prefix('-'))
-            .is_some_and(|task| !task.contains('-'))
+/// board about every board's scopes. The board's escaped name is made once, here, not once
+/// per unit.
+pub fn worker_scopes_of(board: &str) -> impl Fn(&str) -> bool {
+    let board = (board != DEFAULT_BOARD).then(|| format!("{}-", escaped_within(board, SLUG_MAX)));
+    move |unit| {
+        let Some((head, _)) = unit
+            .strip_prefix("hermes-worker-kanban-")
+            .and_then(|r| r.rsplit_once("-run-"))
+        else {
+            return false;
+        };
+        match &board {
+            None => !head.contains('-'),
+            Some(b) => head
+                .strip_prefix(b.as_str())
+                .is_some_and(|task| !task.contains('-')),
+        }
     }
 }
 
@@ -305,7 +308,7 @@ mod tests {
 
     #[test]
     fn a_worker_scope_is_of_one_board_only() {
-        use super::{is_worker_scope_of, worker_scope};
+        use super::{worker_scope, worker_scopes_of};
         let rows = [
             ("default", worker_scope("default", "t_ab12", 7), true),
             ("ops", worker_scope("ops", "t_ab12", 7), true),
@@ -322,7 +325,7 @@ mod tests {
             ),
         ];
         for (board, unit, want) in rows {
-            assert_eq!(is_worker_scope_of(board, &unit), want, "{board} {unit}");
+            assert_eq!(worker_scopes_of(board)(&unit), want, "{board} {unit}");
         }
     }
 

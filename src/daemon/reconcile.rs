@@ -30,7 +30,7 @@ use super::{unit_of, Daemon, Live, RunKey};
 use crate::board::claimer_id;
 use crate::liveness;
 use crate::names::{
-    is_worker_scope_of, record_of, run_of_worker_scope, run_record, WORKER_SCOPE_GLOB,
+    record_of, record_prefix, run_of_worker_scope, run_record, worker_scopes_of, WORKER_SCOPE_GLOB,
 };
 use crate::state_dir::read_record;
 use crate::systemd::UnitState;
@@ -182,10 +182,19 @@ impl Daemon {
         let from = names.partition_point(|n| **n <= self.records_after);
         let (mut looked, mut removed) = (0, 0);
         let mut last = String::new();
+        // Each open board's record prefix, made once (the default board's is empty).
+        let boards: Vec<(&String, String, &crate::board::Board)> = self
+            .slots
+            .iter()
+            .filter_map(|(slug, s)| Some((slug, record_prefix(slug), s.board.as_ref()?)))
+            .collect();
         for name in names[from..].iter().chain(&names[..from]) {
             last.clone_from(name);
-            for (slug, s) in &self.slots {
-                let (Some(board), Some((task, run))) = (&s.board, record_of(slug, name)) else {
+            for (slug, prefix, board) in &boards {
+                if !name.starts_with(prefix.as_str()) {
+                    continue;
+                }
+                let Some((task, run)) = record_of(slug, name) else {
                     continue;
                 };
                 if self.live.contains_key(&RunKey::new(slug, &task, run)) {
@@ -399,8 +408,9 @@ impl Daemon {
         mine: &HashSet<String>,
     ) {
         let mut asked = 0u32;
+        let of_board = worker_scopes_of(slug);
         for (unit, state) in units {
-            if mine.contains(unit) || !state.is_live() || !is_worker_scope_of(slug, unit) {
+            if mine.contains(unit) || !state.is_live() || !of_board(unit) {
                 continue;
             }
             let Some(run) = run_of_worker_scope(unit) else {
