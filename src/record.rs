@@ -113,6 +113,17 @@ impl Paused {
     }
 }
 
+/// A run's private `TMPDIR`, noted by its supervisor beside the exit record the moment it
+/// is made (`state_dir::tmpdir_note_path`), and removed after it: a dispatcher that did not
+/// start the run (it was restarted since) learns from it what to remove should the
+/// supervisor be killed before it could.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TmpdirNote {
+    pub dir: std::path::PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+}
+
 /// A run's cost as its scope's cgroup counted it (what `systemctl status` shows as
 /// "Consumed … CPU time"); each figure absent where its controller is not enabled.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::record::{ExitRecord, Paused};
+use crate::record::{ExitRecord, Paused, TmpdirNote};
 
 /// `<state_dir>/runs/<task>-run-<run>.json`, `<board>.` in front off the default board
 /// (`names::run_record`: bounded, one component, whatever the ids are).
@@ -74,10 +74,30 @@ pub fn full(state_dir: &Path) -> Option<u64> {
     (free < ROOM_NEEDED).then_some(free)
 }
 
-/// A booked run's files in the runtime directory: its exit record, its pauses.
+/// A booked run's files in the runtime directory: its exit record, its pauses, the note of
+/// its TMPDIR (by then the dispatcher keeps that in memory, if the directory is left).
 pub fn forget_run(state_dir: &Path, board: &str, task: &str, run_id: i64) {
     let _ = std::fs::remove_file(record_path(state_dir, board, task, run_id));
     let _ = std::fs::remove_file(paused_path(state_dir, board, task, run_id));
+    let _ = std::fs::remove_file(tmpdir_note_path(state_dir, board, task, run_id));
+}
+
+/// `<state_dir>/tmpdirs/`, the exit record's name with `.tmpdir` for `.json`: where the
+/// run's TMPDIR is (`record::TmpdirNote`). Beside `runs/`, not in it: the daemon watches
+/// that, and these change twice per run for nothing it must do then.
+pub fn tmpdir_note_path(state_dir: &Path, board: &str, task: &str, run_id: i64) -> PathBuf {
+    state_dir
+        .join("tmpdirs")
+        .join(crate::names::run_record(board, task, run_id))
+        .with_extension("tmpdir")
+}
+
+/// The note in `path`; none when it is missing or unreadable (at most 4 KiB is read).
+pub fn read_tmpdir_note(path: &Path) -> Option<TmpdirNote> {
+    crate::safe_fs::read_capped(path, 4096)
+        .ok()
+        .flatten()
+        .and_then(|b| serde_json::from_slice(&b).ok())
 }
 
 /// `record_path` with `.paused` for `.json`: the run's pauses (`record::Paused`).

@@ -4,12 +4,23 @@
 
 use super::*;
 
+/// A run's TMPDIR, kept until its scope is gone: removed then if its supervisor could not.
+pub(super) struct RunTmpdir {
+    pub dir: PathBuf,
+    pub owner: crate::safe_fs::Owner,
+    /// Its supervisor's note of it (`record::TmpdirNote`), removed with it.
+    pub note: PathBuf,
+}
+
 impl Daemon {
     /// Track a worker that we started. Its supervisor is our child: `reap` collects it.
     pub(super) fn track_started(&mut self, board: &str, s: Started) {
         let key = RunKey::new(board, &s.task, s.run_id);
-        if let Some(t) = s.tmpdir {
-            self.tmpdirs.insert(s.unit.clone(), t);
+        if let Some((dir, owner)) = s.tmpdir {
+            let note =
+                crate::state_dir::tmpdir_note_path(&self.cfg.state_dir, board, &s.task, s.run_id);
+            self.tmpdirs
+                .insert(s.unit.clone(), RunTmpdir { dir, owner, note });
         }
         info!(board = %board, hermes_kanban_task = %s.task, hermes_kanban_run_id = s.run_id, unit = %s.unit, object_systemd_unit = %s.unit,
               pid = s.worker_pid, "worker started");
@@ -181,6 +192,25 @@ impl Daemon {
         }
     }
 
+    /// A run we did not start (adopted, or found ended, after a restart): its TMPDIR, from
+    /// its supervisor's note, so that it is removed should the supervisor not have.
+    pub(super) fn learn_tmpdir(&mut self, key: &RunKey, unit: &str) {
+        if self.tmpdirs.contains_key(unit) {
+            return;
+        }
+        let state = &self.cfg.state_dir;
+        let note = crate::state_dir::tmpdir_note_path(state, &key.board, &key.task, key.run);
+        if let Some(n) = crate::state_dir::read_tmpdir_note(&note) {
+            let owner = crate::safe_fs::Owner::new(n.uid, n.gid);
+            let t = RunTmpdir {
+                dir: n.dir,
+                owner,
+                note,
+            };
+            self.tmpdirs.insert(unit.to_string(), t);
+        }
+    }
+
     /// Once the scope `unit` is gone, and with it its supervisor, a TMPDIR it left (it was
     /// killed before it could remove it) is removed, as the worker user whose it is. Only for
     /// a booked run, and only once systemd says the scope is gone: a `UnitRemoved` can be
@@ -188,14 +218,15 @@ impl Daemon {
     /// worker's — any number of files, any depth — so it is removed by a one-shot of its own
     /// (`rm`, in the workers' slice, with its runtime limit), never on the loop's thread.
     pub(super) async fn tmpdir_gone_with(&mut self, unit: &str) {
-        let Some((dir, _)) = self.tmpdirs.get(unit) else {
+        let Some(t) = self.tmpdirs.get(unit) else {
             return;
         };
         if self.live.of_unit(unit).is_some() {
             return;
         }
         // The common end: the supervisor removed it. No question to systemd then.
-        if std::fs::symlink_metadata(dir).is_err() {
+        if std::fs::symlink_metadata(&t.dir).is_err() {
+            let _ = std::fs::remove_file(&t.note);
             self.tmpdirs.remove(unit);
             return;
         }
@@ -204,9 +235,12 @@ impl Daemon {
             Err(_) => return,
             _ => {}
         }
-        let Some((dir, owner)) = self.tmpdirs.remove(unit) else {
+        let Some(RunTmpdir { dir, owner, note }) = self.tmpdirs.remove(unit) else {
             return;
         };
+        // Once the one-shot is asked for, the note has served (whatever becomes of the
+        // one-shot, it is said below).
+        let _ = std::fs::remove_file(&note);
         let name = dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())

@@ -123,9 +123,9 @@ struct Daemon {
     reconciled_once: bool,
     /// Triage decompositions running and waiting for a retry (`decompose.rs`).
     decomp: decompose::Decompositions,
-    /// The TMPDIR of each worker scope we started, by unit, and its owner: its supervisor
+    /// The TMPDIR of each worker scope we started or adopted, by unit: its supervisor
     /// removes it, unless killed first (a stop's SIGKILL); then we do, once the scope is gone.
-    tmpdirs: HashMap<String, (PathBuf, crate::safe_fs::Owner)>,
+    tmpdirs: HashMap<String, book::RunTmpdir>,
     /// The last exit record `forget_ended_records` looked up: the next reconcile goes on
     /// after it, so however many there are, each is looked at within a few reconciles.
     records_after: String,

@@ -307,16 +307,7 @@ impl Daemon {
         if tracked && record.is_none() && units.get(&unit).is_some_and(UnitState::is_live) {
             return;
         }
-        let live = Live {
-            unit: unit.clone(),
-            lock: t.claim_lock.clone().unwrap_or_default(),
-            max_runtime: t.max_runtime_seconds,
-            closed_since: None,
-            watched: tracked,
-            stale: known.and_then(|l| l.stale.clone()),
-            profile: self.profile_of(t.assignee.as_deref()),
-            board_full: known.is_some_and(|l| l.board_full),
-        };
+        let live = self.live_of(t, &unit, known);
         // Facts, gathered only as far as the rules need them.
         // A scope we watch had its cgroup seen populated when it started, so it cannot
         // be a husk: only the others cost a read of their `cgroup.events`.
@@ -357,7 +348,11 @@ impl Daemon {
             foreign_worker,
             by_hand: unexplained && !foreign_worker && !tracked && by_hand(),
         };
-        match rule(&facts) {
+        let rule = rule(&facts);
+        if matches!(rule, Rule::Adopt | Rule::EndedWhileAway | Rule::Gone) {
+            self.learn_tmpdir(&key, &unit);
+        }
+        match rule {
             Rule::Adopt => {
                 if !self.live.contains_key(&key) {
                     info!(board = %slug, hermes_kanban_task = %t.id, hermes_kanban_run_id = run, unit = %unit, object_systemd_unit = %unit, "adopted a running worker");
@@ -397,6 +392,20 @@ impl Daemon {
                     counts.lost += 1;
                 }
             }
+        }
+    }
+
+    /// What tracking the running row `t` (its scope `unit`) means, keeping what we knew.
+    fn live_of(&self, t: &crate::board::Task, unit: &str, known: Option<&Live>) -> Live {
+        Live {
+            unit: unit.to_string(),
+            lock: t.claim_lock.clone().unwrap_or_default(),
+            max_runtime: t.max_runtime_seconds,
+            closed_since: None,
+            watched: known.is_some_and(|l| l.watched),
+            stale: known.and_then(|l| l.stale.clone()),
+            profile: self.profile_of(t.assignee.as_deref()),
+            board_full: known.is_some_and(|l| l.board_full),
         }
     }
 

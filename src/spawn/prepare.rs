@@ -277,6 +277,12 @@ fn prepare_task(
         ),
         sandbox,
         board_dir: absolute(&paths.db).parent().map(Path::to_path_buf),
+        tmpdir_note: Some(crate::state_dir::tmpdir_note_path(
+            &cfg.state_dir,
+            &board.paths().slug,
+            &task.id,
+            claim.run_id,
+        )),
     })
 }
 

@@ -60,6 +60,9 @@ pub struct WorkerSpec {
     /// ends (`ExitRecord::board_full`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub board_dir: Option<PathBuf>,
+    /// Where the supervisor notes the run's TMPDIR while it lives (`record::TmpdirNote`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tmpdir_note: Option<PathBuf>,
 }
 
 /// What a sandboxed worker sees (`spawn::sandbox::plan`): a mount namespace of its own in

@@ -157,6 +157,79 @@ systemd_test!(
     }
 );
 
+// Found by the soak at 100,000 tasks (5 TMPDIRs left in /tmp, traced here): the dispatcher
+// knew a run's TMPDIR only from its own spawn's report, so after a restart a run it adopted —
+// or found ended while it was down — whose supervisor had been killed kept its TMPDIR for
+// good. The supervisor now notes it beside the exit record.
+systemd_test!(
+    a_tmpdir_left_by_a_killed_supervisor_is_removed_after_a_restart_too,
+    {
+        let d = Dispatcher::with_stub(STUBBORN, "tick_seconds = 3600");
+        d.install();
+        let adopted = d.rig.add("adopted, then stopped");
+        let away = d.rig.add("stopped while the daemon is down");
+        d.start();
+        let adopted_run = d.wait_running(&adopted, 0);
+        let away_run = d.wait_running(&away, 0);
+        let (dir_adopted, dir_away) = (tmpdir_of(&d, &adopted), tmpdir_of(&d, &away));
+        let unit_of = |id: &str| {
+            crate::rig::worker_units(false)
+                .lines()
+                .find(|l| l.contains(id))
+                .and_then(|l| l.split_whitespace().next())
+                .unwrap()
+                .to_string()
+        };
+        let away_unit = unit_of(&away);
+        let kill_daemon = || {
+            sh(&format!("systemctl kill --signal=KILL {SERVICE}"));
+            wait_for("the daemon dead", Duration::from_secs(10), || {
+                (!crate::rig::systemctl_show(SERVICE, "ActiveState").contains("=active"))
+                    .then_some(())
+            });
+            sh(&format!(
+                "systemctl reset-failed {SERVICE} 2>/dev/null || true"
+            ));
+        };
+        kill_daemon();
+        // Its worker ignores SIGTERM: the stop ends in SIGKILL, supervisor included.
+        sh(&format!(
+            "systemctl stop {away_unit} 2>&1; systemctl reset-failed {away_unit} 2>/dev/null || true"
+        ));
+        assert!(
+            Path::new(&dir_away).is_dir(),
+            "{dir_away}: its supervisor was killed"
+        );
+        d.start();
+        wait_for(
+            "the TMPDIR of the run that ended while away removed",
+            Duration::from_secs(20),
+            || (!Path::new(&dir_away).exists()).then_some(()),
+        );
+        let stop = d.rig.mgr(&["stop", &adopted, "--timeout", "1"]).ok().stdout;
+        assert!(stop.contains("SIGKILL"), "{stop}");
+        wait_for(
+            "the adopted run's TMPDIR removed",
+            Duration::from_secs(20),
+            || (!Path::new(&dir_adopted).exists()).then_some(()),
+        );
+        // Nothing of either run is left in the state directory (the tasks' next runs may
+        // have started since).
+        let ours = [
+            format!("{adopted}-run-{adopted_run}."),
+            format!("{away}-run-{away_run}."),
+        ];
+        let left: Vec<_> = ["runs", "tmpdirs"]
+            .iter()
+            .flat_map(|d| std::fs::read_dir(Path::new(STATE).join(d)).unwrap())
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| ours.iter().any(|o| n.starts_with(o.as_str())))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        d.stop();
+    }
+);
+
 // Found at 45,000 tasks (20 boards, ~150 ended runs a second), behind the zombies: a loop
 // busier than the kernel's inotify queue is long loses events, and the kernel says so with
 // one `IN_Q_OVERFLOW` event — which the daemon skipped (it names no file). A board change

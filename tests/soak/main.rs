@@ -418,6 +418,18 @@ fn count_scopes(dir: &Path, depth: usize) -> usize {
 fn run(n: u64, every: u64, seed: u64, out: &Path) {
     std::fs::create_dir_all(out).unwrap();
     std::fs::create_dir_all(METRICS).unwrap();
+    // The journal must outlive the run to follow a finding: kept on the sandbox's own
+    // tmpfs under /var/log/journal (not /run, which the soak fills), roomy, and never
+    // rate-limited (a burst of the daemon's lines dropped is a finding lost).
+    std::fs::create_dir_all("/etc/systemd/journald.conf.d").unwrap();
+    std::fs::write(
+        "/etc/systemd/journald.conf.d/soak.conf",
+        "[Journal]\nStorage=persistent\nSystemMaxUse=6G\nSystemKeepFree=0\nRateLimitBurst=0\n",
+    )
+    .unwrap();
+    assert!(sh_ok(
+        "systemctl restart systemd-journald.service && journalctl --flush"
+    ));
     let _ = std::process::Command::new("systemctl")
         .args(["stop", rig::SERVICE])
         .status();

@@ -23,7 +23,7 @@ use super::journal::Journal;
 use super::spec::{Report, WorkerSpec};
 use crate::board::now;
 use crate::outcome::Fault;
-use crate::record::ExitRecord;
+use crate::record::{ExitRecord, TmpdirNote};
 
 mod child;
 mod limit;
@@ -250,10 +250,25 @@ fn run(spec: &WorkerSpec, journal: &Journal) -> Result<u8, Failure> {
         .map_err(|e| infra(format!("become child subreaper: {e}")))?;
     let tmpdir = make_tmpdir(spec)
         .map_err(|e| infra(format!("create TMPDIR in {}: {e}", spec.tmp_root.display())))?;
+    // Noted before the worker can write there: should this process be killed before it
+    // removes the directory, a dispatcher restarted since still knows to (no room for the
+    // note: the one that started us heard of the directory in our report).
+    let noted = TmpdirNote {
+        dir: tmpdir.clone(),
+        uid: spec.uid,
+        gid: spec.gid,
+    };
+    if let (Some(note), Ok(b)) = (&spec.tmpdir_note, serde_json::to_vec(&noted)) {
+        let _ = note.parent().map(std::fs::create_dir_all);
+        let _ = std::fs::write(note, b);
+    }
     let result = supervise(spec, &tmpdir, journal);
     // The worker has ended (or never started): its TMPDIR goes. remove_dir_all opens each
     // level without following links, so what the worker left there cannot redirect it.
     let _ = std::fs::remove_dir_all(&tmpdir);
+    if let Some(note) = &spec.tmpdir_note {
+        let _ = std::fs::remove_file(note);
+    }
     // In the sandbox the scratch workspace was a mount point: Hermes' own completion emptied
     // it but could not remove it. Removed here when empty (as the board's owner; `rmdir`
     // follows no link and removes nothing else): what Hermes meant, and a later run makes it
