@@ -44,6 +44,10 @@ pub(super) struct Slot {
     /// that failed within `FULL_WINDOW` of it most likely failed writing its verdict, even
     /// if room came back before its run was booked.
     pub full_seen: Option<Instant>,
+    /// When a booking last found the board locked (it waited `busy_timeout` for it): the
+    /// board's other bookings wait for the retry instead of each waiting as long again on
+    /// the loop's thread (`Slot::recently_locked`).
+    pub locked_seen: Option<Instant>,
     /// Runs in a row booked as our failure to start them, found in the scope after the pass
     /// (Hermes' own code could not be started): the passes that start them succeed, so this,
     /// not the pass, keeps the backoff growing. Reset by any other end.
@@ -57,6 +61,11 @@ pub(super) struct Slot {
 /// for the disk's (`Slot::recently_full`): the worker's own write and ours race for the
 /// room that comes back.
 pub(super) const FULL_WINDOW: Duration = Duration::from_secs(10);
+
+/// How long after a booking found a board locked its other bookings are left to the retry
+/// (once a second): one wait for the lock per board and retry, not one per run — a worker
+/// can hold its board's lock, and the loop must not pay for it per run it has to book.
+pub(super) const LOCKED_WINDOW: Duration = Duration::from_millis(900);
 
 /// Why a board cannot be served, and the file as it was then.
 #[derive(Debug, Clone)]
@@ -98,6 +107,7 @@ impl Slot {
             failing: None,
             full: None,
             full_seen: None,
+            locked_seen: None,
             start_failures: 0,
             file_id: None,
         }
@@ -106,6 +116,12 @@ impl Slot {
     /// A write to the board failed for want of space within `FULL_WINDOW`.
     pub fn recently_full(&self) -> bool {
         self.full_seen.is_some_and(|t| t.elapsed() < FULL_WINDOW)
+    }
+
+    /// A booking found the board locked within `LOCKED_WINDOW`: the next is tried then.
+    pub fn recently_locked(&self) -> bool {
+        self.locked_seen
+            .is_some_and(|t| t.elapsed() < LOCKED_WINDOW)
     }
 
     pub fn may_pass(&self) -> bool {

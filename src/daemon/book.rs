@@ -76,6 +76,10 @@ impl Daemon {
         let Some(live) = self.live.get(key).cloned() else {
             return;
         };
+        if self.slots.get(slug).is_some_and(Slot::recently_locked) {
+            self.pending.insert(key.clone(), None);
+            return;
+        }
         let read = || match crate::state_dir::read_record(&self.cfg.state_dir, slug, task, run) {
             Ok(s) => s,
             Err(e) => {
@@ -155,39 +159,49 @@ impl Daemon {
                                   object_systemd_unit = %live.unit, "run ended; the worker had recorded its own verdict")
                     }
                 }
-                self.pending.remove(key);
-                self.live.remove(key);
-                self.room_again(slug);
-                crate::state_dir::forget_run(&self.cfg.state_dir, slug, task, run);
-                // Leftovers of the worker (daemonized grandchildren) go with the run.
-                if scope == Scope::Live {
-                    if let Err(e) = self.sd.stop(&live.unit).await {
-                        warn!(unit = %live.unit, "stop leftovers: {e}");
-                    }
-                }
-                if let Some(s) = self.slots.get_mut(slug) {
-                    s.dirty = true;
-                    // Found in the scope after the pass (Hermes' own code could not be
-                    // started): ours, said loudly, and the board backs off as after a pass
-                    // that failed to start a worker.
-                    if let crate::outcome::RunEnd::Infrastructure { error: why } = &end {
-                        error!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run,
-                               "the dispatcher cannot start workers: {}; the task is requeued, not charged", crate::text::clean(why));
-                        s.start_failures = s.start_failures.saturating_add(1);
-                        s.back_off(why);
-                    } else {
-                        s.start_failures = 0;
-                    }
-                }
+                self.after_booking(key, &live, scope, &end).await;
             }
             Err(BoardError::Locked { .. }) => {
                 warn!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run, "board locked; will retry booking the run");
                 self.pending.insert(key.clone(), None);
+                if let Some(s) = self.slots.get_mut(slug) {
+                    s.locked_seen = Some(Instant::now());
+                }
             }
             Err(e) if e.is_full() => self.on_board_full(key, &e),
             Err(e) => {
                 warn!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run, "cannot book the run: {e}; will retry");
                 self.pending.insert(key.clone(), None);
+            }
+        }
+    }
+
+    /// What follows a booking: the run forgotten, its files and leftovers gone, its board
+    /// looked at again.
+    async fn after_booking(&mut self, key: &RunKey, live: &Live, scope: Scope, end: &RunEnd) {
+        let (slug, task, run) = (&key.board, &key.task, key.run);
+        self.pending.remove(key);
+        self.live.remove(key);
+        self.room_again(slug);
+        crate::state_dir::forget_run(&self.cfg.state_dir, slug, task, run);
+        // Leftovers of the worker (daemonized grandchildren) go with the run.
+        if scope == Scope::Live {
+            if let Err(e) = self.sd.stop(&live.unit).await {
+                warn!(unit = %live.unit, "stop leftovers: {e}");
+            }
+        }
+        if let Some(s) = self.slots.get_mut(slug) {
+            s.dirty = true;
+            // Found in the scope after the pass (Hermes' own code could not be
+            // started): ours, said loudly, and the board backs off as after a pass
+            // that failed to start a worker.
+            if let crate::outcome::RunEnd::Infrastructure { error: why } = end {
+                error!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run,
+                       "the dispatcher cannot start workers: {}; the task is requeued, not charged", crate::text::clean(why));
+                s.start_failures = s.start_failures.saturating_add(1);
+                s.back_off(why);
+            } else {
+                s.start_failures = 0;
             }
         }
     }

@@ -286,3 +286,58 @@ systemd_test!(events_lost_to_an_inotify_overflow_are_looked_up, {
     }
     d.stop();
 });
+
+/// Workers that say where their TMPDIR is, then wait for `go` and end with status 3 (no
+/// verdict of their own: the dispatcher books each).
+const ENDS_ON_GO: &str = r#"#!/bin/sh
+echo "$TMPDIR" > tmpdir
+while [ ! -e "$(dirname "$HERMES_KANBAN_DB")/go" ]; do sleep 0.05; done
+exit 3
+"#;
+
+// Noticed in the soak (a board held locked 30 s while runs of it ended): each booking on the
+// locked board waited `busy_timeout` on the loop's thread, one after the other, and again on
+// every retry. A worker can hold its board's lock: with a dozen of the board's runs ending
+// meanwhile the loop stalled past its watchdog, and systemd killed the dispatcher. Now one
+// booking per board and retry waits for the lock; the rest wait for the next retry.
+systemd_test!(runs_ending_on_a_locked_board_do_not_stall_the_dispatcher, {
+    let d = Dispatcher::with_stub(
+        ENDS_ON_GO,
+        "tick_seconds = 3600\nmax_spawn = 12\nbusy_timeout_ms = 2000\nfailure_limit = 1",
+    );
+    d.install();
+    let ids: Vec<String> = (0..12)
+        .map(|i| d.rig.add(&format!("ends while its board is locked {i}")))
+        .collect();
+    d.start();
+    for id in &ids {
+        d.wait_running(id, 0);
+        tmpdir_of(&d, id);
+    }
+    let pid = crate::rig::systemctl_show(SERVICE, "MainPID");
+    let c = rusqlite::Connection::open(&d.rig.db).unwrap();
+    c.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    sh(&format!("touch {}", d.rig.dir.join("go").display()));
+    wait_for("every worker ended", Duration::from_secs(30), || {
+        (!crate::rig::worker_units(false).contains("hermes-worker-kanban-")).then_some(())
+    });
+    // The fault's length, not a wait for an outcome: the lock stays longer than the test
+    // unit's watchdog (10 s) after the twelve bookings became due.
+    std::thread::sleep(Duration::from_secs(15));
+    c.execute_batch("ROLLBACK").unwrap();
+    drop(c);
+    for id in &ids {
+        // One crash blocks the task (`failure_limit = 1`): one run each, booked once.
+        d.wait_task("blocked", |t| t.status.as_str() == "blocked", id);
+        let r = runs(&d, id);
+        assert_eq!(r.len(), 1, "{id}: {r:?}");
+        assert_eq!(r[0].0, "crashed", "{id}: {r:?}");
+    }
+    let now = crate::rig::systemctl_show(SERVICE, "MainPID,ActiveState");
+    assert!(
+        now.contains(&pid) && now.contains("ActiveState=active"),
+        "{pid} / {now}\n{}",
+        crate::rig::journal(SERVICE)
+    );
+    d.stop();
+});
