@@ -212,6 +212,10 @@ struct Soak {
     created: AtomicU64,
     findings: Mutex<Vec<String>>,
     clock: i128,
+    /// Where the samples go: a corrupt board's files and the journal too.
+    out: PathBuf,
+    /// Boards found corrupt in the middle of the run (said once each).
+    corrupt: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Soak {
@@ -224,6 +228,22 @@ impl Soak {
     fn finding(&self, what: String) {
         println!("FINDING at {:.0}s: {what}", self.t0.elapsed().as_secs_f64());
         self.findings.lock().unwrap().push(what);
+    }
+
+    /// A board found corrupt in the middle of the run: a finding, with its files and the
+    /// journal so far kept beside the samples (later faults could hide how it came).
+    fn found_corrupt(&self, slug: &str, what: &str) {
+        if !self.corrupt.lock().unwrap().insert(slug.to_string()) {
+            return;
+        }
+        let db = open_paths(&self.d.rig.dir, slug).db;
+        let t = self.t0.elapsed().as_secs();
+        let _ = sh_ok(&format!(
+            "for x in '' -wal -shm; do cp {d}$x {o}/{slug}-at-{t}.kanban.db$x; done; journalctl -o short-monotonic --no-pager > {o}/journal-at-{t}.txt",
+            d = db.display(),
+            o = self.out.display()
+        ));
+        self.finding(format!("board {slug} found corrupt: {what}"));
     }
 
     fn start_daemon(&self) {
@@ -282,7 +302,10 @@ impl Soak {
             5 => {
                 let slug = BOARDS[rng.below(BOARDS.len() as u64) as usize];
                 self.log_fault(&format!("board {slug} locked 30 s"));
-                let b = open_board(&self.d.rig.dir, slug);
+                let b = match Board::open(&open_paths(&self.d.rig.dir, slug), OpenMode::MustExist) {
+                    Ok(b) => b,
+                    Err(e) => return self.found_corrupt(slug, &e.to_string()),
+                };
                 let c = rusqlite::Connection::open(&b.paths().db).unwrap();
                 drop(b);
                 if c.execute_batch("BEGIN EXCLUSIVE").is_ok() {
@@ -486,6 +509,8 @@ fn run(n: u64, every: u64, seed: u64, out: &Path) {
         created: AtomicU64::new(0),
         findings: Mutex::new(Vec::new()),
         clock: realtime_minus_monotonic(),
+        out: out.to_path_buf(),
+        corrupt: Mutex::new(Default::default()),
     });
     let _clock = Clock(soak.clock);
     writeln!(soak.faults.lock().unwrap(), "seconds,fault").unwrap();
@@ -543,8 +568,21 @@ fn run(n: u64, every: u64, seed: u64, out: &Path) {
                 .map(|s| open_board(&soak.d.rig.dir, s))
                 .collect();
             let (mut last, mut since, mut said) = (-1, Instant::now(), false);
+            let mut round = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let settled = sample(&soak, &boards, &mut f);
+                // Every minute, each board's integrity: when a board broke, within a minute.
+                round += 1;
+                if round % 12 == 0 {
+                    for (slug, b) in BOARDS.iter().zip(&boards) {
+                        match b.integrity_check() {
+                            Ok(v) if v == "ok" => {}
+                            Ok(v) => soak.found_corrupt(slug, &v),
+                            Err(hermes_mgr::board::BoardError::Locked { .. }) => {}
+                            Err(e) => soak.found_corrupt(slug, &e.to_string()),
+                        }
+                    }
+                }
                 if settled != last {
                     (last, since, said) = (settled, Instant::now(), false);
                 } else if since.elapsed() > Duration::from_secs(180)
