@@ -365,18 +365,29 @@ impl Daemon {
     /// The safety net: whatever no event reported (e.g. a claim left behind, a board whose
     /// quarantine ran out).
     async fn on_tick(&mut self, follow: &Follow, watcher: &mut watch::Watcher) {
-        if self.refresh_boards() {
+        if self.look_again().await {
             follow.apply(self, watcher);
         }
+    }
+
+    /// Every board, run and hold looked at again, as if each event had come: the safety-net
+    /// tick, and inotify's queue overflow (events lost). `true` when the set of boards
+    /// changed (the watches follow).
+    async fn look_again(&mut self) -> bool {
+        let changed = self.refresh_boards();
         self.open_boards();
         if let Err(e) = self.reconcile().await {
-            warn!("periodic reconcile: {e:#}");
+            warn!("reconcile: {e:#}");
         }
         self.check_closed_runs().await;
         self.check_decompositions().await;
         self.check_stale().await;
         self.retry_pools();
+        self.check_estop();
+        self.holds.look();
         self.mark_all_dirty();
+        self.update_status();
+        changed
     }
 }
 
@@ -501,18 +512,14 @@ impl Daemon {
                 watch::Change::Overflow => {
                     // Events were lost (a loop busier than the kernel's queue is long): what
                     // they would have said is looked up instead — every board, the runs
-                    // that may have ended, the emergency stop, the holds.
+                    // that may have ended, the emergency stop, the holds, the settings.
                     warn!("inotify's queue overflowed: events were lost; looking at every board and run");
-                    self.refresh_boards();
+                    // Hermes' settings too: the tick does not read them (they are read
+                    // when written), and their write may be among the lost events.
+                    self.reload();
+                    self.look_again().await;
+                    // Even with no board gained or lost, a new directory may need a watch.
                     boards_changed = true;
-                    self.check_estop();
-                    self.holds.look();
-                    self.mark_all_dirty();
-                    if let Err(e) = self.reconcile().await {
-                        warn!("reconcile after an overflow: {e:#}");
-                    }
-                    self.check_closed_runs().await;
-                    self.update_status();
                 }
             }
         }

@@ -241,33 +241,8 @@ systemd_test!(events_lost_to_an_inotify_overflow_are_looked_up, {
     d.install();
     sh(&format!("touch {}", d.rig.dir.join("go").display()));
     d.start();
-    let daemon: i32 = crate::rig::systemctl_show(SERVICE, "MainPID")
-        .trim_start_matches("MainPID=")
-        .trim()
-        .parse()
-        .unwrap();
-    let queue: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon),
-        nix::sys::signal::SIGSTOP,
-    )
-    .unwrap();
-    let runs = Path::new(STATE).join("runs");
-    for i in 0..queue + 100 {
-        let tmp = runs.join(".noise");
-        std::fs::write(&tmp, "{}").unwrap();
-        std::fs::rename(&tmp, runs.join(format!("noise-{}.json", i % 8))).unwrap();
-    }
-    let id = add(&d, "made while the daemon's events overflowed", "complete");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon),
-        nix::sys::signal::SIGCONT,
-    )
-    .unwrap();
+    let mut id = String::new();
+    overflowed(|| id = add(&d, "made while the daemon's events overflowed", "complete"));
     // Nothing here touches the board until its worker started: any write to it (even
     // closing the last connection, which checkpoints) would tell the daemon again.
     wait_for("the task's worker started", Duration::from_secs(15), || {
@@ -281,11 +256,82 @@ systemd_test!(events_lost_to_an_inotify_overflow_are_looked_up, {
         crate::rig::journal(SERVICE)
     );
     d.wait_task("done", |t| t.status.as_str() == "done", &id);
-    for i in 0..8 {
-        let _ = std::fs::remove_file(runs.join(format!("noise-{i}.json")));
+    d.stop();
+});
+
+// Noticed in the overflow's handling above: Hermes' `config.yaml` written while events were
+// lost was read again only at its next write (the overflow looked at boards and runs, not at
+// the settings): a raised cap stayed unraised.
+systemd_test!(a_config_yaml_change_lost_to_an_inotify_overflow_is_read, {
+    let d = Dispatcher::with_stub(&gated_stub(), "tick_seconds = 3600");
+    let write_config = |yaml: &str| {
+        let tmp = d.rig.dir.join("config.yaml.tmp");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::os::unix::fs::chown(&tmp, Some(d.rig.uid), None).unwrap();
+        std::fs::rename(&tmp, d.rig.dir.join("config.yaml")).unwrap();
+    };
+    write_config("kanban:\n  max_spawn: 1\n");
+    d.install();
+    let ids = [
+        add(&d, "first under a cap of one", "complete"),
+        add(&d, "second under a cap of one", "complete"),
+    ];
+    d.start();
+    let running = || {
+        ids.iter()
+            .filter(|id| d.task(id).status.as_str() == "running")
+            .count()
+    };
+    wait_for("one task running", Duration::from_secs(15), || {
+        (running() == 1).then_some(())
+    });
+    overflowed(|| write_config("kanban:\n  max_spawn: 2\n"));
+    wait_for(
+        "both tasks running under the raised cap",
+        Duration::from_secs(15),
+        || (running() == 2).then_some(()),
+    );
+    sh(&format!("touch {}", d.rig.dir.join("go").display()));
+    for id in &ids {
+        d.wait_task("done", |t| t.status.as_str() == "done", id);
     }
     d.stop();
 });
+
+/// `during` done while the running daemon is stopped (SIGSTOP) and more events than
+/// inotify's queue holds come before it (root renames files into the state directory's
+/// `runs/`): what `during` changes reaches the daemon only as a queue overflow.
+fn overflowed(during: impl FnOnce()) {
+    let daemon: i32 = crate::rig::systemctl_show(SERVICE, "MainPID")
+        .trim_start_matches("MainPID=")
+        .trim()
+        .parse()
+        .unwrap();
+    let queue: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(daemon);
+    nix::sys::signal::kill(pid, nix::sys::signal::SIGSTOP).unwrap();
+    let runs = Path::new(STATE).join("runs");
+    for i in 0..queue + 100 {
+        let tmp = runs.join(".noise");
+        std::fs::write(&tmp, "{}").unwrap();
+        std::fs::rename(&tmp, runs.join(format!("noise-{}.json", i % 8))).unwrap();
+    }
+    during();
+    nix::sys::signal::kill(pid, nix::sys::signal::SIGCONT).unwrap();
+    // The noise goes once the daemon has had the overflow; its removals are events again.
+    wait_for("the overflow seen", Duration::from_secs(15), || {
+        crate::rig::journal(SERVICE)
+            .contains("inotify's queue overflowed")
+            .then_some(())
+    });
+    for i in 0..8 {
+        let _ = std::fs::remove_file(runs.join(format!("noise-{i}.json")));
+    }
+}
 
 /// Workers that say where their TMPDIR is, then wait for `go` and end with status 3 (no
 /// verdict of their own: the dispatcher books each).
