@@ -252,9 +252,6 @@ impl Daemon {
         let Some(RunTmpdir { dir, owner, note }) = self.tmpdirs.remove(unit) else {
             return;
         };
-        // Once the one-shot is asked for, the note has served (whatever becomes of the
-        // one-shot, it is said below).
-        let _ = std::fs::remove_file(&note);
         let name = dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -280,11 +277,15 @@ impl Daemon {
         let timeout = Duration::from_secs(self.cfg.start_timeout_seconds);
         match self.sd.run_command(&service, &cmd, timeout).await {
             Ok(()) => {
+                // The note has served: the one-shot's own fate is systemd's to tell.
+                let _ = std::fs::remove_file(&note);
                 info!(unit = %unit, object_systemd_unit = %unit, tmpdir = %dir.display(), cleanup = %service,
                       "removing the run's TMPDIR its supervisor left (it was killed first)")
             }
             Err(e) => {
-                warn!(unit = %unit, tmpdir = %dir.display(), "cannot remove the run's TMPDIR: {e}")
+                warn!(unit = %unit, tmpdir = %dir.display(), "cannot remove the run's TMPDIR yet: {e}; tried again at the next reconcile");
+                let t = RunTmpdir { dir, owner, note };
+                self.tmpdirs.insert(unit.to_string(), t);
             }
         }
     }
