@@ -64,7 +64,8 @@ pub(super) const FULL_WINDOW: Duration = Duration::from_secs(10);
 
 /// How long after a booking found a board locked its other bookings are left to the retry
 /// (once a second): one wait for the lock per board and retry, not one per run — a worker
-/// can hold its board's lock, and the loop must not pay for it per run it has to book.
+/// can hold its board's lock, and the loop must not pay for it per run it has to book. The
+/// same after a booking could not ask systemd a unit's state (the bus gone or slow).
 pub(super) const LOCKED_WINDOW: Duration = Duration::from_millis(900);
 
 /// Why a board cannot be served, and the file as it was then.

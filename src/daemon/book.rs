@@ -76,7 +76,12 @@ impl Daemon {
         let Some(live) = self.live.get(key).cloned() else {
             return;
         };
-        if self.slots.get(slug).is_some_and(Slot::recently_locked) {
+        // A board or a bus that just failed a booking fails the others too: they wait for the
+        // retry rather than each paying the wait (the lock's, a call's timeout) on the loop.
+        let bus_failing = self
+            .bus_failed
+            .is_some_and(|t| t.elapsed() < boards::LOCKED_WINDOW);
+        if bus_failing || self.slots.get(slug).is_some_and(Slot::recently_locked) {
             self.pending.insert(key.clone(), None);
             return;
         }
@@ -92,11 +97,18 @@ impl Daemon {
             Ok(Some(s)) if s.is_live() && self.husk(&live.unit, &live.profile).await => {
                 Scope::Empty
             }
-            Ok(Some(s)) if s.is_live() => Scope::Live,
-            Ok(_) => Scope::Gone,
+            Ok(Some(s)) if s.is_live() => {
+                self.bus_failed = None;
+                Scope::Live
+            }
+            Ok(_) => {
+                self.bus_failed = None;
+                Scope::Gone
+            }
             Err(e) => {
                 warn!(unit = %live.unit, "unit state unknown ({e}); retrying");
                 self.pending.insert(key.clone(), None);
+                self.bus_failed = Some(Instant::now());
                 return;
             }
         };

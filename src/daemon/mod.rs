@@ -129,6 +129,9 @@ struct Daemon {
     /// The last exit record `forget_ended_records` looked up: the next reconcile goes on
     /// after it, so however many there are, each is looked at within a few reconciles.
     records_after: String,
+    /// When a booking last could not ask systemd a unit's state (the bus gone, a call timed
+    /// out); `None` once one could.
+    bus_failed: Option<Instant>,
     /// Where Hermes' emergency stop is looked for (its home, the root served), and the
     /// `ESTOP` seen there at the last look: while there is one, no pass runs.
     estop_dirs: Vec<PathBuf>,

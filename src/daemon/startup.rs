@@ -108,6 +108,7 @@ pub(super) async fn run(opts: Options) -> anyhow::Result<()> {
         decomp: Default::default(),
         tmpdirs: HashMap::new(),
         records_after: String::new(),
+        bus_failed: None,
         estop_dirs: Vec::new(),
         estop: None,
         boards_over: 0,
