@@ -204,6 +204,8 @@ pub fn as_user<R>(who: &Owner, f: impl FnOnce() -> R) -> io::Result<R> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
     Read,
+    /// Read and write; not created.
+    ReadWrite,
     /// Read and write, created (mode 0666 & umask) when missing.
     ReadWriteCreate,
     /// Append, created when missing.
@@ -217,6 +219,7 @@ pub fn open_regular(path: &Path, access: Access) -> io::Result<File> {
     let mut o = OpenOptions::new();
     match access {
         Access::Read => o.read(true),
+        Access::ReadWrite => o.read(true).write(true),
         Access::ReadWriteCreate => o.read(true).write(true).create(true).truncate(false),
         Access::AppendCreate => o.append(true).create(true),
     };

@@ -17,12 +17,26 @@ pub(super) fn busy_timeout() -> Duration {
     Duration::from_millis(ms)
 }
 
-/// Refuse a file that is not SQLite before SQLite (or our pragmas) can touch it.
-pub(super) fn check_header(path: &Path) -> Result<()> {
+/// The board file, not through a link: read-write when `write` and allowed, else read-only.
+fn open_to_keep(path: &Path, write: bool) -> std::io::Result<std::fs::File> {
+    if write {
+        match safe_fs::open_regular(path, safe_fs::Access::ReadWrite) {
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {}
+            Err(e) if e.raw_os_error() == Some(libc::EROFS) => {}
+            other => return other,
+        }
+    }
+    safe_fs::open_regular(path, safe_fs::Access::Read)
+}
+
+/// Refuse a file that is not SQLite before SQLite (or our pragmas) can touch it. Its
+/// descriptor is given back (read-write where it can be, `write`) for `OPEN_FILES` to keep:
+/// closed now, it would be closed while SQLite opens the file beside it.
+pub(super) fn check_header(path: &Path, write: bool) -> Result<Option<std::fs::File>> {
     use std::io::Read;
-    let mut f = match safe_fs::open_regular(path, safe_fs::Access::Read) {
+    let mut f = match open_to_keep(path, write) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(source) => {
             return Err(BoardError::Io {
                 path: path.into(),
@@ -42,7 +56,7 @@ pub(super) fn check_header(path: &Path) -> Result<()> {
         })?;
     // An empty file is an empty database to SQLite, and to upstream.
     if head.is_empty() || head == b"SQLite format 3\0" {
-        return Ok(());
+        return Ok(Some(f));
     }
     Err(BoardError::NotSqlite {
         path: path.into(),
@@ -206,9 +220,11 @@ pub(super) fn open_conn(
     }
     // A file this process has a connection to is SQLite, and must not be opened and closed
     // here: a close drops every POSIX lock the process holds on it (`OPEN_FILES`).
-    if !known {
-        check_header(db)?;
-    }
+    let header_fd = if known {
+        None
+    } else {
+        check_header(db, mode != OpenMode::Inspect)?
+    };
     let init_lock = take_init_lock(paths, owner, init_wait)?;
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
@@ -274,17 +290,30 @@ pub(super) fn open_conn(
         conn.execute_batch(schema::DDL)
             .map_err(|e| classify(db, "create schema", e))?;
     }
-    if mode != OpenMode::Inspect {
-        // A hint: a board whose file cannot grow now still works (SQLite grows it later).
-        if let Err(e) = keep_ahead(&conn) {
-            tracing::debug!(board = %db.display(), "file not grown ahead: {e}");
-        }
-    }
     drop(init_lock);
     let Some(id) = file_id(db)? else {
         return Err(BoardError::Missing { path: db.clone() });
     };
-    *open_files.entry(id).or_default() += 1;
+    let opened = open_files.entry(id).or_default();
+    if opened.fd.is_none() {
+        // The descriptor of the file the connection has (not of one renamed over it since);
+        // opened now if the file was made by this open. Opening one is harmless: only a
+        // close while connections live would not be.
+        let write = mode != OpenMode::Inspect;
+        opened.fd = header_fd
+            .or_else(|| open_to_keep(db, write).ok())
+            .filter(|f| {
+                use std::os::unix::fs::MetadataExt;
+                f.metadata().is_ok_and(|m| (m.dev(), m.ino()) == id)
+            });
+    }
+    if mode != OpenMode::Inspect {
+        // A hint: a board whose file cannot grow now still works (SQLite grows it later).
+        if let Err(e) = keep_ahead(&conn, opened.fd.as_ref()) {
+            tracing::debug!(board = %db.display(), "file not grown ahead: {e}");
+        }
+    }
+    opened.connections += 1;
     Ok((conn, OpenFile(id)))
 }
 
@@ -314,8 +343,17 @@ fn file_id(db: &Path) -> Result<Option<(u64, u64)>> {
 /// it is not the last. Without it, that process checkpoints and removes the WAL under our
 /// open connections, and the board is corrupt (SQLite's "How To Corrupt", 2.2; found by
 /// the chaos soak).
-static OPEN_FILES: std::sync::Mutex<std::collections::BTreeMap<(u64, u64), usize>> =
+static OPEN_FILES: std::sync::Mutex<std::collections::BTreeMap<(u64, u64), Opened>> =
     std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// A board file this process has connections to: how many, and the descriptor its header
+/// was checked through, kept (closed only with the last connection, so no lock is lost) for
+/// `keep_ahead`.
+#[derive(Default)]
+struct Opened {
+    connections: usize,
+    fd: Option<std::fs::File>,
+}
 
 /// One connection to a board file, counted in `OPEN_FILES` until it is dropped (after the
 /// connection: `Board` declares it after `conn`).
@@ -325,9 +363,9 @@ pub(super) struct OpenFile((u64, u64));
 impl Drop for OpenFile {
     fn drop(&mut self) {
         let mut open_files = OPEN_FILES.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = open_files.get_mut(&self.0) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(o) = open_files.get_mut(&self.0) {
+            o.connections -= 1;
+            if o.connections == 0 {
                 open_files.remove(&self.0);
             }
         }
@@ -345,19 +383,29 @@ pub(super) const AHEAD_BYTES: i64 = 1 << 20;
 /// (counted in `interop::both_tools_writing_at_once_lose_nothing`). With the file ahead,
 /// checkpoints leave its size alone until the board has grown by `AHEAD_BYTES`. An empty
 /// file (no schema yet) is left as it is: zeros where the header goes are no database.
-fn keep_ahead(conn: &Connection) -> rusqlite::Result<()> {
-    let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
-    let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+fn keep_ahead(conn: &Connection, fd: Option<&std::fs::File>) -> std::io::Result<()> {
+    let fd = fd.ok_or_else(|| std::io::Error::other("no descriptor of the file kept"))?;
+    let pragma = |p: &str| -> std::io::Result<i64> {
+        conn.query_row(&format!("PRAGMA {p}"), [], |r| r.get(0))
+            .map_err(std::io::Error::other)
+    };
+    let (pages, page) = (pragma("page_count")?, pragma("page_size")?);
     if pages == 0 {
         return Ok(());
     }
-    let mut hint: i64 = pages * page + AHEAD_BYTES;
-    file_control(
-        conn,
-        rusqlite::ffi::SQLITE_FCNTL_SIZE_HINT,
-        &mut hint,
-        "SQLITE_FCNTL_SIZE_HINT",
-    )
+    let want = pages * page + AHEAD_BYTES;
+    if fd.metadata()?.len() >= want as u64 {
+        return Ok(());
+    }
+    // Mode 0: what is not allocated yet is, the size grows if it is short, and no byte is
+    // ever written — it may race another process's checkpoint writing pages past the end.
+    // Not SQLite's `SQLITE_FCNTL_SIZE_HINT`, which did this before: built without
+    // `posix_fallocate` (the bundled build is), it writes a zero byte at the end of each
+    // block past the size it saw, outside any lock of SQLite's when asked from here; a
+    // checkpoint writing those pages meanwhile lost their last byte (a board corrupt twice
+    // in the chaos soak, "row … missing from index").
+    nix::fcntl::fallocate(fd, nix::fcntl::FallocateFlags::empty(), 0, want)
+        .map_err(std::io::Error::from)
 }
 
 /// `sqlite3_file_control` of the main database with one value (`int` or `i64`, as `op` reads).
@@ -623,6 +671,68 @@ mod tests {
         new(&second);
         new(&first);
         assert_eq!(first.integrity_check().unwrap(), "ok");
+    }
+
+    // Found by the chaos soak (a board corrupt twice, "row … missing from index"; once just
+    // after the dispatcher's restart opened every board): growing the file at open went
+    // through SQLite's `SQLITE_FCNTL_SIZE_HINT`, which — built without `posix_fallocate` —
+    // writes a zero byte at the end of each block past the size it saw, outside any lock of
+    // SQLite's when asked from here. Another process's checkpoint writing pages there
+    // meanwhile lost their last byte. Here a thread plays that checkpoint (the file cut back
+    // to its pages, then pages written past the end) while the file is grown ahead: every
+    // byte written must stay.
+    #[test]
+    fn growing_the_file_ahead_never_writes_over_pages_written_meanwhile() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("kanban.db");
+        let board = Board::open(&BoardPaths::for_db(&db), OpenMode::CreateIfMissing).unwrap();
+        let size = |p: &str| -> u64 {
+            board
+                .conn
+                .query_row(&format!("PRAGMA {p}"), [], |r| r.get::<_, i64>(0))
+                .unwrap() as u64
+        };
+        let end = size("page_count") * size("page_size");
+        // The other process's descriptor (closing it drops this process's locks: no other
+        // process uses this board).
+        let theirs = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&db)
+            .unwrap();
+        let id = {
+            let m = theirs.metadata().unwrap();
+            (m.dev(), m.ino())
+        };
+        // Grown ahead through the descriptor kept for it.
+        theirs.set_len(end).unwrap();
+        {
+            let open_files = OPEN_FILES.lock().unwrap();
+            keep_ahead(&board.conn, open_files.get(&id).unwrap().fd.as_ref()).unwrap();
+        }
+        assert!(theirs.metadata().unwrap().len() >= end + AHEAD_BYTES as u64);
+        let pages = vec![0xABu8; 256 * 1024];
+        let mut back = vec![0u8; pages.len()];
+        for round in 0..2000 {
+            theirs.set_len(end).unwrap();
+            let start = std::sync::Barrier::new(2);
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    start.wait();
+                    theirs.write_all_at(&pages, end).unwrap();
+                });
+                let open_files = OPEN_FILES.lock().unwrap();
+                start.wait();
+                let _ = keep_ahead(&board.conn, open_files.get(&id).unwrap().fd.as_ref());
+            });
+            theirs.read_exact_at(&mut back, end).unwrap();
+            let lost = back.iter().filter(|b| **b != 0xAB).count();
+            assert_eq!(
+                lost, 0,
+                "round {round}: bytes written past the end were overwritten"
+            );
+        }
     }
 
     #[test]
