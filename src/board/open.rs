@@ -291,8 +291,21 @@ pub(super) fn open_conn(
             .map_err(|e| classify(db, "create schema", e))?;
     }
     drop(init_lock);
+    let file = count(&mut open_files, db, mode, header_fd, &conn)?;
+    Ok((conn, file))
+}
+
+/// The connection `conn` to `db` counted in `OPEN_FILES` (with a descriptor of the file kept
+/// beside it, if none is yet), and the file grown ahead.
+fn count(
+    open_files: &mut std::collections::BTreeMap<(u64, u64), Opened>,
+    db: &Path,
+    mode: OpenMode,
+    header_fd: Option<std::fs::File>,
+    conn: &Connection,
+) -> Result<OpenFile> {
     let Some(id) = file_id(db)? else {
-        return Err(BoardError::Missing { path: db.clone() });
+        return Err(BoardError::Missing { path: db.into() });
     };
     let opened = open_files.entry(id).or_default();
     if opened.fd.is_none() {
@@ -309,12 +322,12 @@ pub(super) fn open_conn(
     }
     if mode != OpenMode::Inspect {
         // A hint: a board whose file cannot grow now still works (SQLite grows it later).
-        if let Err(e) = keep_ahead(&conn, opened.fd.as_ref()) {
+        if let Err(e) = keep_ahead(conn, opened.fd.as_ref()) {
             tracing::debug!(board = %db.display(), "file not grown ahead: {e}");
         }
     }
     opened.connections += 1;
-    Ok((conn, OpenFile(id)))
+    Ok(OpenFile(id))
 }
 
 /// The board file's identity (device, inode); `None` when there is none yet. Only a plain
