@@ -394,7 +394,8 @@ pub(super) const AHEAD_BYTES: i64 = 1 << 20;
 /// checkpoint that grows the file and raises the header's page count between those two
 /// reads — even one that grows the file first (`set_chunk_size`) — makes its write fail
 /// (counted in `interop::both_tools_writing_at_once_lose_nothing`). With the file ahead,
-/// checkpoints leave its size alone until the board has grown by `AHEAD_BYTES`. An empty
+/// checkpoints leave its size alone unless the board grows by half of `AHEAD_BYTES` with no
+/// open of it in between (each open tops it up). An empty
 /// file (no schema yet) is left as it is: zeros where the header goes are no database.
 fn keep_ahead(conn: &Connection, fd: Option<&std::fs::File>) -> std::io::Result<()> {
     let fd = fd.ok_or_else(|| std::io::Error::other("no descriptor of the file kept"))?;
@@ -406,8 +407,9 @@ fn keep_ahead(conn: &Connection, fd: Option<&std::fs::File>) -> std::io::Result<
     if pages == 0 {
         return Ok(());
     }
-    let want = pages * page + AHEAD_BYTES;
-    if fd.metadata()?.len() >= want as u64 {
+    // Grown when less than half of `AHEAD_BYTES` is left, not at every open by a page.
+    let (want, len) = (pages * page + AHEAD_BYTES, fd.metadata()?.len() as i64);
+    if len >= want - AHEAD_BYTES / 2 {
         return Ok(());
     }
     // Mode 0: what is not allocated yet is, the size grows if it is short, and no byte is
@@ -417,7 +419,7 @@ fn keep_ahead(conn: &Connection, fd: Option<&std::fs::File>) -> std::io::Result<
     // block past the size it saw, outside any lock of SQLite's when asked from here; a
     // checkpoint writing those pages meanwhile lost their last byte (a board corrupt twice
     // in the chaos soak, "row … missing from index").
-    nix::fcntl::fallocate(fd, nix::fcntl::FallocateFlags::empty(), 0, want)
+    nix::fcntl::fallocate(fd, nix::fcntl::FallocateFlags::empty(), len, want - len)
         .map_err(std::io::Error::from)
 }
 
