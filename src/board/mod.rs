@@ -37,6 +37,7 @@ pub use crate::transitions::{BLOCK_KINDS, BLOCK_RECURRENCE_LIMIT};
 pub use model::{Claim, EndResult, Event, Listed, NewTask, Run, Status, Task};
 use open::classify;
 pub use paths::{BoardPaths, Resolver, DEFAULT_BOARD};
+use rows::Cached;
 
 /// Upstream's `DEFAULT_CLAIM_TTL_SECONDS`.
 pub const DEFAULT_CLAIM_TTL: i64 = 15 * 60;
@@ -153,11 +154,11 @@ impl Board {
     /// compare-and-swap read inside `f` cannot go stale before its write. Rolled back on error.
     fn write<T>(&self, op: &'static str, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
         self.conn
-            .execute_batch("BEGIN IMMEDIATE")
+            .exec("BEGIN IMMEDIATE", [])
             .map_err(|e| self.err(op, e))?;
         match f(&self.conn) {
             Ok(v) => {
-                if let Err(e) = self.conn.execute_batch("COMMIT") {
+                if let Err(e) = self.conn.exec("COMMIT", []) {
                     let _ = self.conn.execute_batch("ROLLBACK");
                     return Err(self.err(op, e));
                 }

@@ -8,6 +8,11 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 use super::*;
 
+/// Statements kept compiled per connection (`rows::Cached`): more than the dispatch path's
+/// distinct statements (a claim, a start, a booking, the guards, a pass's reads), so none
+/// is evicted and compiled again for every run.
+const CACHED_STATEMENTS: usize = 128;
+
 pub(super) fn busy_timeout() -> Duration {
     let ms = std::env::var("HERMES_KANBAN_BUSY_TIMEOUT_MS")
         .ok()
@@ -234,6 +239,7 @@ pub(super) fn open_conn(
         .map_err(|e| classify(db, "open", e))?;
     conn.busy_timeout(busy)
         .map_err(|e| classify(db, "busy_timeout", e))?;
+    conn.set_prepared_statement_cache_capacity(CACHED_STATEMENTS);
     if exists && mode != OpenMode::Inspect {
         // Out of time, the quicker check (no index against its table) still finds a torn
         // or garbled file; out of time again, the board waits (the daemon tries it later).

@@ -24,7 +24,7 @@ impl Board {
         let e = |e| self.err("read respawn guard facts", e);
         let latest_ended = self
             .conn
-            .query_row(
+            .row(
                 "SELECT outcome, ended_at FROM task_runs WHERE task_id=?1 AND ended_at IS NOT NULL
                  ORDER BY ended_at DESC LIMIT 1",
                 [id],
@@ -34,7 +34,7 @@ impl Board {
             .map_err(e)?;
         let last_failure_error: Option<String> = self
             .conn
-            .query_row(
+            .row(
                 &format!(
                     "SELECT substr(last_failure_error, 1, {}) FROM tasks WHERE id=?1",
                     open::HOT_COLUMN_MAX
@@ -47,7 +47,7 @@ impl Board {
             .flatten();
         let recent_completion: Option<i64> = self
             .conn
-            .query_row(
+            .row(
                 "SELECT ended_at FROM task_runs WHERE task_id=?1 AND outcome='completed' AND ended_at >= ?2
                  ORDER BY ended_at DESC LIMIT 1",
                 params![id, now - crate::guard::SUCCESS_WINDOW],
@@ -58,7 +58,7 @@ impl Board {
         let requeued_since = match recent_completion {
             Some(at) => self
                 .conn
-                .query_row(
+                .row(
                     "SELECT 1 FROM task_events WHERE task_id=?1 AND created_at >= ?2
                      AND kind IN ('status', 'promoted', 'unblocked', 'reclaimed') LIMIT 1",
                     params![id, at],
@@ -96,7 +96,7 @@ impl Board {
     /// The newest run of a task.
     pub fn last_run(&self, id: &str) -> Result<Option<Run>> {
         self.conn
-            .query_row(
+            .row(
                 "SELECT * FROM task_runs WHERE task_id=?1 ORDER BY id DESC LIMIT 1",
                 [id],
                 Run::from_row,
@@ -107,7 +107,7 @@ impl Board {
 
     pub fn task(&self, id: &str) -> Result<Option<Task>> {
         self.conn
-            .query_row("SELECT * FROM tasks WHERE id = ?1", [id], Task::from_row)
+            .row("SELECT * FROM tasks WHERE id = ?1", [id], Task::from_row)
             .optional()
             .map_err(|e| self.err("read task", e))
     }
@@ -217,7 +217,7 @@ impl Board {
     /// ready task. One index lookup per ready task.
     pub fn oldest_ready_since(&self) -> Result<Option<i64>> {
         self.conn
-            .query_row(
+            .row(
                 "SELECT MIN(coalesce((SELECT max(e.created_at) FROM task_events e WHERE e.task_id = t.id), t.created_at))
                  FROM tasks t WHERE t.status = 'ready'",
                 [],
@@ -228,7 +228,7 @@ impl Board {
 
     pub fn count(&self, status: &str) -> Result<i64> {
         self.conn
-            .query_row(
+            .row(
                 "SELECT count(*) FROM tasks WHERE status=?1",
                 [status],
                 |r| r.get(0),
@@ -269,7 +269,7 @@ impl Board {
     /// The newest event's id (0 for none): where `tasks_touched_since` starts.
     pub fn last_event_id(&self) -> Result<i64> {
         self.conn
-            .query_row("SELECT coalesce(max(id), 0) FROM task_events", [], |r| {
+            .row("SELECT coalesce(max(id), 0) FROM task_events", [], |r| {
                 r.get(0)
             })
             .map_err(|e| self.err("last event", e))
@@ -411,7 +411,7 @@ impl Board {
 
     pub fn run(&self, run_id: i64) -> Result<Option<Run>> {
         self.conn
-            .query_row(
+            .row(
                 "SELECT * FROM task_runs WHERE id = ?1",
                 [run_id],
                 Run::from_row,

@@ -6,6 +6,34 @@ use serde_json::{Map, Value};
 
 use super::*;
 
+/// A connection's statements compiled once and kept (`prepare_cached`): the dispatch path
+/// runs the same few statements for every run, and compiling them again each time was a
+/// quarter of the daemon's CPU per run (BENCHMARKS.md, 14).
+pub(super) trait Cached {
+    fn exec<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize>;
+    fn row<T, P: rusqlite::Params, F: FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>>(
+        &self,
+        sql: &str,
+        params: P,
+        f: F,
+    ) -> rusqlite::Result<T>;
+}
+
+impl Cached for Connection {
+    fn exec<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize> {
+        self.prepare_cached(sql)?.execute(params)
+    }
+
+    fn row<T, P: rusqlite::Params, F: FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>>(
+        &self,
+        sql: &str,
+        params: P,
+        f: F,
+    ) -> rusqlite::Result<T> {
+        self.prepare_cached(sql)?.query_row(params, f)
+    }
+}
+
 pub(super) fn payload_text(v: &Value) -> Option<String> {
     // Upstream stores NULL for an empty payload (`json.dumps(payload) if payload else None`).
     match v {
@@ -30,7 +58,7 @@ pub(super) fn append_event(
     payload: &Value,
     run_id: Option<i64>,
 ) -> rusqlite::Result<()> {
-    c.execute(
+    c.exec(
         "INSERT INTO task_events (task_id, run_id, kind, payload, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
         params![task, run_id, kind, payload_text(payload), now()],
     )?;
@@ -48,7 +76,7 @@ pub(super) fn close_run(
     metadata: Option<&Value>,
     now: i64,
 ) -> rusqlite::Result<()> {
-    c.execute(
+    c.exec(
         "UPDATE task_runs SET status=?1, outcome=?2, summary=?3, error=?4, metadata=?5, ended_at=?6,
             claim_lock=NULL, claim_expires=NULL, worker_pid=NULL
          WHERE id=?7 AND ended_at IS NULL",
@@ -70,7 +98,7 @@ pub(super) fn close_current_run(
     now: i64,
 ) -> rusqlite::Result<Option<i64>> {
     let run: Option<i64> = c
-        .query_row(
+        .row(
             "SELECT current_run_id FROM tasks WHERE id=?1",
             [task],
             |r| r.get(0),
@@ -79,7 +107,7 @@ pub(super) fn close_current_run(
         .flatten();
     let Some(run) = run else { return Ok(None) };
     close_run(c, run, status, outcome, summary, error, metadata, now)?;
-    c.execute("UPDATE tasks SET current_run_id=NULL WHERE id=?1", [task])?;
+    c.exec("UPDATE tasks SET current_run_id=NULL WHERE id=?1", [task])?;
     Ok(Some(run))
 }
 
@@ -94,7 +122,7 @@ pub(super) fn synthesize_run(
     metadata: Option<&Value>,
     now: i64,
 ) -> rusqlite::Result<i64> {
-    c.execute(
+    c.exec(
         "INSERT INTO task_runs (task_id, profile, step_key, status, outcome, summary, error, metadata, started_at, ended_at)
          SELECT id, assignee, current_step_key, ?2, ?2, ?3, ?4, ?5, ?6, ?6 FROM tasks WHERE id=?1",
         params![task, outcome, summary, error, metadata.and_then(payload_text), now],
@@ -134,7 +162,7 @@ pub(super) fn protocol_violation_streak(c: &Connection, task: &str) -> rusqlite:
 /// Whether run `run` of `task` was claimed by the review lane (its `claimed` event says
 /// `source_status: review`, as upstream's and ours do).
 pub(super) fn claimed_for_review(c: &Connection, task: &str, run: i64) -> rusqlite::Result<bool> {
-    c.query_row(
+    c.row(
         "SELECT json_extract(payload, '$.source_status') = 'review' FROM task_events
          WHERE task_id=?1 AND run_id=?2 AND kind='claimed' AND json_valid(payload)
          ORDER BY id DESC LIMIT 1",
@@ -154,7 +182,7 @@ pub(super) fn recover_dangling_run(
     on: &str,
     now: i64,
 ) -> rusqlite::Result<()> {
-    c.execute(
+    c.exec(
         "UPDATE task_runs SET status='reclaimed', outcome='reclaimed',
             summary=COALESCE(summary, ?3), ended_at=?1,
             claim_lock=NULL, claim_expires=NULL, worker_pid=NULL
@@ -166,7 +194,7 @@ pub(super) fn recover_dangling_run(
 
 /// A `gave_up` since the task's last `unblocked` that ~0.22 marked sticky (`"sticky": 1`).
 pub(super) fn sticky_gave_up(c: &Connection, task: &str) -> rusqlite::Result<bool> {
-    Ok(c.query_row(
+    Ok(c.row(
         "SELECT coalesce(json_extract(payload, '$.sticky'), 0) FROM task_events
              WHERE task_id=?1 AND kind='gave_up' AND json_valid(payload) AND id > coalesce(
                (SELECT max(id) FROM task_events WHERE task_id=?1 AND kind='unblocked'), 0)

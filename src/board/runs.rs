@@ -18,7 +18,7 @@ impl Board {
         let expires = now + ttl;
         self.write("claim", |c| {
             let open_parent: bool = c
-                .query_row(
+                .row(
                     "SELECT 1 FROM task_links l JOIN tasks p ON p.id = l.parent_id
                      WHERE l.child_id = ?1 AND p.status NOT IN ('done','archived') LIMIT 1",
                     [id],
@@ -29,7 +29,7 @@ impl Board {
                 .unwrap_or(false);
             if open_parent {
                 let n = c
-                    .execute(
+                    .exec(
                         "UPDATE tasks SET status='todo' WHERE id=?1 AND status='ready'",
                         [id],
                     )
@@ -48,7 +48,7 @@ impl Board {
             }
             // A dangling run pointer on a ready task is closed before the new run opens.
             let stale: Option<i64> = c
-                .query_row(
+                .row(
                     "SELECT current_run_id FROM tasks WHERE id=?1 AND status='ready'",
                     [id],
                     |r| r.get(0),
@@ -60,7 +60,7 @@ impl Board {
                 recover_dangling_run(c, run, "re-claim", now).map_err(|e| self.err("claim", e))?;
             }
             let n = c
-                .execute(
+                .exec(
                     "UPDATE tasks SET status='running', claim_lock=?1, claim_expires=?2,
                         started_at=COALESCE(started_at, ?3)
                      WHERE id=?4 AND status='ready' AND claim_lock IS NULL",
@@ -83,7 +83,7 @@ impl Board {
         let expires = now + ttl;
         self.write("claim review", |c| {
             let n = c
-                .execute(
+                .exec(
                     "UPDATE tasks SET status='running', claim_lock=?1, claim_expires=?2,
                         started_at=COALESCE(started_at, ?3)
                      WHERE id=?4 AND status='review' AND claim_lock IS NULL",
@@ -117,7 +117,7 @@ impl Board {
         now: i64,
         extra: serde_json::Value,
     ) -> Result<Claim> {
-        c.execute(
+        c.exec(
             "INSERT INTO task_runs (task_id, profile, step_key, status, claim_lock, claim_expires,
                 max_runtime_seconds, started_at)
              SELECT id, assignee, current_step_key, 'running', ?2, ?3, max_runtime_seconds, ?4
@@ -126,7 +126,7 @@ impl Board {
         )
         .map_err(|e| self.err("open run", e))?;
         let run_id = c.last_insert_rowid();
-        c.execute(
+        c.exec(
             "UPDATE tasks SET current_run_id=?1 WHERE id=?2",
             params![run_id, id],
         )
@@ -138,7 +138,7 @@ impl Board {
         append_event(c, id, "claimed", &payload, Some(run_id))
             .map_err(|e| self.err("append event", e))?;
         let task = c
-            .query_row("SELECT * FROM tasks WHERE id=?1", [id], Task::from_row)
+            .row("SELECT * FROM tasks WHERE id=?1", [id], Task::from_row)
             .map_err(|e| self.err("claim", e))?;
         Ok(Claim {
             task,
@@ -187,59 +187,41 @@ impl Board {
         })
     }
 
-    /// Record the worker's PID on task and run, with upstream's `spawned {pid}` event (and,
-    /// as ~0.22 writes it, the worker's fingerprint as its `started_at`). Guarded by the run
-    /// id so a late write cannot land on a newer run.
-    pub fn set_worker_pid(
+    /// A started run, in one transaction: the workspace it uses (as upstream's
+    /// `resolve_workspace` persists it; `None` for a worktree, which upstream's own code
+    /// recorded) and the worker's PID on task and run, with upstream's `spawned {pid}`
+    /// event (and, as ~0.22 writes it, the worker's fingerprint as its `started_at`).
+    /// Guarded by the run id so a late write cannot land on a newer run.
+    pub fn record_start(
         &self,
         id: &str,
         run_id: i64,
+        workspace: Option<&Path>,
         pid: i64,
         started_at: Option<&str>,
     ) -> Result<bool> {
-        self.write("set worker pid", |c| {
+        let ws = workspace.map(|p| p.to_string_lossy());
+        self.write("record the start", |c| {
             let n = c
-                .execute(
-                    "UPDATE tasks SET worker_pid=?1 WHERE id=?2 AND current_run_id=?3 AND status='running'",
-                    params![pid, id, run_id],
+                .exec(
+                    "UPDATE tasks SET worker_pid=?1, workspace_path=COALESCE(?4, workspace_path)
+                     WHERE id=?2 AND current_run_id=?3 AND status='running'",
+                    params![pid, id, run_id, ws],
                 )
-                .map_err(|e| self.err("set worker pid", e))?;
+                .map_err(|e| self.err("record the start", e))?;
             if n == 1 {
-                c.execute("UPDATE task_runs SET worker_pid=?1 WHERE id=?2", params![pid, run_id])
-                    .map_err(|e| self.err("set worker pid", e))?;
+                c.exec(
+                    "UPDATE task_runs SET worker_pid=?1 WHERE id=?2",
+                    params![pid, run_id],
+                )
+                .map_err(|e| self.err("record the start", e))?;
                 let payload = match started_at {
                     Some(f) => json!({"pid": pid, "started_at": f}),
                     None => json!({"pid": pid}),
                 };
-                append_event(c, id, "spawned", &payload, Some(run_id)).map_err(|e| self.err("append event", e))?;
+                append_event(c, id, "spawned", &payload, Some(run_id))
+                    .map_err(|e| self.err("append event", e))?;
             }
-            Ok(n == 1)
-        })
-    }
-
-    /// Persist the workspace a run uses, as upstream's `resolve_workspace` does at spawn.
-    /// A worktree task's branch, as upstream's dispatcher records it at spawn.
-    pub fn set_branch(&self, id: &str, run_id: i64, branch: &str) -> Result<bool> {
-        self.write("set branch", |c| {
-            let n = c
-                .execute(
-                    "UPDATE tasks SET branch_name=?1 WHERE id=?2 AND current_run_id=?3 AND status='running'",
-                    params![branch, id, run_id],
-                )
-                .map_err(|e| self.err("set branch", e))?;
-            Ok(n == 1)
-        })
-    }
-
-    pub fn set_workspace(&self, id: &str, run_id: i64, path: &Path) -> Result<bool> {
-        let p = path.to_string_lossy();
-        self.write("set workspace", |c| {
-            let n = c
-                .execute(
-                    "UPDATE tasks SET workspace_path=?1 WHERE id=?2 AND current_run_id=?3 AND status='running'",
-                    params![p, id, run_id],
-                )
-                .map_err(|e| self.err("set workspace", e))?;
             Ok(n == 1)
         })
     }
@@ -252,7 +234,7 @@ impl Board {
         let now = now();
         self.write("stop run", |c| {
             let n = c
-                .execute(
+                .exec(
                     "UPDATE tasks SET status='blocked', claim_lock=NULL, claim_expires=NULL, worker_pid=NULL,
                         current_run_id=NULL, block_kind=NULL
                      WHERE id=?1 AND status='running' AND current_run_id=?2",
@@ -272,7 +254,7 @@ impl Board {
     /// Replace a closed run's error text (the stop's final word on how the worker ended).
     pub fn annotate_run(&self, run_id: i64, error: &str) -> Result<()> {
         self.write("annotate run", |c| {
-            c.execute(
+            c.exec(
                 "UPDATE task_runs SET error=?1 WHERE id=?2",
                 params![error, run_id],
             )
@@ -311,7 +293,7 @@ impl Board {
         // annotation: were it refused, the booking still stands.
         let record_cost = |c: &rusqlite::Connection| -> Result<()> {
             if let Some(r) = resources {
-                if let Err(e) = c.execute(
+                if let Err(e) = c.exec(
                     "UPDATE task_runs SET metadata = json_set(coalesce(metadata, '{}'), '$.resources', json(?2))
                      WHERE id=?1 AND (metadata IS NULL OR (json_valid(metadata) AND json_type(metadata)='object'))",
                     params![run_id, r.to_string()],
@@ -323,7 +305,7 @@ impl Board {
         };
         self.write("end run", |c| {
             let row: Option<(i64, Option<i64>, Option<String>)> = c
-                .query_row(
+                .row(
                     "SELECT consecutive_failures, max_retries, claim_lock FROM tasks
                      WHERE id=?1 AND status='running' AND current_run_id=?2",
                     params![id, run_id],
@@ -348,7 +330,7 @@ impl Board {
             };
             let counters = outcome::Counters { failures, max_retries, violation_streak, claimer, retry_status };
             let b = outcome::booking(end, &counters, rules);
-            c.execute(
+            c.exec(
                 "UPDATE tasks SET status=?3, claim_lock=NULL, claim_expires=NULL, worker_pid=NULL, current_run_id=NULL
                  WHERE id=?1 AND status='running' AND current_run_id=?2",
                 params![id, run_id, b.status()],
@@ -357,14 +339,14 @@ impl Board {
             close_run(c, run_id, b.run_outcome, b.run_outcome, None, Some(&b.error), Some(&b.run_metadata), now)
                 .map_err(|e| self.err("close run", e))?;
             if b.stamp_error {
-                c.execute(
+                c.exec(
                     "UPDATE tasks SET consecutive_failures=?1, last_failure_error=?2 WHERE id=?3",
                     params![b.failures, b.error, id],
                 )
                 .map_err(|e| self.err("end run", e))?;
             }
             if b.clear_heartbeat {
-                c.execute("UPDATE tasks SET last_heartbeat_at=NULL WHERE id=?1", params![id])
+                c.exec("UPDATE tasks SET last_heartbeat_at=NULL WHERE id=?1", params![id])
                     .map_err(|e| self.err("end run", e))?;
             }
             if let Some((kind, payload)) = &b.event {

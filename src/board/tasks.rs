@@ -60,7 +60,7 @@ impl Board {
         if let Some(key) = &t.idempotency_key {
             let existing: Option<String> = self
                 .conn
-                .query_row(
+                .row(
                     "SELECT id FROM tasks WHERE idempotency_key = ?1 AND status != 'archived'
                      ORDER BY created_at DESC LIMIT 1",
                     [key],
@@ -83,7 +83,7 @@ impl Board {
                 let mut status = "ready";
                 for p in &parents {
                     let st: Option<String> = c
-                        .query_row("SELECT status FROM tasks WHERE id = ?1", [p], |r| r.get(0))
+                        .row("SELECT status FROM tasks WHERE id = ?1", [p], |r| r.get(0))
                         .optional()
                         .map_err(|e| self.err("read parent", e))?;
                     match st.as_deref() {
@@ -92,7 +92,7 @@ impl Board {
                         Some(_) => status = "todo",
                     }
                 }
-                c.execute(
+                c.exec(
                     "INSERT INTO tasks (id, title, body, assignee, status, priority, created_by, created_at,
                         workspace_kind, tenant, idempotency_key, max_runtime_seconds, max_retries, goal_mode)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'scratch', ?9, ?10, ?11, ?12, 0)",
@@ -103,7 +103,7 @@ impl Board {
                 )
                 .map_err(|e| self.err("insert task", e))?;
                 for p in &parents {
-                    c.execute("INSERT OR IGNORE INTO task_links (parent_id, child_id) VALUES (?1, ?2)", params![p, id])
+                    c.exec("INSERT OR IGNORE INTO task_links (parent_id, child_id) VALUES (?1, ?2)", params![p, id])
                         .map_err(|e| self.err("link parent", e))?;
                 }
                 let payload = json!({
@@ -146,7 +146,7 @@ impl Board {
         let summary = summary.or(result);
         let done = self.write("complete", |c| {
             let n = c
-                .execute(
+                .exec(
                     "UPDATE tasks SET status='done', result=?1, completed_at=?2, claim_lock=NULL,
                         claim_expires=NULL, worker_pid=NULL, block_kind=NULL, block_recurrences=0,
                         consecutive_failures=0, last_failure_error=NULL
@@ -201,7 +201,7 @@ impl Board {
         let now = now();
         self.write("block", |c| {
             let cur: Option<(Option<String>, i64)> = c
-                .query_row("SELECT block_kind, block_recurrences FROM tasks WHERE id=?1", [id], |r| {
+                .row("SELECT block_kind, block_recurrences FROM tasks WHERE id=?1", [id], |r| {
                     Ok((r.get(0)?, r.get::<_, Option<i64>>(1)?.unwrap_or(0)))
                 })
                 .optional()
@@ -210,7 +210,7 @@ impl Board {
             let route = transitions::block_route(kind, prev_kind.as_deref(), prev_rec);
             let (to, recurrences) = (route.to, route.recurrences);
             let n = c
-                .execute(
+                .exec(
                     "UPDATE tasks SET status=?1, claim_lock=NULL, claim_expires=NULL, worker_pid=NULL,
                         block_kind=?2, block_recurrences=?3
                      WHERE id=?4 AND status IN ('running','ready') AND (?5 IS NULL OR current_run_id=?5)",
@@ -237,7 +237,7 @@ impl Board {
         let now = now();
         self.write("unblock", |c| {
             let stale: Option<i64> = c
-                .query_row("SELECT current_run_id FROM tasks WHERE id=?1 AND status IN ('blocked','scheduled')", [id], |r| {
+                .row("SELECT current_run_id FROM tasks WHERE id=?1 AND status IN ('blocked','scheduled')", [id], |r| {
                     r.get(0)
                 })
                 .optional()
@@ -247,7 +247,7 @@ impl Board {
                 recover_dangling_run(c, run, "unblock", now).map_err(|e| self.err("unblock", e))?;
             }
             let open_parent: bool = c
-                .query_row(
+                .row(
                     "SELECT 1 FROM task_links l JOIN tasks p ON p.id=l.parent_id
                      WHERE l.child_id=?1 AND p.status != 'done' LIMIT 1",
                     [id],
@@ -258,7 +258,7 @@ impl Board {
                 .unwrap_or(false);
             let to = if open_parent { "todo" } else { "ready" };
             let n = c
-                .execute(
+                .exec(
                     "UPDATE tasks SET status=?1, current_run_id=NULL, consecutive_failures=0, last_failure_error=NULL
                      WHERE id=?2 AND status IN ('blocked','scheduled')",
                     params![to, id],
@@ -281,7 +281,7 @@ impl Board {
         let now = now();
         self.write("requeue", |c| {
             let row: Option<(String, Option<String>, Option<i64>)> = c
-                .query_row("SELECT status, claim_lock, worker_pid FROM tasks WHERE id=?1", [id], |r| {
+                .row("SELECT status, claim_lock, worker_pid FROM tasks WHERE id=?1", [id], |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                 })
                 .optional()
@@ -291,7 +291,7 @@ impl Board {
                 return Ok(false);
             }
             let n = c
-                .execute(
+                .exec(
                     "UPDATE tasks SET status='ready', claim_lock=NULL, claim_expires=NULL, worker_pid=NULL,
                         consecutive_failures=0, last_failure_error=NULL
                      WHERE id=?1 AND status IN ('running','ready','blocked') AND claim_lock IS ?2",
@@ -358,7 +358,7 @@ impl Board {
     pub fn note_respawn_guarded(&self, id: &str, reason: &str) -> Result<()> {
         let said = |c: &rusqlite::Connection| -> Result<bool> {
             let last: Option<(String, Option<String>)> = c
-                .query_row(
+                .row(
                     "SELECT kind, payload FROM task_events WHERE task_id=?1 ORDER BY id DESC LIMIT 1",
                     [id],
                     |r| Ok((r.get(0)?, r.get(1).ok().flatten())),
@@ -449,7 +449,7 @@ impl Board {
         for (id, status, failures, max_retries) in rows {
             if status == "blocked" {
                 let last: Option<String> = c
-                    .query_row(
+                    .row(
                         "SELECT kind FROM task_events WHERE task_id=?1 AND kind IN ('blocked','unblocked')
                          ORDER BY id DESC LIMIT 1",
                         [&id],
@@ -480,7 +480,7 @@ impl Board {
                 }
             }
             let n = c
-                .execute(
+                .exec(
                     "UPDATE tasks SET status='ready' WHERE id=?1 AND status=?2",
                     params![id, status],
                 )

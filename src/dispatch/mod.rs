@@ -551,23 +551,19 @@ fn settle(
             // The worker runs now: a board that is locked at this instant must not make
             // us kill it. These are informational for upstream (it records them at spawn).
             // A worktree's path and branch are upstream's answer, recorded by its own code.
-            if let Some(ws) = &s.workspace {
-                if let Err(e) = board.set_workspace(&s.task, s.run_id, ws) {
-                    tracing::warn!(hermes_kanban_task = %s.task, hermes_kanban_run_id = s.run_id, "workspace not recorded: {e}");
-                }
-            }
             let started_at = spawn::hermes_generation(cfg)
                 .fingerprint()
                 .then(|| crate::liveness::fingerprint(s.worker_pid))
                 .flatten();
-            if let Err(e) = board.set_worker_pid(
+            if let Err(e) = board.record_start(
                 &s.task,
                 s.run_id,
+                s.workspace.as_deref(),
                 s.worker_pid as i64,
                 started_at.as_deref(),
             ) {
                 tracing::warn!(hermes_kanban_task = %s.task, hermes_kanban_run_id = s.run_id, unit = %s.unit,
-                               "worker started but its pid could not be recorded: {e}");
+                               "worker started but its pid and workspace could not be recorded: {e}");
             }
             report.spawned.push(SpawnedWorker {
                 task_id: s.task.clone(),

@@ -285,7 +285,7 @@ fn sandbox_cost(n: usize) {
 /// 3. Trivial tasks from `ready` to `done` through the daemon: n tasks whose workers
 /// complete at once (`hermes-mgr complete`), all created before the daemon starts.
 fn throughput(n: usize) {
-    let rate = trivial_rate(n, 16);
+    let rate = trivial_rate(n, 16, Worker::Complete).0;
     row(
         "3. throughput, trivial tasks ready -> done",
         format!(
@@ -295,22 +295,90 @@ fn throughput(n: usize) {
     );
 }
 
-/// Figure 3's run with `max_spawn` (hermes-mgr's own key): tasks per second.
-fn trivial_rate(n: usize, max_spawn: usize) -> f64 {
+/// The trivial worker of figures 3, 9 and 14: how it books its verdict.
+#[derive(Clone, Copy, PartialEq)]
+enum Worker {
+    /// `hermes-mgr complete` (upstream's `connect()`: the open-time integrity check of the
+    /// whole board under the init lock, then the verdict).
+    Complete,
+    /// This benchmark's own binary, copied as the worker program: one transaction that
+    /// closes the run as a completion does (`verdict_worker`), nothing else — the cheapest
+    /// verdict a worker can book.
+    Verdict,
+}
+
+impl Worker {
+    fn install(self, dir: &std::path::Path) {
+        let path = dir.join("worker");
+        match self {
+            Worker::Complete => std::fs::write(
+                &path,
+                format!(
+                    "#!/bin/sh\nexec {} --db \"$HERMES_KANBAN_DB\" complete \"$HERMES_KANBAN_TASK\" --summary ok\n",
+                    harness::mgr_bin().display()
+                ),
+            )
+            .unwrap(),
+            Worker::Verdict => {
+                let _ = std::fs::remove_file(&path);
+                std::fs::copy(std::env::current_exe().unwrap(), &path).unwrap();
+            }
+        }
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+    }
+}
+
+/// The benchmark's binary run as a worker (`Worker::Verdict`): what `hermes kanban complete`
+/// writes for a claimed task with no children — the run closed `completed`, the task
+/// `done`, a `completed` event — in one `BEGIN IMMEDIATE`, without the open-time check.
+fn verdict_worker(task: &str) {
+    let db = std::env::var("HERMES_KANBAN_DB").expect("HERMES_KANBAN_DB");
+    let mut c = rusqlite::Connection::open(db).unwrap();
+    c.busy_timeout(Duration::from_secs(30)).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let t = c
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .unwrap();
+    t.execute(
+        "UPDATE task_runs SET status='done', outcome='completed', summary='ok', ended_at=?2
+         WHERE id=(SELECT current_run_id FROM tasks WHERE id=?1) AND ended_at IS NULL",
+        rusqlite::params![task, now],
+    )
+    .unwrap();
+    t.execute(
+        "INSERT INTO task_events (task_id, run_id, kind, payload, created_at)
+         SELECT id, current_run_id, 'completed', '{\"summary\": \"ok\"}', ?2 FROM tasks WHERE id=?1",
+        rusqlite::params![task, now],
+    )
+    .unwrap();
+    t.execute(
+        "UPDATE tasks SET status='done', result='ok', completed_at=?2, claim_lock=NULL,
+            claim_expires=NULL, worker_pid=NULL, current_run_id=NULL, consecutive_failures=0
+         WHERE id=?1 AND status='running'",
+        rusqlite::params![task, now],
+    )
+    .unwrap();
+    t.commit().unwrap();
+}
+
+/// Figure 3's run with `max_spawn` (hermes-mgr's own key) and `worker`: tasks per second,
+/// and the CPU each part of the system spent on it (per task: `Cpu::per_task_ms`).
+fn trivial_rate(n: usize, max_spawn: usize, worker: Worker) -> (f64, Vec<(String, f64)>) {
     let _ = std::process::Command::new("systemctl")
         .args(["stop", rig::SERVICE])
         .status();
     let d = rig::Dispatcher::new(&format!(
         "tick_seconds = 3600\nmax_spawn = {max_spawn}\nbusy_timeout_ms = 300"
     ));
-    let stub = format!(
-        "#!/bin/sh\nexec {} --db \"$HERMES_KANBAN_DB\" complete \"$HERMES_KANBAN_TASK\" --summary ok\n",
-        harness::mgr_bin().display()
-    );
-    std::fs::write(d.rig.dir.join("worker"), stub).unwrap();
+    worker.install(&d.rig.dir);
     let b = d.rig.board();
     seed(&b, n);
     d.install_logging("info");
+    let perf = Perf::start();
     let cpu = Cpu::now();
     let t0 = Instant::now();
     d.start();
@@ -356,14 +424,21 @@ fn trivial_rate(n: usize, max_spawn: usize) -> f64 {
         std::thread::sleep(Duration::from_millis(5));
     }
     let rate = n as f64 / t0.elapsed().as_secs_f64();
+    let after = Cpu::now();
+    let daemon: Option<u32> = rig::systemctl_show(rig::SERVICE, "MainPID")
+        .trim()
+        .trim_start_matches("MainPID=")
+        .parse()
+        .ok();
+    let by_comm = perf.stop(n, daemon);
     row(
         &format!("   hermes-mgr, {n} trivial tasks, max_spawn {max_spawn}"),
-        Cpu::now().per_task(cpu, n),
+        after.per_task(cpu, n),
     );
     let _ = std::process::Command::new("systemctl")
         .args(["stop", rig::SERVICE])
         .status();
-    rate
+    (rate, parts(after.per_task_ms(cpu, n), by_comm))
 }
 
 /// 4. The daemon with n live, sleeping workers: its RSS, and its CPU over 60 s idle.
@@ -464,7 +539,17 @@ fn status_on_big_board() {
 /// Upstream 0.19.0's `hermes kanban daemon --force --interval 1` on `r`'s board (`--max`
 /// when given), workers from `$HERMES_BIN`.
 fn upstream_daemon(r: &rig::Rig, grace: Option<&str>, max: Option<usize>) -> std::process::Child {
-    let mut c = std::process::Command::new(harness::hermes_bin());
+    upstream_daemon_of(&harness::hermes_bin(), r, grace, max)
+}
+
+/// `hermes` (0.19.0's, or ~0.22's, whose `daemon` is kept behind `--force`) as above.
+fn upstream_daemon_of(
+    hermes: &std::path::Path,
+    r: &rig::Rig,
+    grace: Option<&str>,
+    max: Option<usize>,
+) -> std::process::Child {
+    let mut c = std::process::Command::new(hermes);
     c.args(["kanban", "daemon", "--force", "--interval", "1"])
         .env("HERMES_BIN", r.dir.join("worker"))
         .env("HERMES_KANBAN_DB", &r.db)
@@ -484,26 +569,35 @@ fn upstream_daemon(r: &rig::Rig, grace: Option<&str>, max: Option<usize>) -> std
 /// Figure 3 through upstream's daemon: tasks per second, or what it had done when it gave
 /// no sign of progress for 60 s.
 fn upstream_rate(n: usize, max: Option<usize>) -> Result<f64, String> {
-    let stub = format!(
-        "#!/bin/sh\nexec {} --db \"$HERMES_KANBAN_DB\" complete \"$HERMES_KANBAN_TASK\" --summary ok\n",
-        harness::mgr_bin().display()
-    );
-    let r = rig::Rig::new(&stub, "");
+    upstream_rate_of(&harness::hermes_bin(), n, max, Worker::Complete).map(|(rate, _)| rate)
+}
+
+/// The same with `hermes`'s daemon and `worker`: the rate and its CPU by part per task.
+fn upstream_rate_of(
+    hermes: &std::path::Path,
+    n: usize,
+    max: Option<usize>,
+    worker: Worker,
+) -> Result<(f64, Vec<(String, f64)>), String> {
+    let r = rig::Rig::new("", "");
+    worker.install(&r.dir);
     let b = r.board();
     seed(&b, n);
+    let perf = Perf::start();
     let cpu = Cpu::now();
     let t0 = Instant::now();
-    let mut up = upstream_daemon(&r, None, max);
+    let mut up = upstream_daemon_of(hermes, &r, None, max);
     let mut last = (Instant::now(), 0);
     let result = loop {
         let done = b.counts().unwrap().get("done").copied().unwrap_or(0);
         if done == n as i64 {
             let rate = n as f64 / t0.elapsed().as_secs_f64();
+            let after = Cpu::now();
             row(
                 &format!("   upstream, {n} trivial tasks, --max {max:?}"),
-                Cpu::now().per_task(cpu, n),
+                after.per_task(cpu, n),
             );
-            break Ok(rate);
+            break Ok((rate, parts(after.per_task_ms(cpu, n), perf.stop(n, None))));
         }
         if done != last.1 {
             last = (Instant::now(), done);
@@ -698,12 +792,12 @@ fn ceiling(n: usize, k: usize) {
         .enable_all()
         .build()
         .unwrap();
-    let plain = plain_rate(&rt, n, k);
+    let plain = plain_rate(&rt, n, k).0;
     row(
         &format!("9. ceiling: a plain client creates and removes {n} scopes, {k} in flight"),
         format!("{plain:.1} scopes/s"),
     );
-    let ours = trivial_rate(n, k);
+    let ours = trivial_rate(n, k, Worker::Complete).0;
     row(
         &format!("9. hermes-mgr: {n} trivial tasks ready -> done, max_spawn {k}"),
         format!(
@@ -727,11 +821,12 @@ fn ceiling(n: usize, k: usize) {
 /// Figure 9's plain client: creates `n` scopes, `k` in flight, each around a fresh process
 /// (`head -c1`) held on a pipe, in the workers' child slices (`StartTransientUnit` + its
 /// job), then lets the process exit, until systemd has removed every scope (`UnitRemoved`).
-fn plain_rate(rt: &tokio::runtime::Runtime, n: usize, k: usize) -> f64 {
+fn plain_rate(rt: &tokio::runtime::Runtime, n: usize, k: usize) -> (f64, Vec<(String, f64)>) {
     use futures_util::StreamExt;
     rt.block_on(async {
         let sd = hermes_mgr::systemd::Systemd::connect().await.unwrap();
         let mut removed = sd.unit_removed_stream();
+        let perf = Perf::start();
         let cpu = Cpu::now();
         let t0 = Instant::now();
         let starts = futures_util::stream::iter(0..n)
@@ -774,14 +869,15 @@ fn plain_rate(rt: &tokio::runtime::Runtime, n: usize, k: usize) -> f64 {
         };
         let (reaps, ()) = tokio::join!(starts, ends);
         let rate = n as f64 / t0.elapsed().as_secs_f64();
+        let after = Cpu::now();
         row(
             &format!("   plain client, {n} scopes"),
-            Cpu::now().per_task(cpu, n),
+            after.per_task(cpu, n),
         );
         for r in reaps {
             r.await.unwrap().unwrap();
         }
-        rate
+        (rate, parts(after.per_task_ms(cpu, n), perf.stop(n, None)))
     })
 }
 
@@ -831,6 +927,19 @@ impl Cpu {
         c
     }
 
+    /// Milliseconds per task of each part (`CPU_PARTS`' names) and of the machine, for `n`
+    /// tasks since `before`.
+    fn per_task_ms(self, before: Cpu, n: usize) -> Vec<(String, f64)> {
+        let ms = |a: f64, b: f64| (a - b) * 1e3 / n as f64;
+        let mut v: Vec<(String, f64)> = CPU_PARTS
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| (name.to_string(), ms(self.parts[i], before.parts[i])))
+            .collect();
+        v.push(("machine".into(), ms(self.machine, before.machine)));
+        v
+    }
+
     /// "per task: PID 1 x ms, … ; machine y ms" for `n` tasks since `before`.
     fn per_task(self, before: Cpu, n: usize) -> String {
         let ms = |a: f64, b: f64| (a - b) * 1e3 / n as f64;
@@ -845,6 +954,114 @@ impl Cpu {
             ms(self.machine, before.machine)
         )
     }
+}
+
+/// CPU time by process name over a leg, from `perf record -e cpu-clock -a` (one sample per
+/// ms of a CPU's time): it splits what a cgroup's total
+/// cannot — the workers' slice into the supervisor, `sh` and the worker program. Absent
+/// (an empty split) when `perf` cannot run here.
+struct Perf {
+    child: Option<std::process::Child>,
+    out: std::path::PathBuf,
+}
+
+/// `perf`'s sample period, in ns of CPU time.
+const PERF_PERIOD_NS: u64 = 1_000_000;
+
+impl Perf {
+    fn start() -> Perf {
+        static LEG: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let out = std::path::PathBuf::from(format!(
+            "/var/tmp/hermes-mgr-bench-perf-{}.data",
+            LEG.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        ));
+        let child = std::process::Command::new("perf")
+            .args(["record", "-q", "-e", "cpu-clock", "-a", "-c"])
+            .arg(PERF_PERIOD_NS.to_string())
+            .arg("-o")
+            .arg(&out)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok();
+        // perf opens its events before it records: give it the moment it takes.
+        std::thread::sleep(Duration::from_millis(300));
+        Perf { child, out }
+    }
+
+    /// Milliseconds per task by process name (`comm`), for `n` tasks, largest first.
+    /// `daemon`: the PID whose samples are named `daemon`, not by their `comm`.
+    fn stop(mut self, n: usize, daemon: Option<u32>) -> Vec<(String, f64)> {
+        let Some(mut child) = self.child.take() else {
+            return Vec::new();
+        };
+        // SAFETY: a signal to our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let _ = child.wait();
+        let o = std::process::Command::new("perf")
+            .args(["script", "-F", "comm,pid", "-i"])
+            .arg(&self.out)
+            .output();
+        if std::env::var_os("BENCH_PERF_PROFILE").is_some() {
+            // Where the manager's own processes spend it, by function.
+            let o = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "for c in hermes-mgr hermes-mgr-sup 15 systemd dbus-daemon; do echo \"== $c\"; perf report -i {0} --comms $c --sort dso,sym --stdio -q 2>/dev/null | grep -v '^$' | head -40; done",
+                    self.out.display()
+                ))
+                .output()
+                .unwrap();
+            println!("{}", String::from_utf8_lossy(&o.stdout));
+        }
+        let _ = std::fs::remove_file(&self.out);
+        let Ok(o) = o else { return Vec::new() };
+        let mut by: std::collections::HashMap<String, u64> = Default::default();
+        for l in String::from_utf8_lossy(&o.stdout).lines() {
+            // "<comm> <pid>": pid 0 is the idle task, and every process outside the
+            // sandbox's PID namespace (not this benchmark's).
+            let Some((comm, pid)) = l.trim().rsplit_once(' ') else {
+                continue;
+            };
+            let pid: u32 = pid.trim().parse().unwrap_or(0);
+            if pid == 0 {
+                continue;
+            }
+            let comm = if Some(pid) == daemon {
+                "daemon".to_string()
+            } else {
+                comm.trim().to_string()
+            };
+            *by.entry(comm).or_default() += 1;
+        }
+        let mut v: Vec<(String, f64)> = by
+            .into_iter()
+            .map(|(c, k)| (c, (k * PERF_PERIOD_NS) as f64 / 1e6 / n as f64))
+            .collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        v
+    }
+}
+
+impl Drop for Perf {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+            let _ = std::fs::remove_file(&self.out);
+        }
+    }
+}
+
+/// A leg's CPU per task: the cgroups' parts, then perf's processes (prefixed `comm:`).
+fn parts(cgroups: Vec<(String, f64)>, by_comm: Vec<(String, f64)>) -> Vec<(String, f64)> {
+    let mut v = cgroups;
+    v.extend(by_comm.into_iter().map(|(c, ms)| (format!("comm:{c}"), ms)));
+    v
+}
+
+fn part(v: &[(String, f64)], name: &str) -> f64 {
+    v.iter().find(|(n, _)| n == name).map_or(0.0, |p| p.1)
 }
 
 /// `CLOCK_MONOTONIC` in seconds: the journal's `short-monotonic` clock.
@@ -1460,7 +1677,195 @@ fn per_run_cost(n: usize) {
     );
 }
 
+/// `n` bare `systemd-run --scope --quiet --collect --slice=hermes-workers.slice true`, `k` at
+/// a time: the rate, and what each part of the system spent per scope (`systemd-run`'s own
+/// process is the client's, counted in the sandbox's total only).
+fn systemd_run_rate(n: usize, k: usize) -> (f64, Vec<(String, f64)>) {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let perf = Perf::start();
+    let cpu = Cpu::now();
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..k {
+            s.spawn(|| {
+                while next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < n {
+                    let ok = std::process::Command::new("systemd-run")
+                        .args(["--scope", "--quiet", "--collect"])
+                        .args(["--slice=hermes-workers.slice", "--", "true"])
+                        .status()
+                        .unwrap();
+                    assert!(ok.success());
+                }
+            });
+        }
+    });
+    let rate = n as f64 / t0.elapsed().as_secs_f64();
+    let after = Cpu::now();
+    row(
+        &format!("   systemd-run --scope true, {n} scopes"),
+        after.per_task(cpu, n),
+    );
+    (rate, parts(after.per_task_ms(cpu, n), perf.stop(n, None)))
+}
+
+/// 14. The manager's own cost per run (issue 30), every leg in one run, `k` in flight, `n`
+/// tasks or scopes each: (a) the plain client of figure 9 — what systemd itself spends on a
+/// bare scope, and the ceiling; (b) `systemd-run --scope true`; (c) hermes-mgr with the
+/// cheapest verdict a worker can book (`Worker::Verdict`); (d) hermes-mgr with
+/// `hermes-mgr complete`; (e) ~0.22's `hermes kanban daemon --force --interval 1 --max k`
+/// with the cheapest verdict (`BENCH_COST_UPSTREAM=0` leaves it out). CPU by part from the
+/// cgroups (`Cpu`), split by process from `perf` (`Perf`). "Ours" = the dispatcher's
+/// service + the supervisors + what PID 1, journald and the bus spend beyond (a).
+fn cost(n: usize, k: usize) {
+    let _ = std::process::Command::new("systemctl")
+        .args(["stop", rig::SERVICE])
+        .status();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut legs: Vec<(String, f64, Vec<(String, f64)>)> = Vec::new();
+    let (r, p) = plain_rate(&rt, n, k);
+    legs.push(("(a) plain client, bare scope".into(), r, p));
+    let (r, p) = systemd_run_rate(n, k);
+    legs.push(("(b) systemd-run --scope true".into(), r, p));
+    let (r, p) = trivial_rate(n, k, Worker::Verdict);
+    legs.push(("(c) hermes-mgr, cheapest verdict".into(), r, p));
+    let (r, p) = trivial_rate(n, k, Worker::Complete);
+    legs.push(("(d) hermes-mgr, hermes-mgr complete".into(), r, p));
+    if std::env::var("BENCH_COST_UPSTREAM").as_deref() != Ok("0") {
+        match upstream_rate_of(&harness::hermes_022_bin(), n, Some(k), Worker::Verdict) {
+            Ok((r, p)) => legs.push(("(e) upstream ~0.22 daemon, cheapest verdict".into(), r, p)),
+            Err(e) => row("14. (e) upstream ~0.22 daemon, cheapest verdict", e),
+        }
+    }
+    let sys = |v: &[(String, f64)]| part(v, "PID 1") + part(v, "journald") + part(v, "D-Bus");
+    let bare = sys(&legs[0].2);
+    println!(
+        "\n| 14. CPU ms per task, {k} in flight, {n} each | rate /s | PID 1 | journald | D-Bus | dispatcher | supervisor | sh | worker | workers' slice | sandbox | ours | ours / bare |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
+    for (name, rate, v) in &legs {
+        let by = |pre: &str| -> f64 {
+            v.iter()
+                .filter(|(c, _)| c.starts_with(pre))
+                .map(|p| p.1)
+                .sum()
+        };
+        // The supervisor's comm, cut to 15 bytes; the worker's is its program's name, or
+        // the descriptor number it was exec'd from (a script's interpreter is named so).
+        let sup = by("comm:hermes-mgr-sup");
+        let worker = part(v, "comm:worker")
+            + part(v, "comm:hermes-mgr")
+            + v.iter()
+                .filter(|(c, _)| {
+                    c[5.min(c.len())..].parse::<u32>().is_ok() && c.starts_with("comm:")
+                })
+                .map(|p| p.1)
+                .sum::<f64>();
+        let ours = part(v, "dispatcher") + sup + (sys(v) - bare);
+        let is_ours = name.contains("hermes-mgr");
+        println!(
+            "| {name} | {rate:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {sup:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} |",
+            part(v, "PID 1"),
+            part(v, "journald"),
+            part(v, "D-Bus"),
+            part(v, "dispatcher"),
+            part(v, "comm:sh"),
+            worker,
+            part(v, "workers' slice"),
+            part(v, "whole sandbox"),
+            if is_ours { format!("{ours:.2}") } else { "–".into() },
+            if is_ours { format!("{:.2}", ours / bare) } else { "–".into() },
+        );
+        let top: Vec<String> = v
+            .iter()
+            .filter(|(c, _)| c.starts_with("comm:"))
+            .take(8)
+            .map(|(c, ms)| format!("{} {ms:.2}", &c[5..]))
+            .collect();
+        row(
+            &format!("14. {name}"),
+            format!(
+                "{rate:.1}/s ({:.0} % of (a)); by process: {}",
+                100.0 * rate / legs[0].1,
+                top.join(", ")
+            ),
+        );
+    }
+    if std::env::var("BENCH_COST_FLOOR").as_deref() != Ok("0") {
+        floor(n.min(300));
+        requeue_latency(n.min(300));
+    }
+}
+
+/// 14. The floor under figure 1, on this machine, alone: a child is SIGKILLed (T0); its
+/// parent reaps it and writes an exit record (a temporary file renamed into a watched
+/// directory, as the supervisor does); another thread, blocked on inotify, wakes, reads the
+/// record and commits one `UPDATE` to the board (T1) — kill → exit record → one SQLite
+/// commit, with nothing else.
+fn floor(n: usize) {
+    use std::io::Read;
+    let r = rig::Rig::new("", "");
+    let id = r.add("floor");
+    let dir = r.dir.join("floor-runs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ino = nix::sys::inotify::Inotify::init(nix::sys::inotify::InitFlags::IN_CLOEXEC).unwrap();
+    ino.add_watch(&dir, nix::sys::inotify::AddWatchFlags::IN_MOVED_TO)
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<Instant>();
+    let db = r.db.clone();
+    let dir2 = dir.clone();
+    let committer = std::thread::spawn(move || {
+        let b = hermes_mgr::board::Board::open(
+            &hermes_mgr::board::BoardPaths::for_db(&db),
+            hermes_mgr::board::OpenMode::MustExist,
+        )
+        .unwrap();
+        for i in 0..n {
+            let evs = ino.read_events().unwrap();
+            assert!(!evs.is_empty());
+            let mut rec = String::new();
+            std::fs::File::open(dir2.join(format!("r{i}.json")))
+                .unwrap()
+                .read_to_string(&mut rec)
+                .unwrap();
+            b.connection()
+                .execute(
+                    "UPDATE tasks SET last_failure_error=?2 WHERE id=?1",
+                    rusqlite::params![id, rec],
+                )
+                .unwrap();
+            tx.send(Instant::now()).unwrap();
+        }
+    });
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut child = std::process::Command::new("sleep")
+            .arg("3600")
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        let t0 = Instant::now();
+        child.kill().unwrap();
+        let st = child.wait().unwrap();
+        let tmp = dir.join(format!("r{i}.json.tmp"));
+        std::fs::write(&tmp, format!("{{\"signal\": {:?}}}", st.to_string())).unwrap();
+        std::fs::rename(&tmp, dir.join(format!("r{i}.json"))).unwrap();
+        let t1 = rx.recv().unwrap();
+        samples.push(t1 - t0);
+    }
+    committer.join().unwrap();
+    summary(
+        "14. floor: kill -> exit record -> one SQLite commit, alone",
+        samples,
+    );
+}
+
 fn main() {
+    // Run as `Worker::Verdict`'s worker program.
+    if let Some(task) = std::env::var_os("HERMES_KANBAN_TASK") {
+        return verdict_worker(&task.to_string_lossy());
+    }
     let n: usize = std::env::var("BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -1478,6 +1883,18 @@ fn main() {
                 "upstream" => upstream(n),
                 "boards" => many_boards(100),
                 "sandbox" => sandbox_cost(n),
+                // One leg of 14, for a profile (`BENCH_PERF_PROFILE=1`).
+                "verdict" => {
+                    let (r, p) = trivial_rate(n.max(1000), 64, Worker::Verdict);
+                    row("verdict", format!("{r:.1}/s {p:?}"));
+                }
+                "cost" => cost(
+                    n.max(1000),
+                    std::env::var("BENCH_CEILING_K")
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(64),
+                ),
                 "ceiling" => ceiling(
                     n.max(1000),
                     std::env::var("BENCH_CEILING_K")
@@ -1498,7 +1915,7 @@ fn main() {
                         .unwrap_or(10_000),
                 ),
                 other => panic!(
-                    "unknown benchmark {other:?} (requeue, spawn, throughput, idle, status, upstream, boards, scale, ceiling, metrics, sandbox)"
+                    "unknown benchmark {other:?} (requeue, spawn, throughput, idle, status, upstream, boards, scale, ceiling, metrics, sandbox, cost)"
                 ),
             }
         }
