@@ -47,6 +47,32 @@ pub fn cgroup_populated(path: &str) -> Option<bool> {
     populated(&events)
 }
 
+/// Whether the cgroup at `path` (`/a.slice/b.scope`) holds no process but `pid`, or none:
+/// from the first bytes of its `cgroup.procs` only, however many processes a worker left.
+/// `None` when it cannot be read (the scope is gone, or not where we looked).
+pub fn cgroup_holds_only(path: &str, pid: u32) -> Option<bool> {
+    use std::io::Read;
+    let f = std::fs::File::open(format!("/sys/fs/cgroup{path}/cgroup.procs")).ok()?;
+    let mut head = Vec::with_capacity(PROCS_HEAD);
+    f.take(PROCS_HEAD as u64).read_to_end(&mut head).ok()?;
+    Some(holds_only(&head, pid))
+}
+
+/// Enough of `cgroup.procs` for two PIDs: a second one, or a cut, means more than `pid`.
+const PROCS_HEAD: usize = 32;
+
+fn holds_only(head: &[u8], pid: u32) -> bool {
+    if head.len() >= PROCS_HEAD {
+        return false;
+    }
+    let mut pids = head.split(|b| *b == b'\n').filter(|l| !l.is_empty());
+    match (pids.next(), pids.next()) {
+        (None, _) => true,
+        (Some(p), None) => p == pid.to_string().as_bytes(),
+        _ => false,
+    }
+}
+
 fn populated(events: &str) -> Option<bool> {
     events
         .lines()
@@ -546,6 +572,27 @@ pub fn memory_monitors() -> Vec<MemoryMonitor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_scope_holds_only_its_supervisor_when_its_procs_say_so_and_no_more() {
+        for (head, want) in [
+            (&b""[..], true),
+            (b"4242\n", true),
+            (b"4242", true),
+            (b"4243\n", false),
+            (b"4242\n77\n", false),
+            (b"77\n4242\n", false),
+            // Cut at the head's size: more PIDs follow.
+            (b"4242\n10\n11\n12\n13\n14\n15\n16\n17\n", false),
+        ] {
+            assert_eq!(
+                holds_only(head, 4242),
+                want,
+                "{:?}",
+                String::from_utf8_lossy(head)
+            );
+        }
+    }
 
     #[test]
     fn pressure_and_cpu_limits_are_read_as_the_kernel_writes_them() {

@@ -36,6 +36,7 @@ impl Daemon {
                 stale: None,
                 profile: s.profile,
                 board_full: false,
+                supervisor: Some(s.supervisor_pid),
             },
         );
     }
@@ -85,7 +86,8 @@ impl Daemon {
             self.pending.insert(key.clone(), None);
             return;
         }
-        let read = || match crate::state_dir::read_record(&self.cfg.state_dir, slug, task, run) {
+        let state = self.cfg.state_dir.clone();
+        let read = || match crate::state_dir::read_record(&state, slug, task, run) {
             Ok(s) => s,
             Err(e) => {
                 warn!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run, "cannot read the exit record: {e}");
@@ -93,24 +95,13 @@ impl Daemon {
             }
         };
         let mut record = read();
-        let scope = match self.sd.active_state(&live.unit).await {
-            Ok(Some(s)) if s.is_live() && self.husk(&live.unit, &live.profile).await => {
-                Scope::Empty
-            }
-            Ok(Some(s)) if s.is_live() => {
-                self.bus_failed = None;
-                Scope::Live
-            }
-            Ok(_) => {
-                self.bus_failed = None;
-                Scope::Gone
-            }
-            Err(e) => {
-                warn!(unit = %live.unit, "unit state unknown ({e}); retrying");
-                self.pending.insert(key.clone(), None);
-                self.bus_failed = Some(Instant::now());
-                return;
-            }
+        let known = record.as_ref().and_then(|_| self.scope_from_kernel(&live));
+        let scope = match known {
+            Some(s) => s,
+            None => match self.scope_from_systemd(key, &live).await {
+                Some(s) => s,
+                None => return,
+            },
         };
         // The supervisor writes its record before it ends and the scope empties: one seen
         // empty or gone may have it now (the supervisor finished between the two looks).
@@ -186,6 +177,48 @@ impl Daemon {
                 self.pending.insert(key.clone(), None);
             }
         }
+    }
+
+    /// Whether anything is left in the scope of a run whose exit record is in, asked of the
+    /// kernel rather than of systemd (a round trip to PID 1 per run): nothing but its
+    /// supervisor, which ends by itself once it has written the record, is `Gone`; any
+    /// other process (what the worker left: `after_booking` stops it) is `Live`. `None`
+    /// when the kernel cannot say: a run this daemon did not start, or a cgroup not found.
+    fn scope_from_kernel(&self, live: &Live) -> Option<Scope> {
+        let supervisor = live.supervisor?;
+        let cgroup = self.cfg.worker_cgroup(Some(&live.profile), &live.unit);
+        // Reaped, its PID may be anyone's: then every process left is a leftover.
+        let only = if self.supervisors.contains_key(&supervisor) {
+            supervisor
+        } else {
+            0
+        };
+        let only = crate::liveness::cgroup_holds_only(&cgroup, only)?;
+        Some(if only { Scope::Gone } else { Scope::Live })
+    }
+
+    /// The run's scope as systemd sees it (and its cgroup, for a husk); `None` when the bus
+    /// failed: the run is left pending, and the others wait for the retry.
+    async fn scope_from_systemd(&mut self, key: &RunKey, live: &Live) -> Option<Scope> {
+        Some(match self.sd.active_state(&live.unit).await {
+            Ok(Some(s)) if s.is_live() && self.husk(&live.unit, &live.profile).await => {
+                Scope::Empty
+            }
+            Ok(Some(s)) if s.is_live() => {
+                self.bus_failed = None;
+                Scope::Live
+            }
+            Ok(_) => {
+                self.bus_failed = None;
+                Scope::Gone
+            }
+            Err(e) => {
+                warn!(unit = %live.unit, "unit state unknown ({e}); retrying");
+                self.pending.insert(key.clone(), None);
+                self.bus_failed = Some(Instant::now());
+                return None;
+            }
+        })
     }
 
     /// What follows a booking: the run forgotten, its files and leftovers gone, its board

@@ -78,6 +78,8 @@ struct Live {
     stale: Option<outcome::Stale>,
     /// Its Hermes profile, for the metrics.
     profile: String,
+    /// Its supervisor's PID, when this daemon started it (its child, reaped on SIGCHLD).
+    supervisor: Option<u32>,
     /// Its booking failed once for want of space on the board's filesystem: a worker that
     /// failed then most likely failed to write its own verdict (`outcome::Facts::board_full`).
     board_full: bool,

@@ -368,6 +368,17 @@ fn verdict_worker(task: &str) {
 /// Figure 3's run with `max_spawn` (hermes-mgr's own key) and `worker`: tasks per second,
 /// and the CPU each part of the system spent on it (per task: `Cpu::per_task_ms`).
 fn trivial_rate(n: usize, max_spawn: usize, worker: Worker) -> (f64, Vec<(String, f64)>) {
+    trivial_rate_of(None, n, max_spawn, worker)
+}
+
+/// The same, the service running `bin` (another build's `hermes-mgr`, its supervisor
+/// beside it) instead of this build's.
+fn trivial_rate_of(
+    bin: Option<&std::path::Path>,
+    n: usize,
+    max_spawn: usize,
+    worker: Worker,
+) -> (f64, Vec<(String, f64)>) {
     let _ = std::process::Command::new("systemctl")
         .args(["stop", rig::SERVICE])
         .status();
@@ -378,6 +389,15 @@ fn trivial_rate(n: usize, max_spawn: usize, worker: Worker) -> (f64, Vec<(String
     let b = d.rig.board();
     seed(&b, n);
     d.install_logging("info");
+    if let Some(bin) = bin {
+        let dropin = "/run/systemd/system/hermes-dispatcher.service.d/50-test.conf";
+        let text = std::fs::read_to_string(dropin).unwrap().replace(
+            &harness::mgr_bin().display().to_string(),
+            &bin.display().to_string(),
+        );
+        std::fs::write(dropin, text).unwrap();
+        rig::sh("systemctl daemon-reload");
+    }
     let perf = Perf::start();
     let cpu = Cpu::now();
     let t0 = Instant::now();
@@ -1861,6 +1881,57 @@ fn floor(n: usize) {
     );
 }
 
+/// 14, before and after: this build against `BENCH_MGR_B` (another build's `hermes-mgr`),
+/// the cheapest-verdict leg in alternating order, `rounds` rounds in one run: the manager's
+/// parts per task, and their medians.
+fn ab(n: usize, k: usize, rounds: usize) {
+    let other = std::path::PathBuf::from(std::env::var("BENCH_MGR_B").expect("BENCH_MGR_B"));
+    let _ = std::process::Command::new("systemctl")
+        .args(["stop", rig::SERVICE])
+        .status();
+    let names = [
+        "dispatcher",
+        "comm:daemon",
+        "comm:hermes-mgr-sup",
+        "comm:15",
+        "PID 1",
+        "journald",
+        "D-Bus",
+    ];
+    let mut got: [Vec<Vec<f64>>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..rounds {
+        for i in 0..2 {
+            let which = (round + i) % 2;
+            let bin = (which == 1).then_some(other.as_path());
+            let (rate, v) = trivial_rate_of(bin, n, k, Worker::Verdict);
+            let mut row_: Vec<f64> = names.iter().map(|p| part(&v, p)).collect();
+            row_.push(rate);
+            println!("ab {} round {round}: {row_:?}", ["this build", "B"][which]);
+            got[which].push(row_);
+        }
+    }
+    let median = |rows: &Vec<Vec<f64>>, j: usize| {
+        let mut v: Vec<f64> = rows.iter().map(|r| r[j]).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    for (which, name) in [(0, "this build"), (1, "B")] {
+        let parts: Vec<String> = names
+            .iter()
+            .enumerate()
+            .map(|(j, p)| format!("{p} {:.2}", median(&got[which], j)))
+            .collect();
+        row(
+            &format!("14. before/after, {name}, median of {rounds}"),
+            format!(
+                "{:.1}/s; CPU ms per task: {}",
+                median(&got[which], names.len()),
+                parts.join(", ")
+            ),
+        );
+    }
+}
+
 fn main() {
     // Run as `Worker::Verdict`'s worker program.
     if let Some(task) = std::env::var_os("HERMES_KANBAN_TASK") {
@@ -1883,6 +1954,14 @@ fn main() {
                 "upstream" => upstream(n),
                 "boards" => many_boards(100),
                 "sandbox" => sandbox_cost(n),
+                "ab" => ab(
+                    n.max(1000),
+                    64,
+                    std::env::var("BENCH_AB_ROUNDS")
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(3),
+                ),
                 // One leg of 14, for a profile (`BENCH_PERF_PROFILE=1`).
                 "verdict" => {
                     let (r, p) = trivial_rate(n.max(1000), 64, Worker::Verdict);
