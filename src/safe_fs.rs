@@ -49,8 +49,20 @@ impl Owner {
         }
     }
 
+    /// The same owner, its groups already known (looked up by whoever made the spec): a
+    /// process that must not ask the user database (the statically linked supervisor) is
+    /// handed them.
+    pub fn with_groups(uid: u32, gid: u32, mut groups: Vec<u32>) -> Owner {
+        if !groups.contains(&gid) {
+            groups.push(gid);
+        }
+        let o = Owner::new(uid, gid);
+        let _ = o.groups.set(groups);
+        o
+    }
+
     /// The owner's groups from the user database; just `gid` for a uid without an entry.
-    fn groups(&self) -> &[u32] {
+    pub fn groups(&self) -> &[u32] {
         self.groups.get_or_init(|| {
             let mut groups = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(self.uid))
                 .ok()

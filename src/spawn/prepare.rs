@@ -244,6 +244,7 @@ fn prepare_task(
     Ok(WorkerSpec {
         log_file,
         log_owner: board.owner().clone(),
+        log_owner_groups: board.owner().groups().to_vec(),
         task: task.id.clone(),
         run_id: claim.run_id,
         unit: unit.to_string(),

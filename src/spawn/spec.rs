@@ -34,6 +34,10 @@ pub struct WorkerSpec {
     /// file system identity, never root's.
     pub log_file: Option<PathBuf>,
     pub log_owner: crate::safe_fs::Owner,
+    /// `log_owner`'s groups, looked up by the dispatcher: the supervisor, linked statically,
+    /// never asks the user database (static glibc's NSS loads the system's shared modules).
+    #[serde(default)]
+    pub log_owner_groups: Vec<u32>,
     /// What only upstream's own code can say about this run, asked in the scope by the
     /// worker's own process before it becomes the worker (`upstream::PRELUDE`); `None` when
     /// the binary is no Python script (nothing to ask).

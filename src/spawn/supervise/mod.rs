@@ -191,8 +191,13 @@ pub fn main() -> u8 {
         );
         return 2;
     }
-    let spec: WorkerSpec = match serde_json::from_str(&line) {
-        Ok(s) => s,
+    let spec: WorkerSpec = match serde_json::from_str::<WorkerSpec>(&line) {
+        Ok(mut s) => {
+            let groups = std::mem::take(&mut s.log_owner_groups);
+            s.log_owner =
+                crate::safe_fs::Owner::with_groups(s.log_owner.uid, s.log_owner.gid, groups);
+            s
+        }
         Err(e) => {
             report(&Report::Failed {
                 reason: format!("bad worker spec: {e}"),
