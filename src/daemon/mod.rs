@@ -117,6 +117,8 @@ struct Daemon {
     /// an outcome already decided (a spawn failure), `None` means "decide from the facts".
     pending: BTreeMap<RunKey, Option<RunEnd>>,
     notifier: notify::Notifier,
+    /// When the status line last went out, and whether a newer one is owed.
+    status: notify::StatusLine,
     /// Supervisors that are our children, by PID: reaped on SIGCHLD.
     supervisors: HashMap<u32, RunKey>,
     /// When the earliest worker whose run was closed on the board runs out of grace.
@@ -214,6 +216,7 @@ enum Wake {
     Child,
     Grace,
     Decompose,
+    Status,
     Extend,
     Retry,
     Tick,
@@ -275,6 +278,7 @@ impl Daemon {
             // reconcile, no retried bookings) — found by the soak. Only when nothing else
             // is ready, a pass.
             let (grace_due, decomp_due) = (d.grace_due, d.decomp.next_retry());
+            let status_due = d.status.due();
             let pending = !d.pending.is_empty();
             let at = |t: Option<Instant>| {
                 tokio::time::sleep_until(tokio::time::Instant::from_std(
@@ -294,6 +298,7 @@ impl Daemon {
                         _ = sigchld.recv() => Wake::Child,
                         _ = at(grace_due), if grace_due.is_some() => Wake::Grace,
                         _ = at(decomp_due), if decomp_due.is_some() => Wake::Decompose,
+                        _ = at(status_due), if status_due.is_some() => Wake::Status,
                         _ = extend.tick() => Wake::Extend,
                         _ = retry.tick(), if pending => Wake::Retry,
                         _ = tick.tick() => Wake::Tick,
@@ -339,6 +344,7 @@ impl Daemon {
                 Wake::Child => d.reap().await,
                 Wake::Grace => d.check_closed_runs().await,
                 Wake::Decompose => d.decompositions_due(),
+                Wake::Status => d.update_status(),
                 Wake::Extend => d.extend_claims(),
                 Wake::Retry => d.retry_pending().await,
                 Wake::Tick => d.on_tick(follow, &mut watcher).await,

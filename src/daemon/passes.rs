@@ -165,8 +165,12 @@ impl Daemon {
         })
     }
 
-    pub(super) fn update_status(&self) {
-        self.notifier.status(&self.status_text());
+    /// The status line, at once or once `notify::STATUS_EVERY` has passed since the last
+    /// (`status_due`): counted and sent with what is true when it goes out.
+    pub(super) fn update_status(&mut self) {
+        if self.status.may_send(Instant::now()) {
+            self.notifier.status(&self.status_text());
+        }
     }
 
     /// One dispatch pass over each board that needs one (claims and starts, at most

@@ -102,6 +102,7 @@ pub(super) async fn run(opts: Options) -> anyhow::Result<()> {
         live: live::LiveRuns::default(),
         pending: BTreeMap::new(),
         notifier,
+        status: Default::default(),
         supervisors: HashMap::new(),
         grace_due: None,
         reconciled_once: false,

@@ -398,6 +398,14 @@ fn trivial_rate_of(
         std::fs::write(dropin, text).unwrap();
         rig::sh("systemctl daemon-reload");
     }
+    // `BENCH_BUS=1`: every message on the system bus during the leg, counted by kind.
+    let mut bus = std::env::var_os("BENCH_BUS").map(|_| {
+        std::process::Command::new("dbus-monitor")
+            .args(["--system", "--profile"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    });
     let perf = Perf::start();
     let cpu = Cpu::now();
     let t0 = Instant::now();
@@ -451,6 +459,34 @@ fn trivial_rate_of(
         .parse()
         .ok();
     let by_comm = perf.stop(n, daemon);
+    if let Some(mut m) = bus.take() {
+        use std::io::Read;
+        let _ = m.kill();
+        let mut out = String::new();
+        let _ = m.stdout.take().unwrap().read_to_string(&mut out);
+        let _ = m.wait();
+        for l in out
+            .lines()
+            .filter(|l| l.contains("Match") || l.contains("GetNameOwner"))
+            .take(12)
+        {
+            println!("   bus line: {l}");
+        }
+        let mut kinds: std::collections::BTreeMap<String, usize> = Default::default();
+        for l in out.lines() {
+            let f: Vec<&str> = l.split('\t').collect();
+            if f.len() >= 8 {
+                *kinds
+                    .entry(format!("{} {}.{}", f[0], f[6], f[7]))
+                    .or_default() += 1;
+            } else if let Some(k) = f.first() {
+                *kinds.entry(k.to_string()).or_default() += 1;
+            }
+        }
+        for (k, c) in kinds {
+            println!("   bus: {k}: {:.2} per task", c as f64 / n as f64);
+        }
+    }
     row(
         &format!("   hermes-mgr, {n} trivial tasks, max_spawn {max_spawn}"),
         after.per_task(cpu, n),
@@ -842,6 +878,18 @@ fn ceiling(n: usize, k: usize) {
 /// (`head -c1`) held on a pipe, in the workers' child slices (`StartTransientUnit` + its
 /// job), then lets the process exit, until systemd has removed every scope (`UnitRemoved`).
 fn plain_rate(rt: &tokio::runtime::Runtime, n: usize, k: usize) -> (f64, Vec<(String, f64)>) {
+    plain_rate_with(rt, n, k, false)
+}
+
+/// The same; `ours`: each scope with every property hermes-mgr gives a run's scope
+/// (`ScopeSpec`: its description, kill settings, accounting, stop timeout) — what systemd
+/// spends on those, apart from what the dispatcher does.
+fn plain_rate_with(
+    rt: &tokio::runtime::Runtime,
+    n: usize,
+    k: usize,
+    ours: bool,
+) -> (f64, Vec<(String, f64)>) {
     use futures_util::StreamExt;
     rt.block_on(async {
         let sd = hermes_mgr::systemd::Systemd::connect().await.unwrap();
@@ -860,14 +908,29 @@ fn plain_rate(rt: &tokio::runtime::Runtime, n: usize, k: usize) -> (f64, Vec<(St
                         .spawn()
                         .unwrap();
                     let slice = hermes_mgr::names::worker_slice("hermes-workers.slice", &name);
-                    let props: Vec<hermes_mgr::systemd::Property> = vec![
-                        ("PIDs", zbus::Variant::from(vec![child.id()])),
-                        ("Slice", zbus::Variant::from(slice)),
-                        (
-                            "CollectMode",
-                            zbus::Variant::from("inactive-or-failed".to_string()),
-                        ),
-                    ];
+                    let mut props: Vec<hermes_mgr::systemd::Property> = if ours {
+                        hermes_mgr::systemd::ScopeSpec {
+                            description: format!(
+                                "Hermes kanban worker for task t_0123abcd (run {i}, board default)"
+                            ),
+                            slice,
+                            stop_timeout_us: 5_000_000,
+                            runtime_max_us: None,
+                            memory_max: None,
+                            tasks_max: None,
+                            cpu_quota_per_sec_us: None,
+                        }
+                        .properties()
+                    } else {
+                        vec![
+                            ("Slice", zbus::Variant::from(slice)),
+                            (
+                                "CollectMode",
+                                zbus::Variant::from("inactive-or-failed".to_string()),
+                            ),
+                        ]
+                    };
+                    props.push(("PIDs", zbus::Variant::from(vec![child.id()])));
                     sd.start_transient(&name, props, Duration::from_secs(60))
                         .await
                         .unwrap();
@@ -891,7 +954,10 @@ fn plain_rate(rt: &tokio::runtime::Runtime, n: usize, k: usize) -> (f64, Vec<(St
         let rate = n as f64 / t0.elapsed().as_secs_f64();
         let after = Cpu::now();
         row(
-            &format!("   plain client, {n} scopes"),
+            &format!(
+                "   plain client, {n} scopes{}",
+                if ours { ", our properties" } else { "" }
+            ),
             after.per_task(cpu, n),
         );
         for r in reaps {
@@ -1747,6 +1813,8 @@ fn cost(n: usize, k: usize) {
     let mut legs: Vec<(String, f64, Vec<(String, f64)>)> = Vec::new();
     let (r, p) = plain_rate(&rt, n, k);
     legs.push(("(a) plain client, bare scope".into(), r, p));
+    let (r, p) = plain_rate_with(&rt, n, k, true);
+    legs.push(("(a') plain client, our scope's properties".into(), r, p));
     let (r, p) = systemd_run_rate(n, k);
     legs.push(("(b) systemd-run --scope true".into(), r, p));
     let (r, p) = trivial_rate(n, k, Worker::Verdict);
@@ -1771,18 +1839,20 @@ fn cost(n: usize, k: usize) {
                 .map(|p| p.1)
                 .sum()
         };
-        // The supervisor's comm, cut to 15 bytes; the worker's is its program's name, or
-        // the descriptor number it was exec'd from (a script's interpreter is named so).
-        let sup = by("comm:hermes-mgr-sup");
-        let worker = part(v, "comm:worker")
-            + part(v, "comm:hermes-mgr")
-            + v.iter()
-                .filter(|(c, _)| {
-                    c[5.min(c.len())..].parse::<u32>().is_ok() && c.starts_with("comm:")
-                })
-                .map(|p| p.1)
-                .sum::<f64>();
-        let ours = part(v, "dispatcher") + sup + (sys(v) - bare);
+        // The supervisor's comm, cut to 15 bytes; before it names itself, the descriptor
+        // number it was exec'd from (`spawn::program`). Its start runs in the dispatcher's
+        // cgroup (it is moved into the scope after), its run in the scope.
+        let start: f64 = v
+            .iter()
+            .filter(|(c, _)| {
+                c.strip_prefix("comm:")
+                    .is_some_and(|c| c.parse::<u32>().is_ok())
+            })
+            .map(|p| p.1)
+            .sum();
+        let sup = by("comm:hermes-mgr-sup") + start;
+        let worker = part(v, "comm:worker") + part(v, "comm:hermes-mgr");
+        let ours = part(v, "dispatcher") + (sup - start) + (sys(v) - bare);
         let is_ours = name.contains("hermes-mgr");
         println!(
             "| {name} | {rate:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {sup:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} |",
