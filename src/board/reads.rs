@@ -71,7 +71,7 @@ impl Board {
         };
         let mut st = self
             .conn
-            .prepare(&format!(
+            .prepare_cached(&format!(
                 "SELECT substr(body, 1, {}) FROM task_comments WHERE task_id=?1 AND created_at >= ?2
                  ORDER BY created_at DESC LIMIT 200",
                 open::HOT_COLUMN_MAX
@@ -121,7 +121,7 @@ impl Board {
     pub fn list(&self, status: Option<&str>, assignee: Option<&str>) -> Result<Vec<Task>> {
         let mut st = self
             .conn
-            .prepare(
+            .prepare_cached(
                 "SELECT * FROM tasks WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR assignee = ?2)
                  ORDER BY priority DESC, created_at ASC, id ASC",
             )
@@ -137,7 +137,7 @@ impl Board {
     pub fn counts(&self) -> Result<std::collections::BTreeMap<String, i64>> {
         let mut st = self
             .conn
-            .prepare("SELECT status, count(*) FROM tasks GROUP BY status")
+            .prepare_cached("SELECT status, count(*) FROM tasks GROUP BY status")
             .map_err(|e| self.err("count tasks", e))?;
         let v = st
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
@@ -150,7 +150,7 @@ impl Board {
     pub fn in_status(&self, status: &str, limit: usize) -> Result<Vec<Task>> {
         let mut st = self
             .conn
-            .prepare(&format!("SELECT {} FROM tasks WHERE status = ?1 ORDER BY priority DESC, created_at ASC, id ASC LIMIT ?2", self.hot))
+            .prepare_cached(&format!("SELECT {} FROM tasks WHERE status = ?1 ORDER BY priority DESC, created_at ASC, id ASC LIMIT ?2", self.hot))
             .map_err(|e| self.err("list tasks", e))?;
         let v = st
             .query_map(params![status, limit as i64], Task::from_row)
@@ -165,7 +165,7 @@ impl Board {
         let what = "list tasks with their runs";
         let mut st = self
             .conn
-            .prepare(&format!(
+            .prepare_cached(&format!(
                 "SELECT {}, (SELECT count(*) FROM task_runs c WHERE c.task_id = tasks.id) AS hm_attempts,
                         (SELECT max(id) FROM task_runs m WHERE m.task_id = tasks.id) AS hm_last_run
                  FROM tasks WHERE status = ?1 ORDER BY priority DESC, created_at ASC, id ASC LIMIT ?2",
@@ -188,7 +188,9 @@ impl Board {
         if !ids.is_empty() {
             let mut st = self
                 .conn
-                .prepare("SELECT * FROM task_runs WHERE id IN (SELECT value FROM json_each(?1))")
+                .prepare_cached(
+                    "SELECT * FROM task_runs WHERE id IN (SELECT value FROM json_each(?1))",
+                )
                 .map_err(|e| self.err(what, e))?;
             let rows = st
                 .query_map(
@@ -240,7 +242,7 @@ impl Board {
     pub fn running_per_assignee(&self) -> Result<std::collections::HashMap<String, usize>> {
         let mut st = self
             .conn
-            .prepare("SELECT assignee, count(*) FROM tasks WHERE status='running' AND assignee IS NOT NULL GROUP BY assignee")
+            .prepare_cached("SELECT assignee, count(*) FROM tasks WHERE status='running' AND assignee IS NOT NULL GROUP BY assignee")
             .map_err(|e| self.err("count running tasks per assignee", e))?;
         let rows = st
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
@@ -257,7 +259,7 @@ impl Board {
     pub fn running_runs(&self) -> Result<std::collections::HashMap<String, i64>> {
         let mut st = self
             .conn
-            .prepare("SELECT id, current_run_id FROM tasks WHERE status='running' AND current_run_id IS NOT NULL")
+            .prepare_cached("SELECT id, current_run_id FROM tasks WHERE status='running' AND current_run_id IS NOT NULL")
             .map_err(|e| self.err("running runs", e))?;
         let v = st
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
@@ -358,7 +360,7 @@ impl Board {
         };
         let mut st = self
             .conn
-            .prepare(&format!(
+            .prepare_cached(&format!(
                 "SELECT {} FROM tasks WHERE status=?1 AND claim_lock IS NULL
                  ORDER BY priority DESC, created_at ASC LIMIT ?2",
                 self.hot
@@ -388,7 +390,7 @@ impl Board {
     pub(super) fn strings(&self, sql: &str, id: &str) -> Result<Vec<String>> {
         let mut st = self
             .conn
-            .prepare(sql)
+            .prepare_cached(sql)
             .map_err(|e| self.err("read links", e))?;
         let v = st
             .query_map([id], |r| r.get(0))
@@ -400,7 +402,7 @@ impl Board {
     pub fn runs(&self, id: &str) -> Result<Vec<Run>> {
         let mut st = self
             .conn
-            .prepare("SELECT * FROM task_runs WHERE task_id = ?1 ORDER BY id")
+            .prepare_cached("SELECT * FROM task_runs WHERE task_id = ?1 ORDER BY id")
             .map_err(|e| self.err("read runs", e))?;
         let v = st
             .query_map([id], Run::from_row)
@@ -423,7 +425,7 @@ impl Board {
     pub fn events(&self, id: &str) -> Result<Vec<Event>> {
         let mut st = self
             .conn
-            .prepare("SELECT * FROM task_events WHERE task_id = ?1 ORDER BY id")
+            .prepare_cached("SELECT * FROM task_events WHERE task_id = ?1 ORDER BY id")
             .map_err(|e| self.err("read events", e))?;
         let v = st
             .query_map([id], Event::from_row)

@@ -132,7 +132,7 @@ pub(super) fn synthesize_run(
 
 /// The task's trailing run of clean-exit protocol violations (rate-limited runs are neutral).
 pub(super) fn protocol_violation_streak(c: &Connection, task: &str) -> rusqlite::Result<i64> {
-    let mut st = c.prepare(
+    let mut st = c.prepare_cached(
         "SELECT outcome, metadata FROM task_runs WHERE task_id=?1 AND ended_at IS NOT NULL ORDER BY id DESC LIMIT 50",
     )?;
     let rows: Vec<(Option<String>, Option<String>)> = st

@@ -421,7 +421,7 @@ impl Board {
         // soak saw the daemon's CPU per task grow tenfold with it). The rest get
         // `stays_blocked`'s whole rule below, as before.
         let mut st = c
-            .prepare(
+            .prepare_cached(
                 "SELECT t.id, t.status, t.consecutive_failures, t.max_retries FROM tasks t
                  WHERE (t.status = 'todo'
                         OR (t.status = 'blocked'
