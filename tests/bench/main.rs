@@ -41,6 +41,65 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i]
 }
 
+/// 14. Figure 1 from the floor's T0: the worker SIGKILLed by this benchmark (T0 = the
+/// `kill`), until a read-only connection sees its run closed (polled every 200 µs).
+fn requeue_after_kill(n: usize) {
+    let _ = std::process::Command::new("systemctl")
+        .args(["stop", rig::SERVICE])
+        .status();
+    let d = rig::Dispatcher::new("tick_seconds = 3600");
+    d.install_logging("info");
+    d.start();
+    let id = d.rig.add("killed forever");
+    d.rig
+        .board()
+        .connection()
+        .execute("UPDATE tasks SET max_retries=100000 WHERE id=?1", [&id])
+        .unwrap();
+    let ro = rusqlite::Connection::open_with_flags(
+        &d.rig.db,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let ended = |run: i64| -> bool {
+        ro.query_row(
+            "SELECT ended_at IS NOT NULL FROM task_runs WHERE id=?1",
+            [run],
+            |r| r.get(0),
+        )
+        .unwrap_or(false)
+    };
+    let mut samples = Vec::with_capacity(n);
+    let mut run = d.wait_running(&id, 0);
+    for _ in 0..n {
+        let ws = d.rig.dir.join("kanban/workspaces").join(&id);
+        d.rig.wait_file(&ws.join(format!("ready-{run}")));
+        let pid = harness::wait_for("the worker's pid", Duration::from_secs(30), || {
+            ro.query_row("SELECT worker_pid FROM task_runs WHERE id=?1", [run], |r| {
+                r.get::<_, Option<i64>>(0)
+            })
+            .ok()
+            .flatten()
+        });
+        let t0 = Instant::now();
+        // SAFETY: a signal to the worker this benchmark's dispatcher started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        while !ended(run) {
+            std::thread::sleep(Duration::from_micros(200));
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "run {run} never booked"
+            );
+        }
+        samples.push(t0.elapsed());
+        run = d.wait_running(&id, run);
+    }
+    summary(
+        "14. worker SIGKILLed -> its run booked, the task ready",
+        samples,
+    );
+}
+
 fn requeue_latency(n: usize) {
     let _ = std::process::Command::new("systemctl")
         .args(["stop", rig::SERVICE])
@@ -1883,9 +1942,15 @@ fn cost(n: usize, k: usize) {
         );
     }
     if std::env::var("BENCH_COST_FLOOR").as_deref() != Ok("0") {
-        floor(n.min(300));
-        requeue_latency(n.min(300));
+        latency(n.min(300));
     }
+}
+
+/// 14's latency: the floor, figure 1, and figure 1 from a SIGKILL, in one run.
+fn latency(n: usize) {
+    floor(n);
+    requeue_latency(n);
+    requeue_after_kill(n);
 }
 
 /// 14. The floor under figure 1, on this machine, alone: a child is SIGKILLed (T0); its
@@ -2024,6 +2089,7 @@ fn main() {
                 "upstream" => upstream(n),
                 "boards" => many_boards(100),
                 "sandbox" => sandbox_cost(n),
+                "latency" => latency(n),
                 "ab" => ab(
                     n.max(1000),
                     64,
