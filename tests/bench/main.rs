@@ -44,36 +44,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 /// 14. Figure 1 from the floor's T0: the worker SIGKILLed by this benchmark (T0 = the
 /// `kill`), until a read-only connection sees its run closed (polled every 200 µs).
 fn requeue_after_kill(n: usize) {
-    let _ = std::process::Command::new("systemctl")
-        .args(["stop", rig::SERVICE])
-        .status();
-    let d = rig::Dispatcher::new("tick_seconds = 3600");
-    d.install_logging("info");
-    d.start();
-    let id = d.rig.add("killed forever");
-    d.rig
-        .board()
-        .connection()
-        .execute("UPDATE tasks SET max_retries=100000 WHERE id=?1", [&id])
-        .unwrap();
-    let ro = rusqlite::Connection::open_with_flags(
-        &d.rig.db,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
-    let ended = |run: i64| -> bool {
-        ro.query_row(
-            "SELECT ended_at IS NOT NULL FROM task_runs WHERE id=?1",
-            [run],
-            |r| r.get(0),
-        )
-        .unwrap_or(false)
-    };
-    let mut samples = Vec::with_capacity(n);
-    let mut run = d.wait_running(&id, 0);
-    for _ in 0..n {
-        let ws = d.rig.dir.join("kanban/workspaces").join(&id);
-        d.rig.wait_file(&ws.join(format!("ready-{run}")));
+    let samples = requeue_samples(n, |ro, _ws, run| {
         let pid = harness::wait_for("the worker's pid", Duration::from_secs(30), || {
             ro.query_row("SELECT worker_pid FROM task_runs WHERE id=?1", [run], |r| {
                 r.get::<_, Option<i64>>(0)
@@ -84,16 +55,8 @@ fn requeue_after_kill(n: usize) {
         let t0 = Instant::now();
         // SAFETY: a signal to the worker this benchmark's dispatcher started.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        while !ended(run) {
-            std::thread::sleep(Duration::from_micros(200));
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "run {run} never booked"
-            );
-        }
-        samples.push(t0.elapsed());
-        run = d.wait_running(&id, run);
-    }
+        t0
+    });
     summary(
         "14. worker SIGKILLed -> its run booked, the task ready",
         samples,
@@ -101,48 +64,11 @@ fn requeue_after_kill(n: usize) {
 }
 
 fn requeue_latency(n: usize) {
-    let _ = std::process::Command::new("systemctl")
-        .args(["stop", rig::SERVICE])
-        .status();
-    let d = rig::Dispatcher::new("tick_seconds = 3600");
-    d.install_logging("info");
-    d.start();
-    let id = d.rig.add("crash forever");
-    d.rig
-        .board()
-        .connection()
-        .execute("UPDATE tasks SET max_retries=100000 WHERE id=?1", [&id])
-        .unwrap();
-    let ro = rusqlite::Connection::open_with_flags(
-        &d.rig.db,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
-    let ended = |run: i64| -> bool {
-        ro.query_row(
-            "SELECT ended_at IS NOT NULL FROM task_runs WHERE id=?1",
-            [run],
-            |r| r.get(0),
-        )
-        .unwrap_or(false)
-    };
-    let mut samples = Vec::with_capacity(n);
-    let mut run = d.wait_running(&id, 0);
-    for _ in 0..n {
-        let ws = d.rig.dir.join("kanban/workspaces").join(&id);
-        d.rig.wait_file(&ws.join(format!("ready-{run}")));
+    let mut samples = requeue_samples(n, |_ro, ws, _run| {
         let t0 = Instant::now();
         std::fs::write(ws.join("cmd"), "exit 1\n").unwrap();
-        while !ended(run) {
-            std::thread::sleep(Duration::from_micros(200));
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "run {run} never booked"
-            );
-        }
-        samples.push(t0.elapsed());
-        run = d.wait_running(&id, run);
-    }
+        t0
+    });
     samples.sort();
     let mean = samples.iter().sum::<Duration>() / samples.len() as u32;
     row(
@@ -156,6 +82,58 @@ fn requeue_latency(n: usize) {
             mean
         ),
     );
+}
+
+/// Figure 1's loop: one task whose driven worker `end` ends (returning T0), `n` times; each
+/// sample until a read-only connection sees the run closed (`ended_at` set in the same
+/// transaction that makes the task `ready`), polled every 200 µs. `max_retries` is high
+/// enough that the breaker never trips; the daemon respawns the task after each end.
+fn requeue_samples(
+    n: usize,
+    end: impl Fn(&rusqlite::Connection, &std::path::Path, i64) -> Instant,
+) -> Vec<Duration> {
+    let _ = std::process::Command::new("systemctl")
+        .args(["stop", rig::SERVICE])
+        .status();
+    let d = rig::Dispatcher::new("tick_seconds = 3600");
+    d.install_logging("info");
+    d.start();
+    let id = d.rig.add("ends forever");
+    d.rig
+        .board()
+        .connection()
+        .execute("UPDATE tasks SET max_retries=100000 WHERE id=?1", [&id])
+        .unwrap();
+    let ro = rusqlite::Connection::open_with_flags(
+        &d.rig.db,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let ended = |run: i64| -> bool {
+        ro.query_row(
+            "SELECT ended_at IS NOT NULL FROM task_runs WHERE id=?1",
+            [run],
+            |r| r.get(0),
+        )
+        .unwrap_or(false)
+    };
+    let mut samples = Vec::with_capacity(n);
+    let mut run = d.wait_running(&id, 0);
+    for _ in 0..n {
+        let ws = d.rig.dir.join("kanban/workspaces").join(&id);
+        d.rig.wait_file(&ws.join(format!("ready-{run}")));
+        let t0 = end(&ro, &ws, run);
+        while !ended(run) {
+            std::thread::sleep(Duration::from_micros(200));
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "run {run} never booked"
+            );
+        }
+        samples.push(t0.elapsed());
+        run = d.wait_running(&id, run);
+    }
+    samples
 }
 
 fn ns_now() -> u128 {
@@ -900,13 +878,7 @@ fn many_boards(n: usize) {
 /// workload (`BENCH_CEILING_UPSTREAM=0` leaves it out). Each leg also prints its CPU time
 /// per task by part of the system (`Cpu`).
 fn ceiling(n: usize, k: usize) {
-    let _ = std::process::Command::new("systemctl")
-        .args(["stop", rig::SERVICE])
-        .status();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = plain_client_runtime();
     let plain = plain_rate(&rt, n, k).0;
     row(
         &format!("9. ceiling: a plain client creates and removes {n} scopes, {k} in flight"),
@@ -931,6 +903,17 @@ fn ceiling(n: usize, k: usize) {
             Err(e) => e,
         },
     );
+}
+
+/// No dispatcher of an earlier figure left running, and a runtime for the plain client.
+fn plain_client_runtime() -> tokio::runtime::Runtime {
+    let _ = std::process::Command::new("systemctl")
+        .args(["stop", rig::SERVICE])
+        .status();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 /// Figure 9's plain client: creates `n` scopes, `k` in flight, each around a fresh process
@@ -1862,13 +1845,7 @@ fn systemd_run_rate(n: usize, k: usize) -> (f64, Vec<(String, f64)>) {
 /// cgroups (`Cpu`), split by process from `perf` (`Perf`). "Ours" = the dispatcher's
 /// service + the supervisors + what PID 1, journald and the bus spend beyond (a).
 fn cost(n: usize, k: usize) {
-    let _ = std::process::Command::new("systemctl")
-        .args(["stop", rig::SERVICE])
-        .status();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = plain_client_runtime();
     let mut legs: Vec<(String, f64, Vec<(String, f64)>)> = Vec::new();
     let (r, p) = plain_rate(&rt, n, k);
     legs.push(("(a) plain client, bare scope".into(), r, p));
