@@ -95,7 +95,13 @@ impl Daemon {
             }
         };
         let mut record = read();
-        let known = record.as_ref().and_then(|_| self.scope_from_kernel(&live));
+        // A worker stopped from outside (a stop, a shutdown: `sigterm_received`) is booked
+        // with systemd's word on its scope, as it always was; one that ended by itself, from
+        // the kernel's.
+        let known = record
+            .as_ref()
+            .filter(|r| !r.sigterm_received)
+            .and_then(|_| self.scope_from_kernel(&live));
         let scope = match known {
             Some(s) => s,
             None => match self.scope_from_systemd(key, &live).await {
