@@ -47,29 +47,47 @@ pub fn cgroup_populated(path: &str) -> Option<bool> {
     populated(&events)
 }
 
-/// Whether the cgroup at `path` (`/a.slice/b.scope`) holds no process but `pid`, or none:
-/// from the first bytes of its `cgroup.procs` only, however many processes a worker left.
-/// `None` when it cannot be read (the scope is gone, or not where we looked).
-pub fn cgroup_holds_only(path: &str, pid: u32) -> Option<bool> {
+/// What a cgroup holds, as far as one process of it matters (`cgroup_holds`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holds {
+    /// The cgroup is no longer there: the kernel removes none that is populated, and
+    /// systemd removes a unit's once it has seen it empty and ended the unit.
+    Removed,
+    Nothing,
+    /// That process, and nothing else.
+    Only,
+    /// Any other process.
+    Others,
+}
+
+/// What the cgroup at `path` (`/a.slice/b.scope`) holds besides `pid` (0: any process is
+/// another): from the first bytes of its `cgroup.procs` only, however many processes a
+/// worker left. Pass only a path known to have been the scope's (`Removed` is read from
+/// its absence). `None` when it cannot be read otherwise.
+pub fn cgroup_holds(path: &str, pid: u32) -> Option<Holds> {
     use std::io::Read;
-    let f = std::fs::File::open(format!("/sys/fs/cgroup{path}/cgroup.procs")).ok()?;
+    let f = match std::fs::File::open(format!("/sys/fs/cgroup{path}/cgroup.procs")) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Some(Holds::Removed),
+        Err(_) => return None,
+    };
     let mut head = Vec::with_capacity(PROCS_HEAD);
     f.take(PROCS_HEAD as u64).read_to_end(&mut head).ok()?;
-    Some(holds_only(&head, pid))
+    Some(holds(&head, pid))
 }
 
 /// Enough of `cgroup.procs` for two PIDs: a second one, or a cut, means more than `pid`.
 const PROCS_HEAD: usize = 32;
 
-fn holds_only(head: &[u8], pid: u32) -> bool {
+fn holds(head: &[u8], pid: u32) -> Holds {
     if head.len() >= PROCS_HEAD {
-        return false;
+        return Holds::Others;
     }
     let mut pids = head.split(|b| *b == b'\n').filter(|l| !l.is_empty());
     match (pids.next(), pids.next()) {
-        (None, _) => true,
-        (Some(p), None) => p == pid.to_string().as_bytes(),
-        _ => false,
+        (None, _) => Holds::Nothing,
+        (Some(p), None) if pid != 0 && p == pid.to_string().as_bytes() => Holds::Only,
+        _ => Holds::Others,
     }
 }
 
@@ -575,23 +593,37 @@ mod tests {
 
     #[test]
     fn a_scope_holds_only_its_supervisor_when_its_procs_say_so_and_no_more() {
-        for (head, want) in [
-            (&b""[..], true),
-            (b"4242\n", true),
-            (b"4242", true),
-            (b"4243\n", false),
-            (b"4242\n77\n", false),
-            (b"77\n4242\n", false),
+        for (head, pid, want) in [
+            (&b""[..], 4242, Holds::Nothing),
+            (b"", 0, Holds::Nothing),
+            (b"4242\n", 4242, Holds::Only),
+            (b"4242", 4242, Holds::Only),
+            (b"4242\n", 0, Holds::Others),
+            (b"4243\n", 4242, Holds::Others),
+            (b"4242\n77\n", 4242, Holds::Others),
+            (b"77\n4242\n", 4242, Holds::Others),
             // Cut at the head's size: more PIDs follow.
-            (b"4242\n10\n11\n12\n13\n14\n15\n16\n17\n", false),
+            (
+                b"4242\n10\n11\n12\n13\n14\n15\n16\n17\n",
+                4242,
+                Holds::Others,
+            ),
         ] {
             assert_eq!(
-                holds_only(head, 4242),
+                holds(head, pid),
                 want,
-                "{:?}",
+                "{:?} besides {pid}",
                 String::from_utf8_lossy(head)
             );
         }
+    }
+
+    #[test]
+    fn a_scope_whose_cgroup_is_gone_is_read_as_removed() {
+        assert_eq!(
+            cgroup_holds("/hermes-mgr-no-such.slice/none.scope", 4242),
+            Some(Holds::Removed)
+        );
     }
 
     #[test]

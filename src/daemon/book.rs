@@ -4,6 +4,15 @@
 
 use super::*;
 
+/// A run's scope as the kernel shows it (`Daemon::scope_from_kernel`).
+enum Kernel {
+    Says(Scope),
+    /// Nothing but its supervisor, still running, or nothing at all, and systemd has not
+    /// ended it yet.
+    Ending,
+    Unknown,
+}
+
 /// A run's TMPDIR, kept until its scope is gone: removed then if its supervisor could not.
 pub(super) struct RunTmpdir {
     pub dir: PathBuf,
@@ -36,7 +45,10 @@ impl Daemon {
                 stale: None,
                 profile: s.profile,
                 board_full: false,
-                supervisor: Some(s.supervisor_pid),
+                spawned: Some(Spawned {
+                    supervisor: s.supervisor_pid,
+                    cgroup: s.cgroup,
+                }),
             },
         );
     }
@@ -63,7 +75,7 @@ impl Daemon {
             return;
         }
         if let Some(key) = self.live.of_unit(unit).cloned() {
-            self.book(&key).await;
+            self.book_removed(&key, true).await;
         }
         self.tmpdir_gone_with(unit).await;
     }
@@ -73,6 +85,11 @@ impl Daemon {
     /// ended, and record that. A verdict the worker wrote itself wins: the board then
     /// refuses the booking (`Ok(None)`). A fact we cannot read (the bus is down) is retried.
     pub(super) async fn book(&mut self, key: &RunKey) {
+        self.book_removed(key, false).await
+    }
+
+    /// `book`, `removed`: on systemd's word that it removed the run's scope (`UnitRemoved`).
+    async fn book_removed(&mut self, key: &RunKey, removed: bool) {
         let (slug, task, run) = (&key.board, &key.task, key.run);
         let Some(live) = self.live.get(key).cloned() else {
             return;
@@ -98,13 +115,16 @@ impl Daemon {
         // A worker stopped from outside (a stop, a shutdown: `sigterm_received`) is booked
         // with systemd's word on its scope, as it always was; one that ended by itself, from
         // the kernel's.
-        let known = record
-            .as_ref()
-            .filter(|r| !r.sigterm_received)
-            .and_then(|_| self.scope_from_kernel(&live));
+        let known = match record.as_ref().filter(|r| !r.sigterm_received) {
+            Some(_) => self.scope_from_kernel(&live, removed),
+            None => Kernel::Unknown,
+        };
         let scope = match known {
-            Some(s) => s,
-            None => match self.scope_from_systemd(key, &live).await {
+            Kernel::Says(s) => s,
+            // Booked once systemd has ended the scope (its `UnitRemoved`): never a scope of
+            // the task's next run beside this one.
+            Kernel::Ending => return,
+            Kernel::Unknown => match self.scope_from_systemd(key, &live).await {
                 Some(s) => s,
                 None => return,
             },
@@ -185,22 +205,31 @@ impl Daemon {
         }
     }
 
-    /// Whether anything is left in the scope of a run whose exit record is in, asked of the
-    /// kernel rather than of systemd (a round trip to PID 1 per run): nothing but its
-    /// supervisor, which ends by itself once it has written the record, is `Gone`; any
-    /// other process (what the worker left: `after_booking` stops it) is `Live`. `None`
-    /// when the kernel cannot say: a run this daemon did not start, or a cgroup not found.
-    fn scope_from_kernel(&self, live: &Live) -> Option<Scope> {
-        let supervisor = live.supervisor?;
-        let cgroup = self.cfg.worker_cgroup(Some(&live.profile), &live.unit);
+    /// What is left in the scope of a run whose exit record is in, asked of the kernel
+    /// rather than of systemd (a round trip to PID 1 per run): a cgroup systemd removed is
+    /// `Gone`; any process but its supervisor (what the worker left: `after_booking` stops
+    /// it) `Live`; its supervisor alone, which ends by itself once it has written the
+    /// record and cleaned up, or nothing yet removed, `Ending`: systemd ends the scope
+    /// next, and says so (`removed`: it did). `Unknown` when the kernel cannot say: a run
+    /// this daemon did not start, or a cgroup that cannot be read.
+    fn scope_from_kernel(&self, live: &Live, removed: bool) -> Kernel {
+        use crate::liveness::Holds;
+        let Some(sp) = live.spawned.as_ref() else {
+            return Kernel::Unknown;
+        };
         // Reaped, its PID may be anyone's: then every process left is a leftover.
-        let only = if self.supervisors.contains_key(&supervisor) {
-            supervisor
+        let ours = if self.supervisors.contains_key(&sp.supervisor) {
+            sp.supervisor
         } else {
             0
         };
-        let only = crate::liveness::cgroup_holds_only(&cgroup, only)?;
-        Some(if only { Scope::Gone } else { Scope::Live })
+        match crate::liveness::cgroup_holds(&sp.cgroup, ours) {
+            Some(Holds::Removed) => Kernel::Says(Scope::Gone),
+            Some(Holds::Nothing) if removed => Kernel::Says(Scope::Gone),
+            Some(Holds::Nothing | Holds::Only) => Kernel::Ending,
+            Some(Holds::Others) => Kernel::Says(Scope::Live),
+            None => Kernel::Unknown,
+        }
     }
 
     /// The run's scope as systemd sees it (and its cgroup, for a husk); `None` when the bus

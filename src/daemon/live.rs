@@ -77,7 +77,7 @@ mod tests {
             stale: None,
             board_full: false,
             profile: "default".into(),
-            supervisor: None,
+            spawned: None,
         }
     }
 

@@ -78,11 +78,20 @@ struct Live {
     stale: Option<outcome::Stale>,
     /// Its Hermes profile, for the metrics.
     profile: String,
-    /// Its supervisor's PID, when this daemon started it (its child, reaped on SIGCHLD).
-    supervisor: Option<u32>,
+    /// When this daemon started it: its supervisor and its scope's cgroup.
+    spawned: Option<Spawned>,
     /// Its booking failed once for want of space on the board's filesystem: a worker that
     /// failed then most likely failed to write its own verdict (`outcome::Facts::board_full`).
     board_full: bool,
+}
+
+/// A run this daemon started, as the kernel knows it.
+#[derive(Debug, Clone)]
+struct Spawned {
+    /// Its supervisor's PID (our child, reaped on SIGCHLD).
+    supervisor: u32,
+    /// Its scope's cgroup (`/a.slice/b.scope`), as read back from the kernel at the start.
+    cgroup: String,
 }
 
 /// A run the daemon watches. Task and run ids are only unique within a board; ordered by

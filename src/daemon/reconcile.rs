@@ -406,7 +406,7 @@ impl Daemon {
             stale: known.and_then(|l| l.stale.clone()),
             profile: self.profile_of(t.assignee.as_deref()),
             board_full: known.is_some_and(|l| l.board_full),
-            supervisor: known.and_then(|l| l.supervisor),
+            spawned: known.and_then(|l| l.spawned.clone()),
         }
     }
 

@@ -78,6 +78,9 @@ pub struct Started {
     /// CLI lets it go. No descriptor of it is kept (tokio's `Child` would hold a pidfd for
     /// the worker's whole life: one per live worker).
     pub supervisor_pid: u32,
+    /// Its scope's cgroup (`/a.slice/b.scope`), read back from the kernel once the
+    /// supervisor was put there.
+    pub cgroup: String,
     /// The claim the worker was given, and its task's runtime limit.
     pub lock: String,
     pub max_runtime: Option<i64>,
@@ -203,7 +206,11 @@ pub async fn start_worker(
             .map_err(|e| SpawnError::infra(format!("start the supervisor: {e}")))?,
     ));
     match launch(sd, cfg, claim, &unit, &spec_line, held.child()).await {
-        Ok((worker_pid, tmpdir)) => {
+        Ok(Launched {
+            worker_pid,
+            tmpdir,
+            cgroup,
+        }) => {
             let supervisor_pid = held.child().id();
             held.release();
             Ok(Started {
@@ -217,6 +224,7 @@ pub async fn start_worker(
                     .is_none_or(|p| !p.worktree)
                     .then_some(spec.cwd),
                 supervisor_pid,
+                cgroup,
                 lock: claim.lock.clone(),
                 max_runtime: task.max_runtime_seconds,
                 profile: names::profile_of(
@@ -242,6 +250,14 @@ pub async fn start_worker(
     }
 }
 
+/// A supervisor released in its scope, and what it reported.
+struct Launched {
+    worker_pid: u32,
+    tmpdir: Option<PathBuf>,
+    /// The scope's cgroup, where the supervisor was found.
+    cgroup: String,
+}
+
 /// Hand `child` (held, blocked on its stdin) the spec, put it into the run's scope, check
 /// it is there, release it and read its report: the worker's PID once it runs.
 async fn launch(
@@ -251,7 +267,7 @@ async fn launch(
     unit: &str,
     spec_line: &str,
     child: &mut std::process::Child,
-) -> Result<(u32, Option<PathBuf>), Failed> {
+) -> Result<Launched, Failed> {
     let task = &claim.task;
     let pid = child.id();
     let pipes = match (child.stdin.take(), child.stdout.take()) {
@@ -321,7 +337,11 @@ async fn launch(
         Err(_) => Err(format!("no word from the supervisor within {timeout:?}")),
     };
     match report {
-        Ok(Report::Started { pid, tmpdir }) => Ok((pid, tmpdir)),
+        Ok(Report::Started { pid, tmpdir }) => Ok(Launched {
+            worker_pid: pid,
+            tmpdir,
+            cgroup: want,
+        }),
         Ok(Report::Failed { reason, fault }) => Err(failed(SpawnError { reason, fault }, true)),
         // A silent or garbled supervisor is ours to answer for, not the task's.
         Err(reason) => Err(failed(SpawnError::infra(reason), true)),

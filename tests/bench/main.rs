@@ -920,17 +920,28 @@ fn plain_client_runtime() -> tokio::runtime::Runtime {
 /// (`head -c1`) held on a pipe, in the workers' child slices (`StartTransientUnit` + its
 /// job), then lets the process exit, until systemd has removed every scope (`UnitRemoved`).
 fn plain_rate(rt: &tokio::runtime::Runtime, n: usize, k: usize) -> (f64, Vec<(String, f64)>) {
-    plain_rate_with(rt, n, k, false)
+    plain_rate_with(rt, n, k, Shape::Bare)
 }
 
-/// The same; `ours`: each scope with every property hermes-mgr gives a run's scope
-/// (`ScopeSpec`: its description, kill settings, accounting, stop timeout) — what systemd
-/// spends on those, apart from what the dispatcher does.
+/// How the plain client's scopes are made.
+#[derive(Clone, Copy, PartialEq)]
+enum Shape {
+    /// `bench-ceiling-<i>.scope`, its slice and `CollectMode` only.
+    Bare,
+    /// Named as a run's scope is (`names::worker_scope`), set as the bare one.
+    OurName,
+    /// Named and set as a run's scope is (`ScopeSpec`).
+    Ours,
+}
+
+/// The same; `ours`: each scope as hermes-mgr makes a run's — its name (`worker_scope`)
+/// and every property (`ScopeSpec`: its description, kill settings, accounting, stop
+/// timeout): what systemd spends on such a scope, apart from what the dispatcher does.
 fn plain_rate_with(
     rt: &tokio::runtime::Runtime,
     n: usize,
     k: usize,
-    ours: bool,
+    shape: Shape,
 ) -> (f64, Vec<(String, f64)>) {
     use futures_util::StreamExt;
     rt.block_on(async {
@@ -943,14 +954,20 @@ fn plain_rate_with(
             .map(|i| {
                 let sd = &sd;
                 async move {
-                    let name = format!("bench-ceiling-{i}.scope");
+                    // With `ours`, named as a run's scope is: systemd looks for drop-ins
+                    // under each `-` prefix of a unit's name.
+                    let name = if shape != Shape::Bare {
+                        hermes_mgr::names::worker_scope("default", &format!("t_{i:08x}"), i as i64)
+                    } else {
+                        format!("bench-ceiling-{i}.scope")
+                    };
                     let mut child = std::process::Command::new("/usr/bin/head")
                         .arg("-c1")
                         .stdin(std::process::Stdio::piped())
                         .spawn()
                         .unwrap();
                     let slice = hermes_mgr::names::worker_slice("hermes-workers.slice", &name);
-                    let mut props: Vec<hermes_mgr::systemd::Property> = if ours {
+                    let mut props: Vec<hermes_mgr::systemd::Property> = if shape == Shape::Ours {
                         hermes_mgr::systemd::ScopeSpec {
                             description: format!(
                                 "Hermes kanban worker for task t_0123abcd (run {i}, board default)"
@@ -987,7 +1004,7 @@ fn plain_rate_with(
             let mut seen = 0;
             while seen < n {
                 let unit = removed.next().await.expect("the bus went away");
-                if unit.starts_with("bench-ceiling-") {
+                if unit.starts_with("bench-ceiling-") || unit.starts_with("hermes-worker-kanban-") {
                     seen += 1;
                 }
             }
@@ -998,7 +1015,11 @@ fn plain_rate_with(
         row(
             &format!(
                 "   plain client, {n} scopes{}",
-                if ours { ", our properties" } else { "" }
+                match shape {
+                    Shape::Bare => "",
+                    Shape::OurName => ", named as ours",
+                    Shape::Ours => ", named and set as ours",
+                }
             ),
             after.per_task(cpu, n),
         );
@@ -1091,7 +1112,13 @@ impl Cpu {
 struct Perf {
     child: Option<std::process::Child>,
     out: std::path::PathBuf,
+    /// `BENCH_PERF_PID1=1`: PID 1 alone, with call graphs (`--call-graph dwarf`), to say
+    /// which of its functions a leg's scopes cost, inclusive of what they call.
+    pid1: Option<(std::process::Child, std::path::PathBuf)>,
 }
+
+/// PID 1's profile's sample period, in ns of CPU time (4 kHz: it spends ~1 ms a scope).
+const PERF_PID1_PERIOD_NS: u64 = 250_000;
 
 /// `perf`'s sample period, in ns of CPU time.
 const PERF_PERIOD_NS: u64 = 1_000_000;
@@ -1103,8 +1130,15 @@ impl Perf {
             "/var/tmp/hermes-mgr-bench-perf-{}.data",
             LEG.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
         ));
+        // `BENCH_PERF_CG=1`: with call graphs, to say where a process's time goes inclusively.
+        let cg: &[&str] = match std::env::var_os("BENCH_PERF_CG") {
+            Some(_) => &["--call-graph", "dwarf,16384"],
+            None => &[],
+        };
         let child = std::process::Command::new("perf")
-            .args(["record", "-q", "-e", "cpu-clock", "-a", "-c"])
+            .args(["record", "-q", "-e", "cpu-clock", "-a"])
+            .args(cg)
+            .arg("-c")
             .arg(PERF_PERIOD_NS.to_string())
             .arg("-o")
             .arg(&out)
@@ -1112,14 +1146,51 @@ impl Perf {
             .stderr(std::process::Stdio::null())
             .spawn()
             .ok();
+        let pid1 = std::env::var_os("BENCH_PERF_PID1").and_then(|_| {
+            let out = out.with_extension("pid1.data");
+            std::process::Command::new("perf")
+                .args([
+                    "record",
+                    "-q",
+                    "-e",
+                    "cpu-clock",
+                    "-p",
+                    "1",
+                    "--no-inherit",
+                    "--call-graph",
+                ])
+                .args(["dwarf,16384", "-c"])
+                .arg(PERF_PID1_PERIOD_NS.to_string())
+                .arg("-o")
+                .arg(&out)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .ok()
+                .map(|c| (c, out))
+        });
         // perf opens its events before it records: give it the moment it takes.
         std::thread::sleep(Duration::from_millis(300));
-        Perf { child, out }
+        Perf { child, out, pid1 }
     }
 
     /// Milliseconds per task by process name (`comm`), for `n` tasks, largest first.
     /// `daemon`: the PID whose samples are named `daemon`, not by their `comm`.
     fn stop(mut self, n: usize, daemon: Option<u32>) -> Vec<(String, f64)> {
+        if let Some((mut c, out)) = self.pid1.take() {
+            // SAFETY: a signal to our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+            let _ = c.wait();
+            pid1_report(&out, n);
+            // `BENCH_PERF_KEEP=<dir>`: kept there (a directory the host sees), for `perf script`.
+            if let Some(dir) = std::env::var_os("BENCH_PERF_KEEP") {
+                let _ = std::fs::copy(
+                    &out,
+                    std::path::Path::new(&dir).join(out.file_name().unwrap()),
+                );
+            }
+            let _ = std::fs::remove_file(&out);
+        }
         let Some(mut child) = self.child.take() else {
             return Vec::new();
         };
@@ -1130,6 +1201,12 @@ impl Perf {
             .args(["script", "-F", "comm,pid", "-i"])
             .arg(&self.out)
             .output();
+        if let Some(dir) = std::env::var_os("BENCH_PERF_KEEP") {
+            let _ = std::fs::copy(
+                &self.out,
+                std::path::Path::new(&dir).join(self.out.file_name().unwrap()),
+            );
+        }
         if std::env::var_os("BENCH_PERF_PROFILE").is_some() {
             // Where the manager's own processes spend it, by function.
             let o = std::process::Command::new("sh")
@@ -1171,12 +1248,62 @@ impl Perf {
     }
 }
 
+/// PID 1's functions by CPU time per scope, inclusive of their callees (`perf report
+/// --children`), largest first: where systemd's own share of a run goes.
+fn pid1_report(data: &std::path::Path, n: usize) {
+    let o = std::process::Command::new("perf")
+        .args([
+            "report",
+            "--children",
+            "--sort",
+            "sym",
+            "--stdio",
+            "-q",
+            "-g",
+            "none",
+        ])
+        .args(["--percent-limit", "1", "-i"])
+        .arg(data)
+        .output();
+    let Ok(o) = o else { return };
+    let samples = std::process::Command::new("perf")
+        .args(["script", "-F", "pid", "-i"])
+        .arg(data)
+        .output()
+        .map_or(0, |o| {
+            o.stdout
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .count()
+        });
+    let ms =
+        |pct: f64| pct / 100.0 * (samples as u64 * PERF_PID1_PERIOD_NS) as f64 / 1e6 / n as f64;
+    println!("   PID 1, {samples} samples; ms per task, inclusive / self, by function:");
+    for l in String::from_utf8_lossy(&o.stdout).lines().take(60) {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let pct = |s: &str| s.trim_end_matches('%').parse::<f64>().unwrap_or(0.0);
+        if f.len() >= 4 {
+            println!(
+                "   {:.3} / {:.3}  {}",
+                ms(pct(f[0])),
+                ms(pct(f[1])),
+                f[3..].join(" ")
+            );
+        }
+    }
+}
+
 impl Drop for Perf {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
             let _ = std::fs::remove_file(&self.out);
+        }
+        if let Some((mut c, out)) = self.pid1.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+            let _ = std::fs::remove_file(out);
         }
     }
 }
@@ -1838,19 +1965,27 @@ fn systemd_run_rate(n: usize, k: usize) -> (f64, Vec<(String, f64)>) {
 
 /// 14. The manager's own cost per run (issue 30), every leg in one run, `k` in flight, `n`
 /// tasks or scopes each: (a) the plain client of figure 9 — what systemd itself spends on a
-/// bare scope, and the ceiling; (b) `systemd-run --scope true`; (c) hermes-mgr with the
+/// bare scope, and the ceiling; (a') the same, each scope named as a run's is, and (a'')
+/// named and set as one is; (b) `systemd-run --scope true`; (c) hermes-mgr with the
 /// cheapest verdict a worker can book (`Worker::Verdict`); (d) hermes-mgr with
 /// `hermes-mgr complete`; (e) ~0.22's `hermes kanban daemon --force --interval 1 --max k`
 /// with the cheapest verdict (`BENCH_COST_UPSTREAM=0` leaves it out). CPU by part from the
 /// cgroups (`Cpu`), split by process from `perf` (`Perf`). "Ours" = the dispatcher's
-/// service + the supervisors + what PID 1, journald and the bus spend beyond (a).
+/// service + the supervisors + what PID 1, journald and the bus spend beyond (a); "beyond
+/// (a'')" the same beyond a scope just like a run's, made by a plain client.
 fn cost(n: usize, k: usize) {
     let rt = plain_client_runtime();
     let mut legs: Vec<(String, f64, Vec<(String, f64)>)> = Vec::new();
     let (r, p) = plain_rate(&rt, n, k);
     legs.push(("(a) plain client, bare scope".into(), r, p));
-    let (r, p) = plain_rate_with(&rt, n, k, true);
-    legs.push(("(a') plain client, our scope's properties".into(), r, p));
+    let (r, p) = plain_rate_with(&rt, n, k, Shape::OurName);
+    legs.push(("(a') plain client, a scope named as ours".into(), r, p));
+    let (r, p) = plain_rate_with(&rt, n, k, Shape::Ours);
+    legs.push((
+        "(a'') plain client, a scope named and set as ours".into(),
+        r,
+        p,
+    ));
     let (r, p) = systemd_run_rate(n, k);
     legs.push(("(b) systemd-run --scope true".into(), r, p));
     let (r, p) = trivial_rate(n, k, Worker::Verdict);
@@ -1865,8 +2000,10 @@ fn cost(n: usize, k: usize) {
     }
     let sys = |v: &[(String, f64)]| part(v, "PID 1") + part(v, "journald") + part(v, "D-Bus");
     let bare = sys(&legs[0].2);
+    // What systemd spends on a scope named and set as a run's is (a''), made by a plain client.
+    let like_ours = sys(&legs[2].2);
     println!(
-        "\n| 14. CPU ms per task, {k} in flight, {n} each | rate /s | PID 1 | journald | D-Bus | dispatcher | supervisor | sh | worker | workers' slice | sandbox | ours | ours / bare |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "\n| 14. CPU ms per task, {k} in flight, {n} each | rate /s | PID 1 | journald | D-Bus | dispatcher | supervisor | sh | worker | workers' slice | sandbox | ours | ours / bare | ours beyond (a'') |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for (name, rate, v) in &legs {
         let by = |pre: &str| -> f64 {
@@ -1889,9 +2026,10 @@ fn cost(n: usize, k: usize) {
         let sup = by("comm:hermes-mgr-sup") + start;
         let worker = part(v, "comm:worker") + part(v, "comm:hermes-mgr");
         let ours = part(v, "dispatcher") + (sup - start) + (sys(v) - bare);
+        let beyond = part(v, "dispatcher") + (sup - start) + (sys(v) - like_ours);
         let is_ours = name.contains("hermes-mgr");
         println!(
-            "| {name} | {rate:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {sup:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} |",
+            "| {name} | {rate:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {sup:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} |",
             part(v, "PID 1"),
             part(v, "journald"),
             part(v, "D-Bus"),
@@ -1902,6 +2040,7 @@ fn cost(n: usize, k: usize) {
             part(v, "whole sandbox"),
             if is_ours { format!("{ours:.2}") } else { "–".into() },
             if is_ours { format!("{:.2}", ours / bare) } else { "–".into() },
+            if is_ours { format!("{beyond:.2}") } else { "–".into() },
         );
         let top: Vec<String> = v
             .iter()
@@ -2075,9 +2214,23 @@ fn main() {
                         .and_then(|v| v.parse().ok())
                         .unwrap_or(3),
                 ),
-                // One leg of 14, for a profile (`BENCH_PERF_PROFILE=1`).
+                // Legs (a) and (c) of 14 alone, for a profile (`BENCH_PERF_PROFILE=1`,
+                // `BENCH_PERF_PID1=1`).
+                "plain" => {
+                    let shape = match std::env::var("BENCH_PLAIN").as_deref() {
+                        Ok("name") => Shape::OurName,
+                        Ok("ours") => Shape::Ours,
+                        _ => Shape::Bare,
+                    };
+                    let (r, p) = plain_rate_with(&plain_client_runtime(), n.max(1000), 64, shape);
+                    row("plain", format!("{r:.1}/s {p:?}"));
+                }
                 "verdict" => {
-                    let (r, p) = trivial_rate(n.max(1000), 64, Worker::Verdict);
+                    let k = std::env::var("BENCH_CEILING_K")
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(64);
+                    let (r, p) = trivial_rate(n.max(1000), k, Worker::Verdict);
                     row("verdict", format!("{r:.1}/s {p:?}"));
                 }
                 "cost" => cost(

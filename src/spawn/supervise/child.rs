@@ -1,14 +1,13 @@
 //! The worker's side of the fork: everything it needs allocated before (`ChildPlan`), raw
 //! system calls only after (`become_worker`), and why it did not become the worker read
-//! back through a close-on-exec pipe (`start`).
+//! back from memory the two share until its exec (`start`).
 
 use std::ffi::CString;
-use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use nix::sys::wait::waitpid;
-use nix::unistd::{ForkResult, Pid};
+use nix::unistd::Pid;
 
 use super::{infra, task, Failure};
 use crate::spawn::spec::WorkerSpec;
@@ -102,42 +101,130 @@ impl ChildPlan {
     }
 }
 
-/// Fork the worker from `plan` (`program` names it in errors): its PID once it has exec'd,
-/// or why it did not become the worker, and whose fault that is.
-pub(super) fn start(plan: ChildPlan, spec: &WorkerSpec, program: &str) -> Result<Pid, Failure> {
-    // Exec failures travel back on a close-on-exec pipe: EOF means exec succeeded.
-    let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| infra(format!("pipe: {e}")))?;
-    // SAFETY: this process is single-threaded (the supervisor never starts a thread), and
-    // the child makes only raw system calls on what `plan` allocated before the fork.
-    let worker = match unsafe { nix::unistd::fork() }.map_err(|e| infra(format!("fork: {e}")))? {
-        ForkResult::Child => {
-            drop(err_r);
-            let (step, e) = become_worker(&plan);
-            let mut msg = [0u8; 8];
-            msg[..4].copy_from_slice(&step.to_ne_bytes());
-            msg[4..].copy_from_slice(&e.to_ne_bytes());
-            // SAFETY: write(2) of a stack buffer to a pipe this process owns.
-            unsafe { libc::write(err_w.as_raw_fd(), msg.as_ptr().cast(), msg.len()) };
-            // SAFETY: leave without running the parent's atexit handlers or destructors.
-            unsafe { libc::_exit(127) }
+/// The child's stack while it shares our memory (`start`): what `become_worker` and the
+/// sandbox's steps need, with room to spare; below it a page that faults.
+const CHILD_STACK: usize = 256 * 1024;
+
+/// What the child shares with us until its exec: the plan, and where it writes why it did
+/// not become the worker.
+struct Shared<'a> {
+    plan: &'a ChildPlan,
+    /// (step, errno); `NOT_FAILED` until the child writes it.
+    failed: (u32, i32),
+}
+
+const NOT_FAILED: u32 = u32::MAX;
+
+/// The child's entry (`clone`): become the worker, or say why not and end.
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `Shared` that `start` keeps alive, and suspended, until this
+    // process has exec'd or ended (CLONE_VFORK).
+    let shared = unsafe { &mut *arg.cast::<Shared>() };
+    let failed = become_worker(shared.plan);
+    // SAFETY: a plain store into the parent's memory, read once it resumes; then leave
+    // without running any of its atexit handlers or destructors.
+    unsafe {
+        std::ptr::write_volatile(&mut shared.failed, failed);
+        libc::_exit(127)
+    }
+}
+
+/// A stack for the child: mapped anew, its lowest page a guard.
+struct Stack {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+impl Stack {
+    fn new() -> std::io::Result<Stack> {
+        let page = 4096;
+        let len = CHILD_STACK + page;
+        // SAFETY: a fresh private anonymous mapping, then its first page made inaccessible.
+        unsafe {
+            let base = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            );
+            if base == libc::MAP_FAILED {
+                return Err(std::io::Error::last_os_error());
+            }
+            let stack = Stack { base, len };
+            if libc::mprotect(base, page, libc::PROT_NONE) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(stack)
         }
-        ForkResult::Parent { child } => child,
+    }
+
+    /// Its top, 16-byte aligned, where a stack that grows down starts.
+    fn top(&self) -> *mut libc::c_void {
+        // SAFETY: one past the mapping's end, which is page-aligned.
+        unsafe { self.base.cast::<u8>().add(self.len).cast() }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, no longer used (the child has exec'd or ended).
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
+/// Start the worker from `plan` (`program` names it in errors): its PID once it has exec'd,
+/// or why it did not become the worker, and whose fault that is.
+///
+/// As `posix_spawn` does: the child shares this process's memory, and this process waits
+/// until the child has exec'd or ended (`CLONE_VM | CLONE_VFORK`): no copy of the address
+/// space to make, fault in and tear down again at the exec, per run. With every signal
+/// blocked meanwhile, no handler of ours can run on the shared memory in the child; the
+/// child sets every disposition to the default before it unblocks any.
+pub(super) fn start(plan: ChildPlan, spec: &WorkerSpec, program: &str) -> Result<Pid, Failure> {
+    let stack = Stack::new().map_err(|e| infra(format!("map the worker's start stack: {e}")))?;
+    let mut shared = Shared {
+        plan: &plan,
+        failed: (NOT_FAILED, 0),
     };
-    drop(err_w);
+    // SAFETY: sigset operations on local values; the mask is this (only) thread's.
+    let (all, mut before) = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        (all, std::mem::zeroed::<libc::sigset_t>())
+    };
+    // SAFETY: blocking signals in this single-threaded process; restored below.
+    unsafe { libc::sigprocmask(libc::SIG_SETMASK, &all, &mut before) };
+    // SAFETY: `child_main` makes only raw system calls on what `plan` allocated before,
+    // on its own stack, and this process is suspended until it has exec'd or ended; the
+    // supervisor is single-threaded (it never starts a thread).
+    let pid = unsafe {
+        libc::clone(
+            child_main,
+            stack.top(),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            (&mut shared as *mut Shared).cast(),
+        )
+    };
+    let cloned = std::io::Error::last_os_error();
+    // SAFETY: the mask saved above, back.
+    unsafe { libc::sigprocmask(libc::SIG_SETMASK, &before, std::ptr::null_mut()) };
+    if pid < 0 {
+        return Err(infra(format!("clone: {cloned}")));
+    }
+    let worker = Pid::from_raw(pid);
+    drop(stack);
+    // SAFETY: the child wrote it, if at all, before it ended; it no longer runs on it.
+    let (step, e) = unsafe { std::ptr::read_volatile(&shared.failed) };
     let sandboxed = plan.sandbox.as_ref().map(|s| s.paths.clone());
     drop(plan);
-    let mut failure = Vec::new();
-    let _ = std::fs::File::from(err_r).read_to_end(&mut failure);
-    if failure.len() < 8 {
+    if step == NOT_FAILED {
         return Ok(worker);
     }
     // The child never became the worker; reap it and say why.
     let _ = waitpid(worker, None);
-    let step = u32::from_ne_bytes(failure[..4].try_into().unwrap_or_default());
-    let e = std::io::Error::from_raw_os_error(i32::from_ne_bytes(
-        failure[4..8].try_into().unwrap_or_default(),
-    ));
+    let e = std::io::Error::from_raw_os_error(e);
     if let Some(paths) = step.checked_sub(STEP_SANDBOX).and(sandboxed.as_ref()) {
         return Err(sandbox_failure(step - STEP_SANDBOX, e, paths, spec));
     }
@@ -255,6 +342,12 @@ unsafe fn sandbox(
 ///
 /// SAFETY: raw system calls on strings `p` prepared before the fork.
 unsafe fn make_workspace(p: &ChildPlan) -> Result<(), i32> {
+    // Most often its parent is there (and often itself): one call then, not one a level.
+    if let Some(dir) = p.mkdirs.last() {
+        if libc::mkdir(dir.as_ptr(), 0o777) == 0 || errno() == libc::EEXIST {
+            return Ok(());
+        }
+    }
     for dir in &p.mkdirs {
         if libc::mkdir(dir.as_ptr(), 0o777) < 0 {
             let e = errno();
@@ -269,22 +362,30 @@ unsafe fn make_workspace(p: &ChildPlan) -> Result<(), i32> {
     Ok(())
 }
 
+/// Ignored or blocked signals survive exec: give the worker default dispositions (the
+/// supervisor ignores SIGPIPE, and blocks SIGTERM and SIGCHLD). Dispositions first, then
+/// the mask: while this process shares the supervisor's memory (`start`), no handler of
+/// the supervisor's may run here.
+///
+/// SAFETY: raw system calls on this process's signal state only.
+unsafe fn default_signals() {
+    for sig in 1..libc::SIGRTMAX() {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            libc::signal(sig, libc::SIG_DFL);
+        }
+    }
+    let mut none: libc::sigset_t = std::mem::zeroed();
+    libc::sigemptyset(&mut none);
+    libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+}
+
 /// The child side, between fork and exec: raw system calls only (async-signal-safe, no
 /// allocation), on data `ChildPlan` prepared. Returns only on failure: (step, errno).
 fn become_worker(p: &ChildPlan) -> (u32, i32) {
     // SAFETY (whole function): each call is a plain system call on this process, with
     // pointers into `p`, which outlives the calls; nothing here allocates or locks.
     unsafe {
-        // Ignored or blocked signals survive exec: give the worker default dispositions
-        // (the Rust runtime ignores SIGPIPE; this supervisor blocks SIGTERM and SIGCHLD).
-        let mut none: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut none);
-        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-        for sig in 1..libc::SIGRTMAX() {
-            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::signal(sig, libc::SIG_DFL);
-            }
-        }
+        default_signals();
         // A session of its own, as upstream starts workers (`start_new_session=True`).
         if libc::setsid() < 0 {
             return (0, errno());
@@ -322,10 +423,12 @@ fn become_worker(p: &ChildPlan) -> (u32, i32) {
         if let Err(e) = sandbox(p, &mut mounts) {
             return e;
         }
-        if libc::setgroups(p.groups.len(), p.groups.as_ptr()) < 0 {
+        // The system calls themselves, not libc's wrappers: those may signal every thread
+        // of what they take for a threaded process to change its ids too.
+        if libc::syscall(libc::SYS_setgroups, p.groups.len(), p.groups.as_ptr()) < 0 {
             return (2, errno());
         }
-        if libc::setresgid(p.gid, p.gid, p.gid) < 0 {
+        if libc::syscall(libc::SYS_setresgid, p.gid, p.gid, p.gid) < 0 {
             return (3, errno());
         }
         // Still root here: empty the bounding set so nothing exec'd later can regain a
@@ -339,7 +442,7 @@ fn become_worker(p: &ChildPlan) -> (u32, i32) {
             }
         }
         // Then leave root for good.
-        if libc::setresuid(p.uid, p.uid, p.uid) < 0 {
+        if libc::syscall(libc::SYS_setresuid, p.uid, p.uid, p.uid) < 0 {
             return (5, errno());
         }
         // Leaving uid 0 emptied the permitted, effective and ambient sets; the inheritable
