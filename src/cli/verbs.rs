@@ -238,7 +238,7 @@ pub(super) fn cmd_dispatch(cli: &Cli, max: &Option<usize>) -> anyhow::Result<()>
         for (pool, why) in &pool_faults {
             eprintln!("warning: pool {pool}: {why}: none of its tasks is started");
         }
-        crate::dispatch::once(&b, &sd, &cfg, max, None, &pool_faults).await
+        crate::dispatch::once(&b, &sd, &cfg, max, None, &pool_faults, &Default::default()).await
     })?;
     if cli.json {
         print_json(&report)?;

@@ -7,8 +7,8 @@ use super::*;
 /// A run's scope as the kernel shows it (`Daemon::scope_from_kernel`).
 enum Kernel {
     Says(Scope),
-    /// Nothing but its supervisor, still running, or nothing at all, and systemd has not
-    /// ended it yet.
+    /// Nothing in it but what ends by itself (its supervisor), and systemd has not
+    /// removed it yet: the run is over, its task's next run waits for the removal.
     Ending,
     Unknown,
 }
@@ -77,6 +77,7 @@ impl Daemon {
         if let Some(key) = self.live.of_unit(unit).cloned() {
             self.book_removed(&key, true).await;
         }
+        self.scope_removed(unit);
         self.tmpdir_gone_with(unit).await;
     }
 
@@ -119,13 +120,11 @@ impl Daemon {
             Some(_) => self.scope_from_kernel(&live, removed),
             None => Kernel::Unknown,
         };
-        let scope = match known {
-            Kernel::Says(s) => s,
-            // Booked once systemd has ended the scope (its `UnitRemoved`): never a scope of
-            // the task's next run beside this one.
-            Kernel::Ending => return,
+        let (scope, ending) = match known {
+            Kernel::Says(s) => (s, false),
+            Kernel::Ending => (Scope::Gone, true),
             Kernel::Unknown => match self.scope_from_systemd(key, &live).await {
-                Some(s) => s,
+                Some(s) => (s, false),
                 None => return,
             },
         };
@@ -189,6 +188,12 @@ impl Daemon {
                     }
                 }
                 self.after_booking(key, &live, scope, &end).await;
+                // A scope still there (stopped just now, or over and not yet removed by
+                // systemd) holds the task's next run back until systemd removes it.
+                if ending || scope == Scope::Live {
+                    self.ending
+                        .insert((slug.clone(), task.clone()), live.unit.clone());
+                }
             }
             Err(BoardError::Locked { .. }) => {
                 warn!(board = %slug, hermes_kanban_task = %task, hermes_kanban_run_id = run, "board locked; will retry booking the run");
@@ -208,10 +213,10 @@ impl Daemon {
     /// What is left in the scope of a run whose exit record is in, asked of the kernel
     /// rather than of systemd (a round trip to PID 1 per run): a cgroup systemd removed is
     /// `Gone`; any process but its supervisor (what the worker left: `after_booking` stops
-    /// it) `Live`; its supervisor alone, which ends by itself once it has written the
-    /// record and cleaned up, or nothing yet removed, `Ending`: systemd ends the scope
-    /// next, and says so (`removed`: it did). `Unknown` when the kernel cannot say: a run
-    /// this daemon did not start, or a cgroup that cannot be read.
+    /// it) `Live`; nothing, or its supervisor alone (it ends by itself once it has written
+    /// the record and cleaned up), `Ending`: over, systemd ends the scope next (`removed`:
+    /// it did). `Unknown` when the kernel cannot say: a run this daemon did not start, or
+    /// a cgroup that cannot be read.
     fn scope_from_kernel(&self, live: &Live, removed: bool) -> Kernel {
         use crate::liveness::Holds;
         let Some(sp) = live.spawned.as_ref() else {
@@ -284,6 +289,32 @@ impl Daemon {
                 s.start_failures = 0;
             }
         }
+    }
+
+    /// Systemd removed the scope `unit` (or a reconcile no longer finds it live): a task
+    /// whose next run waited for that may have it now.
+    pub(super) fn scope_removed(&mut self, unit: &str) {
+        let Some(k) = self
+            .ending
+            .iter()
+            .find(|(_, u)| *u == unit)
+            .map(|(k, _)| k.clone())
+        else {
+            return;
+        };
+        self.ending.remove(&k);
+        if let Some(s) = self.slots.get_mut(&k.0) {
+            s.dirty = true;
+        }
+    }
+
+    /// The tasks of board `slug` whose next run waits for their last scope's removal.
+    pub(super) fn ending_on(&self, slug: &str) -> std::collections::HashSet<String> {
+        self.ending
+            .range((slug.to_string(), String::new())..)
+            .take_while(|((b, _), _)| b == slug)
+            .map(|((_, t), _)| t.clone())
+            .collect()
     }
 
     /// A run we did not start (adopted, or found ended, after a restart): its TMPDIR, from

@@ -139,6 +139,10 @@ struct Daemon {
     /// The TMPDIR of each worker scope we started or adopted, by unit: its supervisor
     /// removes it, unless killed first (a stop's SIGKILL); then we do, once the scope is gone.
     tmpdirs: HashMap<String, book::RunTmpdir>,
+    /// Booked runs whose scope systemd has not removed yet, by (board, task): the scope's
+    /// name. Their task's next run waits for that (`UnitRemoved`, or a reconcile that no
+    /// longer finds it live): never two scopes for one task.
+    ending: BTreeMap<(String, String), String>,
     /// The last exit record `forget_ended_records` looked up: the next reconcile goes on
     /// after it, so however many there are, each is looked at within a few reconciles.
     records_after: String,

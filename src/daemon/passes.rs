@@ -225,6 +225,7 @@ impl Daemon {
         let room = dispatch::caps::of(&self.cfg)
             .host
             .map(|host| host.saturating_sub(self.live_elsewhere(slug)));
+        let ending = self.ending_on(slug);
         let Some(slot) = self.slots.get_mut(slug) else {
             return;
         };
@@ -242,6 +243,7 @@ impl Daemon {
             room,
             Some(PASS_BATCH),
             &self.pools.faults,
+            &ending,
         )
         .await;
         match result {

@@ -143,6 +143,16 @@ impl Daemon {
         if let Some(records) = &records {
             self.forget_ended_records(records);
         }
+        // A scope whose removal we did not hear of (the bus was away): its task may run again.
+        let removed: Vec<String> = self
+            .ending
+            .values()
+            .filter(|u| !units.get(*u).is_some_and(UnitState::is_live))
+            .cloned()
+            .collect();
+        for unit in removed {
+            self.scope_removed(&unit);
+        }
         // A scope whose removal we did not hear of (the bus was away): its TMPDIR too.
         let gone: Vec<String> = self
             .tmpdirs

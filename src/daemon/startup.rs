@@ -108,6 +108,7 @@ pub(super) async fn run(opts: Options) -> anyhow::Result<()> {
         reconciled_once: false,
         decomp: Default::default(),
         tmpdirs: HashMap::new(),
+        ending: BTreeMap::new(),
         records_after: String::new(),
         bus_failed: None,
         estop_dirs: Vec::new(),

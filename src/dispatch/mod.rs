@@ -79,6 +79,10 @@ pub struct PassReport {
     /// Ready tasks held back by their own pause (`hermes-mgr pause ID`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub paused_tasks: Vec<String>,
+    /// Ready tasks whose last run's scope systemd has not removed yet: their next run
+    /// waits for that (never two scopes for one task).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ending: Vec<String>,
     /// The pass stopped at its batch size with ready tasks left.
     #[serde(skip)]
     pub batch_full: bool,
@@ -138,6 +142,7 @@ pub async fn once(
     max: Option<usize>,
     batch: Option<Batch>,
     pool_faults: &std::collections::BTreeMap<String, String>,
+    ending: &std::collections::HashSet<String>,
 ) -> anyhow::Result<(PassReport, Vec<Started>)> {
     let mut report = PassReport::default();
     let lock_path = board.paths().sibling("dispatch.lock");
@@ -154,6 +159,7 @@ pub async fn once(
         estop_dirs: crate::hermes_config::estop_dirs(&board.paths().root),
         holds: crate::holds::View::new(&cfg.holds_file),
         db: crate::holds::board_key(&board.paths().db),
+        ending,
         report,
         started: Vec::new(),
         flight: Flight::default(),
@@ -225,6 +231,8 @@ struct Pass<'a> {
     holds: crate::holds::View,
     /// The board's key in the holds.
     db: String,
+    /// Tasks whose last run's scope systemd has not removed yet: not claimed.
+    ending: &'a std::collections::HashSet<String>,
     report: PassReport,
     started: Vec<Started>,
     flight: Flight<'a>,
@@ -351,6 +359,10 @@ impl<'a> Pass<'a> {
         // waits for the pass's end (`pause` takes the dispatch lock) and freezes what it started.
         if self.holds.current().task(&self.db, &task.id).is_some() {
             report.paused_tasks.push(task.id.clone());
+            return Ok(None);
+        }
+        if self.ending.contains(&task.id) {
+            report.ending.push(task.id.clone());
             return Ok(None);
         }
         let default = match kind {
