@@ -1976,20 +1976,41 @@ fn systemd_run_rate(n: usize, k: usize) -> (f64, Vec<(String, f64)>) {
 fn cost(n: usize, k: usize) {
     let rt = plain_client_runtime();
     let mut legs: Vec<(String, f64, Vec<(String, f64)>)> = Vec::new();
-    let (r, p) = plain_rate(&rt, n, k);
-    legs.push(("(a) plain client, bare scope".into(), r, p));
-    let (r, p) = plain_rate_with(&rt, n, k, Shape::OurName);
-    legs.push(("(a') plain client, a scope named as ours".into(), r, p));
-    let (r, p) = plain_rate_with(&rt, n, k, Shape::Ours);
+    // (a), (a'), (a'') and (c), compared with each other, in `BENCH_COST_ROUNDS` rounds (3),
+    // each round in another order, each part their median: the machine's speed drifts
+    // between legs.
+    let rounds: usize = std::env::var("BENCH_COST_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let mut runs: [Vec<(f64, Vec<(String, f64)>)>; 4] = Default::default();
+    for round in 0..rounds.max(1) {
+        for i in 0..4 {
+            let leg = (round + i) % 4;
+            let (r, p) = match leg {
+                0 => plain_rate(&rt, n, k),
+                1 => plain_rate_with(&rt, n, k, Shape::OurName),
+                2 => plain_rate_with(&rt, n, k, Shape::Ours),
+                _ => trivial_rate(n, k, Worker::Verdict),
+            };
+            runs[leg].push((r, p));
+        }
+    }
+    let [a, a1, a2, c] = runs.map(median_leg);
+    legs.push(("(a) plain client, bare scope".into(), a.0, a.1));
+    legs.push((
+        "(a') plain client, a scope named as ours".into(),
+        a1.0,
+        a1.1,
+    ));
     legs.push((
         "(a'') plain client, a scope named and set as ours".into(),
-        r,
-        p,
+        a2.0,
+        a2.1,
     ));
     let (r, p) = systemd_run_rate(n, k);
     legs.push(("(b) systemd-run --scope true".into(), r, p));
-    let (r, p) = trivial_rate(n, k, Worker::Verdict);
-    legs.push(("(c) hermes-mgr, cheapest verdict".into(), r, p));
+    legs.push(("(c) hermes-mgr, cheapest verdict".into(), c.0, c.1));
     let (r, p) = trivial_rate(n, k, Worker::Complete);
     legs.push(("(d) hermes-mgr, hermes-mgr complete".into(), r, p));
     if std::env::var("BENCH_COST_UPSTREAM").as_deref() != Ok("0") {
@@ -2042,9 +2063,11 @@ fn cost(n: usize, k: usize) {
             if is_ours { format!("{:.2}", ours / bare) } else { "–".into() },
             if is_ours { format!("{beyond:.2}") } else { "–".into() },
         );
-        let top: Vec<String> = v
+        let mut by_comm: Vec<&(String, f64)> =
+            v.iter().filter(|(c, _)| c.starts_with("comm:")).collect();
+        by_comm.sort_by(|x, y| y.1.total_cmp(&x.1));
+        let top: Vec<String> = by_comm
             .iter()
-            .filter(|(c, _)| c.starts_with("comm:"))
             .take(8)
             .map(|(c, ms)| format!("{} {ms:.2}", &c[5..]))
             .collect();
@@ -2060,6 +2083,31 @@ fn cost(n: usize, k: usize) {
     if std::env::var("BENCH_COST_FLOOR").as_deref() != Ok("0") {
         latency(n.min(300));
     }
+}
+
+/// One leg run several times, as one: the median of its rate, and of each of its parts (a
+/// part missing from a run counts 0 there).
+fn median_leg(runs: Vec<(f64, Vec<(String, f64)>)>) -> (f64, Vec<(String, f64)>) {
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let mut names: Vec<String> = Vec::new();
+    for (_, parts) in &runs {
+        for (name, _) in parts {
+            if !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
+    }
+    let parts = names
+        .into_iter()
+        .map(|name| {
+            let v = runs.iter().map(|(_, p)| part(p, &name)).collect();
+            (name, median(v))
+        })
+        .collect();
+    (median(runs.iter().map(|r| r.0).collect()), parts)
 }
 
 /// 14's latency: the floor, figure 1, and figure 1 from a SIGKILL, in one run.
