@@ -7,9 +7,11 @@
 //! main thread's stack bounds, read from `/proc/self/maps`, for a stack-overflow handler)
 //! was a tenth of the supervisor's own start. What it does that the supervisor needs is
 //! done here: SIGPIPE ignored (a report to a dispatcher that died must fail, not kill the
-//! run's supervisor), and a panic ends the process with 101, as under the wrapper.
-#![no_main]
+//! run's supervisor), and a panic ends the process with 101, as under the wrapper. (A test
+//! build keeps the wrapper: the test harness is its `main`.)
+#![cfg_attr(not(test), no_main)]
 
+#[cfg(not(test))]
 #[no_mangle]
 pub extern "C" fn main(_argc: std::ffi::c_int, _argv: *const *const std::ffi::c_char) -> i32 {
     // SAFETY: setting a signal's disposition in this single-threaded process.
