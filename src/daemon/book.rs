@@ -292,7 +292,8 @@ impl Daemon {
     }
 
     /// Systemd removed the scope `unit` (or a reconcile no longer finds it live): a task
-    /// whose next run waited for that may have it now.
+    /// whose next run waited for that may have it now, and a pool that counted the scope
+    /// (its slice's cgroups are the kernel's count) has room again.
     pub(super) fn scope_removed(&mut self, unit: &str) {
         let Some(k) = self
             .ending
@@ -304,6 +305,10 @@ impl Daemon {
         };
         self.ending.remove(&k);
         if let Some(s) = self.slots.get_mut(&k.0) {
+            s.dirty = true;
+        }
+        for s in self.slots.values_mut().filter(|s| s.host_capped) {
+            s.host_capped = false;
             s.dirty = true;
         }
     }
