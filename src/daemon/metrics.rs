@@ -83,7 +83,7 @@ impl Daemon {
                 x.cursor = Some(k.clone());
                 break;
             }
-            let dir = self.cfg.worker_cgroup(Some(&l.profile), &l.unit);
+            let dir = l.cgroup(&self.cfg);
             match crate::liveness::cgroup_use(&cgroups.join(&dir[1..])) {
                 Some(u) => x.usage.insert(k.clone(), u),
                 None => x.usage.remove(k),

@@ -85,6 +85,17 @@ struct Live {
     board_full: bool,
 }
 
+impl Live {
+    /// Its scope's cgroup: as read back at its start, or looked for where a worker scope
+    /// may be (an adopted run).
+    fn cgroup(&self, cfg: &Config) -> String {
+        match &self.spawned {
+            Some(s) => s.cgroup.clone(),
+            None => cfg.worker_cgroup(Some(&self.profile), &self.unit),
+        }
+    }
+}
+
 /// A run this daemon started, as the kernel knows it.
 #[derive(Debug, Clone)]
 struct Spawned {

@@ -1135,39 +1135,11 @@ impl Perf {
             Some(_) => &["--call-graph", "dwarf,16384"],
             None => &[],
         };
-        let child = std::process::Command::new("perf")
-            .args(["record", "-q", "-e", "cpu-clock", "-a"])
-            .args(cg)
-            .arg("-c")
-            .arg(PERF_PERIOD_NS.to_string())
-            .arg("-o")
-            .arg(&out)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .ok();
+        let child = perf_record(&[&["-a"], cg].concat(), PERF_PERIOD_NS, &out);
         let pid1 = std::env::var_os("BENCH_PERF_PID1").and_then(|_| {
             let out = out.with_extension("pid1.data");
-            std::process::Command::new("perf")
-                .args([
-                    "record",
-                    "-q",
-                    "-e",
-                    "cpu-clock",
-                    "-p",
-                    "1",
-                    "--no-inherit",
-                    "--call-graph",
-                ])
-                .args(["dwarf,16384", "-c"])
-                .arg(PERF_PID1_PERIOD_NS.to_string())
-                .arg("-o")
-                .arg(&out)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .ok()
-                .map(|c| (c, out))
+            let what = ["-p", "1", "--no-inherit", "--call-graph", "dwarf,16384"];
+            perf_record(&what, PERF_PID1_PERIOD_NS, &out).map(|c| (c, out))
         });
         // perf opens its events before it records: give it the moment it takes.
         std::thread::sleep(Duration::from_millis(300));
@@ -1182,13 +1154,7 @@ impl Perf {
             unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
             let _ = c.wait();
             pid1_report(&out, n);
-            // `BENCH_PERF_KEEP=<dir>`: kept there (a directory the host sees), for `perf script`.
-            if let Some(dir) = std::env::var_os("BENCH_PERF_KEEP") {
-                let _ = std::fs::copy(
-                    &out,
-                    std::path::Path::new(&dir).join(out.file_name().unwrap()),
-                );
-            }
+            keep_perf_data(&out);
             let _ = std::fs::remove_file(&out);
         }
         let Some(mut child) = self.child.take() else {
@@ -1201,12 +1167,7 @@ impl Perf {
             .args(["script", "-F", "comm,pid", "-i"])
             .arg(&self.out)
             .output();
-        if let Some(dir) = std::env::var_os("BENCH_PERF_KEEP") {
-            let _ = std::fs::copy(
-                &self.out,
-                std::path::Path::new(&dir).join(self.out.file_name().unwrap()),
-            );
-        }
+        keep_perf_data(&self.out);
         if std::env::var_os("BENCH_PERF_PROFILE").is_some() {
             // Where the manager's own processes spend it, by function.
             let o = std::process::Command::new("sh")
@@ -1245,6 +1206,34 @@ impl Perf {
             .collect();
         v.sort_by(|a, b| b.1.total_cmp(&a.1));
         v
+    }
+}
+
+/// `perf record -e cpu-clock` of `what`, one sample per `period_ns` of CPU time, into `out`;
+/// `None` when `perf` cannot run here.
+fn perf_record(
+    what: &[&str],
+    period_ns: u64,
+    out: &std::path::Path,
+) -> Option<std::process::Child> {
+    std::process::Command::new("perf")
+        .args(["record", "-q", "-e", "cpu-clock"])
+        .args(what)
+        .arg("-c")
+        .arg(period_ns.to_string())
+        .arg("-o")
+        .arg(out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()
+}
+
+/// `BENCH_PERF_KEEP=<dir>`: a leg's perf data kept there (a directory the host sees, also
+/// in `SDH_BIND_RW`), for `perf script`.
+fn keep_perf_data(out: &std::path::Path) {
+    if let (Some(dir), Some(name)) = (std::env::var_os("BENCH_PERF_KEEP"), out.file_name()) {
+        let _ = std::fs::copy(out, std::path::Path::new(&dir).join(name));
     }
 }
 
@@ -2197,36 +2186,29 @@ fn ab(n: usize, k: usize, rounds: usize) {
         "journald",
         "D-Bus",
     ];
-    let mut got: [Vec<Vec<f64>>; 2] = [Vec::new(), Vec::new()];
+    let mut got: [Vec<(f64, Vec<(String, f64)>)>; 2] = Default::default();
     for round in 0..rounds {
         for i in 0..2 {
             let which = (round + i) % 2;
             let bin = (which == 1).then_some(other.as_path());
             let (rate, v) = trivial_rate_of(bin, n, k, Worker::Verdict);
-            let mut row_: Vec<f64> = names.iter().map(|p| part(&v, p)).collect();
-            row_.push(rate);
-            println!("ab {} round {round}: {row_:?}", ["this build", "B"][which]);
-            got[which].push(row_);
+            let parts: Vec<f64> = names.iter().map(|p| part(&v, p)).collect();
+            println!(
+                "ab {} round {round}: {rate:.1}/s {parts:?}",
+                ["this build", "B"][which]
+            );
+            got[which].push((rate, v));
         }
     }
-    let median = |rows: &Vec<Vec<f64>>, j: usize| {
-        let mut v: Vec<f64> = rows.iter().map(|r| r[j]).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    for (which, name) in [(0, "this build"), (1, "B")] {
+    for (got, name) in got.into_iter().zip(["this build", "B"]) {
+        let (rate, v) = median_leg(got);
         let parts: Vec<String> = names
             .iter()
-            .enumerate()
-            .map(|(j, p)| format!("{p} {:.2}", median(&got[which], j)))
+            .map(|p| format!("{p} {:.2}", part(&v, p)))
             .collect();
         row(
             &format!("14. before/after, {name}, median of {rounds}"),
-            format!(
-                "{:.1}/s; CPU ms per task: {}",
-                median(&got[which], names.len()),
-                parts.join(", ")
-            ),
+            format!("{rate:.1}/s; CPU ms per task: {}", parts.join(", ")),
         );
     }
 }
