@@ -143,8 +143,17 @@ pub(super) async fn run(opts: Options) -> anyhow::Result<()> {
     }
     // Fixed now, before any upgrade can replace it on disk (spawn::program).
     let supervisor = crate::spawn::program::supervisor();
+    // Supervisors forked from one server of that program, not each started anew; without
+    // it, each is started anew.
+    let forks = match crate::spawn::program::serve_forks() {
+        Ok(pid) => pid.to_string(),
+        Err(e) => {
+            warn!("cannot start the supervisor fork server ({e}); each supervisor is started anew");
+            "none".into()
+        }
+    };
     info!(root = %root.display(), boards = d.slots.len(), pinned, supervisor = %supervisor.path.display(),
-          "hermes-dispatcher starting");
+          fork_server = %forks, "hermes-dispatcher starting");
     log_hermes_version(&d.cfg);
     d.open_boards();
     d.reconcile().await?;

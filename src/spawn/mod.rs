@@ -15,9 +15,7 @@ pub mod spec;
 pub mod supervise;
 mod upstream;
 
-use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -137,16 +135,12 @@ pub fn description(task: &str, run: i64, title: &str) -> String {
 
 /// Our held supervisor, until the worker runs: dropped before `release`, it is killed and
 /// reaped (SIGKILL: it dies at once, so the wait is short). Released, it is the daemon's
-/// child, reaped on SIGCHLD (a one-shot CLI lets it go).
-struct HeldSupervisor(Option<std::process::Child>);
+/// child, reaped on SIGCHLD (a one-shot CLI lets it go). Until then nothing else reaps it
+/// (the daemon reaps only from its loop, which waits for this start), so its PID is
+/// still its own.
+struct HeldSupervisor(Option<u32>);
 
 impl HeldSupervisor {
-    fn child(&mut self) -> &mut std::process::Child {
-        self.0
-            .as_mut()
-            .expect("a held supervisor is held until released")
-    }
-
     fn release(mut self) {
         self.0 = None;
     }
@@ -154,9 +148,10 @@ impl HeldSupervisor {
 
 impl Drop for HeldSupervisor {
     fn drop(&mut self) {
-        if let Some(child) = self.0.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(pid) = self.0 {
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
         }
     }
 }
@@ -195,23 +190,19 @@ pub async fn start_worker(
         serde_json::to_string(&spec).map_err(|e| SpawnError::infra(e.to_string()))? + "\n";
 
     // The supervisor this dispatcher started with, even if upgraded on disk meanwhile.
-    // A std child, not tokio's: tokio would keep a pidfd open until it is reaped.
-    let mut held = HeldSupervisor(Some(
-        program::supervisor()
-            .command()
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| SpawnError::infra(format!("start the supervisor: {e}")))?,
-    ));
-    match launch(sd, cfg, claim, &unit, &spec_line, held.child()).await {
+    // Not tokio's child: tokio would keep a pidfd open until it is reaped.
+    let timeout = Duration::from_secs(cfg.start_timeout_seconds);
+    let program::Held { pid, stdin, stdout } = program::start_held(timeout)
+        .await
+        .map_err(|e| SpawnError::infra(format!("start the supervisor: {e}")))?;
+    let held = HeldSupervisor(Some(pid));
+    match launch(sd, cfg, claim, &unit, &spec_line, (pid, stdin, stdout)).await {
         Ok(Launched {
             worker_pid,
             tmpdir,
             cgroup,
         }) => {
-            let supervisor_pid = held.child().id();
+            let supervisor_pid = pid;
             held.release();
             Ok(Started {
                 task: task.id.clone(),
@@ -258,29 +249,17 @@ struct Launched {
     cgroup: String,
 }
 
-/// Hand `child` (held, blocked on its stdin) the spec, put it into the run's scope, check
-/// it is there, release it and read its report: the worker's PID once it runs.
+/// Hand the held supervisor `pid` (blocked on its stdin) the spec, put it into the run's
+/// scope, check it is there, release it and read its report: the worker's PID once it runs.
 async fn launch(
     sd: &Systemd,
     cfg: &Config,
     claim: &Claim,
     unit: &str,
     spec_line: &str,
-    child: &mut std::process::Child,
+    (pid, mut stdin, stdout): (u32, pipe::Sender, pipe::Receiver),
 ) -> Result<Launched, Failed> {
     let task = &claim.task;
-    let pid = child.id();
-    let pipes = match (child.stdin.take(), child.stdout.take()) {
-        (Some(i), Some(o)) => pipe::Sender::from_owned_fd(OwnedFd::from(i))
-            .and_then(|i| Ok((i, pipe::Receiver::from_owned_fd(OwnedFd::from(o))?))),
-        _ => Err(std::io::Error::other("supervisor pipes missing")),
-    };
-    let (mut stdin, stdout) = pipes.map_err(|e| {
-        failed(
-            SpawnError::infra(format!("the supervisor's pipes: {e}")),
-            false,
-        )
-    })?;
     stdin.write_all(spec_line.as_bytes()).await.map_err(|e| {
         failed(
             SpawnError::infra(format!("hand the spec to the supervisor: {e}")),

@@ -1173,7 +1173,7 @@ impl Perf {
             let o = std::process::Command::new("sh")
                 .arg("-c")
                 .arg(format!(
-                    "for c in hermes-mgr hermes-mgr-sup 15 systemd dbus-daemon; do echo \"== $c\"; perf report -i {0} --comms $c --sort dso,sym --stdio -q 2>/dev/null | grep -v '^$' | head -40; done",
+                    "for c in hermes-mgr hermes-mgr-sup hermes-mgr-fork 15 systemd dbus-daemon; do echo \"== $c\"; perf report -i {0} --comms $c --sort dso,sym --stdio -q 2>/dev/null | grep -v '^$' | head -40; done",
                     self.out.display()
                 ))
                 .output()
@@ -2022,14 +2022,15 @@ fn cost(n: usize, k: usize) {
                 .map(|p| p.1)
                 .sum()
         };
-        // The supervisor's comm, cut to 15 bytes; before it names itself, the descriptor
+        // The supervisor's comm, cut to 15 bytes; before it names itself, the fork server's
+        // (`hermes-mgr-fork`, whose forks are the starts), or, started anew, the descriptor
         // number it was exec'd from (`spawn::program`). Its start runs in the dispatcher's
         // cgroup (it is moved into the scope after), its run in the scope.
         let start: f64 = v
             .iter()
             .filter(|(c, _)| {
                 c.strip_prefix("comm:")
-                    .is_some_and(|c| c.parse::<u32>().is_ok())
+                    .is_some_and(|c| c.parse::<u32>().is_ok() || c == "hermes-mgr-fork")
             })
             .map(|p| p.1)
             .sum();
@@ -2182,6 +2183,7 @@ fn ab(n: usize, k: usize, rounds: usize) {
         "comm:daemon",
         "comm:hermes-mgr-sup",
         "comm:15",
+        "comm:hermes-mgr-fork",
         "PID 1",
         "journald",
         "D-Bus",

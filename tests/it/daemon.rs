@@ -769,3 +769,88 @@ systemd_test!(exit_78_blocks_at_once_and_stays_blocked_from_022_on, {
     let shown = crate::harness::hermes(&d.rig.db, &["show", &id]);
     assert!(shown.stdout.contains("blocked"), "{}", shown.stdout);
 });
+
+/// The dispatcher's children named `comm`, by PID.
+fn children_named(parent: i32, comm: &str) -> Vec<i32> {
+    procfs::process::all_processes()
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|p| p.stat().ok())
+        .filter(|s| s.ppid == parent && s.comm == comm)
+        .map(|s| s.pid)
+        .collect()
+}
+
+fn main_pid() -> i32 {
+    systemctl_show(SERVICE, "MainPID")
+        .trim()
+        .trim_start_matches("MainPID=")
+        .parse()
+        .unwrap()
+}
+
+systemd_test!(
+    supervisors_are_forked_by_one_server_and_a_run_starts_though_it_is_killed_or_stopped,
+    {
+        let d = Dispatcher::new("tick_seconds = 3600\nstart_timeout_seconds = 3");
+        d.install();
+        d.start();
+        let main = main_pid();
+        let server = wait_for("the fork server", Duration::from_secs(10), || {
+            children_named(main, "hermes-mgr-fork").pop()
+        });
+        // A run's supervisor is forked by the server, yet the dispatcher's own child (it
+        // reaps it), and in the run's scope.
+        let id = d.rig.add("first");
+        let r1 = d.wait_running(&id, 0);
+        let unit = format!("hermes-worker-kanban-{id}-run-{r1}.scope");
+        // (The board says `running` from the claim on, before the supervisor exists.)
+        d.rig
+            .wait_file(&d.rig.dir.join(format!("kanban/workspaces/{id}/ready-{r1}")));
+        let sups = children_named(main, "hermes-mgr-sup");
+        assert_eq!(
+            sups.len(),
+            1,
+            "{sups:?} {}",
+            sh("ps -eo pid,ppid,comm,args")
+        );
+        let cg = std::fs::read_to_string(format!("/proc/{}/cgroup", sups[0])).unwrap();
+        assert!(cg.trim_end().ends_with(&format!("/{unit}")), "{cg}");
+        d.command(&id, r1, "complete");
+        d.wait_task("first done", |t| t.status.as_str() == "done", &id);
+
+        // Killed: the next runs start all the same, and a server is started again.
+        sh(&format!("kill -KILL {server}"));
+        for title in ["second", "third"] {
+            std::thread::sleep(Duration::from_millis(1100));
+            let id = d.rig.add(title);
+            let r = d.wait_running(&id, 0);
+            d.command(&id, r, "complete");
+            d.wait_task(title, |t| t.status.as_str() == "done", &id);
+            assert_eq!(outcomes(&d, &id), ["completed"], "{title}");
+        }
+        let again = wait_for("a new fork server", Duration::from_secs(10), || {
+            children_named(main, "hermes-mgr-fork").pop()
+        });
+        assert_ne!(again, server);
+        assert!(
+            !std::path::Path::new(&format!("/proc/{server}")).exists(),
+            "the killed server was not reaped"
+        );
+
+        // Stopped: a start waits for it at most the start timeout, then goes on without it;
+        // the stuck server is killed and reaped.
+        sh(&format!("kill -STOP {again}"));
+        let id = d.rig.add("fourth");
+        let r = d.wait_running(&id, 0);
+        d.command(&id, r, "complete");
+        d.wait_task("fourth done", |t| t.status.as_str() == "done", &id);
+        assert_eq!(outcomes(&d, &id), ["completed"]);
+        wait_for("the stopped server gone", Duration::from_secs(10), || {
+            (!std::path::Path::new(&format!("/proc/{again}")).exists()).then_some(())
+        });
+        let j = journal(SERVICE);
+        assert!(j.contains("supervisor fork server lost"), "{j}");
+        assert_eq!(main_pid(), main, "the dispatcher restarted");
+    }
+);

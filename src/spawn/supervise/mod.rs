@@ -26,6 +26,7 @@ use crate::outcome::Fault;
 use crate::record::{ExitRecord, TmpdirNote};
 
 mod child;
+mod forks;
 mod limit;
 mod relay;
 mod sandbox;
@@ -180,6 +181,13 @@ fn make_tmpdir(spec: &WorkerSpec) -> std::io::Result<PathBuf> {
 /// Entry point of `hermes-mgr supervise`. Returns the process exit code: the worker's own
 /// (128 + signal when killed), 127 when it could not be started.
 pub fn main() -> u8 {
+    // Started as the fork server (its stdin a socket), it serves until the daemon goes;
+    // each child it forks goes on from here as a held supervisor.
+    if forks::is_server() {
+        if let Some(code) = forks::serve() {
+            return code;
+        }
+    }
     // Started as `/proc/self/fd/N` (spawn::program), the kernel names us `N`: `ps`, `top`
     // and the scope's status show this instead.
     let _ = nix::sys::prctl::set_name(c"hermes-mgr-sup");
