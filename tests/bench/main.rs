@@ -43,8 +43,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 /// 14. Figure 1 from the floor's T0: the worker SIGKILLed by this benchmark (T0 = the
 /// `kill`), until a read-only connection sees its run closed (polled every 200 µs).
-fn requeue_after_kill(n: usize) {
-    let samples = requeue_samples(n, |ro, _ws, run| {
+fn requeue_after_kill(n: usize, bin: Option<&std::path::Path>) {
+    let samples = requeue_samples_of(bin, n, |ro, _ws, run| {
         let pid = harness::wait_for("the worker's pid", Duration::from_secs(30), || {
             ro.query_row("SELECT worker_pid FROM task_runs WHERE id=?1", [run], |r| {
                 r.get::<_, Option<i64>>(0)
@@ -57,10 +57,14 @@ fn requeue_after_kill(n: usize) {
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         t0
     });
-    summary(
-        "14. worker SIGKILLed -> its run booked, the task ready",
-        samples,
-    );
+    let name = match bin {
+        None => "14. worker SIGKILLed -> its run booked, the task ready".to_string(),
+        Some(b) => format!(
+            "14. worker SIGKILLed -> its run booked, the task ready, {}",
+            b.display()
+        ),
+    };
+    summary(&name, samples);
 }
 
 fn requeue_latency(n: usize) {
@@ -92,11 +96,21 @@ fn requeue_samples(
     n: usize,
     end: impl Fn(&rusqlite::Connection, &std::path::Path, i64) -> Instant,
 ) -> Vec<Duration> {
+    requeue_samples_of(None, n, end)
+}
+
+/// `requeue_samples`, the service running `bin` (`use_build`).
+fn requeue_samples_of(
+    bin: Option<&std::path::Path>,
+    n: usize,
+    end: impl Fn(&rusqlite::Connection, &std::path::Path, i64) -> Instant,
+) -> Vec<Duration> {
     let _ = std::process::Command::new("systemctl")
         .args(["stop", rig::SERVICE])
         .status();
     let d = rig::Dispatcher::new("tick_seconds = 3600");
     d.install_logging("info");
+    use_build(bin);
     d.start();
     let id = d.rig.add("ends forever");
     d.rig
@@ -408,6 +422,20 @@ fn trivial_rate(n: usize, max_spawn: usize, worker: Worker) -> (f64, Vec<(String
     trivial_rate_of(None, n, max_spawn, worker)
 }
 
+/// The installed service runs `bin` (another build's `hermes-mgr`, its supervisor beside
+/// it) instead of this build's; `None`: this build's.
+fn use_build(bin: Option<&std::path::Path>) {
+    if let Some(bin) = bin {
+        let dropin = "/run/systemd/system/hermes-dispatcher.service.d/50-test.conf";
+        let text = std::fs::read_to_string(dropin).unwrap().replace(
+            &harness::mgr_bin().display().to_string(),
+            &bin.display().to_string(),
+        );
+        std::fs::write(dropin, text).unwrap();
+        rig::sh("systemctl daemon-reload");
+    }
+}
+
 /// The same, the service running `bin` (another build's `hermes-mgr`, its supervisor
 /// beside it) instead of this build's.
 fn trivial_rate_of(
@@ -426,15 +454,7 @@ fn trivial_rate_of(
     let b = d.rig.board();
     seed(&b, n);
     d.install_logging("info");
-    if let Some(bin) = bin {
-        let dropin = "/run/systemd/system/hermes-dispatcher.service.d/50-test.conf";
-        let text = std::fs::read_to_string(dropin).unwrap().replace(
-            &harness::mgr_bin().display().to_string(),
-            &bin.display().to_string(),
-        );
-        std::fs::write(dropin, text).unwrap();
-        rig::sh("systemctl daemon-reload");
-    }
+    use_build(bin);
     // `BENCH_BUS=1`: every message on the system bus during the leg, counted by kind.
     let mut bus = std::env::var_os("BENCH_BUS").map(|_| {
         std::process::Command::new("dbus-monitor")
@@ -1972,20 +1992,25 @@ fn cost(n: usize, k: usize) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
-    let mut runs: [Vec<(f64, Vec<(String, f64)>)>; 4] = Default::default();
+    // With `BENCH_MGR_B` (another build's `hermes-mgr`), (c) of that build in the same
+    // rounds: a before/after of "ours" against one bare scope.
+    let other = std::env::var_os("BENCH_MGR_B").map(std::path::PathBuf::from);
+    let legs_n = if other.is_some() { 5 } else { 4 };
+    let mut runs: [Vec<(f64, Vec<(String, f64)>)>; 5] = Default::default();
     for round in 0..rounds.max(1) {
-        for i in 0..4 {
-            let leg = (round + i) % 4;
+        for i in 0..legs_n {
+            let leg = (round + i) % legs_n;
             let (r, p) = match leg {
                 0 => plain_rate(&rt, n, k),
                 1 => plain_rate_with(&rt, n, k, Shape::OurName),
                 2 => plain_rate_with(&rt, n, k, Shape::Ours),
-                _ => trivial_rate(n, k, Worker::Verdict),
+                3 => trivial_rate(n, k, Worker::Verdict),
+                _ => trivial_rate_of(other.as_deref(), n, k, Worker::Verdict),
             };
             runs[leg].push((r, p));
         }
     }
-    let [a, a1, a2, c] = runs.map(median_leg);
+    let [a, a1, a2, c, c_b] = runs.map(median_leg);
     legs.push(("(a) plain client, bare scope".into(), a.0, a.1));
     legs.push((
         "(a') plain client, a scope named as ours".into(),
@@ -2000,6 +2025,13 @@ fn cost(n: usize, k: usize) {
     let (r, p) = systemd_run_rate(n, k);
     legs.push(("(b) systemd-run --scope true".into(), r, p));
     legs.push(("(c) hermes-mgr, cheapest verdict".into(), c.0, c.1));
+    if other.is_some() {
+        legs.push((
+            "(c) hermes-mgr, cheapest verdict, BENCH_MGR_B's build".into(),
+            c_b.0,
+            c_b.1,
+        ));
+    }
     let (r, p) = trivial_rate(n, k, Worker::Complete);
     legs.push(("(d) hermes-mgr, hermes-mgr complete".into(), r, p));
     if std::env::var("BENCH_COST_UPSTREAM").as_deref() != Ok("0") {
@@ -2104,7 +2136,16 @@ fn median_leg(runs: Vec<(f64, Vec<(String, f64)>)>) -> (f64, Vec<(String, f64)>)
 fn latency(n: usize) {
     floor(n);
     requeue_latency(n);
-    requeue_after_kill(n);
+    // With `BENCH_MGR_B`, that build's in turn with this one's, twice each.
+    match std::env::var_os("BENCH_MGR_B").map(std::path::PathBuf::from) {
+        Some(b) => {
+            for _ in 0..2 {
+                requeue_after_kill(n, None);
+                requeue_after_kill(n, Some(&b));
+            }
+        }
+        None => requeue_after_kill(n, None),
+    }
 }
 
 /// 14. The floor under figure 1, on this machine, alone: a child is SIGKILLed (T0); its
