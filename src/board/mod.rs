@@ -15,6 +15,7 @@
 //! `rows` (helpers the writes share), `model` (row types), `schema` (upstream's DDL),
 //! `paths` (where a board lives), `lock` (upstream's lock files). SQL only, no policy.
 
+mod busy;
 pub mod lock;
 mod model;
 mod open;
@@ -121,6 +122,8 @@ pub enum OpenMode {
 /// An open board.
 pub struct Board {
     conn: Connection,
+    /// `conn`'s busy handler's timeout (`busy`), dropped after it.
+    busy: Box<busy::Wait>,
     /// Counted among this process's open board files while `conn` lives (dropped after it).
     _file: open::OpenFile,
     paths: BoardPaths,

@@ -202,7 +202,7 @@ pub(super) fn open_conn(
     mode: OpenMode,
     owner: &Owner,
     wait: Patience,
-) -> Result<(Connection, OpenFile)> {
+) -> Result<(Connection, OpenFile, Box<busy::Wait>)> {
     let (busy, init_wait) = (wait.busy, wait.init);
     let db = &paths.db;
     // Held until this connection is counted (`OpenFile`): no other thread of this process
@@ -235,10 +235,13 @@ pub(super) fn open_conn(
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX
         | OpenFlags::SQLITE_OPEN_NOFOLLOW;
+    // Declared before the connection, so dropped after it on every return.
+    let busy_wait = busy::Wait::new(busy);
     let mut conn = Connection::open_with_flags(sqlite_path(paths), flags)
         .map_err(|e| classify(db, "open", e))?;
-    conn.busy_timeout(busy)
-        .map_err(|e| classify(db, "busy_timeout", e))?;
+    busy_wait
+        .install(&conn)
+        .map_err(|e| classify(db, "busy_handler", e))?;
     conn.set_prepared_statement_cache_capacity(CACHED_STATEMENTS);
     // The plan a statement was compiled with stands whatever is bound to it (SQLite's
     // query planner stability guarantee): otherwise SQLite compiles a kept statement
@@ -306,7 +309,7 @@ pub(super) fn open_conn(
     }
     drop(init_lock);
     let file = count(&mut open_files, db, mode, header_fd, &conn)?;
-    Ok((conn, file))
+    Ok((conn, file, busy_wait))
 }
 
 /// The connection `conn` to `db` counted in `OPEN_FILES` (with a descriptor of the file kept
@@ -514,9 +517,10 @@ impl Board {
                 source,
             },
         )??;
-        let (conn, file) = conn;
+        let (conn, file, busy) = conn;
         let mut board = Board {
             conn,
+            busy,
             _file: file,
             paths: paths.clone(),
             owner,
@@ -537,10 +541,8 @@ impl Board {
     /// How long a write waits for another writer's lock before `BoardError::Locked`. The
     /// CLI waits upstream's 120 s; the daemon waits briefly and retries from its loop, so
     /// that a locked board never stalls its watchdog.
-    pub fn set_busy_timeout(&self, t: Duration) -> Result<()> {
-        self.conn
-            .busy_timeout(t)
-            .map_err(|e| self.err("busy_timeout", e))
+    pub fn set_busy_timeout(&self, t: Duration) {
+        self.busy.set(t)
     }
 
     /// `PRAGMA data_version`: changes when *another* connection commits to the file, so

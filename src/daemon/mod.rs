@@ -435,11 +435,7 @@ impl Daemon {
                 }
                 for s in self.slots.values() {
                     if let Some(b) = &s.board {
-                        if let Err(e) =
-                            b.set_busy_timeout(Duration::from_millis(cfg.busy_timeout_ms))
-                        {
-                            warn!("{e}");
-                        }
+                        b.set_busy_timeout(Duration::from_millis(cfg.busy_timeout_ms));
                     }
                 }
                 for w in &cfg.warnings {
