@@ -155,9 +155,7 @@ fn start_server() -> std::io::Result<ForkServer> {
 /// failed (then it is stopped, and started again later).
 async fn forked(timeout: Duration) -> Option<Held> {
     use tokio::io::AsyncReadExt;
-    let (stdin_r, stdin_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).ok()?;
-    let (stdout_r, stdout_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).ok()?;
-    let server = {
+    let (server, stdin_w, stdout_r) = {
         let mut forks = FORKS.lock().unwrap_or_else(|e| e.into_inner());
         if !forks.on {
             return None;
@@ -173,6 +171,10 @@ async fn forked(timeout: Duration) -> Option<Held> {
             }
         }
         let server = forks.server.as_ref()?;
+        let (stdin_r, stdin_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).ok()?;
+        let (stdout_r, stdout_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).ok()?;
+        // Our copies of the child's ends (`stdin_r`, `stdout_w`) close at the end of this
+        // block, once sent: the child then holds the only ones.
         match send(&server.socket, &stdin_r, &stdout_w) {
             Ok(()) => {}
             // Its socket is full (requests it has not read yet): this one is started anew.
@@ -183,9 +185,8 @@ async fn forked(timeout: Duration) -> Option<Held> {
                 return None;
             }
         }
-        server.pid
+        (server.pid, stdin_w, stdout_r)
     };
-    drop((stdin_r, stdout_w));
     let mut stdout = pipe::Receiver::from_owned_fd(stdout_r).ok()?;
     let mut word = [0u8; 4];
     let why = match tokio::time::timeout(timeout, stdout.read_exact(&mut word)).await {
