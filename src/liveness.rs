@@ -43,7 +43,7 @@ pub fn is_alive(pid: u32) -> bool {
 /// task, the write to `cgroup.procs` still succeeds, the cgroup is never populated, and
 /// so never reports becoming empty. The unit state alone would wait for ever.
 pub fn cgroup_populated(path: &str) -> Option<bool> {
-    let events = std::fs::read_to_string(format!("/sys/fs/cgroup{path}/cgroup.events")).ok()?;
+    let events = read_small(format!("/sys/fs/cgroup{path}/cgroup.events")).ok()?;
     populated(&events)
 }
 
@@ -173,7 +173,7 @@ pub fn flock_holders(path: &std::path::Path) -> Vec<Holder> {
     if !by_fd.is_empty() {
         return by_fd;
     }
-    let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+    let locks = read_small("/proc/locks").unwrap_or_default();
     // "1: FLOCK  ADVISORY  WRITE 1234 08:01:123456 0 EOF"
     let flock_pids = locks.lines().filter_map(|l| {
         let f: Vec<&str> = l.split_whitespace().collect();
@@ -238,12 +238,10 @@ fn holders_by_fd(path: &std::path::Path) -> Vec<Holder> {
         };
         let holds = fds.flatten().any(|fd| {
             std::fs::read_link(fd.path()).is_ok_and(|t| t == path)
-                && std::fs::read_to_string(p.path().join("fdinfo").join(fd.file_name())).is_ok_and(
-                    |info| {
-                        info.lines()
-                            .any(|l| l.starts_with("lock:") && l.contains("FLOCK"))
-                    },
-                )
+                && read_small(p.path().join("fdinfo").join(fd.file_name())).is_ok_and(|info| {
+                    info.lines()
+                        .any(|l| l.starts_with("lock:") && l.contains("FLOCK"))
+                })
         });
         if holds {
             out.push(Holder {
@@ -261,7 +259,7 @@ fn holders_by_fd(path: &std::path::Path) -> Vec<Holder> {
 /// (`/proc/<pid>/stat` field 22). `None` when the process is gone.
 pub fn fingerprint(pid: u32) -> Option<String> {
     let start = |pid: u32| -> Option<String> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let stat = read_small(format!("/proc/{pid}/stat")).ok()?;
         // "<pid> (<comm>) <state> …": comm may hold spaces and parentheses.
         Some(
             stat.rsplit_once(')')?
@@ -280,19 +278,31 @@ pub fn fingerprint(pid: u32) -> Option<String> {
     Some(format!("{}|{own}", if epoch == ":" { "" } else { &epoch }))
 }
 
-/// A run's cost for the cgroup at `dir`; `None` when nothing there could be read.
-pub fn usage(dir: &Path) -> Option<Usage> {
-    let text = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
-    let cpu_usec = cpu_usec(dir);
-    let memory_peak_bytes = read_number(dir, "memory.peak");
-    let io = text("io.stat").map(|t| io_bytes(&t));
+/// What the supervisor records of its scope once the worker is reaped, each file read once:
+/// the memory facts (`memory_facts`) and the run's cost; the cost `None` when nothing of
+/// it could be read.
+pub fn exit_facts(dir: &Path) -> (Option<MemoryFacts>, Option<Usage>) {
+    let memory = memory_facts(dir);
+    // No `memory.events`, no memory controller: no `memory.peak` either.
+    let memory_peak_bytes = memory.as_ref().and_then(|m| m.peak);
+    let io = read_small(dir.join("io.stat")).ok().map(|t| io_bytes(&t));
     let u = Usage {
-        cpu_usec,
+        cpu_usec: cpu_usec(dir),
         memory_peak_bytes,
         io_read_bytes: io.map(|i| i.0),
         io_write_bytes: io.map(|i| i.1),
     };
-    (u != Usage::default()).then_some(u)
+    (memory, (u != Usage::default()).then_some(u))
+}
+
+/// A kernel file (procfs, cgroupfs) read whole: open, read, close. `fs::read_to_string`
+/// first asks `statx` for a size such files do not give, then reads 32, 32, 64 … bytes at
+/// a time: twice the system calls, on the supervisor's way to its exit record.
+fn read_small(path: impl AsRef<Path>) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut buf = Vec::with_capacity(1024);
+    std::fs::File::open(path)?.read_to_end(&mut buf)?;
+    String::from_utf8(buf).map_err(std::io::Error::other)
 }
 
 /// `io.stat`'s bytes read and written, summed over its devices (one line per device,
@@ -318,26 +328,22 @@ pub struct CgroupUse {
 }
 
 fn read_number(dir: &Path, file: &str) -> Option<u64> {
-    std::fs::read_to_string(dir.join(file))
+    read_small(dir.join(file))
         .ok()
         .and_then(|v| v.trim().parse().ok())
 }
 
 fn cpu_usec(dir: &Path) -> Option<u64> {
-    std::fs::read_to_string(dir.join("cpu.stat"))
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("usage_usec "))
-                .and_then(|v| v.trim().parse().ok())
-        })
+    read_small(dir.join("cpu.stat")).ok().and_then(|t| {
+        t.lines()
+            .find_map(|l| l.strip_prefix("usage_usec "))
+            .and_then(|v| v.trim().parse().ok())
+    })
 }
 
 /// A live cgroup's use (three small reads); `None` when it is gone.
 pub fn cgroup_use(dir: &Path) -> Option<CgroupUse> {
-    let io = std::fs::read_to_string(dir.join("io.stat"))
-        .ok()
-        .map(|t| io_bytes(&t));
+    let io = read_small(dir.join("io.stat")).ok().map(|t| io_bytes(&t));
     let u = CgroupUse {
         cpu_usec: cpu_usec(dir),
         memory_bytes: read_number(dir, "memory.current"),
@@ -397,10 +403,7 @@ pub fn pressure(cgroup: &Path) -> Vec<(&'static str, &'static str, f64)> {
             ("host", Path::new("/proc/pressure").join(resource)),
         ];
         for (scope, file) in files {
-            if let Some(v) = std::fs::read_to_string(file)
-                .ok()
-                .and_then(|t| some_avg10(&t))
-            {
+            if let Some(v) = read_small(file).ok().and_then(|t| some_avg10(&t)) {
                 out.push((scope, resource, v));
             }
         }
@@ -413,7 +416,7 @@ pub fn cgroup_pressure(cgroup: &Path) -> Vec<(&'static str, f64)> {
     ["memory", "cpu", "io"]
         .into_iter()
         .filter_map(|r| {
-            let t = std::fs::read_to_string(cgroup.join(format!("{r}.pressure"))).ok()?;
+            let t = read_small(cgroup.join(format!("{r}.pressure"))).ok()?;
             Some((r, some_avg10(&t)?))
         })
         .collect()
@@ -475,7 +478,7 @@ pub fn has_psi() -> bool {
 
 /// The host's `MemAvailable`, in bytes.
 pub fn memory_available() -> Option<u64> {
-    std::fs::read_to_string("/proc/meminfo")
+    read_small("/proc/meminfo")
         .ok()?
         .lines()
         .find_map(|l| l.strip_prefix("MemAvailable:"))?
@@ -502,7 +505,7 @@ pub fn slice_facts(dir: &Path) -> Option<SliceFacts> {
     }
     let mut pressure = Vec::new();
     for resource in ["cpu", "memory", "io"] {
-        if let Ok(t) = std::fs::read_to_string(dir.join(format!("{resource}.pressure"))) {
+        if let Ok(t) = read_small(dir.join(format!("{resource}.pressure"))) {
             for (kind, total) in pressure_totals(&t) {
                 pressure.push((resource, kind, total));
             }
@@ -515,7 +518,7 @@ pub fn slice_facts(dir: &Path) -> Option<SliceFacts> {
         memory_max: read_number(dir, "memory.max"),
         tasks: read_number(dir, "pids.current"),
         tasks_max: read_number(dir, "pids.max"),
-        cpu_max_cores: std::fs::read_to_string(dir.join("cpu.max"))
+        cpu_max_cores: read_small(dir.join("cpu.max"))
             .ok()
             .and_then(|t| cpu_max_cores(&t)),
         pressure,
@@ -525,14 +528,14 @@ pub fn slice_facts(dir: &Path) -> Option<SliceFacts> {
 /// The memory controller's account for the cgroup at `dir` (`/sys/fs/cgroup/...`); `None`
 /// without a memory controller there.
 pub fn memory_facts(dir: &Path) -> Option<MemoryFacts> {
-    let events = std::fs::read_to_string(dir.join("memory.events")).ok()?;
+    let events = read_small(dir.join("memory.events")).ok()?;
     let oom_kills = events
         .lines()
         .find_map(|l| l.strip_prefix("oom_kill "))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
     let number = |f: &str| {
-        std::fs::read_to_string(dir.join(f))
+        read_small(dir.join(f))
             .ok()
             .and_then(|v| v.trim().parse::<u64>().ok())
     };
@@ -554,7 +557,7 @@ pub struct MemoryMonitor {
 /// `/sys/kernel/mm/damon/admin`, and the DAMON_RECLAIM, DAMON_LRU_SORT and DAMON_STAT
 /// modules (always `paddr`).
 pub fn memory_monitors() -> Vec<MemoryMonitor> {
-    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    let read = |p: &std::path::Path| read_small(p).unwrap_or_default();
     let mut out = Vec::new();
     let admin = std::path::Path::new("/sys/kernel/mm/damon/admin/kdamonds");
     for k in std::fs::read_dir(admin).into_iter().flatten().flatten() {
@@ -705,6 +708,7 @@ mod tests {
     #[test]
     fn usage_is_read_from_cpu_memory_and_io_files() {
         let dir = tempfile::tempdir().unwrap();
+        let usage = |d: &Path| exit_facts(d).1;
         assert_eq!(usage(dir.path()), None);
         std::fs::write(
             dir.path().join("cpu.stat"),
@@ -719,6 +723,9 @@ mod tests {
             })
         );
         std::fs::write(dir.path().join("memory.peak"), "67100000\n").unwrap();
+        // The peak is the memory controller's: read along with its `memory.events`.
+        assert_eq!(usage(dir.path()).unwrap().memory_peak_bytes, None);
+        std::fs::write(dir.path().join("memory.events"), "oom_kill 0\n").unwrap();
         std::fs::write(
             dir.path().join("io.stat"),
             "254:0 rbytes=4096 wbytes=1048576 rios=1 wios=8 dbytes=0 dios=0\n254:16 rbytes=100 wbytes=0 rios=1 wios=0 dbytes=0 dios=0\n",
@@ -733,6 +740,16 @@ mod tests {
                 io_write_bytes: Some(1048576),
             })
         );
+    }
+
+    #[test]
+    fn kernel_files_longer_than_the_first_read_are_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let line = "254:0 rbytes=1 wbytes=2 rios=1 wios=1 dbytes=0 dios=0\n";
+        std::fs::write(dir.path().join("io.stat"), line.repeat(100)).unwrap();
+        std::fs::write(dir.path().join("cpu.stat"), "usage_usec 1\n").unwrap();
+        let u = exit_facts(dir.path()).1.unwrap();
+        assert_eq!((u.io_read_bytes, u.io_write_bytes), (Some(100), Some(200)));
     }
 
     #[test]

@@ -44,7 +44,7 @@ pub enum Change {
 
 /// What events in one watched directory mean. One directory can play several parts (the
 /// Hermes root holds the default board and `config.yaml`).
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq)]
 struct Role {
     runs: Option<PathBuf>,
     /// `(file name, board)` of the boards whose database lives here.
@@ -96,6 +96,37 @@ const MASK: AddWatchFlags = AddWatchFlags::IN_MODIFY
     .union(AddWatchFlags::IN_CREATE)
     .union(AddWatchFlags::IN_DELETE)
     .union(AddWatchFlags::IN_ONLYDIR);
+
+/// A directory that is only the runs directory: a record arrives renamed into place
+/// (`supervise::write_status`), and nothing else there is news — not the writes of its
+/// temporary file, nor the dispatcher's own removals, three to five wake-ups a run.
+const RUNS_MASK: AddWatchFlags = AddWatchFlags::IN_MOVED_TO.union(AddWatchFlags::IN_ONLYDIR);
+
+impl Role {
+    fn mask(&self) -> AddWatchFlags {
+        let only_runs = Role {
+            runs: self.runs.clone(),
+            ..Role::default()
+        };
+        if self.runs.is_some() && *self == only_runs {
+            RUNS_MASK
+        } else {
+            MASK
+        }
+    }
+
+    fn merge(&mut self, role: Role) {
+        self.runs = self.runs.take().or(role.runs);
+        self.boards.extend(role.boards);
+        self.kanban_dir |= role.kanban_dir;
+        self.boards_dir |= role.boards_dir;
+        self.board_json |= role.board_json;
+        self.candidate |= role.candidate;
+        self.config |= role.config;
+        self.estop |= role.estop;
+        self.holds = self.holds.take().or(role.holds);
+    }
+}
 
 impl Watcher {
     pub fn new(runs_dir: &Path) -> std::io::Result<Watcher> {
@@ -208,25 +239,39 @@ impl Watcher {
         if let Some(root) = root {
             want.extend(root_watches(root, boards, candidates, owner));
         }
+        // One watch a directory, asked for what all its parts need: a second
+        // `inotify_add_watch` of a directory replaces the first one's mask.
+        let mut merged: Vec<(PathBuf, Role, bool)> = Vec::new();
+        for (dir, role, in_tree) in want {
+            match merged.iter_mut().find(|(d, _, _)| *d == dir) {
+                Some((_, r, t)) => {
+                    r.merge(role);
+                    *t |= in_tree;
+                }
+                None => merged.push((dir, role, in_tree)),
+            }
+        }
         let ino = &self.fd.get_ref().0;
         let mut roles: HashMap<WatchDescriptor, Role> = HashMap::new();
-        for (dir, role, in_tree) in want {
-            let add = || ino.add_watch(&dir, MASK);
-            let wd = match (in_tree, owner) {
-                (true, Some(o)) => crate::safe_fs::as_user(o, add).ok().and_then(|r| r.ok()),
-                _ => add().ok(),
+        for (dir, role, in_tree) in merged {
+            let add = |mask| {
+                let add = || ino.add_watch(&dir, mask);
+                match (in_tree, owner) {
+                    (true, Some(o)) => crate::safe_fs::as_user(o, add).ok().and_then(|r| r.ok()),
+                    _ => add().ok(),
+                }
             };
-            let Some(wd) = wd else { continue };
-            let r = roles.entry(wd).or_default();
-            r.runs = r.runs.take().or(role.runs);
-            r.boards.extend(role.boards);
-            r.kanban_dir |= role.kanban_dir;
-            r.boards_dir |= role.boards_dir;
-            r.board_json |= role.board_json;
-            r.candidate |= role.candidate;
-            r.config |= role.config;
-            r.estop |= role.estop;
-            r.holds = r.holds.take().or(role.holds);
+            let Some(wd) = add(role.mask()) else { continue };
+            match roles.get_mut(&wd) {
+                // The same directory by another path (a link): both parts' events.
+                Some(r) => {
+                    r.merge(role);
+                    let _ = add(MASK);
+                }
+                None => {
+                    roles.insert(wd, role);
+                }
+            }
         }
         for wd in self.roles.keys() {
             if !roles.contains_key(wd) {
@@ -362,4 +407,66 @@ fn root_watches(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// `test` with the tokio runtime the watcher's descriptor needs.
+    fn with_runtime(test: impl std::future::Future<Output = ()>) {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(test)
+    }
+
+    async fn next(w: &Watcher) -> Vec<Change> {
+        tokio::time::timeout(Duration::from_secs(5), w.next())
+            .await
+            .expect("a change")
+            .unwrap()
+    }
+
+    /// A record renamed into the runs directory is news; nothing else there is: a file
+    /// written in place, a temporary file, a removal (the dispatcher's own, after booking).
+    #[test]
+    fn the_runs_directory_reports_only_records_renamed_into_place() {
+        with_runtime(async {
+            let dir = tempfile::tempdir().unwrap();
+            let runs = dir.path().join("runs");
+            let w = Watcher::new(&runs).unwrap();
+            std::fs::write(runs.join("a.json"), "{}").unwrap();
+            std::fs::write(runs.join("b.json.tmp"), "{}").unwrap();
+            std::fs::remove_file(runs.join("a.json")).unwrap();
+            std::fs::rename(runs.join("b.json.tmp"), runs.join("b.json")).unwrap();
+            assert_eq!(next(&w).await, vec![Change::RunRecord(runs.join("b.json"))]);
+        });
+    }
+
+    /// A directory that is the runs directory and more (here, where `config.yaml` is) is
+    /// watched for what every part of it needs.
+    #[test]
+    fn a_directory_with_two_parts_reports_what_each_needs() {
+        with_runtime(async {
+            let dir = tempfile::tempdir().unwrap();
+            let runs = dir.path().join("runs");
+            let mut w = Watcher::new(&runs).unwrap();
+            w.set_boards(
+                &[],
+                &Around {
+                    root: None,
+                    configs: std::slice::from_ref(&runs),
+                    estops: &[],
+                    holds: Path::new(""),
+                    candidates: 0,
+                    owner: None,
+                },
+            );
+            std::fs::write(runs.join("config.yaml"), "model: x\n").unwrap();
+            assert_eq!(next(&w).await, vec![Change::HermesConfig]);
+        });
+    }
 }

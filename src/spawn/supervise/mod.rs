@@ -67,12 +67,15 @@ fn task(reason: String) -> Failure {
 
 fn write_status(spec: &WorkerSpec, status: &ExitRecord) -> std::io::Result<()> {
     let dir = spec.status_file.parent().unwrap_or(Path::new("/"));
-    std::fs::create_dir_all(dir)?;
     let tmp = spec.status_file.with_extension("json.tmp");
-    let written = std::fs::write(
-        &tmp,
-        serde_json::to_vec(status).map_err(std::io::Error::other)?,
-    )
+    let bytes = serde_json::to_vec(status).map_err(std::io::Error::other)?;
+    // The directory is made when it is missing, not looked for every time.
+    let written = match std::fs::write(&tmp, &bytes) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&tmp, &bytes))
+        }
+        w => w,
+    }
     // rename: a reader sees no status or a whole one, never half of one.
     .and_then(|()| std::fs::rename(&tmp, &spec.status_file));
     if written.is_err() {
@@ -324,6 +327,7 @@ fn supervise(spec: &WorkerSpec, tmpdir: &Path, journal: &Journal) -> Result<u8, 
         (pipes.out_w.as_raw_fd(), pipes.err_w.as_raw_fd()),
         said.as_ref().map(|(_, w)| w.as_raw_fd()),
     )?;
+    let around = Around::look(spec);
     let started_at = now();
     let mut limit = limit::Limit::new(spec, std::time::Instant::now());
     let worker = child::start(plan, spec, &exec_argv[0])?;
@@ -356,10 +360,19 @@ fn supervise(spec: &WorkerSpec, tmpdir: &Path, journal: &Journal) -> Result<u8, 
     let (status, sigterm) = wait_worker(&sfd, &mut relay, worker, &mut limit, journal, spec)?;
     // What the worker wrote just before it ended is in the pipes by now.
     relay.pump();
-    let mut rs = exit_record(spec, worker, started_at, status, sigterm, &mut relay);
+    let mut rs = exit_record(
+        spec, &around, worker, started_at, status, sigterm, &mut relay,
+    );
     rs.timed_out = limit.timed_out();
     rs.paused_seconds = limit.paused_seconds();
     let mut unrecorded = !record(spec, &rs, journal);
+    if !unrecorded {
+        // The rename woke the dispatcher to book the run, and the scheduler queued it on
+        // this CPU (the waker's) about half the time, behind this process's clean-up and
+        // exit: ~0.25 ms of the booking's latency (BENCHMARKS.md 14, fourth pass). Nothing
+        // left here is urgent: the dispatcher goes first.
+        let _ = nix::sched::sched_yield();
+    }
     // Copy what descendants still write until they close the pipes (a stop of the scope
     // ends them), and after a timeout until none is left (its SIGKILL is due); the exit
     // status is already on record, or kept until it can be.
@@ -472,9 +485,27 @@ fn wait_worker(
     }
 }
 
+/// What the exit record reads besides the worker's status, looked up before the worker
+/// starts rather than on the way to the record: the scope's cgroup (this process is in it
+/// by then, and stays) and the board's directory.
+struct Around {
+    cgroup: Option<PathBuf>,
+    board_dir: Option<std::os::fd::OwnedFd>,
+}
+
+impl Around {
+    fn look(spec: &WorkerSpec) -> Around {
+        Around {
+            cgroup: own_cgroup(),
+            board_dir: spec.board_dir.as_deref().and_then(open_dir),
+        }
+    }
+}
+
 /// The exit record of a reaped worker.
 fn exit_record(
     spec: &WorkerSpec,
+    around: &Around,
     worker: Pid,
     started_at: i64,
     status: WaitStatus,
@@ -486,7 +517,10 @@ fn exit_record(
         WaitStatus::Signaled(_, s, _) => (None, Some(s as i32)),
         _ => (None, None),
     };
-    let cgroup = own_cgroup();
+    let (memory, usage) = around
+        .cgroup
+        .as_deref()
+        .map_or((None, None), crate::liveness::exit_facts);
     ExitRecord {
         task: spec.task.clone(),
         run_id: spec.run_id,
@@ -500,8 +534,8 @@ fn exit_record(
         // Read here, in the scope, once the worker is reaped: the kernel has counted an OOM
         // kill by then, and a SIGTERM that followed it (systemd stopping the scope) is not
         // the whole story.
-        memory: cgroup.as_deref().and_then(crate::liveness::memory_facts),
-        usage: cgroup.as_deref().and_then(crate::liveness::usage),
+        memory,
+        usage,
         not_started: spec
             .prelude
             .as_ref()
@@ -509,7 +543,7 @@ fn exit_record(
         output_tail: relay.tail(),
         paused_seconds: 0,
         timed_out: false,
-        board_full: spec.board_dir.as_deref().is_some_and(no_room),
+        board_full: around.board_dir.as_ref().is_some_and(no_room),
     }
 }
 
@@ -517,19 +551,22 @@ fn exit_record(
 /// (a page, its WAL frame) is sure to fit.
 const BOARD_ROOM_NEEDED: u64 = 64 * 1024;
 
-/// The filesystem of `dir` (the board's directory; opened without following a link in its
-/// place) has less than `BOARD_ROOM_NEEDED` for an unprivileged writer (`f_bavail`: what
-/// root keeps for itself is no room for the worker).
-fn no_room(dir: &std::path::Path) -> bool {
+/// The board's directory, opened without following a link in its place.
+fn open_dir(dir: &Path) -> Option<std::os::fd::OwnedFd> {
     use nix::fcntl::{open, OFlag};
-    let Ok(fd) = open(
+    open(
         dir,
         OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
         nix::sys::stat::Mode::empty(),
-    ) else {
-        return false;
-    };
-    nix::sys::statvfs::fstatvfs(&fd)
+    )
+    .ok()
+}
+
+/// The filesystem of the board's directory (`open_dir`) has less than `BOARD_ROOM_NEEDED`
+/// for an unprivileged writer (`f_bavail`: what root keeps for itself is no room for the
+/// worker).
+fn no_room(dir: &std::os::fd::OwnedFd) -> bool {
+    nix::sys::statvfs::fstatvfs(dir)
         .is_ok_and(|s| s.blocks_available().saturating_mul(s.fragment_size()) < BOARD_ROOM_NEEDED)
 }
 
