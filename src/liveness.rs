@@ -295,13 +295,16 @@ pub fn exit_facts(dir: &Path) -> (Option<MemoryFacts>, Option<Usage>) {
     (memory, (u != Usage::default()).then_some(u))
 }
 
-/// A kernel file (procfs, cgroupfs) read whole: open, read, close. `fs::read_to_string`
-/// first asks `statx` for a size such files do not give, then reads 32, 32, 64 … bytes at
-/// a time: twice the system calls, on the supervisor's way to its exit record.
+/// A kernel file (procfs, cgroupfs) read whole: open, read until end of file, close.
+/// `fs::read_to_string` (and `File::read_to_end`) first ask `statx` and `lseek` for a size
+/// such files do not give, then read 32, 32, 64 … bytes at a time: twice the system calls,
+/// on the supervisor's way to its exit record. `take` hides the file from that probing.
 fn read_small(path: impl AsRef<Path>) -> std::io::Result<String> {
     use std::io::Read;
     let mut buf = Vec::with_capacity(1024);
-    std::fs::File::open(path)?.read_to_end(&mut buf)?;
+    std::fs::File::open(path)?
+        .take(u64::MAX)
+        .read_to_end(&mut buf)?;
     String::from_utf8(buf).map_err(std::io::Error::other)
 }
 

@@ -2135,45 +2135,59 @@ fn median_leg(runs: Vec<(f64, Vec<(String, f64)>)>) -> (f64, Vec<(String, f64)>)
 }
 
 /// 14's latency: the floor, figure 1, and figure 1 from a SIGKILL, in one run. The floor
-/// and the SIGKILL legs (with `BENCH_MGR_B`, that build's too) in turn, `LATENCY_ROUNDS`
-/// rounds of n / rounds each, every sample of a leg pooled: the machine's speed drifts
-/// within a run, and a leg measured once, first or last, takes the drift for a difference.
+/// and the SIGKILL legs (with `BENCH_MGR_B`, that build's too) in turn,
+/// `BENCH_LATENCY_ROUNDS` rounds (3) of n / rounds each, every sample of a leg pooled:
+/// the machine's speed drifts within a run, and a leg measured once, first or last,
+/// takes the drift for a difference.
 fn latency(n: usize) {
-    const LATENCY_ROUNDS: usize = 3;
+    let rounds: usize = std::env::var("BENCH_LATENCY_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
     let other = std::env::var_os("BENCH_MGR_B").map(std::path::PathBuf::from);
-    let each = n.div_ceil(LATENCY_ROUNDS);
+    let each = n.div_ceil(rounds);
     let (mut fl, mut ours, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..LATENCY_ROUNDS {
+    for _ in 0..rounds {
         fl.extend(floor(each));
         ours.extend(requeue_after_kill(each, None));
         if let Some(b) = &other {
             theirs.extend(requeue_after_kill(each, Some(b)));
         }
     }
-    let floor_p50 = summary(
+    let quartiles = |v: &mut Vec<Duration>| {
+        v.sort();
+        [0.25, 0.5, 0.75].map(|q| percentile(v, q).as_secs_f64())
+    };
+    let fq = quartiles(&mut fl);
+    summary(
         "14. floor: kill -> exit record -> one SQLite commit, alone",
         fl,
     );
-    let ratio = |p50: Duration| {
-        format!(
-            "{:.2}x the floor",
-            p50.as_secs_f64() / floor_p50.as_secs_f64()
-        )
+    let against_floor = |name: String, mut v: Vec<Duration>| {
+        let q = quartiles(&mut v);
+        summary(&name, v);
+        row(
+            &format!("{name}: p25, p50, p75 against the floor's"),
+            format!(
+                "{:.2}x, {:.2}x, {:.2}x",
+                q[0] / fq[0],
+                q[1] / fq[1],
+                q[2] / fq[2]
+            ),
+        );
     };
-    let p50 = summary(
-        "14. worker SIGKILLed -> its run booked, the task ready",
+    against_floor(
+        "14. worker SIGKILLed -> its run booked, the task ready".into(),
         ours,
     );
-    row("14. worker SIGKILLed -> ready, p50", ratio(p50));
     if let Some(b) = &other {
-        let p50 = summary(
-            &format!(
+        against_floor(
+            format!(
                 "14. worker SIGKILLed -> its run booked, the task ready, {}",
                 b.display()
             ),
             theirs,
         );
-        row(&format!("14. {}: p50", b.display()), ratio(p50));
     }
     requeue_latency(n);
 }
