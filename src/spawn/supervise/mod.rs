@@ -327,7 +327,6 @@ fn supervise(spec: &WorkerSpec, tmpdir: &Path, journal: &Journal) -> Result<u8, 
         (pipes.out_w.as_raw_fd(), pipes.err_w.as_raw_fd()),
         said.as_ref().map(|(_, w)| w.as_raw_fd()),
     )?;
-    let around = Around::look(spec);
     let started_at = now();
     let mut limit = limit::Limit::new(spec, std::time::Instant::now());
     let worker = child::start(plan, spec, &exec_argv[0])?;
@@ -351,6 +350,7 @@ fn supervise(spec: &WorkerSpec, tmpdir: &Path, journal: &Journal) -> Result<u8, 
         pid: worker.as_raw() as u32,
         tmpdir: Some(tmpdir.to_path_buf()),
     });
+    let around = Around::look(spec);
     let mut relay = pipes.into_relay(journal, log, said);
     if spec.output_tail {
         relay.tail = Some(std::collections::VecDeque::with_capacity(
@@ -485,9 +485,9 @@ fn wait_worker(
     }
 }
 
-/// What the exit record reads besides the worker's status, looked up before the worker
-/// starts rather than on the way to the record: the scope's cgroup (this process is in it
-/// by then, and stays) and the board's directory.
+/// What the exit record reads besides the worker's status, looked up while the worker
+/// runs — neither on the way to its start nor on the way to the record: the scope's cgroup
+/// (this process is in it, and stays) and the board's directory.
 struct Around {
     cgroup: Option<PathBuf>,
     board_dir: Option<std::os::fd::OwnedFd>,
